@@ -1,0 +1,234 @@
+"""Every touch of Keras (and tf.distribute) private internals lives here.
+
+gradwatch needs four things Keras does not expose: a tap on the optimizer's
+``apply`` (the only place the real per-step gradients pass through in
+``model.fit``), a way to force the train function to be traced again, the loss
+tracker's running totals (the per-step loss in-graph), and the layers that own
+each variable.  ``check_internals`` verifies all of them on the installed Keras
+and is exercised by a test, so a Keras release that moves them fails loudly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+TAP_ATTRIBUTE = "apply"
+_TAP_MARK = "_gradwatch_tap"
+
+
+def check_backend() -> None:
+    """Raises a clear error on a Keras backend other than TensorFlow."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"gradwatch captures gradients inside TensorFlow graphs, but Keras is running "
+            f"on the {backend!r} backend. Set KERAS_BACKEND=tensorflow before importing "
+            "keras to use gradwatch."
+        )
+
+
+def check_internals() -> list[str]:
+    """Returns the internals this Keras version lacks (empty when all are present)."""
+    missing = []
+    optimizer_cls = keras.optimizers.Optimizer
+    if not callable(getattr(optimizer_cls, "apply", None)):
+        missing.append("Optimizer.apply")
+    if not callable(getattr(optimizer_cls, "apply_gradients", None)):
+        missing.append("Optimizer.apply_gradients")
+    model_cls = keras.Model
+    if not callable(getattr(model_cls, "make_train_function", None)):
+        missing.append("Model.make_train_function")
+    if not callable(getattr(keras.layers.Layer, "_flatten_layers", None)):
+        missing.append("Layer._flatten_layers")
+    probe = keras.layers.Dense(1)
+    probe.build((None, 1))
+    for attribute in ("_trainable_variables", "_non_trainable_variables"):
+        if not isinstance(getattr(probe, attribute, None), list):
+            missing.append(f"Layer.{attribute}")
+    lso = keras.mixed_precision.LossScaleOptimizer
+    for attribute in ("inner_optimizer", "dynamic_scale"):
+        if not isinstance(getattr(lso, attribute, None), property) and attribute not in (
+            "dynamic_scale",
+        ):
+            missing.append(f"LossScaleOptimizer.{attribute}")
+    return missing
+
+
+# --------------------------------------------------------------------- tap
+
+
+def install_apply_tap(optimizer: Any, tap: Callable[..., Any]) -> None:
+    """Routes ``optimizer.apply`` (and so ``apply_gradients``) through ``tap``.
+
+    ``tap(original_apply, grads, trainable_variables)`` must call the original.
+    The tap is an instance attribute, so removing it restores the class method.
+    """
+    remove_apply_tap(optimizer)
+    original = getattr(optimizer, TAP_ATTRIBUTE)
+
+    def tapped_apply(grads, trainable_variables=None):
+        return tap(original, grads, trainable_variables)
+
+    setattr(tapped_apply, _TAP_MARK, True)
+    optimizer.__dict__[TAP_ATTRIBUTE] = tapped_apply
+
+
+def remove_apply_tap(optimizer: Any) -> bool:
+    """Removes a gradwatch tap from the optimizer; True if one was there."""
+    current = optimizer.__dict__.get(TAP_ATTRIBUTE)
+    if current is not None and getattr(current, _TAP_MARK, False):
+        del optimizer.__dict__[TAP_ATTRIBUTE]
+        return True
+    return False
+
+
+def has_apply_tap(optimizer: Any) -> bool:
+    return getattr(optimizer.__dict__.get(TAP_ATTRIBUTE), _TAP_MARK, False)
+
+
+def retrace_train_function(model: Any) -> None:
+    """Forces ``fit`` to trace its train function again (so a new tap is traced in)."""
+    model.make_train_function(force=True)
+
+
+def forget_train_function(model: Any) -> None:
+    """Drops the traced train function so the next ``fit`` traces a clean one."""
+    model.train_function = None
+
+
+# --------------------------------------------------------------- optimizer
+
+
+def is_loss_scale_optimizer(optimizer: Any) -> bool:
+    return isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
+
+
+def base_optimizer(optimizer: Any) -> Any:
+    """The optimizer that holds iterations and learning rate (inner of a LossScaleOptimizer)."""
+    while is_loss_scale_optimizer(optimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def loss_scale(optimizer: Any) -> tf.Tensor | None:
+    """The factor the gradients reaching ``optimizer.apply`` are multiplied by."""
+    scale = None
+    if is_loss_scale_optimizer(optimizer):
+        scale = tf.cast(tf.convert_to_tensor(optimizer.dynamic_scale), tf.float32)
+    factor = getattr(base_optimizer(optimizer), "loss_scale_factor", None)
+    if factor is not None:
+        factor_t = tf.constant(float(factor), tf.float32)
+        scale = factor_t if scale is None else scale * factor_t
+    return scale
+
+
+def optimizer_clipping(optimizer: Any) -> dict[str, float]:
+    """The clipping the optimizer applies itself (after gradwatch sees the gradients)."""
+    inner = base_optimizer(optimizer)
+    out = {}
+    for name in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(inner, name, None)
+        if value is not None:
+            out[name] = float(value)
+    return out
+
+
+def iterations(optimizer: Any) -> tf.Tensor:
+    return tf.convert_to_tensor(base_optimizer(optimizer).iterations)
+
+
+def learning_rate(optimizer: Any) -> tf.Tensor:
+    return tf.cast(tf.convert_to_tensor(base_optimizer(optimizer).learning_rate), tf.float32)
+
+
+def trainable_variables_of(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "_trainable_variables", []) or [])
+
+
+# ------------------------------------------------------------------- model
+
+
+def loss_tracker_totals(model: Any) -> tuple[tf.Tensor, tf.Tensor] | None:
+    """(total, count) of the model's running-mean loss tracker, if it has one."""
+    tracker = getattr(model, "_loss_tracker", None)
+    if tracker is None:
+        return None
+    total = getattr(tracker, "total", None)
+    count = getattr(tracker, "count", None)
+    if total is None or count is None:
+        return None
+    return (
+        tf.cast(tf.convert_to_tensor(total), tf.float64),
+        tf.cast(tf.convert_to_tensor(count), tf.float64),
+    )
+
+
+def ordered_layers(model: Any) -> list[Any]:
+    """All layers below the model, input to output, parents before children."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def owns_variables(layer: Any) -> bool:
+    return bool(
+        getattr(layer, "_trainable_variables", None)
+        or getattr(layer, "_non_trainable_variables", None)
+    )
+
+
+def variable_key(variable: Any) -> int:
+    return id(variable)
+
+
+def variable_owners(layers: Sequence[Any]) -> dict[int, Any]:
+    """Maps each variable (by ``variable_key``) to the innermost layer that created it."""
+    owner: dict[int, Any] = {}
+    for layer in layers:
+        own = list(getattr(layer, "_trainable_variables", []) or []) + list(
+            getattr(layer, "_non_trainable_variables", []) or []
+        )
+        for variable in own:
+            owner[variable_key(variable)] = layer
+    return owner
+
+
+def variable_path(variable: Any) -> str:
+    """A Keras variable's path, or a raw tf.Variable's name without ``:0``."""
+    path = getattr(variable, "path", None)
+    if isinstance(path, str) and path:
+        return path
+    name = getattr(variable, "name", "") or "variable"
+    return name[:-2] if name.endswith(":0") else name
+
+
+# ------------------------------------------------------------- distribution
+
+
+def current_strategy() -> tf.distribute.Strategy | None:
+    """The strategy whose scope (or replica context) is active, if not the default."""
+    if tf.distribute.has_strategy():
+        return tf.distribute.get_strategy()
+    return None
+
+
+def model_strategy(model: Any) -> tf.distribute.Strategy | None:
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        return None
+    default = tf.distribute.get_strategy() if not tf.distribute.has_strategy() else None
+    if default is not None and strategy is default:
+        return None
+    if type(strategy).__name__ in ("_DefaultDistributionStrategy",):
+        return None
+    return strategy
+
+
+def replicas_to_reduce() -> tf.distribute.ReplicaContext | None:
+    """The replica context to all-reduce in, when running on several replicas."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context

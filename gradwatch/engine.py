@@ -1,0 +1,312 @@
+"""The engine both fronts share: in-graph capture into window accumulators,
+host reads every ``log_every`` steps, rows to the sinks.
+
+``GradientMonitor`` (model.fit) and ``Watch`` (custom loops) are thin fronts:
+they decide *when* ``observe`` runs in-graph and *when* ``read`` runs on the
+host, and hand over what only they know (loss, learning rate, loss scale,
+optimizer iterations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch import _keras_internals as internals
+from gradwatch import rows as rows_lib
+from gradwatch import stats as stats_lib
+from gradwatch.options import Options
+from gradwatch.sinks.csv_sink import CsvSink
+from gradwatch.topology import Topology
+from gradwatch.window import StepInputs, Window
+
+logger = logging.getLogger("gradwatch")
+
+# Indices into the engine's int64 step state.
+_STEP, _RESYNC, _ITERATIONS_AT_END = 0, 1, 2
+
+
+class StepContext:
+    """What a front knows about the current step, in-graph (all optional)."""
+
+    def __init__(
+        self,
+        loss: tf.Tensor | None = None,
+        learning_rate: tf.Tensor | None = None,
+        loss_scale: tf.Tensor | None = None,
+        iterations: tf.Tensor | None = None,
+        loss_totals: tuple[tf.Tensor, tf.Tensor] | None = None,
+        overflow_skips: bool = False,
+    ):
+        self.loss = loss
+        self.learning_rate = learning_rate
+        self.loss_scale = loss_scale
+        self.iterations = iterations
+        # (total, count) of a running loss tracker; the step's loss is the delta.
+        self.loss_totals = loss_totals
+        # True when a non-finite gradient makes the optimizer skip the update
+        # (a LossScaleOptimizer's overflow handling).
+        self.overflow_skips = overflow_skips
+
+
+class Engine:
+    """Capture, windowing and writing for one run.
+
+    Args:
+        options: validated front options.
+        run_info: extra entries for ``run.json`` (versions are added here).
+    """
+
+    def __init__(self, options: Options, run_info: dict[str, Any] | None = None):
+        self.options = options
+        self.run_info = dict(run_info or {})
+        self.topology: Topology | None = None
+        self.window: Window | None = None
+        self._index: dict[int, int] = {}
+        self._state: tf.Variable | None = None
+        self._loss_state: tf.Variable | None = None
+        self._sink: CsvSink | None = None
+        self._strategy: tf.distribute.Strategy | None = None
+        self.windows_written = 0
+        self.steps_seen = 0
+        self.last_window: dict[str, Any] | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------ binding
+
+    @property
+    def bound(self) -> bool:
+        return self.window is not None
+
+    def bind(
+        self,
+        topology: Topology,
+        variables: Sequence[Any],
+        strategy: tf.distribute.Strategy | None = None,
+        start_step: int = 0,
+    ) -> None:
+        """Creates the accumulators for these variables (host side, or lifted out of a trace)."""
+        self.topology = topology
+        self._strategy = strategy
+        self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
+        self.window = Window(len(variables), strategy)
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        kwargs = dict(
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_WRITE,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        with tf.init_scope(), scope:
+            self._state = tf.Variable(
+                np.array([start_step, 0, -1], np.int64), name="gradwatch_step_state", **kwargs
+            )
+            # Each replica remembers its own loss-tracker totals (the tracker is
+            # per replica), so this one is synchronised on read.
+            self._loss_state = tf.Variable(
+                np.zeros(2, np.float64),
+                name="gradwatch_loss_state",
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
+
+    def rebind_variables(self, variables: Sequence[Any]) -> None:
+        """Re-keys the same watched variables (e.g. after a model is re-created)."""
+        self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
+
+    def request_resync(self, iterations_at_end: int) -> None:
+        """Next observed step takes its number from the optimizer's iterations,
+        unless they still equal ``iterations_at_end`` (then it continues)."""
+        state = self._state.numpy()
+        state[_RESYNC] = 1
+        state[_ITERATIONS_AT_END] = iterations_at_end
+        self._state.assign(state)
+
+    @property
+    def last_step(self) -> int:
+        return int(self._state.numpy()[_STEP]) if self._state is not None else 0
+
+    # ------------------------------------------------------------ in-graph
+
+    def observe(
+        self,
+        grads: Sequence[tf.Tensor | tf.IndexedSlices | None],
+        variables: Sequence[Any],
+        context: StepContext | None = None,
+    ) -> list[tf.Tensor | tf.IndexedSlices | None]:
+        """Folds one step's gradients into the window. Returns the gradients to apply."""
+        context = context or StepContext()
+        grads = list(grads)
+        variables = list(variables)
+        if len(grads) != len(variables):
+            raise ValueError(
+                f"observe() got {len(grads)} gradients for {len(variables)} variables; "
+                "pass the list returned by tape.gradient(loss, variables) with the same variables."
+            )
+        slots = []
+        for var in variables:
+            slot = self._index.get(internals.variable_key(var))
+            if slot is None:
+                raise ValueError(
+                    f"observe() got variable {internals.variable_path(var)!r}, which is not among "
+                    f"the {len(self._index)} variables this run watches (fixed at the first "
+                    "step). Pass the same variables every step."
+                )
+            slots.append(slot)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        present_grads = [grads[i] for i in present]
+
+        loss_delta = self._loss_delta(context)
+        replica_context = internals.replicas_to_reduce()
+        if replica_context is not None and present_grads:
+            # Stats are of the global gradient: what the optimizer will apply
+            # after its own all-reduce, not this replica's share.
+            reduce_list = present_grads + ([loss_delta] if loss_delta is not None else [])
+            reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, reduce_list)
+            stat_grads = reduced[: len(present_grads)]
+            if loss_delta is not None:
+                loss_delta = reduced[-1]
+        else:
+            stat_grads = present_grads
+
+        stats = stats_lib.gradient_stats(stat_grads)
+        if context.loss_scale is not None:
+            inv = 1.0 / context.loss_scale
+            stats = stats._replace(
+                l2=stats.l2 * inv, max_abs=stats.max_abs * inv, mean_abs=stats.mean_abs * inv
+            )
+        num_vars = self.window.num_vars
+        # Spread the present gradients' stats over all watched variables.
+        slot_of_present = [slots[i] for i in present]
+        perm = [len(present)] * num_vars
+        for k, slot in enumerate(slot_of_present):
+            perm[slot] = k
+        stacked = tf.stack(list(stats))
+        padded = tf.concat([stacked, tf.zeros([len(stats), 1], tf.float32)], axis=1)
+        full = tf.gather(padded, tf.constant(perm, tf.int32), axis=1)
+        full_stats = stats_lib.GradStats(*tf.unstack(full, num=len(stats)))
+        present_mask = tf.constant([p < len(present) for p in perm])
+
+        global_l2 = stats_lib.global_norm(stats.l2)
+        nonfinite_step = tf.reduce_any(stats.nonfinite > 0.0)
+        skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
+        step = self._next_step(context.iterations)
+        loss = self._step_loss(context, loss_delta)
+        self.window.fold(
+            full_stats,
+            StepInputs(
+                step=step,
+                present=present_mask,
+                global_l2=global_l2,
+                nonfinite_step=nonfinite_step,
+                skipped=skipped,
+                loss=loss,
+                learning_rate=(
+                    context.learning_rate
+                    if context.learning_rate is not None
+                    else tf.constant(float("nan"))
+                ),
+                loss_scale=(
+                    context.loss_scale
+                    if context.loss_scale is not None
+                    else tf.constant(float("nan"))
+                ),
+            ),
+        )
+        return grads
+
+    def _next_step(self, iterations: tf.Tensor | None) -> tf.Tensor:
+        state = self._state.read_value()
+        current, resync, iterations_at_end = tf.unstack(state, num=3)
+        if iterations is not None:
+            iterations = tf.cast(iterations, tf.int64)
+            take_iterations = (resync > 0) & tf.not_equal(iterations, iterations_at_end)
+            base = tf.where(take_iterations, iterations, current)
+        else:
+            base = current
+        step = base + 1
+        self._state.assign(tf.stack([step, tf.zeros_like(resync), iterations_at_end]))
+        return step
+
+    def _loss_delta(self, context: StepContext) -> tf.Tensor | None:
+        """[delta total, delta count] of the loss tracker since the previous step."""
+        if context.loss_totals is None:
+            return None
+        total, count = context.loss_totals
+        previous_total, previous_count = tf.unstack(self._loss_state.read_value(), num=2)
+        # The tracker is reset at every epoch start: then the delta is the total.
+        was_reset = count < previous_count
+        delta_total = tf.where(was_reset, total, total - previous_total)
+        delta_count = tf.where(was_reset, count, count - previous_count)
+        self._loss_state.assign(tf.stack([total, count]))
+        return tf.stack([delta_total, delta_count])
+
+    @staticmethod
+    def _step_loss(context: StepContext, loss_delta: tf.Tensor | None) -> tf.Tensor:
+        if context.loss is not None:
+            return tf.cast(tf.reduce_mean(context.loss), tf.float64)
+        if loss_delta is not None:
+            delta_total, delta_count = tf.unstack(loss_delta, num=2)
+            return tf.where(
+                delta_count > 0,
+                delta_total / tf.where(delta_count > 0, delta_count, 1.0),
+                tf.constant(float("nan"), tf.float64),
+            )
+        return tf.constant(float("nan"), tf.float64)
+
+    # --------------------------------------------------------------- host
+
+    def open_sinks(self) -> None:
+        if self._sink is None and self.options.writes:
+            self._sink = CsvSink(self.options.log_dir, append=self.options.append)
+            self._sink.open(self.run_json())
+
+    def run_json(self) -> dict[str, Any]:
+        import keras
+
+        from gradwatch import __version__
+
+        info = {
+            "gradwatch_version": __version__,
+            "tensorflow_version": tf.__version__,
+            "keras_version": keras.__version__,
+            "options": self.options.to_json(),
+        }
+        info.update(self.run_info)
+        info.update(self.topology.to_json() if self.topology is not None else {})
+        return info
+
+    def read(self, fallback_loss: float | None = None) -> dict[str, Any] | None:
+        """Reads and resets the window; writes its rows. Returns the window row (or None)."""
+        if self.window is None:
+            return None
+        per_var, glob = self.window.read_and_reset()
+        if glob["steps"] <= 0:
+            return None
+        window_row, stats_rows = rows_lib.build_rows(per_var, glob, self.topology)
+        if not math.isfinite(window_row["loss"]) and fallback_loss is not None:
+            window_row["loss"] = float(fallback_loss)
+        self.steps_seen += int(glob["steps"])
+        self.windows_written += 1
+        self.last_window = window_row
+        if self._sink is not None:
+            first_step = int(glob["last_step"]) - int(glob["steps"]) + 1
+            self._sink.write(window_row, stats_rows, first_step)
+        return window_row
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        self.closed = True
+
+
+def default_log_dir() -> str:
+    return os.path.join("runs", "gradwatch")

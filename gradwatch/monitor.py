@@ -1,0 +1,244 @@
+"""``GradientMonitor``: the Keras callback front for ``model.fit``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from gradwatch import _keras_internals as internals
+from gradwatch import topology as topology_lib
+from gradwatch.engine import Engine, StepContext
+from gradwatch.options import Options
+
+logger = logging.getLogger("gradwatch")
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Watches the real gradients of every ``model.fit`` step, in-graph.
+
+    The monitor taps the model's optimizer, so the statistics are of the exact
+    gradients the optimizer is handed (the raw tape gradients, before any
+    clipping), computed inside the compiled train function on every step, with
+    no recomputation. The host reads them every ``log_every`` steps.
+
+    Args:
+        log_dir: directory for ``run.json``, ``windows.csv``, ``stats.csv``,
+            ``alerts.csv`` (created if missing). ``None`` keeps everything in
+            memory (``monitor.last_window``).
+        log_every: host reads and file writes every this many steps; the
+            capture itself runs on every step and no step is lost in between.
+        histogram_every: steps between gradient histograms (0 disables them).
+        clip: optional gradient clipping applied to what the optimizer receives.
+        on_nonfinite: what to do about NaN/Inf gradients: "warn", "skip_step",
+            "stop" or "raise".
+        append: continue the files of a previous run in ``log_dir`` (resume).
+
+    Example:
+        >>> monitor = GradientMonitor(log_dir="runs/exp1", log_every=10)
+        >>> model.fit(x, y, callbacks=[monitor])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        log_dir: str | None = "runs/gradwatch",
+        log_every: int = 10,
+        histogram_every: int = 100,
+        clip: Any = None,
+        on_nonfinite: str = "warn",
+        append: bool = False,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        super().__init__()
+        self.options = Options(
+            log_dir=log_dir,
+            log_every=log_every,
+            histogram_every=histogram_every,
+            clip=clip,
+            on_nonfinite=on_nonfinite,
+            append=append,
+        )
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
+        self.on_alert = on_alert
+        self._engine: Engine | None = None
+        self._optimizer: Any = None
+        self._variables: list[Any] = []
+        self._iterations_at_end = -1
+        self._steps_since_read = 0
+        self._batch_begin = 0
+        self._last_logs: dict[str, Any] = {}
+        self._active = False
+        self._fits = 0
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def last_window(self) -> dict[str, Any] | None:
+        """The last window row read (also when ``log_dir`` is None)."""
+        return self._engine.last_window if self._engine is not None else None
+
+    @property
+    def topology(self) -> topology_lib.Topology | None:
+        return self._engine.topology if self._engine is not None else None
+
+    # -------------------------------------------------------------- Keras
+
+    def set_model(self, model: Any) -> None:
+        internals.check_backend()
+        super().set_model(model)
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError(
+                "GradientMonitor needs a compiled model with an optimizer; model.optimizer is "
+                "None. Call model.compile(optimizer=...) before fit, or use gradwatch.Watch "
+                "in a custom training loop."
+            )
+        variables = list(model.trainable_variables)
+        if not variables:
+            warnings.warn(
+                "GradientMonitor: the model has no trainable variables; there is nothing to "
+                "watch and the monitor stays idle.",
+                stacklevel=2,
+            )
+            return
+        self._fits += 1
+        strategy = internals.model_strategy(model)
+        if self._engine is None or [id(v) for v in variables] != [id(v) for v in self._variables]:
+            topology = topology_lib.from_model(model, variables)
+            if self._engine is not None:
+                self._engine.close()
+            self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy))
+            self._engine.bind(topology, variables, strategy=strategy)
+            self._variables = variables
+        self._engine.closed = False
+        self._engine.request_resync(self._iterations_at_end)
+        self._engine.open_sinks()
+        self._optimizer = optimizer
+        internals.install_apply_tap(optimizer, self._tap)
+        internals.retrace_train_function(model)
+        self._guard_train_function(model)
+        self._steps_since_read = 0
+        self._active = True
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._batch_begin = batch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if not self._active:
+            return
+        self._last_logs = logs or {}
+        self._steps_since_read += max(1, batch - self._batch_begin + 1)
+        if self._steps_since_read >= self.options.log_every:
+            self._read()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if not self._active:
+            return
+        self._finish()
+        if self._engine is not None and self._engine.steps_seen == 0:
+            warnings.warn(
+                "GradientMonitor observed no training step: the optimizer's apply() was never "
+                "called through model.fit (a custom train_step that updates weights without "
+                "self.optimizer.apply_gradients?). Use gradwatch.Watch in that train_step.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------ private
+
+    def _read(self) -> None:
+        self._steps_since_read = 0
+        self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
+
+    def _finish(self) -> None:
+        """Final read, tap removed, files closed: the model is left as it was found."""
+        self._active = False
+        try:
+            if self._engine is not None and self._engine.bound:
+                self._read()
+        finally:
+            if self._optimizer is not None:
+                internals.remove_apply_tap(self._optimizer)
+                self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
+            if self.model is not None:
+                internals.forget_train_function(self.model)
+            if self._engine is not None:
+                self._engine.close()
+
+    def _guard_train_function(self, model: Any) -> None:
+        # Keras's fit has no try/finally: if a step raises (or is interrupted),
+        # on_train_end never runs, so the tap is removed here instead.
+        train_function = model.train_function
+        monitor = self
+
+        def guarded_train_function(iterator):
+            try:
+                return train_function(iterator)
+            except BaseException:
+                if monitor._active:
+                    try:
+                        monitor._finish()
+                    except Exception:  # never mask the user's error
+                        logger.exception("gradwatch: cleanup after a failed step failed")
+                raise
+
+        model.train_function = guarded_train_function
+
+    def _tap(self, original_apply, grads, trainable_variables):
+        engine = self._engine
+        if engine is None or engine.closed or not engine.bound:
+            # A tap left behind by an interrupted process is a pass-through.
+            return original_apply(grads, trainable_variables)
+        optimizer = self._optimizer
+        grads = list(grads)
+        if trainable_variables is None:
+            trainable_variables = internals.trainable_variables_of(optimizer)
+        trainable_variables = list(trainable_variables)
+        watched = [
+            i for i, v in enumerate(trainable_variables)
+            if internals.variable_key(v) in engine._index
+        ]
+        context = StepContext(
+            learning_rate=internals.learning_rate(optimizer),
+            loss_scale=internals.loss_scale(optimizer),
+            iterations=internals.iterations(optimizer),
+            loss_totals=internals.loss_tracker_totals(self.model),
+            overflow_skips=internals.is_loss_scale_optimizer(optimizer),
+        )
+        observed = engine.observe(
+            [grads[i] for i in watched], [trainable_variables[i] for i in watched], context
+        )
+        for k, i in enumerate(watched):
+            grads[i] = observed[k]
+        return original_apply(grads, trainable_variables)
+
+    @staticmethod
+    def _run_info(model: Any, optimizer: Any, strategy: Any) -> dict[str, Any]:
+        policy = keras.mixed_precision.dtype_policy()
+        return {
+            "front": "GradientMonitor",
+            "optimizer": {
+                "class": type(internals.base_optimizer(optimizer)).__name__,
+                "loss_scale_optimizer": internals.is_loss_scale_optimizer(optimizer),
+                "clipping": internals.optimizer_clipping(optimizer),
+                "clips": bool(internals.optimizer_clipping(optimizer)),
+            },
+            "dtype_policy": getattr(policy, "name", str(policy)),
+            "strategy": type(strategy).__name__ if strategy is not None else None,
+            "num_replicas": int(getattr(strategy, "num_replicas_in_sync", 1) or 1),
+            "jit_compile": bool(getattr(model, "jit_compile", False)),
+            "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
+        }
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,129 @@
+"""Read a run back into pandas (no TensorFlow needed).
+
+Readers tolerate a torn last line (a process killed mid-write) and keep the
+later row when a resumed run wrote the same step twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import pandas as pd
+
+from gradwatch.schema import (
+    ALERT_COLUMNS,
+    ALERTS_FILE,
+    RUN_FILE,
+    STATS_COLUMNS,
+    STATS_FILE,
+    WINDOW_COLUMNS,
+    WINDOWS_FILE,
+)
+
+
+class GradwatchDataError(ValueError):
+    """A log directory holds no gradwatch data, or data that cannot be read."""
+
+
+def _complete_lines(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    return data
+
+
+def _read_csv(path: str, columns: tuple[str, ...], keys: list[str]) -> pd.DataFrame:
+    data = _complete_lines(path)
+    if not data.strip():
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+    text = data.decode("utf-8", errors="replace")
+    try:
+        frame = pd.read_csv(io.StringIO(text), keep_default_na=True)
+    except (pd.errors.ParserError, ValueError) as error:
+        raise GradwatchDataError(f"{path} is not a readable CSV file: {error}") from error
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise GradwatchDataError(
+            f"{path} is not a gradwatch file: columns {missing} are missing "
+            f"(found {list(frame.columns)[:12]})."
+        )
+    if keys and len(frame):
+        frame = frame.drop_duplicates(subset=keys, keep="last")
+        frame = frame.sort_values(keys, kind="stable").reset_index(drop=True)
+    return frame
+
+
+def _require_dir(log_dir: str | os.PathLike[str]) -> str:
+    log_dir = os.fspath(log_dir)
+    if not os.path.isdir(log_dir):
+        raise GradwatchDataError(f"{log_dir!r} is not a directory.")
+    return log_dir
+
+
+def read_stats(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Per-window, per-variable gradient statistics of a run, one row each.
+
+    Args:
+        log_dir: the ``log_dir`` given to ``GradientMonitor`` or ``Watch``.
+
+    Returns:
+        A DataFrame with the ``stats.csv`` columns, sorted by step and variable order.
+
+    Raises:
+        GradwatchDataError: no ``stats.csv`` in ``log_dir``, or it is not gradwatch's.
+    """
+    log_dir = _require_dir(log_dir)
+    path = os.path.join(log_dir, STATS_FILE)
+    if not os.path.exists(path):
+        raise GradwatchDataError(f"No gradwatch statistics in {log_dir!r}: {STATS_FILE} is missing.")
+    frame = _read_csv(path, STATS_COLUMNS, keys=["step", "variable"])
+    order = {name: i for i, name in enumerate(_variable_order(log_dir))}
+    if order and len(frame):
+        frame = frame.assign(_order=frame["variable"].map(order).fillna(len(order)))
+        frame = frame.sort_values(["step", "_order"], kind="stable").drop(columns="_order")
+        frame = frame.reset_index(drop=True)
+    return frame
+
+
+def read_windows(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Per-window globals of a run (``windows.csv``) as a DataFrame."""
+    log_dir = _require_dir(log_dir)
+    path = os.path.join(log_dir, WINDOWS_FILE)
+    if not os.path.exists(path):
+        raise GradwatchDataError(f"No gradwatch windows in {log_dir!r}: {WINDOWS_FILE} is missing.")
+    return _read_csv(path, WINDOW_COLUMNS, keys=["step"])
+
+
+def read_alerts(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The alerts of a run, one row per alert, in the ``alerts.csv`` column order."""
+    log_dir = _require_dir(log_dir)
+    path = os.path.join(log_dir, ALERTS_FILE)
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(log_dir, STATS_FILE)):
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in ALERT_COLUMNS})
+        raise GradwatchDataError(f"No gradwatch alerts in {log_dir!r}: {ALERTS_FILE} is missing.")
+    frame = _read_csv(path, ALERT_COLUMNS, keys=[])
+    return frame[list(ALERT_COLUMNS)]
+
+
+def read_run(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's ``run.json`` metadata."""
+    path = os.path.join(_require_dir(log_dir), RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as error:
+        raise GradwatchDataError(f"No {RUN_FILE} in {os.fspath(log_dir)!r}.") from error
+    except ValueError as error:
+        raise GradwatchDataError(f"{path} is not valid JSON: {error}") from error
+
+
+def _variable_order(log_dir: str) -> list[str]:
+    try:
+        return [v["name"] for v in read_run(log_dir).get("variables", [])]
+    except GradwatchDataError:
+        return []

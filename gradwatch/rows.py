@@ -1,0 +1,70 @@
+"""From window accumulators to rows of the one schema (host side, numpy only)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch.topology import Topology
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else float("nan")
+
+
+def build_rows(
+    per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Returns (window row, stats rows) of one window, keyed by schema column."""
+    steps = int(glob["steps"])
+    step = int(glob["last_step"])
+    loss_count = glob["loss_count"]
+    first_nonfinite = int(glob["first_nonfinite_step"])
+    window_row = {
+        "step": step,
+        "steps": steps,
+        "loss": glob["loss_sum"] / loss_count if loss_count > 0 else float("nan"),
+        "learning_rate": glob["learning_rate_last"],
+        "global_l2": glob["global_l2_last"],
+        "global_l2_max": _finite(glob["global_l2_max"]),
+        "nonfinite_steps": int(glob["nonfinite_steps"]),
+        "first_nonfinite_step": first_nonfinite if first_nonfinite >= 0 else None,
+        "skipped_steps": int(glob["skipped_steps"]),
+    }
+    assert tuple(window_row) == WINDOW_COLUMNS
+    grad_steps = per_var["grad_steps"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        has = grad_steps > 0
+        nan = np.full_like(grad_steps, np.nan)
+        l2_mean = np.where(has, per_var["l2_sum"] / np.where(has, grad_steps, 1), nan)
+        mean_abs = np.where(has, per_var["mean_abs_sum"] / np.where(has, grad_steps, 1), nan)
+        zero_frac = np.where(has, per_var["zero_frac_sum"] / np.where(has, grad_steps, 1), nan)
+    l2_max = np.where(has, per_var["l2_max"], nan)
+    l2_min = np.where(has, per_var["l2_min"], nan)
+    max_abs = np.where(has, per_var["max_abs_max"], nan)
+    l2_last = np.where(has, per_var["l2_last"], nan)
+    stats_rows = []
+    for i, info in enumerate(topology.variables):
+        stats_rows.append(
+            {
+                "step": step,
+                "steps": steps,
+                "layer": info.layer,
+                "variable": info.name,
+                "l2": float(l2_last[i]),
+                "l2_max": float(l2_max[i]),
+                "l2_min": float(l2_min[i]),
+                "l2_mean": float(l2_mean[i]),
+                "max_abs": float(max_abs[i]),
+                "mean_abs": float(mean_abs[i]),
+                "zero_frac": float(zero_frac[i]),
+                "nonfinite": int(per_var["nonfinite_sum"][i]),
+                "grad_steps": int(grad_steps[i]),
+            }
+        )
+    if stats_rows:
+        assert tuple(stats_rows[0]) == STATS_COLUMNS
+    return window_row, stats_rows

@@ -1,0 +1,104 @@
+"""The one row schema every sink and reader derives from.
+
+Column order is part of the public contract (see DESIGN.md section 1): new
+columns are only ever appended at the end.  This module imports nothing heavy
+so that readers, the CLI and the TensorBoard plugin can use it without
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+RUN_FILE = "run.json"
+WINDOWS_FILE = "windows.csv"
+STATS_FILE = "stats.csv"
+ALERTS_FILE = "alerts.csv"
+
+#: One row per window (the steps between two host reads).
+WINDOW_COLUMNS: tuple[str, ...] = (
+    "step",  # last step of the window (1-based count of training steps)
+    "steps",  # number of steps folded into the window
+    "loss",  # mean training loss over the window's steps (NaN when unknown)
+    "learning_rate",  # learning rate at the window's last step
+    "global_l2",  # global gradient norm at the last step
+    "global_l2_max",  # largest global gradient norm in the window
+    "nonfinite_steps",  # steps whose gradient had a NaN/Inf entry
+    "first_nonfinite_step",  # first such step in the window (empty if none)
+    "skipped_steps",  # steps whose update was not applied
+)
+
+#: One row per (window, variable), tidy long form.
+STATS_COLUMNS: tuple[str, ...] = (
+    "step",
+    "steps",
+    "layer",
+    "variable",
+    "l2",  # gradient L2 norm at the window's last step (finite entries)
+    "l2_max",
+    "l2_min",
+    "l2_mean",
+    "max_abs",  # largest |g| over the window (finite entries)
+    "mean_abs",  # mean over the window's steps of mean |g|
+    "zero_frac",  # mean over the window's steps of the fraction of exact zeros
+    "nonfinite",  # NaN/Inf entries summed over the window
+    "grad_steps",  # steps of the window in which the variable had a gradient
+)
+
+#: One row per alert.
+ALERT_COLUMNS: tuple[str, ...] = (
+    "step",
+    "layer",
+    "variable",
+    "kind",
+    "severity",
+    "value",
+    "threshold",
+    "message",
+    "hint",
+)
+
+ALERT_KINDS: tuple[str, ...] = (
+    "vanishing_gradient",
+    "exploding_gradient",
+    "dead_relu",
+    "nonfinite_gradient",
+    "no_gradient",
+    "update_ratio",
+    "update_mismatch",
+    "no_learning_signal",
+)
+
+SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
+
+#: The window statistics kept per variable in-graph, in this order.  Each is
+#: folded into the window accumulator on every step; the host turns them into
+#: the STATS_COLUMNS above.
+VAR_ACCUMULATORS: tuple[str, ...] = (
+    "l2_last",
+    "l2_max",
+    "l2_min",
+    "l2_sum",
+    "max_abs_max",
+    "mean_abs_sum",
+    "zero_frac_sum",
+    "nonfinite_sum",
+    "grad_steps",
+)
+
+#: The window globals kept in-graph, in this order.
+GLOBAL_ACCUMULATORS: tuple[str, ...] = (
+    "steps",
+    "last_step",
+    "global_l2_last",
+    "global_l2_max",
+    "global_l2_min",
+    "global_l2_sum",
+    "nonfinite_steps",
+    "first_nonfinite_step",
+    "skipped_steps",
+    "loss_sum",
+    "loss_count",
+    "learning_rate_last",
+    "loss_scale_last",
+)

@@ -1,0 +1,145 @@
+"""Per-variable gradient statistics as pure, XLA-safe TensorFlow functions.
+
+The statistics of a list of gradients are computed in as few ops as possible:
+gradients with the same number of elements are stacked into one ``[n, size]``
+matrix and reduced along axis 1, so a 100-layer net of equal-width layers costs
+a handful of ops rather than a handful per variable.  Everything is computed in
+float32 over the *finite* entries only (under XLA ``reduce_max`` silently drops
+NaN, so NaN/Inf are masked and counted separately).  Squares are taken of the
+raw magnitudes only while that is safe; when the largest magnitude is tiny or
+huge the norm is recomputed on magnitudes scaled by their maximum, so float16,
+bfloat16 and 1e30-sized float32 gradients neither overflow nor underflow.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+# Within [SAFE_MIN, SAFE_MAX] the plain sum of squares can neither overflow
+# (1e15**2 * 3e8 elements < float32 max) nor lose more than ~1e-5 relative to
+# entries whose squares underflow.
+SAFE_MIN = 1e-12
+SAFE_MAX = 1e15
+
+
+class GradStats(NamedTuple):
+    """Statistics of a list of gradients, each a float32 vector of length n."""
+
+    l2: tf.Tensor  # L2 norm of the finite entries
+    max_abs: tf.Tensor  # max |g| of the finite entries (0 when none)
+    mean_abs: tf.Tensor  # sum |g| of finite entries / number of entries
+    zero_frac: tf.Tensor  # fraction of entries exactly 0
+    nonfinite: tf.Tensor  # number of NaN/Inf entries
+
+
+def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
+    """Returns a float32 vector of the gradient's non-implicit entries and its dense size.
+
+    For ``IndexedSlices`` (e.g. from an ``Embedding``) repeated row indices are
+    summed first, exactly as the dense gradient would hold them; rows that are
+    not touched are implicit zeros and only counted through the dense size.
+    """
+    if isinstance(grad, tf.IndexedSlices):
+        dense_shape = grad.dense_shape
+        static = tf.get_static_value(dense_shape)
+        if static is None:
+            static = grad.values.shape.as_list()
+            static[0] = None
+            raise ValueError(
+                "gradwatch needs the static shape of a sparse gradient's variable; "
+                f"got IndexedSlices with dense shape {static}."
+            )
+        size = 1
+        for dim in static:
+            size *= int(dim)
+        unique_rows, positions = tf.unique(grad.indices)
+        summed = tf.math.unsorted_segment_sum(
+            grad.values, positions, tf.shape(unique_rows)[0]
+        )
+        return tf.reshape(tf.cast(summed, tf.float32), [-1]), size
+    grad = tf.convert_to_tensor(grad)
+    size = grad.shape.num_elements()
+    if size is None:
+        raise ValueError(
+            f"gradwatch needs gradients of static shape; got shape {grad.shape}."
+        )
+    return tf.reshape(tf.cast(grad, tf.float32), [-1]), int(size)
+
+
+def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
+    """Statistics of each row of a [n, k] float32 matrix whose rows stand for
+    gradients of ``dense_size`` entries (k < dense_size for sparse gradients)."""
+    finite = tf.math.is_finite(values)
+    magnitudes = tf.where(finite, tf.abs(values), tf.zeros_like(values))
+    max_abs = tf.reduce_max(magnitudes, axis=1)
+    sum_abs = tf.reduce_sum(magnitudes, axis=1)
+    finite_count = tf.reduce_sum(tf.cast(finite, tf.float32), axis=1)
+    nonzero_count = tf.reduce_sum(tf.cast(tf.not_equal(values, 0.0), tf.float32), axis=1)
+    implicit_zeros = float(dense_size) - tf.cast(tf.shape(values)[1], tf.float32)
+
+    def plain_norm():
+        return tf.sqrt(tf.reduce_sum(tf.square(magnitudes), axis=1))
+
+    def scaled_norm():
+        scale = tf.where(max_abs > 0.0, max_abs, tf.ones_like(max_abs))
+        scaled = magnitudes / scale[:, None]
+        return scale * tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=1))
+
+    needs_scaling = tf.reduce_any(
+        (max_abs > 0.0) & ((max_abs < SAFE_MIN) | (max_abs > SAFE_MAX))
+    )
+    l2 = tf.cond(needs_scaling, scaled_norm, plain_norm)
+    size = float(dense_size)
+    return GradStats(
+        l2=l2,
+        max_abs=max_abs,
+        mean_abs=sum_abs / size,
+        zero_frac=(tf.cast(tf.shape(values)[1], tf.float32) - nonzero_count + implicit_zeros)
+        / size,
+        nonfinite=tf.cast(tf.shape(values)[1], tf.float32) - finite_count,
+    )
+
+
+def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
+    """Per-gradient statistics of a list of (non-None) gradients, in list order."""
+    if not grads:
+        empty = tf.zeros([0], tf.float32)
+        return GradStats(empty, empty, empty, empty, empty)
+    flat = [dense_values(g) for g in grads]
+    # Group dense gradients of equal size; sparse ones stand alone.
+    groups: dict[object, list[int]] = {}
+    for position, (grad, (_, size)) in enumerate(zip(grads, flat)):
+        key = ("sparse", position) if isinstance(grad, tf.IndexedSlices) else size
+        groups.setdefault(key, []).append(position)
+    parts: list[GradStats] = []
+    order: list[int] = []
+    for key, positions in groups.items():
+        size = flat[positions[0]][1]
+        if isinstance(key, tuple):
+            matrix = flat[positions[0]][0][None, :]
+        elif len(positions) == 1:
+            matrix = flat[positions[0]][0][None, :]
+        else:
+            matrix = tf.stack([flat[p][0] for p in positions])
+        parts.append(_rows_stats(matrix, size))
+        order.extend(positions)
+    inverse = [0] * len(order)
+    for slot, position in enumerate(order):
+        inverse[position] = slot
+    inverse_t = tf.constant(inverse, tf.int32)
+    fields = []
+    for field_index in range(len(GradStats._fields)):
+        joined = tf.concat([p[field_index] for p in parts], axis=0)
+        fields.append(tf.gather(joined, inverse_t) if order != sorted(order) else joined)
+    return GradStats(*fields)
+
+
+def global_norm(l2: tf.Tensor) -> tf.Tensor:
+    """The global norm from per-variable norms, overflow-safe."""
+    if l2.shape.num_elements() == 0:
+        return tf.zeros([], tf.float32)
+    largest = tf.reduce_max(l2)
+    scale = tf.where(largest > 0.0, largest, 1.0)
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(l2 / scale)))

@@ -1,0 +1,223 @@
+"""The run's topology: watched variables, their layers and what follows them.
+
+Detectors, the report and the TensorBoard plugin see the model only through
+this metadata (written to ``run.json``), never through the live model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from gradwatch import _keras_internals as internals
+
+# Layers that sit between a layer and its activation without changing which
+# units are alive (the activation after them is the layer's activation).
+_PASS_THROUGH = {
+    "BatchNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "GaussianNoise",
+}
+
+
+@dataclasses.dataclass
+class VariableInfo:
+    """One watched variable."""
+
+    name: str  # e.g. "dense_1/kernel" (unique within the run)
+    layer: str  # owning layer, e.g. "dense_1"
+    shape: list[int]
+    dtype: str
+    layer_index: int  # position of the layer, input to output
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class LayerInfo:
+    """One layer that owns watched variables."""
+
+    name: str
+    index: int
+    class_name: str
+    activation: str  # the activation applied to this layer's output ("" if unknown)
+    variables: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Topology:
+    """Layers in input-to-output order and the watched variables."""
+
+    layers: list[LayerInfo]
+    variables: list[VariableInfo]
+    model_name: str = ""
+    model_class: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "model_class": self.model_class,
+            "layers": [layer.to_json() for layer in self.layers],
+            "variables": [v.to_json() for v in self.variables],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Topology:
+        return cls(
+            layers=[LayerInfo(**layer) for layer in data.get("layers", [])],
+            variables=[VariableInfo(**v) for v in data.get("variables", [])],
+            model_name=data.get("model_name", ""),
+            model_class=data.get("model_class", ""),
+        )
+
+    @property
+    def variable_names(self) -> list[str]:
+        return [v.name for v in self.variables]
+
+
+def _activation_name(activation: Any) -> str:
+    if activation is None:
+        return "linear"
+    name = getattr(activation, "__name__", None) or type(activation).__name__
+    return str(name).lower()
+
+
+def _layer_activation(layer: Any) -> str | None:
+    """The activation a layer applies itself, or None if it applies none."""
+    class_name = type(layer).__name__
+    if class_name == "ReLU":
+        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+        max_value = getattr(layer, "max_value", None)
+        if slope:
+            return "leaky_relu"
+        return "relu6" if max_value is not None and float(max_value) == 6.0 else "relu"
+    if class_name == "LeakyReLU":
+        return "leaky_relu"
+    if class_name in ("ELU", "PReLU", "Softmax"):
+        return class_name.lower()
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    name = _activation_name(activation)
+    return None if name == "linear" else name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        taken.add(name)
+        return name
+    k = 1
+    while f"{name}_{k}" in taken:
+        k += 1
+    taken.add(f"{name}_{k}")
+    return f"{name}_{k}"
+
+
+def from_model(model: Any, variables: Sequence[Any]) -> Topology:
+    """Topology of a Keras model for the given (trainable) variables."""
+    layers = internals.ordered_layers(model)
+    owner = internals.variable_owners(layers)
+    layer_index = {id(layer): i for i, layer in enumerate(layers)}
+    prefix = f"{model.name}/"
+    var_infos: list[VariableInfo] = []
+    taken: set[str] = set()
+    used_layers: dict[int, LayerInfo] = {}
+    for var in variables:
+        layer = owner.get(internals.variable_key(var))
+        path = internals.variable_path(var)
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+        if layer is None:
+            parts = path.split("/")
+            layer_name = parts[-2] if len(parts) > 1 else parts[0]
+            index = len(layers)
+        else:
+            layer_name = layer.name
+            index = layer_index[id(layer)]
+        info = VariableInfo(
+            name=_unique(path, taken),
+            layer=layer_name,
+            shape=[int(d) for d in var.shape],
+            dtype=str(getattr(var.dtype, "name", var.dtype)),
+            layer_index=index,
+        )
+        var_infos.append(info)
+        key = index if layer is not None else -(len(used_layers) + 1)
+        if layer is not None and key not in used_layers:
+            used_layers[key] = LayerInfo(
+                name=layer_name,
+                index=index,
+                class_name=type(layer).__name__,
+                activation=_following_activation(layers, index),
+                variables=[],
+            )
+        elif layer is None:
+            existing = [li for li in used_layers.values() if li.name == layer_name]
+            if existing:
+                existing[0].variables.append(info.name)
+                continue
+            used_layers[key] = LayerInfo(layer_name, index, "", "", [])
+        used_layers[key].variables.append(info.name)
+    ordered = sorted(used_layers.values(), key=lambda li: li.index)
+    position = {li.name: i for i, li in enumerate(ordered)}
+    for i, li in enumerate(ordered):
+        li.index = i
+    for v in var_infos:
+        v.layer_index = position[v.layer]
+    return Topology(
+        layers=ordered,
+        variables=var_infos,
+        model_name=str(model.name),
+        model_class=type(model).__name__,
+    )
+
+
+def _following_activation(layers: Sequence[Any], index: int) -> str:
+    own = _layer_activation(layers[index])
+    if own is not None:
+        return own
+    for nxt in layers[index + 1 :]:
+        class_name = type(nxt).__name__
+        if class_name in _PASS_THROUGH:
+            continue
+        follow = _layer_activation(nxt) if not internals.owns_variables(nxt) else None
+        return follow or "linear"
+    return "linear"
+
+
+def from_variables(variables: Sequence[Any], names: Sequence[str] | None = None) -> Topology:
+    """Topology of raw variables that belong to no known model.
+
+    A name ``"block/w"`` puts the variable in layer ``"block"``; a name without
+    ``/`` is its own layer.
+    """
+    taken: set[str] = set()
+    var_infos: list[VariableInfo] = []
+    layers: dict[str, LayerInfo] = {}
+    for i, var in enumerate(variables):
+        raw = names[i] if names is not None else internals.variable_path(var)
+        parts = raw.split("/")
+        layer_name = "/".join(parts[:-1]) if len(parts) > 1 else raw
+        name = _unique(raw, taken)
+        if layer_name not in layers:
+            layers[layer_name] = LayerInfo(layer_name, len(layers), "", "", [])
+        layers[layer_name].variables.append(name)
+        var_infos.append(
+            VariableInfo(
+                name=name,
+                layer=layer_name,
+                shape=[int(d) for d in var.shape],
+                dtype=str(getattr(var.dtype, "name", var.dtype)),
+                layer_index=layers[layer_name].index,
+            )
+        )
+    return Topology(layers=list(layers.values()), variables=var_infos)

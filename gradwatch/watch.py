@@ -1,0 +1,182 @@
+"""``Watch``: the front for custom ``tf.GradientTape`` training loops."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from gradwatch import _keras_internals as internals
+from gradwatch import topology as topology_lib
+from gradwatch.engine import Engine, StepContext
+from gradwatch.options import Options
+from gradwatch.schema import WINDOWS_FILE
+from gradwatch.sinks.csv_sink import last_step
+
+
+class Watch:
+    """Watches the gradients of a custom training loop.
+
+    ``observe`` runs in-graph (inside or outside ``tf.function``) on every
+    step; ``step_end`` runs on the host after each step and writes every
+    ``log_every`` steps.
+
+    Args:
+        log_dir: directory for the run files (created if missing); None keeps
+            everything in memory.
+        log_every: host reads and writes every this many steps.
+        histogram_every: steps between gradient histograms (0 disables them).
+        clip: optional gradient clipping applied to the gradients ``observe`` returns.
+        on_nonfinite: "warn", "skip_step", "stop" or "raise".
+        append: continue the files of a previous run in ``log_dir``; steps
+            continue after the last step written.
+        names: names for the variables, in the order they are passed to
+            ``observe`` (a list), or a mapping from variable to name. Raw
+            ``tf.Variable``s otherwise take their own names.
+        model: the Keras model the variables belong to, if any: gives layer
+            names and activations in ``run.json``.
+
+    Example:
+        >>> watch = Watch(log_dir="runs/exp2")
+        >>> grads = watch.observe(grads, variables)  # doctest: +SKIP
+        >>> watch.step_end()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        log_dir: str | None = "runs/gradwatch",
+        log_every: int = 10,
+        histogram_every: int = 100,
+        clip: Any = None,
+        on_nonfinite: str = "warn",
+        append: bool = False,
+        names: Sequence[str] | Mapping[Any, str] | None = None,
+        model: Any = None,
+    ):
+        self.options = Options(
+            log_dir=log_dir,
+            log_every=log_every,
+            histogram_every=histogram_every,
+            clip=clip,
+            on_nonfinite=on_nonfinite,
+            append=append,
+        )
+        if names is not None and not isinstance(names, (Sequence, Mapping)):
+            raise TypeError(f"names must be a list of str or a mapping; received {names!r}.")
+        if isinstance(names, str):
+            raise TypeError(f"names must be a list of str, not one str; received {names!r}.")
+        self._names = names
+        self._model = model
+        internals.check_backend()
+        self._engine = Engine(self.options, run_info={"front": "Watch"})
+        self._steps_since_read = 0
+        self._eager_observe = None
+        self._closed = False
+
+    @property
+    def last_window(self) -> dict[str, Any] | None:
+        return self._engine.last_window
+
+    @property
+    def topology(self) -> topology_lib.Topology | None:
+        return self._engine.topology
+
+    def observe(
+        self,
+        grads: Sequence[tf.Tensor | tf.IndexedSlices | None],
+        variables: Sequence[Any],
+        loss: tf.Tensor | None = None,
+    ) -> list[tf.Tensor | tf.IndexedSlices | None]:
+        """Records this step's gradients (in-graph) and returns the gradients to apply.
+
+        Args:
+            grads: the list from ``tape.gradient(loss, variables)``; ``None``
+                entries (variables disconnected from the loss) are recorded as
+                having no gradient.
+            variables: the variables, in the same order.
+            loss: this step's loss, if you want it in ``windows.csv``.
+
+        Returns:
+            The gradients, clipped if a ``clip`` was given.
+        """
+        if self._closed:
+            raise RuntimeError("Watch.observe() called after close(); create a new Watch.")
+        grads = list(grads)
+        variables = list(variables)
+        if not self._engine.bound:
+            self._bind(variables)
+        if tf.executing_eagerly():
+            if self._eager_observe is None:
+                self._eager_observe = tf.function(self._observe_in_graph)
+            return self._eager_observe(grads, variables, loss)
+        return self._observe_in_graph(grads, variables, loss)
+
+    def _observe_in_graph(self, grads, variables, loss):
+        context = StepContext(loss=loss)
+        return self._engine.observe(grads, variables, context)
+
+    def _bind(self, variables: list[Any]) -> None:
+        names = self._names
+        if isinstance(names, Mapping):
+            by_key = {internals.variable_key(k): v for k, v in names.items()}
+            names = [by_key.get(internals.variable_key(v)) for v in variables]
+            names = [
+                n if n is not None else internals.variable_path(v)
+                for n, v in zip(names, variables)
+            ]
+        if names is not None and len(names) != len(variables):
+            raise ValueError(
+                f"names has {len(names)} entries but observe() got {len(variables)} variables; "
+                "give one name per variable, in the same order."
+            )
+        if self._model is not None and names is None:
+            topology = topology_lib.from_model(self._model, variables)
+        else:
+            topology = topology_lib.from_variables(variables, names)
+        start = 0
+        if self.options.append and self.options.log_dir is not None:
+            path = os.path.join(self.options.log_dir, WINDOWS_FILE)
+            if os.path.exists(path):
+                start = last_step(path) or 0
+        self._engine.bind(topology, variables, strategy=internals.current_strategy(), start_step=start)
+        self._engine.open_sinks()
+
+    def step_end(self, loss: float | None = None) -> dict[str, Any] | None:
+        """Host side, after each training step: writes the window every ``log_every`` steps.
+
+        Returns the window row when one was written, else None.
+        """
+        if self._closed:
+            raise RuntimeError("Watch.step_end() called after close(); create a new Watch.")
+        self._steps_since_read += 1
+        if self._steps_since_read >= self.options.log_every:
+            return self._read(loss)
+        return None
+
+    def _read(self, loss: float | None = None) -> dict[str, Any] | None:
+        self._steps_since_read = 0
+        return self._engine.read(fallback_loss=loss)
+
+    def flush(self) -> dict[str, Any] | None:
+        """Writes the steps observed since the last write now."""
+        return self._read()
+
+    def close(self) -> None:
+        """Writes what is left and closes the files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._engine.bound:
+            self._read()
+            if self._engine.steps_seen == 0:
+                warnings.warn("Watch closed without observing any step.", stacklevel=2)
+        self._engine.close()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
