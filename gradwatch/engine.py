@@ -96,7 +96,12 @@ class Engine:
         self.topology = topology
         self._strategy = strategy
         self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
-        self.window = Window(len(variables), strategy)
+        layer_of = {layer.name: i for i, layer in enumerate(topology.layers)}
+        self._segment_ids = [layer_of[v.layer] for v in topology.variables]
+        self._sizes = [float(np.prod(v.shape)) if v.shape else 1.0 for v in topology.variables]
+        self._num_layers = len(topology.layers)
+        # Columns: the variables, then their layers (aggregated in-graph).
+        self.window = Window(len(variables) + self._num_layers, strategy)
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         kwargs = dict(
             trainable=False,
@@ -135,6 +140,7 @@ class Engine:
 
     # ------------------------------------------------------------ in-graph
 
+    @tf.autograph.experimental.do_not_convert
     def observe(
         self,
         grads: Sequence[tf.Tensor | tf.IndexedSlices | None],
@@ -182,7 +188,7 @@ class Engine:
             stats = stats._replace(
                 l2=stats.l2 * inv, max_abs=stats.max_abs * inv, mean_abs=stats.mean_abs * inv
             )
-        num_vars = self.window.num_vars
+        num_vars = len(self._index)
         # Spread the present gradients' stats over all watched variables.
         slot_of_present = [slots[i] for i in present]
         perm = [len(present)] * num_vars
@@ -191,8 +197,19 @@ class Engine:
         stacked = tf.stack(list(stats))
         padded = tf.concat([stacked, tf.zeros([len(stats), 1], tf.float32)], axis=1)
         full = tf.gather(padded, tf.constant(perm, tf.int32), axis=1)
-        full_stats = stats_lib.GradStats(*tf.unstack(full, num=len(stats)))
-        present_mask = tf.constant([p < len(present) for p in perm])
+        var_stats = stats_lib.GradStats(*tf.unstack(full, num=len(stats)))
+        var_present = tf.constant([p < len(present) for p in perm])
+        layer_stats, layer_present = stats_lib.layer_stats(
+            var_stats,
+            var_present,
+            tf.constant(self._segment_ids, tf.int32),
+            tf.constant(self._sizes, tf.float32),
+            self._num_layers,
+        )
+        full_stats = stats_lib.GradStats(
+            *[tf.concat([v, l], axis=0) for v, l in zip(var_stats, layer_stats)]
+        )
+        present_mask = tf.concat([var_present, layer_present], axis=0)
 
         global_l2 = stats_lib.global_norm(stats.l2)
         nonfinite_step = tf.reduce_any(stats.nonfinite > 0.0)
@@ -290,7 +307,7 @@ class Engine:
         per_var, glob = self.window.read_and_reset()
         if glob["steps"] <= 0:
             return None
-        window_row, stats_rows = rows_lib.build_rows(per_var, glob, self.topology)
+        window_row, stats_rows, layer_rows = rows_lib.build_rows(per_var, glob, self.topology)
         if not math.isfinite(window_row["loss"]) and fallback_loss is not None:
             window_row["loss"] = float(fallback_loss)
         self.steps_seen += int(glob["steps"])
@@ -298,7 +315,7 @@ class Engine:
         self.last_window = window_row
         if self._sink is not None:
             first_step = int(glob["last_step"]) - int(glob["steps"]) + 1
-            self._sink.write(window_row, stats_rows, first_step)
+            self._sink.write(window_row, stats_rows, layer_rows, first_step)
         return window_row
 
     def close(self) -> None:

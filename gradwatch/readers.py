@@ -16,6 +16,7 @@ import pandas as pd
 from gradwatch.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
+    LAYERS_FILE,
     RUN_FILE,
     STATS_COLUMNS,
     STATS_FILE,
@@ -64,26 +65,37 @@ def _require_dir(log_dir: str | os.PathLike[str]) -> str:
     return log_dir
 
 
-def read_stats(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Per-window, per-variable gradient statistics of a run, one row each.
+LEVELS = ("variable", "layer")
+
+
+def read_stats(log_dir: str | os.PathLike[str], level: str = "variable") -> pd.DataFrame:
+    """Per-window gradient statistics of a run, one row per (window, variable) or layer.
 
     Args:
         log_dir: the ``log_dir`` given to ``GradientMonitor`` or ``Watch``.
+        level: ``"variable"`` (``stats.csv``) or ``"layer"`` (``layers.csv``:
+            the same columns, aggregated in-graph over each layer's variables,
+            with ``variable == "*"``).
 
     Returns:
-        A DataFrame with the ``stats.csv`` columns, sorted by step and variable order.
+        A DataFrame with the ``stats.csv`` columns, sorted by step and model order.
 
     Raises:
-        GradwatchDataError: no ``stats.csv`` in ``log_dir``, or it is not gradwatch's.
+        GradwatchDataError: the file is missing from ``log_dir`` or is not gradwatch's.
+        ValueError: an unknown ``level``.
     """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}; received {level!r}.")
     log_dir = _require_dir(log_dir)
-    path = os.path.join(log_dir, STATS_FILE)
+    name = STATS_FILE if level == "variable" else LAYERS_FILE
+    path = os.path.join(log_dir, name)
     if not os.path.exists(path):
-        raise GradwatchDataError(f"No gradwatch statistics in {log_dir!r}: {STATS_FILE} is missing.")
-    frame = _read_csv(path, STATS_COLUMNS, keys=["step", "variable"])
-    order = {name: i for i, name in enumerate(_variable_order(log_dir))}
+        raise GradwatchDataError(f"No gradwatch statistics in {log_dir!r}: {name} is missing.")
+    key = "variable" if level == "variable" else "layer"
+    frame = _read_csv(path, STATS_COLUMNS, keys=["step", key])
+    order = {name: i for i, name in enumerate(_model_order(log_dir, level))}
     if order and len(frame):
-        frame = frame.assign(_order=frame["variable"].map(order).fillna(len(order)))
+        frame = frame.assign(_order=frame[key].map(order).fillna(len(order)))
         frame = frame.sort_values(["step", "_order"], kind="stable").drop(columns="_order")
         frame = frame.reset_index(drop=True)
     return frame
@@ -122,8 +134,10 @@ def read_run(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise GradwatchDataError(f"{path} is not valid JSON: {error}") from error
 
 
-def _variable_order(log_dir: str) -> list[str]:
+def _model_order(log_dir: str, level: str) -> list[str]:
     try:
-        return [v["name"] for v in read_run(log_dir).get("variables", [])]
+        run = read_run(log_dir)
     except GradwatchDataError:
         return []
+    entries = run.get("variables" if level == "variable" else "layers", [])
+    return [entry["name"] for entry in entries]

@@ -15,10 +15,17 @@ def _finite(value: float) -> float:
     return float(value) if math.isfinite(value) else float("nan")
 
 
+LAYER_VARIABLE = "*"
+
+
 def build_rows(
     per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Returns (window row, stats rows) of one window, keyed by schema column."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Returns (window row, variable rows, layer rows) of one window, keyed by schema column.
+
+    The accumulator columns are the topology's variables followed by its layers;
+    a layer row has ``variable == "*"`` (all of the layer's variables).
+    """
     steps = int(glob["steps"])
     step = int(glob["last_step"])
     loss_count = glob["loss_count"]
@@ -47,13 +54,15 @@ def build_rows(
     max_abs = np.where(has, per_var["max_abs_max"], nan)
     l2_last = np.where(has, per_var["l2_last"], nan)
     stats_rows = []
-    for i, info in enumerate(topology.variables):
+    columns = [(info.layer, info.name) for info in topology.variables]
+    columns += [(layer.name, LAYER_VARIABLE) for layer in topology.layers]
+    for i, (layer_name, variable_name) in enumerate(columns):
         stats_rows.append(
             {
                 "step": step,
                 "steps": steps,
-                "layer": info.layer,
-                "variable": info.name,
+                "layer": layer_name,
+                "variable": variable_name,
                 "l2": float(l2_last[i]),
                 "l2_max": float(l2_max[i]),
                 "l2_min": float(l2_min[i]),
@@ -67,4 +76,5 @@ def build_rows(
         )
     if stats_rows:
         assert tuple(stats_rows[0]) == STATS_COLUMNS
-    return window_row, stats_rows
+    num_vars = len(topology.variables)
+    return window_row, stats_rows[:num_vars], stats_rows[num_vars:]

@@ -13,6 +13,7 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 WINDOWS_FILE = "windows.csv"
 STATS_FILE = "stats.csv"
+LAYERS_FILE = "layers.csv"  # same columns as stats.csv, variable == "*"
 ALERTS_FILE = "alerts.csv"
 
 #: One row per window (the steps between two host reads).

@@ -143,3 +143,44 @@ def global_norm(l2: tf.Tensor) -> tf.Tensor:
     largest = tf.reduce_max(l2)
     scale = tf.where(largest > 0.0, largest, 1.0)
     return scale * tf.sqrt(tf.reduce_sum(tf.square(l2 / scale)))
+
+
+def layer_stats(
+    var_stats: GradStats,
+    present: tf.Tensor,
+    segment_ids: tf.Tensor,
+    sizes: tf.Tensor,
+    num_layers: int,
+) -> tuple[GradStats, tf.Tensor]:
+    """Aggregates per-variable statistics into per-layer ones (in-graph, few ops).
+
+    Args:
+        var_stats: statistics of every watched variable (absent ones are zeros).
+        present: bool [V], which variables had a gradient this step.
+        segment_ids: int32 [V], the layer of each variable.
+        sizes: float32 [V], number of entries of each variable.
+        num_layers: number of layers.
+
+    Returns:
+        The layer statistics and a bool [L] of layers with any gradient.
+    """
+    weight = sizes * tf.cast(present, tf.float32)
+    layer_size = tf.math.unsorted_segment_sum(weight, segment_ids, num_layers)
+    safe_size = tf.where(layer_size > 0.0, layer_size, 1.0)
+    largest = tf.math.unsorted_segment_max(var_stats.l2, segment_ids, num_layers)
+    largest = tf.where(largest > 0.0, largest, 1.0)
+    scaled = var_stats.l2 / tf.gather(largest, segment_ids)
+    l2 = largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_layers))
+    max_abs = tf.maximum(
+        tf.math.unsorted_segment_max(var_stats.max_abs, segment_ids, num_layers), 0.0
+    )
+    mean_abs = (
+        tf.math.unsorted_segment_sum(var_stats.mean_abs * weight, segment_ids, num_layers)
+        / safe_size
+    )
+    zero_frac = (
+        tf.math.unsorted_segment_sum(var_stats.zero_frac * weight, segment_ids, num_layers)
+        / safe_size
+    )
+    nonfinite = tf.math.unsorted_segment_sum(var_stats.nonfinite, segment_ids, num_layers)
+    return GradStats(l2, max_abs, mean_abs, zero_frac, nonfinite), layer_size > 0.0

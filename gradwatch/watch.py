@@ -84,6 +84,7 @@ class Watch:
     def topology(self) -> topology_lib.Topology | None:
         return self._engine.topology
 
+    @tf.autograph.experimental.do_not_convert
     def observe(
         self,
         grads: Sequence[tf.Tensor | tf.IndexedSlices | None],
@@ -114,6 +115,7 @@ class Watch:
             return self._eager_observe(grads, variables, loss)
         return self._observe_in_graph(grads, variables, loss)
 
+    @tf.autograph.experimental.do_not_convert
     def _observe_in_graph(self, grads, variables, loss):
         context = StepContext(loss=loss)
         return self._engine.observe(grads, variables, context)

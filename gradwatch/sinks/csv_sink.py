@@ -21,6 +21,7 @@ from typing import Any
 from gradwatch.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
+    LAYERS_FILE,
     RUN_FILE,
     STATS_COLUMNS,
     STATS_FILE,
@@ -197,6 +198,7 @@ class CsvSink:
         self._files = {
             "windows": _CsvFile(os.path.join(self.log_dir, WINDOWS_FILE), WINDOW_COLUMNS, self.append),
             "stats": _CsvFile(os.path.join(self.log_dir, STATS_FILE), STATS_COLUMNS, self.append),
+            "layers": _CsvFile(os.path.join(self.log_dir, LAYERS_FILE), STATS_COLUMNS, self.append),
             "alerts": _CsvFile(os.path.join(self.log_dir, ALERTS_FILE), ALERT_COLUMNS, self.append),
         }
 
@@ -221,7 +223,11 @@ class CsvSink:
             )
 
     def write(
-        self, window_row: dict[str, Any], stats_rows: Sequence[dict[str, Any]], first_step: int
+        self,
+        window_row: dict[str, Any],
+        stats_rows: Sequence[dict[str, Any]],
+        layer_rows: Sequence[dict[str, Any]],
+        first_step: int,
     ) -> None:
         if self._first_write:
             self._first_write = False
@@ -234,6 +240,7 @@ class CsvSink:
                         dropped,
                     )
         self._files["stats"].write_rows(stats_rows)
+        self._files["layers"].write_rows(layer_rows)
         self._files["windows"].write_rows([window_row])
 
     def write_alerts(self, alert_rows: Sequence[dict[str, Any]]) -> None:

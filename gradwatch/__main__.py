@@ -1,0 +1,5 @@
+"""``python -m gradwatch`` is the ``gradwatch`` command."""
+
+from gradwatch.cli import main
+
+raise SystemExit(main())
