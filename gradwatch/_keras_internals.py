@@ -10,6 +10,8 @@ and is exercised by a test, so a Keras release that moves them fails loudly.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,12 +51,15 @@ def check_internals() -> list[str]:
     for attribute in ("_trainable_variables", "_non_trainable_variables"):
         if not isinstance(getattr(probe, attribute, None), list):
             missing.append(f"Layer.{attribute}")
-    lso = keras.mixed_precision.LossScaleOptimizer
+    lso = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD())
+    lso.build([keras.Variable(0.0)])
     for attribute in ("inner_optimizer", "dynamic_scale"):
-        if not isinstance(getattr(lso, attribute, None), property) and attribute not in (
-            "dynamic_scale",
-        ):
+        if getattr(lso, attribute, None) is None:
             missing.append(f"LossScaleOptimizer.{attribute}")
+    tracker_owner = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    tracker_owner.compile(optimizer="sgd", loss="mse")
+    if loss_tracker_totals(tracker_owner) is None:
+        missing.append("Model._loss_tracker.total/count")
     return missing
 
 
@@ -101,6 +106,17 @@ def forget_train_function(model: Any) -> None:
 
 
 # --------------------------------------------------------------- optimizer
+
+
+def ensure_built(optimizer: Any, variables: Sequence[Any], strategy: Any = None) -> None:
+    """Builds the optimizer now (as its first ``apply`` would) so the tap can
+    read its loss scale and iterations while the train function is traced."""
+    if getattr(optimizer, "built", True):
+        return
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        optimizer.build(list(variables))
+    optimizer.built = True
 
 
 def is_loss_scale_optimizer(optimizer: Any) -> bool:

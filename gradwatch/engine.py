@@ -73,6 +73,7 @@ class Engine:
         self._state: tf.Variable | None = None
         self._loss_state: tf.Variable | None = None
         self._sink: CsvSink | None = None
+        self._sinks_opened = False
         self._strategy: tf.distribute.Strategy | None = None
         self.windows_written = 0
         self.steps_seen = 0
@@ -282,8 +283,11 @@ class Engine:
 
     def open_sinks(self) -> None:
         if self._sink is None and self.options.writes:
-            self._sink = CsvSink(self.options.log_dir, append=self.options.append)
+            # A second fit with the same monitor continues the files it wrote.
+            append = self.options.append or self._sinks_opened
+            self._sink = CsvSink(self.options.log_dir, append=append)
             self._sink.open(self.run_json())
+            self._sinks_opened = True
 
     def run_json(self) -> dict[str, Any]:
         import keras

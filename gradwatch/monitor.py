@@ -121,6 +121,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._engine.request_resync(self._iterations_at_end)
         self._engine.open_sinks()
         self._optimizer = optimizer
+        internals.ensure_built(optimizer, variables, strategy)
         internals.install_apply_tap(optimizer, self._tap)
         internals.retrace_train_function(model)
         self._guard_train_function(model)

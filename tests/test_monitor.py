@@ -1,0 +1,456 @@
+"""GradientMonitor in model.fit: numbers against a plain GradientTape replay."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import np_stats, replay_sgd, tape_gradients
+
+import gradwatch as gw
+from gradwatch import _keras_internals as internals
+
+LR = 0.05
+
+
+def make_data(n=64, features=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x[:, :1] * 0.7 - x[:, 1:2] + 0.1).astype("float32")
+    return x, y
+
+
+def make_mlp(seed=0, features=6, name="mlp"):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(16, activation="relu", name="hidden1"),
+            keras.layers.Dense(8, activation="tanh", name="hidden2"),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name=name,
+    )
+
+
+def batches_of(x, y, batch_size):
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def reference_run(make_model, x, y, batch_size, lr=LR):
+    model = make_model()
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return replay_sgd(model, batches_of(x, y, batch_size), lr)
+
+
+def check_against_reference(log_dir, ref_steps, ref_losses, rel=1e-4):
+    """Every window's rows equal the reference per-step stats folded the same way."""
+    run = gw.read_run(log_dir)
+    names = [v["name"] for v in run["variables"]]
+    stats = gw.read_stats(log_dir)
+    windows = gw.read_windows(log_dir)
+    assert int(windows.steps.sum()) == len(ref_steps), "every step is accounted for"
+    assert list(windows.step) == sorted(set(windows.step))
+    assert int(windows.step.iloc[-1]) == len(ref_steps)
+    ref_keys = list(ref_steps[0])
+    assert len(ref_keys) == len(names)
+    for window in windows.itertuples():
+        first = window.step - window.steps  # 0-based index of the first step
+        steps = ref_steps[first : window.step]
+        rows = stats[stats.step == window.step].set_index("variable")
+        for name, key in zip(names, ref_keys):
+            row = rows.loc[name]
+            l2s = [s[key]["l2"] for s in steps]
+            assert row.l2 == pytest.approx(l2s[-1], rel=rel), (window.step, name)
+            assert row.l2_max == pytest.approx(max(l2s), rel=rel)
+            assert row.l2_min == pytest.approx(min(l2s), rel=rel)
+            assert row.l2_mean == pytest.approx(np.mean(l2s), rel=rel)
+            assert row.max_abs == pytest.approx(max(s[key]["max_abs"] for s in steps), rel=rel)
+            assert row.mean_abs == pytest.approx(np.mean([s[key]["mean_abs"] for s in steps]), rel=rel)
+            assert row.zero_frac == pytest.approx(
+                np.mean([s[key]["zero_frac"] for s in steps]), abs=1e-6
+            )
+            assert row.nonfinite == 0
+        assert window.loss == pytest.approx(np.mean(ref_losses[first : window.step]), rel=rel)
+        global_l2 = np.sqrt(sum(steps[-1][k]["l2"] ** 2 for k in ref_keys))
+        assert window.global_l2 == pytest.approx(global_l2, rel=rel)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution):
+    x, y = make_data()
+    ref_steps, ref_losses = reference_run(make_mlp, x, y, batch_size=8)
+    model = make_mlp()
+    model.compile(
+        keras.optimizers.SGD(LR),
+        "mse",
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=3)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    check_against_reference(log_dir, ref_steps, ref_losses)
+    windows = gw.read_windows(log_dir)
+    assert windows.learning_rate.iloc[-1] == pytest.approx(LR)
+    if steps_per_execution == 1:
+        assert list(windows.steps) == [3, 3, 2]
+
+
+def test_window_keeps_a_spike_between_reads(log_dir):
+    """log_every=8 reads once, but the window's max still holds the one large step."""
+    x, y = make_data(n=64)
+    x[24:32] *= 50.0  # the 4th batch has a much larger gradient
+    ref_steps, _ = reference_run(make_mlp, x, y, batch_size=8, lr=1e-4)
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(1e-4), "mse")
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=8)])
+    windows = gw.read_windows(log_dir)
+    assert list(windows.steps) == [8]
+    spike = max(
+        np.sqrt(sum(s[k]["l2"] ** 2 for k in s)) for s in ref_steps
+    )
+    assert windows.global_l2_max.iloc[0] == pytest.approx(spike, rel=1e-4)
+    assert windows.global_l2_max.iloc[0] > 3 * windows.global_l2.iloc[0]
+
+
+def test_second_fit_retraces_tap_and_model_is_left_as_found(log_dir):
+    x, y = make_data()
+    ref_steps, ref_losses = reference_run(make_mlp, np.concatenate([x, x]), np.concatenate([y, y]), 8)
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4)
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[monitor])
+    optimizer = model.optimizer
+    assert not internals.has_apply_tap(optimizer)
+    assert "apply" not in optimizer.__dict__
+    assert model.train_function is None
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[monitor])
+    assert not internals.has_apply_tap(optimizer)
+    # The second fit continued the step count and is right to the last digit.
+    check_against_reference(log_dir, ref_steps, ref_losses)
+    # A fit without the monitor afterwards is untouched by gradwatch.
+    before = monitor._engine.steps_seen
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert monitor._engine.steps_seen == before
+
+
+def test_second_fit_with_a_new_monitor_continues_from_iterations(tmp_path):
+    x, y = make_data()
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)  # 8 steps, no monitor
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), log_every=4)])
+    assert list(gw.read_windows(str(tmp_path)).step) == [12, 16]
+
+
+def test_mixed_precision_reports_unscaled_gradients(log_dir):
+    x, y = make_data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_mlp()
+        model.compile(keras.optimizers.SGD(LR), "mse")
+        reference = make_mlp()
+        reference.set_weights(model.get_weights())
+        reference.compile(keras.optimizers.SGD(LR), "mse")
+        optimizer = model.optimizer
+        assert internals.is_loss_scale_optimizer(optimizer)
+        # Reference: the same loss-scaled tape Keras runs, unscaled by hand.
+        scale = float(optimizer.initial_scale)
+        xb, yb = x[:8], y[:8]
+        with tf.GradientTape() as tape:
+            loss = reference.compute_loss(x=xb, y=yb, y_pred=reference(xb, training=True))
+            scaled = loss * scale
+        ref = [np_stats(np.asarray(g, np.float64) / scale)
+               for g in tape.gradient(scaled, reference.trainable_variables)]
+        model.fit(xb, yb, batch_size=8, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=1)])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    stats = gw.read_stats(log_dir)
+    for row, expected in zip(stats.itertuples(), ref):
+        assert row.l2 == pytest.approx(expected["l2"], rel=1e-3), row.variable
+        assert row.max_abs == pytest.approx(expected["max_abs"], rel=1e-3)
+    windows = gw.read_windows(log_dir)
+    assert windows.loss.iloc[0] == pytest.approx(float(loss), rel=1e-3)
+    assert gw.read_run(log_dir)["optimizer"]["loss_scale_optimizer"] is True
+
+
+def _check_single_batch(model, log_dir, x, y, rel=1e-5):
+    grads, loss = tape_gradients(model, x, y)
+    names = [v.path for v in model.trainable_variables]
+    model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=1)])
+    stats = gw.read_stats(log_dir)
+    assert len(stats) == len(names)
+    for row, grad in zip(stats.itertuples(), grads):
+        expected = np_stats(grad)
+        for field in ("l2", "max_abs", "mean_abs", "zero_frac"):
+            assert getattr(row, field) == pytest.approx(expected[field], rel=rel, abs=1e-9), (
+                row.variable, field)
+    assert gw.read_windows(log_dir).loss.iloc[0] == pytest.approx(loss, rel=rel)
+    return stats
+
+
+def test_functional_model(log_dir):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((5,))
+    a = keras.layers.Dense(7, activation="relu", name="a")(inputs)
+    b = keras.layers.Dense(7, activation="sigmoid", name="b")(inputs)
+    merged = keras.layers.Concatenate()([a, b])
+    out = keras.layers.Dense(2, name="head")(merged)
+    model = keras.Model(inputs, out, name="functional")
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(16, 2)).astype("float32")
+    stats = _check_single_batch(model, log_dir, x, y)
+    assert list(stats.layer.unique()) == ["a", "b", "head"]
+    layers = gw.read_run(log_dir)["layers"]
+    assert [(layer["name"], layer["activation"]) for layer in layers] == [
+        ("a", "relu"), ("b", "sigmoid"), ("head", "linear")]
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.encoder = keras.layers.Dense(6, name="encoder")
+        self.act = keras.layers.ReLU(name="act")
+        self.decoder = keras.layers.Dense(1, name="decoder")
+
+    def call(self, inputs, training=False):
+        return self.decoder(self.act(self.encoder(inputs)))
+
+
+def test_subclassed_model_and_following_activation_layer(log_dir):
+    keras.utils.set_random_seed(2)
+    model = Subclassed()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    x, y = make_data(n=16, features=4)
+    model(x[:1])
+    stats = _check_single_batch(model, log_dir, x, y)
+    assert list(stats.variable) == ["encoder/kernel", "encoder/bias", "decoder/kernel", "decoder/bias"]
+    layers = {layer["name"]: layer["activation"] for layer in gw.read_run(log_dir)["layers"]}
+    assert layers == {"encoder": "relu", "decoder": "linear"}
+
+
+def test_embedding_sparse_gradients(log_dir):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(50, 4, name="embed"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    x = np.array([[1, 2, 2, 3, 1], [4, 1, 1, 1, 9], [3, 3, 3, 3, 3], [0, 7, 7, 2, 1]], "int32")
+    y = np.arange(4, dtype="float32")[:, None]
+    # The tap really gets IndexedSlices for the embedding.
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
+    assert isinstance(tape.gradient(loss, model.trainable_variables)[0], tf.IndexedSlices)
+    stats = _check_single_batch(model, log_dir, x, y)
+    embed = stats[stats.variable == "embed/embeddings"].iloc[0]
+    assert embed.zero_frac == pytest.approx(1 - 7 * 4 / 200)  # 7 of 50 rows touched
+
+
+def test_frozen_layers_are_not_watched(log_dir):
+    model = make_mlp()
+    model.get_layer("hidden1").trainable = False
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = make_data(n=8)
+    stats = _check_single_batch(model, log_dir, x, y)
+    assert "hidden1" not in set(stats.layer)
+    assert set(stats.layer) == {"hidden2", "out"}
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 1e-3}, {"global_clipnorm": 1e-3}, {"clipvalue": 1e-4}])
+def test_stats_are_before_the_optimizers_own_clipping(log_dir, clip):
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR, **clip), "mse")
+    x, y = make_data(n=8)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    _check_single_batch(model, log_dir, x, y)
+    run = gw.read_run(log_dir)
+    assert run["optimizer"]["clips"] is True
+    assert run["optimizer"]["clipping"] == {k: pytest.approx(v) for k, v in clip.items()}
+    # and Keras still clipped what it applied
+    moved = max(np.abs(v.numpy() - b).max() for v, b in zip(model.trainable_variables, before))
+    assert moved <= LR * 1e-3 + 1e-9
+
+
+def test_custom_train_step_with_apply_gradients(log_dir):
+    class Custom(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return {"loss": loss}
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6,))
+    model = Custom(inputs, keras.layers.Dense(1, name="lin")(inputs))
+    model.compile(keras.optimizers.SGD(0.01))
+    x, y = make_data(n=8)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x) - y))
+    grads = tape.gradient(loss, model.trainable_variables)
+    model.fit(x, y, batch_size=8, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=1)])
+    stats = gw.read_stats(log_dir)
+    for row, g in zip(stats.itertuples(), grads):
+        assert row.l2 == pytest.approx(float(tf.norm(g)), rel=1e-5)
+    # No loss tracker update in this train_step: the loss comes from the logs.
+    assert gw.read_windows(log_dir).loss.iloc[0] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_warns_when_no_step_was_observed(log_dir):
+    class Manual(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            for v, g in zip(self.trainable_variables, tape.gradient(loss, self.trainable_variables)):
+                v.assign_sub(0.01 * g)
+            return {"loss": loss}
+
+    inputs = keras.Input((6,))
+    model = Manual(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(keras.optimizers.SGD(0.01))
+    x, y = make_data(n=8)
+    with pytest.warns(UserWarning, match="observed no training step"):
+        model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir)])
+
+
+def test_missing_optimizer_is_a_clear_error(log_dir):
+    model = make_mlp()
+    model.compile(loss="mse")
+    model.optimizer = None
+    x, y = make_data(n=8)
+    with pytest.raises((ValueError, AttributeError), match="optimizer"):
+        model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir)])
+
+
+def test_tap_is_removed_when_a_step_raises(log_dir):
+    x, y = make_data()
+
+    def generator():
+        for i in range(6):
+            if i == 3:
+                raise RuntimeError("data source broke")
+            yield x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]
+
+    dataset = tf.data.Dataset.from_generator(
+        generator,
+        output_signature=(tf.TensorSpec((None, 6), tf.float32), tf.TensorSpec((None, 1), tf.float32)),
+    )
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    with pytest.raises(Exception, match="data source broke"):
+        model.fit(dataset, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=100)])
+    assert not internals.has_apply_tap(model.optimizer)
+    # The steps done before the failure were flushed.
+    assert int(gw.read_windows(log_dir).steps.sum()) == 3
+
+
+def test_a_tap_left_behind_is_harmless(log_dir):
+    """Another callback raising outside the train function leaves the tap; it passes through."""
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise KeyboardInterrupt
+
+    x, y = make_data()
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[monitor, Boom()])
+    monitor._engine.close()  # e.g. the process moved on; the tap is still installed
+    reference = make_mlp()
+    reference.set_weights(model.get_weights())
+    reference.compile(keras.optimizers.SGD(LR), "mse")
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    reference.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_model_save_checkpoint_and_backup_round_trip(tmp_path):
+    x, y = make_data()
+    plain = make_mlp()
+    plain.compile(keras.optimizers.Adam(1e-3), "mse")
+    plain.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+
+    model = make_mlp()
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    monitor = gw.GradientMonitor(log_dir=str(tmp_path / "gw"), log_every=2)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.keras"))
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[monitor, checkpoint, backup])
+    # gradwatch added no variables to the model or its optimizer
+    assert len(model.variables) == len(plain.variables)
+    assert len(model.optimizer.variables) == len(plain.optimizer.variables)
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    model.save(str(tmp_path / "model.keras"))
+    for path in (tmp_path / "model.keras", tmp_path / "ckpt.keras"):
+        loaded = keras.models.load_model(str(path))
+        for a, b in zip(loaded.get_weights(), model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+
+
+def test_backup_and_restore_resume_continues_steps(tmp_path):
+    x, y = make_data()
+    log_dir = str(tmp_path / "gw")
+
+    class StopAt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    model = make_mlp(name="resume")
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=4), backup, StopAt()])
+    # A new process: new model and monitor, same directories.
+    model = make_mlp(name="resume")
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    model.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=4, append=True), backup])
+    windows = gw.read_windows(log_dir)
+    assert list(windows.step) == [4 * k for k in range(1, 9)]
+    with open(os.path.join(log_dir, "windows.csv")) as f:
+        lines = f.read().splitlines()
+    assert sum(line.startswith("step,") for line in lines) == 1
+    assert len(lines) == 1 + 8  # no duplicated step rows in the file itself
+    assert int(model.optimizer.iterations.numpy()) == 32
+
+
+def test_no_trainable_variables_warns_and_stays_idle(log_dir):
+    model = make_mlp()
+    for layer in model.layers:
+        layer.trainable = False
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = make_data(n=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir)])
+    assert any("no trainable variables" in str(w.message) for w in caught)
+
+
+def test_keras_internals_are_where_gradwatch_expects_them():
+    assert internals.check_internals() == []

@@ -1,0 +1,111 @@
+"""gradwatch.stats against numpy, eager, in graph and under XLA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import np_stats
+
+from gradwatch import stats as stats_lib
+
+FIELDS = ("l2", "max_abs", "mean_abs", "zero_frac", "nonfinite")
+
+
+def _check(grads, result, rel=1e-5):
+    for i, grad in enumerate(grads):
+        dense = np.asarray(tf.convert_to_tensor(grad), dtype=np.float64)
+        expected = np_stats(dense)
+        for field in FIELDS:
+            got = float(getattr(result, field)[i])
+            assert got == pytest.approx(expected[field], rel=rel, abs=1e-30), (i, field)
+
+
+def _mixed_grads():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(7, 5)).astype("float32")
+    a[0, :] = 0.0
+    b = rng.normal(size=(35,)).astype("float32")  # same size as a: stacked together
+    c = rng.normal(size=(3,)).astype("float32")
+    d = np.array([1.0, np.nan, -2.0, np.inf, 0.0], "float32")
+    return [tf.constant(a), tf.constant(b), tf.constant(c), tf.constant(d)]
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_stats_match_numpy(mode):
+    grads = _mixed_grads()
+    fn = stats_lib.gradient_stats
+    if mode == "graph":
+        fn = tf.function(fn)
+    elif mode == "xla":
+        fn = tf.function(fn, jit_compile=True)
+    _check(grads, fn(grads))
+
+
+def test_nan_is_masked_under_xla_and_counted():
+    grads = [tf.constant([np.nan, 3.0, -4.0, np.inf], tf.float32)]
+    result = tf.function(stats_lib.gradient_stats, jit_compile=True)(grads)
+    assert float(result.l2[0]) == pytest.approx(5.0)
+    assert float(result.max_abs[0]) == pytest.approx(4.0)
+    assert float(result.nonfinite[0]) == 2.0
+
+
+def test_order_is_kept_when_groups_interleave():
+    sizes = [4, 9, 4, 2, 9, 4]
+    rng = np.random.default_rng(2)
+    grads = [tf.constant(rng.normal(size=s).astype("float32") * (i + 1)) for i, s in enumerate(sizes)]
+    _check(grads, stats_lib.gradient_stats(grads))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_low_precision_and_huge_values_do_not_overflow(dtype):
+    big = {"float16": 60000.0, "bfloat16": 1e38, "float32": 1e30, "float64": 1e30}[dtype]
+    values = np.array([big, -big, big / 2, 0.0], np.float64)
+    grad = tf.cast(tf.constant(values), dtype)
+    result = stats_lib.gradient_stats([grad])
+    reference = np_stats(np.asarray(tf.cast(grad, tf.float64)))
+    assert np.isfinite(float(result.l2[0]))
+    assert float(result.l2[0]) == pytest.approx(reference["l2"], rel=1e-3 if dtype != "float32" else 1e-5)
+
+
+def test_tiny_values_do_not_underflow():
+    grad = tf.constant(np.full(1000, 1e-25, np.float32))
+    result = stats_lib.gradient_stats([grad])
+    assert float(result.l2[0]) == pytest.approx(1e-25 * np.sqrt(1000), rel=1e-4)
+    assert float(result.mean_abs[0]) == pytest.approx(1e-25, rel=1e-4)
+
+
+def test_indexed_slices_match_the_dense_gradient():
+    values = tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3) - 5.0)
+    indices = tf.constant([2, 7, 2, 0])  # row 2 twice: the dense gradient sums them
+    sparse = tf.IndexedSlices(values, indices, dense_shape=tf.constant([10, 3]))
+    dense = tf.convert_to_tensor(sparse)
+    result = stats_lib.gradient_stats([sparse, tf.constant([1.0, 2.0])])
+    _check([dense, tf.constant([1.0, 2.0])], result)
+
+
+def test_global_norm_is_overflow_safe():
+    l2 = tf.constant([3e30, 4e30], tf.float32)
+    assert float(stats_lib.global_norm(l2)) == pytest.approx(5e30, rel=1e-6)
+
+
+def test_layer_stats_aggregate_variables():
+    rng = np.random.default_rng(3)
+    kernels = [rng.normal(size=(4, 3)).astype("float32"), rng.normal(size=(3,)).astype("float32")]
+    kernels[1][1] = 0.0
+    other = rng.normal(size=(3, 2)).astype("float32")
+    grads = [tf.constant(k) for k in kernels] + [tf.constant(other)]
+    var_stats = stats_lib.gradient_stats(grads)
+    layer, present = stats_lib.layer_stats(
+        var_stats,
+        tf.constant([True, True, True]),
+        tf.constant([0, 0, 1]),
+        tf.constant([12.0, 3.0, 6.0]),
+        2,
+    )
+    joined = np.concatenate([kernels[0].ravel(), kernels[1].ravel()])
+    reference = np_stats(joined)
+    for field in FIELDS:
+        assert float(getattr(layer, field)[0]) == pytest.approx(reference[field], rel=1e-5)
+    assert float(layer.l2[1]) == pytest.approx(np.linalg.norm(other), rel=1e-5)
+    assert bool(present[0]) and bool(present[1])
