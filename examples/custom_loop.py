@@ -42,7 +42,7 @@ def main(out: str = "runs/demo/custom_loop", steps: int = 200, log_every: int = 
         return loss
 
     with watch:
-        for step, (xb, yb) in enumerate(dataset.take(steps)):
+        for xb, yb in dataset.take(steps):
             loss = train_step(xb, yb)
             watch.step_end()
     windows = gw.read_windows(out)

@@ -40,7 +40,8 @@ def main(out: str = "runs/demo/worked_example", learning_rate: float = 0.1) -> d
     """Runs one observed step; returns {variable: |gradient|} as gradwatch wrote it."""
     variables = {name: tf.Variable(value, name=name) for name, value in INITIAL.items()}
     ordered = [variables[n] for n in ("w1", "b1", "w2", "b2")]
-    with gw.Watch(log_dir=out, log_every=1, names=["hidden/w1", "hidden/b1", "output/w2", "output/b2"]) as watch:
+    names = ["hidden/w1", "hidden/b1", "output/w2", "output/b2"]
+    with gw.Watch(log_dir=out, log_every=1, names=names) as watch:
         with tf.GradientTape() as tape:
             h = tf.nn.relu(variables["w1"] * X + variables["b1"])
             y_pred = tf.sigmoid(variables["w2"] * h + variables["b2"])

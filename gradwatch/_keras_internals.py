@@ -11,7 +11,6 @@ and is exercised by a test, so a Keras release that moves them fails loudly.
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable, Sequence
 from typing import Any
 

@@ -149,9 +149,10 @@ class Engine:
         context: StepContext | None = None,
     ) -> list[tf.Tensor | tf.IndexedSlices | None]:
         """Folds one step's gradients into the window. Returns the gradients to apply."""
-        context = context or StepContext()
-        grads = list(grads)
-        variables = list(variables)
+        return self.observe_slots(grads, self.slots_of(grads, variables), context)
+
+    def slots_of(self, grads: Sequence[Any], variables: Sequence[Any]) -> tuple[int, ...]:
+        """The accumulator column of each variable (host side, before any trace)."""
         if len(grads) != len(variables):
             raise ValueError(
                 f"observe() got {len(grads)} gradients for {len(variables)} variables; "
@@ -167,6 +168,18 @@ class Engine:
                     "step). Pass the same variables every step."
                 )
             slots.append(slot)
+        return tuple(slots)
+
+    @tf.autograph.experimental.do_not_convert
+    def observe_slots(
+        self,
+        grads: Sequence[tf.Tensor | tf.IndexedSlices | None],
+        slots: Sequence[int],
+        context: StepContext | None = None,
+    ) -> list[tf.Tensor | tf.IndexedSlices | None]:
+        """``observe`` with the variables already resolved to accumulator columns."""
+        context = context or StepContext()
+        grads = list(grads)
         present = [i for i, g in enumerate(grads) if g is not None]
         present_grads = [grads[i] for i in present]
 
@@ -175,11 +188,9 @@ class Engine:
         if replica_context is not None and present_grads:
             # Stats are of the global gradient: what the optimizer will apply
             # after its own all-reduce, not this replica's share.
-            reduce_list = present_grads + ([loss_delta] if loss_delta is not None else [])
-            reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, reduce_list)
-            stat_grads = reduced[: len(present_grads)]
+            stat_grads = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, present_grads)
             if loss_delta is not None:
-                loss_delta = reduced[-1]
+                loss_delta = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, loss_delta)
         else:
             stat_grads = present_grads
 
@@ -208,7 +219,7 @@ class Engine:
             self._num_layers,
         )
         full_stats = stats_lib.GradStats(
-            *[tf.concat([v, l], axis=0) for v, l in zip(var_stats, layer_stats)]
+            *[tf.concat([var, lay], axis=0) for var, lay in zip(var_stats, layer_stats)]
         )
         present_mask = tf.concat([var_present, layer_present], axis=0)
 

@@ -109,16 +109,17 @@ class Watch:
         variables = list(variables)
         if not self._engine.bound:
             self._bind(variables)
+        slots = self._engine.slots_of(grads, variables)
         if tf.executing_eagerly():
+            # Eager callers get the same fused graph, traced once per variable set.
             if self._eager_observe is None:
                 self._eager_observe = tf.function(self._observe_in_graph)
-            return self._eager_observe(grads, variables, loss)
-        return self._observe_in_graph(grads, variables, loss)
+            return self._eager_observe(grads, slots, loss)
+        return self._observe_in_graph(grads, slots, loss)
 
     @tf.autograph.experimental.do_not_convert
-    def _observe_in_graph(self, grads, variables, loss):
-        context = StepContext(loss=loss)
-        return self._engine.observe(grads, variables, context)
+    def _observe_in_graph(self, grads, slots, loss):
+        return self._engine.observe_slots(grads, slots, StepContext(loss=loss))
 
     def _bind(self, variables: list[Any]) -> None:
         names = self._names

@@ -1,0 +1,81 @@
+"""Run in its own process: MirroredStrategy over 2 logical CPUs must report the
+all-reduced (global) gradient, equal to one full-batch tape gradient."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gradwatch as gw  # noqa: E402
+
+
+def build(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(12, activation="relu", name="h"),
+            keras.layers.Dense(1, name="o"),
+        ]
+    )
+
+
+def main(log_dir):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build(0)
+        model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=False)
+    reference = build(0)
+    reference.compile(keras.optimizers.SGD(0.01), "mse")
+    reference.set_weights(model.get_weights())
+    # Steps of 16 samples (8 per replica): reference gradient on the full 16.
+    expected = []
+    losses = []
+    for start in (0, 16):
+        xb, yb = x[start : start + 16], y[start : start + 16]
+        with tf.GradientTape() as tape:
+            loss = reference.compute_loss(x=xb, y=yb, y_pred=reference(xb, training=True))
+        grads = tape.gradient(loss, reference.trainable_variables)
+        expected.append([float(tf.norm(g)) for g in grads])
+        losses.append(float(loss))
+        # the same one replica's half gives another number (what must NOT be reported)
+        with tf.GradientTape() as tape:
+            half = reference.compute_loss(x=xb[:8], y=yb[:8], y_pred=reference(xb[:8], training=True))
+        half_grads = tape.gradient(half, reference.trainable_variables)
+        for v, g in zip(reference.trainable_variables, grads):
+            v.assign_sub(0.01 * g)
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=1)])
+    stats = gw.read_stats(log_dir)
+    windows = gw.read_windows(log_dir)
+    got = [list(stats[stats.step == s].l2) for s in (1, 2)]
+    result = {
+        "expected": expected,
+        "got": got,
+        "one_replica": [float(tf.norm(g)) for g in half_grads],
+        "losses": losses,
+        "window_losses": list(windows.loss),
+        "replicas": strategy.num_replicas_in_sync,
+        "weights_match": bool(
+            all(np.allclose(a, b, rtol=1e-5, atol=1e-7)
+                for a, b in zip(model.get_weights(), reference.get_weights()))
+        ),
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

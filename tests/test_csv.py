@@ -1,0 +1,137 @@
+"""CSV sink and readers: headers, append/resume, torn lines, refusals."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch as gw
+from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+
+
+def _run(log_dir, steps, append=False, names=("layer/w",), log_every=2, scale=1.0):
+    variables = [tf.Variable(np.ones(3, "float32")) for _ in names]
+    with gw.Watch(log_dir=log_dir, log_every=log_every, append=append, names=list(names)) as watch:
+        for i in range(steps):
+            watch.observe([tf.fill([3], scale * (i + 1.0)) for _ in names], variables)
+            watch.step_end()
+
+
+def test_columns_are_the_contract(log_dir):
+    _run(log_dir, 4)
+    with open(os.path.join(log_dir, "windows.csv")) as f:
+        assert f.readline().strip() == ",".join(WINDOW_COLUMNS)
+    with open(os.path.join(log_dir, "stats.csv")) as f:
+        assert f.readline().strip() == ",".join(STATS_COLUMNS)
+    assert list(gw.read_alerts(log_dir).columns) == [
+        "step", "layer", "variable", "kind", "severity", "value", "threshold", "message", "hint"]
+    assert WINDOW_COLUMNS == ("step", "steps", "loss", "learning_rate", "global_l2", "global_l2_max",
+                              "nonfinite_steps", "first_nonfinite_step", "skipped_steps")
+
+
+def test_reader_tolerates_a_torn_last_line(log_dir):
+    _run(log_dir, 6)
+    path = os.path.join(log_dir, "stats.csv")
+    with open(path, "a") as f:
+        f.write("8,2,layer,layer/w,1.23")  # a write cut short by a kill
+    stats = gw.read_stats(log_dir)
+    assert list(stats.step) == [2, 4, 6]
+    # and appending after it cuts the torn bytes instead of gluing onto them
+    _run(log_dir, 2, append=True)
+    stats = gw.read_stats(log_dir)
+    assert list(stats.step) == [2, 4, 6, 8]
+    with open(path) as f:
+        assert all(len(line.split(",")) == len(STATS_COLUMNS) for line in f.read().splitlines())
+
+
+def test_append_refuses_different_columns(log_dir):
+    _run(log_dir, 2)
+    path = os.path.join(log_dir, "windows.csv")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("skipped_steps", "something_else"))
+    with pytest.raises(ValueError, match="columns are .*something_else"):
+        _run(log_dir, 2, append=True)
+
+
+def test_append_refuses_different_variables_and_says_why(log_dir):
+    _run(log_dir, 2, names=("dense_1/kernel",))
+    with pytest.raises(ValueError, match="Auto-numbered layer names"):
+        _run(log_dir, 2, append=True, names=("dense_7/kernel",))
+
+
+def test_no_append_overwrites(log_dir):
+    _run(log_dir, 4)
+    _run(log_dir, 2)
+    assert list(gw.read_windows(log_dir).step) == [2]
+
+
+def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
+    """A run resumed from an earlier checkpoint rewrites those steps: later write wins."""
+    import keras
+
+    log_dir = str(tmp_path / "gw")
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+
+    def model_at(iterations):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="lin")])
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(iterations)
+        return model
+
+    model_at(0).fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+                    callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=4)])
+    assert list(gw.read_windows(log_dir).step) == [4, 8, 12, 16]
+    # resume from a checkpoint taken at step 8, with different data
+    model_at(8).fit(x * 2, y * 2, batch_size=4, epochs=1, shuffle=False, verbose=0,
+                    callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=4, append=True)])
+    windows = gw.read_windows(log_dir)
+    assert list(windows.step) == [4, 8, 12, 16]
+    with open(os.path.join(log_dir, "windows.csv")) as f:
+        assert len(f.read().splitlines()) == 5
+    stats = gw.read_stats(log_dir)
+    assert len(stats) == 8 and not stats.duplicated(["step", "variable"]).any()
+
+
+def test_read_errors_are_clear(tmp_path):
+    with pytest.raises(gw.GradwatchDataError, match="is not a directory"):
+        gw.read_stats(str(tmp_path / "nope"))
+    with pytest.raises(gw.GradwatchDataError, match="stats.csv is missing"):
+        gw.read_stats(str(tmp_path))
+    (tmp_path / "stats.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(gw.GradwatchDataError, match="not a gradwatch file"):
+        gw.read_stats(str(tmp_path))
+    with pytest.raises(ValueError, match="level must be one of"):
+        gw.read_stats(str(tmp_path), level="unit")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"log_every": 0}, ValueError, "log_every must be an int >= 1; received 0"),
+        ({"log_every": 2.5}, TypeError, "log_every must be an int"),
+        ({"histogram_every": -1}, ValueError, "histogram_every must be an int >= 0"),
+        ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite must be one of .*'warn'.*received 'ignore'"),
+        ({"append": "yes"}, TypeError, "append must be True or False"),
+        ({"log_dir": 3}, TypeError, "log_dir must be a path"),
+    ],
+)
+def test_invalid_options_name_argument_value_and_choices(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gw.GradientMonitor(**{"log_dir": None, **kwargs})
+    with pytest.raises(error, match=match):
+        gw.Watch(**{"log_dir": None, **kwargs})
+
+
+def test_log_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="which is a file"):
+        gw.GradientMonitor(log_dir=str(path))

@@ -1,0 +1,30 @@
+"""MirroredStrategy over 2 logical CPU devices (own process: devices are set before TF starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "mirrored_check.py")
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_reports_the_global_gradient(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["replicas"] == 2
+    for got, expected in zip(result["got"], result["expected"]):
+        assert got == pytest.approx(expected, rel=1e-5)
+    # what one replica alone sees differs: the stats really are of the global gradient
+    assert result["one_replica"] != pytest.approx(result["expected"][1], rel=1e-2)
+    assert result["window_losses"] == pytest.approx(result["losses"], rel=1e-5)
+    assert result["weights_match"]

@@ -1,0 +1,165 @@
+"""Watch in custom training loops, with Keras models and raw tf.Variables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import np_stats
+
+import gradwatch as gw
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="relu", name="h"),
+            keras.layers.Dense(1, name="o"),
+        ]
+    )
+
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    return x, (x.sum(axis=1, keepdims=True) * 0.3).astype("float32")
+
+
+@pytest.mark.parametrize("in_function", [True, False])
+def test_custom_loop_stats_equal_plain_tape(log_dir, in_function):
+    model = _model()
+    optimizer = keras.optimizers.SGD(0.05)
+    watch = gw.Watch(log_dir=log_dir, log_every=2, model=model)
+    x, y = _data()
+    reference = []
+
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+        grads = tape.gradient(loss, model.trainable_variables)
+        observed = watch.observe(grads, model.trainable_variables, loss=loss)
+        optimizer.apply_gradients(zip(observed, model.trainable_variables))
+        return grads, loss
+
+    run = tf.function(step) if in_function else step
+    for i in range(5):
+        grads, loss = run(x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8])
+        reference.append(([np_stats(g.numpy()) for g in grads], float(loss)))
+        watch.step_end()
+    watch.close()
+    windows = gw.read_windows(log_dir)
+    assert list(windows.step) == [2, 4, 5] and list(windows.steps) == [2, 2, 1]
+    stats = gw.read_stats(log_dir)
+    for window in windows.itertuples():
+        steps = reference[window.step - window.steps : window.step]
+        rows = stats[stats.step == window.step]
+        for k, row in enumerate(rows.itertuples()):
+            assert row.l2 == pytest.approx(steps[-1][0][k]["l2"], rel=1e-5)
+            assert row.l2_max == pytest.approx(max(s[0][k]["l2"] for s in steps), rel=1e-5)
+            assert row.mean_abs == pytest.approx(np.mean([s[0][k]["mean_abs"] for s in steps]), rel=1e-5)
+        assert window.loss == pytest.approx(np.mean([s[1] for s in steps]), rel=1e-5)
+    assert list(stats.layer.unique()) == ["h", "o"]
+    assert gw.read_run(log_dir)["layers"][0]["activation"] == "relu"
+
+
+def test_raw_variables_none_gradients_and_names(log_dir):
+    w = tf.Variable([1.0, -2.0], name="w")
+    b = tf.Variable(0.5, name="b")
+    unused = tf.Variable([3.0, 3.0, 3.0], name="unused")
+    variables = [w, b, unused]
+    with gw.Watch(log_dir=log_dir, log_every=1) as watch:
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(w * w) + 3.0 * b
+            grads = tape.gradient(loss, variables)
+            grads = watch.observe(grads, variables)
+            w.assign_sub(0.1 * grads[0])
+            b.assign_sub(0.1 * grads[1])
+            return grads
+
+        grads = step()
+        assert grads[2] is None
+        watch.step_end()
+    stats = gw.read_stats(log_dir).set_index("variable")
+    assert list(stats.index) == ["w", "b", "unused"]
+    assert stats.loc["w"].l2 == pytest.approx(np.linalg.norm([2.0, -4.0]))
+    assert stats.loc["b"].l2 == pytest.approx(3.0)
+    assert stats.loc["unused"].grad_steps == 0
+    assert np.isnan(stats.loc["unused"].l2)
+    windows = gw.read_windows(log_dir)
+    assert windows.global_l2.iloc[0] == pytest.approx(np.sqrt(4 + 16 + 9))
+
+
+def test_names_argument_groups_layers(log_dir):
+    a = tf.Variable(np.ones((2, 2), "float32"))
+    b = tf.Variable(np.ones(2, "float32"))
+    with gw.Watch(log_dir=log_dir, log_every=1, names=["block/a", "block/b"]) as watch:
+        grads = watch.observe([tf.ones((2, 2)), tf.fill([2], 2.0)], [a, b])
+        watch.step_end()
+    layers = gw.read_stats(log_dir, level="layer")
+    assert list(layers.layer) == ["block"]
+    assert layers.l2.iloc[0] == pytest.approx(np.sqrt(4 + 8))
+    assert layers.variable.iloc[0] == "*"
+    assert len(grads) == 2
+
+
+def test_names_length_mismatch_is_a_clear_error(log_dir):
+    watch = gw.Watch(log_dir=log_dir, names=["only_one"])
+    with pytest.raises(ValueError, match="names has 1 entries but observe\\(\\) got 2"):
+        watch.observe([tf.ones(1), tf.ones(1)], [tf.Variable([1.0]), tf.Variable([2.0])])
+
+
+def test_other_variables_later_are_a_clear_error(log_dir):
+    watch = gw.Watch(log_dir=None)
+    watch.observe([tf.ones(1)], [tf.Variable([1.0])])
+    with pytest.raises(ValueError, match="not among the 1 variables"):
+        watch.observe([tf.ones(1)], [tf.Variable([1.0])])
+
+
+def test_in_memory_watch_writes_no_files(tmp_path):
+    os.chdir(tmp_path)
+    v = tf.Variable([3.0, 4.0])
+    watch = gw.Watch(log_dir=None, log_every=1)
+    watch.observe([tf.constant([3.0, 4.0])], [v])
+    row = watch.step_end()
+    assert row["global_l2"] == pytest.approx(5.0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_append_continues_steps(log_dir):
+    v = tf.Variable([1.0])
+    for _ in range(2):
+        with gw.Watch(log_dir=log_dir, log_every=2, append=True) as watch:
+            for _ in range(4):
+                watch.observe([tf.constant([1.0])], [v])
+                watch.step_end()
+    assert list(gw.read_windows(log_dir).step) == [2, 4, 6, 8]
+
+
+def _other_backend():
+    import importlib.util
+
+    for backend in ("torch", "jax"):
+        if importlib.util.find_spec(backend) is not None:
+            return backend
+    pytest.skip("neither torch nor jax is installed: no other Keras backend to try")
+
+
+def test_other_keras_backend_is_a_clear_error(tmp_path):
+    backend = _other_backend()
+    code = (
+        "import keras, gradwatch as gw\n"
+        "try:\n    gw.Watch(log_dir=None)\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERR" in out.stdout and f"'{backend}' backend" in out.stdout, out.stderr[-2000:]
