@@ -25,7 +25,7 @@ from gradwatch import stats as stats_lib
 from gradwatch.options import Options
 from gradwatch.sinks.csv_sink import CsvSink
 from gradwatch.topology import Topology
-from gradwatch.window import StepInputs, Window
+from gradwatch.window import StepGlobals, StepValues, Window
 
 logger = logging.getLogger("gradwatch")
 
@@ -194,23 +194,38 @@ class Engine:
         else:
             stat_grads = present_grads
 
-        stats = stats_lib.gradient_stats(stat_grads)
-        if context.loss_scale is not None:
-            inv = 1.0 / context.loss_scale
-            stats = stats._replace(
-                l2=stats.l2 * inv, max_abs=stats.max_abs * inv, mean_abs=stats.mean_abs * inv
+        num_present = len(present)
+        sampled = self.window.is_empty()
+        if num_present:
+            groups = stats_lib.group_gradients(stat_grads)
+            sum_sq = stats_lib.sum_of_squares(groups)
+            inexact = stats_lib.needs_full_stats(sum_sq)
+            # The full pass (max, mean, zeros, exact non-finite count) runs on the
+            # window's sampled step, and on any step whose cheap norm is not exact.
+            full = tf.cond(
+                sampled | tf.reduce_any(inexact),
+                lambda: tf.stack(list(stats_lib.full_stats(groups))),
+                lambda: tf.zeros([len(stats_lib.GradStats._fields), num_present], tf.float32),
             )
+            full_l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(full, num=5)
+            l2 = tf.where(inexact, full_l2, tf.sqrt(sum_sq))
+            if context.loss_scale is not None:
+                inverse_scale = 1.0 / context.loss_scale
+                l2, max_abs, mean_abs = l2 * inverse_scale, max_abs * inverse_scale, mean_abs * inverse_scale
+            stacked = tf.stack([l2, nonfinite, max_abs, mean_abs, zero_frac])
+        else:
+            stacked = tf.zeros([5, 0], tf.float32)
+        # Spread the present gradients' values over all watched variables.
         num_vars = len(self._index)
-        # Spread the present gradients' stats over all watched variables.
-        slot_of_present = [slots[i] for i in present]
-        perm = [len(present)] * num_vars
-        for k, slot in enumerate(slot_of_present):
-            perm[slot] = k
-        stacked = tf.stack(list(stats))
-        padded = tf.concat([stacked, tf.zeros([len(stats), 1], tf.float32)], axis=1)
-        full = tf.gather(padded, tf.constant(perm, tf.int32), axis=1)
-        var_stats = stats_lib.GradStats(*tf.unstack(full, num=len(stats)))
-        var_present = tf.constant([p < len(present) for p in perm])
+        perm = [num_present] * num_vars
+        for k, i in enumerate(present):
+            perm[slots[i]] = k
+        padded = tf.concat([stacked, tf.zeros([5, 1], tf.float32)], axis=1)
+        var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = tf.unstack(
+            tf.gather(padded, tf.constant(perm, tf.int32), axis=1), num=5
+        )
+        var_present = tf.constant([p < num_present for p in perm])
+        var_stats = stats_lib.GradStats(var_l2, var_max_abs, var_mean_abs, var_zero_frac, var_nonfinite)
         layer_stats, layer_present = stats_lib.layer_stats(
             var_stats,
             var_present,
@@ -218,36 +233,32 @@ class Engine:
             tf.constant(self._sizes, tf.float32),
             self._num_layers,
         )
-        full_stats = stats_lib.GradStats(
+        columns = stats_lib.GradStats(
             *[tf.concat([var, lay], axis=0) for var, lay in zip(var_stats, layer_stats)]
         )
-        present_mask = tf.concat([var_present, layer_present], axis=0)
-
-        global_l2 = stats_lib.global_norm(stats.l2)
-        nonfinite_step = tf.reduce_any(stats.nonfinite > 0.0)
+        global_l2 = stats_lib.global_norm(var_l2)
+        nonfinite_step = tf.reduce_any(var_nonfinite > 0.0)
         skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
-        step = self._next_step(context.iterations)
-        loss = self._step_loss(context, loss_delta)
+        nan = tf.constant(float("nan"))
         self.window.fold(
-            full_stats,
-            StepInputs(
-                step=step,
-                present=present_mask,
+            StepValues(
+                l2=columns.l2,
+                nonfinite=columns.nonfinite,
+                max_abs=columns.max_abs,
+                mean_abs=columns.mean_abs,
+                zero_frac=columns.zero_frac,
+                present=tf.concat([var_present, layer_present], axis=0),
+            ),
+            StepGlobals(
+                step=self._next_step(context.iterations),
                 global_l2=global_l2,
                 nonfinite_step=nonfinite_step,
                 skipped=skipped,
-                loss=loss,
-                learning_rate=(
-                    context.learning_rate
-                    if context.learning_rate is not None
-                    else tf.constant(float("nan"))
-                ),
-                loss_scale=(
-                    context.loss_scale
-                    if context.loss_scale is not None
-                    else tf.constant(float("nan"))
-                ),
+                loss=self._step_loss(context, loss_delta),
+                learning_rate=context.learning_rate if context.learning_rate is not None else nan,
+                loss_scale=context.loss_scale if context.loss_scale is not None else nan,
             ),
+            sampled,
         )
         return grads
 

@@ -43,16 +43,14 @@ def build_rows(
     }
     assert tuple(window_row) == WINDOW_COLUMNS
     grad_steps = per_var["grad_steps"]
+    has = grad_steps > 0
+    nan = np.full_like(grad_steps, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        has = grad_steps > 0
-        nan = np.full_like(grad_steps, np.nan)
         l2_mean = np.where(has, per_var["l2_sum"] / np.where(has, grad_steps, 1), nan)
-        mean_abs = np.where(has, per_var["mean_abs_sum"] / np.where(has, grad_steps, 1), nan)
-        zero_frac = np.where(has, per_var["zero_frac_sum"] / np.where(has, grad_steps, 1), nan)
     l2_max = np.where(has, per_var["l2_max"], nan)
     l2_min = np.where(has, per_var["l2_min"], nan)
-    max_abs = np.where(has, per_var["max_abs_max"], nan)
     l2_last = np.where(has, per_var["l2_last"], nan)
+    max_abs, mean_abs, zero_frac = per_var["max_abs"], per_var["mean_abs"], per_var["zero_frac"]
     stats_rows = []
     columns = [(info.layer, info.name) for info in topology.variables]
     columns += [(layer.name, LAYER_VARIABLE) for layer in topology.layers]

@@ -39,9 +39,9 @@ STATS_COLUMNS: tuple[str, ...] = (
     "l2_max",
     "l2_min",
     "l2_mean",
-    "max_abs",  # largest |g| over the window (finite entries)
-    "mean_abs",  # mean over the window's steps of mean |g|
-    "zero_frac",  # mean over the window's steps of the fraction of exact zeros
+    "max_abs",  # largest |g| (finite entries), on the window's first step
+    "mean_abs",  # mean |g| (finite entries / all entries), on the window's first step
+    "zero_frac",  # fraction of exact zeros, on the window's first step
     "nonfinite",  # NaN/Inf entries summed over the window
     "grad_steps",  # steps of the window in which the variable had a gradient
 )
@@ -72,19 +72,20 @@ ALERT_KINDS: tuple[str, ...] = (
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 
-#: The window statistics kept per variable in-graph, in this order.  Each is
-#: folded into the window accumulator on every step; the host turns them into
-#: the STATS_COLUMNS above.
+#: The window statistics kept per variable (and per layer) in-graph, in this
+#: order.  The L2 norm and the non-finite count are folded in on every step;
+#: max |g|, mean |g| and the zero fraction cost a full extra pass each, so they
+#: are measured on one sampled step per window (its first).
 VAR_ACCUMULATORS: tuple[str, ...] = (
     "l2_last",
     "l2_max",
     "l2_min",
     "l2_sum",
-    "max_abs_max",
-    "mean_abs_sum",
-    "zero_frac_sum",
-    "nonfinite_sum",
     "grad_steps",
+    "nonfinite_sum",
+    "max_abs",
+    "mean_abs",
+    "zero_frac",
 )
 
 #: The window globals kept in-graph, in this order.

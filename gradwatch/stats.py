@@ -68,6 +68,74 @@ def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
     return tf.reshape(tf.cast(grad, tf.float32), [-1]), int(size)
 
 
+# Below this sum of squares (max |g| < ~1e-12) float32 squares may underflow:
+# the norm is then recomputed on magnitudes scaled by their maximum.
+SAFE_MIN_SQ = SAFE_MIN * SAFE_MIN
+
+
+class Group(NamedTuple):
+    """Gradients of equal dense size stacked as rows of one matrix."""
+
+    matrix: tf.Tensor  # [n, k] float32 (k < dense_size for sparse gradients)
+    dense_size: int
+    positions: tuple[int, ...]  # positions of the rows in the original list
+
+
+class Groups(NamedTuple):
+    groups: tuple[Group, ...]
+    inverse: tuple[int, ...] | None  # gather indices back to list order (None: identity)
+    count: int
+
+
+def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
+    """Stacks gradients of equal size so each statistic is one op per group."""
+    flat = [dense_values(g) for g in grads]
+    keys: dict[object, list[int]] = {}
+    for position, (grad, (_, size)) in enumerate(zip(grads, flat)):
+        key = ("sparse", position) if isinstance(grad, tf.IndexedSlices) else size
+        keys.setdefault(key, []).append(position)
+    groups = []
+    order: list[int] = []
+    for positions in keys.values():
+        if len(positions) == 1:
+            matrix = flat[positions[0]][0][None, :]
+        else:
+            matrix = tf.stack([flat[p][0] for p in positions])
+        groups.append(Group(matrix, flat[positions[0]][1], tuple(positions)))
+        order.extend(positions)
+    inverse = [0] * len(order)
+    for slot, position in enumerate(order):
+        inverse[position] = slot
+    identity = inverse == list(range(len(order)))
+    return Groups(tuple(groups), None if identity else tuple(inverse), len(order))
+
+
+def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
+    joined = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+    if groups.inverse is None:
+        return joined
+    return tf.gather(joined, tf.constant(groups.inverse, tf.int32))
+
+
+def sum_of_squares(groups: Groups) -> tf.Tensor:
+    """The cheap every-step statistic: sum of g**2 per gradient (one pass).
+
+    It is NaN/Inf when the gradient has a non-finite entry or overflows, and
+    below ``SAFE_MIN_SQ`` when it may have underflowed: ``full_stats`` is then
+    needed for an exact answer.
+    """
+    if not groups.count:
+        return tf.zeros([0], tf.float32)
+    return _in_list_order(
+        groups, [tf.reduce_sum(tf.square(g.matrix), axis=1) for g in groups.groups]
+    )
+
+
+def needs_full_stats(sum_sq: tf.Tensor) -> tf.Tensor:
+    """Per gradient: True where ``sqrt(sum_sq)`` is not the exact norm."""
+    return tf.logical_not(tf.math.is_finite(sum_sq)) | (sum_sq < SAFE_MIN_SQ)
+
+
 def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
     """Statistics of each row of a [n, k] float32 matrix whose rows stand for
     gradients of ``dense_size`` entries (k < dense_size for sparse gradients)."""
@@ -77,7 +145,8 @@ def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
     sum_abs = tf.reduce_sum(magnitudes, axis=1)
     finite_count = tf.reduce_sum(tf.cast(finite, tf.float32), axis=1)
     nonzero_count = tf.reduce_sum(tf.cast(tf.not_equal(values, 0.0), tf.float32), axis=1)
-    implicit_zeros = float(dense_size) - tf.cast(tf.shape(values)[1], tf.float32)
+    stored = tf.cast(tf.shape(values)[1], tf.float32)
+    implicit_zeros = float(dense_size) - stored
 
     def plain_norm():
         return tf.sqrt(tf.reduce_sum(tf.square(magnitudes), axis=1))
@@ -96,44 +165,25 @@ def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
         l2=l2,
         max_abs=max_abs,
         mean_abs=sum_abs / size,
-        zero_frac=(tf.cast(tf.shape(values)[1], tf.float32) - nonzero_count + implicit_zeros)
-        / size,
-        nonfinite=tf.cast(tf.shape(values)[1], tf.float32) - finite_count,
+        zero_frac=(stored - nonzero_count + implicit_zeros) / size,
+        nonfinite=stored - finite_count,
+    )
+
+
+def full_stats(groups: Groups) -> GradStats:
+    """Every statistic, exact for any input (NaN/Inf masked, no over/underflow)."""
+    if not groups.count:
+        empty = tf.zeros([0], tf.float32)
+        return GradStats(empty, empty, empty, empty, empty)
+    parts = [_rows_stats(g.matrix, g.dense_size) for g in groups.groups]
+    return GradStats(
+        *[_in_list_order(groups, [p[i] for p in parts]) for i in range(len(GradStats._fields))]
     )
 
 
 def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
     """Per-gradient statistics of a list of (non-None) gradients, in list order."""
-    if not grads:
-        empty = tf.zeros([0], tf.float32)
-        return GradStats(empty, empty, empty, empty, empty)
-    flat = [dense_values(g) for g in grads]
-    # Group dense gradients of equal size; sparse ones stand alone.
-    groups: dict[object, list[int]] = {}
-    for position, (grad, (_, size)) in enumerate(zip(grads, flat)):
-        key = ("sparse", position) if isinstance(grad, tf.IndexedSlices) else size
-        groups.setdefault(key, []).append(position)
-    parts: list[GradStats] = []
-    order: list[int] = []
-    for key, positions in groups.items():
-        size = flat[positions[0]][1]
-        if isinstance(key, tuple):
-            matrix = flat[positions[0]][0][None, :]
-        elif len(positions) == 1:
-            matrix = flat[positions[0]][0][None, :]
-        else:
-            matrix = tf.stack([flat[p][0] for p in positions])
-        parts.append(_rows_stats(matrix, size))
-        order.extend(positions)
-    inverse = [0] * len(order)
-    for slot, position in enumerate(order):
-        inverse[position] = slot
-    inverse_t = tf.constant(inverse, tf.int32)
-    fields = []
-    for field_index in range(len(GradStats._fields)):
-        joined = tf.concat([p[field_index] for p in parts], axis=0)
-        fields.append(tf.gather(joined, inverse_t) if order != sorted(order) else joined)
-    return GradStats(*fields)
+    return full_stats(group_gradients(grads))
 
 
 def global_norm(l2: tf.Tensor) -> tf.Tensor:

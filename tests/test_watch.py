@@ -63,7 +63,7 @@ def test_custom_loop_stats_equal_plain_tape(log_dir, in_function):
         for k, row in enumerate(rows.itertuples()):
             assert row.l2 == pytest.approx(steps[-1][0][k]["l2"], rel=1e-5)
             assert row.l2_max == pytest.approx(max(s[0][k]["l2"] for s in steps), rel=1e-5)
-            assert row.mean_abs == pytest.approx(np.mean([s[0][k]["mean_abs"] for s in steps]), rel=1e-5)
+            assert row.mean_abs == pytest.approx(steps[0][0][k]["mean_abs"], rel=1e-5)
         assert window.loss == pytest.approx(np.mean([s[1] for s in steps]), rel=1e-5)
     assert list(stats.layer.unique()) == ["h", "o"]
     assert gw.read_run(log_dir)["layers"][0]["activation"] == "relu"
@@ -163,3 +163,32 @@ def test_other_keras_backend_is_a_clear_error(tmp_path):
     env = dict(os.environ, KERAS_BACKEND=backend)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ERR" in out.stdout and f"'{backend}' backend" in out.stdout, out.stderr[-2000:]
+
+
+def test_inexact_cheap_norms_take_the_full_path_on_any_step(log_dir):
+    """Step 2 is not the window's sampled step, yet NaN/Inf, tiny and huge
+    gradients there are still counted and measured exactly."""
+    variables = [tf.Variable(np.zeros(4, "float32")) for _ in range(3)]
+    normal = [tf.constant([1.0, 2.0, 2.0, 0.0])] * 3
+    odd = [
+        tf.constant([np.nan, 3.0, np.inf, 4.0]),
+        tf.constant([3e-21, 4e-21, 0.0, 0.0]),
+        tf.constant([3e30, 4e30, 0.0, 0.0]),
+    ]
+
+    @tf.function
+    def step(grads):
+        return watch.observe(grads, variables)
+
+    with gw.Watch(log_dir=log_dir, log_every=2, names=["a/nan", "a/tiny", "a/huge"]) as watch:
+        for grads in (normal, odd):
+            step(grads)
+            watch.step_end()
+    stats = gw.read_stats(log_dir).set_index("variable")
+    assert stats.loc["a/nan"].nonfinite == 2
+    assert stats.loc["a/nan"].l2 == pytest.approx(5.0)
+    assert stats.loc["a/tiny"].l2 == pytest.approx(5e-21, rel=1e-5)
+    assert stats.loc["a/huge"].l2 == pytest.approx(5e30, rel=1e-5)
+    assert stats.loc["a/huge"].l2_min == pytest.approx(3.0)
+    window = gw.read_windows(log_dir).iloc[0]
+    assert window.nonfinite_steps == 1 and window.first_nonfinite_step == 2

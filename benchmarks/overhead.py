@@ -1,0 +1,197 @@
+"""Overhead of gradwatch vs plain ``model.fit``, measured side by side in one process.
+
+For every model, configurations are run interleaved (plain, gradwatch, plain,
+gradwatch, ...) for ``--reps`` repetitions; each run times every training step
+with a callback and keeps the median step time. The table shows each
+configuration's median-of-medians as a ratio to plain ``fit`` of the same
+model, and the results are written to ``benchmarks/results/<date>.json``.
+
+Usage:
+    python benchmarks/overhead.py            # all models
+    python benchmarks/overhead.py --quick    # MLP only, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import gradwatch as gw  # noqa: E402
+
+
+def mlp():
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    ), (784,), 10
+
+
+def cnn():
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    ), (32, 32, 3), 10
+
+
+def deep24():
+    layers = [keras.Input((256,))]
+    layers += [keras.layers.Dense(256, activation="relu") for _ in range(24)]
+    layers += [keras.layers.Dense(10)]
+    return keras.Sequential(layers), (256,), 10
+
+
+def lstm():
+    return keras.Sequential(
+        [keras.Input((20, 32)), keras.layers.LSTM(64), keras.layers.Dense(10)]
+    ), (20, 32), 10
+
+
+def res100():
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(64, activation="relu")(inputs)
+    for _ in range(100):
+        h = keras.layers.Add()([h, keras.layers.Dense(64, activation="relu")(h)])
+        h = keras.layers.LayerNormalization()(h)
+    outputs = keras.layers.Dense(10)(h)
+    return keras.Model(inputs, outputs), (64,), 10
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "deep24": deep24, "lstm": lstm, "res100": res100}
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+        self._start = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def configurations(log_root):
+    def plain():
+        return []
+
+    def gradwatch_default():
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
+
+    return {"plain": plain, "gradwatch": gradwatch_default}
+
+
+def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile):
+    keras.utils.set_random_seed(0)
+    model, _, _ = MODELS[model_name]()
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    timer = StepTimer()
+    callbacks = config_callbacks() + [timer]
+    # One epoch of `steps` batches; the first 5 steps (tracing) are dropped.
+    model.fit(
+        x[: steps * batch_size], y[: steps * batch_size], batch_size=batch_size,
+        epochs=1, shuffle=False, verbose=0, callbacks=callbacks,
+    )
+    return statistics.median(timer.times[5:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--jit", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(MODELS))
+    reps = args.reps or (3 if args.quick else 5)
+    steps = args.steps or (60 if args.quick else 120)
+    batch_size = 128
+    jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
+    log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
+    configs = configurations(log_root)
+    results = []
+    for jit_compile in jits:
+        for name in names:
+            _, shape, classes = MODELS[name]()
+            rng = np.random.default_rng(0)
+            x = rng.normal(size=(steps * batch_size, *shape)).astype("float32")
+            y = rng.integers(0, classes, size=steps * batch_size)
+            medians = {c: [] for c in configs}
+            for _ in range(reps):
+                for config_name, make_callbacks in configs.items():
+                    medians[config_name].append(
+                        run_once(name, make_callbacks, x, y, steps, batch_size, jit_compile)
+                    )
+            plain = statistics.median(medians["plain"])
+            for config_name, values in medians.items():
+                ratio = statistics.median(values) / plain
+                results.append(
+                    {
+                        "model": name,
+                        "jit_compile": jit_compile,
+                        "config": config_name,
+                        "median_step_ms": statistics.median(values) * 1e3,
+                        "ratio_to_plain": ratio,
+                        "per_rep_ms": [v * 1e3 for v in values],
+                    }
+                )
+                print(
+                    f"{name:8s} jit={str(jit_compile):5s} {config_name:12s} "
+                    f"{statistics.median(values) * 1e3:8.2f} ms/step  ratio {ratio:.3f}",
+                    flush=True,
+                )
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak_rss_mb:.0f} MB")
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    path = os.path.join(args.out, f"{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "date": stamp,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                             "gradwatch": gw.__version__},
+                "batch_size": batch_size, "steps": steps, "reps": reps,
+                "peak_rss_mb": peak_rss_mb,
+                "results": results,
+            },
+            f, indent=2,
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
