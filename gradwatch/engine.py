@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch import _keras_internals as internals
+from gradwatch import clip as clip_lib
 from gradwatch import rows as rows_lib
 from gradwatch import stats as stats_lib
 from gradwatch.options import Options
@@ -67,6 +68,7 @@ class Engine:
     def __init__(self, options: Options, run_info: dict[str, Any] | None = None):
         self.options = options
         self.run_info = dict(run_info or {})
+        self.clip = clip_lib.as_clip(options.clip)
         self.topology: Topology | None = None
         self.window: Window | None = None
         self._index: dict[int, int] = {}
@@ -97,6 +99,9 @@ class Engine:
         self.topology = topology
         self._strategy = strategy
         self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
+        self._variables = list(variables)
+        if self.clip is not None:
+            self.clip.build(strategy)
         layer_of = {layer.name: i for i, layer in enumerate(topology.layers)}
         self._segment_ids = [layer_of[v.layer] for v in topology.variables]
         self._sizes = [float(np.prod(v.shape)) if v.shape else 1.0 for v in topology.variables]
@@ -212,24 +217,32 @@ class Engine:
             if context.loss_scale is not None:
                 inverse_scale = 1.0 / context.loss_scale
                 l2, max_abs, mean_abs = l2 * inverse_scale, max_abs * inverse_scale, mean_abs * inverse_scale
-            stacked = tf.stack([l2, nonfinite, max_abs, mean_abs, zero_frac])
+            clip_scale, clip_fired = tf.ones_like(l2), tf.zeros_like(l2)
+            if self.clip is not None:
+                clipped, clip_scale, clip_fired, clip_threshold = self._clip(
+                    stat_grads, [slots[i] for i in present], l2, context, replica_context
+                )
+                for k, i in enumerate(present):
+                    grads[i] = clipped[k]
+            stacked = tf.stack([l2, nonfinite, max_abs, mean_abs, zero_frac, clip_scale, clip_fired])
         else:
-            stacked = tf.zeros([5, 0], tf.float32)
+            stacked = tf.zeros([7, 0], tf.float32)
         # Spread the present gradients' values over all watched variables.
         num_vars = len(self._index)
         perm = [num_present] * num_vars
         for k, i in enumerate(present):
             perm[slots[i]] = k
-        padded = tf.concat([stacked, tf.zeros([5, 1], tf.float32)], axis=1)
-        var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = tf.unstack(
-            tf.gather(padded, tf.constant(perm, tf.int32), axis=1), num=5
-        )
+        padded = tf.concat([stacked, tf.zeros([7, 1], tf.float32)], axis=1)
+        (
+            var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac, var_scale, var_fired
+        ) = tf.unstack(tf.gather(padded, tf.constant(perm, tf.int32), axis=1), num=7)
         var_present = tf.constant([p < num_present for p in perm])
         var_stats = stats_lib.GradStats(var_l2, var_max_abs, var_mean_abs, var_zero_frac, var_nonfinite)
+        segment_ids = tf.constant(self._segment_ids, tf.int32)
         layer_stats, layer_present = stats_lib.layer_stats(
             var_stats,
             var_present,
-            tf.constant(self._segment_ids, tf.int32),
+            segment_ids,
             tf.constant(self._sizes, tf.float32),
             self._num_layers,
         )
@@ -237,9 +250,25 @@ class Engine:
             *[tf.concat([var, lay], axis=0) for var, lay in zip(var_stats, layer_stats)]
         )
         global_l2 = stats_lib.global_norm(var_l2)
+        nan = tf.constant(float("nan"))
+        if self.clip is not None:
+            post_l2 = var_l2 * var_scale
+            layer_post = stats_lib.segment_norm(post_l2, segment_ids, self._num_layers)
+            layer_scale = tf.where(layer_stats.l2 > 0.0, layer_post / tf.where(
+                layer_stats.l2 > 0.0, layer_stats.l2, 1.0), 1.0)
+            layer_fired = tf.math.unsorted_segment_max(var_fired, segment_ids, self._num_layers)
+            clip_global = stats_lib.global_norm(post_l2)
+            clip_global_scale = tf.where(global_l2 > 0.0, clip_global / tf.where(
+                global_l2 > 0.0, global_l2, 1.0), 1.0)
+            clip_any = tf.reduce_any(var_fired > 0.0)
+            if not num_present:
+                clip_threshold = nan
+        else:
+            layer_scale = tf.ones([self._num_layers])
+            layer_fired = tf.zeros([self._num_layers])
+            clip_global, clip_global_scale, clip_any, clip_threshold = nan, nan, tf.constant(False), nan
         nonfinite_step = tf.reduce_any(var_nonfinite > 0.0)
         skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
-        nan = tf.constant(float("nan"))
         self.window.fold(
             StepValues(
                 l2=columns.l2,
@@ -248,6 +277,8 @@ class Engine:
                 mean_abs=columns.mean_abs,
                 zero_frac=columns.zero_frac,
                 present=tf.concat([var_present, layer_present], axis=0),
+                clip_scale=tf.concat([var_scale, layer_scale], axis=0),
+                clip_fired=tf.concat([var_fired, layer_fired], axis=0),
             ),
             StepGlobals(
                 step=self._next_step(context.iterations),
@@ -257,10 +288,33 @@ class Engine:
                 loss=self._step_loss(context, loss_delta),
                 learning_rate=context.learning_rate if context.learning_rate is not None else nan,
                 loss_scale=context.loss_scale if context.loss_scale is not None else nan,
+                clip_l2=clip_global,
+                clip_scale=clip_global_scale,
+                clip_fired=clip_any,
+                clip_threshold=clip_threshold,
             ),
             sampled,
         )
         return grads
+
+    def _clip(self, stat_grads, slots, l2, context, replica_context):
+        """Clips the (global, unscaled) gradients; returns what the optimizer gets."""
+        scale = context.loss_scale
+        unscaled = stat_grads if scale is None else [clip_lib._scale(g, 1.0 / scale) for g in stat_grads]
+        result = self.clip(unscaled, [self._variables[slot] for slot in slots])
+        post_l2 = stats_lib.exact_norms(stats_lib.group_gradients(result.grads))
+        ratio = tf.where(l2 > 0.0, post_l2 / tf.where(l2 > 0.0, l2, 1.0), 1.0)
+        ratio = tf.where(tf.math.is_finite(ratio), ratio, 1.0)
+        fired = tf.cast(ratio < 1.0 - 1e-6, tf.float32)
+        handed = result.grads
+        if scale is not None:
+            handed = [clip_lib._scale(g, scale) for g in handed]
+        if replica_context is not None:
+            # The optimizer sums the replicas' gradients again: hand each replica
+            # its share of the clipped global gradient.
+            share = 1.0 / replica_context.num_replicas_in_sync
+            handed = [clip_lib._scale(g, share) for g in handed]
+        return handed, tf.minimum(ratio, 1.0), fired, result.threshold
 
     def _next_step(self, iterations: tf.Tensor | None) -> tf.Tensor:
         state = self._state.read_value()
@@ -333,7 +387,9 @@ class Engine:
         per_var, glob = self.window.read_and_reset()
         if glob["steps"] <= 0:
             return None
-        window_row, stats_rows, layer_rows = rows_lib.build_rows(per_var, glob, self.topology)
+        window_row, stats_rows, layer_rows = rows_lib.build_rows(
+            per_var, glob, self.topology, clipping=self.clip is not None
+        )
         if not math.isfinite(window_row["loss"]) and fallback_loss is not None:
             window_row["loss"] = float(fallback_loss)
         self.steps_seen += int(glob["steps"])

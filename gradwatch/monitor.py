@@ -108,6 +108,14 @@ class GradientMonitor(keras.callbacks.Callback):
                 stacklevel=2,
             )
             return
+        own_clipping = internals.optimizer_clipping(optimizer)
+        if self.options.clip is not None and own_clipping:
+            raise ValueError(
+                f"GradientMonitor(clip={self.options.clip!r}) and the optimizer's own clipping "
+                f"({', '.join(f'{k}={v}' for k, v in own_clipping.items())}) would clip twice. "
+                "Remove one: compile the optimizer without clipnorm/global_clipnorm/clipvalue, "
+                "or pass clip=None to GradientMonitor."
+            )
         self._fits += 1
         strategy = internals.model_strategy(model)
         if self._engine is None or [id(v) for v in variables] != [id(v) for v in self._variables]:

@@ -48,6 +48,9 @@ class Options:
                 f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE_CHOICES))}; "
                 f"received {self.on_nonfinite!r}."
             )
+        from gradwatch.clip import as_clip
+
+        self.clip = as_clip(self.clip)
         if not isinstance(self.append, bool):
             raise TypeError(f"append must be True or False; received {self.append!r}.")
 

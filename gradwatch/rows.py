@@ -19,7 +19,7 @@ LAYER_VARIABLE = "*"
 
 
 def build_rows(
-    per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology
+    per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology, clipping: bool = False
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Returns (window row, variable rows, layer rows) of one window, keyed by schema column.
 
@@ -40,6 +40,11 @@ def build_rows(
         "nonfinite_steps": int(glob["nonfinite_steps"]),
         "first_nonfinite_step": first_nonfinite if first_nonfinite >= 0 else None,
         "skipped_steps": int(glob["skipped_steps"]),
+        "clip_global_l2": glob["clip_l2_last"],
+        "clip_global_l2_max": _finite(glob["clip_l2_max"]),
+        "clip_scale_min": _finite(glob["clip_scale_min"]),
+        "clip_fraction": glob["clip_fired_steps"] / steps if clipping else float("nan"),
+        "clip_threshold": glob["clip_threshold_last"],
     }
     assert tuple(window_row) == WINDOW_COLUMNS
     grad_steps = per_var["grad_steps"]
@@ -51,6 +56,9 @@ def build_rows(
     l2_min = np.where(has, per_var["l2_min"], nan)
     l2_last = np.where(has, per_var["l2_last"], nan)
     max_abs, mean_abs, zero_frac = per_var["max_abs"], per_var["mean_abs"], per_var["zero_frac"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        clip_scale_min = np.where(has & clipping, per_var["clip_scale_min"], nan)
+        clip_fraction = np.where(has & clipping, per_var["clip_fired_sum"] / np.where(has, grad_steps, 1), nan)
     stats_rows = []
     columns = [(info.layer, info.name) for info in topology.variables]
     columns += [(layer.name, LAYER_VARIABLE) for layer in topology.layers]
@@ -70,6 +78,8 @@ def build_rows(
                 "zero_frac": float(zero_frac[i]),
                 "nonfinite": int(per_var["nonfinite_sum"][i]),
                 "grad_steps": int(grad_steps[i]),
+                "clip_scale_min": float(clip_scale_min[i]),
+                "clip_fraction": float(clip_fraction[i]),
             }
         )
     if stats_rows:

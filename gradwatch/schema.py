@@ -27,6 +27,11 @@ WINDOW_COLUMNS: tuple[str, ...] = (
     "nonfinite_steps",  # steps whose gradient had a NaN/Inf entry
     "first_nonfinite_step",  # first such step in the window (empty if none)
     "skipped_steps",  # steps whose update was not applied
+    "clip_global_l2",  # global norm after gradwatch's clipping, at the last step
+    "clip_global_l2_max",  # largest post-clip global norm in the window
+    "clip_scale_min",  # smallest post/pre-clip global norm ratio in the window
+    "clip_fraction",  # fraction of the window's steps on which clipping changed a gradient
+    "clip_threshold",  # the clip bound at the last step (Percentile's moves; NaN if per unit)
 )
 
 #: One row per (window, variable), tidy long form.
@@ -44,6 +49,8 @@ STATS_COLUMNS: tuple[str, ...] = (
     "zero_frac",  # fraction of exact zeros, on the window's first step
     "nonfinite",  # NaN/Inf entries summed over the window
     "grad_steps",  # steps of the window in which the variable had a gradient
+    "clip_scale_min",  # smallest post/pre-clip norm ratio over the window (NaN: no clip)
+    "clip_fraction",  # fraction of the window's steps on which clipping changed it
 )
 
 #: One row per alert.
@@ -86,6 +93,8 @@ VAR_ACCUMULATORS: tuple[str, ...] = (
     "max_abs",
     "mean_abs",
     "zero_frac",
+    "clip_scale_min",
+    "clip_fired_sum",
 )
 
 #: The window globals kept in-graph, in this order.
@@ -103,4 +112,9 @@ GLOBAL_ACCUMULATORS: tuple[str, ...] = (
     "loss_count",
     "learning_rate_last",
     "loss_scale_last",
+    "clip_l2_last",
+    "clip_l2_max",
+    "clip_scale_min",
+    "clip_fired_steps",
+    "clip_threshold_last",
 )

@@ -181,6 +181,26 @@ def full_stats(groups: Groups) -> GradStats:
     )
 
 
+def exact_norms(groups: Groups) -> tf.Tensor:
+    """L2 norms, one cheap pass unless a norm needs the careful path."""
+    if not groups.count:
+        return tf.zeros([0], tf.float32)
+    sum_sq = sum_of_squares(groups)
+    inexact = needs_full_stats(sum_sq)
+    careful = tf.cond(
+        tf.reduce_any(inexact), lambda: full_stats(groups).l2, lambda: tf.zeros_like(sum_sq)
+    )
+    return tf.where(inexact, careful, tf.sqrt(sum_sq))
+
+
+def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int) -> tf.Tensor:
+    """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe)."""
+    largest = tf.math.unsorted_segment_max(l2, segment_ids, num_segments)
+    largest = tf.where(largest > 0.0, largest, 1.0)
+    scaled = l2 / tf.gather(largest, segment_ids)
+    return largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_segments))
+
+
 def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
     """Per-gradient statistics of a list of (non-None) gradients, in list order."""
     return full_stats(group_gradients(grads))
@@ -217,10 +237,7 @@ def layer_stats(
     weight = sizes * tf.cast(present, tf.float32)
     layer_size = tf.math.unsorted_segment_sum(weight, segment_ids, num_layers)
     safe_size = tf.where(layer_size > 0.0, layer_size, 1.0)
-    largest = tf.math.unsorted_segment_max(var_stats.l2, segment_ids, num_layers)
-    largest = tf.where(largest > 0.0, largest, 1.0)
-    scaled = var_stats.l2 / tf.gather(largest, segment_ids)
-    l2 = largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_layers))
+    l2 = segment_norm(var_stats.l2, segment_ids, num_layers)
     max_abs = tf.maximum(
         tf.math.unsorted_segment_max(var_stats.max_abs, segment_ids, num_layers), 0.0
     )

@@ -24,9 +24,12 @@ assert VAR_ACCUMULATORS[:6] == (
 ), "fold() relies on this layout"
 
 # How each global folds: old + x for these, max/min for those, x for the rest.
-_G_SUM = ("steps", "global_l2_sum", "nonfinite_steps", "skipped_steps", "loss_sum", "loss_count")
-_G_MAX = ("global_l2_max",)
-_G_MIN = ("global_l2_min",)
+_G_SUM = (
+    "steps", "global_l2_sum", "nonfinite_steps", "skipped_steps", "loss_sum", "loss_count",
+    "clip_fired_steps",
+)
+_G_MAX = ("global_l2_max", "clip_l2_max")
+_G_MIN = ("global_l2_min", "clip_scale_min")
 
 
 def _mask(names: tuple[str, ...]) -> np.ndarray:
@@ -37,6 +40,7 @@ def _var_reset_values(num_columns: int) -> np.ndarray:
     values = np.zeros((len(VAR_ACCUMULATORS), num_columns), np.float64)
     values[_V["l2_max"]] = -np.inf
     values[_V["l2_min"]] = np.inf
+    values[_V["clip_scale_min"]] = np.inf
     for name in ("l2_last", "max_abs", "mean_abs", "zero_frac"):
         values[_V[name]] = np.nan
     return values
@@ -46,8 +50,12 @@ def _global_reset_values() -> np.ndarray:
     values = np.zeros(len(GLOBAL_ACCUMULATORS), np.float64)
     values[_G["global_l2_max"]] = -np.inf
     values[_G["global_l2_min"]] = np.inf
+    values[_G["clip_scale_min"]] = np.inf
+    values[_G["clip_l2_max"]] = -np.inf
     values[_G["first_nonfinite_step"]] = -1.0
-    for name in ("global_l2_last", "learning_rate_last", "loss_scale_last"):
+    for name in (
+        "global_l2_last", "learning_rate_last", "loss_scale_last", "clip_l2_last", "clip_threshold_last"
+    ):
         values[_G[name]] = np.nan
     return values
 
@@ -61,6 +69,8 @@ class StepValues(NamedTuple):
     mean_abs: tf.Tensor
     zero_frac: tf.Tensor
     present: tf.Tensor  # bool [C]: had a gradient this step
+    clip_scale: tf.Tensor  # post/pre-clip norm ratio (1 when no clip)
+    clip_fired: tf.Tensor  # float 0/1: clipping changed the gradient
 
 
 class StepGlobals(NamedTuple):
@@ -73,6 +83,10 @@ class StepGlobals(NamedTuple):
     loss: tf.Tensor  # NaN when unknown
     learning_rate: tf.Tensor
     loss_scale: tf.Tensor
+    clip_l2: tf.Tensor  # post-clip global norm (NaN: no clip)
+    clip_scale: tf.Tensor  # post/pre ratio (NaN: no clip)
+    clip_fired: tf.Tensor  # bool
+    clip_threshold: tf.Tensor
 
 
 class Window:
@@ -128,7 +142,14 @@ class Window:
             tf.cast(tf.stack([values.max_abs, values.mean_abs, values.zero_frac]), f64),
             acc[6:9],
         )
-        self.var_acc.assign(tf.concat([new_tracked, new_sums, new_sampled], axis=0))
+        clip_scale = tf.cast(values.clip_scale, f64)
+        new_clip = tf.stack(
+            [
+                tf.where(has, tf.minimum(acc[9], clip_scale), acc[9]),
+                acc[10] + tf.cast(values.clip_fired, f64) * present,
+            ]
+        )
+        self.var_acc.assign(tf.concat([new_tracked, new_sums, new_sampled, new_clip], axis=0))
 
         old = self.global_acc.read_value()
         step = tf.cast(scalars.step, f64)
@@ -153,6 +174,11 @@ class Window:
                 tf.cast(loss_known, f64),
                 tf.cast(scalars.learning_rate, f64),
                 tf.cast(scalars.loss_scale, f64),
+                tf.cast(scalars.clip_l2, f64),
+                tf.cast(scalars.clip_l2, f64),
+                tf.cast(scalars.clip_scale, f64),
+                tf.cast(scalars.clip_fired, f64),
+                tf.cast(scalars.clip_threshold, f64),
             ]
         )
         new = tf.where(

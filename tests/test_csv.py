@@ -28,8 +28,11 @@ def test_columns_are_the_contract(log_dir):
         assert f.readline().strip() == ",".join(STATS_COLUMNS)
     assert list(gw.read_alerts(log_dir).columns) == [
         "step", "layer", "variable", "kind", "severity", "value", "threshold", "message", "hint"]
-    assert WINDOW_COLUMNS == ("step", "steps", "loss", "learning_rate", "global_l2", "global_l2_max",
+    assert WINDOW_COLUMNS[:9] == ("step", "steps", "loss", "learning_rate", "global_l2", "global_l2_max",
                               "nonfinite_steps", "first_nonfinite_step", "skipped_steps")
+    assert STATS_COLUMNS[:13] == (
+        "step", "steps", "layer", "variable", "l2", "l2_max", "l2_min", "l2_mean", "max_abs",
+        "mean_abs", "zero_frac", "nonfinite", "grad_steps")
 
 
 def test_reader_tolerates_a_torn_last_line(log_dir):

@@ -1,0 +1,336 @@
+"""Gradient clipping transforms: small, composable, XLA-safe.
+
+Each transform maps a list of (non-None) gradients to clipped gradients and
+reports what it did. They are applied by ``GradientMonitor(clip=...)`` inside
+the compiled train step and by ``Watch(clip=...)`` in ``observe``; gradwatch
+records the statistics *before* clipping and the post-clip norms, scale and how
+often clipping fired.
+
+Rules every transform follows:
+
+* Direction is preserved (except ``Value``, which clips entries one by one).
+* A gradient with a NaN/Inf entry is returned unchanged: clipping never turns
+  a non-finite gradient into finite garbage (the non-finite alert, or
+  ``on_nonfinite="skip_step"``, deals with it).
+* Clipping twice changes nothing.
+
+Example:
+    >>> import gradwatch as gw
+    >>> monitor = gw.GradientMonitor(clip=gw.clip.GlobalNorm(1.0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+__all__ = [
+    "Clip",
+    "ClipResult",
+    "GlobalNorm",
+    "PerVariableNorm",
+    "Value",
+    "Adaptive",
+    "Percentile",
+    "Chain",
+    "as_clip",
+]
+
+
+class ClipResult(NamedTuple):
+    """What a transform returns."""
+
+    grads: list[tf.Tensor | tf.IndexedSlices]
+    threshold: tf.Tensor  # float32 scalar: the bound used this step (NaN if per-unit)
+
+
+def _check_positive(name: str, value: Any, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a positive number; received {value!r}.")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{owner}: {name} must be a finite number > 0; received {value!r}.")
+    return float(value)
+
+
+def _values(grad):
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
+def _with_values(grad, values):
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    return values
+
+
+def _dense_norm(grad) -> tf.Tensor:
+    """L2 norm of the gradient as the optimizer will apply it (sparse rows summed)."""
+    if isinstance(grad, tf.IndexedSlices):
+        unique_rows, positions = tf.unique(grad.indices)
+        values = tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_rows)[0])
+    else:
+        values = grad
+    values = tf.cast(values, tf.float32)
+    largest = tf.reduce_max(tf.abs(values))
+    scale = tf.where(largest > 0.0, largest, 1.0)
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale)))
+
+
+def _all_finite(norms: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.reduce_all(tf.math.is_finite(tf.stack(norms)))
+
+
+def _scale(grad, factor: tf.Tensor):
+    values = _values(grad)
+    return _with_values(grad, values * tf.cast(factor, values.dtype))
+
+
+def _global_norm(norms: Sequence[tf.Tensor]) -> tf.Tensor:
+    stacked = tf.stack(norms)
+    largest = tf.reduce_max(stacked)
+    scale = tf.where(largest > 0.0, largest, 1.0)
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(stacked / scale)))
+
+
+class Clip:
+    """Base class: ``clip(grads, variables) -> ClipResult``.
+
+    Subclasses that keep state create it lazily in ``build`` (called once,
+    outside any trace, with the strategy the step runs under).
+    """
+
+    def build(self, strategy: tf.distribute.Strategy | None = None) -> None:
+        del strategy
+
+    def __call__(self, grads: Sequence[Any], variables: Sequence[Any]) -> ClipResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({fields})"
+
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+
+class GlobalNorm(Clip):
+    """Scales all gradients together so their global L2 norm is at most ``max_norm``.
+
+    Same update as Keras ``global_clipnorm`` / ``tf.clip_by_global_norm``.
+    """
+
+    def __init__(self, max_norm: float):
+        self.max_norm = _check_positive("max_norm", max_norm, "GlobalNorm")
+
+    def _config(self):
+        return {"max_norm": self.max_norm}
+
+    def __call__(self, grads, variables):
+        return _clip_global(grads, tf.constant(self.max_norm, tf.float32))
+
+
+def _clip_global(grads, max_norm: tf.Tensor) -> ClipResult:
+    norms = [_dense_norm(g) for g in grads]
+    total = _global_norm(norms)
+    finite = tf.math.is_finite(total)
+    factor = tf.where(finite & (total > max_norm), max_norm / tf.where(total > 0.0, total, 1.0), 1.0)
+    return ClipResult([_scale(g, factor) for g in grads], max_norm)
+
+
+class PerVariableNorm(Clip):
+    """Scales each gradient so its own L2 norm is at most ``max_norm``.
+
+    Same update as Keras ``clipnorm`` / ``tf.clip_by_norm`` (for dense gradients).
+    """
+
+    def __init__(self, max_norm: float):
+        self.max_norm = _check_positive("max_norm", max_norm, "PerVariableNorm")
+
+    def _config(self):
+        return {"max_norm": self.max_norm}
+
+    def __call__(self, grads, variables):
+        max_norm = tf.constant(self.max_norm, tf.float32)
+        out = []
+        for grad in grads:
+            norm = _dense_norm(grad)
+            clip = tf.math.is_finite(norm) & (norm > max_norm)
+            factor = tf.where(clip, max_norm / tf.where(norm > 0.0, norm, 1.0), 1.0)
+            out.append(_scale(grad, factor))
+        return ClipResult(out, max_norm)
+
+
+class Value(Clip):
+    """Clips every entry to ``[-limit, limit]`` (Keras ``clipvalue``).
+
+    NaN stays NaN and +/-Inf stays non-finite: a gradient with a non-finite
+    entry is returned unchanged.
+    """
+
+    def __init__(self, limit: float):
+        self.limit = _check_positive("limit", limit, "Value")
+
+    def _config(self):
+        return {"limit": self.limit}
+
+    def __call__(self, grads, variables):
+        out = []
+        for grad in grads:
+            values = _values(grad)
+            limit = tf.cast(self.limit, values.dtype)
+            finite = tf.reduce_all(tf.math.is_finite(values))
+            clipped = tf.where(finite, tf.clip_by_value(values, -limit, limit), values)
+            out.append(_with_values(grad, clipped))
+        return ClipResult(out, tf.constant(self.limit, tf.float32))
+
+
+def _unit_norms(values: tf.Tensor) -> tf.Tensor:
+    """Norm of each output unit: over every axis but the last (elementwise for rank <= 1)."""
+    if values.shape.rank is None or values.shape.rank <= 1:
+        return tf.abs(values)
+    axes = list(range(values.shape.rank - 1))
+    return tf.sqrt(tf.reduce_sum(tf.square(values), axis=axes, keepdims=True))
+
+
+class Adaptive(Clip):
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021).
+
+    Per output unit, the gradient's norm is clipped to
+    ``clipping * max(||w_unit||, eps)``, where the unit norm runs over every
+    axis of the variable except the last (a Dense or Conv kernel's output
+    units; biases and scalars elementwise).
+
+    Args:
+        clipping: the largest allowed ratio ||g_unit|| / ||w_unit||.
+        eps: floor of the weight norm, so zero-initialised weights can move.
+    """
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3):
+        self.clipping = _check_positive("clipping", clipping, "Adaptive")
+        self.eps = _check_positive("eps", eps, "Adaptive")
+
+    def _config(self):
+        return {"clipping": self.clipping, "eps": self.eps}
+
+    def __call__(self, grads, variables):
+        out = []
+        for grad, variable in zip(grads, variables):
+            if isinstance(grad, tf.IndexedSlices):
+                grad = tf.convert_to_tensor(grad)
+            values = tf.cast(grad, tf.float32)
+            weights = tf.cast(tf.convert_to_tensor(variable), tf.float32)
+            max_norm = self.clipping * tf.maximum(_unit_norms(weights), self.eps)
+            grad_norm = _unit_norms(values)
+            factor = tf.where(
+                grad_norm > max_norm, max_norm / tf.maximum(grad_norm, 1e-30), tf.ones_like(grad_norm)
+            )
+            finite = tf.reduce_all(tf.math.is_finite(values))
+            clipped = tf.where(finite, values * factor, values)
+            out.append(tf.cast(clipped, grad.dtype))
+        return ClipResult(out, tf.constant(float("nan"), tf.float32))
+
+
+class Percentile(Clip):
+    """AutoClip (Seetharaman et al. 2020): clip the global norm to the ``p``-th
+    percentile of the global norms seen so far.
+
+    The history is a ring buffer of the last ``history`` global norms, kept
+    in-graph (bounded memory); the current step's norm is added before the
+    percentile is taken, as in the paper. Non-finite norms are not recorded.
+
+    Args:
+        p: percentile in (0, 100].
+        history: number of past norms kept.
+    """
+
+    def __init__(self, p: float = 10.0, history: int = 1000):
+        self.p = _check_positive("p", p, "Percentile")
+        if self.p > 100:
+            raise ValueError(f"Percentile: p must be in (0, 100]; received {p!r}.")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"Percentile: history must be an int >= 1; received {history!r}.")
+        self.history = history
+        self._norms: tf.Variable | None = None
+        self._count: tf.Variable | None = None
+
+    def _config(self):
+        return {"p": self.p, "history": self.history}
+
+    def build(self, strategy=None):
+        if self._norms is not None:
+            return
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        kwargs = dict(
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_WRITE,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        with tf.init_scope(), scope:
+            self._norms = tf.Variable(tf.zeros([self.history]), name="gradwatch_autoclip", **kwargs)
+            self._count = tf.Variable(tf.constant(0, tf.int64), name="gradwatch_autoclip_n", **kwargs)
+
+    def threshold_after(self, norm: tf.Tensor) -> tf.Tensor:
+        """Records ``norm`` (if finite) and returns the p-th percentile of the history."""
+        self.build()
+        finite = tf.math.is_finite(norm)
+        count = self._count.read_value()
+        slot = tf.math.floormod(count, self.history)
+        stored = tf.where(finite, norm, self._norms[slot])
+        norms = tf.tensor_scatter_nd_update(self._norms.read_value(), [[slot]], [stored])
+        count = count + tf.cast(finite, tf.int64)
+        self._norms.assign(norms)
+        self._count.assign(count)
+        valid = tf.minimum(count, self.history)
+        # Unused slots are +inf so they sort last; numpy's linear interpolation.
+        mask = tf.range(self.history, dtype=tf.int64) < valid
+        ordered = tf.sort(tf.where(mask, norms, float("inf")))
+        position = (self.p / 100.0) * tf.cast(tf.maximum(valid - 1, 0), tf.float32)
+        low = tf.cast(tf.floor(position), tf.int32)
+        high = tf.minimum(low + 1, tf.cast(tf.maximum(valid - 1, 0), tf.int32))
+        frac = position - tf.floor(position)
+        value = ordered[low] * (1.0 - frac) + ordered[high] * frac
+        return tf.where(valid > 0, value, float("inf"))
+
+    def __call__(self, grads, variables):
+        total = _global_norm([_dense_norm(g) for g in grads])
+        return _clip_global(grads, self.threshold_after(total))
+
+
+class Chain(Clip):
+    """Applies several transforms in order (e.g. ``Chain(Value(1.0), GlobalNorm(5.0))``)."""
+
+    def __init__(self, *clips: Clip):
+        if not clips:
+            raise ValueError("Chain needs at least one clip transform; received none.")
+        self.clips = tuple(as_clip(c) for c in clips)
+
+    def _config(self):
+        return {"clips": self.clips}
+
+    def __repr__(self):
+        return f"Chain({', '.join(repr(c) for c in self.clips)})"
+
+    def build(self, strategy=None):
+        for clip in self.clips:
+            clip.build(strategy)
+
+    def __call__(self, grads, variables):
+        threshold = tf.constant(float("nan"), tf.float32)
+        for clip in self.clips:
+            grads, threshold = clip(grads, variables)
+        return ClipResult(list(grads), threshold)
+
+
+def as_clip(value: Any) -> Clip | None:
+    """``None`` -> None; a number -> ``GlobalNorm(number)``; a ``Clip`` as it is."""
+    if value is None or isinstance(value, Clip):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return GlobalNorm(value)
+    raise TypeError(
+        "clip must be None, a positive number (the global-norm bound) or a gradwatch.clip "
+        f"transform (GlobalNorm, PerVariableNorm, Value, Adaptive, Percentile, Chain); "
+        f"received {value!r} ({type(value).__name__})."
+    )
