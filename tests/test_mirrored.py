@@ -12,15 +12,18 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "mirrored_check.py")
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_reports_the_global_gradient(tmp_path):
+def _run(*args):
     proc = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_reports_the_global_gradient(tmp_path):
+    result = _run(str(tmp_path / "run"))
     assert result["replicas"] == 2
     for got, expected in zip(result["got"], result["expected"]):
         assert got == pytest.approx(expected, rel=1e-5)
@@ -28,3 +31,12 @@ def test_mirrored_strategy_reports_the_global_gradient(tmp_path):
     assert result["one_replica"] != pytest.approx(result["expected"][1], rel=1e-2)
     assert result["window_losses"] == pytest.approx(result["losses"], rel=1e-5)
     assert result["weights_match"]
+
+
+@pytest.mark.slow
+def test_mirrored_clipping_clips_the_global_gradient(tmp_path):
+    result = _run(str(tmp_path / "run"), "clip")
+    assert result["weights_match"], "same update as Keras global_clipnorm on one device"
+    assert result["replicas_agree"]
+    assert result["clip_global_l2"] == pytest.approx([0.5, 0.5], rel=1e-5)
+    assert min(result["clip_fraction"]) > 0

@@ -77,5 +77,38 @@ def main(log_dir):
     print("RESULT " + json.dumps(result))
 
 
+def clipped(log_dir):
+    """GradientMonitor(clip=GlobalNorm) under Mirrored == Keras global_clipnorm on one device."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 6)).astype("float32") * 3
+    y = rng.normal(size=(64, 1)).astype("float32") * 10
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build(0)
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse", jit_compile=False)
+    reference = build(0)
+    reference.compile(keras.optimizers.SGD(0.01, momentum=0.9, global_clipnorm=0.5), "mse")
+    reference.set_weights(model.get_weights())
+    reference.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=2, clip=gw.clip.GlobalNorm(0.5))])
+    replicas_agree = all(
+        np.array_equal(*[np.asarray(t) for t in strategy.experimental_local_results(v.value)])
+        for v in model.trainable_variables
+    )
+    windows = gw.read_windows(log_dir)
+    result = {
+        "weights_match": bool(all(np.allclose(a, b, rtol=1e-5, atol=1e-6)
+                                  for a, b in zip(model.get_weights(), reference.get_weights()))),
+        "replicas_agree": bool(replicas_agree),
+        "clip_global_l2": list(windows.clip_global_l2),
+        "clip_fraction": list(windows.clip_fraction),
+    }
+    print("RESULT " + json.dumps(result))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "clip":
+        clipped(sys.argv[1])
+    else:
+        main(sys.argv[1])
