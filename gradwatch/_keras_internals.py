@@ -94,6 +94,53 @@ def has_apply_tap(optimizer: Any) -> bool:
     return getattr(optimizer.__dict__.get(TAP_ATTRIBUTE), _TAP_MARK, False)
 
 
+def apply_if_finite(apply_fn: Callable[..., Any], grads, variables, finite: tf.Tensor) -> None:
+    """Runs ``apply_fn(grads, variables)`` only when ``finite`` (in-graph), on every replica.
+
+    Under a multi-replica strategy the decision is taken once, in cross-replica
+    context (a cond whose branch calls ``merge_call`` is not allowed in replica
+    context), as Keras's LossScaleOptimizer does; ``finite`` is the same on every
+    replica since it comes from the all-reduced gradient.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+
+        def cross_replica(distribution, finite, grads, variables):
+            decision = distribution.experimental_local_results(finite)[0]
+
+            def apply_everywhere():
+                distribution.extended.call_for_each_replica(apply_fn, args=(grads, variables))
+                return tf.constant(True)
+
+            tf.cond(decision, apply_everywhere, lambda: tf.constant(False))
+
+        context.merge_call(cross_replica, args=(finite, grads, variables))
+        return
+
+    def apply_now():
+        apply_fn(grads, variables)
+        return tf.constant(True)
+
+    tf.cond(finite, apply_now, lambda: tf.constant(False))
+
+
+def poison_unless_finite(grads, finite: tf.Tensor):
+    """Makes every gradient NaN unless ``finite``: a LossScaleOptimizer under a
+    multi-replica strategy checks only the first replica's gradients, so this makes
+    a non-finite step (seen on any replica) skip, with its loss scale lowered, on all."""
+    factor = tf.where(finite, 1.0, float("nan"))
+    out = []
+    for grad in grads:
+        if grad is None:
+            out.append(None)
+        elif isinstance(grad, tf.IndexedSlices):
+            out.append(tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype),
+                                        grad.indices, grad.dense_shape))
+        else:
+            out.append(grad * tf.cast(factor, grad.dtype))
+    return out
+
+
 def retrace_train_function(model: Any) -> None:
     """Forces ``fit`` to trace its train function again (so a new tap is traced in)."""
     model.make_train_function(force=True)

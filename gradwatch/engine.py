@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch import _keras_internals as internals
+from gradwatch import alerts as alerts_lib
 from gradwatch import clip as clip_lib
 from gradwatch import rows as rows_lib
 from gradwatch import stats as stats_lib
@@ -53,7 +54,7 @@ class StepContext:
         # (total, count) of a running loss tracker; the step's loss is the delta.
         self.loss_totals = loss_totals
         # True when a non-finite gradient makes the optimizer skip the update
-        # (a LossScaleOptimizer's overflow handling).
+        # (a LossScaleOptimizer's overflow handling, or on_nonfinite != "warn").
         self.overflow_skips = overflow_skips
 
 
@@ -81,6 +82,10 @@ class Engine:
         self.steps_seen = 0
         self.last_window: dict[str, Any] | None = None
         self.closed = False
+        self.last_finite: tf.Tensor | None = None
+        self.last_alerts: list[alerts_lib.Alert] = []
+        self.on_alert = None
+        self._no_gradient_reported: set[str] = set()
 
     # ------------------------------------------------------------ binding
 
@@ -269,6 +274,9 @@ class Engine:
             clip_global, clip_global_scale, clip_any, clip_threshold = nan, nan, tf.constant(False), nan
         nonfinite_step = tf.reduce_any(var_nonfinite > 0.0)
         skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
+        # The fronts use this to keep a non-finite step's update from being applied.
+        self.last_finite = tf.logical_not(nonfinite_step)
+        step_loss, loss_state = self._step_loss(context, loss_delta)
         self.window.fold(
             StepValues(
                 l2=columns.l2,
@@ -285,13 +293,14 @@ class Engine:
                 global_l2=global_l2,
                 nonfinite_step=nonfinite_step,
                 skipped=skipped,
-                loss=self._step_loss(context, loss_delta),
+                loss=step_loss,
                 learning_rate=context.learning_rate if context.learning_rate is not None else nan,
                 loss_scale=context.loss_scale if context.loss_scale is not None else nan,
                 clip_l2=clip_global,
                 clip_scale=clip_global_scale,
                 clip_fired=clip_any,
                 clip_threshold=clip_threshold,
+                loss_state=loss_state,
             ),
             sampled,
         )
@@ -343,17 +352,21 @@ class Engine:
         return tf.stack([delta_total, delta_count])
 
     @staticmethod
-    def _step_loss(context: StepContext, loss_delta: tf.Tensor | None) -> tf.Tensor:
+    def _step_loss(context: StepContext, loss_delta: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(loss, state): the step's mean loss (NaN when unknown) and 1.0 when it is
+        known and non-finite, 0.0 when finite, -1.0 when unknown."""
+        nan = tf.constant(float("nan"), tf.float64)
         if context.loss is not None:
-            return tf.cast(tf.reduce_mean(context.loss), tf.float64)
-        if loss_delta is not None:
+            loss = tf.cast(tf.reduce_mean(context.loss), tf.float64)
+            known = tf.constant(True)
+        elif loss_delta is not None:
             delta_total, delta_count = tf.unstack(loss_delta, num=2)
-            return tf.where(
-                delta_count > 0,
-                delta_total / tf.where(delta_count > 0, delta_count, 1.0),
-                tf.constant(float("nan"), tf.float64),
-            )
-        return tf.constant(float("nan"), tf.float64)
+            known = delta_count > 0
+            loss = tf.where(known, delta_total / tf.where(known, delta_count, 1.0), nan)
+        else:
+            return nan, tf.constant(-1.0, tf.float64)
+        state = tf.where(known, tf.where(tf.math.is_finite(loss), 0.0, 1.0), -1.0)
+        return loss, tf.cast(state, tf.float64)
 
     # --------------------------------------------------------------- host
 
@@ -395,10 +408,42 @@ class Engine:
         self.steps_seen += int(glob["steps"])
         self.windows_written += 1
         self.last_window = window_row
+        alerts = self._alerts(window_row, per_var, stats_rows)
+        self.last_alerts = alerts
         if self._sink is not None:
             first_step = int(glob["last_step"]) - int(glob["steps"]) + 1
             self._sink.write(window_row, stats_rows, layer_rows, first_step)
+            self._sink.write_alerts([a.to_row() for a in alerts])
+        for alert in alerts:
+            level = {"info": logging.INFO, "warning": logging.WARNING}.get(alert.severity, logging.ERROR)
+            logger.log(level, "gradwatch %s at step %d: %s", alert.kind, alert.step, alert.message)
+            if self.on_alert is not None:
+                self.on_alert(alert.to_row())
         return window_row
+
+    def _alerts(self, window_row, per_var, stats_rows) -> list[alerts_lib.Alert]:
+        alerts = []
+        nonfinite = alerts_lib.nonfinite_alert(
+            window_row,
+            per_var["nonfinite_at_first"],
+            self.topology,
+            loss_scale_optimizer=bool(self.run_info.get("optimizer", {}).get("loss_scale_optimizer")),
+        )
+        if nonfinite is not None:
+            alerts.append(nonfinite)
+        for row in stats_rows:
+            if row["grad_steps"] == 0 and row["variable"] not in self._no_gradient_reported:
+                self._no_gradient_reported.add(row["variable"])
+                alerts.append(
+                    alerts_lib.Alert(
+                        window_row["step"], row["layer"], row["variable"], "no_gradient", "warning",
+                        0.0, 0.0,
+                        f"Variable {row['variable']!r} got no gradient (None): it is trainable but "
+                        "disconnected from the loss.",
+                        alerts_lib.HINTS["no_gradient"],
+                    )
+                )
+        return alerts
 
     def close(self) -> None:
         if self._sink is not None:

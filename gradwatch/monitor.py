@@ -11,6 +11,7 @@ import keras
 
 from gradwatch import _keras_internals as internals
 from gradwatch import topology as topology_lib
+from gradwatch.alerts import NonFiniteGradientError
 from gradwatch.engine import Engine, StepContext
 from gradwatch.options import Options
 
@@ -64,6 +65,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self.on_alert = on_alert
+        self.stop_requested = False
         self._engine: Engine | None = None
         self._optimizer: Any = None
         self._variables: list[Any] = []
@@ -123,6 +125,7 @@ class GradientMonitor(keras.callbacks.Callback):
             if self._engine is not None:
                 self._engine.close()
             self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy))
+            self._engine.on_alert = self.on_alert
             self._engine.bind(topology, variables, strategy=strategy)
             self._variables = variables
         self._engine.closed = False
@@ -146,6 +149,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._steps_since_read += max(1, batch - self._batch_begin + 1)
         if self._steps_since_read >= self.options.log_every:
             self._read()
+        elif self.options.on_nonfinite in ("stop", "raise") and self._engine.window.has_nonfinite():
+            # These modes act at once: one scalar read per batch instead of waiting
+            # for the next window.
+            self._read()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
@@ -164,6 +171,24 @@ class GradientMonitor(keras.callbacks.Callback):
     def _read(self) -> None:
         self._steps_since_read = 0
         self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
+        self._react(self._engine.last_alerts)
+
+    def _react(self, alerts) -> None:
+        for alert in alerts:
+            if alert.kind != "nonfinite_gradient" or alert.severity != "error":
+                continue
+            mode = self.options.on_nonfinite
+            if mode == "raise":
+                if self._active:
+                    self._finish()
+                raise NonFiniteGradientError(alert.message + " " + alert.hint)
+            if mode == "stop":
+                self.model.stop_training = True
+                warnings.warn(alert.message + " Training stopped (on_nonfinite='stop').",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                suffix = " The update was skipped." if mode == "skip_step" else ""
+                warnings.warn(alert.message + suffix + " " + alert.hint, RuntimeWarning, stacklevel=3)
 
     def _finish(self) -> None:
         """Final read, tap removed, files closed: the model is left as it was found."""
@@ -213,18 +238,32 @@ class GradientMonitor(keras.callbacks.Callback):
             i for i, v in enumerate(trainable_variables)
             if internals.variable_key(v) in engine._index
         ]
+        loss_scaled = internals.is_loss_scale_optimizer(optimizer)
+        guard = self.options.on_nonfinite != "warn"
         context = StepContext(
             learning_rate=internals.learning_rate(optimizer),
             loss_scale=internals.loss_scale(optimizer),
             iterations=internals.iterations(optimizer),
             loss_totals=internals.loss_tracker_totals(self.model),
-            overflow_skips=internals.is_loss_scale_optimizer(optimizer),
+            overflow_skips=loss_scaled or guard,
         )
         observed = engine.observe(
             [grads[i] for i in watched], [trainable_variables[i] for i in watched], context
         )
         for k, i in enumerate(watched):
             grads[i] = observed[k]
+        finite = engine.last_finite
+        if loss_scaled:
+            # The LossScaleOptimizer skips non-finite steps itself (and lowers its
+            # scale); under several replicas make sure it sees what any replica saw.
+            if internals.replicas_to_reduce() is not None:
+                grads = internals.poison_unless_finite(grads, finite)
+            return original_apply(grads, trainable_variables)
+        if guard:
+            # skip_step, stop and raise: the host learns of a NaN only later, so the
+            # update of a non-finite step is never applied (weights and optimizer
+            # state untouched, on every replica).
+            return internals.apply_if_finite(original_apply, grads, trainable_variables, finite)
         return original_apply(grads, trainable_variables)
 
     @staticmethod

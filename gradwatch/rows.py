@@ -45,6 +45,9 @@ def build_rows(
         "clip_scale_min": _finite(glob["clip_scale_min"]),
         "clip_fraction": glob["clip_fired_steps"] / steps if clipping else float("nan"),
         "clip_threshold": glob["clip_threshold_last"],
+        "nonfinite_loss_at_first": (
+            int(glob["loss_nonfinite_at_first"]) if glob["loss_nonfinite_at_first"] >= 0 else None
+        ),
     }
     assert tuple(window_row) == WINDOW_COLUMNS
     grad_steps = per_var["grad_steps"]
@@ -58,7 +61,8 @@ def build_rows(
     max_abs, mean_abs, zero_frac = per_var["max_abs"], per_var["mean_abs"], per_var["zero_frac"]
     with np.errstate(invalid="ignore", divide="ignore"):
         clip_scale_min = np.where(has & clipping, per_var["clip_scale_min"], nan)
-        clip_fraction = np.where(has & clipping, per_var["clip_fired_sum"] / np.where(has, grad_steps, 1), nan)
+        fired_share = per_var["clip_fired_sum"] / np.where(has, grad_steps, 1)
+        clip_fraction = np.where(has & clipping, fired_share, nan)
     stats_rows = []
     columns = [(info.layer, info.name) for info in topology.variables]
     columns += [(layer.name, LAYER_VARIABLE) for layer in topology.layers]

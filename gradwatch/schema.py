@@ -32,6 +32,7 @@ WINDOW_COLUMNS: tuple[str, ...] = (
     "clip_scale_min",  # smallest post/pre-clip global norm ratio in the window
     "clip_fraction",  # fraction of the window's steps on which clipping changed a gradient
     "clip_threshold",  # the clip bound at the last step (Percentile's moves; NaN if per unit)
+    "nonfinite_loss_at_first",  # at first_nonfinite_step: 1 loss was non-finite, 0 finite, empty unknown
 )
 
 #: One row per (window, variable), tidy long form.
@@ -95,6 +96,7 @@ VAR_ACCUMULATORS: tuple[str, ...] = (
     "zero_frac",
     "clip_scale_min",
     "clip_fired_sum",
+    "nonfinite_at_first",  # non-finite entries at the window's first non-finite step
 )
 
 #: The window globals kept in-graph, in this order.
@@ -117,4 +119,5 @@ GLOBAL_ACCUMULATORS: tuple[str, ...] = (
     "clip_scale_min",
     "clip_fired_steps",
     "clip_threshold_last",
+    "loss_nonfinite_at_first",  # at the first non-finite step: 1 loss non-finite, 0 finite, -1 unknown
 )

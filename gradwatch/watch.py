@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from gradwatch import _keras_internals as internals
 from gradwatch import topology as topology_lib
+from gradwatch.alerts import NonFiniteGradientError
 from gradwatch.engine import Engine, StepContext
 from gradwatch.options import Options
 from gradwatch.schema import WINDOWS_FILE
@@ -55,6 +56,7 @@ class Watch:
         append: bool = False,
         names: Sequence[str] | Mapping[Any, str] | None = None,
         model: Any = None,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.options = Options(
             log_dir=log_dir,
@@ -71,7 +73,12 @@ class Watch:
         self._names = names
         self._model = model
         internals.check_backend()
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self._engine = Engine(self.options, run_info={"front": "Watch"})
+        self._engine.on_alert = on_alert
+        #: Set when a non-finite gradient was seen with on_nonfinite="stop": end your loop.
+        self.stop_requested = False
         self._steps_since_read = 0
         self._eager_observe = None
         self._closed = False
@@ -114,12 +121,38 @@ class Watch:
             # Eager callers get the same fused graph, traced once per variable set.
             if self._eager_observe is None:
                 self._eager_observe = tf.function(self._observe_in_graph)
-            return self._eager_observe(grads, slots, loss)
-        return self._observe_in_graph(grads, slots, loss)
+            observed, finite = self._eager_observe(grads, slots, loss)
+            self._engine.last_finite = finite
+            return observed
+        return self._observe_in_graph(grads, slots, loss)[0]
 
     @tf.autograph.experimental.do_not_convert
     def _observe_in_graph(self, grads, slots, loss):
-        return self._engine.observe_slots(grads, slots, StepContext(loss=loss))
+        context = StepContext(loss=loss, overflow_skips=self.options.on_nonfinite != "warn")
+        observed = self._engine.observe_slots(grads, slots, context)
+        return observed, self._engine.last_finite
+
+    @tf.autograph.experimental.do_not_convert
+    def apply(self, optimizer: Any, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """``optimizer.apply_gradients(zip(grads, variables))``, except that with
+        ``on_nonfinite`` "skip_step", "stop" or "raise" a step whose gradient had a
+        NaN/Inf is not applied at all (weights and optimizer state untouched).
+
+        Call it after ``observe`` in the same step (inside or outside ``tf.function``).
+        """
+        grads, variables = list(grads), list(variables)
+
+        def apply_fn(grads, variables):
+            optimizer.apply_gradients(zip(grads, variables))
+
+        finite = self._engine.last_finite
+        if self.options.on_nonfinite == "warn" or finite is None:
+            apply_fn(grads, variables)
+        elif tf.executing_eagerly():
+            if bool(finite):
+                apply_fn(grads, variables)
+        else:
+            internals.apply_if_finite(apply_fn, grads, variables, finite)
 
     def _bind(self, variables: list[Any]) -> None:
         names = self._names
@@ -155,13 +188,27 @@ class Watch:
         if self._closed:
             raise RuntimeError("Watch.step_end() called after close(); create a new Watch.")
         self._steps_since_read += 1
-        if self._steps_since_read >= self.options.log_every:
+        if self._steps_since_read >= self.options.log_every or (
+            self.options.on_nonfinite in ("stop", "raise") and self._engine.window.has_nonfinite()
+        ):
             return self._read(loss)
         return None
 
     def _read(self, loss: float | None = None) -> dict[str, Any] | None:
         self._steps_since_read = 0
-        return self._engine.read(fallback_loss=loss)
+        row = self._engine.read(fallback_loss=loss)
+        for alert in self._engine.last_alerts:
+            if alert.kind != "nonfinite_gradient" or alert.severity != "error":
+                continue
+            mode = self.options.on_nonfinite
+            if mode == "raise":
+                raise NonFiniteGradientError(alert.message + " " + alert.hint)
+            if mode == "stop":
+                self.stop_requested = True
+            suffix = {"skip_step": " The update was skipped (Watch.apply).",
+                      "stop": " Stop requested (watch.stop_requested)."}.get(mode, "")
+            warnings.warn(alert.message + suffix + " " + alert.hint, RuntimeWarning, stacklevel=3)
+        return row
 
     def flush(self) -> dict[str, Any] | None:
         """Writes the steps observed since the last write now."""

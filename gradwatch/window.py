@@ -53,6 +53,7 @@ def _global_reset_values() -> np.ndarray:
     values[_G["clip_scale_min"]] = np.inf
     values[_G["clip_l2_max"]] = -np.inf
     values[_G["first_nonfinite_step"]] = -1.0
+    values[_G["loss_nonfinite_at_first"]] = -1.0
     for name in (
         "global_l2_last", "learning_rate_last", "loss_scale_last", "clip_l2_last", "clip_threshold_last"
     ):
@@ -87,6 +88,7 @@ class StepGlobals(NamedTuple):
     clip_scale: tf.Tensor  # post/pre ratio (NaN: no clip)
     clip_fired: tf.Tensor  # bool
     clip_threshold: tf.Tensor
+    loss_state: tf.Tensor  # 1.0 loss non-finite, 0.0 finite, -1.0 unknown
 
 
 class Window:
@@ -120,6 +122,10 @@ class Window:
         """True on the first step of a window: the step whose full stats are sampled."""
         return tf.equal(self.global_acc[_G["steps"]], 0.0)
 
+    def has_nonfinite(self) -> bool:
+        """Host side: whether the current window saw a non-finite step (one scalar read)."""
+        return bool(self.global_acc[_G["nonfinite_steps"]].numpy() > 0)
+
     def fold(self, values: StepValues, scalars: StepGlobals, sampled: tf.Tensor) -> None:
         """Folds one step into the window (in-graph)."""
         f64 = tf.float64
@@ -149,9 +155,13 @@ class Window:
                 acc[10] + tf.cast(values.clip_fired, f64) * present,
             ]
         )
-        self.var_acc.assign(tf.concat([new_tracked, new_sums, new_sampled, new_clip], axis=0))
-
         old = self.global_acc.read_value()
+        first_event = tf.cast(scalars.nonfinite_step, tf.bool) & (old[_G["first_nonfinite_step"]] < 0.0)
+        new_first = tf.where(first_event, tf.cast(values.nonfinite, f64), acc[11])[None, :]
+        self.var_acc.assign(
+            tf.concat([new_tracked, new_sums, new_sampled, new_clip, new_first], axis=0)
+        )
+
         step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
         nonfinite = tf.cast(scalars.nonfinite_step, f64)
@@ -179,6 +189,8 @@ class Window:
                 tf.cast(scalars.clip_scale, f64),
                 tf.cast(scalars.clip_fired, f64),
                 tf.cast(scalars.clip_threshold, f64),
+                tf.where(first_event, tf.cast(scalars.loss_state, f64),
+                         old[_G["loss_nonfinite_at_first"]]),
             ]
         )
         new = tf.where(
