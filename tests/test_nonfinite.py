@@ -127,8 +127,8 @@ def test_stop_ends_training_with_finite_weights(log_dir):
     model = _mlp()
     model.compile(keras.optimizers.SGD(0.01), "mse")
     with pytest.warns(RuntimeWarning, match="Training stopped"):
-        history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
-                            callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=10, on_nonfinite="stop")])
+        monitor = gw.GradientMonitor(log_dir=log_dir, log_every=10, on_nonfinite="stop")
+        history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[monitor])
     assert len(history.history["loss"]) == 1
     assert all(np.isfinite(w).all() for w in model.get_weights())
     windows = gw.read_windows(log_dir)
