@@ -40,3 +40,12 @@ def test_mirrored_clipping_clips_the_global_gradient(tmp_path):
     assert result["replicas_agree"]
     assert result["clip_global_l2"] == pytest.approx([0.5, 0.5], rel=1e-5)
     assert min(result["clip_fraction"]) > 0
+
+
+@pytest.mark.slow
+def test_mirrored_mixed_precision_inf_in_one_replica_is_skipped_everywhere(tmp_path):
+    result = _run(str(tmp_path / "run"), "mixed_inf")
+    assert result["finite_everywhere"], "no replica's weights became non-finite"
+    assert result["nonfinite_steps"][1] == 1 and sum(result["nonfinite_steps"]) == 1
+    assert result["alert_steps"] == [2] and result["alert_kinds"] == ["nonfinite_gradient"]
+    assert result["iterations"] == 2  # the bad step was not applied

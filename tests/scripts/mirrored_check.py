@@ -107,8 +107,44 @@ def clipped(log_dir):
     print("RESULT " + json.dumps(result))
 
 
+def mixed_inf(log_dir):
+    """mixed_float16 + Mirrored, an Inf in one replica's half of batch 2, skip_step."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(48, 6)).astype("float32")
+    y = rng.normal(size=(48, 1)).astype("float32")
+    x[16 + 8 : 16 + 10] = np.inf  # only the second replica's share of the second batch
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build(0)
+        model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=16, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=1, on_nonfinite="skip_step")])
+    finite_everywhere = all(
+        np.isfinite(np.asarray(t)).all()
+        for v in model.trainable_variables
+        for t in strategy.experimental_local_results(v.value)
+    )
+    windows = gw.read_windows(log_dir)
+    alerts = gw.read_alerts(log_dir)
+    result = {
+        "finite_everywhere": bool(finite_everywhere),
+        "nonfinite_steps": list(windows.nonfinite_steps),
+        "alert_steps": [int(s) for s in alerts.step],
+        "alert_kinds": list(alerts.kind),
+        "iterations": int(model.optimizer.iterations.numpy()),
+    }
+    print("RESULT " + json.dumps(result))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[2] == "clip":
+    if len(sys.argv) > 2 and sys.argv[2] == "mixed_inf":
+        mixed_inf(sys.argv[1])
+    elif len(sys.argv) > 2 and sys.argv[2] == "clip":
         clipped(sys.argv[1])
     else:
         main(sys.argv[1])
