@@ -86,6 +86,9 @@ class Engine:
         self.last_alerts: list[alerts_lib.Alert] = []
         self.on_alert = None
         self._no_gradient_reported: set[str] = set()
+        self._compiled_fns: dict[Any, Any] = {}
+        # XLA for the small-tensor work of each step (see _compiled).
+        self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"
 
     # ------------------------------------------------------------ binding
 
@@ -205,38 +208,118 @@ class Engine:
             stat_grads = present_grads
 
         num_present = len(present)
-        sampled = self.window.is_empty()
         if num_present:
-            groups = stats_lib.group_gradients(stat_grads)
-            sum_sq = stats_lib.sum_of_squares(groups)
-            inexact = stats_lib.needs_full_stats(sum_sq)
-            # The full pass (max, mean, zeros, exact non-finite count) runs on the
-            # window's sampled step, and on any step whose cheap norm is not exact.
-            full = tf.cond(
-                sampled | tf.reduce_any(inexact),
-                lambda: tf.stack(list(stats_lib.full_stats(groups))),
-                lambda: tf.zeros([len(stats_lib.GradStats._fields), num_present], tf.float32),
-            )
-            full_l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(full, num=5)
-            l2 = tf.where(inexact, full_l2, tf.sqrt(sum_sq))
-            if context.loss_scale is not None:
-                inverse_scale = 1.0 / context.loss_scale
-                l2, max_abs, mean_abs = l2 * inverse_scale, max_abs * inverse_scale, mean_abs * inverse_scale
+            stacked = self._present_stats(stat_grads, context.loss_scale)
+            l2 = stacked[0]
             clip_scale, clip_fired = tf.ones_like(l2), tf.zeros_like(l2)
+            clip_threshold = tf.constant(float("nan"))
             if self.clip is not None:
                 clipped, clip_scale, clip_fired, clip_threshold = self._clip(
                     stat_grads, [slots[i] for i in present], l2, context, replica_context
                 )
                 for k, i in enumerate(present):
                     grads[i] = clipped[k]
-            stacked = tf.stack([l2, nonfinite, max_abs, mean_abs, zero_frac, clip_scale, clip_fired])
+            stacked = tf.concat([stacked, tf.stack([clip_scale, clip_fired])], axis=0)
         else:
             stacked = tf.zeros([7, 0], tf.float32)
+            clip_threshold = tf.constant(float("nan"))
         # Spread the present gradients' values over all watched variables.
-        num_vars = len(self._index)
-        perm = [num_present] * num_vars
+        perm = [num_present] * len(self._index)
         for k, i in enumerate(present):
             perm[slots[i]] = k
+        nan = tf.constant(float("nan"))
+        step_loss, loss_state = self._step_loss(context, loss_delta)
+        scalars = tf.stack(
+            [
+                tf.cast(step_loss, tf.float32),
+                tf.cast(loss_state, tf.float32),
+                tf.cast(context.learning_rate, tf.float32) if context.learning_rate is not None else nan,
+                tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None else nan,
+                tf.cast(clip_threshold, tf.float32),
+            ]
+        )
+        # loss is folded in float64 from here on; float32 is exact enough for a mean loss.
+        iterations = (
+            tf.cast(context.iterations, tf.int64) if context.iterations is not None
+            else tf.constant(-1, tf.int64)
+        )
+        fold = self._compiled(
+            ("fold", tuple(perm), context.overflow_skips, context.iterations is not None),
+            lambda stacked, scalars, iterations: self._fold_step(
+                stacked, scalars, iterations, perm, context.overflow_skips,
+                context.iterations is not None,
+            ),
+        )
+        self.last_finite = fold(stacked, scalars, iterations)
+        return grads
+
+    def _compiled(self, key, fn):
+        """``fn`` as one XLA cluster (a handful of launches instead of ~200 small
+        ops per step), cached per static key; plain graph under several replicas."""
+        if internals.replicas_to_reduce() is not None or not self._jit:
+            # Mirrored variables are written through merge_call, which a nested
+            # tf.function cannot hold: inline under several replicas.
+            return fn
+        cached = self._compiled_fns.get(key)
+        if cached is None:
+            cached = tf.function(fn, jit_compile=True, autograph=False)
+            self._compiled_fns[key] = cached
+        return cached
+
+    def _present_stats(self, stat_grads, loss_scale) -> tf.Tensor:
+        """[5, n] float32: l2, nonfinite, max_abs, mean_abs, zero_frac of each gradient."""
+        groups = stats_lib.group_gradients(stat_grads)
+        dense = [g for g in groups.groups if g.matrix.shape.is_fully_defined()]
+        sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
+        # The sum of squares is one Eigen pass (faster than XLA's CPU reduction).
+        sum_sq = tuple(tf.reduce_sum(tf.square(g.matrix), axis=1) for g in dense)
+        # Sparse gradients have a data-dependent row count: their full stats are
+        # computed here, every step (they hold only the touched rows).
+        sparse_stats = tuple(tf.stack(list(stats_lib.full_stats(stats_lib.Groups(
+            (g,), None, len(g.positions))))) for g in sparse)
+        dense_info = tuple((g.dense_size, g.positions) for g in dense)
+        order = [p for g in dense for p in g.positions] + [p for g in sparse for p in g.positions]
+        inverse = [0] * len(order)
+        for slot, position in enumerate(order):
+            inverse[position] = slot
+        inv_scale = (1.0 / loss_scale) if loss_scale is not None else tf.constant(1.0)
+
+        def finish(matrices, sum_sq, sparse_stats, inv_scale):
+            sampled = self.window.is_empty()
+            parts = []
+            if matrices:
+                dense_groups = stats_lib.Groups(
+                    tuple(stats_lib.Group(m, size, pos) for m, (size, pos) in zip(matrices, dense_info)),
+                    None, sum(len(pos) for _, pos in dense_info),
+                )
+                squares = tf.concat(sum_sq, axis=0)
+                inexact = stats_lib.needs_full_stats(squares)
+                # The full pass (max, mean, zeros, exact non-finite count) runs on the
+                # window's sampled step, and on any step whose cheap norm is not exact.
+                full = tf.cond(
+                    sampled | tf.reduce_any(inexact),
+                    lambda: tf.stack(list(stats_lib.full_stats(dense_groups))),
+                    lambda: tf.zeros([5, dense_groups.count], tf.float32),
+                )
+                l2 = tf.where(inexact, full[0], tf.sqrt(squares))
+                parts.append(tf.stack([l2, full[1], full[2], full[3], full[4]]))
+            parts.extend(sparse_stats)
+            joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+            if inverse != list(range(len(inverse))):
+                joined = tf.gather(joined, tf.constant(inverse, tf.int32), axis=1)
+            l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(joined, num=5)
+            return tf.stack(
+                [l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac]
+            )
+
+        key = ("stats", dense_info, tuple(g.positions for g in sparse), tuple(inverse))
+        return self._compiled(key, finish)(
+            tuple(g.matrix for g in dense), sum_sq, sparse_stats, tf.cast(inv_scale, tf.float32)
+        )
+
+    def _fold_step(self, stacked, scalars, iterations, perm, skips, has_iterations):
+        """Everything after the big-tensor passes, on [7, n] per-gradient values."""
+        num_present = int(stacked.shape[1])
         padded = tf.concat([stacked, tf.zeros([7, 1], tf.float32)], axis=1)
         (
             var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac, var_scale, var_fired
@@ -245,38 +328,30 @@ class Engine:
         var_stats = stats_lib.GradStats(var_l2, var_max_abs, var_mean_abs, var_zero_frac, var_nonfinite)
         segment_ids = tf.constant(self._segment_ids, tf.int32)
         layer_stats, layer_present = stats_lib.layer_stats(
-            var_stats,
-            var_present,
-            segment_ids,
-            tf.constant(self._sizes, tf.float32),
-            self._num_layers,
+            var_stats, var_present, segment_ids, tf.constant(self._sizes, tf.float32), self._num_layers
         )
         columns = stats_lib.GradStats(
             *[tf.concat([var, lay], axis=0) for var, lay in zip(var_stats, layer_stats)]
         )
         global_l2 = stats_lib.global_norm(var_l2)
+        step_loss, loss_state, learning_rate, loss_scale, clip_threshold = tf.unstack(scalars, num=5)
         nan = tf.constant(float("nan"))
         if self.clip is not None:
             post_l2 = var_l2 * var_scale
             layer_post = stats_lib.segment_norm(post_l2, segment_ids, self._num_layers)
-            layer_scale = tf.where(layer_stats.l2 > 0.0, layer_post / tf.where(
-                layer_stats.l2 > 0.0, layer_stats.l2, 1.0), 1.0)
+            safe_layer = tf.where(layer_stats.l2 > 0.0, layer_stats.l2, 1.0)
+            layer_scale = tf.where(layer_stats.l2 > 0.0, layer_post / safe_layer, 1.0)
             layer_fired = tf.math.unsorted_segment_max(var_fired, segment_ids, self._num_layers)
             clip_global = stats_lib.global_norm(post_l2)
-            clip_global_scale = tf.where(global_l2 > 0.0, clip_global / tf.where(
-                global_l2 > 0.0, global_l2, 1.0), 1.0)
+            safe_global = tf.where(global_l2 > 0.0, global_l2, 1.0)
+            clip_global_scale = tf.where(global_l2 > 0.0, clip_global / safe_global, 1.0)
             clip_any = tf.reduce_any(var_fired > 0.0)
-            if not num_present:
-                clip_threshold = nan
         else:
             layer_scale = tf.ones([self._num_layers])
             layer_fired = tf.zeros([self._num_layers])
-            clip_global, clip_global_scale, clip_any, clip_threshold = nan, nan, tf.constant(False), nan
+            clip_global, clip_global_scale, clip_any = nan, nan, tf.constant(False)
         nonfinite_step = tf.reduce_any(var_nonfinite > 0.0)
-        skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
-        # The fronts use this to keep a non-finite step's update from being applied.
-        self.last_finite = tf.logical_not(nonfinite_step)
-        step_loss, loss_state = self._step_loss(context, loss_delta)
+        skipped = nonfinite_step if skips else tf.constant(False)
         self.window.fold(
             StepValues(
                 l2=columns.l2,
@@ -289,22 +364,22 @@ class Engine:
                 clip_fired=tf.concat([var_fired, layer_fired], axis=0),
             ),
             StepGlobals(
-                step=self._next_step(context.iterations),
+                step=self._next_step(iterations if has_iterations else None),
                 global_l2=global_l2,
                 nonfinite_step=nonfinite_step,
                 skipped=skipped,
                 loss=step_loss,
-                learning_rate=context.learning_rate if context.learning_rate is not None else nan,
-                loss_scale=context.loss_scale if context.loss_scale is not None else nan,
+                learning_rate=learning_rate,
+                loss_scale=loss_scale,
                 clip_l2=clip_global,
                 clip_scale=clip_global_scale,
                 clip_fired=clip_any,
                 clip_threshold=clip_threshold,
                 loss_state=loss_state,
             ),
-            sampled,
+            self.window.is_empty(),
         )
-        return grads
+        return tf.logical_not(nonfinite_step)
 
     def _clip(self, stat_grads, slots, l2, context, replica_context):
         """Clips the (global, unscaled) gradients; returns what the optimizer gets."""
