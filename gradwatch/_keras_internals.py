@@ -276,6 +276,27 @@ def current_strategy() -> tf.distribute.Strategy | None:
     return None
 
 
+SUPPORTED_STRATEGIES = (
+    "OneDeviceStrategy",
+    "MirroredStrategy",
+    "MultiWorkerMirroredStrategy",
+    "CollectiveAllReduceStrategy",  # MultiWorkerMirroredStrategy's implementation class
+)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raises a clear error for a tf.distribute strategy gradwatch was not built for."""
+    if strategy is None:
+        return
+    name = type(strategy).__name__
+    if name not in SUPPORTED_STRATEGIES:
+        raise ValueError(
+            f"gradwatch supports the default strategy, {', '.join(SUPPORTED_STRATEGIES[:3])}; "
+            f"the model runs under {name}, whose gradient aggregation it has not been checked "
+            "against. Train without gradwatch under this strategy, or under one of those."
+        )
+
+
 def model_strategy(model: Any) -> tf.distribute.Strategy | None:
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is None:
@@ -286,6 +307,24 @@ def model_strategy(model: Any) -> tf.distribute.Strategy | None:
     if type(strategy).__name__ in ("_DefaultDistributionStrategy",):
         return None
     return strategy
+
+
+def replica_variable(initial_value: Any, name: str, strategy: Any = None) -> tf.Variable:
+    """A gradwatch-owned variable that every replica may write in-graph.
+
+    Created outside any trace (``init_scope``) and, under a strategy, mirrored
+    with the first replica's write kept: gradwatch only writes values derived
+    from all-reduced gradients, which are the same on every replica.
+    """
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with tf.init_scope(), scope:
+        return tf.Variable(
+            initial_value,
+            name=name,
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_WRITE,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
 
 
 def replicas_to_reduce() -> tf.distribute.ReplicaContext | None:

@@ -123,3 +123,20 @@ def nonfinite_alert(
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``on_nonfinite="raise"``; the message names the layer and step."""
+
+
+def nonfinite_action(alerts: list[Alert], mode: str, stop_note: str) -> tuple[str, str] | None:
+    """What a front does about a window's non-finite gradient error, if any.
+
+    Returns ``(action, message)`` with action "raise", "stop" or "warn", or None.
+    """
+    for alert in alerts:
+        if alert.kind != "nonfinite_gradient" or alert.severity != "error":
+            continue
+        if mode == "raise":
+            return "raise", f"{alert.message} {alert.hint}"
+        if mode == "stop":
+            return "stop", f"{alert.message} {stop_note} {alert.hint}"
+        suffix = " The update was skipped." if mode == "skip_step" else ""
+        return "warn", f"{alert.message}{suffix} {alert.hint}"
+    return None

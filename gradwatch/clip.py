@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -261,15 +260,10 @@ class Percentile(Clip):
     def build(self, strategy=None):
         if self._norms is not None:
             return
-        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-        kwargs = dict(
-            trainable=False,
-            synchronization=tf.VariableSynchronization.ON_WRITE,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
-        with tf.init_scope(), scope:
-            self._norms = tf.Variable(tf.zeros([self.history]), name="gradwatch_autoclip", **kwargs)
-            self._count = tf.Variable(tf.constant(0, tf.int64), name="gradwatch_autoclip_n", **kwargs)
+        from gradwatch._keras_internals import replica_variable
+
+        self._norms = replica_variable(tf.zeros([self.history]), "gradwatch_autoclip", strategy)
+        self._count = replica_variable(tf.constant(0, tf.int64), "gradwatch_autoclip_n", strategy)
 
     def threshold_after(self, norm: tf.Tensor) -> tf.Tensor:
         """Records ``norm`` (if finite) and returns the p-th percentile of the history."""

@@ -116,16 +116,11 @@ class Engine:
         self._num_layers = len(topology.layers)
         # Columns: the variables, then their layers (aggregated in-graph).
         self.window = Window(len(variables) + self._num_layers, strategy)
-        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-        kwargs = dict(
-            trainable=False,
-            synchronization=tf.VariableSynchronization.ON_WRITE,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        self._state = internals.replica_variable(
+            np.array([start_step, 0, -1], np.int64), "gradwatch_step_state", strategy
         )
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with tf.init_scope(), scope:
-            self._state = tf.Variable(
-                np.array([start_step, 0, -1], np.int64), name="gradwatch_step_state", **kwargs
-            )
             # Each replica remembers its own loss-tracker totals (the tracker is
             # per replica), so this one is synchronised on read.
             self._loss_state = tf.Variable(

@@ -11,7 +11,7 @@ import keras
 
 from gradwatch import _keras_internals as internals
 from gradwatch import topology as topology_lib
-from gradwatch.alerts import NonFiniteGradientError
+from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch.engine import Engine, StepContext
 from gradwatch.options import Options
 
@@ -120,6 +120,7 @@ class GradientMonitor(keras.callbacks.Callback):
             )
         self._fits += 1
         strategy = internals.model_strategy(model)
+        internals.check_strategy(strategy)
         if self._engine is None or [id(v) for v in variables] != [id(v) for v in self._variables]:
             topology = topology_lib.from_model(model, variables)
             if self._engine is not None:
@@ -174,21 +175,19 @@ class GradientMonitor(keras.callbacks.Callback):
         self._react(self._engine.last_alerts)
 
     def _react(self, alerts) -> None:
-        for alert in alerts:
-            if alert.kind != "nonfinite_gradient" or alert.severity != "error":
-                continue
-            mode = self.options.on_nonfinite
-            if mode == "raise":
-                if self._active:
-                    self._finish()
-                raise NonFiniteGradientError(alert.message + " " + alert.hint)
-            if mode == "stop":
-                self.model.stop_training = True
-                warnings.warn(alert.message + " Training stopped (on_nonfinite='stop').",
-                              RuntimeWarning, stacklevel=3)
-            else:
-                suffix = " The update was skipped." if mode == "skip_step" else ""
-                warnings.warn(alert.message + suffix + " " + alert.hint, RuntimeWarning, stacklevel=3)
+        action = nonfinite_action(
+            alerts, self.options.on_nonfinite, "Training stopped (on_nonfinite='stop')."
+        )
+        if action is None:
+            return
+        kind, message = action
+        if kind == "raise":
+            if self._active:
+                self._finish()
+            raise NonFiniteGradientError(message)
+        if kind == "stop":
+            self.model.stop_training = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _finish(self) -> None:
         """Final read, tap removed, files closed: the model is left as it was found."""

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from gradwatch import _keras_internals as internals
 from gradwatch import topology as topology_lib
-from gradwatch.alerts import NonFiniteGradientError
+from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch.engine import Engine, StepContext
 from gradwatch.options import Options
 from gradwatch.schema import WINDOWS_FILE
@@ -177,7 +177,9 @@ class Watch:
             path = os.path.join(self.options.log_dir, WINDOWS_FILE)
             if os.path.exists(path):
                 start = last_step(path) or 0
-        self._engine.bind(topology, variables, strategy=internals.current_strategy(), start_step=start)
+        strategy = internals.current_strategy()
+        internals.check_strategy(strategy)
+        self._engine.bind(topology, variables, strategy=strategy, start_step=start)
         self._engine.open_sinks()
 
     def step_end(self, loss: float | None = None) -> dict[str, Any] | None:
@@ -197,17 +199,17 @@ class Watch:
     def _read(self, loss: float | None = None) -> dict[str, Any] | None:
         self._steps_since_read = 0
         row = self._engine.read(fallback_loss=loss)
-        for alert in self._engine.last_alerts:
-            if alert.kind != "nonfinite_gradient" or alert.severity != "error":
-                continue
-            mode = self.options.on_nonfinite
-            if mode == "raise":
-                raise NonFiniteGradientError(alert.message + " " + alert.hint)
-            if mode == "stop":
-                self.stop_requested = True
-            suffix = {"skip_step": " The update was skipped (Watch.apply).",
-                      "stop": " Stop requested (watch.stop_requested)."}.get(mode, "")
-            warnings.warn(alert.message + suffix + " " + alert.hint, RuntimeWarning, stacklevel=3)
+        action = nonfinite_action(
+            self._engine.last_alerts,
+            self.options.on_nonfinite,
+            "Stop requested (watch.stop_requested is True).",
+        )
+        if action is not None:
+            kind, message = action
+            if kind == "raise":
+                raise NonFiniteGradientError(message)
+            self.stop_requested = self.stop_requested or kind == "stop"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         return row
 
     def flush(self) -> dict[str, Any] | None:

@@ -9,12 +9,12 @@ nets are bound by the number of ops per step, not by bytes.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
+from gradwatch._keras_internals import replica_variable
 from gradwatch.schema import GLOBAL_ACCUMULATORS, VAR_ACCUMULATORS
 
 _V = {name: i for i, name in enumerate(VAR_ACCUMULATORS)}
@@ -105,17 +105,8 @@ class Window:
         self.num_columns = num_columns
         self._var_reset = _var_reset_values(num_columns)
         self._global_reset = _global_reset_values()
-        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-        with tf.init_scope(), scope:
-            kwargs = dict(
-                trainable=False,
-                synchronization=tf.VariableSynchronization.ON_WRITE,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-            self.var_acc = tf.Variable(self._var_reset, name="gradwatch_var_window", **kwargs)
-            self.global_acc = tf.Variable(
-                self._global_reset, name="gradwatch_global_window", **kwargs
-            )
+        self.var_acc = replica_variable(self._var_reset, "gradwatch_var_window", strategy)
+        self.global_acc = replica_variable(self._global_reset, "gradwatch_global_window", strategy)
         self._read_fn = tf.function(self._read_and_reset)
 
     def is_empty(self) -> tf.Tensor:

@@ -473,3 +473,43 @@ def test_loss_scale_overflow_skips_keep_steps_unique(log_dir):
     assert list(windows.nonfinite_steps) == [0, 1, 0, 0]
     assert int(model.optimizer.iterations.numpy()) == 3  # Keras skipped one update
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_strategy_off_the_allow_list_is_refused_clearly(log_dir):
+    class HomeMadeStrategy(tf.distribute.OneDeviceStrategy):
+        pass
+
+    strategy = HomeMadeStrategy("/cpu:0")
+    with strategy.scope():
+        model = make_mlp()
+        model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = make_data(n=8)
+    with pytest.raises(ValueError, match="MirroredStrategy.*runs under HomeMadeStrategy"):
+        model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir)])
+
+
+def test_one_device_strategy_is_supported(log_dir):
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = make_mlp()
+        model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = make_data(n=16)
+    grads, _ = tape_gradients(model, x, y)
+    model.fit(x, y, batch_size=16, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=1)])
+    stats = gw.read_stats(log_dir)
+    assert list(stats.l2) == pytest.approx([np.linalg.norm(g) for g in grads], rel=1e-5)
+
+
+def test_terminate_on_nan_with_stop_leaves_files_closed_and_flushed(log_dir):
+    x, y = make_data()
+    x[8:16] = np.inf
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=100, on_nonfinite="stop")
+    with pytest.warns(RuntimeWarning):
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[keras.callbacks.TerminateOnNaN(), monitor])
+    assert monitor._engine.closed and not internals.has_apply_tap(model.optimizer)
+    assert int(gw.read_windows(log_dir).steps.sum()) == 2
+    assert list(gw.read_alerts(log_dir).kind) == ["nonfinite_gradient"]
+    assert all(np.isfinite(w).all() for w in model.get_weights())
