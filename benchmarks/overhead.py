@@ -104,7 +104,10 @@ def configurations(log_root):
     def gradwatch_default():
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
 
-    return {"plain": plain, "gradwatch": gradwatch_default}
+    def gradwatch_clip():
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), clip=gw.clip.GlobalNorm(1.0))]
+
+    return {"plain": plain, "gradwatch": gradwatch_default, "gradwatch+clip": gradwatch_clip}
 
 
 def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile):
@@ -168,7 +171,7 @@ def main():
                     }
                 )
                 print(
-                    f"{name:8s} jit={str(jit_compile):5s} {config_name:12s} "
+                    f"{name:8s} jit={str(jit_compile):5s} {config_name:15s} "
                     f"{statistics.median(values) * 1e3:8.2f} ms/step  ratio {ratio:.3f}",
                     flush=True,
                 )

@@ -521,6 +521,3 @@ class Engine:
             self._sink = None
         self.closed = True
 
-
-def default_log_dir() -> str:
-    return os.path.join("runs", "gradwatch")

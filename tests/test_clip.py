@@ -184,6 +184,14 @@ def test_double_clipping_is_refused(tmp_path):
         model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), clip=1.0)])
 
 
+def test_watch_apply_refuses_double_clipping():
+    v = tf.Variable([1.0])
+    watch = gw.Watch(log_dir=None, clip=1.0)
+    grads = watch.observe([tf.constant([5.0])], [v])
+    with pytest.raises(ValueError, match="global_clipnorm=0.5\\). Remove one"):
+        watch.apply(keras.optimizers.SGD(0.1, global_clipnorm=0.5), grads, [v])
+
+
 def test_watch_returns_clipped_gradients(tmp_path):
     variables = [tf.Variable(np.ones(4, "float32")), tf.Variable(np.ones(3, "float32"))]
     grads = [tf.constant([3.0, 0.0, 0.0, 0.0]), tf.constant([4.0, 0.0, 0.0])]
