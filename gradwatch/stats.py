@@ -9,6 +9,9 @@ NaN, so NaN/Inf are masked and counted separately).  Squares are taken of the
 raw magnitudes only while that is safe; when the largest magnitude is tiny or
 huge the norm is recomputed on magnitudes scaled by their maximum, so float16,
 bfloat16 and 1e30-sized float32 gradients neither overflow nor underflow.
+The cheap every-step statistic is the plain sum of squares; ``full_stats``
+(scaled, masked, exact for any input) runs on sampled steps and whenever the
+cheap one cannot be trusted.
 """
 
 from __future__ import annotations
@@ -17,11 +20,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-# Within [SAFE_MIN, SAFE_MAX] the plain sum of squares can neither overflow
-# (1e15**2 * 3e8 elements < float32 max) nor lose more than ~1e-5 relative to
-# entries whose squares underflow.
+# Above this sum of squares (max |g| > ~1e-12) no square that matters has
+# underflowed; an overflowing sum shows as Inf. Outside, the full path rescales.
 SAFE_MIN = 1e-12
-SAFE_MAX = 1e15
 
 
 class GradStats(NamedTuple):
@@ -68,8 +69,6 @@ def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
     return tf.reshape(tf.cast(grad, tf.float32), [-1]), int(size)
 
 
-# Below this sum of squares (max |g| < ~1e-12) float32 squares may underflow:
-# the norm is then recomputed on magnitudes scaled by their maximum.
 SAFE_MIN_SQ = SAFE_MIN * SAFE_MIN
 
 
@@ -142,29 +141,21 @@ def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
     finite = tf.math.is_finite(values)
     magnitudes = tf.where(finite, tf.abs(values), tf.zeros_like(values))
     max_abs = tf.reduce_max(magnitudes, axis=1)
-    sum_abs = tf.reduce_sum(magnitudes, axis=1)
     finite_count = tf.reduce_sum(tf.cast(finite, tf.float32), axis=1)
     nonzero_count = tf.reduce_sum(tf.cast(tf.not_equal(values, 0.0), tf.float32), axis=1)
     stored = tf.cast(tf.shape(values)[1], tf.float32)
     implicit_zeros = float(dense_size) - stored
-
-    def plain_norm():
-        return tf.sqrt(tf.reduce_sum(tf.square(magnitudes), axis=1))
-
-    def scaled_norm():
-        scale = tf.where(max_abs > 0.0, max_abs, tf.ones_like(max_abs))
-        scaled = magnitudes / scale[:, None]
-        return scale * tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=1))
-
-    needs_scaling = tf.reduce_any(
-        (max_abs > 0.0) & ((max_abs < SAFE_MIN) | (max_abs > SAFE_MAX))
-    )
-    l2 = tf.cond(needs_scaling, scaled_norm, plain_norm)
+    # Sums of magnitudes scaled by their maximum neither overflow (a row of
+    # 1e37s) nor underflow (squares of 1e-25s); this path runs on sampled steps
+    # and on steps whose cheap norm is inexact, so the extra pass is affordable.
+    scale = tf.where(max_abs > 0.0, max_abs, tf.ones_like(max_abs))
+    scaled = magnitudes / scale[:, None]
+    l2 = scale * tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=1))
     size = float(dense_size)
     return GradStats(
         l2=l2,
         max_abs=max_abs,
-        mean_abs=sum_abs / size,
+        mean_abs=scale * (tf.reduce_sum(scaled, axis=1) / size),
         zero_frac=(stored - nonzero_count + implicit_zeros) / size,
         nonfinite=stored - finite_count,
     )

@@ -126,53 +126,45 @@ def from_model(model: Any, variables: Sequence[Any]) -> Topology:
     """Topology of a Keras model for the given (trainable) variables."""
     layers = internals.ordered_layers(model)
     owner = internals.variable_owners(layers)
-    layer_index = {id(layer): i for i, layer in enumerate(layers)}
+    position = {id(layer): i for i, layer in enumerate(layers)}
     prefix = f"{model.name}/"
+    taken_variables: set[str] = set()
+    taken_layers: set[str] = set()
+    layer_name_of: dict[int, str] = {}  # nested models may reuse a layer name
+    layer_infos: dict[str, LayerInfo] = {}
     var_infos: list[VariableInfo] = []
-    taken: set[str] = set()
-    used_layers: dict[int, LayerInfo] = {}
     for var in variables:
         layer = owner.get(internals.variable_key(var))
         path = internals.variable_path(var)
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-        if layer is None:
+        path = path[len(prefix) :] if path.startswith(prefix) else path
+        if layer is None:  # a variable no layer owns: its path says where it lives
             parts = path.split("/")
-            layer_name = parts[-2] if len(parts) > 1 else parts[0]
-            index = len(layers)
+            layer_name = "/".join(parts[:-1]) or parts[0]
+            info = LayerInfo(layer_name, len(layers), "", "", [])
         else:
-            layer_name = layer.name
-            index = layer_index[id(layer)]
-        info = VariableInfo(
-            name=_unique(path, taken),
+            if id(layer) not in layer_name_of:
+                layer_name_of[id(layer)] = _unique(layer.name, taken_layers)
+            layer_name = layer_name_of[id(layer)]
+            index = position[id(layer)]
+            info = LayerInfo(
+                layer_name, index, type(layer).__name__, _following_activation(layers, index), []
+            )
+        info = layer_infos.setdefault(layer_name, info)
+        var_info = VariableInfo(
+            name=_unique(path, taken_variables),
             layer=layer_name,
             shape=[int(d) for d in var.shape],
             dtype=str(getattr(var.dtype, "name", var.dtype)),
-            layer_index=index,
+            layer_index=info.index,
         )
-        var_infos.append(info)
-        key = index if layer is not None else -(len(used_layers) + 1)
-        if layer is not None and key not in used_layers:
-            used_layers[key] = LayerInfo(
-                name=layer_name,
-                index=index,
-                class_name=type(layer).__name__,
-                activation=_following_activation(layers, index),
-                variables=[],
-            )
-        elif layer is None:
-            existing = [li for li in used_layers.values() if li.name == layer_name]
-            if existing:
-                existing[0].variables.append(info.name)
-                continue
-            used_layers[key] = LayerInfo(layer_name, index, "", "", [])
-        used_layers[key].variables.append(info.name)
-    ordered = sorted(used_layers.values(), key=lambda li: li.index)
-    position = {li.name: i for i, li in enumerate(ordered)}
-    for i, li in enumerate(ordered):
-        li.index = i
-    for v in var_infos:
-        v.layer_index = position[v.layer]
+        info.variables.append(var_info.name)
+        var_infos.append(var_info)
+    ordered = sorted(layer_infos.values(), key=lambda li: li.index)
+    for i, info in enumerate(ordered):
+        info.index = i
+    renumbered = {info.name: info.index for info in ordered}
+    for var_info in var_infos:
+        var_info.layer_index = renumbered[var_info.layer]
     return Topology(
         layers=ordered,
         variables=var_infos,

@@ -513,3 +513,22 @@ def test_terminate_on_nan_with_stop_leaves_files_closed_and_flushed(log_dir):
     assert int(gw.read_windows(log_dir).steps.sum()) == 2
     assert list(gw.read_alerts(log_dir).kind) == ["nonfinite_gradient"]
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_nested_models_with_repeated_layer_names(log_dir):
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    first = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu", name="dense")],
+                             name="block_a")
+    second = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")], name="block_b")
+    model = keras.Model(inputs, second(first(inputs)), name="outer")
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 2)).astype("float32")
+    stats = _check_single_batch(model, log_dir, x, y)
+    assert list(stats.layer) == ["dense", "dense", "dense_1", "dense_1"]
+    layers = gw.read_stats(log_dir, level="layer")
+    kernels = stats.set_index("variable")
+    expected = np.sqrt(kernels.l2.iloc[0] ** 2 + kernels.l2.iloc[1] ** 2)
+    assert layers.set_index("layer").loc["dense"].l2 == pytest.approx(expected, rel=1e-6)
+    assert [layer["activation"] for layer in gw.read_run(log_dir)["layers"]] == ["relu", "linear"]
