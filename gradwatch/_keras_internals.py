@@ -199,6 +199,19 @@ def optimizer_clipping(optimizer: Any) -> dict[str, float]:
     return out
 
 
+def refuse_double_clipping(front: str, clip: Any, optimizer: Any) -> None:
+    """Raises when both gradwatch and the optimizer would clip the same gradients."""
+    own = optimizer_clipping(optimizer)
+    if clip is None or not own:
+        return
+    settings = ", ".join(f"{k}={v}" for k, v in own.items())
+    raise ValueError(
+        f"{front}(clip={clip!r}) and the optimizer's own clipping ({settings}) would clip twice. "
+        "Remove one: build the optimizer without clipnorm/global_clipnorm/clipvalue, or pass "
+        f"clip=None to {front}."
+    )
+
+
 def iterations(optimizer: Any) -> tf.Tensor:
     return tf.convert_to_tensor(base_optimizer(optimizer).iterations)
 

@@ -110,14 +110,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 stacklevel=2,
             )
             return
-        own_clipping = internals.optimizer_clipping(optimizer)
-        if self.options.clip is not None and own_clipping:
-            raise ValueError(
-                f"GradientMonitor(clip={self.options.clip!r}) and the optimizer's own clipping "
-                f"({', '.join(f'{k}={v}' for k, v in own_clipping.items())}) would clip twice. "
-                "Remove one: compile the optimizer without clipnorm/global_clipnorm/clipvalue, "
-                "or pass clip=None to GradientMonitor."
-            )
+        internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
         self._fits += 1
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)

@@ -141,14 +141,7 @@ class Watch:
         Call it after ``observe`` in the same step (inside or outside ``tf.function``).
         """
         grads, variables = list(grads), list(variables)
-        own_clipping = internals.optimizer_clipping(optimizer)
-        if self.options.clip is not None and own_clipping:
-            raise ValueError(
-                f"Watch(clip={self.options.clip!r}) already clipped these gradients and the "
-                f"optimizer clips again ({', '.join(f'{k}={v}' for k, v in own_clipping.items())}). "
-                "Remove one: build the optimizer without clipnorm/global_clipnorm/clipvalue, or "
-                "pass clip=None to Watch."
-            )
+        internals.refuse_double_clipping("Watch", self.options.clip, optimizer)
 
         def apply_fn(grads, variables):
             optimizer.apply_gradients(zip(grads, variables))
