@@ -24,6 +24,7 @@ _LAZY = {
 }
 _LAZY_MODULES = {
     "clip": "gradwatch.clip",
+    "detectors": "gradwatch.detectors",
 }
 
 __all__ = [
@@ -35,11 +36,12 @@ __all__ = [
     "read_run",
     "GradwatchDataError",
     "clip",
+    "detectors",
     "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gradwatch import clip
+    from gradwatch import clip, detectors
     from gradwatch.monitor import GradientMonitor
     from gradwatch.readers import (
         GradwatchDataError,

@@ -22,6 +22,7 @@ import tensorflow as tf
 from gradwatch import _keras_internals as internals
 from gradwatch import alerts as alerts_lib
 from gradwatch import clip as clip_lib
+from gradwatch import detectors as detectors_lib
 from gradwatch import rows as rows_lib
 from gradwatch import stats as stats_lib
 from gradwatch.options import Options
@@ -87,6 +88,7 @@ class Engine:
         self.on_alert = None
         self._no_gradient_reported: set[str] = set()
         self._compiled_fns: dict[Any, Any] = {}
+        self._detector_state = detectors_lib.DetectorState()
         # XLA for the small-tensor work of each step (see _compiled).
         self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"
 
@@ -479,6 +481,9 @@ class Engine:
         self.windows_written += 1
         self.last_window = window_row
         alerts = self._alerts(window_row, per_var, stats_rows)
+        alerts += detectors_lib.detect(
+            layer_rows, self.topology, self._detector_state, self.options.thresholds
+        )
         self.last_alerts = alerts
         if self._sink is not None:
             first_step = int(glob["last_step"]) - int(glob["steps"]) + 1

@@ -37,6 +37,7 @@ class GradientMonitor(keras.callbacks.Callback):
         on_nonfinite: what to do about NaN/Inf gradients: "warn", "skip_step",
             "stop" or "raise".
         append: continue the files of a previous run in ``log_dir`` (resume).
+        thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
 
     Example:
         >>> monitor = GradientMonitor(log_dir="runs/exp1", log_every=10)
@@ -51,6 +52,7 @@ class GradientMonitor(keras.callbacks.Callback):
         clip: Any = None,
         on_nonfinite: str = "warn",
         append: bool = False,
+        thresholds: Any = None,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
     ):
         super().__init__()
@@ -61,6 +63,7 @@ class GradientMonitor(keras.callbacks.Callback):
             clip=clip,
             on_nonfinite=on_nonfinite,
             append=append,
+            thresholds=thresholds,
         )
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")

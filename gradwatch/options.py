@@ -27,6 +27,7 @@ class Options:
     clip: Any = None
     on_nonfinite: str = "warn"
     append: bool = False
+    thresholds: Any = None
 
     def __post_init__(self) -> None:
         if self.log_dir is not None:
@@ -51,6 +52,15 @@ class Options:
         from gradwatch.clip import as_clip
 
         self.clip = as_clip(self.clip)
+        from gradwatch.detectors import Thresholds
+
+        if self.thresholds is None:
+            self.thresholds = Thresholds()
+        elif not isinstance(self.thresholds, Thresholds):
+            raise TypeError(
+                "thresholds must be a gradwatch.detectors.Thresholds or None; "
+                f"received {self.thresholds!r}."
+            )
         if not isinstance(self.append, bool):
             raise TypeError(f"append must be True or False; received {self.append!r}.")
 
@@ -66,4 +76,5 @@ class Options:
             "clip": repr(self.clip) if self.clip is not None else None,
             "on_nonfinite": self.on_nonfinite,
             "append": self.append,
+            "thresholds": dataclasses.asdict(self.thresholds),
         }

@@ -34,6 +34,7 @@ class Watch:
         on_nonfinite: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir``; steps
             continue after the last step written.
+        thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
         names: names for the variables, in the order they are passed to
             ``observe`` (a list), or a mapping from variable to name. Raw
             ``tf.Variable``s otherwise take their own names.
@@ -54,6 +55,7 @@ class Watch:
         clip: Any = None,
         on_nonfinite: str = "warn",
         append: bool = False,
+        thresholds: Any = None,
         names: Sequence[str] | Mapping[Any, str] | None = None,
         model: Any = None,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
@@ -65,6 +67,7 @@ class Watch:
             clip=clip,
             on_nonfinite=on_nonfinite,
             append=append,
+            thresholds=thresholds,
         )
         if names is not None and not isinstance(names, (Sequence, Mapping)):
             raise TypeError(f"names must be a list of str or a mapping; received {names!r}.")

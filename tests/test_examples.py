@@ -51,6 +51,8 @@ def test_example_runs_and_writes_a_run(tmp_path, name):
     assert len(windows) > 0 and (windows.steps > 0).all()
     assert stats.l2.notna().all() and (stats.l2 > 0).all()
     assert windows.loss.notna().all()
+    # healthy training: no alert (the detectors must not cry wolf)
+    assert gw.read_alerts(str(out)).empty
 
 
 def test_cli_demo_and_module_entry(tmp_path):

@@ -1,0 +1,119 @@
+"""Detectors: the alert life cycle on synthetic windows, and real nets."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import gradwatch as gw
+from gradwatch.detectors import DetectorState, Thresholds, detect
+from gradwatch.topology import LayerInfo, Topology, VariableInfo
+
+TOPOLOGY = Topology(
+    layers=[LayerInfo("first", 0, "Dense", "sigmoid", ["first/kernel"]),
+            LayerInfo("middle", 1, "Dense", "sigmoid", ["middle/kernel"]),
+            LayerInfo("out", 2, "Dense", "linear", ["out/kernel"])],
+    variables=[VariableInfo("first/kernel", "first", [10, 10], "float32", 0),
+               VariableInfo("middle/kernel", "middle", [10, 10], "float32", 1),
+               VariableInfo("out/kernel", "out", [10, 1], "float32", 2)],
+)
+
+
+def _rows(step, l2_means, l2_max=None):
+    return [
+        {"step": step, "layer": name, "grad_steps": 10, "l2_mean": mean,
+         "l2_max": (l2_max or {}).get(name, mean)}
+        for name, mean in zip(("first", "middle", "out"), l2_means)
+    ]
+
+
+DEFAULTS = Thresholds()
+
+
+def _run(windows, thresholds=DEFAULTS):
+    state = DetectorState()
+    out = []
+    for step, (means, maxes) in enumerate(windows, start=1):
+        out.append(detect(_rows(step * 10, means, maxes), TOPOLOGY, state, thresholds))
+    return out
+
+
+def test_vanishing_fires_after_patience_once_then_recovers():
+    tiny = ([1e-7, 1e-2, 1.0], None)  # first layer: rms 1e-8 vs output ~0.3
+    healthy = ([1e-2, 1e-2, 1.0], None)
+    result = _run([tiny] * 5 + [healthy])
+    kinds = [[(a.kind, a.layer, a.severity) for a in window] for window in result]
+    assert kinds[:2] == [[], []]
+    assert kinds[2] == [("vanishing_gradient", "first", "warning")]
+    assert kinds[3] == [] and kinds[4] == []  # no storm while it persists
+    assert kinds[5] == [("vanishing_gradient", "first", "info")]
+    assert "ReLU" in result[2][0].hint and "recovered" in result[5][0].message
+
+
+def test_reminder_is_periodic():
+    tiny = ([1e-7, 1e-2, 1.0], None)
+    result = _run([tiny] * 9, Thresholds(patience=2, remind_every=3))
+    fired = [i for i, window in enumerate(result) if window]
+    assert fired == [1, 4, 7]
+    assert result[4][0].message.startswith("Still:")
+
+
+def test_exploding_fires_at_once_on_a_huge_norm_and_on_sustained_growth():
+    huge = _run([([1.0, 1.0, 1.0], {"middle": 5e4})])
+    assert [(a.kind, a.layer) for a in huge[0]] == [("exploding_gradient", "middle")]
+    growth = _run([([1.0, 1.0, 5.0 * 3**k], None) for k in range(5)])
+    fired = [i for i, window in enumerate(growth) if any(a.kind == "exploding_gradient" for a in window)]
+    assert fired == [3]
+    assert "lower the learning rate" in growth[3][0].hint.lower()
+
+
+def test_output_layer_is_the_reference_not_a_suspect():
+    result = _run([([1e-3, 1e-3, 1e-12], None)] * 4)
+    assert not any(a.layer == "out" and a.kind == "vanishing_gradient" for w in result for a in w)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("patience", 0), ("vanishing_rms", -1.0), ("exploding_l2", float("nan"))]
+)
+def test_thresholds_are_validated(field, value):
+    with pytest.raises(ValueError, match=f"Thresholds.{field} must be"):
+        Thresholds(**{field: value})
+    with pytest.raises(TypeError, match="thresholds must be a gradwatch.detectors.Thresholds"):
+        gw.GradientMonitor(log_dir=None, thresholds={"patience": 2})
+
+
+def test_deep_sigmoid_net_has_vanishing_early_layers(tmp_path):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((16,))]
+    layers += [keras.layers.Dense(16, activation="sigmoid", name=f"s{i}") for i in range(12)]
+    layers += [keras.layers.Dense(1, name="out")]
+    model = keras.Sequential(layers)
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 16)).astype("float32")
+    y = x[:, :1].astype("float32")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), log_every=8)])
+    alerts = gw.read_alerts(str(tmp_path))
+    vanishing = set(alerts[alerts.kind == "vanishing_gradient"].layer)
+    assert "s0" in vanishing and "s11" not in vanishing and "out" not in vanishing
+    assert not (alerts.kind == "exploding_gradient").any()
+
+
+def test_exploding_net_is_flagged_before_it_goes_non_finite(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(160, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1)) * 5).astype("float32")
+    keras.utils.set_random_seed(11)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.2), "mse")
+    with pytest.warns(RuntimeWarning):
+        model.fit(x, y, batch_size=16, epochs=5, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), log_every=1)])
+    alerts = gw.read_alerts(str(tmp_path))
+    exploding = alerts[alerts.kind == "exploding_gradient"]
+    nonfinite = alerts[alerts.kind == "nonfinite_gradient"]
+    assert len(exploding) and len(nonfinite)
+    assert exploding.step.min() < nonfinite.step.min()
