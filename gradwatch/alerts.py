@@ -95,9 +95,10 @@ def nonfinite_alert(
     if loss_state == 1:
         return Alert(
             step, "", "", "nonfinite_gradient", "error", count, 0.0,
-            f"Non-finite loss at step {step}: the forward pass or the input data produced "
-            f"NaN/Inf, so every gradient is non-finite ({steps} such step(s) in this window). "
-            "This is not a gradient problem of one layer.",
+            f"Non-finite loss at step {step}: the forward pass produced NaN/Inf (from the input "
+            "data, or from weights or activations that already overflowed: look for earlier "
+            f"exploding_gradient alerts), so every gradient is non-finite ({steps} such step(s) "
+            "in this window). This is not a gradient problem of one layer.",
             HINTS["nonfinite_loss"],
         )
     if loss_scale_optimizer and window_row["skipped_steps"] >= steps:

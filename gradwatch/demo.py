@@ -13,6 +13,7 @@ DEMOS: tuple[tuple[str, str, dict], ...] = (
     ("keras_fit", "gradwatch.examples.keras_fit", {}),
     ("custom_loop", "gradwatch.examples.custom_loop", {}),
     ("raw_variables", "gradwatch.examples.raw_variables", {}),
+    ("broken_nets", "gradwatch.examples.broken_nets", {}),
 )
 
 
@@ -32,5 +33,7 @@ def run_demo(out: str = "runs/demo", echo: Callable[[str], None] = print) -> lis
         runs.append(run_dir)
     echo(f"\ngradwatch demo: {len(runs)} runs written under {os.path.abspath(out)}")
     for run_dir in runs:
-        echo(f"  {run_dir}: run.json, windows.csv, stats.csv, layers.csv, alerts.csv")
+        echo(f"  {run_dir}")
+    echo("Each run holds run.json, windows.csv, stats.csv, layers.csv and alerts.csv; read them with "
+         "gradwatch.read_stats / read_windows / read_alerts.")
     return runs

@@ -68,6 +68,7 @@ class DetectorState:
     """Everything the detectors remember between windows (per run)."""
 
     window: int = 0
+    last_step: int = 0
     conditions: dict[tuple[str, str], _Condition] = dataclasses.field(default_factory=dict)
     previous_l2: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
@@ -87,6 +88,8 @@ def detect(
 ) -> list[Alert]:
     """Alerts for one window's layer rows; updates ``state`` in place."""
     state.window += 1
+    if layer_rows:
+        state.last_step = int(layer_rows[0]["step"])
     entries = {layer.name: 0 for layer in topology.layers}
     for variable in topology.variables:
         size = 1
@@ -101,10 +104,14 @@ def detect(
     alerts: list[Alert] = []
     for index, row in enumerate(rows):
         layer = row["layer"]
+        if row.get("nonfinite", 0):
+            # NaN/Inf gradients are the non-finite alert's business; their finite
+            # part says nothing about vanishing or exploding.
+            continue
         rms = _rms(row, entries.get(layer, 0))
         # vanishing: not for the output-most layer (it is the reference)
-        if index < len(rows) - 1 and math.isfinite(rms):
-            ratio = rms / output_rms if output_rms > 0 else float("inf")
+        if index < len(rows) - 1 and math.isfinite(rms) and output_rms > 0:
+            ratio = rms / output_rms
             absolute = rms < thresholds.vanishing_rms
             relative = ratio < thresholds.vanishing_ratio and rms < thresholds.vanishing_ratio_rms
             message = (
@@ -137,6 +144,25 @@ def detect(
             thresholds.exploding_l2, message, immediate=big or growing,  # growth has its own patience
         )
     return alerts
+
+
+def track_alert(state: DetectorState, thresholds: Thresholds, alert: Alert | None, key: str) -> list[Alert]:
+    """Applies the start / reminder / recovered life cycle to an alert computed
+    elsewhere (e.g. the non-finite one): ``alert`` is None when the condition is absent."""
+    condition = state.conditions.setdefault((key, ""), _Condition())
+    if alert is None:
+        if condition.alerted_at is not None:
+            condition.alerted_at = None
+            return [Alert(state.last_step, "", "", key, "info", 0.0, 0.0,
+                          f"{key.replace('_', ' ').capitalize()}: cleared (recovered).", "")]
+        return []
+    if condition.alerted_at is None or state.window - condition.alerted_at >= thresholds.remind_every:
+        reminder = condition.alerted_at is not None
+        condition.alerted_at = state.window
+        if reminder:
+            alert.message = "Still: " + alert.message
+        return [alert]
+    return []
 
 
 def _track(

@@ -480,10 +480,10 @@ class Engine:
         self.steps_seen += int(glob["steps"])
         self.windows_written += 1
         self.last_window = window_row
-        alerts = self._alerts(window_row, per_var, stats_rows)
-        alerts += detectors_lib.detect(
+        alerts = detectors_lib.detect(
             layer_rows, self.topology, self._detector_state, self.options.thresholds
         )
+        alerts = self._alerts(window_row, per_var, stats_rows) + alerts
         self.last_alerts = alerts
         if self._sink is not None:
             first_step = int(glob["last_step"]) - int(glob["steps"]) + 1
@@ -504,7 +504,13 @@ class Engine:
             self.topology,
             loss_scale_optimizer=bool(self.run_info.get("optimizer", {}).get("loss_scale_optimizer")),
         )
-        if nonfinite is not None:
+        if nonfinite is None or nonfinite.severity != "info":
+            # error rows follow the alert life cycle (no storm while training stays NaN);
+            # loss-scale overflow info rows are reported as they come
+            alerts += detectors_lib.track_alert(
+                self._detector_state, self.options.thresholds, nonfinite, "nonfinite_gradient"
+            )
+        else:
             alerts.append(nonfinite)
         for row in stats_rows:
             if row["grad_steps"] == 0 and row["variable"] not in self._no_gradient_reported:

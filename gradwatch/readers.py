@@ -119,6 +119,8 @@ def read_alerts(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
             return pd.DataFrame({c: pd.Series(dtype="object") for c in ALERT_COLUMNS})
         raise GradwatchDataError(f"No gradwatch alerts in {log_dir!r}: {ALERTS_FILE} is missing.")
     frame = _read_csv(path, ALERT_COLUMNS, keys=[])
+    text_columns = ["layer", "variable", "kind", "severity", "message", "hint"]
+    frame[text_columns] = frame[text_columns].fillna("").astype(str)
     return frame[list(ALERT_COLUMNS)]
 
 

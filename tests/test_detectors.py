@@ -117,3 +117,6 @@ def test_exploding_net_is_flagged_before_it_goes_non_finite(tmp_path):
     nonfinite = alerts[alerts.kind == "nonfinite_gradient"]
     assert len(exploding) and len(nonfinite)
     assert exploding.step.min() < nonfinite.step.min()
+    # the run stays NaN for ~45 windows: one error row, not a storm
+    assert list(nonfinite.severity) == ["error"]
+    assert not (alerts.kind == "vanishing_gradient").any()  # NaN windows are not "vanishing"

@@ -57,9 +57,16 @@ def test_example_runs_and_writes_a_run(tmp_path, name):
 
 def test_cli_demo_and_module_entry(tmp_path):
     stdout = _run([sys.executable, "-m", "gradwatch", "demo", "--out", str(tmp_path / "demo")], str(tmp_path))
-    assert "gradwatch demo: 4 runs written under" in stdout
+    assert "gradwatch demo: 5 runs written under" in stdout
     for name in ("worked_example", "keras_fit", "custom_loop", "raw_variables"):
         assert os.path.exists(tmp_path / "demo" / name / "stats.csv")
+    broken = tmp_path / "demo" / "broken_nets"
+    kinds = {name: set(gw.read_alerts(str(broken / name)).kind)
+             for name in ("vanishing", "exploding", "exploding_clipped")}
+    assert "vanishing_gradient" in kinds["vanishing"]
+    assert {"exploding_gradient", "nonfinite_gradient"} <= kinds["exploding"]
+    assert "nonfinite_gradient" not in kinds["exploding_clipped"]
+    assert "vanishing_gradient" in stdout and "exploding_gradient" in stdout
     help_text = _run([os.path.join(os.path.dirname(sys.executable), "gradwatch"), "--help"], str(tmp_path))
     assert "demo" in help_text
 

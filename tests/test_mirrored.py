@@ -47,5 +47,8 @@ def test_mirrored_mixed_precision_inf_in_one_replica_is_skipped_everywhere(tmp_p
     result = _run(str(tmp_path / "run"), "mixed_inf")
     assert result["finite_everywhere"], "no replica's weights became non-finite"
     assert result["nonfinite_steps"][1] == 1 and sum(result["nonfinite_steps"]) == 1
-    assert result["alert_steps"] == [2] and result["alert_kinds"] == ["nonfinite_gradient"]
+    # the error at step 2, then the info row saying it cleared
+    assert result["alert_steps"] == [2, 3]
+    assert result["alert_kinds"] == ["nonfinite_gradient"] * 2
+    assert result["alert_severities"] == ["error", "info"]
     assert result["iterations"] == 2  # the bad step was not applied

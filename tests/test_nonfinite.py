@@ -37,7 +37,7 @@ def test_nan_in_the_data_is_blamed_on_the_forward_pass(log_dir):
     alerts = gw.read_alerts(log_dir)
     first = alerts[alerts.kind == "nonfinite_gradient"].iloc[0]
     assert first.step == 3 and first.severity == "error"
-    assert "forward pass or the input data" in first.message
+    assert "forward pass produced NaN/Inf (from the input data" in first.message
     assert "input data" in first.hint
     windows = gw.read_windows(log_dir)
     assert windows.first_nonfinite_step.dropna().iloc[0] == 3

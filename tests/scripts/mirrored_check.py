@@ -136,6 +136,7 @@ def mixed_inf(log_dir):
         "nonfinite_steps": list(windows.nonfinite_steps),
         "alert_steps": [int(s) for s in alerts.step],
         "alert_kinds": list(alerts.kind),
+        "alert_severities": list(alerts.severity),
         "iterations": int(model.optimizer.iterations.numpy()),
     }
     print("RESULT " + json.dumps(result))
