@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
+from gradwatch.examples import broken_nets
 
 import gradwatch as gw
 from gradwatch.detectors import DetectorState, Thresholds, detect
@@ -84,34 +84,16 @@ def test_thresholds_are_validated(field, value):
 
 
 def test_deep_sigmoid_net_has_vanishing_early_layers(tmp_path):
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((16,))]
-    layers += [keras.layers.Dense(16, activation="sigmoid", name=f"s{i}") for i in range(12)]
-    layers += [keras.layers.Dense(1, name="out")]
-    model = keras.Sequential(layers)
-    model.compile(keras.optimizers.SGD(0.01), "mse")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(1024, 16)).astype("float32")
-    y = x[:, :1].astype("float32")
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0,
-              callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), log_every=8)])
+    broken_nets.vanishing(str(tmp_path))  # the demo's 12-layer sigmoid MLP
     alerts = gw.read_alerts(str(tmp_path))
     vanishing = set(alerts[alerts.kind == "vanishing_gradient"].layer)
-    assert "s0" in vanishing and "s11" not in vanishing and "out" not in vanishing
+    assert "sigmoid_0" in vanishing and "sigmoid_11" not in vanishing and "out" not in vanishing
     assert not (alerts.kind == "exploding_gradient").any()
 
 
 def test_exploding_net_is_flagged_before_it_goes_non_finite(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(160, 6)).astype("float32")
-    y = (x @ rng.normal(size=(6, 1)) * 5).astype("float32")
-    keras.utils.set_random_seed(11)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(1)])
-    model.compile(keras.optimizers.SGD(0.2), "mse")
-    with pytest.warns(RuntimeWarning):
-        model.fit(x, y, batch_size=16, epochs=5, shuffle=False, verbose=0,
-                  callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), log_every=1)])
+    loss = broken_nets.exploding(str(tmp_path))  # the demo's learning rate 0.2
+    assert not np.isfinite(loss)
     alerts = gw.read_alerts(str(tmp_path))
     exploding = alerts[alerts.kind == "exploding_gradient"]
     nonfinite = alerts[alerts.kind == "nonfinite_gradient"]
