@@ -13,7 +13,13 @@ def _quiet_tensorflow() -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    import logging
+
     from gradwatch.demo import run_demo
+
+    # The demo prints each run's alerts itself; don't echo them a second time.
+    logging.getLogger("gradwatch").addHandler(logging.NullHandler())
+    logging.getLogger("gradwatch").propagate = False
 
     run_demo(args.out)
     return 0
