@@ -133,10 +133,6 @@ class Engine:
                 aggregation=tf.VariableAggregation.SUM,
             )
 
-    def rebind_variables(self, variables: Sequence[Any]) -> None:
-        """Re-keys the same watched variables (e.g. after a model is re-created)."""
-        self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
-
     def request_resync(self, iterations_at_end: int) -> None:
         """Next observed step takes its number from the optimizer's iterations,
         unless they still equal ``iterations_at_end`` (then it continues)."""
@@ -144,10 +140,6 @@ class Engine:
         state[_RESYNC] = 1
         state[_ITERATIONS_AT_END] = iterations_at_end
         self._state.assign(state)
-
-    @property
-    def last_step(self) -> int:
-        return int(self._state.numpy()[_STEP]) if self._state is not None else 0
 
     # ------------------------------------------------------------ in-graph
 
