@@ -29,6 +29,7 @@ import tensorflow as tf
 __all__ = [
     "Clip",
     "ClipResult",
+    "Norms",
     "GlobalNorm",
     "PerVariableNorm",
     "Value",
@@ -44,6 +45,16 @@ class ClipResult(NamedTuple):
 
     grads: list[tf.Tensor | tf.IndexedSlices]
     threshold: tf.Tensor  # float32 scalar: the bound used this step (NaN if per-unit)
+    # float32 [n]: the clipped gradients' norms when the transform knows them
+    # without another pass over the gradients (None: measure them).
+    post_norms: tf.Tensor | None = None
+
+
+class Norms(NamedTuple):
+    """Pre-clip facts the caller already measured (saves a pass over the gradients)."""
+
+    l2: tf.Tensor  # float32 [n], norms of the finite entries
+    finite: tf.Tensor  # bool [n], no NaN/Inf entry
 
 
 def _check_positive(name: str, value: Any, owner: str) -> float:
@@ -77,20 +88,10 @@ def _dense_norm(grad) -> tf.Tensor:
     return scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale)))
 
 
-def _all_finite(norms: Sequence[tf.Tensor]) -> tf.Tensor:
-    return tf.reduce_all(tf.math.is_finite(tf.stack(norms)))
-
-
 def _scale(grad, factor: tf.Tensor):
     values = _values(grad)
     return _with_values(grad, values * tf.cast(factor, values.dtype))
 
-
-def _global_norm(norms: Sequence[tf.Tensor]) -> tf.Tensor:
-    stacked = tf.stack(norms)
-    largest = tf.reduce_max(stacked)
-    scale = tf.where(largest > 0.0, largest, 1.0)
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(stacked / scale)))
 
 
 class Clip:
@@ -103,7 +104,10 @@ class Clip:
     def build(self, strategy: tf.distribute.Strategy | None = None) -> None:
         del strategy
 
-    def __call__(self, grads: Sequence[Any], variables: Sequence[Any]) -> ClipResult:
+    def __call__(
+        self, grads: Sequence[Any], variables: Sequence[Any], norms: Norms | None = None
+    ) -> ClipResult:
+        """Clips ``grads``; ``norms``, when given, are their pre-clip norms."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -126,16 +130,30 @@ class GlobalNorm(Clip):
     def _config(self):
         return {"max_norm": self.max_norm}
 
-    def __call__(self, grads, variables):
-        return _clip_global(grads, tf.constant(self.max_norm, tf.float32))
+    def __call__(self, grads, variables, norms=None):
+        return _clip_global(grads, tf.constant(self.max_norm, tf.float32), norms)
 
 
-def _clip_global(grads, max_norm: tf.Tensor) -> ClipResult:
-    norms = [_dense_norm(g) for g in grads]
-    total = _global_norm(norms)
-    finite = tf.math.is_finite(total)
-    factor = tf.where(finite & (total > max_norm), max_norm / tf.where(total > 0.0, total, 1.0), 1.0)
-    return ClipResult([_scale(g, factor) for g in grads], max_norm)
+def _known_norms(grads, norms: Norms | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-gradient (norm, finite): the caller's, or measured here."""
+    if norms is not None:
+        return norms.l2, norms.finite
+    measured = tf.stack([_dense_norm(g) for g in grads])
+    return measured, tf.math.is_finite(measured)
+
+
+def _global_total(norms: tf.Tensor) -> tf.Tensor:
+    largest = tf.reduce_max(norms)
+    scale = tf.where(largest > 0.0, largest, 1.0)
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(norms / scale)))
+
+
+def _clip_global(grads, max_norm: tf.Tensor, norms: Norms | None = None) -> ClipResult:
+    l2, finite = _known_norms(grads, norms)
+    total = _global_total(l2)
+    clip = tf.reduce_all(finite) & tf.math.is_finite(total) & (total > max_norm)
+    factor = tf.where(clip, max_norm / tf.where(total > 0.0, total, 1.0), 1.0)
+    return ClipResult([_scale(g, factor) for g in grads], max_norm, l2 * factor)
 
 
 class PerVariableNorm(Clip):
@@ -150,15 +168,13 @@ class PerVariableNorm(Clip):
     def _config(self):
         return {"max_norm": self.max_norm}
 
-    def __call__(self, grads, variables):
+    def __call__(self, grads, variables, norms=None):
         max_norm = tf.constant(self.max_norm, tf.float32)
-        out = []
-        for grad in grads:
-            norm = _dense_norm(grad)
-            clip = tf.math.is_finite(norm) & (norm > max_norm)
-            factor = tf.where(clip, max_norm / tf.where(norm > 0.0, norm, 1.0), 1.0)
-            out.append(_scale(grad, factor))
-        return ClipResult(out, max_norm)
+        l2, finite = _known_norms(grads, norms)
+        clip = finite & tf.math.is_finite(l2) & (l2 > max_norm)
+        factors = tf.where(clip, max_norm / tf.where(l2 > 0.0, l2, 1.0), 1.0)
+        out = [_scale(grad, factors[i]) for i, grad in enumerate(grads)]
+        return ClipResult(out, max_norm, l2 * factors)
 
 
 class Value(Clip):
@@ -174,7 +190,7 @@ class Value(Clip):
     def _config(self):
         return {"limit": self.limit}
 
-    def __call__(self, grads, variables):
+    def __call__(self, grads, variables, norms=None):
         out = []
         for grad in grads:
             values = _values(grad)
@@ -213,7 +229,7 @@ class Adaptive(Clip):
     def _config(self):
         return {"clipping": self.clipping, "eps": self.eps}
 
-    def __call__(self, grads, variables):
+    def __call__(self, grads, variables, norms=None):
         out = []
         for grad, variable in zip(grads, variables):
             if isinstance(grad, tf.IndexedSlices):
@@ -287,9 +303,10 @@ class Percentile(Clip):
         value = ordered[low] * (1.0 - frac) + ordered[high] * frac
         return tf.where(valid > 0, value, float("inf"))
 
-    def __call__(self, grads, variables):
-        total = _global_norm([_dense_norm(g) for g in grads])
-        return _clip_global(grads, self.threshold_after(total))
+    def __call__(self, grads, variables, norms=None):
+        l2, finite = _known_norms(grads, norms)
+        total = tf.where(tf.reduce_all(finite), _global_total(l2), float("nan"))
+        return _clip_global(grads, self.threshold_after(total), Norms(l2, finite))
 
 
 class Chain(Clip):
@@ -310,11 +327,13 @@ class Chain(Clip):
         for clip in self.clips:
             clip.build(strategy)
 
-    def __call__(self, grads, variables):
+    def __call__(self, grads, variables, norms=None):
         threshold = tf.constant(float("nan"), tf.float32)
-        for clip in self.clips:
-            grads, threshold = clip(grads, variables)
-        return ClipResult(list(grads), threshold)
+        post = None
+        for position, clip in enumerate(self.clips):
+            # only the first transform sees the caller's norms: later ones see clipped grads
+            grads, threshold, post = clip(grads, variables, norms if position == 0 else None)
+        return ClipResult(list(grads), threshold, post)
 
 
 def as_clip(value: Any) -> Clip | None:

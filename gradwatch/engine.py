@@ -204,7 +204,7 @@ class Engine:
             clip_threshold = tf.constant(float("nan"))
             if self.clip is not None:
                 clipped, clip_scale, clip_fired, clip_threshold = self._clip(
-                    stat_grads, [slots[i] for i in present], l2, context, replica_context
+                    stat_grads, [slots[i] for i in present], l2, stacked[1], context, replica_context
                 )
                 for k, i in enumerate(present):
                     grads[i] = clipped[k]
@@ -370,12 +370,17 @@ class Engine:
         )
         return tf.logical_not(nonfinite_step)
 
-    def _clip(self, stat_grads, slots, l2, context, replica_context):
+    def _clip(self, stat_grads, slots, l2, nonfinite, context, replica_context):
         """Clips the (global, unscaled) gradients; returns what the optimizer gets."""
         scale = context.loss_scale
         unscaled = stat_grads if scale is None else [clip_lib._scale(g, 1.0 / scale) for g in stat_grads]
-        result = self.clip(unscaled, [self._variables[slot] for slot in slots])
-        post_l2 = stats_lib.exact_norms(stats_lib.group_gradients(result.grads))
+        # The norms were just measured: norm-based transforms need no second pass.
+        result = self.clip(
+            unscaled, [self._variables[slot] for slot in slots], clip_lib.Norms(l2, nonfinite == 0.0)
+        )
+        post_l2 = result.post_norms
+        if post_l2 is None:
+            post_l2 = stats_lib.exact_norms(stats_lib.group_gradients(result.grads))
         ratio = tf.where(l2 > 0.0, post_l2 / tf.where(l2 > 0.0, l2, 1.0), 1.0)
         ratio = tf.where(tf.math.is_finite(ratio), ratio, 1.0)
         fired = tf.cast(ratio < 1.0 - 1e-6, tf.float32)
