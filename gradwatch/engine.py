@@ -33,7 +33,8 @@ from gradwatch.window import StepGlobals, StepValues, Window
 logger = logging.getLogger("gradwatch")
 
 # Indices into the engine's int64 step state.
-_STEP, _RESYNC, _ITERATIONS_AT_END = 0, 1, 2
+# (index 0 holds the last step number)
+_RESYNC, _ITERATIONS_AT_END = 1, 2
 
 
 class StepContext:
@@ -78,8 +79,6 @@ class Engine:
         self._loss_state: tf.Variable | None = None
         self._sink: CsvSink | None = None
         self._sinks_opened = False
-        self._strategy: tf.distribute.Strategy | None = None
-        self.windows_written = 0
         self.steps_seen = 0
         self.last_window: dict[str, Any] | None = None
         self.closed = False
@@ -107,7 +106,6 @@ class Engine:
     ) -> None:
         """Creates the accumulators for these variables (host side, or lifted out of a trace)."""
         self.topology = topology
-        self._strategy = strategy
         self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
         self._variables = list(variables)
         if self.clip is not None:
@@ -267,10 +265,7 @@ class Engine:
         sparse_stats = tuple(tf.stack(list(stats_lib.full_stats(stats_lib.Groups(
             (g,), None, len(g.positions))))) for g in sparse)
         dense_info = tuple((g.dense_size, g.positions) for g in dense)
-        order = [p for g in dense for p in g.positions] + [p for g in sparse for p in g.positions]
-        inverse = [0] * len(order)
-        for slot, position in enumerate(order):
-            inverse[position] = slot
+        inverse = groups.inverse  # group_gradients puts dense groups before sparse ones
         inv_scale = (1.0 / loss_scale) if loss_scale is not None else tf.constant(1.0)
 
         def finish(matrices, sum_sq, sparse_stats, inv_scale):
@@ -294,14 +289,14 @@ class Engine:
                 parts.append(tf.stack([l2, full[1], full[2], full[3], full[4]]))
             parts.extend(sparse_stats)
             joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-            if inverse != list(range(len(inverse))):
+            if inverse is not None:
                 joined = tf.gather(joined, tf.constant(inverse, tf.int32), axis=1)
             l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(joined, num=5)
             return tf.stack(
                 [l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac]
             )
 
-        key = ("stats", dense_info, tuple(g.positions for g in sparse), tuple(inverse))
+        key = ("stats", dense_info, tuple(g.positions for g in sparse), inverse)
         return self._compiled(key, finish)(
             tuple(g.matrix for g in dense), sum_sq, sparse_stats, tf.cast(inv_scale, tf.float32)
         )
@@ -384,14 +379,16 @@ class Engine:
         ratio = tf.where(l2 > 0.0, post_l2 / tf.where(l2 > 0.0, l2, 1.0), 1.0)
         ratio = tf.where(tf.math.is_finite(ratio), ratio, 1.0)
         fired = tf.cast(ratio < 1.0 - 1e-6, tf.float32)
-        handed = result.grads
-        if scale is not None:
-            handed = [clip_lib._scale(g, scale) for g in handed]
+        # Back to what the optimizer expects, in one multiply: re-scaled by the loss
+        # scale, and under several replicas each replica's share of the clipped
+        # global gradient (the optimizer sums the replicas' gradients again).
+        factor = scale
         if replica_context is not None:
-            # The optimizer sums the replicas' gradients again: hand each replica
-            # its share of the clipped global gradient.
-            share = 1.0 / replica_context.num_replicas_in_sync
-            handed = [clip_lib._scale(g, share) for g in handed]
+            share = tf.constant(1.0 / replica_context.num_replicas_in_sync)
+            factor = share if factor is None else factor * share
+        handed = result.grads
+        if factor is not None:
+            handed = [clip_lib._scale(g, factor) for g in handed]
         return handed, tf.minimum(ratio, 1.0), fired, result.threshold
 
     def _next_step(self, iterations: tf.Tensor | None) -> tf.Tensor:
@@ -475,7 +472,6 @@ class Engine:
         if not math.isfinite(window_row["loss"]) and fallback_loss is not None:
             window_row["loss"] = float(fallback_loss)
         self.steps_seen += int(glob["steps"])
-        self.windows_written += 1
         self.last_window = window_row
         alerts = detectors_lib.detect(
             layer_rows, self.topology, self._detector_state, self.options.thresholds

@@ -68,7 +68,6 @@ class GradientMonitor(keras.callbacks.Callback):
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self.on_alert = on_alert
-        self.stop_requested = False
         self._engine: Engine | None = None
         self._optimizer: Any = None
         self._variables: list[Any] = []
@@ -77,7 +76,6 @@ class GradientMonitor(keras.callbacks.Callback):
         self._batch_begin = 0
         self._last_logs: dict[str, Any] = {}
         self._active = False
-        self._fits = 0
 
     # ------------------------------------------------------------------ API
 
@@ -114,7 +112,6 @@ class GradientMonitor(keras.callbacks.Callback):
             )
             return
         internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
-        self._fits += 1
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)
         if self._engine is None or [id(v) for v in variables] != [id(v) for v in self._variables]:

@@ -95,7 +95,9 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
         keys.setdefault(key, []).append(position)
     groups = []
     order: list[int] = []
-    for positions in keys.values():
+    # Dense groups first, then sparse ones (whose row count is data-dependent).
+    ordered_keys = sorted(keys, key=lambda key: isinstance(key, tuple))
+    for positions in (keys[key] for key in ordered_keys):
         if len(positions) == 1:
             matrix = flat[positions[0]][0][None, :]
         else:
