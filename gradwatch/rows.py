@@ -63,6 +63,10 @@ def build_rows(
         clip_scale_min = np.where(has & clipping, per_var["clip_scale_min"], nan)
         fired_share = per_var["clip_fired_sum"] / np.where(has, grad_steps, 1)
         clip_fraction = np.where(has & clipping, fired_share, nan)
+    update_ratio = per_var.get("update_ratio", nan)
+    update_cos = per_var.get("update_cos", nan)
+    dead_frac = per_var.get("dead_frac", nan)
+    no_signal_frac = per_var.get("no_signal_frac", nan)
     stats_rows = []
     columns = [(info.layer, info.name) for info in topology.variables]
     columns += [(layer.name, LAYER_VARIABLE) for layer in topology.layers]
@@ -84,6 +88,10 @@ def build_rows(
                 "grad_steps": int(grad_steps[i]),
                 "clip_scale_min": float(clip_scale_min[i]),
                 "clip_fraction": float(clip_fraction[i]),
+                "update_ratio": float(update_ratio[i]),
+                "update_cos": float(update_cos[i]),
+                "dead_frac": float(dead_frac[i]),
+                "no_signal_frac": float(no_signal_frac[i]),
             }
         )
     if stats_rows:

@@ -52,6 +52,14 @@ STATS_COLUMNS: tuple[str, ...] = (
     "grad_steps",  # steps of the window in which the variable had a gradient
     "clip_scale_min",  # smallest post/pre-clip norm ratio over the window (NaN: no clip)
     "clip_fraction",  # fraction of the window's steps on which clipping changed it
+    "update_ratio",  # ||w_after - w_before|| / ||w_before|| of one step, on the window's first
+    #                  step that moved the weights (NaN: not measured this window)
+    "update_cos",  # cosine of the weight change over the window's first update_steps steps with
+    #                minus the sum of their gradients (NaN: not measured)
+    "dead_frac",  # layer rows of ReLU-family layers: fraction of units dead (gradient exactly zero
+    #               and activation zero on the whole batch for dead_steps consecutive steps); else NaN
+    "no_signal_frac",  # layer rows: fraction of units with an all-zero gradient for dead_steps
+    #                    consecutive steps that are not dead ReLUs; NaN where units are not defined
 )
 
 #: One row per alert.

@@ -1,0 +1,1 @@
+"""The "Gradient Flow" TensorBoard plugin (imports no TensorFlow)."""
