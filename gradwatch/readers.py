@@ -1,18 +1,30 @@
 """Read a run back into pandas (no TensorFlow needed).
 
-Readers tolerate a torn last line (a process killed mid-write) and keep the
-later row when a resumed run wrote the same step twice.
+A run directory is read from its CSV files when it has them, else from the
+structured ``gradwatch/window`` summaries of its TensorBoard event files
+(``source="auto"``; ``"csv"`` or ``"events"`` force one).  Both give the same
+DataFrames.  Readers tolerate a torn last line or record (a process killed
+mid-write) and keep the later rows when a resumed run wrote the same steps
+again.  A directory without gradwatch data of its own whose subdirectories hold
+runs (``runs/a``, ``runs/b``, ...) is read as all of them, with a leading
+``run`` column (the run's path relative to ``log_dir``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
+import struct
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from gradwatch import tb_format
 from gradwatch.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
@@ -24,9 +36,19 @@ from gradwatch.schema import (
     WINDOWS_FILE,
 )
 
+logger = logging.getLogger("gradwatch")
+
 
 class GradwatchDataError(ValueError):
     """A log directory holds no gradwatch data, or data that cannot be read."""
+
+
+LEVELS = ("variable", "layer")
+SOURCES = ("auto", "csv", "events")
+CSV_FILES = (WINDOWS_FILE, STATS_FILE, LAYERS_FILE, ALERTS_FILE)
+RUN_COLUMN = "run"
+
+# ------------------------------------------------------------------ CSV
 
 
 def _complete_lines(path: str) -> bytes:
@@ -45,101 +67,454 @@ def _read_csv(path: str, columns: tuple[str, ...], keys: list[str]) -> pd.DataFr
     try:
         frame = pd.read_csv(io.StringIO(text), keep_default_na=True)
     except (pd.errors.ParserError, ValueError) as error:
-        raise GradwatchDataError(f"{path} is not a readable CSV file: {error}") from error
+        raise GradwatchDataError(
+            f"{path} is not a readable CSV file ({error}). Was it edited or written by another "
+            "program? Restore it, or read the run's TensorBoard events with source='events'."
+        ) from error
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise GradwatchDataError(
             f"{path} is not a gradwatch file: columns {missing} are missing "
             f"(found {list(frame.columns)[:12]})."
         )
+    return _dedupe_sort(frame, keys)
+
+
+def _dedupe_sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if keys and len(frame):
         frame = frame.drop_duplicates(subset=keys, keep="last")
         frame = frame.sort_values(keys, kind="stable").reset_index(drop=True)
     return frame
 
 
+def _has_csv(log_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(log_dir, name)) for name in CSV_FILES)
+
+
+# ------------------------------------------------------------- event files
+
+_EVENT_NAME = re.compile(r"tfevents\.(\d+)")
+
+
+def event_files(log_dir: str) -> list[str]:
+    """The TensorBoard event files directly in ``log_dir``, oldest first (by the time in their name)."""
+    names = [n for n in os.listdir(log_dir) if ".tfevents." in n or n.startswith("events.out.tfevents")]
+    paths = [os.path.join(log_dir, n) for n in names]
+    paths = [p for p in paths if os.path.isfile(p)]
+
+    def key(path: str) -> tuple[int, str]:
+        match = _EVENT_NAME.search(os.path.basename(path))
+        return (int(match.group(1)) if match else 0, os.path.basename(path))
+
+    return sorted(paths, key=key)
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def iter_records(path: str) -> Iterator[bytes]:
+    """The records of one TFRecord file, streamed.
+
+    Framing: 8-byte little-endian length, 4-byte masked CRC-32C of the length,
+    the data, 4-byte masked CRC of the data.  Reading stops quietly at a torn
+    tail (a writer killed mid-record) and with a warning at a corrupt length
+    header.  The data CRC is not checked (the protobuf parse rejects garbage).
+    """
+    with open(path, "rb", buffering=1 << 20) as f:
+        while True:
+            offset = f.tell()
+            header = f.read(12)
+            if len(header) < 12:
+                if header:
+                    logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            if _masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+                logger.warning(
+                    "gradwatch: %s has a corrupt record header at byte %d; the rest of the file is skipped.",
+                    path, offset,
+                )
+                return
+            data = f.read(length + 4)
+            if len(data) < length + 4:
+                logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
+                return
+            yield data[:length]
+
+
+_MARKS = (tb_format.WINDOW_TAG.encode(), tb_format.RUN_TAG.encode())
+
+
+def _gradwatch_values(path: str) -> Iterator[tuple[str, int, bytes]]:
+    """(tag, step, payload) of the gradwatch window and run summaries of one event file."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto import event_pb2
+
+    for record in iter_records(path):
+        if _MARKS[0] not in record and _MARKS[1] not in record:
+            continue
+        try:
+            event = event_pb2.Event.FromString(record)
+        except DecodeError:
+            logger.warning("gradwatch: skipped an unreadable event in %s.", path)
+            continue
+        for value in event.summary.value:
+            if value.tag in (tb_format.WINDOW_TAG, tb_format.RUN_TAG) and value.tensor.string_val:
+                yield value.tag, event.step, value.tensor.string_val[0]
+
+
+def _has_gradwatch_events(log_dir: str) -> bool:
+    for path in event_files(log_dir):
+        for _ in _gradwatch_values(path):
+            return True
+    return False
+
+
+_TEXT_COLUMNS = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
+_INT_COLUMNS = frozenset({
+    "step", "steps", "nonfinite", "grad_steps", "nonfinite_steps", "skipped_steps",
+    "first_nonfinite_step", "nonfinite_loss_at_first",
+})
+_TABLES = {"window": WINDOW_COLUMNS, "stats": STATS_COLUMNS, "layers": STATS_COLUMNS, "alerts": ALERT_COLUMNS}
+_CHUNK_ROWS = 1 << 16
+
+
+def _column(values: np.ndarray, name: str) -> Any:
+    """One column decoded as ``tb_format.decode_window`` does, typed as ``pd.read_csv`` would type it:
+    text columns as strings (missing: ""), the schema's integer columns as int64 unless a value
+    is missing, every other column as float64 ("nan"/"inf"/"-inf" strings and null -> floats)."""
+    if name in _TEXT_COLUMNS:
+        values = values.copy()
+        values[pd.isna(values)] = ""
+        return values.astype(str)
+    missing = np.equal(values, None)
+    if missing.any():
+        values = values.copy()
+        values[missing] = np.nan
+    try:
+        numbers = values.astype(np.float64)
+    except (TypeError, ValueError) as error:
+        raise GradwatchDataError(
+            f"the gradwatch summaries hold a non-numeric value in column {name!r} ({error})."
+        ) from error
+    if name in _INT_COLUMNS and not missing.any() and np.isfinite(numbers).all():
+        return numbers.astype(np.int64)
+    return numbers
+
+
+class _EventTable:
+    """One table of a run's window summaries, streamed into column chunks, resumes resolved."""
+
+    def __init__(self, table: str):
+        self.table = table
+        self.columns = _TABLES[table]
+        self.chunks: list[tuple[np.ndarray, dict[str, Any]]] = []  # (window seq of each row, columns)
+        self.pending: list[list[Any]] = []
+        self.pending_seq: list[int] = []
+        self.windows: list[tuple[int, int]] = []  # (step, first_step) by seq
+        self.run_info: dict[str, Any] | None = None
+
+    def add(self, payload: bytes, where: str) -> None:
+        try:
+            data = json.loads(payload)
+            if not isinstance(data, dict) or data.get("v") != tb_format.FORMAT_VERSION:
+                raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}")
+            step, first_step = int(data["window"]["step"]), int(data["first_step"])
+            if self.table == "window":
+                rows = [[data["window"].get(c) for c in self.columns]]
+            else:
+                table = data[self.table]
+                index = {c: i for i, c in enumerate(table["columns"])}
+                picks = [index.get(c) for c in self.columns]
+                rows = [[row[i] if i is not None else None for i in picks] for row in table["rows"]]
+        except (ValueError, KeyError, TypeError) as error:
+            logger.warning("gradwatch: skipped an unreadable window summary in %s (%s).", where, error)
+            return
+        seq = len(self.windows)
+        self.windows.append((step, first_step))
+        self.pending += rows
+        self.pending_seq += [seq] * len(rows)
+        if len(self.pending) >= _CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        block = np.empty((len(self.pending), len(self.columns)), dtype=object)
+        block[:] = self.pending
+        self.chunks.append((np.asarray(self.pending_seq, dtype=np.int64),
+                            {c: block[:, j] for j, c in enumerate(self.columns)}))
+        self.pending, self.pending_seq = [], []
+
+    def _surviving(self) -> np.ndarray:
+        """Window seqs kept: a window whose first step is at or before a step already written
+        supersedes every earlier window at or after that first step (the later write wins)."""
+        kept: list[tuple[int, int]] = []  # (step, seq)
+        for seq, (step, first_step) in enumerate(self.windows):
+            if kept and kept[-1][0] >= first_step:
+                kept = [k for k in kept if k[0] < first_step]
+            kept.append((step, seq))
+        return np.asarray([seq for _, seq in kept], dtype=np.int64)
+
+    def frame(self) -> pd.DataFrame:
+        self._flush()
+        if not self.chunks:
+            return pd.DataFrame({c: pd.Series(dtype="float64") for c in self.columns})
+        seqs = np.concatenate([s for s, _ in self.chunks])
+        keep = np.isin(seqs, self._surviving())
+        data = {}
+        for c in self.columns:
+            values = np.concatenate([cols[c] for _, cols in self.chunks])[keep]
+            data[c] = _column(values, c)
+        self.chunks = []
+        return pd.DataFrame(data)
+
+
+def _load_events(log_dir: str, table: str | None) -> _EventTable:
+    """Reads every event file of ``log_dir`` (oldest first); ``table=None`` reads the run info only."""
+    loaded = _EventTable(table or "window")
+    for path in event_files(log_dir):
+        for tag, _, payload in _gradwatch_values(path):
+            if tag == tb_format.RUN_TAG:
+                try:
+                    loaded.run_info = tb_format.decode_run(payload)
+                except ValueError as error:
+                    logger.warning("gradwatch: skipped an unreadable run summary in %s (%s).", path, error)
+            elif table is not None:
+                loaded.add(payload, path)
+    return loaded
+
+
+# ------------------------------------------------------------ directories
+
+
 def _require_dir(log_dir: str | os.PathLike[str]) -> str:
     log_dir = os.fspath(log_dir)
+    if not os.path.exists(log_dir):
+        raise GradwatchDataError(
+            f"Log directory {log_dir!r} does not exist. Pass the log_dir given to GradientMonitor or Watch."
+        )
     if not os.path.isdir(log_dir):
-        raise GradwatchDataError(f"{log_dir!r} is not a directory.")
+        raise GradwatchDataError(f"{log_dir!r} is a file, not a directory: pass the run's log_dir.")
     return log_dir
 
 
-LEVELS = ("variable", "layer")
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}; received {source!r}.")
 
 
-def read_stats(log_dir: str | os.PathLike[str], level: str = "variable") -> pd.DataFrame:
+def _has_data(log_dir: str, source: str) -> bool:
+    if source in ("auto", "csv") and _has_csv(log_dir):
+        return True
+    return source in ("auto", "events") and _has_gradwatch_events(log_dir)
+
+
+def list_runs(log_dir: str | os.PathLike[str], source: str = "auto") -> list[str]:
+    """The gradwatch runs in ``log_dir`` and its subdirectories (recursively), as paths relative
+    to ``log_dir`` ("." for ``log_dir`` itself), sorted."""
+    _check_source(source)
+    log_dir = _require_dir(log_dir)
+    runs = []
+    for root, dirs, _ in os.walk(log_dir):
+        dirs.sort()
+        if _has_data(root, source):
+            runs.append(os.path.relpath(root, log_dir).replace(os.sep, "/"))
+    return sorted(runs)
+
+
+_LOOKED_FOR = {
+    "csv": ", ".join(CSV_FILES),
+    "events": f"TensorBoard event files (events.out.tfevents.*) holding '{tb_format.WINDOW_TAG}' summaries",
+}
+_LOOKED_FOR["auto"] = f"{_LOOKED_FOR['csv']}, or {_LOOKED_FOR['events']}"
+
+
+def _no_data_error(log_dir: str, source: str) -> GradwatchDataError:
+    entries = sorted(os.listdir(log_dir))
+    if not entries:
+        return GradwatchDataError(
+            f"Log directory {log_dir!r} is empty: no gradwatch run was written there. Check the "
+            "log_dir passed to GradientMonitor/Watch, and that training reached its first log_every steps."
+        )
+    shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+    return GradwatchDataError(
+        f"No gradwatch data in {log_dir!r} or its subdirectories (source={source!r}): looked for "
+        f"{_LOOKED_FOR[source]}; found {len(entries)} entries ({shown}). Pass the log_dir given to "
+        "GradientMonitor/Watch, or the directory above several such runs."
+    )
+
+
+def _runs_of(log_dir: str | os.PathLike[str], source: str) -> list[tuple[str | None, str]]:
+    """[(None, log_dir)] for a run, else [(relative path, path)] of the runs below it."""
+    _check_source(source)
+    log_dir = _require_dir(log_dir)
+    if _has_data(log_dir, source):
+        return [(None, log_dir)]
+    runs = list_runs(log_dir, source)
+    if not runs:
+        raise _no_data_error(log_dir, source)
+    return [(rel, os.path.join(log_dir, rel)) for rel in runs]
+
+
+def _use_csv(run_dir: str, source: str) -> bool:
+    return source == "csv" or (source == "auto" and _has_csv(run_dir))
+
+
+def _per_run(
+    log_dir: str | os.PathLike[str], source: str, read_one: Callable[[str, bool], pd.DataFrame]
+) -> pd.DataFrame:
+    runs = _runs_of(log_dir, source)
+    if runs[0][0] is None:
+        return read_one(runs[0][1], _use_csv(runs[0][1], source))
+    frames = []
+    for rel, path in runs:
+        frame = read_one(path, _use_csv(path, source))
+        frame.insert(0, RUN_COLUMN, pd.Series([rel] * len(frame), dtype="str"))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------ public API
+
+
+def read_stats(
+    log_dir: str | os.PathLike[str], level: str = "variable", source: str = "auto"
+) -> pd.DataFrame:
     """Per-window gradient statistics of a run, one row per (window, variable) or layer.
 
     Args:
-        log_dir: the ``log_dir`` given to ``GradientMonitor`` or ``Watch``.
+        log_dir: the ``log_dir`` given to ``GradientMonitor`` or ``Watch`` (or a
+            directory above several runs: then a leading ``run`` column says which).
         level: ``"variable"`` (``stats.csv``) or ``"layer"`` (``layers.csv``:
             the same columns, aggregated in-graph over each layer's variables,
             with ``variable == "*"``).
+        source: ``"auto"`` (CSV files when present, else TensorBoard event files),
+            ``"csv"`` or ``"events"``.
 
     Returns:
         A DataFrame with the ``stats.csv`` columns, sorted by step and model order.
 
     Raises:
-        GradwatchDataError: the file is missing from ``log_dir`` or is not gradwatch's.
-        ValueError: an unknown ``level``.
+        GradwatchDataError: no gradwatch data in ``log_dir``, or data that is not gradwatch's.
+        ValueError: an unknown ``level`` or ``source``.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}; received {level!r}.")
-    log_dir = _require_dir(log_dir)
-    name = STATS_FILE if level == "variable" else LAYERS_FILE
-    path = os.path.join(log_dir, name)
-    if not os.path.exists(path):
-        raise GradwatchDataError(f"No gradwatch statistics in {log_dir!r}: {name} is missing.")
     key = "variable" if level == "variable" else "layer"
-    frame = _read_csv(path, STATS_COLUMNS, keys=["step", key])
-    order = {name: i for i, name in enumerate(_model_order(log_dir, level))}
+
+    def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
+        if csv:
+            name = STATS_FILE if level == "variable" else LAYERS_FILE
+            path = os.path.join(run_dir, name)
+            if not os.path.exists(path):
+                raise GradwatchDataError(f"No gradwatch statistics in {run_dir!r}: {name} is missing.")
+            frame = _read_csv(path, STATS_COLUMNS, keys=["step", key])
+            run_info = _run_json(run_dir)
+        else:
+            loaded = _load_events(run_dir, "stats" if level == "variable" else "layers")
+            frame = _dedupe_sort(loaded.frame(), ["step", key])
+            run_info = loaded.run_info
+        return _model_sorted(frame, _model_order(run_info, level), key)
+
+    return _per_run(log_dir, source, read_one)
+
+
+def read_windows(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.DataFrame:
+    """Per-window globals of a run (``windows.csv`` columns) as a DataFrame."""
+
+    def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
+        if not csv:
+            return _dedupe_sort(_load_events(run_dir, "window").frame(), ["step"])
+        path = os.path.join(run_dir, WINDOWS_FILE)
+        if not os.path.exists(path):
+            raise GradwatchDataError(f"No gradwatch windows in {run_dir!r}: {WINDOWS_FILE} is missing.")
+        return _read_csv(path, WINDOW_COLUMNS, keys=["step"])
+
+    return _per_run(log_dir, source, read_one)
+
+
+def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.DataFrame:
+    """The alerts of a run, one row per alert, in the ``alerts.csv`` column order."""
+
+    def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
+        if csv:
+            path = os.path.join(run_dir, ALERTS_FILE)
+            if not os.path.exists(path):
+                if os.path.exists(os.path.join(run_dir, STATS_FILE)):
+                    return pd.DataFrame({c: pd.Series(dtype="object") for c in ALERT_COLUMNS})
+                raise GradwatchDataError(f"No gradwatch alerts in {run_dir!r}: {ALERTS_FILE} is missing.")
+            frame = _read_csv(path, ALERT_COLUMNS, keys=[])
+        else:
+            frame = _load_events(run_dir, "alerts").frame()
+        text_columns = ["layer", "variable", "kind", "severity", "message", "hint"]
+        frame[text_columns] = frame[text_columns].fillna("").astype(str)
+        return frame[list(ALERT_COLUMNS)]
+
+    return _per_run(log_dir, source, read_one)
+
+
+def read_run(log_dir: str | os.PathLike[str], source: str = "auto") -> dict[str, Any]:
+    """The run's ``run.json`` metadata (from the ``gradwatch/run`` summary when there is no CSV)."""
+    runs = _runs_of(log_dir, source)
+    if runs[0][0] is not None:
+        raise GradwatchDataError(
+            f"{os.fspath(log_dir)!r} holds {len(runs)} runs ({', '.join(r for r, _ in runs[:6])}); "
+            "read_run reads one: pass one of their directories."
+        )
+    run_dir = runs[0][1]
+    if _use_csv(run_dir, source) or (source == "auto" and os.path.exists(os.path.join(run_dir, RUN_FILE))):
+        info = _run_json(run_dir)
+        if info is None:
+            raise GradwatchDataError(f"No {RUN_FILE} in {run_dir!r}.")
+        return info
+    info = _load_events(run_dir, None).run_info
+    if info is None:
+        raise GradwatchDataError(
+            f"No '{tb_format.RUN_TAG}' summary in the event files of {run_dir!r} (the run info is "
+            "written at step 0 by gradwatch's TensorBoard sink)."
+        )
+    return info
+
+
+def _run_json(run_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(run_dir, RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        raise GradwatchDataError(f"{path} is not valid JSON ({error}); restore or delete it.") from error
+
+
+def _model_order(run_info: dict[str, Any] | None, level: str) -> list[str]:
+    entries = (run_info or {}).get("variables" if level == "variable" else "layers", [])
+    return [entry["name"] for entry in entries]
+
+
+def _model_sorted(frame: pd.DataFrame, model_order: list[str], key: str) -> pd.DataFrame:
+    order = {name: i for i, name in enumerate(model_order)}
     if order and len(frame):
         frame = frame.assign(_order=frame[key].map(order).fillna(len(order)))
         frame = frame.sort_values(["step", "_order"], kind="stable").drop(columns="_order")
         frame = frame.reset_index(drop=True)
     return frame
-
-
-def read_windows(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Per-window globals of a run (``windows.csv``) as a DataFrame."""
-    log_dir = _require_dir(log_dir)
-    path = os.path.join(log_dir, WINDOWS_FILE)
-    if not os.path.exists(path):
-        raise GradwatchDataError(f"No gradwatch windows in {log_dir!r}: {WINDOWS_FILE} is missing.")
-    return _read_csv(path, WINDOW_COLUMNS, keys=["step"])
-
-
-def read_alerts(log_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """The alerts of a run, one row per alert, in the ``alerts.csv`` column order."""
-    log_dir = _require_dir(log_dir)
-    path = os.path.join(log_dir, ALERTS_FILE)
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(log_dir, STATS_FILE)):
-            return pd.DataFrame({c: pd.Series(dtype="object") for c in ALERT_COLUMNS})
-        raise GradwatchDataError(f"No gradwatch alerts in {log_dir!r}: {ALERTS_FILE} is missing.")
-    frame = _read_csv(path, ALERT_COLUMNS, keys=[])
-    text_columns = ["layer", "variable", "kind", "severity", "message", "hint"]
-    frame[text_columns] = frame[text_columns].fillna("").astype(str)
-    return frame[list(ALERT_COLUMNS)]
-
-
-def read_run(log_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run's ``run.json`` metadata."""
-    path = os.path.join(_require_dir(log_dir), RUN_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as error:
-        raise GradwatchDataError(f"No {RUN_FILE} in {os.fspath(log_dir)!r}.") from error
-    except ValueError as error:
-        raise GradwatchDataError(f"{path} is not valid JSON: {error}") from error
-
-
-def _model_order(log_dir: str, level: str) -> list[str]:
-    try:
-        run = read_run(log_dir)
-    except GradwatchDataError:
-        return []
-    entries = run.get("variables" if level == "variable" else "layers", [])
-    return [entry["name"] for entry in entries]
