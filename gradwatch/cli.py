@@ -25,6 +25,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_error(error: Exception) -> int:
+    """One line on stderr, no traceback, exit status 2."""
+    print(f"gradwatch: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gradwatch.readers import GradwatchDataError
+    from gradwatch.report import build_report, summary_text
+
+    fmt = args.format or ("md" if args.output and args.output.endswith(".md") else "html")
+    try:
+        path, verdicts = build_report(
+            args.log_dir, args.output, fmt=fmt, progress=args.progress, source=args.source
+        )
+    except (GradwatchDataError, OSError) as error:
+        return _data_error(error)
+    print(summary_text(verdicts), end="")
+    print(f"report written to {os.path.abspath(path)}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gradwatch.readers import GradwatchDataError
+    from gradwatch.report import load_all, print_summary
+
+    try:
+        verdicts = load_all(args.log_dir, progress=args.progress, source=args.source)
+    except (GradwatchDataError, OSError) as error:
+        return _data_error(error)
+    console = Console() if sys.stdout.isatty() else Console(width=140, soft_wrap=False)
+    print_summary(verdicts, console)
+    return 1 if any(v.errors_raised for v in verdicts) else 0
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source", choices=("auto", "csv", "events"), default="auto",
+        help="read the CSV files or the TensorBoard event files (default auto: CSV when present)",
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="show a progress bar on stderr (default: only when stderr is a terminal or the run is large)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
@@ -39,6 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.set_defaults(func=_cmd_demo)
+
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML (or Markdown) report of one run or of several runs",
+        description="Write a report of the run(s) under LOG_DIR: verdicts per layer, gradient-flow heatmap, "
+        "gradient norms, update ratios, dead units, clipping, alert timeline and alert table. HTML embeds "
+        "its figures (no network); Markdown writes its PNGs into <name>_files/ beside it. "
+        "Exit status: 0 written, 2 no readable gradwatch data.",
+    )
+    report.add_argument("log_dir", metavar="LOG_DIR", help="a run's log_dir, or a directory of runs")
+    report.add_argument("-o", "--output", help="output file (default: LOG_DIR/report.html or .md)")
+    report.add_argument("--format", choices=("html", "md"), default=None,
+                        help="html (default) or md (default: from the -o extension)")
+    _add_common_flags(report)
+    report.set_defaults(func=_cmd_report)
+
+    summary = sub.add_parser(
+        "summary",
+        help="print the verdicts per layer as a terminal table; exit 1 if an error alert was raised",
+        description="Print the verdict of every layer of the run(s) under LOG_DIR. Exit status: 0 when no "
+        "alert of severity 'error' was raised in any run (warnings do not fail), 1 when one was raised at "
+        "some point, even if it later recovered, 2 when LOG_DIR holds no readable gradwatch data. Use it "
+        "to gate a CI job.",
+    )
+    summary.add_argument("log_dir", metavar="LOG_DIR", help="a run's log_dir, or a directory of runs")
+    _add_common_flags(summary)
+    summary.set_defaults(func=_cmd_summary)
     return parser
 
 

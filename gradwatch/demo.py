@@ -18,7 +18,8 @@ DEMOS: tuple[tuple[str, str, dict], ...] = (
 
 
 def run_demo(out: str = "runs/demo", echo: Callable[[str], None] = print) -> list[str]:
-    """Runs every demo into ``out/<name>`` and returns the run directories."""
+    """Runs every demo into ``out/<name>``, writes ``out/report.html`` over all of them, prints its
+    path and the verdicts, and returns the run directories."""
     import importlib
 
     os.makedirs(out, exist_ok=True)
@@ -36,4 +37,10 @@ def run_demo(out: str = "runs/demo", echo: Callable[[str], None] = print) -> lis
         echo(f"  {run_dir}")
     echo("Each run holds run.json, windows.csv, stats.csv, layers.csv and alerts.csv; read them with "
          "gradwatch.read_stats / read_windows / read_alerts.")
+    from gradwatch.report import build_report, summary_text
+
+    path, verdicts = build_report(out, os.path.join(out, "report.html"))
+    echo("\n" + summary_text(verdicts).rstrip())
+    echo(f"\nReport of all {len(verdicts)} runs: {os.path.abspath(path)}")
+    echo(f"(also: gradwatch summary {out}   /   gradwatch report {out} -o report.md --format md)")
     return runs

@@ -1,0 +1,327 @@
+"""Post-hoc reports: verdicts against alerts.csv, the HTML/Markdown files, escaping, the
+``report`` / ``summary`` commands (exit codes, errors), Chromium rendering, events-only runs."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from _chromium import chromium_driver
+from gradwatch.examples import broken_nets
+
+from gradwatch.report import build_report, load_all
+from gradwatch.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch.sinks.csv_sink import CsvSink
+from gradwatch.verdicts import compute_verdicts, discover_runs, load_run, problem_pairs
+
+GRADWATCH = os.path.join(os.path.dirname(sys.executable), "gradwatch")
+HOSTILE = "<script>alert(1)</script>"
+FIGURES_PER_RUN = 6
+
+
+def _healthy(out: str) -> None:
+    import keras
+
+    import gradwatch as gw
+
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    y = (x @ rng.normal(size=(8, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu", name="hidden"),
+                              keras.layers.Dense(1, name="output")])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    monitor = gw.GradientMonitor(log_dir=out, log_every=4)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three real runs side by side: a vanishing 12-layer sigmoid MLP (warnings), an exploding net
+    (an error: non-finite loss), a healthy 2-layer ReLU net."""
+    base = tmp_path_factory.mktemp("runs")
+    broken_nets.vanishing(str(base / "vanishing"))
+    broken_nets.exploding(str(base / "exploding"))
+    _healthy(str(base / "healthy"))
+    return base
+
+
+def _alerts_csv(run_dir) -> pd.DataFrame:
+    return pd.read_csv(os.path.join(run_dir, "alerts.csv"), keep_default_na=False,
+                       dtype={"layer": str, "kind": str, "severity": str})
+
+
+def _expected_problems(run_dir) -> dict[tuple[str, str], dict]:
+    """(layer, kind) -> first/last warning-or-error step and whether it is active at the end,
+    straight from alerts.csv (an info row of the kind with the same layer, or no layer, clears)."""
+    alerts = _alerts_csv(run_dir).sort_values("step", kind="stable")
+    bad = alerts[alerts.severity.isin(["warning", "error"])]
+    out = {}
+    for (layer, kind), rows in bad.groupby(["layer", "kind"]):
+        last = int(rows.step.max())
+        cleared = alerts[(alerts.severity == "info") & (alerts.kind == kind) & alerts.layer.isin([layer, ""])
+                         & (alerts.step >= last)]
+        out[(layer, kind)] = {"first": int(rows.step.min()), "last": last, "active": cleared.empty}
+    return out
+
+
+@pytest.mark.parametrize("name", ["vanishing", "exploding", "healthy"])
+def test_verdicts_match_the_alerts_csv(runs, name):
+    verdicts = compute_verdicts(load_run(name, str(runs / name)))
+    expected = _expected_problems(runs / name)
+    assert problem_pairs(verdicts) == set(expected)
+    for problem in verdicts.problems:
+        want = expected[(problem.layer, problem.kind)]
+        assert (problem.first_step, problem.last_step, problem.active) == (want["first"], want["last"],
+                                                                          want["active"])
+    layers = pd.read_csv(runs / name / "layers.csv")
+    assert set(verdicts.healthy) == set(layers.layer) - {layer for layer, _ in expected}
+    if name == "vanishing":
+        assert ("sigmoid_0", "vanishing_gradient") in expected and not verdicts.errors_raised
+        # the evidence's median is the median of layers.csv from the first alert on
+        problem = next(p for p in verdicts.problems if p.layer == "sigmoid_0")
+        rows = layers[(layers.layer == "sigmoid_0") & (layers.step >= problem.first_step)]
+        assert f"median grad norm {float(np.median(rows.l2_mean.astype(np.float32))):.3g} from step" in (
+            problem.evidence)
+        assert problem.hint.startswith("Use ReLU")
+    if name == "exploding":
+        assert verdicts.errors_raised and ("", "nonfinite_gradient") in expected
+    if name == "healthy":
+        assert expected == {} and set(verdicts.healthy) == {"hidden", "output"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([GRADWATCH, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def _images(text: str) -> list[str]:
+    return re.findall(r"<img [^>]*src=\"([^\"]*)\"", text)
+
+
+def test_html_report_of_several_runs_is_self_contained(runs, tmp_path):
+    out = tmp_path / "report.html"
+    result = _cli("report", str(runs), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout and result.stderr == ""  # no progress bar when not a TTY
+    text = out.read_text(encoding="utf-8")
+    sources = _images(text)
+    assert text.count("<img") == len(sources) >= 3 * 2  # heatmap + gradient norms at least, per run
+    skipped = text.count("Skipped:")
+    assert len(sources) + skipped == 3 * FIGURES_PER_RUN
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 0
+    assert not re.search(r"(src|href)\s*=\s*[\"']?https?:", text) and "<script" not in text
+    assert "<link" not in text and "@import" not in text
+    # the comparison table: one row per run, linking to its section, with the run's state
+    comparison = text.split("Comparison of runs", 1)[1].split("</table>", 1)[0]
+    for i, (name, state) in enumerate([("exploding", "errors"), ("healthy", "healthy"),
+                                       ("vanishing", "warnings")]):
+        assert f'<a href="#run-{i}">{name}</a></td><td>{state}</td>' in comparison
+        assert f'<section id="run-{i}">' in text
+    assert "7 (7 active): sigmoid_0, sigmoid_1, sigmoid_2 +4" in comparison
+
+
+def _write_run(log_dir: str, layers: list[str], windows: int = 6, alert_layer: str | None = None) -> None:
+    """A gradwatch run written straight through CsvSink (layer names Keras would refuse)."""
+    sink = CsvSink(log_dir)
+    sink.open({"layers": [{"name": name, "index": i, "variables": [f"{name}/kernel"]}
+                          for i, name in enumerate(layers)],
+               "variables": [{"name": f"{name}/kernel", "layer": name} for name in layers]})
+    rng = np.random.default_rng(0)
+    for w in range(1, windows + 1):
+        step = 10 * w
+        window = {c: float("nan") for c in WINDOW_COLUMNS}
+        window.update(step=step, steps=10, loss=1.0 / w, nonfinite_steps=0, skipped_steps=0,
+                      first_nonfinite_step=None, nonfinite_loss_at_first=None)
+        rows = []
+        for i, name in enumerate(layers):
+            row = {c: float("nan") for c in STATS_COLUMNS}
+            norm = float(10.0 ** (-i / 10) * rng.uniform(0.5, 2))
+            row.update(step=step, steps=10, layer=name, variable="*", l2=norm, l2_max=norm, l2_min=norm,
+                       l2_mean=norm, nonfinite=0, grad_steps=10, dead_frac=0.1 * (i % 3))
+            rows.append(row)
+        sink.write(window, [dict(r, variable=f"{r['layer']}/kernel") for r in rows], rows, step - 9)
+    if alert_layer is not None:
+        alert = dict(zip(ALERT_COLUMNS, [20, alert_layer, "*", "vanishing_gradient", "warning", 1e-9, 1e-8,
+                                         f"Layer {alert_layer!r}: tiny", "Use ReLU <b>now</b>"]))
+        sink.write_alerts([alert])
+    sink.close()
+
+
+def test_hostile_layer_names_are_escaped_in_html_and_markdown(tmp_path):
+    run = tmp_path / "hostile"
+    _write_run(str(run), [HOSTILE, "a$b|c", "plain"], alert_layer=HOSTILE)
+    html_path, verdicts = build_report(str(run), str(tmp_path / "r.html"))
+    assert problem_pairs(verdicts[0]) == {(HOSTILE, "vanishing_gradient")}
+    text = open(html_path, encoding="utf-8").read()
+    assert HOSTILE not in text and "<b>now" not in text and "<script" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "Use ReLU &lt;b&gt;now&lt;/b&gt;" in text
+    md_path, _ = build_report(str(run), str(tmp_path / "r.md"), fmt="md")
+    md = open(md_path, encoding="utf-8").read()
+    assert HOSTILE not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "a$b\\|c" in md
+
+
+def test_markdown_writes_its_pngs_beside_it(runs, tmp_path):
+    out = tmp_path / "sub" / "report.md"
+    result = _cli("report", str(runs / "vanishing"), "-o", str(out), "--format", "md")
+    assert result.returncode == 0, result.stderr
+    md = out.read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links and all(link.startswith("report_files/") for link in links)
+    pngs = sorted(os.listdir(out.parent / "report_files"))
+    assert sorted(os.path.basename(link) for link in links) == pngs
+    assert all((out.parent / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    assert len(links) + md.count("Skipped:") == FIGURES_PER_RUN
+    assert "| sigmoid_0 | vanishing | warning |" in md
+
+
+def test_summary_exit_status_gates_on_error_alerts(runs):
+    healthy = _cli("summary", str(runs / "healthy"))
+    assert healthy.returncode == 0, healthy.stderr
+    assert "healthy" in healthy.stdout and "hidden" in healthy.stdout and healthy.stderr == ""
+    warnings_only = _cli("summary", str(runs / "vanishing"))
+    assert warnings_only.returncode == 0 and "sigmoid_0" in warnings_only.stdout
+    assert "hint (vanishing): Use ReLU" in warnings_only.stdout
+    errors = _cli("summary", str(runs))  # several runs: exploding raised an error
+    assert errors.returncode == 1
+    titles = [line.strip() for line in errors.stdout.splitlines()
+              if line.rstrip().endswith((": errors", ": warnings", ": healthy"))]
+    assert titles == ["exploding: errors", "healthy: healthy", "vanishing: warnings"]
+    assert "1 of 3 run(s) raised an error alert: exploding" in errors.stdout
+    help_text = " ".join(_cli("summary", "--help").stdout.split())
+    assert "1 when one was raised at some point" in help_text
+
+
+def _corrupt_layers(run_dir) -> None:
+    shutil.copytree(run_dir.parent / "healthy", run_dir)
+    text = (run_dir / "layers.csv").read_text().splitlines()
+    fields = text[2].split(",")
+    fields[STATS_COLUMNS.index("l2_mean")] = "garbage"
+    text[2] = ",".join(fields)
+    (run_dir / "layers.csv").write_text("\n".join(text) + "\n")
+
+
+@pytest.mark.parametrize("case", ["empty", "not_gradwatch", "wrong_header", "text_in_numbers", "missing"])
+def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, case):
+    target = tmp_path / case
+    if case == "empty":
+        target.mkdir()
+        expected = "is empty"
+    elif case == "not_gradwatch":
+        target.mkdir()
+        (target / "notes.txt").write_text("hello")
+        expected = "No gradwatch run in"
+    elif case == "wrong_header":
+        shutil.copytree(runs / "healthy", target)
+        (target / "layers.csv").write_bytes(b"\x00\xff garbage,,\n1,2\n")
+        expected = "layers.csv is not a gradwatch file"
+    elif case == "text_in_numbers":
+        target = runs / "corrupt_copy"
+        _corrupt_layers(target)
+        expected = "column 'l2_mean' holds non-numeric values (e.g. 'garbage')"
+    else:
+        expected = "does not exist"
+    try:
+        for command in ("report", "summary"):
+            extra = ["-o", str(tmp_path / "r.html")] if command == "report" else []
+            result = _cli(command, str(target), *extra)
+            assert result.returncode == 2, (command, result.stdout, result.stderr)
+            assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+            assert result.stderr.startswith("gradwatch: error: ") and expected in result.stderr
+            assert not (tmp_path / "r.html").exists()
+    finally:
+        if case == "text_in_numbers":
+            shutil.rmtree(target)
+
+
+def test_two_hundred_layers_stay_readable(tmp_path):
+    layers = [f"block_{i:03d}" for i in range(200)]
+    _write_run(str(tmp_path / "wide"), layers, windows=5, alert_layer="block_150")
+    path, verdicts = build_report(str(tmp_path / "wide"), str(tmp_path / "wide.html"), max_lines=12)
+    text = open(path, encoding="utf-8").read()
+    assert 'data-figure="heatmap"' in text
+    assert text.count("Showing 12 of 200 layers") == 2  # gradient norms and dead units
+    assert "199 layers</td><td>healthy" in text  # healthy layers folded into one row
+    heatmap = re.search(r'data-figure="heatmap" src="data:image/png;base64,([^"]+)"', text).group(1)
+    png = base64.b64decode(heatmap)
+    assert int.from_bytes(png[20:24], "big") >= 1600  # 0.16 in per layer: 200 rows get >= 8 px
+    from gradwatch.verdicts import interesting_layers
+
+    chosen = interesting_layers(verdicts[0], 12)
+    assert len(chosen) == 12 and "block_150" in chosen and chosen == sorted(chosen)
+    # after the alerted layer: the layers farthest from the median norm (10^-i/10: both ends)
+    assert {"block_000", "block_199"} <= set(chosen)
+
+
+def test_default_progress_is_silent_and_forced_progress_shows(tmp_path, capsys):
+    _write_run(str(tmp_path / "run"), ["a", "b"])
+    build_report(str(tmp_path / "run"), str(tmp_path / "a.html"))
+    assert capsys.readouterr().err == ""
+    load_all(str(tmp_path / "run"), progress=True)
+    assert "run" in capsys.readouterr().err
+
+
+def test_report_renders_in_chromium_with_every_figure_loaded(runs, tmp_path):
+    out = tmp_path / "report.html"
+    build_report(str(runs), str(out))
+    hostile = tmp_path / "hostile"
+    _write_run(str(hostile), [HOSTILE, "b"], alert_layer=HOSTILE)
+    build_report(str(hostile), str(tmp_path / "hostile.html"))
+    driver = chromium_driver(1300, 900)
+    try:
+        driver.get(out.as_uri())
+        sizes = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        assert len(sizes) == len(_images(out.read_text(encoding="utf-8"))) >= 6
+        assert all(done and width > 0 and height > 0 for done, width, height in sizes)
+        rows = driver.execute_script("return document.querySelectorAll('section').length")
+        assert rows == 3
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1300, min(int(height), 8000))
+        shot = tmp_path / "report.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        driver.get((tmp_path / "hostile.html").as_uri())
+        assert driver.execute_script("return document.scripts.length") == 0
+        cells = driver.execute_script(
+            "return Array.from(document.querySelectorAll('td')).map(t => t.textContent)")
+        assert HOSTILE in cells  # shown as text, not run
+    finally:
+        driver.quit()
+
+
+def test_events_only_run_gives_the_same_verdicts(runs, tmp_path):
+    from _runs import rows_by_window
+
+    import gradwatch as gw
+    from gradwatch.sinks.tb_sink import TensorBoardSink
+
+    source = runs / "vanishing"
+    info = gw.read_run(str(source))
+    sink = TensorBoardSink(str(tmp_path / "events"), info, [layer["name"] for layer in info["layers"]])
+    for window in rows_by_window(str(source)):
+        sink.write_window(**window, histograms=None)
+    sink.close()
+    assert not [n for n in os.listdir(tmp_path / "events") if n.endswith((".csv", ".json"))]
+    from_csv = compute_verdicts(load_run("csv", str(source)))
+    from_events = load_all(str(tmp_path / "events"))[0]
+    assert discover_runs(str(tmp_path / "events"))[0][1] == str(tmp_path / "events")
+
+    def key(v):
+        return [(p.layer, p.kind, p.severity, p.first_step, p.last_step, p.active) for p in v.problems]
+
+    assert key(from_events) == key(from_csv) and key(from_csv)
+    assert from_events.healthy == from_csv.healthy
+    assert all(a.evidence == b.evidence for a, b in zip(from_events.problems, from_csv.problems))
+    assert not any(math.isnan(p.value) for p in from_events.problems)
