@@ -1,0 +1,388 @@
+"""The "Gradient Flow" TensorBoard tab: a layers x steps heatmap of log10 gradient norms with alerts.
+
+TensorBoard imports every ``tensorboard_plugins`` entry point at start-up, so
+this module imports no TensorFlow (only TensorBoard, numpy, werkzeug and the
+TF-free ``gradwatch.schema`` / ``gradwatch.tb_format``).  It reads the
+``gradwatch`` structured summaries through the data provider, which works with
+both ``--load_fast=true`` (Rust data server) and ``--load_fast=false``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tensorboard import plugin_util
+from tensorboard.backend import http_util
+from tensorboard.context import RequestContext
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from gradwatch import tb_format
+from gradwatch.schema import ALERT_COLUMNS, SEVERITIES
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+DEFAULT_MAX_COLS = 1000
+MAX_COLS_LIMIT = 5000
+SAMPLES_ADVICE = (
+    "TensorBoard keeps only a sample of each run's gradwatch summaries by default; "
+    "start it with --samples_per_plugin=gradwatch=0 to keep every window."
+)
+_READ_ALL = 1 << 40  # read_tensors' "downsample": larger than any run, so nothing is dropped here
+_CACHE_RUNS = 8
+_CONTENT_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+_SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+_TEXT_COLUMNS = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
+_SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _number(value: Any) -> float:
+    """A JSON cell as a float (the format spells non-finite values as strings); NaN if missing."""
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return _SPECIAL.get(value, math.nan)
+    return float(value)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class RunData:
+    """One run's decoded windows, in step order (one column per window)."""
+
+    layers: list[str]
+    steps: np.ndarray  # int64 [W], each window's last step
+    first_steps: np.ndarray  # int64 [W]
+    log_l2: np.ndarray  # float64 [L, W]; NaN where the norm is absent, zero or non-finite
+    nonfinite: np.ndarray  # bool [L, W]; the layer's gradient had NaN/Inf entries in the window
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    corrupt: int = 0
+
+    def gaps(self) -> dict[str, int]:
+        """Windows missing between kept ones: window k should start right after window k-1."""
+        if len(self.steps) == 0:
+            return {"gaps": 0, "missing_steps": 0, "leading_missing_steps": 0}
+        expected = self.steps[:-1] + 1
+        missing = self.first_steps[1:] - expected
+        holes = missing != 0
+        return {
+            "gaps": int(np.count_nonzero(holes)),
+            "missing_steps": int(np.clip(missing, 0, None).sum()),
+            "leading_missing_steps": int(max(0, self.first_steps[0] - 1)),
+        }
+
+
+def downsample_columns(values: np.ndarray, max_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reduces ``values`` [rows, W] to at most ``max_cols`` columns by the NaN-ignoring max per bucket.
+
+    Buckets are contiguous runs of about ``W / max_cols`` columns, so a spike in any
+    window survives into its bucket.  Returns ``(reduced [rows, C], edges [C + 1])``:
+    bucket ``c`` holds the original columns ``edges[c]:edges[c + 1]``.
+    """
+    if max_cols < 1:
+        raise ValueError(f"max_cols must be >= 1, got {max_cols}")
+    width = values.shape[1]
+    if width <= max_cols:
+        return values, np.arange(width + 1)
+    edges = np.linspace(0, width, max_cols + 1).round().astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        reduced = np.fmax.reduceat(values, edges[:-1], axis=1)
+    return reduced, edges
+
+
+def bucket_of(edges: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The bucket index of each original column, for ``edges`` from :func:`downsample_columns`."""
+    return np.searchsorted(edges, columns, side="right") - 1
+
+
+def _scalar_bytes(array: np.ndarray) -> bytes:
+    value = np.asarray(array).reshape(-1)[0] if np.asarray(array).size else b""
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def _layer_names(run_info: Mapping[str, Any] | None) -> list[str]:
+    """Layer names in input->output order from run.json's ``layers`` (Topology.to_json)."""
+    names: list[str] = []
+    for layer in (run_info or {}).get("layers", []) or []:
+        name = layer.get("name") if isinstance(layer, Mapping) else layer
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return names
+
+
+def _parse_window(payload: bytes) -> tuple[dict[str, Any], int, list[tuple[str, float, float]], list[dict]]:
+    """The parts of one window summary the tab needs: (window row, first_step, layer cells, alerts).
+
+    Reads the documented :mod:`gradwatch.tb_format` tables by column name, without
+    building a dict per stats row (a 200-layer run has thousands of them per window).
+    Raises ``ValueError``/``KeyError``/``TypeError`` on a payload it cannot read.
+    """
+    data = json.loads(payload.decode("utf-8"))
+    if not isinstance(data, dict) or data.get("v") != tb_format.FORMAT_VERSION:
+        raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}")
+    layers = data["layers"]
+    cols = layers["columns"]
+    i_layer, i_l2, i_nf = cols.index("layer"), cols.index("l2"), cols.index("nonfinite")
+    cells = [(str(r[i_layer]), _number(r[i_l2]), _number(r[i_nf])) for r in layers["rows"]]
+    table = data["alerts"]
+    acols = table["columns"]
+    alerts = [
+        {c: (v if c in _TEXT_COLUMNS else _number(v) if c != "step" else int(v)) for c, v in zip(acols, r)}
+        for r in table["rows"]
+    ]
+    return data["window"], int(data["first_step"]), cells, alerts
+
+
+def build_run(run_info: Mapping[str, Any] | None, payloads: Sequence[tuple[int, bytes]]) -> RunData:
+    """Decodes a run's window payloads ``[(summary step, bytes)]``; unreadable ones are skipped, counted."""
+    layers = _layer_names(run_info)
+    index = {name: i for i, name in enumerate(layers)}
+    windows: dict[int, tuple[int, list[tuple[str, float, float]]]] = {}
+    alerts: list[dict[str, Any]] = []
+    corrupt = 0
+    for summary_step, payload in payloads:
+        try:
+            window, first_step, cells, window_alerts = _parse_window(payload)
+            step = int(window.get("step") if window.get("step") is not None else summary_step)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            corrupt += 1
+            continue
+        windows[step] = (first_step, cells)
+        alerts.extend(window_alerts)
+        for name, _, _ in cells:
+            if name not in index:
+                index[name] = len(layers)
+                layers.append(name)
+    steps = np.array(sorted(windows), dtype=np.int64)
+    log_l2 = np.full((len(layers), len(steps)), np.nan)
+    nonfinite = np.zeros((len(layers), len(steps)), dtype=bool)
+    first_steps = np.zeros(len(steps), dtype=np.int64)
+    for col, step in enumerate(steps.tolist()):
+        first_steps[col], cells = windows[step]
+        for name, l2, nf in cells:
+            row = index[name]
+            if l2 > 0 and math.isfinite(l2):
+                log_l2[row, col] = math.log10(l2)
+            nonfinite[row, col] = nf > 0
+    for alert in alerts:
+        layer = alert.get("layer")
+        alert["layer_index"] = index.get(layer, -1) if isinstance(layer, str) else -1
+    alerts.sort(key=lambda a: a.get("step", 0))
+    return RunData(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
+
+
+def flow_json(run: str, data: RunData, max_cols: int) -> dict[str, Any]:
+    """The ``/flow`` response: a compact, at most ``max_cols`` wide heatmap of ``data``."""
+    reduced, edges = downsample_columns(data.log_l2, max_cols)
+    width = len(data.steps)
+    cols = len(edges) - 1
+    nonfinite = data.nonfinite
+    if width > cols:
+        nonfinite = np.logical_or.reduceat(data.nonfinite, edges[:-1], axis=1)
+    markers: dict[tuple[int, int], list[Any]] = {}
+    if width:
+        for alert in data.alerts:
+            window = min(int(np.searchsorted(data.steps, alert.get("step", 0), side="left")), width - 1)
+            key = (alert["layer_index"], int(bucket_of(edges, np.array([window]))[0]))
+            rank = _SEVERITY_RANK.get(alert.get("severity"), 0)
+            marker = markers.setdefault(key, [key[0], key[1], rank, 0, []])
+            marker[2] = max(marker[2], rank)
+            marker[3] += 1
+            if alert.get("kind") not in marker[4]:
+                marker[4].append(alert.get("kind"))
+    rounded = np.round(reduced, 3)
+    values = [[None if x != x else x for x in row] for row in rounded.tolist()]
+    finite = reduced[np.isfinite(reduced)]
+    return {
+        "run": run,
+        "layers": data.layers,
+        "steps": data.steps[edges[1:] - 1].tolist() if cols else [],
+        "first_steps": data.first_steps[edges[:-1]].tolist() if cols else [],
+        "windows": width,
+        "values": values,
+        "vmin": float(finite.min()) if finite.size else None,
+        "vmax": float(finite.max()) if finite.size else None,
+        "nonfinite": np.argwhere(nonfinite).tolist(),
+        "markers": sorted(markers.values()),
+        "severities": list(SEVERITIES),
+        "alerts": len(data.alerts),
+        "downsampled": (
+            {"windows": width, "columns": cols, "per_column": width / cols} if width > cols else None
+        ),
+        "dropped": {**data.gaps(), "corrupt": data.corrupt, "advice": SAMPLES_ADVICE},
+    }
+
+
+class GradientFlowPlugin(base_plugin.TBPlugin):
+    """TensorBoard tab "Gradient Flow" for gradwatch runs."""
+
+    plugin_name = tb_format.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext):
+        self._provider = context.data_provider
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunData]] = OrderedDict()
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Gradient Flow")
+
+    def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "/index.js": self._serve_index,
+            "/static/*": self._serve_static,
+            "/runs": self._serve_runs,
+            "/flow": self._serve_flow,
+            "/alerts": self._serve_alerts,
+        }
+
+    def is_active(self) -> bool:
+        if self._provider is None:
+            return False
+        return bool(self._list(RequestContext(), ""))
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def _list(self, ctx: RequestContext, experiment_id: str) -> dict[str, dict[str, Any]]:
+        """``{run: {tag: TensorTimeSeries}}`` for the runs that hold gradwatch summaries."""
+        listing = self._provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=self.plugin_name)
+        return {
+            run: tags
+            for run, tags in listing.items()
+            if tb_format.WINDOW_TAG in tags or tb_format.RUN_TAG in tags
+        }
+
+    def _run_data(self, ctx: RequestContext, experiment_id: str, run: str) -> RunData | None:
+        tags = self._list(ctx, experiment_id).get(run)
+        if tags is None:
+            return None
+        key = tuple(
+            (tag, tags[tag].max_step, tags[tag].max_wall_time) for tag in sorted(tags)
+        )
+        with self._lock:
+            cached = self._cache.get(run)
+            if cached is not None and cached[0] == key:
+                self._cache.move_to_end(run)
+                return cached[1]
+        read = self._provider.read_tensors(
+            ctx,
+            experiment_id=experiment_id,
+            plugin_name=self.plugin_name,
+            downsample=_READ_ALL,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tb_format.WINDOW_TAG, tb_format.RUN_TAG]),
+        ).get(run, {})
+        run_info: dict[str, Any] | None = None
+        for datum in read.get(tb_format.RUN_TAG, [])[-1:]:
+            try:
+                run_info = tb_format.decode_run(_scalar_bytes(datum.numpy))
+            except (ValueError, UnicodeDecodeError):
+                run_info = None
+        payloads = [(d.step, _scalar_bytes(d.numpy)) for d in read.get(tb_format.WINDOW_TAG, [])]
+        data = build_run(run_info if isinstance(run_info, dict) else None, payloads)
+        with self._lock:
+            self._cache[run] = (key, data)
+            self._cache.move_to_end(run)
+            while len(self._cache) > _CACHE_RUNS:
+                self._cache.popitem(last=False)
+        return data
+
+    # -- routes -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _json(request: wrappers.Request, body: Any, code: int = 200) -> wrappers.Response:
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        return http_util.Respond(request, text, "application/json", code=code)
+
+    @staticmethod
+    def _file(request: wrappers.Request, name: str) -> wrappers.Response:
+        content_type = _CONTENT_TYPES[os.path.splitext(name)[1]]
+        with open(os.path.join(STATIC_DIR, name), "rb") as f:
+            return http_util.Respond(request, f.read(), content_type)
+
+    @wrappers.Request.application
+    def _serve_index(self, request: wrappers.Request) -> wrappers.Response:
+        return self._file(request, "index.js")
+
+    @wrappers.Request.application
+    def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
+        # Only plain names of files that exist in static/ with a known type are served: anything
+        # with a separator, "..", a drive or an encoded slash (decoded into PATH_INFO) is refused.
+        marker = "/static/"
+        path = request.path
+        name = path[path.find(marker) + len(marker):] if marker in path else ""
+        bad = not name or name.startswith(".") or any(c in name for c in "/\\:\0%")
+        if bad:
+            return http_util.Respond(request, f"Bad static file name: {name!r}", "text/plain", code=400)
+        allowed = {
+            f for f in os.listdir(STATIC_DIR)
+            if os.path.isfile(os.path.join(STATIC_DIR, f)) and os.path.splitext(f)[1] in _CONTENT_TYPES
+        }
+        if name not in allowed:
+            return http_util.Respond(request, f"No static file {name!r}", "text/plain", code=404)
+        return self._file(request, name)
+
+    @wrappers.Request.application
+    def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
+        ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+        listing = self._list(ctx, eid)
+        runs = [
+            {
+                "run": run,
+                "last_step": tags[tb_format.WINDOW_TAG].max_step if tb_format.WINDOW_TAG in tags else None,
+            }
+            for run, tags in sorted(listing.items())
+        ]
+        return self._json(request, {"runs": runs, "advice": SAMPLES_ADVICE})
+
+    def _request_run(self, request: wrappers.Request) -> tuple[RunData | None, str, wrappers.Response | None]:
+        run = request.args.get("run")
+        if run is None:
+            return None, "", self._json(request, {"error": "missing query parameter 'run'"}, 400)
+        ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+        data = self._run_data(ctx, eid, run)
+        if data is None:
+            error = f"run {run!r} has no gradwatch data; /runs lists the runs that have some"
+            return None, run, self._json(request, {"error": error}, 404)
+        return data, run, None
+
+    @wrappers.Request.application
+    def _serve_flow(self, request: wrappers.Request) -> wrappers.Response:
+        raw = request.args.get("max_cols", str(DEFAULT_MAX_COLS))
+        try:
+            max_cols = int(raw)
+        except ValueError:
+            max_cols = 0
+        if not 1 <= max_cols <= MAX_COLS_LIMIT:
+            error = f"max_cols must be an integer in [1, {MAX_COLS_LIMIT}], got {raw!r}"
+            return self._json(request, {"error": error}, 400)
+        data, run, failure = self._request_run(request)
+        if failure is not None:
+            return failure
+        return self._json(request, flow_json(run, data, max_cols))
+
+    @wrappers.Request.application
+    def _serve_alerts(self, request: wrappers.Request) -> wrappers.Response:
+        data, run, failure = self._request_run(request)
+        if failure is not None:
+            return failure
+        columns = [*ALERT_COLUMNS, "layer_index"]
+        rows = [[_finite_or_none(a.get(c)) for c in columns] for a in data.alerts]
+        return self._json(request, {"run": run, "columns": columns, "rows": rows})
