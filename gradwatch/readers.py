@@ -97,16 +97,24 @@ _EVENT_NAME = re.compile(r"tfevents\.(\d+)")
 
 
 def event_files(log_dir: str) -> list[str]:
-    """The TensorBoard event files directly in ``log_dir``, oldest first (by the time in their name)."""
-    names = [n for n in os.listdir(log_dir) if ".tfevents." in n or n.startswith("events.out.tfevents")]
-    paths = [os.path.join(log_dir, n) for n in names]
-    paths = [p for p in paths if os.path.isfile(p)]
+    """The TensorBoard event files directly in ``log_dir``, oldest first: by the wall time of their
+    first event (the writer's creation), else by the time in their name."""
+    paths = [os.path.join(log_dir, n) for n in os.listdir(log_dir) if ".tfevents." in n]
+    return sorted((p for p in paths if os.path.isfile(p)), key=_created)
 
-    def key(path: str) -> tuple[int, str]:
-        match = _EVENT_NAME.search(os.path.basename(path))
-        return (int(match.group(1)) if match else 0, os.path.basename(path))
 
-    return sorted(paths, key=key)
+def _created(path: str) -> tuple[float, str]:
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto import event_pb2
+
+    name = os.path.basename(path)
+    for record in iter_records(path):
+        try:
+            return event_pb2.Event.FromString(record).wall_time, name
+        except DecodeError:
+            break
+    match = _EVENT_NAME.search(name)
+    return float(match.group(1)) if match else 0.0, name
 
 
 def _crc32c_table() -> list[int]:
@@ -189,22 +197,20 @@ def _has_gradwatch_events(log_dir: str) -> bool:
 
 
 _TEXT_COLUMNS = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
-_INT_COLUMNS = frozenset({
-    "step", "steps", "nonfinite", "grad_steps", "nonfinite_steps", "skipped_steps",
-    "first_nonfinite_step", "nonfinite_loss_at_first",
-})
 _TABLES = {"window": WINDOW_COLUMNS, "stats": STATS_COLUMNS, "layers": STATS_COLUMNS, "alerts": ALERT_COLUMNS}
 _CHUNK_ROWS = 1 << 16
 
 
 def _column(values: np.ndarray, name: str) -> Any:
-    """One column decoded as ``tb_format.decode_window`` does, typed as ``pd.read_csv`` would type it:
-    text columns as strings (missing: ""), the schema's integer columns as int64 unless a value
-    is missing, every other column as float64 ("nan"/"inf"/"-inf" strings and null -> floats)."""
+    """One column decoded as ``tb_format.decode_window`` does, typed as ``pd.read_csv`` types the
+    CSV file: text columns as strings (missing: ""), int64 when every value is an integer, else
+    float64 ("nan"/"inf"/"-inf" strings and null -> floats)."""
     if name in _TEXT_COLUMNS:
         values = values.copy()
         values[pd.isna(values)] = ""
         return values.astype(str)
+    if len(values) and all(type(v) is int for v in values):
+        return values.astype(np.int64)
     missing = np.equal(values, None)
     if missing.any():
         values = values.copy()
@@ -215,8 +221,6 @@ def _column(values: np.ndarray, name: str) -> Any:
         raise GradwatchDataError(
             f"the gradwatch summaries hold a non-numeric value in column {name!r} ({error})."
         ) from error
-    if name in _INT_COLUMNS and not missing.any() and np.isfinite(numbers).all():
-        return numbers.astype(np.int64)
     return numbers
 
 

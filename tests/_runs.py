@@ -20,14 +20,26 @@ def exploding_run(log_dir: str, steps: int = 30, log_every: int = 5, seed: int =
     x = rng.normal(size=(16 * steps, 6)).astype("float32")
     y = (x @ rng.normal(size=(6, 1)) * 5).astype("float32")
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu", name="hidden"),
-                              keras.layers.Dense(1, name="out")])
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
     model.compile(keras.optimizers.SGD(0.2), "mse")
     histograms = gradient_histograms(model, x[:16], y[:16], step=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=log_every)])
+        model.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=log_every)],
+        )
     return histograms
 
 
@@ -38,9 +50,10 @@ def gradient_histograms(model: Any, x: np.ndarray, y: np.ndarray, step: int) -> 
     with tf.GradientTape() as tape:
         loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True), training=True)
     grads = tape.gradient(loss, model.trainable_variables)
+    layer_of = {id(v): layer.name for layer in model.layers for v in layer.trainable_variables}
     per_layer: dict[str, list[np.ndarray]] = {}
     for variable, grad in zip(model.trainable_variables, grads):
-        per_layer.setdefault(variable.path.split("/")[0], []).append(np.asarray(grad).ravel())
+        per_layer.setdefault(layer_of[id(variable)], []).append(np.asarray(grad).ravel())
     out = []
     for layer, parts in per_layer.items():
         g = np.concatenate(parts).astype(np.float64)
@@ -48,8 +61,12 @@ def gradient_histograms(model: Any, x: np.ndarray, y: np.ndarray, step: int) -> 
         nonzero = finite[finite != 0]
         log_counts, log_edges = np.histogram(np.log10(np.abs(nonzero)), bins=12)
         counts, edges = np.histogram(finite, bins=10)
-        common = {"step": step, "layer": layer, "zeros": int(np.sum(finite == 0)),
-                  "nonfinite": int(g.size - finite.size)}
+        common = {
+            "step": step,
+            "layer": layer,
+            "zeros": int(np.sum(finite == 0)),
+            "nonfinite": int(g.size - finite.size),
+        }
         out.append({**common, "kind": "log10_abs", "edges": log_edges, "counts": log_counts})
         out.append({**common, "kind": "signed", "edges": edges, "counts": counts})
     return out
@@ -71,16 +88,22 @@ def rows_by_window(log_dir: str) -> list[dict[str, Any]]:
         previous = step
         window = {k: _plain(v) for k, v in window.items()}
         window["step"] = step
-        out.append({
-            "window_row": window,
-            "stats_rows": [{k: _plain(v) for k, v in r.items()} for r in
-                           stats[stats.step == step].to_dict("records")],
-            "layer_rows": [{k: _plain(v) for k, v in r.items()} for r in
-                           layers[layers.step == step].to_dict("records")],
-            "alert_rows": [{k: _plain(v) for k, v in r.items()} for r in
-                           alerts[in_window].to_dict("records")],
-            "first_step": step - int(window["steps"]) + 1,
-        })
+        out.append(
+            {
+                "window_row": window,
+                "stats_rows": [
+                    {k: _plain(v) for k, v in r.items()} for r in stats[stats.step == step].to_dict("records")
+                ],
+                "layer_rows": [
+                    {k: _plain(v) for k, v in r.items()}
+                    for r in layers[layers.step == step].to_dict("records")
+                ],
+                "alert_rows": [
+                    {k: _plain(v) for k, v in r.items()} for r in alerts[in_window].to_dict("records")
+                ],
+                "first_step": step - int(window["steps"]) + 1,
+            }
+        )
     return out
 
 
