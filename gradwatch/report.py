@@ -69,15 +69,17 @@ class RunReport:
 class _Progress:
     """A rich progress bar on stderr, or nothing (``enabled=False``)."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int, force: bool = False):
         self._bar = None
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            console = Console(stderr=True, force_terminal=True if force else None)
+            # On a terminal the bar vanishes when done; elsewhere (a CI log) only its final state is printed.
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True,
+                console=console, transient=console.is_terminal,
             )
             self._task = self._bar.add_task("gradwatch report", total=total)
 
@@ -110,7 +112,8 @@ def _want_progress(progress: bool | None, paths: Sequence[str]) -> bool:
 
 
 def _bar_for(runs: Sequence[tuple[str, str]], progress: bool | None, steps_per_run: int) -> _Progress:
-    return _Progress(_want_progress(progress, [path for _, path in runs]), len(runs) * steps_per_run)
+    enabled = _want_progress(progress, [path for _, path in runs])
+    return _Progress(enabled, len(runs) * steps_per_run, force=progress is True)
 
 
 def load_all(

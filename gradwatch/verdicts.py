@@ -144,7 +144,7 @@ def _numeric(frame: pd.DataFrame, columns: tuple[str, ...], where: str) -> pd.Da
             out[column] = np.full(len(frame), np.nan, dtype=np.float32)
             continue
         values = frame[column]
-        if values.dtype == object:
+        if not pd.api.types.is_numeric_dtype(values):
             coerced = pd.to_numeric(values, errors="coerce")
             bad = values[coerced.isna() & values.notna() & (values.astype(str).str.lower() != "nan")]
             if len(bad):

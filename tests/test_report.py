@@ -17,6 +17,7 @@ import pytest
 from _chromium import chromium_driver
 from gradwatch.examples import broken_nets
 
+from gradwatch.cli import main
 from gradwatch.report import build_report, load_all
 from gradwatch.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
 from gradwatch.sinks.csv_sink import CsvSink
@@ -213,7 +214,7 @@ def _corrupt_layers(run_dir) -> None:
 
 
 @pytest.mark.parametrize("case", ["empty", "not_gradwatch", "wrong_header", "text_in_numbers", "missing"])
-def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, case):
+def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
     target = tmp_path / case
     if case == "empty":
         target.mkdir()
@@ -234,11 +235,16 @@ def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, case):
         expected = "does not exist"
     try:
         for command in ("report", "summary"):
-            extra = ["-o", str(tmp_path / "r.html")] if command == "report" else []
-            result = _cli(command, str(target), *extra)
-            assert result.returncode == 2, (command, result.stdout, result.stderr)
-            assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
-            assert result.stderr.startswith("gradwatch: error: ") and expected in result.stderr
+            args = [command, str(target)] + (["-o", str(tmp_path / "r.html")] if command == "report" else [])
+            if case == "empty":  # once through the console script, the rest in-process (same code path)
+                result = _cli(*args)
+                status, stderr = result.returncode, result.stderr
+            else:
+                status = main(args)
+                stderr = capsys.readouterr().err
+            assert status == 2, (command, stderr)
+            assert "Traceback" not in stderr and stderr.count("\n") == 1
+            assert stderr.startswith("gradwatch: error: ") and expected in stderr
             assert not (tmp_path / "r.html").exists()
     finally:
         if case == "text_in_numbers":
