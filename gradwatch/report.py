@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import __version__
-from gradwatch.schema import ALERT_KINDS, LAYERS_FILE, STATS_FILE
+from gradwatch.schema import ALERT_KINDS, LAYERS_FILE
 from gradwatch.verdicts import (
     RunData,
     RunVerdicts,
@@ -40,8 +40,8 @@ MAX_LINES = 12
 MAX_LISTED_LAYERS = 40
 #: Alert tables show at most this many rows per run.
 MAX_ALERT_ROWS = 500
-#: In "auto" mode the progress bar is shown on a TTY, or when the runs' layer files exceed this size.
-LARGE_RUN_BYTES = 64 << 20
+#: In "auto" mode the progress bar is shown on a TTY, or when the runs' layers.csv files exceed this size.
+LARGE_RUN_BYTES = 32 << 20
 FIGURES_PER_RUN = 6
 FORMATS = ("html", "md")
 _SEVERITY_COLOURS = {"error": "#d62728", "warning": "#ff7f0e", "info": "#2ca02c"}
@@ -103,11 +103,10 @@ def _want_progress(progress: bool | None, paths: Sequence[str]) -> bool:
         return True
     size = 0
     for path in paths:
-        for name in (LAYERS_FILE, STATS_FILE):
-            try:
-                size += os.path.getsize(os.path.join(path, name))
-            except OSError:
-                pass
+        try:
+            size += os.path.getsize(os.path.join(path, LAYERS_FILE))
+        except OSError:
+            pass
     return size > LARGE_RUN_BYTES
 
 
@@ -191,7 +190,8 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
         if problem.layer in position:
             axes.plot([problem.first_step], [position[problem.layer]], marker="x", markersize=8,
                       color=_SEVERITY_COLOURS.get(problem.severity, "red"), linestyle="none")
-    figure.colorbar(image, ax=axes, label="log10 grad norm (grey: zero or missing)")
+    figure.colorbar(image, ax=axes, label="log10 grad norm (grey: zero or missing)",
+                    aspect=20 * max(1.0, height / 4), pad=0.01)
     note = "Crosses mark where an alert was first raised." if verdicts.problems else ""
     return FigureOut("heatmap", title, _png(figure), note)
 
