@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean browser-deps
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -23,7 +23,19 @@ $(STAMP_DEV): pyproject.toml | $(PY)
 demo: $(STAMP_RUN)
 	$(VENV)/bin/gradwatch demo
 
-test: $(STAMP_DEV)
+# The browser tests (TensorBoard tab, HTML report) drive Debian's headless chromium.
+browser-deps:
+	@if [ -e /usr/bin/chromium ] && [ -e /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing the Debian packages chromium and chromium-driver for the browser tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	  || echo "apt-get could not install chromium and chromium-driver: the browser tests will be skipped"; \
+	else \
+	  echo "/usr/bin/chromium or /usr/bin/chromedriver is missing and this is not root with apt-get:"; \
+	  echo "the browser tests will be skipped (install the Debian packages chromium and chromium-driver)"; \
+	fi
+
+test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP_DEV)
