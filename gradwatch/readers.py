@@ -201,72 +201,178 @@ _TABLES = {"window": WINDOW_COLUMNS, "stats": STATS_COLUMNS, "layers": STATS_COL
 _CHUNK_ROWS = 1 << 16
 
 
-def _column(values: np.ndarray, name: str) -> Any:
-    """One column decoded as ``tb_format.decode_window`` does, typed as ``pd.read_csv`` types the
-    CSV file: text columns as strings (missing: ""), int64 when every value is an integer, else
-    float64 ("nan"/"inf"/"-inf" strings and null -> floats)."""
-    if name in _TEXT_COLUMNS:
-        values = values.copy()
-        values[pd.isna(values)] = ""
-        return values.astype(str)
-    if len(values) and all(type(v) is int for v in values):
-        return values.astype(np.int64)
-    missing = np.equal(values, None)
-    if missing.any():
-        values = values.copy()
-        values[missing] = np.nan
-    try:
-        numbers = values.astype(np.float64)
-    except (TypeError, ValueError) as error:
-        raise GradwatchDataError(
-            f"the gradwatch summaries hold a non-numeric value in column {name!r} ({error})."
-        ) from error
-    return numbers
+class _Column:
+    """One column of a table, converted chunk by chunk (no Python object per cell is kept).
+
+    Values are decoded as ``tb_format.decode_window`` does and typed as ``pd.read_csv`` types
+    the CSV file: text columns as strings (missing: ""), int64 when every value is an integer,
+    else float64 ("nan"/"inf"/"-inf" strings and null -> floats).
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.text = name in _TEXT_COLUMNS
+        self.parts: list[np.ndarray] = []  # float64 / int64 values, or text codes into self.words
+        self.words: dict[str, int] = {}
+
+    def add(self, values: np.ndarray) -> None:
+        if self.text:
+            codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+            words = ["" if w is None or w is np.nan else str(w) for w in uniques]
+            mapping = np.array([self.words.setdefault(w, len(self.words)) for w in words], dtype=np.int64)
+            self.parts.append(mapping[codes] if len(codes) else np.empty(0, np.int64))
+            return
+        if values.dtype in (np.int64, np.float64):
+            self.parts.append(values)
+            return
+        kind = pd.api.types.infer_dtype(values, skipna=False)
+        if kind == "integer":
+            self.parts.append(values.astype(np.int64))
+            return
+        if kind != "floating":
+            values = values.copy()
+            values[np.equal(values, None)] = np.nan
+        try:
+            self.parts.append(values.astype(np.float64))
+        except (TypeError, ValueError) as error:
+            raise GradwatchDataError(
+                f"the gradwatch summaries hold a non-numeric value in column {self.name!r} ({error})."
+            ) from error
+
+    def values(self, order: np.ndarray) -> Any:
+        if self.text:
+            words = np.empty(len(self.words), dtype=object)
+            words[:] = list(self.words)
+            return pd.array(words[np.concatenate(self.parts)[order]], dtype="str")
+        if all(part.dtype == np.int64 for part in self.parts):
+            return np.concatenate(self.parts)[order]
+        return np.concatenate([part.astype(np.float64) for part in self.parts])[order]
 
 
 class _EventTable:
-    """One table of a run's window summaries, streamed into column chunks, resumes resolved."""
+    """One table of a run's window summaries, streamed into typed column chunks, resumes resolved.
+
+    The bulk tables (stats, layers) take a fast path: their rows' JSON text becomes CSV lines
+    parsed by pandas' C parser; a window whose rows hold JSON escapes, or a chunk whose parse does
+    not give the expected rows, goes through ``json`` instead.
+    """
 
     def __init__(self, table: str):
         self.table = table
         self.columns = _TABLES[table]
-        self.chunks: list[tuple[np.ndarray, dict[str, Any]]] = []  # (window seq of each row, columns)
-        self.pending: list[list[Any]] = []
-        self.pending_seq: list[int] = []
+        self.data = {c: _Column(c) for c in self.columns}
+        self.seqs: list[np.ndarray] = []  # the window (seq) of each row, by chunk
+        self.rows: list[list[Any]] = []  # rows decoded by json, not yet converted
+        self.rows_seq: list[int] = []
+        self.lines: list[bytes] = []  # fast path: the JSON text of each window's rows
+        self.lines_seq: list[tuple[int, int]] = []  # (seq, rows)
+        self.pending = 0
         self.windows: list[tuple[int, int]] = []  # (step, first_step) by seq
         self.run_info: dict[str, Any] | None = None
+        self._key = f'"{table}":{{"columns":'.encode()
+        self._columns_json = json.dumps(list(self.columns), separators=(",", ":")).encode()
+        self._next_key = {"stats": b',"layers":{"columns":', "layers": b',"alerts":{"columns":'}.get(table)
 
     def add(self, payload: bytes, where: str) -> None:
         try:
-            data = json.loads(payload)
-            if not isinstance(data, dict) or data.get("v") != tb_format.FORMAT_VERSION:
-                raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}")
-            step, first_step = int(data["window"]["step"]), int(data["first_step"])
-            if self.table == "window":
-                rows = [[data["window"].get(c) for c in self.columns]]
-            else:
-                table = data[self.table]
-                index = {c: i for i, c in enumerate(table["columns"])}
-                picks = [index.get(c) for c in self.columns]
-                rows = [[row[i] if i is not None else None for i in picks] for row in table["rows"]]
-        except (ValueError, KeyError, TypeError) as error:
-            logger.warning("gradwatch: skipped an unreadable window summary in %s (%s).", where, error)
-            return
+            step, first_step, rows, lines = self._fast(payload)
+        except ValueError:
+            try:
+                step, first_step, rows, lines = self._slow(payload)
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                logger.warning("gradwatch: skipped an unreadable window summary in %s (%s).", where, error)
+                return
         seq = len(self.windows)
         self.windows.append((step, first_step))
-        self.pending += rows
-        self.pending_seq += [seq] * len(rows)
-        if len(self.pending) >= _CHUNK_ROWS:
+        if lines is not None:
+            count = lines.count(b"],[") + 1 if lines else 0
+            self.lines.append(lines)
+            self.lines_seq.append((seq, count))
+            self.pending += count
+        else:
+            self.rows += rows
+            self.rows_seq += [seq] * len(rows)
+            self.pending += len(rows)
+        if self.pending >= _CHUNK_ROWS:
             self._flush()
 
+    def _fast(self, payload: bytes) -> tuple[int, int, list[list[Any]], bytes | None]:
+        """Slices the payload as ``tb_format.encode_window`` lays it out; ValueError if it is not."""
+        head = json.loads(payload[: payload.index(b',"stats":')] + b"}")
+        if head.get("v") != tb_format.FORMAT_VERSION:
+            raise ValueError("another format version")
+        window = head["window"]
+        first_step = int(payload[payload.rindex(b'"first_step":') + 13 : -1])
+        step = int(window["step"])
+        if self.table == "window":
+            return step, first_step, [[window.get(c) for c in self.columns]], None
+        if self._next_key is None:
+            raise ValueError("no fast path for this table")
+        start = payload.index(self._key) + len(self._key)
+        rows_at = start + len(self._columns_json) + len(b',"rows":')
+        end = payload.index(self._next_key, start)
+        rows = payload[rows_at:end]
+        if payload[start:rows_at] != self._columns_json + b',"rows":' or b"\\" in rows:
+            raise ValueError("other columns, or escaped text")
+        if rows == b"[]}":
+            return step, first_step, [], b""
+        if not (rows.startswith(b"[[") and rows.endswith(b"]]}")):
+            raise ValueError("unexpected layout")
+        return step, first_step, [], rows[2:-3]
+
+    def _slow(self, payload: bytes) -> tuple[int, int, list[list[Any]], None]:
+        data = json.loads(payload)
+        if not isinstance(data, dict) or data.get("v") != tb_format.FORMAT_VERSION:
+            raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}")
+        step, first_step = int(data["window"]["step"]), int(data["first_step"])
+        if self.table == "window":
+            return step, first_step, [[data["window"].get(c) for c in self.columns]], None
+        table = data[self.table]
+        index = {c: i for i, c in enumerate(table["columns"])}
+        picks = [index.get(c) for c in self.columns]
+        rows = [[row[i] if i is not None else None for i in picks] for row in table["rows"]]
+        return step, first_step, rows, None
+
     def _flush(self) -> None:
-        if not self.pending:
-            return
-        block = np.empty((len(self.pending), len(self.columns)), dtype=object)
-        block[:] = self.pending
-        self.chunks.append((np.asarray(self.pending_seq, dtype=np.int64),
-                            {c: block[:, j] for j, c in enumerate(self.columns)}))
-        self.pending, self.pending_seq = [], []
+        if self.lines:
+            self._flush_lines()
+        if self.rows:
+            block = np.empty((len(self.rows), len(self.columns)), dtype=object)
+            block[:] = self.rows
+            for j, c in enumerate(self.columns):
+                self.data[c].add(block[:, j])
+            self.seqs.append(np.asarray(self.rows_seq, dtype=np.int64))
+            self.rows, self.rows_seq = [], []
+        self.pending = 0
+
+    def _flush_lines(self) -> None:
+        expected = sum(count for _, count in self.lines_seq)
+        text = b"\n".join(line.replace(b"],[", b"\n") for line in self.lines if line)
+        frame = None
+        if text:
+            numeric = [c for c in self.columns if c not in _TEXT_COLUMNS]
+            try:
+                frame = pd.read_csv(
+                    io.BytesIO(text), header=None, names=list(self.columns), keep_default_na=False,
+                    na_values={c: ["null", "nan"] for c in numeric},
+                    dtype={c: str for c in self.columns if c in _TEXT_COLUMNS},
+                )
+            except (pd.errors.ParserError, ValueError):
+                frame = None
+            if frame is not None and (
+                len(frame) != expected or any(frame[c].dtype not in (np.int64, np.float64) for c in numeric)
+            ):
+                frame = None  # a name held "],[": decode these windows with json
+        if frame is None and text:
+            for line, (seq, _) in zip(self.lines, self.lines_seq):
+                rows = json.loads(b"[[" + line + b"]]") if line else []
+                self.rows += rows
+                self.rows_seq += [seq] * len(rows)
+        elif frame is not None:
+            for c in self.columns:
+                self.data[c].add(frame[c].to_numpy())
+            self.seqs.append(np.repeat([s for s, _ in self.lines_seq], [n for _, n in self.lines_seq]))
+        self.lines, self.lines_seq = [], []
 
     def _surviving(self) -> np.ndarray:
         """Window seqs kept: a window whose first step is at or before a step already written
@@ -280,16 +386,12 @@ class _EventTable:
 
     def frame(self) -> pd.DataFrame:
         self._flush()
-        if not self.chunks:
+        if not self.seqs:
             return pd.DataFrame({c: pd.Series(dtype="float64") for c in self.columns})
-        seqs = np.concatenate([s for s, _ in self.chunks])
-        keep = np.isin(seqs, self._surviving())
-        data = {}
-        for c in self.columns:
-            values = np.concatenate([cols[c] for _, cols in self.chunks])[keep]
-            data[c] = _column(values, c)
-        self.chunks = []
-        return pd.DataFrame(data)
+        seqs = np.concatenate(self.seqs)
+        order = np.argsort(seqs, kind="stable")  # rows in the order they were written
+        order = order[np.isin(seqs[order], self._surviving())]
+        return pd.DataFrame({c: self.data[c].values(order) for c in self.columns})
 
 
 def _load_events(log_dir: str, table: str | None) -> _EventTable:

@@ -243,3 +243,38 @@ def test_reading_events_does_not_import_tensorflow(run):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("names", [["dense", "x,y"], ["a],[b", "c"], ['ünï"q', "tab\there"], ["nan", "]]}"]])
+def test_odd_layer_names_read_back_exactly(tmp_path, names):
+    """Names with commas, row separators, quotes, non-ASCII or JSON escapes (the reader's fast
+    path must notice them and fall back to json) read back as tb_format.decode_window gives them."""
+    from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+
+    sink = TensorBoardSink(str(tmp_path), {}, names)
+    expected = []
+    for step in (2, 4, 6):
+        window = {c: 0.0 for c in WINDOW_COLUMNS}
+        window.update(step=step, steps=2)
+        rows = []
+        for i, name in enumerate(names):
+            row = {c: float(step * 10 + i) + 0.25 for c in STATS_COLUMNS}
+            row.update(step=step, steps=2, layer=name, variable=f"{name}/kernel", nonfinite=i, grad_steps=2)
+            rows.append(row)
+        sink.write_window(window, rows, rows, [], step - 1)
+        expected += rows
+    sink.close()
+    frame = gw.read_stats(str(tmp_path))  # no run info: sorted by step, then variable name
+    expected = sorted(expected, key=lambda r: (r["step"], r["variable"]))
+    assert list(frame.layer) == [r["layer"] for r in expected]
+    assert list(frame.variable) == [r["variable"] for r in expected]
+    assert list(frame.l2) == [r["l2"] for r in expected] and frame.nonfinite.dtype == "int64"
+    (path,) = event_files(str(tmp_path))
+    from tensorboard.compat.proto import event_pb2
+
+    decoded = []
+    for record in iter_records(path):
+        for value in event_pb2.Event.FromString(record).summary.value:
+            if value.tag == "gradwatch/window":
+                decoded += tb_format.decode_window(value.tensor.string_val[0])["stats"]
+    assert sorted(decoded, key=lambda r: (r["step"], r["variable"])) == expected
