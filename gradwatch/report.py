@@ -357,8 +357,7 @@ def comparison_rows(all_verdicts: Sequence[RunVerdicts]) -> tuple[list[str], lis
     header = ["run", "verdict", "layers", "healthy"] + [kind_label(k) for k in kinds]
     rows = []
     for v in all_verdicts:
-        verdict = "errors" if v.errors_raised else ("warnings" if v.problems else "healthy")
-        row = [v.run.name, verdict, str(len(v.run.layer_order)), str(len(v.healthy))]
+        row = [v.run.name, v.state, str(len(v.run.layer_order)), str(len(v.healthy))]
         for kind in kinds:
             problems = v.layers_with(kind)
             if not problems:
@@ -458,6 +457,8 @@ def _html_run(report: RunReport, anchor: str, heading: str) -> str:
             f"<p>{_e(_run_facts(run))}. Source: <code>{_e(os.path.abspath(run.path))}</code></p>"]
     if v.errors_raised:
         body.append('<p class="bad">An alert of severity error was raised in this run.</p>')
+    elif v.state == "no data":
+        body.append('<p class="bad">No window was written in this run yet: nothing to judge.</p>')
     elif not v.problems:
         body.append('<p class="good">No problem found: every layer is healthy.</p>')
     body.append("<h3>Verdicts per layer</h3>")
@@ -503,7 +504,8 @@ def render_html(reports: Sequence[RunReport], log_dir: str) -> str:
         parts.append("<h2>Comparison of runs</h2>")
         parts.append("<p>Per alert kind: the layers with that problem (how many are still active at the "
                      "end).</p>")
-        classes = [{"errors": "error", "warnings": "warning"}.get(row[1], "healthy") for row in rows]
+        row_class = {"errors": "error", "warnings": "warning", "healthy": "healthy"}
+        classes = [row_class.get(row[1], "") for row in rows]
         parts.append(_html_table(header, rows, classes, links={i: f"run-{i}" for i in range(len(rows))}))
     for i, report in enumerate(reports):
         parts.append(_html_run(report, f"run-{i}", "h2"))
@@ -618,7 +620,7 @@ def print_summary(all_verdicts: Sequence[RunVerdicts], console) -> None:  # cons
     styles = {"error": "bold red", "warning": "yellow", "healthy": "green", "recovered": "dim"}
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence"]
     for v in all_verdicts:
-        state = "errors" if v.errors_raised else ("warnings" if v.problems else "healthy")
+        state = v.state
         table = Table(title=Text(f"{v.run.name}: {state}", style=styles.get(state.rstrip("s"), "")),
                       title_justify="left", show_lines=False)
         for column in header:

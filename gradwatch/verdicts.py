@@ -100,6 +100,15 @@ class RunVerdicts:
     healthy: dict[str, str]  # layer -> evidence ("median grad norm ...")
     errors_raised: bool  # an alert of severity "error" was raised at some point
 
+    @property
+    def state(self) -> str:
+        """"errors", "warnings", "healthy", or "no data" (no window written yet)."""
+        if self.errors_raised:
+            return "errors"
+        if self.problems:
+            return "warnings"
+        return "healthy" if len(self.run.windows) or len(self.run.layers) else "no data"
+
     def problems_of(self, layer: str) -> list[Problem]:
         return [p for p in self.problems if p.layer == layer]
 

@@ -270,6 +270,13 @@ def test_two_hundred_layers_stay_readable(tmp_path):
     assert {"block_000", "block_199"} <= set(chosen)
 
 
+def test_a_run_without_windows_is_no_data_not_healthy(tmp_path, capsys):
+    _write_run(str(tmp_path / "empty_run"), ["a"], windows=0)
+    assert main(["summary", str(tmp_path / "empty_run")]) == 0
+    assert "empty_run: no data" in capsys.readouterr().out
+    assert load_all(str(tmp_path / "empty_run"))[0].healthy == {"a": "no statistics"}
+
+
 def test_default_progress_is_silent_and_forced_progress_shows(tmp_path, capsys):
     _write_run(str(tmp_path / "run"), ["a", "b"])
     build_report(str(tmp_path / "run"), str(tmp_path / "a.html"))
