@@ -44,7 +44,9 @@ from __future__ import annotations
 import html
 import logging
 import math
+import os
 import re
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -202,6 +204,23 @@ def layout_value(layers: Sequence[str]) -> summary_pb2.Summary.Value:
         metadata=_LAYOUT_METADATA,
         tensor=_string_tensor(dashboards_layout(layers).SerializeToString()),
     )
+
+
+def write_layout(log_dir: str, layers: Sequence[str]) -> str:
+    """Writes :func:`dashboards_layout` at step 0 into a new event file in ``log_dir`` (for a run
+    written without it) and returns the file's path.  Plain file I/O: no TensorFlow import."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    os.makedirs(log_dir, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.layout"
+    path = os.path.join(log_dir, name)
+    with open(path, "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        summary = summary_pb2.Summary(value=[layout_value(layers)])
+        writer.write(event_pb2.Event(wall_time=time.time(), step=0, summary=summary).SerializeToString())
+        writer.flush()
+    return path
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|~])")
