@@ -181,6 +181,13 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     image = axes.imshow(np.ma.masked_invalid(logs), aspect="auto", interpolation="nearest", cmap=cmap,
                         extent=extent, vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
+    nonfinite, _ = _layer_matrix(run, "nonfinite", layers)
+    if np.any(nonfinite > 0):
+        from matplotlib.colors import ListedColormap
+
+        overlay = np.ma.masked_where(~(nonfinite > 0), np.ones_like(nonfinite))
+        axes.imshow(overlay, aspect="auto", interpolation="nearest", extent=extent, vmin=0, vmax=1,
+                    cmap=ListedColormap([_SEVERITY_COLOURS["error"]]))
     every = max(1, math.ceil(len(layers) / 40))
     ticks = list(range(0, len(layers), every))
     axes.set_yticks(ticks, [_text(layers[i]) for i in ticks], fontsize=8 if len(layers) > 20 else 9)
@@ -190,9 +197,11 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
         if problem.layer in position:
             axes.plot([problem.first_step], [position[problem.layer]], marker="x", markersize=8,
                       color=_SEVERITY_COLOURS.get(problem.severity, "red"), linestyle="none")
-    figure.colorbar(image, ax=axes, label="log10 grad norm (grey: zero or missing)",
+    figure.colorbar(image, ax=axes, label="log10 grad norm",
                     aspect=20 * max(1.0, height / 4), pad=0.01)
-    note = "Crosses mark where an alert was first raised." if verdicts.problems else ""
+    note = "Grey: zero or missing gradient; red: NaN/Inf gradient entries in the window."
+    if verdicts.problems:
+        note += " Crosses mark where an alert was first raised on a layer."
     return FigureOut("heatmap", title, _png(figure), note)
 
 
