@@ -259,22 +259,37 @@ def test_plugin_module_imports_no_tensorflow():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-@pytest.fixture
-def local_plugin(tmp_path):
-    """The plugin on TensorBoard's real python data provider over an empty log dir, plus a WSGI client."""
+def _local_plugin(logdir: str) -> tuple[Any, Any]:
+    """The plugin on TensorBoard's real python data provider over ``logdir``, and its multiplexer."""
     from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
     from tensorboard.plugins import base_plugin
-    from werkzeug.test import Client
 
     from gradwatch.tb_plugin.plugin import GradientFlowPlugin
 
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(logdir)
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
+    return GradientFlowPlugin(base_plugin.TBContext(data_provider=provider, logdir=logdir)), multiplexer
+
+
+@pytest.fixture
+def local_plugin(tmp_path):
+    """The plugin over an empty log dir, with a werkzeug test client per route."""
+    from werkzeug.test import Client
+
+    plugin, _ = _local_plugin(str(tmp_path))
+    return plugin, {route: Client(app) for route, app in plugin.get_plugin_apps().items()}
+
+
+def test_is_active_only_with_gradwatch_data(tmp_path):
+    write_other(str(tmp_path / "other"))
+    plugin, multiplexer = _local_plugin(str(tmp_path))
+    assert plugin.is_active() is False  # a run, but no gradwatch summaries
+    write_gapped(str(tmp_path / "gapped"))
     multiplexer.AddRunsFromDirectory(str(tmp_path))
     multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
-    plugin = GradientFlowPlugin(base_plugin.TBContext(data_provider=provider, logdir=str(tmp_path)))
-    apps = plugin.get_plugin_apps()
-    return plugin, {route: Client(app) for route, app in apps.items()}
+    assert plugin.is_active() is True
 
 
 TRAVERSALS = [
@@ -316,6 +331,42 @@ def test_empty_logdir_has_no_runs(local_plugin):
     assert missing.status_code == 404 and "no gradwatch data" in json.loads(missing.data)["error"]
     bad = clients["/flow"].get("/data/plugin/gradwatch/flow?run=x&max_cols=abc")
     assert bad.status_code == 400 and "'abc'" in json.loads(bad.data)["error"]
+
+
+def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
+    """The plugin's partial parser agrees with tb_format.decode_window, even with names that spell keys."""
+    from gradwatch.tb_plugin.plugin import build_run
+
+    tricky = ['"layers":{"columns":["layer"]', '"v":2', 'a\\"alerts\\":', "ünï/çødé"]
+    rng = np.random.default_rng(4)
+    payloads = []
+    for k in range(6):
+        step = 3 * (k + 1)
+        rows = [_layer_row(step, n, float(v)) for n, v in zip(tricky, 10.0 ** rng.uniform(-3, 3, 4))]
+        stats = [dict(r, variable=f'{r["layer"]}/"kernel"') for r in rows]
+        alerts = [{"step": step, "layer": tricky[0], "variable": "*", "kind": "dead_relu", "severity": "info",
+                   "value": math.nan, "threshold": 0.5, "message": '"first_step":99', "hint": "h"}]
+        payloads.append((step, tb_format.encode_window({"step": step}, stats, rows, alerts, step - 2)))
+    payloads[2] = (9, b'{"v":1,"window":{"step":9},"stats":')  # torn
+    payloads[3] = (12, payloads[3][1].replace(b'"v":1', b'"v":7'))  # unknown format version
+    payloads.append((30, b"\xff\xfe not utf-8"))
+    data = build_run(_run_info(tricky[::-1]), payloads)
+    assert data.corrupt == 3
+    assert data.layers == tricky[::-1]
+    assert data.steps.tolist() == [3, 6, 15, 18] and data.first_steps.tolist() == [1, 4, 13, 16]
+    for col, (_, payload) in enumerate(p for i, p in enumerate(payloads) if i in (0, 1, 4, 5)):
+        decoded = tb_format.decode_window(payload)
+        for row in decoded["layers"]:
+            assert data.log_l2[data.layers.index(row["layer"]), col] == pytest.approx(math.log10(row["l2"]))
+    assert [a["message"] for a in data.alerts] == ['"first_step":99'] * 4
+    assert all(math.isnan(a["value"]) and a["layer_index"] == 3 for a in data.alerts)
+
+    parsed: dict = {}  # the per-run parse cache gives the same result while the run grows
+    build_run(_run_info(tricky), payloads[:3], parsed)
+    grown = build_run(_run_info(tricky), payloads, parsed)
+    fresh = build_run(_run_info(tricky), payloads)
+    assert len(parsed) == len(payloads) and grown.corrupt == fresh.corrupt == 3
+    assert np.array_equal(grown.log_l2, fresh.log_l2, equal_nan=True) and grown.alerts == fresh.alerts
 
 
 def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -129,46 +130,106 @@ def _layer_names(run_info: Mapping[str, Any] | None) -> list[str]:
     return names
 
 
-def _parse_window(payload: bytes) -> tuple[dict[str, Any], int, list[tuple[str, float, float]], list[dict]]:
+_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _field(text: str, key: str, from_end: bool = False) -> Any:
+    """The JSON value of the top-level ``key`` of a window summary, parsed on its own.
+
+    In the summary's JSON only the top-level object and the window row are objects with
+    keys, and none of the window's keys is a top-level key; inside strings a quote is
+    always escaped.  So ``"key":`` occurs once, and the big ``stats`` table (thousands of
+    rows for a large model) is never parsed when only ``layers`` is needed.
+    """
+    needle = f'"{key}":'
+    at = text.rfind(needle) if from_end else text.find(needle)
+    if at < 0:
+        raise KeyError(f"the window summary has no {key!r} entry")
+    return _DECODER.raw_decode(text, _WHITESPACE.match(text, at + len(needle)).end())[0]
+
+
+def _float_column(rows: list[list[Any]], index: int) -> np.ndarray:
+    """One numeric column as float64 (null -> NaN; "nan"/"inf"/"-inf" strings parsed by numpy)."""
+    return np.array([row[index] for row in rows], dtype=np.float64)
+
+
+Cells = tuple[list[str], np.ndarray, np.ndarray]  # layer names, l2, nonfinite count
+
+
+def _parse_window(payload: bytes) -> tuple[dict[str, Any], int, Cells, list[dict]]:
     """The parts of one window summary the tab needs: (window row, first_step, layer cells, alerts).
 
-    Reads the documented :mod:`gradwatch.tb_format` tables by column name, without
-    building a dict per stats row (a 200-layer run has thousands of them per window).
-    Raises ``ValueError``/``KeyError``/``TypeError`` on a payload it cannot read.
+    Reads the documented :mod:`gradwatch.tb_format` tables by column name and skips
+    the per-variable ``stats`` table.  Raises ``ValueError``/``KeyError``/``TypeError``
+    on a payload it cannot read.
     """
-    data = json.loads(payload.decode("utf-8"))
-    if not isinstance(data, dict) or data.get("v") != tb_format.FORMAT_VERSION:
-        raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}")
-    layers = data["layers"]
-    cols = layers["columns"]
-    i_layer, i_l2, i_nf = cols.index("layer"), cols.index("l2"), cols.index("nonfinite")
-    cells = [(str(r[i_layer]), _number(r[i_l2]), _number(r[i_nf])) for r in layers["rows"]]
-    table = data["alerts"]
+    text = payload.decode("utf-8")
+    version = _field(text, "v")
+    if version != tb_format.FORMAT_VERSION:
+        raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}: "
+                         f"v={version!r}")
+    layers = _field(text, "layers", from_end=True)
+    cols, rows = layers["columns"], layers["rows"]
+    i_layer = cols.index("layer")
+    names = [str(r[i_layer]) for r in rows]
+    cells = (names, _float_column(rows, cols.index("l2")), _float_column(rows, cols.index("nonfinite")))
+    table = _field(text, "alerts", from_end=True)
     acols = table["columns"]
     alerts = [
         {c: (v if c in _TEXT_COLUMNS else _number(v) if c != "step" else int(v)) for c, v in zip(acols, r)}
         for r in table["rows"]
     ]
-    return data["window"], int(data["first_step"]), cells, alerts
+    window = _field(text, "window")
+    if not isinstance(window, dict):
+        raise TypeError(f"the window row is a {type(window).__name__}, not an object")
+    return window, int(_field(text, "first_step", from_end=True)), cells, alerts
 
 
-def build_run(run_info: Mapping[str, Any] | None, payloads: Sequence[tuple[int, bytes]]) -> RunData:
-    """Decodes a run's window payloads ``[(summary step, bytes)]``; unreadable ones are skipped, counted."""
+Parsed = tuple[int, int, Cells, list[dict[str, Any]]]  # step, first_step, cells, alerts
+
+
+def _parse(summary_step: int, payload: bytes) -> Parsed | None:
+    """One window summary parsed, or None when it cannot be read."""
+    try:
+        window, first_step, cells, alerts = _parse_window(payload)
+        step = int(window.get("step") if window.get("step") is not None else summary_step)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    return step, first_step, cells, alerts
+
+
+def build_run(
+    run_info: Mapping[str, Any] | None,
+    payloads: Sequence[tuple[int, bytes]],
+    parsed: dict[tuple[int, int], Parsed | None] | None = None,
+) -> RunData:
+    """Decodes a run's window payloads ``[(summary step, bytes)]``; unreadable ones are skipped, counted.
+
+    ``parsed`` maps ``(summary step, hash of payload)`` to an earlier parse: while a run
+    grows, only its new windows are parsed.  It is updated in place to hold exactly
+    this run's windows.
+    """
     layers = _layer_names(run_info)
     index = {name: i for i, name in enumerate(layers)}
-    windows: dict[int, tuple[int, list[tuple[str, float, float]]]] = {}
+    windows: dict[int, tuple[int, Cells]] = {}
     alerts: list[dict[str, Any]] = []
     corrupt = 0
+    previous = parsed.copy() if parsed is not None else {}
+    if parsed is not None:
+        parsed.clear()
     for summary_step, payload in payloads:
-        try:
-            window, first_step, cells, window_alerts = _parse_window(payload)
-            step = int(window.get("step") if window.get("step") is not None else summary_step)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        key = (summary_step, hash(payload))
+        entry = previous[key] if key in previous else _parse(summary_step, payload)
+        if parsed is not None:
+            parsed[key] = entry
+        if entry is None:
             corrupt += 1
             continue
+        step, first_step, cells, window_alerts = entry
         windows[step] = (first_step, cells)
         alerts.extend(window_alerts)
-        for name, _, _ in cells:
+        for name in cells[0]:
             if name not in index:
                 index[name] = len(layers)
                 layers.append(name)
@@ -176,16 +237,17 @@ def build_run(run_info: Mapping[str, Any] | None, payloads: Sequence[tuple[int, 
     log_l2 = np.full((len(layers), len(steps)), np.nan)
     nonfinite = np.zeros((len(layers), len(steps)), dtype=bool)
     first_steps = np.zeros(len(steps), dtype=np.int64)
-    for col, step in enumerate(steps.tolist()):
-        first_steps[col], cells = windows[step]
-        for name, l2, nf in cells:
-            row = index[name]
-            if l2 > 0 and math.isfinite(l2):
-                log_l2[row, col] = math.log10(l2)
-            nonfinite[row, col] = nf > 0
-    for alert in alerts:
-        layer = alert.get("layer")
-        alert["layer_index"] = index.get(layer, -1) if isinstance(layer, str) else -1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for col, step in enumerate(steps.tolist()):
+            first_steps[col], (names, l2, nf) = windows[step]
+            rows = np.array([index[name] for name in names], dtype=np.int64)
+            usable = (l2 > 0) & np.isfinite(l2)
+            log_l2[rows[usable], col] = np.log10(l2[usable])
+            nonfinite[rows, col] = nf > 0
+    alerts = [
+        {**alert, "layer_index": index.get(alert["layer"], -1) if isinstance(alert.get("layer"), str) else -1}
+        for alert in alerts
+    ]
     alerts.sort(key=lambda a: a.get("step", 0))
     return RunData(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
 
@@ -241,6 +303,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
         self._provider = context.data_provider
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunData]] = OrderedDict()
+        self._parsed: dict[str, dict[tuple[int, int], Parsed | None]] = {}
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Gradient Flow")
@@ -296,12 +359,15 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
             except (ValueError, UnicodeDecodeError):
                 run_info = None
         payloads = [(d.step, _scalar_bytes(d.numpy)) for d in read.get(tb_format.WINDOW_TAG, [])]
-        data = build_run(run_info if isinstance(run_info, dict) else None, payloads)
+        with self._lock:
+            parsed = dict(self._parsed.get(run, {}))
+        data = build_run(run_info if isinstance(run_info, dict) else None, payloads, parsed)
         with self._lock:
             self._cache[run] = (key, data)
+            self._parsed[run] = parsed
             self._cache.move_to_end(run)
             while len(self._cache) > _CACHE_RUNS:
-                self._cache.popitem(last=False)
+                self._parsed.pop(self._cache.popitem(last=False)[0], None)
         return data
 
     # -- routes -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ const SEVERITY_COLOURS = { info: "#1e88e5", warning: "#fb8c00", error: "#e53935"
 const MISSING_COLOUR = [238, 238, 238];
 const NONFINITE_COLOUR = "#d500f9";
 const MAX_TABLE_ROWS = 1000;
+const LABELS_ALLOWANCE = 300; // px kept for the row labels and a scroll bar when asking for columns
 // Viridis, sampled at 10 stops: dark = small gradient norm, yellow = large.
 const RAMP = [
   [68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
@@ -43,7 +44,9 @@ function fmtNorm(log10) {
 function fmtNumber(value) {
   if (value === null || value === undefined) return "";
   if (typeof value !== "number") return String(value);
-  return Number.isInteger(value) ? String(value) : value.toPrecision(3);
+  if (Number.isInteger(value) && Math.abs(value) < 1e6) return String(value);
+  const size = Math.abs(value);
+  return size !== 0 && (size < 1e-3 || size >= 1e4) ? value.toExponential(2) : value.toPrecision(3);
 }
 
 class GradientFlowTab {
@@ -69,6 +72,7 @@ class GradientFlowTab {
     this.message = el("div", { class: "gw-message", id: "gw-message", hidden: "" });
     this.section = el("div", { id: "gw-heatmap-section", hidden: "" });
     const plot = el("div", { class: "gw-plot" });
+    this.plot = plot;
     this.labels = el("div", { class: "gw-labels", id: "gw-labels" });
     this.wrap = el("div", { class: "gw-canvas-wrap" });
     this.canvas = el("canvas", { id: "gw-heatmap", width: 10, height: 10 });
@@ -152,7 +156,8 @@ class GradientFlowTab {
   }
 
   maxCols() {
-    const width = Math.floor(this.wrap.clientWidth || 0);
+    // One column per canvas pixel at most; the row labels (at most 22em) take the rest.
+    const width = Math.floor((this.plot.clientWidth || this.root.clientWidth || 0) - LABELS_ALLOWANCE);
     return width > 0 ? Math.max(50, Math.min(1000, width)) : 1000;
   }
 
@@ -228,7 +233,16 @@ class GradientFlowTab {
     const rows = flow.layers.length;
     const cols = flow.steps.length;
     const rowH = rows <= 30 ? 20 : rows <= 80 ? 14 : 12;
-    const width = Math.max(cols, Math.floor(this.wrap.clientWidth || 1000));
+    this.labels.replaceChildren();
+    flow.layers.forEach((name, i) => {
+      const label = el("div", { class: "gw-row-label", "data-row": i }, name);
+      label.style.height = `${rowH}px`;
+      label.style.lineHeight = `${rowH}px`;
+      label.title = name;
+      this.labels.append(label);
+    });
+    const avail = Math.floor(this.plot.clientWidth - this.labels.offsetWidth - 20);
+    const width = Math.max(cols, avail > 0 ? avail : 1000);
     const height = rows * rowH;
     const canvas = this.canvas;
     canvas.width = width;
@@ -241,15 +255,6 @@ class GradientFlowTab {
     canvas.dataset.cols = String(cols);
     canvas.dataset.rowHeight = String(rowH);
     canvas.dataset.colEdges = this.edges.join(",");
-
-    this.labels.replaceChildren();
-    flow.layers.forEach((name, i) => {
-      const label = el("div", { class: "gw-row-label", "data-row": i }, name);
-      label.style.height = `${rowH}px`;
-      label.style.lineHeight = `${rowH}px`;
-      label.title = name;
-      this.labels.append(label);
-    });
 
     let vmin = flow.vmin ?? 0;
     let vmax = flow.vmax ?? 0;
