@@ -37,6 +37,25 @@ HINTS: dict[str, str] = {
         "Expected now and then under mixed precision: the LossScaleOptimizer skipped the step "
         "and lowered its loss scale. Only frequent overflows need attention."
     ),
+    "no_learning_signal": (
+        "These units get an all-zero gradient although they are not dead ReLUs: check for "
+        "outgoing weights that are all zero (a zero-initialised or masked next layer), a "
+        "tf.stop_gradient, or a saturated activation after them."
+    ),
+    "update_ratio_high": (
+        "Updates are large relative to the weights (healthy is ~1e-3 per step): lower the "
+        "learning rate, add warm-up, or clip gradients (gw.clip.GlobalNorm)."
+    ),
+    "update_ratio_low": (
+        "Updates are tiny relative to the weights (healthy is ~1e-3 per step): raise the "
+        "learning rate, check the optimizer is applied to these variables, and check for "
+        "vanishing gradients."
+    ),
+    "update_mismatch": (
+        "The variable moved in a direction unrelated to its gradient: check that each gradient is "
+        "applied to its own variable (zip(grads, variables) in the same order as "
+        "tape.gradient(loss, variables)), and any manual assign_sub updates."
+    ),
     "no_gradient": (
         "The variable is disconnected from the loss: check that its layer is used in the forward "
         "pass, that no tf.stop_gradient/argmax/cast blocks the path, or freeze it."

@@ -16,6 +16,25 @@ NOTES.md for the published rules they are derived from):
 * ``exploding_gradient``: a layer's largest L2 norm in the window exceeds
   ``exploding_l2``, or its mean L2 grew at least ``exploding_growth``-fold in
   each of the last ``patience`` windows while above ``exploding_growth_floor``.
+* ``dead_relu``: at least ``dead_fraction`` of a ReLU-family layer's units have
+  had an exactly-zero gradient for ``dead_steps`` consecutive steps and fed
+  zeros forward (see ``probes.UnitProbe``); no patience on top (the steps are it).
+* ``no_learning_signal``: the same share of units of a layer get an all-zero
+  gradient for ``dead_steps`` steps without being dead ReLUs.
+* ``update_ratio``: a layer's ||dw|| / ||w|| per step (its kernels) is above
+  ``update_ratio_high`` or below ``update_ratio_low`` (TheDeepChecker's log10
+  bounds -1 and -4) on ``patience`` consecutive measured windows.  Layers with
+  only 1-D variables (biases, normalisation scales) are not judged: their norm
+  starts near zero and their ratio means little.
+* ``update_mismatch``: a variable with at least ``update_min_size`` entries
+  whose cosine between its weight change and minus its gradient sum averages
+  below ``update_cos`` over the last ``update_cos_window`` measured windows.
+  Healthy SGD gives 1, momentum/Adam/RMSprop ~0.3-0.8 per measurement (single
+  measurements of small variables under Adam swing from -0.7 to 0.9, hence the
+  average and the size floor).  A swapped gradient of another variable gives
+  ~0 +- 0.05 for large variables; a scalar or small vector updated with a
+  gradient of the same sign (``b2.assign_sub(lr * gb1)``) is not detectable by
+  direction, nor is a variable with fewer than ``update_min_size`` entries.
 """
 
 from __future__ import annotations
@@ -40,6 +59,13 @@ class Thresholds:
     exploding_growth_floor: float = 10.0
     patience: int = 3
     remind_every: int = 100
+    dead_steps: int = 200
+    dead_fraction: float = 0.5
+    update_ratio_high: float = 1e-1
+    update_ratio_low: float = 1e-4
+    update_cos: float = 0.05
+    update_cos_window: int = 8
+    update_min_size: int = 256
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -71,6 +97,7 @@ class DetectorState:
     last_step: int = 0
     conditions: dict[tuple[str, str], _Condition] = dataclasses.field(default_factory=dict)
     previous_l2: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    cosines: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 def _rms(row: dict[str, Any], entries: int) -> float:
@@ -85,8 +112,9 @@ def detect(
     topology: Topology,
     state: DetectorState,
     thresholds: Thresholds,
+    stats_rows: list[dict[str, Any]] | None = None,
 ) -> list[Alert]:
-    """Alerts for one window's layer rows; updates ``state`` in place."""
+    """Alerts for one window's layer (and variable) rows; updates ``state`` in place."""
     state.window += 1
     if layer_rows:
         state.last_step = int(layer_rows[0]["step"])
@@ -104,13 +132,12 @@ def detect(
     alerts: list[Alert] = []
     for index, row in enumerate(rows):
         layer = row["layer"]
-        if row.get("nonfinite", 0):
-            # NaN/Inf gradients are the non-finite alert's business; their finite
-            # part says nothing about vanishing or exploding.
-            continue
         rms = _rms(row, entries.get(layer, 0))
-        # vanishing: not for the output-most layer (it is the reference)
-        if index < len(rows) - 1 and math.isfinite(rms) and output_rms > 0:
+        nonfinite = bool(row.get("nonfinite", 0))
+        # vanishing: not for the output-most layer (it is the reference); an exactly
+        # zero gradient is no signal at all (dead units, zero inputs), not a vanishing one
+        # (a window with NaN/Inf gradients is the non-finite alert's business for that)
+        if index < len(rows) - 1 and not nonfinite and math.isfinite(rms) and rms > 0 and output_rms > 0:
             ratio = rms / output_rms
             absolute = rms < thresholds.vanishing_rms
             relative = ratio < thresholds.vanishing_ratio and rms < thresholds.vanishing_ratio_rms
@@ -132,8 +159,10 @@ def detect(
             later >= thresholds.exploding_growth * earlier > 0
             for earlier, later in zip(history, history[1:])
         )
+        # l2_max is of the finite entries: a blow-up is named even in the window it
+        # turns into NaN (the non-finite alert says where the NaN appeared)
         big = math.isfinite(l2_max) and l2_max > thresholds.exploding_l2
-        growing = grew and l2_mean > thresholds.exploding_growth_floor
+        growing = grew and l2_mean > thresholds.exploding_growth_floor and not nonfinite
         message = (
             f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window"
             + (f", growing >= {thresholds.exploding_growth:g}x per window" if growing else "")
@@ -143,6 +172,125 @@ def detect(
             state, thresholds, "exploding_gradient", layer, big or growing, step, l2_max,
             thresholds.exploding_l2, message, immediate=big or growing,  # growth has its own patience
         )
+    silent = _silent_kernels(stats_rows or [], topology)
+    alerts += _dead_units(rows, state, thresholds, step, silent)
+    # a layer without gradient signal has a zero update for that reason, not its learning rate
+    quiet = silent | {
+        row["layer"] for row in rows
+        if _finite_value(row, "l2_max") == 0.0
+        or (_finite_value(row, "dead_frac") or 0.0) >= thresholds.dead_fraction
+        or (_finite_value(row, "no_signal_frac") or 0.0) >= thresholds.dead_fraction
+    }
+    alerts += _update_ratio([row for row in rows if row["layer"] not in quiet], topology, state,
+                            thresholds, step)
+    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step)
+    return alerts
+
+
+def _finite_value(row: dict[str, Any], column: str) -> float | None:
+    value = row.get(column)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _silent_kernels(stats_rows, topology: Topology) -> set[str]:
+    """Layers whose kernels got an exactly-zero gradient on every step of the window
+    while having one (e.g. a layer whose inputs are all dead units)."""
+    kernels = {v.name for v in topology.variables if len(v.shape) >= 2}
+    vectors = {v.name for v in topology.variables if len(v.shape) == 1}
+    seen: dict[str, bool] = {}
+    signal: set[str] = set()  # layers whose bias still gets a gradient (the units are live)
+    for row in stats_rows:
+        if not row["grad_steps"]:
+            continue
+        l2_max = _finite_value(row, "l2_max")
+        if row["variable"] in kernels:
+            seen[row["layer"]] = seen.get(row["layer"], True) and l2_max == 0.0
+        elif row["variable"] in vectors and l2_max:
+            signal.add(row["layer"])
+    return {layer for layer, zero in seen.items() if zero and layer in signal}
+
+
+def _dead_units(rows, state, thresholds, step, silent: set[str]) -> list[Alert]:
+    alerts = []
+    for row in rows:
+        layer = row["layer"]
+        if layer in silent and not (_finite_value(row, "no_signal_frac") or 0.0) >= thresholds.dead_fraction:
+            message = (
+                f"Layer {layer!r}: its kernel gradient is exactly zero on every step: its inputs are "
+                "all zero (e.g. it is fed by dead units) or nothing downstream uses it."
+            )
+            alerts += _track(state, thresholds, "no_learning_signal", layer, True, step, 1.0,
+                             thresholds.dead_fraction, message)
+            continue
+        for kind, column, what in (
+            ("dead_relu", "dead_frac", "dead ReLU units (zero output and zero gradient)"),
+            ("no_learning_signal", "no_signal_frac", "units with an all-zero gradient"),
+        ):
+            value = _finite_value(row, column)
+            if value is None:
+                continue
+            message = (
+                f"Layer {layer!r}: {value:.0%} {what} for at least {thresholds.dead_steps} "
+                "consecutive steps."
+            )
+            alerts += _track(state, thresholds, kind, layer, value >= thresholds.dead_fraction, step,
+                             value, thresholds.dead_fraction, message, immediate=True)
+    return alerts
+
+
+def _judged_layers(topology: Topology) -> set[str]:
+    return {v.layer for v in topology.variables if len(v.shape) >= 2}
+
+
+def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
+    alerts = []
+    judged = _judged_layers(topology)
+    for row in rows:
+        layer = row["layer"]
+        ratio = _finite_value(row, "update_ratio")
+        if layer not in judged or ratio is None:
+            continue  # not measured this window: the streak neither grows nor breaks
+        high, low = ratio > thresholds.update_ratio_high, ratio < thresholds.update_ratio_low
+        bound = thresholds.update_ratio_high if high else thresholds.update_ratio_low
+        message = (
+            f"Layer {layer!r}: update/weight ratio {ratio:.2g} per step "
+            + ("(too fast: " if high else "(too slow: " if low else "(")
+            + f"healthy is ~1e-3, bounds {thresholds.update_ratio_low:g}..{thresholds.update_ratio_high:g})."
+        )
+        found = _track(state, thresholds, "update_ratio", layer, high or low, step, ratio, bound, message)
+        for alert in found:
+            if alert.severity != "info":
+                alert.hint = HINTS["update_ratio_high" if high else "update_ratio_low"]
+        alerts += found
+    return alerts
+
+
+def _update_mismatch(stats_rows, topology, state, thresholds, step) -> list[Alert]:
+    alerts = []
+    sizes = {v.name: math.prod(v.shape) if v.shape else 1 for v in topology.variables}
+    window = thresholds.update_cos_window
+    for row in stats_rows:
+        name = row["variable"]
+        cos = _finite_value(row, "update_cos")
+        if cos is None or sizes.get(name, 0) < thresholds.update_min_size:
+            continue
+        history = state.cosines.setdefault(name, [])
+        history.append(cos)
+        del history[:-window]
+        if len(history) < window:
+            continue
+        mean = sum(history) / len(history)
+        message = (
+            f"Variable {name!r} moved in a direction unrelated to its gradient: mean cosine "
+            f"{mean:.2f} between its update and -gradient over the last {window} measurements "
+            "(healthy: SGD 1, Adam/momentum ~0.3-0.8)."
+        )
+        found = _track(state, thresholds, "update_mismatch", row["layer"], mean < thresholds.update_cos,
+                       step, mean, thresholds.update_cos, message, immediate=True, variable=name)
+        alerts += found
     return alerts
 
 
@@ -176,13 +324,15 @@ def _track(
     threshold: float,
     message: str,
     immediate: bool = False,
+    variable: str = "*",
 ) -> list[Alert]:
-    condition = state.conditions.setdefault((kind, layer), _Condition())
+    key = layer if variable == "*" else f"{layer}\x00{variable}"
+    condition = state.conditions.setdefault((kind, key), _Condition())
     if not active:
         condition.streak = 0
         if condition.alerted_at is not None:
             condition.alerted_at = None
-            return [Alert(step, layer, "*", kind, "info", value, threshold,
+            return [Alert(step, layer, variable, kind, "info", value, threshold,
                           f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered).", "")]
         return []
     condition.streak += 1
@@ -193,5 +343,5 @@ def _track(
         reminder = condition.alerted_at is not None
         condition.alerted_at = state.window
         text = ("Still: " if reminder else "") + message
-        return [Alert(step, layer, "*", kind, "warning", value, threshold, text, HINTS[kind])]
+        return [Alert(step, layer, variable, kind, "warning", value, threshold, text, HINTS.get(kind, ""))]
     return []

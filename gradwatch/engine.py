@@ -23,6 +23,7 @@ from gradwatch import _keras_internals as internals
 from gradwatch import alerts as alerts_lib
 from gradwatch import clip as clip_lib
 from gradwatch import detectors as detectors_lib
+from gradwatch import probes as probes_lib
 from gradwatch import rows as rows_lib
 from gradwatch import stats as stats_lib
 from gradwatch.options import Options
@@ -84,6 +85,8 @@ class Engine:
         self.closed = False
         self.last_finite: tf.Tensor | None = None
         self.last_alerts: list[alerts_lib.Alert] = []
+        self.last_histograms: list[dict[str, Any]] = []
+        self.units = self.updates = self.histograms = None
         self.on_alert = None
         self._no_gradient_reported: set[str] = set()
         self._compiled_fns: dict[Any, Any] = {}
@@ -118,6 +121,16 @@ class Engine:
         self.window = Window(len(variables) + self._num_layers, strategy)
         self._state = internals.replica_variable(
             np.array([start_step, 0, -1], np.int64), "gradwatch_step_state", strategy
+        )
+        self.units = probes_lib.UnitProbe(topology, strategy)
+        # Probes that write under a tf.cond cannot run under several replicas
+        # (a mirrored write is a merge_call, which a cond branch cannot hold).
+        single = strategy is None or strategy.num_replicas_in_sync <= 1
+        self.updates = probes_lib.UpdateProbe(variables, strategy) if single else None
+        self.histograms = (
+            probes_lib.HistogramProbe(topology, self.options.histogram_every,
+                                      self.options.signed_histograms, strategy)
+            if single and self.options.histogram_every > 0 else None
         )
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with tf.init_scope(), scope:
@@ -207,6 +220,8 @@ class Engine:
                 for k, i in enumerate(present):
                     grads[i] = clipped[k]
             stacked = tf.concat([stacked, tf.stack([clip_scale, clip_fired])], axis=0)
+            by_slot = {slots[i]: stat_grads[k] for k, i in enumerate(present)}
+            self._run_probes(by_slot, context)
         else:
             stacked = tf.zeros([7, 0], tf.float32)
             clip_threshold = tf.constant(float("nan"))
@@ -239,6 +254,19 @@ class Engine:
         )
         self.last_finite = fold(stacked, scalars, iterations)
         return grads
+
+    def _run_probes(self, by_slot: dict[int, Any], context: StepContext) -> None:
+        """Dead units every step; update and histogram probes on their sampled steps."""
+        window_start = self.window.is_empty()
+        self.units.observe(by_slot, window_start)
+        if self.updates is not None:
+            self.updates.observe(by_slot, window_start)
+        if self.histograms is not None:
+            inv_scale = (
+                1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
+                else tf.constant(1.0)
+            )
+            self.histograms.observe(by_slot, self._state[0] + 1, inv_scale)
 
     def _compiled(self, key, fn):
         """``fn`` as one XLA cluster (a handful of launches instead of ~200 small
@@ -466,6 +494,14 @@ class Engine:
         per_var, glob = self.window.read_and_reset()
         if glob["steps"] <= 0:
             return None
+        num_vars = len(self.topology.variables)
+        dead, no_signal = self.units.read(self.options.thresholds.dead_steps)
+        per_var["dead_frac"] = np.concatenate([np.full(num_vars, np.nan), dead])
+        per_var["no_signal_frac"] = np.concatenate([np.full(num_vars, np.nan), no_signal])
+        if self.updates is not None:
+            per_var["update_ratio"], per_var["update_cos"] = self.updates.read(self.topology)
+        histograms = self.histograms.read() if self.histograms is not None else []
+        self.last_histograms = histograms
         window_row, stats_rows, layer_rows = rows_lib.build_rows(
             per_var, glob, self.topology, clipping=self.clip is not None
         )
@@ -474,7 +510,7 @@ class Engine:
         self.steps_seen += int(glob["steps"])
         self.last_window = window_row
         alerts = detectors_lib.detect(
-            layer_rows, self.topology, self._detector_state, self.options.thresholds
+            layer_rows, self.topology, self._detector_state, self.options.thresholds, stats_rows
         )
         alerts = self._alerts(window_row, per_var, stats_rows) + alerts
         self.last_alerts = alerts

@@ -38,6 +38,8 @@ class GradientMonitor(keras.callbacks.Callback):
             "stop" or "raise".
         append: continue the files of a previous run in ``log_dir`` (resume).
         thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
+        signed_histograms: also write a signed-value gradient histogram per layer
+            (the log10|g| histogram is always written on histogram steps).
 
     Example:
         >>> monitor = GradientMonitor(log_dir="runs/exp1", log_every=10)
@@ -53,6 +55,7 @@ class GradientMonitor(keras.callbacks.Callback):
         on_nonfinite: str = "warn",
         append: bool = False,
         thresholds: Any = None,
+        signed_histograms: bool = False,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
     ):
         super().__init__()
@@ -64,6 +67,7 @@ class GradientMonitor(keras.callbacks.Callback):
             on_nonfinite=on_nonfinite,
             append=append,
             thresholds=thresholds,
+            signed_histograms=signed_histograms,
         )
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")

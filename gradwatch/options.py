@@ -28,6 +28,7 @@ class Options:
     on_nonfinite: str = "warn"
     append: bool = False
     thresholds: Any = None
+    signed_histograms: bool = False
 
     def __post_init__(self) -> None:
         if self.log_dir is not None:
@@ -61,6 +62,8 @@ class Options:
                 "thresholds must be a gradwatch.detectors.Thresholds or None; "
                 f"received {self.thresholds!r}."
             )
+        if not isinstance(self.signed_histograms, bool):
+            raise TypeError(f"signed_histograms must be True or False; received {self.signed_histograms!r}.")
         if not isinstance(self.append, bool):
             raise TypeError(f"append must be True or False; received {self.append!r}.")
 
@@ -76,5 +79,6 @@ class Options:
             "clip": repr(self.clip) if self.clip is not None else None,
             "on_nonfinite": self.on_nonfinite,
             "append": self.append,
+            "signed_histograms": self.signed_histograms,
             "thresholds": dataclasses.asdict(self.thresholds),
         }

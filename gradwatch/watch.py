@@ -56,6 +56,7 @@ class Watch:
         on_nonfinite: str = "warn",
         append: bool = False,
         thresholds: Any = None,
+        signed_histograms: bool = False,
         names: Sequence[str] | Mapping[Any, str] | None = None,
         model: Any = None,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
@@ -68,6 +69,7 @@ class Watch:
             on_nonfinite=on_nonfinite,
             append=append,
             thresholds=thresholds,
+            signed_histograms=signed_histograms,
         )
         if names is not None and not isinstance(names, (Sequence, Mapping)):
             raise TypeError(f"names must be a list of str or a mapping; received {names!r}.")

@@ -60,3 +60,11 @@ def assert_close(actual, expected, rel=1e-5, abs_=1e-7, what=""):
 @pytest.fixture
 def log_dir(tmp_path):
     return str(tmp_path / "run")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Prints the labelled scenario suite's per-kind precision/recall when it ran."""
+    score = getattr(config, "gradwatch_scenario_score", None)
+    if score:
+        terminalreporter.write_sep("-", "gradwatch scenario suite (seed 0): precision / recall per kind")
+        terminalreporter.write_line(score)

@@ -1,0 +1,416 @@
+"""In-graph probes beyond the every-step norms: dead units, update/weight ratio and
+direction, and gradient histograms.  Each one owns its own variables, runs inside
+the step (``observe``) and is read on the host with one transfer per probe.
+
+* :class:`UnitProbe` — per unit, the number of consecutive steps whose gradient was
+  exactly zero.  A unit's bias gradient is the sum over the batch of the signal the
+  unit passes back; it is exactly zero when the unit passed nothing on that batch
+  (its kernel column is then zero too, except for a kernel regulariser's term —
+  which is why the bias is read, not the kernel).  Layers without a bias use their
+  kernel's columns.  A layer followed by a normalisation layer is left to that
+  layer (its bias gradient is ~0 by construction; the normaliser's ``beta`` is read
+  instead).  To tell a dead ReLU (activation zero on the whole batch) from a live
+  unit that merely gets no signal (its outgoing weights are zero), the next layer's
+  kernel-gradient row of the unit is checked on the window's sampled step: a dead
+  unit feeds zeros forward, so that row is zero too.
+* :class:`UpdateProbe` — on the first step of a window it copies the weights (one
+  copy of the watched variables is kept: memory = model size, plus one more for the
+  gradient sum), then measures ||w_after - w_before|| / ||w_before|| on the first
+  following step that moved any weight (so gradient accumulation, where k-1 of k
+  steps do not move the weights, and skipped steps are not "too slow"), and, after
+  ``update_steps`` steps, the cosine between the weight change and minus the sum of
+  those steps' gradients.  All work is under a ``tf.cond``: steps outside the
+  probe's interval run none of it.
+* :class:`HistogramProbe` — on steps that are a multiple of ``histogram_every``,
+  per variable counts of log10|g| in fixed buckets (exact zeros and non-finite
+  values counted apart), and optionally a signed-value histogram; never on other
+  steps.  Bucket ids come from ``floor`` + ``unsorted_segment_sum`` (XLA-safe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch._keras_internals import replica_variable
+from gradwatch.topology import Topology
+
+RELU_FAMILY = frozenset({"relu", "relu6"})
+_NORMALISERS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization"})
+
+# log10|g| histogram buckets: 4 per decade from 1e-16 to 1e8 (values outside are
+# counted in the first / last bucket).
+LOG10_LOW, LOG10_HIGH, PER_DECADE = -16.0, 8.0, 4
+NUM_LOG_BUCKETS = int((LOG10_HIGH - LOG10_LOW) * PER_DECADE)
+NUM_SIGNED_BUCKETS = 30
+
+UPDATE_STEPS = 3
+
+
+def _short(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _weights(variable: Any) -> tf.Tensor:
+    return tf.cast(tf.convert_to_tensor(variable), tf.float32)
+
+
+def _dense(grad: Any) -> tf.Tensor:
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
+class _Track:
+    """One tracked layer: where its unit signal comes from."""
+
+    def __init__(self, layer: int, slot: int, kernel_mode: bool, units: int, relu: bool,
+                 next_slot: int | None):
+        self.layer, self.slot, self.kernel_mode = layer, slot, kernel_mode
+        self.units, self.relu, self.next_slot = units, relu, next_slot
+        self.offset = 0
+
+
+def unit_tracks(topology: Topology) -> list[_Track]:
+    """Which layers have units to track, and from which variable (pure, host side)."""
+    by_layer: dict[str, list[int]] = {}
+    for slot, var in enumerate(topology.variables):
+        by_layer.setdefault(var.layer, []).append(slot)
+    layers = topology.layers
+    tracks = []
+    for i, layer in enumerate(layers):
+        slots = by_layer.get(layer.name, [])
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if following is not None and following.class_name in _NORMALISERS and layer.class_name not in (
+            _NORMALISERS
+        ):
+            continue  # the normaliser's beta speaks for these units
+        relu = layer.activation in RELU_FAMILY
+        bias = [s for s in slots if len(topology.variables[s].shape) == 1
+                and _short(topology.variables[s].name) in ("bias", "beta")]
+        kernels = [s for s in slots if len(topology.variables[s].shape) >= 2]
+        if bias:
+            slot, kernel_mode = bias[0], False
+            units = topology.variables[slot].shape[0]
+        elif relu and kernels:
+            slot, kernel_mode = kernels[0], True
+            units = topology.variables[slot].shape[-1]
+        else:
+            continue
+        next_slot = None
+        for later in layers[i + 1:]:
+            later_kernels = [s for s in by_layer.get(later.name, [])
+                             if len(topology.variables[s].shape) >= 2]
+            if later_kernels:
+                shape = topology.variables[later_kernels[0]].shape
+                if shape[-2] == units:
+                    next_slot = later_kernels[0]
+                break
+        tracks.append(_Track(i, slot, kernel_mode, int(units), relu, next_slot))
+    offset = 0
+    for track in tracks:
+        track.offset = offset
+        offset += track.units
+    return tracks
+
+
+class UnitProbe:
+    """Consecutive zero-gradient steps per unit (see the module docstring)."""
+
+    def __init__(self, topology: Topology, strategy: Any = None):
+        self.topology = topology
+        self.tracks = unit_tracks(topology)
+        total = sum(t.units for t in self.tracks)
+        self.total = total
+        self.zero_run = replica_variable(np.zeros(max(total, 1), np.int32), "gradwatch_zero_run", strategy)
+        # 1: the unit's activation was zero on the whole batch at the last sampled step
+        self.silent = replica_variable(np.ones(max(total, 1), np.float32), "gradwatch_unit_silent",
+                                       strategy)
+
+    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor) -> list[tf.Operation]:
+        if not self.tracks:
+            return []
+        zero_parts, silent_parts, present_parts = [], [], []
+        for track in self.tracks:
+            grad = grads_by_slot.get(track.slot)
+            if grad is None or isinstance(grad, tf.IndexedSlices):
+                zero_parts.append(tf.zeros([track.units], tf.bool))
+                present_parts.append(tf.zeros([track.units], tf.bool))
+            else:
+                grad = tf.cast(grad, tf.float32)
+                if track.kernel_mode:
+                    axes = list(range(len(grad.shape) - 1))
+                    zero = tf.equal(tf.reduce_max(tf.abs(grad), axis=axes), 0.0)
+                else:
+                    zero = tf.equal(grad, 0.0)
+                zero_parts.append(zero)
+                present_parts.append(tf.ones([track.units], tf.bool))
+            nxt = grads_by_slot.get(track.next_slot) if track.next_slot is not None else None
+            if nxt is None or isinstance(nxt, tf.IndexedSlices):
+                silent_parts.append(None)
+            else:
+                silent_parts.append(tf.cast(nxt, tf.float32))
+        zero = tf.concat(zero_parts, axis=0)
+        present = tf.concat(present_parts, axis=0)
+        run = self.zero_run.read_value()
+        new_run = tf.where(present, tf.where(zero, run + 1, 0), run)
+        ops = [self.zero_run.assign(new_run)]
+
+        def measure_silent():
+            parts = []
+            for track, nxt in zip(self.tracks, silent_parts):
+                if nxt is None:
+                    parts.append(tf.ones([track.units], tf.float32))
+                else:
+                    rank = len(nxt.shape)
+                    axes = [a for a in range(rank) if a != rank - 2]
+                    parts.append(tf.cast(tf.equal(tf.reduce_max(tf.abs(nxt), axis=axes), 0.0), tf.float32))
+            return tf.concat(parts, axis=0)
+
+        if any(part is not None for part in silent_parts):
+            silent = tf.cond(sampled, measure_silent, lambda: self.silent.read_value())
+            ops.append(self.silent.assign(silent))
+        return ops
+
+    def read(self, dead_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer (topology order): (dead_frac, no_signal_frac); NaN where not tracked."""
+        num_layers = len(self.topology.layers)
+        dead = np.full(num_layers, np.nan)
+        no_signal = np.full(num_layers, np.nan)
+        if not self.tracks:
+            return dead, no_signal
+        run = self.zero_run.numpy()
+        silent = self.silent.numpy() > 0.5
+        for track in self.tracks:
+            part = slice(track.offset, track.offset + track.units)
+            quiet = run[part] >= dead_steps
+            if track.relu:
+                dead[track.layer] = float(np.mean(quiet & silent[part]))
+                no_signal[track.layer] = float(np.mean(quiet & ~silent[part]))
+            else:
+                no_signal[track.layer] = float(np.mean(quiet))
+        return dead, no_signal
+
+
+class UpdateProbe:
+    """Update/weight ratio and update direction, on sampled intervals (see the module docstring)."""
+
+    # result rows per variable
+    _ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
+
+    def __init__(self, variables: Sequence[Any], strategy: Any = None, steps: int = UPDATE_STEPS):
+        self.variables = list(variables)
+        self.steps = int(steps)
+        dtypes = [tf.as_dtype(getattr(v.dtype, "name", v.dtype)) for v in self.variables]
+        self.slots = [i for i, d in enumerate(dtypes) if d.is_floating]
+        self.snap = [
+            replica_variable(np.zeros(self.variables[i].shape, np.float32), f"gradwatch_snap_{k}", strategy)
+            for k, i in enumerate(self.slots)
+        ]
+        self.gsum = [
+            replica_variable(np.zeros(self.variables[i].shape, np.float32), f"gradwatch_gsum_{k}", strategy)
+            for k, i in enumerate(self.slots)
+        ]
+        # phase: 0 idle, p >= 1 steps since the snapshot; pending: ratio not measured yet
+        self.state = replica_variable(np.zeros(2, np.int64), "gradwatch_update_state", strategy)
+        self.result = replica_variable(self._reset(), "gradwatch_update_result", strategy)
+
+    def _reset(self) -> np.ndarray:
+        return np.full((len(self._ROWS), len(self.variables)), np.nan, np.float32)
+
+    def observe(self, grads_by_slot: dict[int, Any], window_start: tf.Tensor) -> tf.Tensor:
+        if not self.slots:
+            return tf.constant(0)
+        state = self.state.read_value()
+        phase, pending = state[0], state[1]
+        grads = []
+        for i in self.slots:
+            g = grads_by_slot.get(i)
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            grads.append(None if g is None else tf.cast(g, tf.float32))
+        index = tf.constant(self.slots, tf.int32)[:, None]
+
+        def start():
+            ops = []
+            for k, i in enumerate(self.slots):
+                ops.append(self.snap[k].assign(_weights(self.variables[i])))
+                g = grads[k]
+                ops.append(self.gsum[k].assign(g if g is not None else tf.zeros_like(self.gsum[k])))
+            with tf.control_dependencies(ops):
+                return self.state.assign(tf.constant([1, 1], tf.int64)).op
+
+        def active():
+            deltas = [_weights(self.variables[i]) - self.snap[k].read_value()
+                      for k, i in enumerate(self.slots)]
+            du = tf.stack([tf.reduce_sum(tf.square(d)) for d in deltas])
+            ops = []
+            moved = tf.reduce_sum(du) > 0.0
+            take_ratio = (pending > 0) & moved
+
+            def write_ratio():
+                w = tf.stack([tf.reduce_sum(tf.square(s.read_value()))
+                              for s in self.snap])
+                rows = self.result.read_value()
+                rows = tf.tensor_scatter_nd_update(rows, tf.concat(
+                    [tf.zeros_like(index), index], axis=1), du)
+                rows = tf.tensor_scatter_nd_update(rows, tf.concat(
+                    [tf.ones_like(index), index], axis=1), w)
+                return self.result.assign(rows).op
+
+            ops.append(tf.cond(take_ratio, write_ratio, tf.no_op))
+            new_pending = tf.where(take_ratio, tf.constant(0, tf.int64), pending)
+
+            def finish():
+                dots = tf.stack([-tf.reduce_sum(d * s.read_value()) for d, s in zip(deltas, self.gsum)])
+                g_sq = tf.stack([tf.reduce_sum(tf.square(s.read_value())) for s in self.gsum])
+                rows = self.result.read_value()
+                for row, values in ((2, du), (3, dots), (4, g_sq)):
+                    rows = tf.tensor_scatter_nd_update(
+                        rows, tf.concat([tf.fill(tf.shape(index), row), index], axis=1), values)
+                with tf.control_dependencies([self.result.assign(rows)]):
+                    return tf.constant(0, tf.int64)
+
+            def accumulate():
+                adds = [self.gsum[k].assign_add(g) for k, g in enumerate(grads) if g is not None]
+                with tf.control_dependencies(adds):
+                    return phase + 1
+
+            with tf.control_dependencies(ops):
+                new_phase = tf.cond(phase >= self.steps, finish, accumulate)
+            return self.state.assign(tf.stack([new_phase, new_pending])).op
+
+        return tf.cond(
+            phase > 0, active, lambda: tf.cond(window_start, start, tf.no_op)
+        )
+
+    def read(self, topology: Topology) -> tuple[np.ndarray, np.ndarray]:
+        """(update_ratio, update_cos) per column: the variables, then their layers; resets."""
+        rows = self.result.numpy().astype(np.float64)
+        self.result.assign(self._reset())
+        ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var_ratio = np.sqrt(ratio_du / ratio_w)
+            var_cos = cos_dot / np.sqrt(cos_du * cos_g)
+        var_ratio = np.where(ratio_w > 0, var_ratio, np.nan)
+        var_cos = np.where((cos_du > 0) & (cos_g > 0), var_cos, np.nan)
+        layer_ratio, layer_cos = [], []
+        for layer in topology.layers:
+            members = [i for i, v in enumerate(topology.variables) if v.layer == layer.name]
+            # the ratio of a layer is its kernels' (zero-initialised biases would dominate)
+            kernels = [i for i in members if len(topology.variables[i].shape) >= 2] or members
+            du, w = np.nansum(ratio_du[kernels]), np.nansum(ratio_w[kernels])
+            measured = not np.all(np.isnan(ratio_w[kernels]))
+            layer_ratio.append(np.sqrt(du / w) if measured and w > 0 else np.nan)
+            d, dot, g = (np.nansum(x[members]) for x in (cos_du, cos_dot, cos_g))
+            measured = not np.all(np.isnan(cos_g[members]))
+            layer_cos.append(dot / np.sqrt(d * g) if measured and d > 0 and g > 0 else np.nan)
+        return (np.concatenate([var_ratio, np.array(layer_ratio)]),
+                np.concatenate([var_cos, np.array(layer_cos)]))
+
+
+class HistogramProbe:
+    """log10|g| (and optionally signed) bucket counts per variable on histogram steps."""
+
+    def __init__(self, topology: Topology, every: int, signed: bool, strategy: Any = None):
+        self.topology = topology
+        self.every = int(every)
+        self.signed = bool(signed)
+        num = len(topology.variables)
+        # per variable: log buckets, zeros, non-finite
+        self.counts = replica_variable(np.zeros((num, NUM_LOG_BUCKETS + 2), np.float32),
+                                       "gradwatch_hist_counts", strategy)
+        self.signed_counts = replica_variable(np.zeros((num, NUM_SIGNED_BUCKETS), np.float32),
+                                              "gradwatch_hist_signed", strategy)
+        self.bounds = replica_variable(np.zeros(len(topology.layers), np.float32),
+                                       "gradwatch_hist_bounds", strategy)
+        self.step = replica_variable(np.array(-1, np.int64), "gradwatch_hist_step", strategy)
+        layer_of = {layer.name: i for i, layer in enumerate(topology.layers)}
+        self.layer_ids = [layer_of[v.layer] for v in topology.variables]
+
+    def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
+        if self.every <= 0:
+            return tf.constant(0)
+
+        def measure():
+            num = len(self.topology.variables)
+            rows, signed_rows, flats = [], [], {}
+            for slot in range(num):
+                g = grads_by_slot.get(slot)
+                if g is None:
+                    rows.append(tf.zeros([NUM_LOG_BUCKETS + 2]))
+                    continue
+                flat = tf.reshape(tf.cast(_dense(g), tf.float32), [-1]) * inv_scale
+                flats[slot] = flat
+                magnitude = tf.abs(flat)
+                finite = tf.math.is_finite(flat)
+                nonzero = finite & (magnitude > 0.0)
+                log = tf.math.log(tf.where(nonzero, magnitude, 1.0)) / np.log(10.0)
+                bucket = tf.clip_by_value(
+                    tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
+                ids = tf.where(nonzero, bucket,
+                               tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
+                rows.append(tf.math.unsorted_segment_sum(tf.ones_like(flat), ids, NUM_LOG_BUCKETS + 2))
+            ops = [self.counts.assign(tf.stack(rows)), self.step.assign(tf.cast(step, tf.int64))]
+            if self.signed:
+                bounds = []
+                for layer in range(len(self.topology.layers)):
+                    members = [s for s in flats if self.layer_ids[s] == layer]
+                    peaks = [tf.reduce_max(tf.where(tf.math.is_finite(flats[s]), tf.abs(flats[s]), 0.0))
+                             for s in members]
+                    bounds.append(tf.reduce_max(tf.stack(peaks)) if peaks else tf.constant(0.0))
+                bounds = tf.stack(bounds)
+                for slot in range(num):
+                    flat = flats.get(slot)
+                    if flat is None:
+                        signed_rows.append(tf.zeros([NUM_SIGNED_BUCKETS]))
+                        continue
+                    bound = tf.maximum(bounds[self.layer_ids[slot]], 1e-30)
+                    finite = tf.math.is_finite(flat)
+                    position = (tf.where(finite, flat, 0.0) + bound) / (2.0 * bound) * NUM_SIGNED_BUCKETS
+                    bucket = tf.clip_by_value(
+                        tf.cast(tf.floor(position), tf.int32), 0, NUM_SIGNED_BUCKETS - 1)
+                    ids = tf.where(finite, bucket, NUM_SIGNED_BUCKETS)
+                    signed_rows.append(tf.math.unsorted_segment_sum(
+                        tf.ones_like(flat), ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
+                ops += [self.signed_counts.assign(tf.stack(signed_rows)), self.bounds.assign(bounds)]
+            with tf.control_dependencies(ops):
+                return tf.constant(0)
+
+        due = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
+        return tf.cond(due, measure, lambda: tf.constant(0))
+
+    def read(self) -> list[dict[str, Any]]:
+        """The histograms of the last histogram step since the previous read, per layer."""
+        if self.every <= 0:
+            return []
+        step = int(self.step.numpy())
+        if step < 0:
+            return []
+        self.step.assign(-1)
+        counts = self.counts.numpy().astype(np.float64)
+        edges = LOG10_LOW + np.arange(NUM_LOG_BUCKETS + 1) / PER_DECADE
+        out = []
+        signed = self.signed_counts.numpy().astype(np.float64) if self.signed else None
+        bounds = self.bounds.numpy() if self.signed else None
+        for layer_index, layer in enumerate(self.topology.layers):
+            members = [s for s, lid in enumerate(self.layer_ids) if lid == layer_index]
+            total = counts[members].sum(axis=0)
+            buckets = total[:NUM_LOG_BUCKETS]
+            nonzero = np.nonzero(buckets)[0]
+            lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 1)
+            out.append({
+                "step": step, "layer": layer.name, "kind": "log10_abs",
+                "edges": edges[lo:hi + 1], "counts": buckets[lo:hi],
+                "zeros": int(total[NUM_LOG_BUCKETS]), "nonfinite": int(total[NUM_LOG_BUCKETS + 1]),
+            })
+            if signed is not None:
+                bound = float(bounds[layer_index])
+                out.append({
+                    "step": step, "layer": layer.name, "kind": "signed",
+                    "edges": np.linspace(-bound, bound, NUM_SIGNED_BUCKETS + 1),
+                    "counts": signed[members].sum(axis=0),
+                    "zeros": int(total[NUM_LOG_BUCKETS]), "nonfinite": int(total[NUM_LOG_BUCKETS + 1]),
+                })
+        return out
