@@ -39,8 +39,10 @@ def run_demo(out: str = "runs/demo", echo: Callable[[str], None] = print) -> lis
          "gradwatch.read_stats / read_windows / read_alerts.")
     from gradwatch.report import build_report, summary_text
 
+    started = time.perf_counter()
     path, verdicts = build_report(out, os.path.join(out, "report.html"))
     echo("\n" + summary_text(verdicts).rstrip())
-    echo(f"\nReport of all {len(verdicts)} runs: {os.path.abspath(path)}")
+    seconds = time.perf_counter() - started
+    echo(f"\nReport of all {len(verdicts)} runs ({seconds:.1f} s): {os.path.abspath(path)}")
     echo(f"(also: gradwatch summary {out}   /   gradwatch report {out} -o report.md --format md)")
     return runs
