@@ -152,7 +152,7 @@ def test_alert_names_are_escaped_for_markdown_and_html(tmp_path):
         "layer": "a|b<script>alert(1)</script>",
         "kind": "dead_relu",
         "severity": "error",
-        "message": "*not bold* [link](http://x)\nsecond line",
+        "message": "*not bold* [link](http://x)\nsecond ~1e-3 line",
         "hint": "use `Leaky ReLU`",
     }
     sink.write_window({"step": 3, "steps": 1}, [], [], [alert], 3)
@@ -164,7 +164,7 @@ def test_alert_names_are_escaped_for_markdown_and_html(tmp_path):
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert html.count("<td>") == 6  # the | in the layer name did not split the cell
     assert "<em>" not in html and "<a " not in html and "<code>" not in html
-    assert "*not bold* [link](http://x) second line" in html
+    assert "*not bold* [link](http://x) second ~1e-3 line" in html
 
 
 def test_histograms_are_k_by_3_with_the_given_edges_and_counts(run):

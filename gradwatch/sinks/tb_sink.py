@@ -223,7 +223,7 @@ def write_layout(log_dir: str, layers: Sequence[str]) -> str:
     return path
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|~])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|])")  # the characters Markdown lets a backslash escape
 
 
 def markdown_cell(value: Any) -> str:
