@@ -108,12 +108,18 @@ def _images(text: str) -> list[str]:
     return re.findall(r"<img [^>]*src=\"([^\"]*)\"", text)
 
 
-def test_html_report_of_several_runs_is_self_contained(runs, tmp_path):
-    out = tmp_path / "report.html"
+@pytest.fixture(scope="module")
+def html_report(runs, tmp_path_factory):
+    """``gradwatch report`` of the three runs, through the console script."""
+    out = tmp_path_factory.mktemp("html") / "report.html"
     result = _cli("report", str(runs), "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout and result.stderr == ""  # no progress bar when not a TTY
-    text = out.read_text(encoding="utf-8")
+    return out
+
+
+def test_html_report_of_several_runs_is_self_contained(html_report):
+    text = html_report.read_text(encoding="utf-8")
     sources = _images(text)
     assert text.count("<img") == len(sources) >= 3 * 2  # heatmap + gradient norms at least, per run
     skipped = text.count("Skipped:")
@@ -173,10 +179,10 @@ def test_hostile_layer_names_are_escaped_in_html_and_markdown(tmp_path):
     assert HOSTILE not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "a$b\\|c" in md
 
 
-def test_markdown_writes_its_pngs_beside_it(runs, tmp_path):
+def test_markdown_writes_its_pngs_beside_it(runs, tmp_path, capsys):
     out = tmp_path / "sub" / "report.md"
-    result = _cli("report", str(runs / "vanishing"), "-o", str(out), "--format", "md")
-    assert result.returncode == 0, result.stderr
+    assert main(["report", str(runs / "vanishing"), "-o", str(out), "--format", "md"]) == 0
+    assert f"report written to {out}" in capsys.readouterr().out
     md = out.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert links and all(link.startswith("report_files/") for link in links)
@@ -187,21 +193,22 @@ def test_markdown_writes_its_pngs_beside_it(runs, tmp_path):
     assert "| sigmoid_0 | vanishing | warning |" in md
 
 
-def test_summary_exit_status_gates_on_error_alerts(runs):
+def test_summary_exit_status_gates_on_error_alerts(runs, capsys):
     healthy = _cli("summary", str(runs / "healthy"))
     assert healthy.returncode == 0, healthy.stderr
     assert "healthy" in healthy.stdout and "hidden" in healthy.stdout and healthy.stderr == ""
-    warnings_only = _cli("summary", str(runs / "vanishing"))
-    assert warnings_only.returncode == 0 and "sigmoid_0" in warnings_only.stdout
-    assert "hint (vanishing): Use ReLU" in warnings_only.stdout
+    assert main(["summary", str(runs / "vanishing")]) == 0  # warnings do not fail
+    warnings_only = capsys.readouterr().out
+    assert "sigmoid_0" in warnings_only and "hint (vanishing): Use ReLU" in warnings_only
     errors = _cli("summary", str(runs))  # several runs: exploding raised an error
     assert errors.returncode == 1
     titles = [line.strip() for line in errors.stdout.splitlines()
               if line.rstrip().endswith((": errors", ": warnings", ": healthy"))]
     assert titles == ["exploding: errors", "healthy: healthy", "vanishing: warnings"]
     assert "1 of 3 run(s) raised an error alert: exploding" in errors.stdout
-    help_text = " ".join(_cli("summary", "--help").stdout.split())
-    assert "1 when one was raised at some point" in help_text
+    with pytest.raises(SystemExit):
+        main(["summary", "--help"])
+    assert "1 when one was raised at some point" in " ".join(capsys.readouterr().out.split())
 
 
 def _corrupt_layers(run_dir) -> None:
@@ -285,9 +292,8 @@ def test_default_progress_is_silent_and_forced_progress_shows(tmp_path, capsys):
     assert "run" in capsys.readouterr().err
 
 
-def test_report_renders_in_chromium_with_every_figure_loaded(runs, tmp_path):
-    out = tmp_path / "report.html"
-    build_report(str(runs), str(out))
+def test_report_renders_in_chromium_with_every_figure_loaded(html_report, tmp_path):
+    out = html_report
     hostile = tmp_path / "hostile"
     _write_run(str(hostile), [HOSTILE, "b"], alert_layer=HOSTILE)
     build_report(str(hostile), str(tmp_path / "hostile.html"))
