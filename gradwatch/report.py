@@ -216,17 +216,21 @@ def _layer_lines(
     matrix, steps = _layer_matrix(run, column, shown)
     figure = _new_figure(11, 4.2)
     axes = figure.add_subplot()
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(shown) <= 10 else "tab20"].colors
     for i, layer in enumerate(shown):
         series = matrix[i]
         if log:
             series = np.where(series > 0, series, np.nan)
-        axes.plot(steps, series, label=_text(layer), linewidth=1.2)
+        axes.plot(steps, series, label=_text(layer), linewidth=1.2, color=palette[i % len(palette)],
+                  linestyle="-" if i < len(palette) else "--")
     if log and np.any(matrix > 0):
         axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, ncol=2 if len(shown) > 6 else 1, loc="best")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     total = len(run.layer_order)
     note = (
         f"Showing {len(shown)} of {total} layers: those with alerts first, then those whose median "
