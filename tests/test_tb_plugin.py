@@ -196,12 +196,18 @@ class Server:
         return json.loads(body)
 
 
-def _start_tensorboard(logdir: str, load_fast: str, stderr_path: str) -> Server:
+def _launch_tensorboard(logdir: str, load_fast: str, stderr_path: str, keep_all: bool = True) -> Any:
     tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
     args = [tensorboard, "--logdir", logdir, "--host", "127.0.0.1", "--port", "0",
-            f"--load_fast={load_fast}", SAMPLES_FLAG, "--reload_interval=2"]
+            f"--load_fast={load_fast}", "--reload_interval=2"] + ([SAMPLES_FLAG] if keep_all else [])
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+    return proc, args, stderr_path, load_fast
+
+
+def _await_port(launched: Any) -> Server:
+    """The server once it printed "TensorBoard <version> at http://host:PORT/" on stderr."""
+    proc, args, stderr_path, load_fast = launched
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with open(stderr_path, encoding="utf-8", errors="replace") as f:
@@ -212,15 +218,27 @@ def _start_tensorboard(logdir: str, load_fast: str, stderr_path: str) -> Server:
             break
         time.sleep(0.2)
     proc.kill()
+    proc.wait(timeout=15)
     with open(stderr_path, encoding="utf-8", errors="replace") as f:
         raise RuntimeError(f"tensorboard did not start ({' '.join(args)}):\n{f.read()[-3000:]}")
+
+
+def _stop(servers: list[Server]) -> None:
+    for srv in servers:
+        srv.proc.terminate()
+    for srv in servers:
+        try:
+            srv.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module", params=["true", "false"], ids=["load_fast", "python_loader"])
 def server(request, logdir, tmp_path_factory):
     stderr_path = str(tmp_path_factory.mktemp("tb") / "stderr.txt")
     start = time.perf_counter()
-    srv = _start_tensorboard(logdir["root"], request.param, stderr_path)
+    srv = _await_port(_launch_tensorboard(logdir["root"], request.param, stderr_path))
     try:
         deadline = time.monotonic() + 90
         runs: dict[str, Any] = {}
@@ -237,12 +255,7 @@ def server(request, logdir, tmp_path_factory):
         print(f"tensorboard load_fast={request.param} ready in {time.perf_counter() - start:.1f} s")
         yield srv
     finally:
-        srv.proc.terminate()
-        try:
-            srv.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait(timeout=15)
+        _stop([srv])
 
 
 # -- tests without a server -----------------------------------------------------------------------------
@@ -409,6 +422,7 @@ def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
     assert flow["first_steps"][col] <= 8765 <= flow["steps"][col]
     assert flow["markers"] == [[9, col, SEVERITIES.index("warning"), 1, ["dead_relu"]]]
     assert flow["downsampled"] == {"windows": width, "columns": max_cols, "per_column": width / max_cols}
+    assert flow["gap_columns"] == [] and flow["dropped"]["gaps"] == 0
     assert len(body) < 2_000_000
 
 
@@ -472,6 +486,7 @@ def test_gaps_corrupt_and_empty_runs(server):
     gapped = server.json("/data/plugin/gradwatch/flow", run="gapped")
     assert gapped["steps"] == [10, 20, 40, 50]
     assert gapped["dropped"]["gaps"] == 1 and gapped["dropped"]["missing_steps"] == 10
+    assert gapped["gap_columns"] == [2]
     assert "--samples_per_plugin=gradwatch=0" in gapped["dropped"]["advice"]
     corrupt = server.json("/data/plugin/gradwatch/flow", run="corrupt")
     assert corrupt["dropped"]["corrupt"] == 1 and corrupt["steps"] == [10]
@@ -593,5 +608,85 @@ def test_page_in_headless_chromium(server, logdir, tmp_path):
         ready("empty_gw")
         message = driver.find_element(By.ID, "gw-message")
         assert message.is_displayed() and "no gradwatch windows yet" in message.text
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def default_servers(tmp_path_factory):
+    """Two TensorBoards with TensorBoard's default sampling, started side by side: a 40-window run; empty."""
+    from gradwatch.sinks.tb_sink import TensorBoardSink
+
+    sampled = tmp_path_factory.mktemp("sampled")
+    sink = TensorBoardSink(str(sampled / "long"), _run_info(["a", "b"]), ["a", "b"])
+    for step in range(1, 41):
+        sink.write_window({"step": step, "steps": 1}, [], [_layer_row(step, n, 0.25) for n in "ab"], [], step)
+    sink.close()
+    empty = tmp_path_factory.mktemp("empty")
+    launched = [  # the python loader (its default keeps 10 tensor samples per tag) and the Rust one
+        _launch_tensorboard(str(d), fast, str(tmp_path_factory.mktemp("tb") / "err.txt"), keep_all=False)
+        for d, fast in ((sampled, "false"), (empty, "true"))
+    ]
+    servers: list[Server] = []
+    try:
+        for item in launched:
+            servers.append(_await_port(item))
+        deadline = time.monotonic() + 60
+        runs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not (runs and runs[0]["last_step"] == 40):
+            try:
+                runs = servers[0].json("/data/plugin/gradwatch/runs")["runs"]
+            except (OSError, AssertionError, ValueError):
+                runs = []
+            time.sleep(0.3)
+        assert runs and runs[0]["last_step"] == 40, f"the sampled run never loaded: {runs}"
+        yield {"sampled": servers[0], "empty": servers[1]}
+    finally:
+        for proc, *_ in launched[len(servers):]:  # launched, never reported its port
+            proc.kill()
+            proc.wait(timeout=15)
+        _stop(servers)
+
+
+def test_default_sampling_drops_windows_and_the_page_says_so(default_servers, tmp_path):
+    from _chromium import chromium_driver, require_chromium
+    from tensorboard.backend.event_processing import data_ingester, tag_types
+
+    flow = default_servers["sampled"].json("/data/plugin/gradwatch/flow", run="long")
+    print(f"default sampling kept {flow['windows']} of 40 windows; dropped: {flow['dropped']}")
+    kept = data_ingester.DEFAULT_SIZE_GUIDANCE[tag_types.TENSORS]
+    assert kept == 10 and flow["windows"] == kept  # TensorBoard's default reservoir for tensor summaries
+    assert flow["steps"][-1] == 40  # the reservoir always keeps the latest
+    dropped = flow["dropped"]
+    assert dropped["gaps"] + (dropped["leading_missing_steps"] > 0) > 0
+    assert dropped["missing_steps"] + dropped["leading_missing_steps"] == 30
+    assert default_servers["empty"].json("/data/plugin/gradwatch/runs")["runs"] == []
+
+    require_chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium_driver(1200, 800)
+    try:
+        for name, expected in (("sampled", "ready"), ("empty", "empty")):
+            driver.get(f"http://127.0.0.1:{default_servers[name].port}/#gradwatch")
+            frame = WebDriverWait(driver, 60).until(
+                lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "iframe[src*='name=gradwatch']")), None)
+            )
+            driver.switch_to.frame(frame)
+            WebDriverWait(driver, 60).until(lambda d, state=expected: d.execute_script(
+                "const r = document.getElementById('gw-root'); return r && r.dataset.state === arguments[0];",
+                state))
+            if name == "sampled":
+                notice = driver.find_element(By.ID, "gw-dropped")
+                assert notice.is_displayed() and "Samples were dropped" in notice.text
+                assert "--samples_per_plugin=gradwatch=0" in notice.text
+            else:
+                message = driver.find_element(By.ID, "gw-message")
+                assert message.is_displayed()
+                assert "No run in this log directory has gradwatch data" in message.text
+                assert not driver.find_element(By.ID, "gw-heatmap-section").is_displayed()
+            driver.save_screenshot(str(tmp_path / f"{name}.png"))
+            driver.switch_to.default_content()
     finally:
         driver.quit()

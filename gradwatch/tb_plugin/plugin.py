@@ -271,6 +271,8 @@ def flow_json(run: str, data: RunData, max_cols: int) -> dict[str, Any]:
             marker[3] += 1
             if alert.get("kind") not in marker[4]:
                 marker[4].append(alert.get("kind"))
+    holes = np.flatnonzero(data.first_steps[1:] != data.steps[:-1] + 1) + 1  # windows after a gap
+    gap_columns = sorted(set(bucket_of(edges, holes).tolist())) if width else []
     rounded = np.round(reduced, 3)
     values = [[None if x != x else x for x in row] for row in rounded.tolist()]
     finite = reduced[np.isfinite(reduced)]
@@ -284,6 +286,7 @@ def flow_json(run: str, data: RunData, max_cols: int) -> dict[str, Any]:
         "vmin": float(finite.min()) if finite.size else None,
         "vmax": float(finite.max()) if finite.size else None,
         "nonfinite": np.argwhere(nonfinite).tolist(),
+        "gap_columns": gap_columns,
         "markers": sorted(markers.values()),
         "severities": list(SEVERITIES),
         "alerts": len(data.alerts),

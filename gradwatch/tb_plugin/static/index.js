@@ -6,6 +6,7 @@ const BASE = new URL(".", import.meta.url);
 const SEVERITY_COLOURS = { info: "#1e88e5", warning: "#fb8c00", error: "#e53935" };
 const MISSING_COLOUR = [238, 238, 238];
 const NONFINITE_COLOUR = "#d500f9";
+const GAP_COLOUR = "#ff1744";
 const MAX_TABLE_ROWS = 1000;
 const LABELS_ALLOWANCE = 300; // px kept for the row labels and a scroll bar when asking for columns
 // Viridis, sampled at 10 stops: dark = small gradient norm, yellow = large.
@@ -209,9 +210,8 @@ class GradientFlowTab {
       if (dropped.gaps > 0) {
         parts.push(`${dropped.gaps} gap(s) between windows (${dropped.missing_steps} steps missing)`);
       }
-      if (dropped.leading_missing_steps > 0) {
-        parts.push(`steps 1–${dropped.leading_missing_steps} are not in the data`);
-      }
+      const lead = dropped.leading_missing_steps;
+      if (lead > 0) parts.push(lead === 1 ? "step 1 is not in the data" : `steps 1–${lead} are not in the data`);
       const node = this.notice(`Samples were dropped: ${parts.join("; ")}. ${dropped.advice}`);
       node.id = "gw-dropped";
     }
@@ -286,6 +286,9 @@ class GradientFlowTab {
       ctx.fillRect(this.edges[c], r * rowH, Math.max(1, this.edges[c + 1] - this.edges[c]), rowH - 1);
     }
 
+    ctx.fillStyle = GAP_COLOUR;
+    for (const c of flow.gap_columns) ctx.fillRect(this.edges[c], 0, 1, height);
+
     this.markerAt = new Map();
     for (const marker of flow.markers) {
       const [r, c, rank, count, kinds] = marker;
@@ -338,6 +341,9 @@ class GradientFlowTab {
       item(swatch({ background: `rgb(${MISSING_COLOUR.join(",")})` }), "no data / zero"),
       item(swatch({ background: NONFINITE_COLOUR }), "NaN/Inf gradient"),
     );
+    if (this.flow.gap_columns.length) {
+      this.legend.append(item(swatch({ background: GAP_COLOUR, width: "2px" }), "windows dropped before"));
+    }
     for (const severity of this.flow.severities) {
       const outline = swatch({ borderColor: SEVERITY_COLOURS[severity] }, "gw-swatch gw-outline");
       this.legend.append(item(outline, `${severity} alert`));
@@ -377,6 +383,7 @@ class GradientFlowTab {
         : `gradient norm: ${fmtNorm(value)} (log10 ${value.toFixed(3)})`,
     ];
     if (this.nonfiniteAt.has(row * cols + col)) lines.push("non-finite (NaN/Inf) gradient entries");
+    if (flow.gap_columns.includes(col)) lines.push("windows were dropped just before this column");
     for (const marker of [this.markerAt.get(row * cols + col), this.markerAt.get(-cols + col)]) {
       if (marker) {
         const scope = marker[0] < 0 ? " (whole model)" : "";
