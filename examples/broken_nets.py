@@ -3,6 +3,7 @@
 * ``vanishing``: a 12-layer sigmoid MLP; the first layers' gradients vanish.
 * ``exploding``: a learning rate far too high; gradients explode, then go NaN.
 * ``exploding_clipped``: the same net with ``clip=gw.clip.GlobalNorm(1.0)``: it trains.
+* ``dead_relu``: ReLU layers whose biases start at -6: every unit is dead from the start.
 
 Run: ``python examples/broken_nets.py --out runs/broken``
 """
@@ -61,6 +62,24 @@ def exploding(out: str, clip=None) -> float:
     return loss
 
 
+def dead_relu(out: str) -> None:
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, 20)).astype("float32")
+    y = (x[:, :3].sum(axis=1, keepdims=True) > 0).astype("float32")
+    bad_bias = keras.initializers.Constant(-6.0)
+    model = keras.Sequential([
+        keras.Input((20,)),
+        keras.layers.Dense(64, activation="relu", bias_initializer=bad_bias, name="relu_1"),
+        keras.layers.Dense(32, activation="relu", bias_initializer=bad_bias, name="relu_2"),
+        keras.layers.Dense(1, activation="sigmoid", name="out"),
+    ])
+    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    # 320 steps: a unit counts as dead after 200 consecutive zero-gradient steps (the default)
+    model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=[gw.GradientMonitor(log_dir=out)])
+    _print_alerts(out)
+
+
 def main(out: str = "runs/demo/broken_nets") -> None:
     print("12-layer sigmoid MLP:")
     vanishing(os.path.join(out, "vanishing"))
@@ -68,6 +87,8 @@ def main(out: str = "runs/demo/broken_nets") -> None:
     exploding(os.path.join(out, "exploding"))
     print("learning rate 0.2, clip=gw.clip.GlobalNorm(1.0):")
     exploding(os.path.join(out, "exploding_clipped"), clip=gw.clip.GlobalNorm(1.0))
+    print("ReLU layers with biases initialised at -6:")
+    dead_relu(os.path.join(out, "dead_relu"))
 
 
 if __name__ == "__main__":

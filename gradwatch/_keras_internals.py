@@ -340,6 +340,24 @@ def replica_variable(initial_value: Any, name: str, strategy: Any = None) -> tf.
         )
 
 
+def is_chief(strategy: Any = None) -> bool:
+    """Whether this process writes: True unless a multi-worker strategy says another
+    task is the chief (the task of type "chief", else worker 0)."""
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    if resolver is None:
+        return True
+    task_type, task_id = getattr(resolver, "task_type", None), getattr(resolver, "task_id", None)
+    if task_type is None:
+        return True
+    if task_type == "chief":
+        return True
+    try:
+        has_chief = "chief" in resolver.cluster_spec().as_dict()
+    except (ValueError, AttributeError):
+        has_chief = False
+    return task_type == "worker" and not has_chief and int(task_id or 0) == 0
+
+
 def replicas_to_reduce() -> tf.distribute.ReplicaContext | None:
     """The replica context to all-reduce in, when running on several replicas."""
     context = tf.distribute.get_replica_context()

@@ -174,8 +174,11 @@ def detect(
         )
     silent = _silent_kernels(stats_rows or [], topology)
     alerts += _dead_units(rows, state, thresholds, step, silent)
-    # a layer without gradient signal has a zero update for that reason, not its learning rate
-    quiet = silent | {
+    # a layer without gradient signal (or a vanishing one) has a tiny update for that
+    # reason, not because of its learning rate: the root cause is alerted instead
+    vanishing = {layer for (kind, layer), c in state.conditions.items()
+                 if kind == "vanishing_gradient" and c.streak > 0}
+    quiet = silent | vanishing | {
         row["layer"] for row in rows
         if _finite_value(row, "l2_max") == 0.0
         or (_finite_value(row, "dead_frac") or 0.0) >= thresholds.dead_fraction

@@ -28,6 +28,7 @@ from gradwatch import rows as rows_lib
 from gradwatch import stats as stats_lib
 from gradwatch.options import Options
 from gradwatch.sinks.csv_sink import CsvSink
+from gradwatch.sinks.tb_sink import TensorBoardSink
 from gradwatch.topology import Topology
 from gradwatch.window import StepGlobals, StepValues, Window
 
@@ -79,6 +80,8 @@ class Engine:
         self._state: tf.Variable | None = None
         self._loss_state: tf.Variable | None = None
         self._sink: CsvSink | None = None
+        self._tb_sink: TensorBoardSink | None = None
+        self.chief = True
         self._sinks_opened = False
         self.steps_seen = 0
         self.last_window: dict[str, Any] | None = None
@@ -109,6 +112,8 @@ class Engine:
     ) -> None:
         """Creates the accumulators for these variables (host side, or lifted out of a trace)."""
         self.topology = topology
+        # Only the chief worker writes; the others compute (their all-reduces are needed) and stay silent.
+        self.chief = internals.is_chief(strategy)
         self._index = {internals.variable_key(v): i for i, v in enumerate(variables)}
         self._variables = list(variables)
         if self.clip is not None:
@@ -465,11 +470,17 @@ class Engine:
     # --------------------------------------------------------------- host
 
     def open_sinks(self) -> None:
-        if self._sink is None and self.options.writes:
+        if self._sink is None and self.options.writes and self.chief:
             # A second fit with the same monitor continues the files it wrote.
             append = self.options.append or self._sinks_opened
             self._sink = CsvSink(self.options.log_dir, append=append)
-            self._sink.open(self.run_json())
+            run_json = self.run_json()
+            self._sink.open(run_json)
+            # TensorBoard events: a writer is created at the first window (a new
+            # events file per session; readers let the later write of a step win).
+            self._tb_sink = TensorBoardSink(
+                self.options.log_dir, run_json, [layer.name for layer in self.topology.layers]
+            )
             self._sinks_opened = True
 
     def run_json(self) -> dict[str, Any]:
@@ -516,8 +527,12 @@ class Engine:
         self.last_alerts = alerts
         if self._sink is not None:
             first_step = int(glob["last_step"]) - int(glob["steps"]) + 1
+            alert_rows = [a.to_row() for a in alerts]
             self._sink.write(window_row, stats_rows, layer_rows, first_step)
-            self._sink.write_alerts([a.to_row() for a in alerts])
+            self._sink.write_alerts(alert_rows)
+            self._tb_sink.write_window(
+                window_row, stats_rows, layer_rows, alert_rows, first_step, histograms or None
+            )
         for alert in alerts:
             level = {"info": logging.INFO, "warning": logging.WARNING}.get(alert.severity, logging.ERROR)
             logger.log(level, "gradwatch %s at step %d: %s", alert.kind, alert.step, alert.message)
@@ -559,5 +574,8 @@ class Engine:
         if self._sink is not None:
             self._sink.close()
             self._sink = None
+        if self._tb_sink is not None:
+            self._tb_sink.close()
+            self._tb_sink = None
         self.closed = True
 

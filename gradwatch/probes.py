@@ -12,7 +12,9 @@ the step (``observe``) and is read on the host with one transfer per probe.
   instead).  To tell a dead ReLU (activation zero on the whole batch) from a live
   unit that merely gets no signal (its outgoing weights are zero), the next layer's
   kernel-gradient row of the unit is checked on the window's sampled step: a dead
-  unit feeds zeros forward, so that row is zero too.
+  unit feeds zeros forward, so that row is zero too (through a channels-last
+  Flatten, every row of the unit).  When the next layer's kernel is not watched
+  (frozen) there is no such evidence and a silent ReLU unit is reported dead.
 * :class:`UpdateProbe` — on the first step of a window it copies the weights (one
   copy of the watched variables is kept: memory = model size, plus one more for the
   gradient sum), then measures ||w_after - w_before|| / ||w_before|| on the first
@@ -104,7 +106,9 @@ def unit_tracks(topology: Topology) -> list[_Track]:
                              if len(topology.variables[s].shape) >= 2]
             if later_kernels:
                 shape = topology.variables[later_kernels[0]].shape
-                if shape[-2] == units:
+                # equal: Dense/Conv after Dense/Conv or global pooling; a multiple: a
+                # channels-last Flatten in between (row r belongs to unit r % units)
+                if shape[-2] % units == 0:
                     next_slot = later_kernels[0]
                 break
         tracks.append(_Track(i, slot, kernel_mode, int(units), relu, next_slot))
@@ -165,7 +169,9 @@ class UnitProbe:
                 else:
                     rank = len(nxt.shape)
                     axes = [a for a in range(rank) if a != rank - 2]
-                    parts.append(tf.cast(tf.equal(tf.reduce_max(tf.abs(nxt), axis=axes), 0.0), tf.float32))
+                    rows = tf.reduce_max(tf.abs(nxt), axis=axes)
+                    rows = tf.reduce_max(tf.reshape(rows, [-1, track.units]), axis=0)
+                    parts.append(tf.cast(tf.equal(rows, 0.0), tf.float32))
             return tf.concat(parts, axis=0)
 
         if any(part is not None for part in silent_parts):

@@ -6,6 +6,7 @@ reported by ``python tests/scenarios/scenarios.py --seeds 1 2 3``.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import gradwatch as gw
@@ -37,13 +38,22 @@ def _alerts(results, name):
     return gw.read_alerts(f"{root}/seed0/{name}")
 
 
-def test_nan_in_data_names_the_step_and_first_layer(results):
+def test_nan_in_data_names_the_step_and_the_cause(results):
     alerts = _alerts(results, "nan_in_data")
     row = alerts[alerts.kind == "nonfinite_gradient"].iloc[0]
     assert row.step // 10 * 10 <= suite.NAN_STEP <= row.step  # the window that holds it
     assert f"step {suite.NAN_STEP}" in row.message
-    # relu(NaN) is 0: the loss stays finite and the first layer's kernel gradient is NaN
-    assert row.layer == gw.read_run(f"{results[0]}/seed0/nan_in_data")["layers"][0]["name"]
+    windows = gw.read_windows(f"{results[0]}/seed0/nan_in_data")
+    window = windows[windows.step == row.step].iloc[0]
+    assert window.first_nonfinite_step == suite.NAN_STEP
+    if window.nonfinite_loss_at_first == 1:
+        # the NaN reached the loss: a forward-pass/input problem, not localised to a layer
+        assert row.layer == "" and "input data" in row.message + row.hint
+    else:
+        # relu(NaN) can be 0: the loss stays finite, the first layer's kernel gradient is NaN
+        assert row.layer == gw.read_run(f"{results[0]}/seed0/nan_in_data")["layers"][0]["name"]
+    # skip_step kept the weights finite: training went on with finite losses
+    assert np.isfinite(windows.loss.iloc[-1])
 
 
 def test_nonfinite_loss_is_reported_as_a_forward_pass_problem(results):

@@ -1,0 +1,240 @@
+"""The in-graph probes against independent numpy/GradientTape computations:
+log10|g| histograms, update/weight ratio and direction, dead and silent units."""
+
+from __future__ import annotations
+
+import glob
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradwatch as gw
+from gradwatch import probes
+
+
+def _data(n=320, features=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = (x[:, :3].sum(axis=1, keepdims=True) > 0).astype("float32")
+    return x, y
+
+
+def _replay(model, x, y, batch, lr, steps):
+    """Plain SGD by hand: (weights before each step, gradients of each step), as numpy."""
+    weights, grads = [], []
+    loss_fn = keras.losses.BinaryCrossentropy()
+    for i in range(steps):
+        xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+        weights.append([v.numpy().copy() for v in model.trainable_variables])
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        g = tape.gradient(loss, model.trainable_variables)
+        grads.append([t.numpy() for t in g])
+        for v, t in zip(model.trainable_variables, g):
+            v.assign_sub(lr * t)
+    return weights, grads
+
+
+def _model(seed=0, bias=None, features=12):
+    keras.utils.set_random_seed(seed)
+    kwargs = {} if bias is None else {"bias_initializer": keras.initializers.Constant(bias)}
+    return keras.Sequential([
+        keras.Input((features,)),
+        keras.layers.Dense(8, activation="relu", name="hidden", **kwargs),
+        keras.layers.Dense(1, activation="sigmoid", name="out"),
+    ])
+
+
+def _fit(model, log_dir, x, y, lr=0.1, batch=32, **monitor):
+    model.compile(keras.optimizers.SGD(lr), "binary_crossentropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir, **monitor)])
+
+
+def _histograms(log_dir, prefix):
+    out = {}
+    for path in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag.startswith(prefix):
+                    out[(event.step, value.tag[len(prefix):])] = tf.make_ndarray(value.tensor)
+    return out
+
+
+def test_log10_histogram_counts_match_numpy(tmp_path):
+    x, y = _data()
+    reference = _model()
+    _, grads = _replay(reference, x, y, 32, 0.1, 10)
+    model = _model()
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, log_every=5, histogram_every=5, signed_histograms=True)
+    hist = _histograms(log_dir, "gradwatch/grad_log10_abs/")
+    assert sorted(hist) == [(5, "hidden"), (5, "out"), (10, "hidden"), (10, "out")]
+    for (step, layer), tensor in hist.items():
+        index = [0, 1] if layer == "hidden" else [2, 3]
+        g = np.concatenate([grads[step - 1][i].ravel() for i in index]).astype(np.float64)
+        nonzero = np.abs(g[g != 0])
+        bucket = np.clip(np.floor((np.log10(nonzero) - probes.LOG10_LOW) * probes.PER_DECADE), 0,
+                         probes.NUM_LOG_BUCKETS - 1).astype(int)
+        expected = np.bincount(bucket, minlength=probes.NUM_LOG_BUCKETS)
+        left = np.round((tensor[:, 0] - probes.LOG10_LOW) * probes.PER_DECADE).astype(int)
+        got = np.zeros(probes.NUM_LOG_BUCKETS)
+        got[left] = tensor[:, 2]
+        # float32 vs float64 log10 may move a value sitting on a bucket edge by one bucket
+        assert np.abs(got - expected).sum() <= 2, (step, layer)
+        assert got.sum() == nonzero.size
+        assert np.allclose(np.diff(tensor[:, 0]), 1.0 / probes.PER_DECADE)
+    signed = _histograms(log_dir, "gradwatch/grad_values/")
+    tensor = signed[(10, "out")]
+    g = np.concatenate([grads[9][2].ravel(), grads[9][3].ravel()])
+    assert tensor[:, 2].sum() == g.size
+    assert tensor[-1, 1] == pytest.approx(np.abs(g).max(), rel=1e-5)
+    assert tensor[0, 0] == pytest.approx(-np.abs(g).max(), rel=1e-5)
+
+
+def test_update_ratio_and_direction_match_a_replay(tmp_path):
+    x, y = _data()
+    weights, grads = _replay(_model(), x, y, 32, 0.1, 10)
+    model = _model()
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, log_every=5, histogram_every=0)
+    stats = gw.read_stats(log_dir)
+    # window 1 = steps 1..5: snapshot before step 1, ratio after step 1
+    for k, name in enumerate(("hidden/kernel", "hidden/bias", "out/kernel", "out/bias")):
+        row = stats[(stats.step == 5) & (stats.variable == name)].iloc[0]
+        w0 = weights[0][k]
+        if np.linalg.norm(w0) > 0:
+            expected = np.linalg.norm(weights[1][k] - w0) / np.linalg.norm(w0)
+            assert row.update_ratio == pytest.approx(expected, rel=1e-4), name
+        else:
+            assert np.isnan(row.update_ratio), name  # zero-initialised bias: no ratio
+        # SGD moves exactly along -sum(g) over the probe's steps: cosine 1
+        assert row.update_cos == pytest.approx(1.0, abs=1e-5), name
+    layers = gw.read_stats(log_dir, level="layer")
+    hidden = layers[(layers.step == 5) & (layers.layer == "hidden")].iloc[0]
+    kernel_ratio = np.linalg.norm(weights[1][0] - weights[0][0]) / np.linalg.norm(weights[0][0])
+    assert hidden.update_ratio == pytest.approx(kernel_ratio, rel=1e-4)  # the layer's kernels
+
+
+def test_watch_sees_a_manual_assign_sub_update(tmp_path):
+    rng = np.random.default_rng(1)
+    w = tf.Variable(rng.normal(size=(12, 4)).astype("float32"), name="w")
+    v = tf.Variable(rng.normal(size=(4, 1)).astype("float32"), name="v")
+    x, y = _data()
+    lr = 0.05
+    before = w.numpy().copy()
+    with gw.Watch(str(tmp_path / "loop"), log_every=4, histogram_every=0) as watch:
+        for i in range(8):
+            with tf.GradientTape() as tape:
+                out = tf.sigmoid(tf.nn.relu(x[i * 32:(i + 1) * 32] @ w) @ v)
+                loss = tf.reduce_mean((out - y[i * 32:(i + 1) * 32]) ** 2)
+            gw_, gv = watch.observe(tape.gradient(loss, [w, v]), [w, v])
+            if i == 0:
+                expected = lr * np.linalg.norm(gw_.numpy()) / np.linalg.norm(before)
+            w.assign_sub(lr * gw_)
+            v.assign_sub(lr * gv)
+            watch.step_end(float(loss))
+    stats = gw.read_stats(str(tmp_path / "loop"))
+    row = stats[(stats.step == 4) & (stats.variable == "w")].iloc[0]
+    assert row.update_ratio == pytest.approx(expected, rel=1e-4)
+    assert row.update_cos == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dead_fraction_counts_units_dead_on_every_batch(tmp_path):
+    x, y = _data(n=640)
+    # units 0..3 start far below zero (dead for good), units 4..7 at zero (live)
+    bias = np.array([-30.0] * 4 + [0.0] * 4, np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(8, activation="relu", name="hidden",
+                           bias_initializer=keras.initializers.Constant(bias)),
+        keras.layers.Dense(1, activation="sigmoid", name="out"),
+    ])
+    log_dir = str(tmp_path / "run")
+    thresholds = gw.detectors.Thresholds(dead_steps=10)
+    _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0, thresholds=thresholds)
+    # independent: units whose pre-activation is <= 0 on every sample of the last 10 batches
+    kernel, b = (v.numpy() for v in model.get_layer("hidden").trainable_variables)
+    pre = x[-320:] @ kernel + b
+    expected = float(np.mean((pre <= 0).all(axis=0)))
+    layers = gw.read_stats(log_dir, level="layer")
+    last = layers[layers.layer == "hidden"].iloc[-1]
+    assert last.dead_frac == pytest.approx(expected) and expected == 0.5
+    assert last.no_signal_frac == 0.0
+    assert np.isnan(layers[layers.layer == "out"].iloc[-1].dead_frac)  # sigmoid: not a ReLU
+    alerts = gw.read_alerts(log_dir)
+    dead = alerts[alerts.kind == "dead_relu"]
+    assert list(dead.layer) == ["hidden"] and dead.iloc[0].value == 0.5
+    assert dead.iloc[0].step == 10  # the first window after dead_steps zero-gradient steps
+
+
+class _Pruned(keras.constraints.Constraint):
+    """Keeps every outgoing weight of the hidden units at zero (pruned), while they stay live."""
+
+    def __call__(self, w):
+        return w * 0.0
+
+
+def test_live_units_with_zero_outgoing_weights_are_no_learning_signal(tmp_path):
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(8, activation="relu", name="hidden"),
+        keras.layers.Dense(1, activation="sigmoid", name="out", kernel_initializer="zeros",
+                           kernel_constraint=_Pruned()),
+    ])
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, log_every=5, histogram_every=0,
+         thresholds=gw.detectors.Thresholds(dead_steps=5))
+    # independent: the hidden units are live (positive pre-activation somewhere in the batch)
+    kernel, b = (v.numpy() for v in model.get_layer("hidden").trainable_variables)
+    assert ((x[:32] @ kernel + b) > 0).any(axis=0).all()
+    layers = gw.read_stats(log_dir, level="layer")
+    hidden = layers[layers.layer == "hidden"].iloc[-1]
+    assert hidden.no_signal_frac == 1.0 and hidden.dead_frac == 0.0
+    kinds = set(gw.read_alerts(log_dir).kind)
+    assert "no_learning_signal" in kinds and "dead_relu" not in kinds
+
+
+def test_gradient_accumulation_does_not_make_update_ratio_storms(tmp_path):
+    x, y = _data(n=1280)
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.05, gradient_accumulation_steps=4), "binary_crossentropy")
+    log_dir = str(tmp_path / "run")
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir, log_every=5, histogram_every=0)])
+    stats = gw.read_stats(log_dir, level="layer")
+    ratios = stats[stats.layer == "hidden"].update_ratio
+    # measured on a step that moved (a window whose steps only accumulated passes it on)
+    measured = ratios.dropna()
+    assert len(measured) >= 0.7 * len(ratios) and (measured > 1e-4).all()
+    assert "update_ratio" not in set(gw.read_alerts(log_dir).kind)
+
+
+def test_unit_tracks_follow_the_activation_and_normalisers():
+    from gradwatch.topology import LayerInfo, Topology, VariableInfo
+
+    topology = Topology(
+        layers=[LayerInfo("d0", 0, "Dense", "relu", ["d0/kernel"]),
+                LayerInfo("bn", 1, "BatchNormalization", "relu", ["bn/gamma", "bn/beta"]),
+                LayerInfo("d1", 2, "Dense", "tanh", ["d1/kernel", "d1/bias"]),
+                LayerInfo("out", 3, "Dense", "linear", ["out/kernel", "out/bias"])],
+        variables=[VariableInfo("d0/kernel", "d0", [4, 6], "float32", 0),
+                   VariableInfo("bn/gamma", "bn", [6], "float32", 1),
+                   VariableInfo("bn/beta", "bn", [6], "float32", 1),
+                   VariableInfo("d1/kernel", "d1", [6, 3], "float32", 2),
+                   VariableInfo("d1/bias", "d1", [3], "float32", 2),
+                   VariableInfo("out/kernel", "out", [3, 1], "float32", 3),
+                   VariableInfo("out/bias", "out", [1], "float32", 3)],
+    )
+    tracks = {topology.layers[t.layer].name: t for t in probes.unit_tracks(topology)}
+    assert set(tracks) == {"bn", "d1", "out"}  # d0 is followed by a normaliser: bn speaks for it
+    assert tracks["bn"].slot == 2 and tracks["bn"].relu and tracks["bn"].next_slot == 3
+    assert not tracks["d1"].relu and tracks["d1"].next_slot == 5
