@@ -109,3 +109,18 @@ def rows_by_window(log_dir: str) -> list[dict[str, Any]]:
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
+
+
+def move_event_files(log_dir: str, dest: str) -> int:
+    """Moves the event files gradwatch's engine wrote in ``log_dir`` to ``dest``; returns how many."""
+    import os
+    import shutil
+
+    from gradwatch.readers import event_files
+
+    paths = event_files(log_dir)
+    if paths:
+        os.makedirs(dest, exist_ok=True)
+    for path in paths:
+        shutil.move(path, dest)
+    return len(paths)

@@ -11,7 +11,7 @@ import sys
 
 import pandas as pd
 import pytest
-from _runs import exploding_run, rows_by_window
+from _runs import exploding_run, move_event_files, rows_by_window
 
 import gradwatch as gw
 from gradwatch import tb_format
@@ -36,12 +36,19 @@ def write_events(log_dir, windows, info, histograms=None):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real run: CSV written by gradwatch, the same rows written as events into the same log_dir."""
-    log_dir = str(tmp_path_factory.mktemp("ev") / "run")
+    base = tmp_path_factory.mktemp("ev")
+    log_dir, engine_dir = str(base / "run"), str(base / "engine_events")
     histograms = exploding_run(log_dir)
+    engine_files = move_event_files(log_dir, engine_dir)  # what the engine wrote, tested on its own
     windows = rows_by_window(log_dir)
     info = gw.read_run(log_dir)
     write_events(log_dir, windows, info, histograms)
-    return {"dir": log_dir, "windows": windows, "info": info}
+    return {
+        "dir": log_dir,
+        "windows": windows,
+        "info": info,
+        "engine_dir": engine_dir if engine_files else None,
+    }
 
 
 def events_only(run, dest):
@@ -59,6 +66,16 @@ def test_events_give_the_same_frames_as_csv(run, name):
     assert len(from_csv) > 0
     pd.testing.assert_frame_equal(from_events, from_csv)
     assert READERS[name](run["dir"], "auto").equals(from_csv)
+
+
+@pytest.mark.parametrize("name", list(READERS))
+def test_events_written_by_the_engine_read_like_its_csv(run, name):
+    """End to end: GradientMonitor's own TensorBoard events give the frames of its own CSV files."""
+    if run["engine_dir"] is None:
+        pytest.skip("this engine writes no TensorBoard events")
+    pd.testing.assert_frame_equal(
+        READERS[name](run["engine_dir"], "events"), READERS[name](run["dir"], "csv")
+    )
 
 
 def test_events_only_run_reads_like_csv_including_run_info(run, tmp_path):
@@ -278,3 +295,16 @@ def test_odd_layer_names_read_back_exactly(tmp_path, names):
             if value.tag == "gradwatch/window":
                 decoded += tb_format.decode_window(value.tensor.string_val[0])["stats"]
     assert sorted(decoded, key=lambda r: (r["step"], r["variable"])) == expected
+
+
+def test_crc32c_matches_tensorboards_reference_across_the_block_threshold():
+    import numpy as np
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+
+    from gradwatch.readers import crc32c, masked_crc32c
+
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 16383, 16384, 16385, 70001, 1 << 20):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert masked_crc32c(data) == reference(data), size
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
