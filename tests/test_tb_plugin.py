@@ -382,6 +382,21 @@ def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
     assert np.array_equal(grown.log_l2, fresh.log_l2, equal_nan=True) and grown.alerts == fresh.alerts
 
 
+def test_gaps_count_dropped_windows_not_overlaps():
+    from gradwatch.tb_plugin.plugin import RunData
+
+    def gaps(first_steps: list[int], steps: list[int]) -> dict[str, int]:
+        n = len(steps)
+        return RunData(["a"], np.array(steps), np.array(first_steps), np.zeros((1, n)),
+                       np.zeros((1, n), dtype=bool)).gaps()
+
+    assert gaps([1, 11, 21], [10, 20, 30]) == {"gaps": 0, "missing_steps": 0, "leading_missing_steps": 0}
+    assert gaps([1, 5, 21], [10, 20, 30])["gaps"] == 0  # a resumed run rewrote steps 5..10: no drop
+    assert gaps([6, 11, 25, 41], [10, 20, 30, 50]) == {
+        "gaps": 2, "missing_steps": 4 + 10, "leading_missing_steps": 5
+    }
+
+
 def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
     from gradwatch.tb_plugin.plugin import RunData, bucket_of, downsample_columns, flow_json
 

@@ -78,17 +78,23 @@ class RunData:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     corrupt: int = 0
 
-    def gaps(self) -> dict[str, int]:
-        """Windows missing between kept ones: window k should start right after window k-1."""
+    def missing_before(self) -> np.ndarray:
+        """Steps missing before each window: window k should start right after window k-1 ends.
+
+        Only positive counts are gaps (samples TensorBoard dropped); an overlap (a resumed
+        run writing steps again) is not.
+        """
         if len(self.steps) == 0:
-            return {"gaps": 0, "missing_steps": 0, "leading_missing_steps": 0}
-        expected = self.steps[:-1] + 1
-        missing = self.first_steps[1:] - expected
-        holes = missing != 0
+            return np.zeros(0, dtype=np.int64)
+        expected = np.concatenate([[1], self.steps[:-1] + 1])
+        return np.clip(self.first_steps - expected, 0, None)
+
+    def gaps(self) -> dict[str, int]:
+        missing = self.missing_before()
         return {
-            "gaps": int(np.count_nonzero(holes)),
-            "missing_steps": int(np.clip(missing, 0, None).sum()),
-            "leading_missing_steps": int(max(0, self.first_steps[0] - 1)),
+            "gaps": int(np.count_nonzero(missing[1:])),
+            "missing_steps": int(missing[1:].sum()),
+            "leading_missing_steps": int(missing[0]) if len(missing) else 0,
         }
 
 
@@ -116,7 +122,9 @@ def bucket_of(edges: np.ndarray, columns: np.ndarray) -> np.ndarray:
 
 
 def _scalar_bytes(array: np.ndarray) -> bytes:
-    value = np.asarray(array).reshape(-1)[0] if np.asarray(array).size else b""
+    """The bytes of a scalar string tensor as the data provider returns it (numpy object array)."""
+    flat = np.asarray(array).reshape(-1)
+    value = flat[0] if flat.size else b""
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
@@ -271,8 +279,8 @@ def flow_json(run: str, data: RunData, max_cols: int) -> dict[str, Any]:
             marker[3] += 1
             if alert.get("kind") not in marker[4]:
                 marker[4].append(alert.get("kind"))
-    holes = np.flatnonzero(data.first_steps[1:] != data.steps[:-1] + 1) + 1  # windows after a gap
-    gap_columns = sorted(set(bucket_of(edges, holes).tolist())) if width else []
+    holes = np.flatnonzero(data.missing_before()[1:]) + 1  # windows that follow dropped ones
+    gap_columns = sorted(set(bucket_of(edges, holes).tolist()))
     rounded = np.round(reduced, 3)
     values = [[None if x != x else x for x in row] for row in rounded.tolist()]
     finite = reduced[np.isfinite(reduced)]
@@ -394,9 +402,8 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
     def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
         # Only plain names of files that exist in static/ with a known type are served: anything
         # with a separator, "..", a drive or an encoded slash (decoded into PATH_INFO) is refused.
-        marker = "/static/"
-        path = request.path
-        name = path[path.find(marker) + len(marker):] if marker in path else ""
+        prefix = f"/data/plugin/{self.plugin_name}/static/"
+        name = request.path[len(prefix):] if request.path.startswith(prefix) else ""
         bad = not name or name.startswith(".") or any(c in name for c in "/\\:\0%")
         if bad:
             return http_util.Respond(request, f"Bad static file name: {name!r}", "text/plain", code=400)
