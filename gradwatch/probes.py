@@ -247,17 +247,20 @@ class UpdateProbe:
             with tf.control_dependencies(ops):
                 return self.state.assign(tf.constant([1, 1], tf.int64)).op
 
-        def active():
+        def accumulate():
+            adds = [self.gsum[k].assign_add(g) for k, g in enumerate(grads) if g is not None]
+            with tf.control_dependencies(adds):
+                return phase + 1
+
+        def measure():
+            # the weight change since the snapshot: only on the steps that use it
             deltas = [_weights(self.variables[i]) - self.snap[k].read_value()
                       for k, i in enumerate(self.slots)]
             du = tf.stack([tf.reduce_sum(tf.square(d)) for d in deltas])
-            ops = []
-            moved = tf.reduce_sum(du) > 0.0
-            take_ratio = (pending > 0) & moved
+            take_ratio = (pending > 0) & (tf.reduce_sum(du) > 0.0)
 
             def write_ratio():
-                w = tf.stack([tf.reduce_sum(tf.square(s.read_value()))
-                              for s in self.snap])
+                w = tf.stack([tf.reduce_sum(tf.square(s.read_value())) for s in self.snap])
                 rows = self.result.read_value()
                 rows = tf.tensor_scatter_nd_update(rows, tf.concat(
                     [tf.zeros_like(index), index], axis=1), du)
@@ -265,7 +268,7 @@ class UpdateProbe:
                     [tf.ones_like(index), index], axis=1), w)
                 return self.result.assign(rows).op
 
-            ops.append(tf.cond(take_ratio, write_ratio, tf.no_op))
+            wrote = tf.cond(take_ratio, write_ratio, tf.no_op)
             new_pending = tf.where(take_ratio, tf.constant(0, tf.int64), pending)
 
             def finish():
@@ -278,14 +281,17 @@ class UpdateProbe:
                 with tf.control_dependencies([self.result.assign(rows)]):
                     return tf.constant(0, tf.int64)
 
-            def accumulate():
-                adds = [self.gsum[k].assign_add(g) for k, g in enumerate(grads) if g is not None]
-                with tf.control_dependencies(adds):
-                    return phase + 1
-
-            with tf.control_dependencies(ops):
+            with tf.control_dependencies([wrote]):
                 new_phase = tf.cond(phase >= self.steps, finish, accumulate)
-            return self.state.assign(tf.stack([new_phase, new_pending])).op
+            return tf.stack([new_phase, new_pending])
+
+        def active():
+            # steps between the ratio and the cosine only add the gradient to the sum
+            new_state = tf.cond(
+                (pending > 0) | (phase >= self.steps), measure,
+                lambda: tf.stack([accumulate(), pending]),
+            )
+            return self.state.assign(new_state).op
 
         return tf.cond(
             phase > 0, active, lambda: tf.cond(window_start, start, tf.no_op)
