@@ -97,7 +97,31 @@ class StepTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def configurations(log_root):
+class NaiveRecompute(keras.callbacks.Callback):
+    """What gradient tools without in-graph capture do: after every step, recompute the
+    gradients on a sample batch with a tf.function GradientTape and fetch per-variable norms."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = tf.constant(x), tf.constant(y)
+        self._fn = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._fn is None:
+            model = self.model
+
+            @tf.function
+            def norms(x, y):
+                with tf.GradientTape() as tape:
+                    loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
+                grads = tape.gradient(loss, model.trainable_variables)
+                return [tf.norm(g) for g in grads if g is not None]
+
+            self._fn = norms
+        [n.numpy() for n in self._fn(self.x, self.y)]
+
+
+def configurations(log_root, sample):
     def plain():
         return []
 
@@ -107,7 +131,24 @@ def configurations(log_root):
     def gradwatch_clip():
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), clip=gw.clip.GlobalNorm(1.0))]
 
-    return {"plain": plain, "gradwatch": gradwatch_default, "gradwatch+clip": gradwatch_clip}
+    def gradwatch_hist_every_step():
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), histogram_every=1)]
+
+    def naive_recompute():
+        return [NaiveRecompute(*sample)]
+
+    def keras_tensorboard():
+        return [keras.callbacks.TensorBoard(log_dir=tempfile.mkdtemp(dir=log_root), histogram_freq=1,
+                                            update_freq="batch")]
+
+    return {
+        "plain": plain,
+        "gradwatch": gradwatch_default,
+        "gradwatch+clip": gradwatch_clip,
+        "gradwatch+hist_every_step": gradwatch_hist_every_step,
+        "naive_recompute": naive_recompute,
+        "keras_tensorboard_hist": keras_tensorboard,
+    }
 
 
 def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile):
@@ -135,6 +176,8 @@ def main():
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--jit", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated subset of the configurations (plain is always run)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(MODELS))
@@ -143,7 +186,6 @@ def main():
     batch_size = 128
     jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
-    configs = configurations(log_root)
     results = []
     for jit_compile in jits:
         for name in names:
@@ -151,6 +193,13 @@ def main():
             rng = np.random.default_rng(0)
             x = rng.normal(size=(steps * batch_size, *shape)).astype("float32")
             y = rng.integers(0, classes, size=steps * batch_size)
+            configs = configurations(log_root, (x[:batch_size], y[:batch_size]))
+            if args.configs:
+                wanted = {"plain", *args.configs.split(",")}
+                unknown = wanted - set(configs)
+                if unknown:
+                    parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
+                configs = {k: v for k, v in configs.items() if k in wanted}
             medians = {c: [] for c in configs}
             for _ in range(reps):
                 for config_name, make_callbacks in configs.items():
@@ -171,7 +220,7 @@ def main():
                     }
                 )
                 print(
-                    f"{name:8s} jit={str(jit_compile):5s} {config_name:15s} "
+                    f"{name:8s} jit={str(jit_compile):5s} {config_name:26s} "
                     f"{statistics.median(values) * 1e3:8.2f} ms/step  ratio {ratio:.3f}",
                     flush=True,
                 )
