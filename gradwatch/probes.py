@@ -26,7 +26,9 @@ the step (``observe``) and is read on the host with one transfer per probe.
 * :class:`HistogramProbe` — on steps that are a multiple of ``histogram_every``,
   per variable counts of log10|g| in fixed buckets (exact zeros and non-finite
   values counted apart), and optionally a signed-value histogram; never on other
-  steps.  Bucket ids come from ``floor`` + ``unsorted_segment_sum`` (XLA-safe).
+  steps.  With ``histogram_every`` < 10 the counts come from a strided sample of at
+  most 4096 entries per variable (each standing for ``stride`` entries).  Bucket
+  ids come from ``floor`` + ``unsorted_segment_sum`` (XLA-safe).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ NUM_LOG_BUCKETS = int((LOG10_HIGH - LOG10_LOW) * PER_DECADE)
 NUM_SIGNED_BUCKETS = 30
 
 UPDATE_STEPS = 3
+SAMPLE_ENTRIES = 4096
+FULL_HISTOGRAM_EVERY = 10
 
 
 def _short(name: str) -> str:
@@ -329,6 +333,9 @@ class HistogramProbe:
         self.topology = topology
         self.every = int(every)
         self.signed = bool(signed)
+        # Histograms on (nearly) every step use a bounded strided sample per variable
+        # instead of a full pass; rarer ones count every entry.
+        self.sample = SAMPLE_ENTRIES if 0 < self.every < FULL_HISTOGRAM_EVERY else None
         num = len(topology.variables)
         # per variable: log buckets, zeros, non-finite
         self.counts = replica_variable(np.zeros((num, NUM_LOG_BUCKETS + 2), np.float32),
@@ -347,14 +354,22 @@ class HistogramProbe:
 
         def measure():
             num = len(self.topology.variables)
-            rows, signed_rows, flats = [], [], {}
+            rows, signed_rows, flats, weights = [], [], {}, {}
             for slot in range(num):
                 g = grads_by_slot.get(slot)
                 if g is None:
                     rows.append(tf.zeros([NUM_LOG_BUCKETS + 2]))
                     continue
                 flat = tf.reshape(tf.cast(_dense(g), tf.float32), [-1]) * inv_scale
-                flats[slot] = flat
+                weight = 1.0
+                size = flat.shape[0]
+                if self.sample is not None and (size is None or size > self.sample):
+                    # a bounded strided sample; each sampled entry stands for `stride` entries
+                    n = tf.shape(flat)[0]
+                    stride = tf.maximum(1, -(-n // self.sample))
+                    flat = flat[::stride]
+                    weight = tf.cast(stride, tf.float32)
+                flats[slot], weights[slot] = flat, weight
                 magnitude = tf.abs(flat)
                 finite = tf.math.is_finite(flat)
                 nonzero = finite & (magnitude > 0.0)
@@ -363,7 +378,8 @@ class HistogramProbe:
                     tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
                 ids = tf.where(nonzero, bucket,
                                tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
-                rows.append(tf.math.unsorted_segment_sum(tf.ones_like(flat), ids, NUM_LOG_BUCKETS + 2))
+                rows.append(tf.math.unsorted_segment_sum(tf.ones_like(flat) * weight, ids,
+                                                         NUM_LOG_BUCKETS + 2))
             ops = [self.counts.assign(tf.stack(rows)), self.step.assign(tf.cast(step, tf.int64))]
             if self.signed:
                 bounds = []
@@ -385,7 +401,7 @@ class HistogramProbe:
                         tf.cast(tf.floor(position), tf.int32), 0, NUM_SIGNED_BUCKETS - 1)
                     ids = tf.where(finite, bucket, NUM_SIGNED_BUCKETS)
                     signed_rows.append(tf.math.unsorted_segment_sum(
-                        tf.ones_like(flat), ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
+                        tf.ones_like(flat) * weights[slot], ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
                 ops += [self.signed_counts.assign(tf.stack(signed_rows)), self.bounds.assign(bounds)]
             with tf.control_dependencies(ops):
                 return tf.constant(0)

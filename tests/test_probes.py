@@ -238,3 +238,29 @@ def test_unit_tracks_follow_the_activation_and_normalisers():
     assert set(tracks) == {"bn", "d1", "out"}  # d0 is followed by a normaliser: bn speaks for it
     assert tracks["bn"].slot == 2 and tracks["bn"].relu and tracks["bn"].next_slot == 3
     assert not tracks["d1"].relu and tracks["d1"].next_slot == 5
+
+
+def test_every_step_histograms_use_a_bounded_strided_sample(tmp_path):
+    x, y = _data(n=96)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(512, activation="tanh", name="wide"),
+                              keras.layers.Dense(1, activation="sigmoid", name="out")])
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    _, grads = _replay(reference, x, y, 32, 0.1, 3)
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, log_every=3, histogram_every=1)
+    tensor = _histograms(log_dir, "gradwatch/grad_log10_abs/")[(3, "wide")]
+    kernel = grads[2][0].ravel()  # 6144 entries > 4096: every 2nd entry, counted twice
+    bias = grads[2][1].ravel()  # 512 entries: all of them
+    expected = np.zeros(probes.NUM_LOG_BUCKETS)
+    for values, weight in ((kernel[::2], 2), (bias, 1)):
+        nonzero = np.abs(values[values != 0]).astype(np.float64)
+        bucket = np.clip(np.floor((np.log10(nonzero) - probes.LOG10_LOW) * probes.PER_DECADE), 0,
+                         probes.NUM_LOG_BUCKETS - 1).astype(int)
+        expected += weight * np.bincount(bucket, minlength=probes.NUM_LOG_BUCKETS)
+    left = np.round((tensor[:, 0] - probes.LOG10_LOW) * probes.PER_DECADE).astype(int)
+    got = np.zeros(probes.NUM_LOG_BUCKETS)
+    got[left] = tensor[:, 2]
+    assert np.abs(got - expected).sum() <= 4
+    assert got.sum() == pytest.approx(kernel.size + bias.size, abs=2)
