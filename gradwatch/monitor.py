@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from gradwatch import _keras_internals as internals
 from gradwatch import topology as topology_lib
@@ -210,6 +211,10 @@ class GradientMonitor(keras.callbacks.Callback):
         def guarded_train_function(iterator):
             try:
                 return train_function(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                # The end of the data: Keras ends the epoch (and may start the next);
+                # training goes on, so the monitor stays on.
+                raise
             except BaseException:
                 if monitor._active:
                     try:
