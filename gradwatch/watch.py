@@ -161,6 +161,14 @@ class Watch:
             internals.apply_if_finite(apply_fn, grads, variables, finite)
 
     def _bind(self, variables: list[Any]) -> None:
+        for variable in variables:
+            dtype = tf.as_dtype(variable.dtype)
+            if not dtype.is_floating:
+                raise TypeError(
+                    f"observe() got variable {internals.variable_path(variable)!r} of dtype "
+                    f"{dtype.name}: only floating-point variables have gradients, so it cannot be "
+                    "watched. Leave it out of the variables passed to observe()."
+                )
         names = self._names
         if isinstance(names, Mapping):
             by_key = {internals.variable_key(k): v for k, v in names.items()}
