@@ -134,7 +134,7 @@ def start_tensorboard(log_dir: str) -> tuple[subprocess.Popen, str]:
     """A real ``tensorboard`` server on a free port; returns it once it serves the run's scalars."""
     port = _free_port()
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", log_dir, "--host", "127.0.0.1",
-               "--port", str(port), "--samples_per_plugin", "gradwatch=0", "--reload_interval", "1"]
+               "--port", str(port), "--samples_per_plugin", "gradwatch=0,text=1000", "--reload_interval", "1"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -167,6 +167,30 @@ return chosen.length;
 """
 
 
+_DEEP_COUNT_JS = """
+let count = 0;
+const walk = (root) => root.querySelectorAll('*').forEach((el) => {
+  if (el.matches(arguments[0])) count += 1;
+  if (el.shadowRoot) walk(el.shadowRoot);
+});
+walk(document);
+return count;
+"""
+
+
+def _wait_drawn(driver: Any, selector: str, timeout: float = 120) -> None:
+    """Waits until the page (shadow roots included) has ``selector`` elements and their number
+    has not changed for 3 s: the dashboard has fetched its data and drawn it."""
+    counts: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts.append(driver.execute_script(_DEEP_COUNT_JS, selector))
+        if len(counts) >= 4 and counts[-1] > 0 and len(set(counts[-4:])) == 1:
+            return
+        time.sleep(1)
+    print(f"warning: {driver.current_url} still changing after {timeout:.0f} s; saving it as it is")
+
+
 def screenshot(url: str, out_dir: str) -> list[str]:
     """One PNG per dashboard, from headless Chromium."""
     from selenium import webdriver
@@ -182,11 +206,11 @@ def screenshot(url: str, out_dir: str) -> list[str]:
     try:
         for dashboard, name in DASHBOARDS:
             driver.get(f"{url}/#{dashboard}")
-            time.sleep(8)  # the dashboard fetches its data and draws its charts
+            _wait_drawn(driver, "td" if dashboard == "text" else "path")
             if dashboard == "custom_scalars":
                 toggled = driver.execute_script(_LOG_SCALE_JS)
                 print(f"log-scale y axis on {toggled} custom-scalars charts")
-                time.sleep(3)
+                _wait_drawn(driver, "path")
             path = os.path.join(out_dir, name)
             driver.save_screenshot(path)
             saved.append(path)
