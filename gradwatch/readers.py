@@ -322,7 +322,7 @@ class _EventTable:
     def add(self, payload: bytes, where: str) -> None:
         try:
             step, first_step, rows, lines = self._fast(payload)
-        except ValueError:
+        except (ValueError, KeyError, TypeError, AttributeError):
             try:
                 step, first_step, rows, lines = self._slow(payload)
             except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -406,9 +406,11 @@ class _EventTable:
             except (pd.errors.ParserError, ValueError):
                 frame = None
             if frame is not None and (
-                len(frame) != expected or any(frame[c].dtype not in (np.int64, np.float64) for c in numeric)
+                len(frame) != expected
+                or any(frame[c].dtype not in (np.int64, np.float64) for c in numeric)
+                or any((frame[c] == "null").any() for c in self.columns if c in _TEXT_COLUMNS)
             ):
-                frame = None  # a name held "],[": decode these windows with json
+                frame = None  # a name held "],[", or a null text: decode these windows with json
         if frame is None and text:
             for line, (seq, _) in zip(self.lines, self.lines_seq):
                 rows = json.loads(b"[[" + line + b"]]") if line else []

@@ -308,3 +308,25 @@ def test_crc32c_matches_tensorboards_reference_across_the_block_threshold():
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
         assert masked_crc32c(data) == reference(data), size
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_an_unreadable_window_summary_is_skipped_with_a_warning(run, tmp_path, caplog):
+    import logging
+
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
+
+    from gradwatch.sinks.tb_sink import EventFile
+
+    log_dir = str(tmp_path / "garbled")
+    write_events(log_dir, run["windows"][:2], run["info"])
+    events = EventFile(log_dir)
+    for payload in (b"{not json", b'{"v":1,"window":{"step":"x"},"stats":{}}', b"[]"):
+        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[payload])
+        value = summary_pb2.Summary.Value(tag="gradwatch/window", tensor=tensor)
+        events.add(event_pb2.Event(step=99, summary=summary_pb2.Summary(value=[value])))
+    events.close()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        windows = gw.read_windows(log_dir)
+        stats = gw.read_stats(log_dir)
+    assert list(windows.step) == [5, 10] and sorted(set(stats.step)) == [5, 10]
+    assert sum("skipped an unreadable window summary" in r.getMessage() for r in caplog.records) == 6

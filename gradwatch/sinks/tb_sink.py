@@ -70,7 +70,6 @@ from gradwatch.readers import masked_crc32c
 
 logger = logging.getLogger("gradwatch")
 
-PREFIX = "gradwatch/"
 ALERTS_TAG = "gradwatch/alerts"
 LAYOUT_TAG = custom_scalars_metadata.CONFIG_SUMMARY_TAG
 
