@@ -20,6 +20,7 @@ _LAZY = {
     "read_windows": "gradwatch.readers",
     "read_alerts": "gradwatch.readers",
     "read_run": "gradwatch.readers",
+    "list_runs": "gradwatch.readers",
     "GradwatchDataError": "gradwatch.readers",
 }
 _LAZY_MODULES = {
@@ -33,6 +34,7 @@ __all__ = [
     "read_stats",
     "read_windows",
     "read_alerts",
+    "list_runs",
     "read_run",
     "GradwatchDataError",
     "clip",

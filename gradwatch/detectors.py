@@ -27,14 +27,18 @@ NOTES.md for the published rules they are derived from):
   only 1-D variables (biases, normalisation scales) are not judged: their norm
   starts near zero and their ratio means little.
 * ``update_mismatch``: a variable with at least ``update_min_size`` entries
-  whose cosine between its weight change and minus its gradient sum averages
-  below ``update_cos`` over the last ``update_cos_window`` measured windows.
-  Healthy SGD gives 1, momentum/Adam/RMSprop ~0.3-0.8 per measurement (single
-  measurements of small variables under Adam swing from -0.7 to 0.9, hence the
-  average and the size floor).  A swapped gradient of another variable gives
-  ~0 +- 0.05 for large variables; a scalar or small vector updated with a
-  gradient of the same sign (``b2.assign_sub(lr * gb1)``) is not detectable by
-  direction, nor is a variable with fewer than ``update_min_size`` entries.
+  whose update is consistently unrelated to its gradient — over the last
+  ``update_cos_window`` measurements the cosine of its weight change with minus
+  its gradient sum averages within +-``update_cos`` and its magnitude averages
+  below ``update_cos_spread`` (a swapped gradient of another variable: ~0 +- 0.05)
+  — or consistently opposite (mean below -``update_cos_spread``).  Healthy SGD
+  gives 1, momentum/Adam/RMSprop 0.3-0.8 on average, with single measurements of
+  Adam swinging from -0.7 to 0.9 (hence the average and the magnitude test).
+  Layers that vanish, are dead or silent, and updates below
+  ``update_ratio_floor`` x the weights (rounding noise) are not judged.  A scalar
+  or small vector updated with a gradient of the same sign
+  (``b2.assign_sub(lr * gb1)``) is not detectable by direction, nor is a variable
+  with fewer than ``update_min_size`` entries.
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ class Thresholds:
     update_ratio_high: float = 1e-1
     update_ratio_low: float = 1e-4
     update_cos: float = 0.05
+    update_cos_spread: float = 0.2
     update_cos_window: int = 8
+    update_ratio_floor: float = 1e-6
     update_min_size: int = 256
 
     def __post_init__(self) -> None:
@@ -186,7 +192,7 @@ def detect(
     }
     alerts += _update_ratio([row for row in rows if row["layer"] not in quiet], topology, state,
                             thresholds, step)
-    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step)
+    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step, quiet)
     return alerts
 
 
@@ -271,14 +277,19 @@ def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
     return alerts
 
 
-def _update_mismatch(stats_rows, topology, state, thresholds, step) -> list[Alert]:
+def _update_mismatch(stats_rows, topology, state, thresholds, step, quiet: set[str]) -> list[Alert]:
     alerts = []
     sizes = {v.name: math.prod(v.shape) if v.shape else 1 for v in topology.variables}
     window = thresholds.update_cos_window
     for row in stats_rows:
         name = row["variable"]
         cos = _finite_value(row, "update_cos")
+        ratio = _finite_value(row, "update_ratio")
         if cos is None or sizes.get(name, 0) < thresholds.update_min_size:
+            continue
+        if row["layer"] in quiet or (ratio is not None and ratio < thresholds.update_ratio_floor):
+            # a vanishing/dead layer's update is rounding noise: its direction means nothing
+            state.cosines.pop(name, None)
             continue
         history = state.cosines.setdefault(name, [])
         history.append(cos)
@@ -286,12 +297,18 @@ def _update_mismatch(stats_rows, topology, state, thresholds, step) -> list[Aler
         if len(history) < window:
             continue
         mean = sum(history) / len(history)
+        spread = sum(abs(c) for c in history) / len(history)
+        # unrelated: consistently near-orthogonal; opposite: consistently against the gradient
+        unrelated = abs(mean) < thresholds.update_cos and spread < thresholds.update_cos_spread
+        opposite = mean < -thresholds.update_cos_spread
         message = (
-            f"Variable {name!r} moved in a direction unrelated to its gradient: mean cosine "
-            f"{mean:.2f} between its update and -gradient over the last {window} measurements "
-            "(healthy: SGD 1, Adam/momentum ~0.3-0.8)."
+            f"Variable {name!r} moved in a direction "
+            + ("opposite to" if opposite else "unrelated to")
+            + f" its gradient: mean cosine {mean:.2f} (mean |cosine| {spread:.2f}) between its update "
+            f"and -gradient over the last {window} measurements (healthy: SGD 1, Adam/momentum "
+            "~0.3-0.8 on average)."
         )
-        found = _track(state, thresholds, "update_mismatch", row["layer"], mean < thresholds.update_cos,
+        found = _track(state, thresholds, "update_mismatch", row["layer"], unrelated or opposite,
                        step, mean, thresholds.update_cos, message, immediate=True, variable=name)
         alerts += found
     return alerts
