@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from gradwatch.monitor import GradientMonitor
     from gradwatch.readers import (
         GradwatchDataError,
+        list_runs,
         read_alerts,
         read_run,
         read_stats,
