@@ -4,7 +4,8 @@ They see the model only through the topology (``run.json``), never the live
 model, and use per-layer rows (``layers.csv``). Each condition is tracked per
 (kind, layer): an alert fires when it has held for ``patience`` consecutive
 windows, a reminder at most every ``remind_every`` windows while it persists,
-and an ``info`` row of the same kind when it clears.
+and an ``info`` row of the same kind when it has been absent for ``patience``
+windows (so a value hovering at a bound cannot start and clear it over and over).
 
 Rules and defaults (calibrated on the examples and scenarios in tests/; see
 NOTES.md for the published rules they are derived from):
@@ -93,6 +94,7 @@ class Thresholds:
 class _Condition:
     streak: int = 0  # consecutive windows the condition held
     alerted_at: int | None = None  # window index of the last alert while it persists
+    clear_streak: int = 0  # consecutive windows without it since the alert
 
 
 @dataclasses.dataclass
@@ -262,7 +264,11 @@ def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
         ratio = _finite_value(row, "update_ratio")
         if layer not in judged or ratio is None:
             continue  # not measured this window: the streak neither grows nor breaks
-        high, low = ratio > thresholds.update_ratio_high, ratio < thresholds.update_ratio_low
+        # hysteresis: once alerted, the ratio must come back a factor 2 inside the bounds
+        alerted = state.conditions.get(("update_ratio", layer), _Condition()).alerted_at is not None
+        margin = 2.0 if alerted else 1.0
+        high = ratio > thresholds.update_ratio_high / margin
+        low = ratio < thresholds.update_ratio_low * margin
         bound = thresholds.update_ratio_high if high else thresholds.update_ratio_low
         message = (
             f"Layer {layer!r}: update/weight ratio {ratio:.2g} per step "
@@ -351,10 +357,16 @@ def _track(
     if not active:
         condition.streak = 0
         if condition.alerted_at is not None:
-            condition.alerted_at = None
-            return [Alert(step, layer, variable, kind, "info", value, threshold,
-                          f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered).", "")]
+            # it clears after `patience` windows without it: a value hovering at a
+            # bound does not start and clear an alert over and over
+            condition.clear_streak += 1
+            if condition.clear_streak >= thresholds.patience:
+                condition.alerted_at = None
+                condition.clear_streak = 0
+                return [Alert(step, layer, variable, kind, "info", value, threshold,
+                              f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered).", "")]
         return []
+    condition.clear_streak = 0
     condition.streak += 1
     due = condition.streak >= thresholds.patience or immediate
     if not due:

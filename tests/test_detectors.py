@@ -42,13 +42,22 @@ def _run(windows, thresholds=DEFAULTS):
 def test_vanishing_fires_after_patience_once_then_recovers():
     tiny = ([1e-7, 1e-2, 1.0], None)  # first layer: rms 1e-8 vs output ~0.3
     healthy = ([1e-2, 1e-2, 1.0], None)
-    result = _run([tiny] * 5 + [healthy])
+    result = _run([tiny] * 5 + [healthy] * 3)
     kinds = [[(a.kind, a.layer, a.severity) for a in window] for window in result]
     assert kinds[:2] == [[], []]
     assert kinds[2] == [("vanishing_gradient", "first", "warning")]
     assert kinds[3] == [] and kinds[4] == []  # no storm while it persists
-    assert kinds[5] == [("vanishing_gradient", "first", "info")]
-    assert "ReLU" in result[2][0].hint and "recovered" in result[5][0].message
+    assert kinds[5] == [] and kinds[6] == []  # cleared only after `patience` windows without it
+    assert kinds[7] == [("vanishing_gradient", "first", "info")]
+    assert "ReLU" in result[2][0].hint and "recovered" in result[7][0].message
+
+
+def test_a_value_hovering_at_a_bound_does_not_flap():
+    tiny = ([1e-7, 1e-2, 1.0], None)
+    healthy = ([1e-2, 1e-2, 1.0], None)
+    result = _run(([tiny] * 3 + [healthy]) * 10)  # 40 windows: in, in, in, out, ...
+    rows = [a for window in result for a in window]
+    assert [(a.severity, a.kind) for a in rows] == [("warning", "vanishing_gradient")]
 
 
 def test_reminder_is_periodic():
