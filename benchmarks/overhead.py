@@ -134,6 +134,9 @@ def configurations(log_root, sample):
     def gradwatch_hist_every_step():
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), histogram_every=1)]
 
+    def gradwatch_activations():
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), activation_probe=True)]
+
     def naive_recompute():
         return [NaiveRecompute(*sample)]
 
@@ -146,6 +149,7 @@ def configurations(log_root, sample):
         "gradwatch": gradwatch_default,
         "gradwatch+clip": gradwatch_clip,
         "gradwatch+hist_every_step": gradwatch_hist_every_step,
+        "gradwatch+activation_probe": gradwatch_activations,
         "naive_recompute": naive_recompute,
         "keras_tensorboard_hist": keras_tensorboard,
     }

@@ -90,6 +90,7 @@ class Engine:
         self.last_alerts: list[alerts_lib.Alert] = []
         self.last_histograms: list[dict[str, Any]] = []
         self.units = self.updates = self.histograms = None
+        self.activations: probes_lib.ActivationProbe | None = None  # set by GradientMonitor
         self.on_alert = None
         self._no_gradient_reported: set[str] = set()
         self._compiled_fns: dict[Any, Any] = {}
@@ -507,6 +508,10 @@ class Engine:
             return None
         num_vars = len(self.topology.variables)
         dead, no_signal = self.units.read(self.options.thresholds.dead_steps)
+        if self.activations is not None:
+            # activation-based counts, where a layer has them, take precedence
+            by_activation = self.activations.read(self.options.thresholds.dead_steps)
+            dead = np.where(np.isnan(by_activation), dead, by_activation)
         per_var["dead_frac"] = np.concatenate([np.full(num_vars, np.nan), dead])
         per_var["no_signal_frac"] = np.concatenate([np.full(num_vars, np.nan), no_signal])
         if self.updates is not None:

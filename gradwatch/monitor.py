@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from gradwatch import _keras_internals as internals
+from gradwatch import probes as probes_lib
 from gradwatch import topology as topology_lib
 from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch.engine import Engine, StepContext
@@ -41,6 +42,9 @@ class GradientMonitor(keras.callbacks.Callback):
         thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
         signed_histograms: also write a signed-value gradient histogram per layer
             (the log10|g| histogram is always written on histogram steps).
+        activation_probe: also count dead units from the activations of ReLU-family
+            layers (units zero on every sample of the batch); off by default (it
+            wraps those layers' ``call`` during fit and costs one reduction per layer).
 
     Example:
         >>> monitor = GradientMonitor(log_dir="runs/exp1", log_every=10)
@@ -57,6 +61,7 @@ class GradientMonitor(keras.callbacks.Callback):
         append: bool = False,
         thresholds: Any = None,
         signed_histograms: bool = False,
+        activation_probe: bool = False,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
     ):
         super().__init__()
@@ -69,6 +74,7 @@ class GradientMonitor(keras.callbacks.Callback):
             append=append,
             thresholds=thresholds,
             signed_histograms=signed_histograms,
+            activation_probe=activation_probe,
         )
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
@@ -133,6 +139,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._optimizer = optimizer
         internals.ensure_built(optimizer, variables, strategy)
         internals.install_apply_tap(optimizer, self._tap)
+        if self.options.activation_probe:
+            if self._engine.activations is None:
+                self._engine.activations = probes_lib.ActivationProbe(
+                    self._engine.topology, topology_lib.relu_layers(model, self._engine.topology), strategy
+                )
+            self._engine.activations.install()
         internals.retrace_train_function(model)
         self._guard_train_function(model)
         self._steps_since_read = 0
@@ -152,6 +164,15 @@ class GradientMonitor(keras.callbacks.Callback):
             # These modes act at once: one scalar read per batch instead of waiting
             # for the next window.
             self._read()
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # validation inside fit: the activation probe does not count these batches
+        if self._active and self._engine.activations is not None:
+            self._engine.activations.training.assign(False)
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._active and self._engine.activations is not None:
+            self._engine.activations.training.assign(True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
@@ -194,6 +215,8 @@ class GradientMonitor(keras.callbacks.Callback):
             if self._engine is not None and self._engine.bound:
                 self._read()
         finally:
+            if self._engine is not None and self._engine.activations is not None:
+                self._engine.activations.remove()
             if self._optimizer is not None:
                 internals.remove_apply_tap(self._optimizer)
                 self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())

@@ -29,6 +29,7 @@ class Options:
     append: bool = False
     thresholds: Any = None
     signed_histograms: bool = False
+    activation_probe: bool = False
 
     def __post_init__(self) -> None:
         if self.log_dir is not None:
@@ -64,6 +65,8 @@ class Options:
             )
         if not isinstance(self.signed_histograms, bool):
             raise TypeError(f"signed_histograms must be True or False; received {self.signed_histograms!r}.")
+        if not isinstance(self.activation_probe, bool):
+            raise TypeError(f"activation_probe must be True or False; received {self.activation_probe!r}.")
         if not isinstance(self.append, bool):
             raise TypeError(f"append must be True or False; received {self.append!r}.")
 
@@ -80,5 +83,6 @@ class Options:
             "on_nonfinite": self.on_nonfinite,
             "append": self.append,
             "signed_histograms": self.signed_histograms,
+            "activation_probe": self.activation_probe,
             "thresholds": dataclasses.asdict(self.thresholds),
         }

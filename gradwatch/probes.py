@@ -442,3 +442,70 @@ class HistogramProbe:
                     "zeros": int(total[NUM_LOG_BUCKETS]), "nonfinite": int(total[NUM_LOG_BUCKETS + 1]),
                 })
         return out
+
+
+class ActivationProbe:
+    """Activation-based dead units (opt-in, ``GradientMonitor(activation_probe=True)``).
+
+    Wraps the ``call`` of every ReLU-family layer of the model (a Dense/Conv with
+    ``activation="relu"``, a ``ReLU`` or ``Activation("relu")`` layer) for the
+    duration of ``fit`` and counts, per unit (last axis), the consecutive training
+    steps on which the unit's output was zero on every sample of the batch.  Each
+    wrapped layer is reported on the topology layer that owns it (itself, or the
+    nearest variable-owning layer before it: the Dense before a ``ReLU`` layer).
+    The counting pauses while ``fit`` validates (``training`` flag).
+    """
+
+    def __init__(self, topology: Topology, layers: Sequence[tuple[Any, str]], strategy: Any = None):
+        self.topology = topology
+        index = {layer.name: i for i, layer in enumerate(topology.layers)}
+        self.layers = [(layer, index[owner]) for layer, owner in layers if owner in index]
+        self.training = replica_variable(np.array(True), "gradwatch_act_training", strategy)
+        self.runs: list[Any] = []
+        self._originals: list[tuple[Any, Any]] = []
+        self._strategy = strategy
+
+    def install(self) -> None:
+        """Wraps each layer's ``call`` (an instance attribute; :meth:`remove` restores it)."""
+        self.remove()
+        if not self.runs:
+            self.runs = [None] * len(self.layers)
+        for k, (layer, _) in enumerate(self.layers):
+            original = layer.call
+
+            def call(*args, __original=original, __k=k, **kwargs):
+                out = __original(*args, **kwargs)
+                self._record(__k, out)
+                return out
+
+            self._originals.append((layer, original))
+            layer.__dict__["call"] = call
+
+    def remove(self) -> None:
+        for layer, _ in self._originals:
+            layer.__dict__.pop("call", None)
+        self._originals = []
+
+    def _record(self, k: int, out: Any) -> None:
+        out = tf.convert_to_tensor(out)
+        units = out.shape[-1]
+        if units is None:
+            return
+        if self.runs[k] is None:
+            self.runs[k] = replica_variable(np.zeros(int(units), np.int32), f"gradwatch_act_run_{k}",
+                                            self._strategy)
+        axes = list(range(len(out.shape) - 1))
+        silent = tf.reduce_all(tf.equal(out, 0), axis=axes)
+        run = self.runs[k].read_value()
+        new = tf.where(silent, run + 1, 0)
+        self.runs[k].assign(tf.where(self.training.read_value(), new, run))
+
+    def read(self, dead_steps: int) -> np.ndarray:
+        """Per topology layer: the fraction of its units silent for ``dead_steps`` steps (NaN if none)."""
+        dead = np.full(len(self.topology.layers), np.nan)
+        for (_, layer_index), run in zip(self.layers, self.runs):
+            if run is None:
+                continue
+            fraction = float(np.mean(run.numpy() >= dead_steps))
+            dead[layer_index] = fraction if np.isnan(dead[layer_index]) else max(dead[layer_index], fraction)
+        return dead

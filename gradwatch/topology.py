@@ -213,3 +213,16 @@ def from_variables(variables: Sequence[Any], names: Sequence[str] | None = None)
             )
         )
     return Topology(layers=list(layers.values()), variables=var_infos)
+
+
+def relu_layers(model: Any, topology: Topology) -> list[tuple[Any, str]]:
+    """The model's ReLU-family layers, each with the topology layer that reports it:
+    itself, or the nearest layer before it that owns watched variables."""
+    names = {layer.name for layer in topology.layers}
+    found, owner = [], None
+    for layer in internals.ordered_layers(model):
+        if layer.name in names:
+            owner = layer.name
+        if _layer_activation(layer) in ("relu", "relu6") and owner is not None:
+            found.append((layer, owner))
+    return found

@@ -264,3 +264,40 @@ def test_every_step_histograms_use_a_bounded_strided_sample(tmp_path):
     got[left] = tensor[:, 2]
     assert np.abs(got - expected).sum() <= 4
     assert got.sum() == pytest.approx(kernel.size + bias.size, abs=2)
+
+
+def test_activation_probe_counts_units_zero_on_every_sample(tmp_path):
+    x, y = _data(n=640)
+    bias = np.array([-30.0] * 4 + [0.0] * 4, np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(8, activation="relu", name="hidden",
+                           bias_initializer=keras.initializers.Constant(bias)),
+        keras.layers.Dense(6, use_bias=False, name="pre_bn"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.ReLU(name="relu"),
+        keras.layers.Dense(1, activation="sigmoid", name="out"),
+    ])
+    log_dir = str(tmp_path / "run")
+    monitor = gw.GradientMonitor(log_dir, log_every=5, histogram_every=0, activation_probe=True,
+                                 thresholds=gw.detectors.Thresholds(dead_steps=10))
+    model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[monitor],
+              validation_data=(x[:64], y[:64]))
+    by_activation = monitor._engine.activations.read(10)
+    names = [layer.name for layer in monitor._engine.topology.layers]
+    # independent: forward the last 10 batches, units zero on every sample of every batch
+    hidden = keras.Model(model.inputs, [model.get_layer("hidden").output, model.get_layer("relu").output])
+    h, r = (np.asarray(a) for a in hidden(x[-320:], training=True))
+    layers = gw.read_stats(log_dir, level="layer").groupby("layer").last()
+    expected_hidden = float(np.mean((h == 0).all(axis=0)))
+    expected_bn = float(np.mean((r == 0).all(axis=0)))
+    assert by_activation[names.index("hidden")] == pytest.approx(expected_hidden) and expected_hidden == 0.5
+    # the ReLU layer after BatchNormalization is reported on the BatchNormalization layer
+    assert by_activation[names.index("bn")] == pytest.approx(expected_bn)
+    assert np.isnan(by_activation[names.index("out")])  # sigmoid: not probed
+    assert layers.loc["hidden", "dead_frac"] == pytest.approx(expected_hidden)
+    assert layers.loc["bn", "dead_frac"] == pytest.approx(expected_bn)
+    # the wrapped calls are gone after fit: the model is left as it was found
+    assert all("call" not in layer.__dict__ for layer in model.layers)
