@@ -104,7 +104,7 @@ def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
 
 
 def test_read_errors_are_clear(tmp_path):
-    with pytest.raises(gw.GradwatchDataError, match="is not a directory"):
+    with pytest.raises(gw.GradwatchDataError, match="does not exist"):
         gw.read_stats(str(tmp_path / "nope"))
     with pytest.raises(gw.GradwatchDataError, match="stats.csv is missing"):
         gw.read_stats(str(tmp_path))
