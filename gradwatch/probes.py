@@ -306,9 +306,10 @@ class UpdateProbe:
         rows = self.result.numpy().astype(np.float64)
         self.result.assign(self._reset())
         ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             var_ratio = np.sqrt(ratio_du / ratio_w)
-            var_cos = cos_dot / np.sqrt(cos_du * cos_g)
+            var_cos = cos_dot / (np.sqrt(cos_du) * np.sqrt(cos_g))
+        var_cos = np.where(np.isfinite(var_cos), var_cos, np.nan)
         var_ratio = np.where(ratio_w > 0, var_ratio, np.nan)
         var_cos = np.where((cos_du > 0) & (cos_g > 0), var_cos, np.nan)
         layer_ratio, layer_cos = [], []
@@ -321,7 +322,9 @@ class UpdateProbe:
             layer_ratio.append(np.sqrt(du / w) if measured and w > 0 else np.nan)
             d, dot, g = (np.nansum(x[members]) for x in (cos_du, cos_dot, cos_g))
             measured = not np.all(np.isnan(cos_g[members]))
-            layer_cos.append(dot / np.sqrt(d * g) if measured and d > 0 and g > 0 else np.nan)
+            with np.errstate(invalid="ignore", over="ignore"):
+                cos = dot / (np.sqrt(d) * np.sqrt(g)) if measured and d > 0 and g > 0 else np.nan
+            layer_cos.append(cos if np.isfinite(cos) else np.nan)
         return (np.concatenate([var_ratio, np.array(layer_ratio)]),
                 np.concatenate([var_cos, np.array(layer_cos)]))
 

@@ -565,7 +565,7 @@ def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Dat
         else:
             frame = _load_events(run_dir, "alerts").frame()
         text_columns = ["layer", "variable", "kind", "severity", "message", "hint"]
-        frame[text_columns] = frame[text_columns].fillna("").astype(str)
+        frame[text_columns] = frame[text_columns].astype(object).fillna("").astype(str)
         return frame[list(ALERT_COLUMNS)]
 
     return _per_run(log_dir, source, read_one)
