@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -30,6 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
+
+logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the nets raise alerts: keep the table readable
 
 
 def mlp():

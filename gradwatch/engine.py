@@ -264,15 +264,18 @@ class Engine:
     def _run_probes(self, by_slot: dict[int, Any], context: StepContext) -> None:
         """Dead units every step; update and histogram probes on their sampled steps."""
         window_start = self.window.is_empty()
+        next_step = self._state[0] + 1
         self.units.observe(by_slot, window_start)
         if self.updates is not None:
-            self.updates.observe(by_slot, window_start)
+            # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...), not every window
+            due = tf.equal(tf.math.floormod(next_step - 1, probes_lib.UPDATE_EVERY), 0)
+            self.updates.observe(by_slot, due)
         if self.histograms is not None:
             inv_scale = (
                 1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
                 else tf.constant(1.0)
             )
-            self.histograms.observe(by_slot, self._state[0] + 1, inv_scale)
+            self.histograms.observe(by_slot, next_step, inv_scale)
 
     def _compiled(self, key, fn):
         """``fn`` as one XLA cluster (a handful of launches instead of ~200 small

@@ -15,7 +15,7 @@ the step (``observe``) and is read on the host with one transfer per probe.
   unit feeds zeros forward, so that row is zero too (through a channels-last
   Flatten, every row of the unit).  When the next layer's kernel is not watched
   (frozen) there is no such evidence and a silent ReLU unit is reported dead.
-* :class:`UpdateProbe` — on the first step of a window it copies the weights (one
+* :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights (one
   copy of the watched variables is kept: memory = model size, plus one more for the
   gradient sum), then measures ||w_after - w_before|| / ||w_before|| on the first
   following step that moved any weight (so gradient accumulation, where k-1 of k
@@ -52,6 +52,7 @@ NUM_LOG_BUCKETS = int((LOG10_HIGH - LOG10_LOW) * PER_DECADE)
 NUM_SIGNED_BUCKETS = 30
 
 UPDATE_STEPS = 3
+UPDATE_EVERY = 50  # steps between two update/weight snapshots
 SAMPLE_ENTRIES = 4096
 FULL_HISTOGRAM_EVERY = 10
 
@@ -139,28 +140,27 @@ class UnitProbe:
     def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor) -> list[tf.Operation]:
         if not self.tracks:
             return []
-        zero_parts, silent_parts, present_parts = [], [], []
+        # One op per step for all the bias-mode tracks: their gradients are vectors,
+        # concatenated and compared at once (deep nets are bound by op count).
+        vectors, present_mask, silent_parts = [], [], []
         for track in self.tracks:
             grad = grads_by_slot.get(track.slot)
             if grad is None or isinstance(grad, tf.IndexedSlices):
-                zero_parts.append(tf.zeros([track.units], tf.bool))
-                present_parts.append(tf.zeros([track.units], tf.bool))
+                vectors.append(tf.ones([track.units], tf.float32))  # not zero: counts nothing
+                present_mask += [False] * track.units
             else:
                 grad = tf.cast(grad, tf.float32)
                 if track.kernel_mode:
-                    axes = list(range(len(grad.shape) - 1))
-                    zero = tf.equal(tf.reduce_max(tf.abs(grad), axis=axes), 0.0)
-                else:
-                    zero = tf.equal(grad, 0.0)
-                zero_parts.append(zero)
-                present_parts.append(tf.ones([track.units], tf.bool))
+                    grad = tf.reduce_max(tf.abs(grad), axis=list(range(len(grad.shape) - 1)))
+                vectors.append(grad)
+                present_mask += [True] * track.units
             nxt = grads_by_slot.get(track.next_slot) if track.next_slot is not None else None
             if nxt is None or isinstance(nxt, tf.IndexedSlices):
                 silent_parts.append(None)
             else:
                 silent_parts.append(tf.cast(nxt, tf.float32))
-        zero = tf.concat(zero_parts, axis=0)
-        present = tf.concat(present_parts, axis=0)
+        zero = tf.equal(tf.concat(vectors, axis=0), 0.0)
+        present = tf.constant(present_mask)
         run = self.zero_run.read_value()
         new_run = tf.where(present, tf.where(zero, run + 1, 0), run)
         ops = [self.zero_run.assign(new_run)]
@@ -229,7 +229,7 @@ class UpdateProbe:
     def _reset(self) -> np.ndarray:
         return np.full((len(self._ROWS), len(self.variables)), np.nan, np.float32)
 
-    def observe(self, grads_by_slot: dict[int, Any], window_start: tf.Tensor) -> tf.Tensor:
+    def observe(self, grads_by_slot: dict[int, Any], due: tf.Tensor) -> tf.Tensor:
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
@@ -261,7 +261,9 @@ class UpdateProbe:
             deltas = [_weights(self.variables[i]) - self.snap[k].read_value()
                       for k, i in enumerate(self.slots)]
             du = tf.stack([tf.reduce_sum(tf.square(d)) for d in deltas])
-            take_ratio = (pending > 0) & (tf.reduce_sum(du) > 0.0)
+            # the ratio is taken on the first step that moved a weight; if none moved for
+            # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
+            take_ratio = (pending > 0) & ((tf.reduce_sum(du) > 0.0) | (phase >= UPDATE_EVERY - 1))
 
             def write_ratio():
                 w = tf.stack([tf.reduce_sum(tf.square(s.read_value())) for s in self.snap])
@@ -283,11 +285,19 @@ class UpdateProbe:
                     rows = tf.tensor_scatter_nd_update(
                         rows, tf.concat([tf.fill(tf.shape(index), row), index], axis=1), values)
                 with tf.control_dependencies([self.result.assign(rows)]):
-                    return tf.constant(0, tf.int64)
+                    return tf.constant(self.steps + 1, tf.int64)
+
+            def after_cosine():
+                return phase + 1  # only the ratio is still pending
 
             with tf.control_dependencies([wrote]):
-                new_phase = tf.cond(phase >= self.steps, finish, accumulate)
-            return tf.stack([new_phase, new_pending])
+                new_phase = tf.case(
+                    [(tf.equal(phase, self.steps), finish), (phase > self.steps, after_cosine)],
+                    default=accumulate,
+                )
+            # idle once the cosine is written and the ratio taken
+            done = (phase >= self.steps) & tf.equal(new_pending, 0)
+            return tf.stack([tf.where(done, tf.constant(0, tf.int64), new_phase), new_pending])
 
         def active():
             # steps between the ratio and the cosine only add the gradient to the sum
@@ -298,7 +308,7 @@ class UpdateProbe:
             return self.state.assign(new_state).op
 
         return tf.cond(
-            phase > 0, active, lambda: tf.cond(window_start, start, tf.no_op)
+            phase > 0, active, lambda: tf.cond(due, start, tf.no_op)
         )
 
     def read(self, topology: Topology) -> tuple[np.ndarray, np.ndarray]:

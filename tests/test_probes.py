@@ -212,9 +212,9 @@ def test_gradient_accumulation_does_not_make_update_ratio_storms(tmp_path):
               callbacks=[gw.GradientMonitor(log_dir, log_every=5, histogram_every=0)])
     stats = gw.read_stats(log_dir, level="layer")
     ratios = stats[stats.layer == "hidden"].update_ratio
-    # measured on a step that moved (a window whose steps only accumulated passes it on)
+    # measured on a step that moved (snapshots at steps 1 and 51), never a zero "too slow"
     measured = ratios.dropna()
-    assert len(measured) >= 0.7 * len(ratios) and (measured > 1e-4).all()
+    assert len(measured) == 2 and (measured > 1e-4).all()
     assert "update_ratio" not in set(gw.read_alerts(log_dir).kind)
 
 
