@@ -145,17 +145,22 @@ def test_watch_sees_a_manual_assign_sub_update(tmp_path):
     assert row.update_cos == pytest.approx(1.0, abs=1e-5)
 
 
-def test_dead_fraction_counts_units_dead_on_every_batch(tmp_path):
-    x, y = _data(n=640)
-    # units 0..3 start far below zero (dead for good), units 4..7 at zero (live)
+def _half_dead(*middle):
+    """A ReLU layer whose units 0..3 start far below zero (dead for good) and 4..7 at zero (live)."""
     bias = np.array([-30.0] * 4 + [0.0] * 4, np.float32)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
+    return keras.Sequential([
         keras.Input((12,)),
         keras.layers.Dense(8, activation="relu", name="hidden",
                            bias_initializer=keras.initializers.Constant(bias)),
+        *middle,
         keras.layers.Dense(1, activation="sigmoid", name="out"),
     ])
+
+
+def test_dead_fraction_counts_units_dead_on_every_batch(tmp_path):
+    x, y = _data(n=640)
+    model = _half_dead()
     log_dir = str(tmp_path / "run")
     thresholds = gw.detectors.Thresholds(dead_steps=10)
     _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0, thresholds=thresholds)
@@ -268,17 +273,8 @@ def test_every_step_histograms_use_a_bounded_strided_sample(tmp_path):
 
 def test_activation_probe_counts_units_zero_on_every_sample(tmp_path):
     x, y = _data(n=640)
-    bias = np.array([-30.0] * 4 + [0.0] * 4, np.float32)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((12,)),
-        keras.layers.Dense(8, activation="relu", name="hidden",
-                           bias_initializer=keras.initializers.Constant(bias)),
-        keras.layers.Dense(6, use_bias=False, name="pre_bn"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.ReLU(name="relu"),
-        keras.layers.Dense(1, activation="sigmoid", name="out"),
-    ])
+    model = _half_dead(keras.layers.Dense(6, use_bias=False, name="pre_bn"),
+                       keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu"))
     log_dir = str(tmp_path / "run")
     monitor = gw.GradientMonitor(log_dir, log_every=5, histogram_every=0, activation_probe=True,
                                  thresholds=gw.detectors.Thresholds(dead_steps=10))
