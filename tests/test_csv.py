@@ -106,7 +106,7 @@ def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
 def test_read_errors_are_clear(tmp_path):
     with pytest.raises(gw.GradwatchDataError, match="does not exist"):
         gw.read_stats(str(tmp_path / "nope"))
-    with pytest.raises(gw.GradwatchDataError, match="stats.csv is missing"):
+    with pytest.raises(gw.GradwatchDataError, match="is empty: no gradwatch run"):
         gw.read_stats(str(tmp_path))
     (tmp_path / "stats.csv").write_text("a,b\n1,2\n")
     with pytest.raises(gw.GradwatchDataError, match="not a gradwatch file"):
