@@ -27,7 +27,8 @@ def _print_alerts(log_dir: str) -> None:
         return
     for row in alerts.itertuples():
         print(f"  step {row.step:>4} {row.severity:7s} {row.kind:20s} {row.layer or '-':8s} {row.message}")
-    print(f"  hint: {alerts.iloc[0].hint}")
+    for kind, hint in alerts[alerts.hint != ""].groupby("kind", sort=False)["hint"].first().items():
+        print(f"  hint ({kind}): {hint}")
 
 
 def vanishing(out: str) -> None:
