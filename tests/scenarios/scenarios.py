@@ -187,6 +187,25 @@ def dead_relu_l2(log_dir, seed):
     _fit(model, keras.optimizers.Adam(1e-3), log_dir, x, y, epochs=5)
 
 
+class _Pruned(keras.constraints.Constraint):
+    """Keeps a layer's kernel at zero after every update (all its weights pruned)."""
+
+    def __call__(self, w):
+        return w * 0.0
+
+
+def pruned_outgoing(log_dir, seed):
+    """Live ReLU units whose outgoing weights are pruned to zero: they never get a gradient."""
+    keras.utils.set_random_seed(seed)
+    x, y = _data(seed)
+    model = keras.Sequential([
+        keras.Input((20,)),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros", kernel_constraint=_Pruned()),
+    ])
+    _fit(model, keras.optimizers.Adam(1e-3), log_dir, x, y, epochs=5)
+
+
 NAN_STEP = 37  # the step (1-based) whose batch holds a NaN input
 
 
@@ -288,6 +307,8 @@ SCENARIOS: list[Scenario] = [
              {"no_learning_signal": "the output layer is fed by dead units only"}),
     Scenario("dead_relu_l2", dead_relu_l2, frozenset({"dead_relu"}),
              {"no_learning_signal": "the output layer is fed by dead units only"}),
+    Scenario("pruned_outgoing", pruned_outgoing, frozenset({"no_learning_signal"}),
+             {"update_ratio": "the pruned layer's kernel never moves (its bias does)"}),
     Scenario("nan_in_data", nan_in_data, frozenset({"nonfinite_gradient"})),
     Scenario("log_of_negative", log_of_negative, frozenset({"nonfinite_gradient"})),
     Scenario("unused_variable", unused_variable, frozenset({"no_gradient"})),
