@@ -88,7 +88,6 @@ class Engine:
         self.closed = False
         self.last_finite: tf.Tensor | None = None
         self.last_alerts: list[alerts_lib.Alert] = []
-        self.last_histograms: list[dict[str, Any]] = []
         self.units = self.updates = self.histograms = None
         self.activations: probes_lib.ActivationProbe | None = None  # set by GradientMonitor
         self.on_alert = None
@@ -132,7 +131,7 @@ class Engine:
         # Probes that write under a tf.cond cannot run under several replicas
         # (a mirrored write is a merge_call, which a cond branch cannot hold).
         single = strategy is None or strategy.num_replicas_in_sync <= 1
-        self.updates = probes_lib.UpdateProbe(variables, strategy) if single else None
+        self.updates = probes_lib.UpdateProbe(variables, topology, strategy) if single else None
         self.histograms = (
             probes_lib.HistogramProbe(topology, self.options.histogram_every,
                                       self.options.signed_histograms, strategy)
@@ -518,9 +517,8 @@ class Engine:
         per_var["dead_frac"] = np.concatenate([np.full(num_vars, np.nan), dead])
         per_var["no_signal_frac"] = np.concatenate([np.full(num_vars, np.nan), no_signal])
         if self.updates is not None:
-            per_var["update_ratio"], per_var["update_cos"] = self.updates.read(self.topology)
+            per_var["update_ratio"], per_var["update_cos"] = self.updates.read()
         histograms = self.histograms.read() if self.histograms is not None else []
-        self.last_histograms = histograms
         window_row, stats_rows, layer_rows = rows_lib.build_rows(
             per_var, glob, self.topology, clipping=self.clip is not None
         )

@@ -40,9 +40,8 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch._keras_internals import replica_variable
-from gradwatch.topology import Topology
+from gradwatch.topology import RELU_FAMILY, Topology
 
-RELU_FAMILY = frozenset({"relu", "relu6"})
 _NORMALISERS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization"})
 
 # log10|g| histogram buckets: 4 per decade from 1e-16 to 1e8 (values outside are
@@ -55,6 +54,15 @@ UPDATE_STEPS = 3
 UPDATE_EVERY = 50  # steps between two update/weight snapshots
 SAMPLE_ENTRIES = 4096
 FULL_HISTOGRAM_EVERY = 10
+
+
+def layer_members(topology: Topology) -> list[list[int]]:
+    """For each layer (topology order), the indices of its variables."""
+    index = {layer.name: i for i, layer in enumerate(topology.layers)}
+    members: list[list[int]] = [[] for _ in topology.layers]
+    for slot, var in enumerate(topology.variables):
+        members[index[var.layer]].append(slot)
+    return members
 
 
 def _short(name: str) -> str:
@@ -81,13 +89,11 @@ class _Track:
 
 def unit_tracks(topology: Topology) -> list[_Track]:
     """Which layers have units to track, and from which variable (pure, host side)."""
-    by_layer: dict[str, list[int]] = {}
-    for slot, var in enumerate(topology.variables):
-        by_layer.setdefault(var.layer, []).append(slot)
+    members = layer_members(topology)
     layers = topology.layers
     tracks = []
     for i, layer in enumerate(layers):
-        slots = by_layer.get(layer.name, [])
+        slots = members[i]
         following = layers[i + 1] if i + 1 < len(layers) else None
         if following is not None and following.class_name in _NORMALISERS and layer.class_name not in (
             _NORMALISERS
@@ -106,9 +112,8 @@ def unit_tracks(topology: Topology) -> list[_Track]:
         else:
             continue
         next_slot = None
-        for later in layers[i + 1:]:
-            later_kernels = [s for s in by_layer.get(later.name, [])
-                             if len(topology.variables[s].shape) >= 2]
+        for later_slots in members[i + 1:]:
+            later_kernels = [s for s in later_slots if len(topology.variables[s].shape) >= 2]
             if later_kernels:
                 shape = topology.variables[later_kernels[0]].shape
                 # equal: Dense/Conv after Dense/Conv or global pooling; a multiple: a
@@ -209,9 +214,16 @@ class UpdateProbe:
     # result rows per variable
     _ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
 
-    def __init__(self, variables: Sequence[Any], strategy: Any = None, steps: int = UPDATE_STEPS):
+    def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
+                 steps: int = UPDATE_STEPS):
         self.variables = list(variables)
         self.steps = int(steps)
+        self._members = layer_members(topology)
+        # the ratio of a layer is its kernels' (zero-initialised biases would dominate)
+        self._kernels = [
+            [i for i in members if len(topology.variables[i].shape) >= 2] or members
+            for members in self._members
+        ]
         dtypes = [tf.as_dtype(getattr(v.dtype, "name", v.dtype)) for v in self.variables]
         self.slots = [i for i, d in enumerate(dtypes) if d.is_floating]
         self.snap = [
@@ -311,7 +323,7 @@ class UpdateProbe:
             phase > 0, active, lambda: tf.cond(due, start, tf.no_op)
         )
 
-    def read(self, topology: Topology) -> tuple[np.ndarray, np.ndarray]:
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(update_ratio, update_cos) per column: the variables, then their layers; resets."""
         rows = self.result.numpy().astype(np.float64)
         self.result.assign(self._reset())
@@ -323,10 +335,7 @@ class UpdateProbe:
         var_ratio = np.where(ratio_w > 0, var_ratio, np.nan)
         var_cos = np.where((cos_du > 0) & (cos_g > 0), var_cos, np.nan)
         layer_ratio, layer_cos = [], []
-        for layer in topology.layers:
-            members = [i for i, v in enumerate(topology.variables) if v.layer == layer.name]
-            # the ratio of a layer is its kernels' (zero-initialised biases would dominate)
-            kernels = [i for i in members if len(topology.variables[i].shape) >= 2] or members
+        for members, kernels in zip(self._members, self._kernels):
             du, w = np.nansum(ratio_du[kernels]), np.nansum(ratio_w[kernels])
             measured = not np.all(np.isnan(ratio_w[kernels]))
             layer_ratio.append(np.sqrt(du / w) if measured and w > 0 else np.nan)
@@ -360,6 +369,7 @@ class HistogramProbe:
         self.step = replica_variable(np.array(-1, np.int64), "gradwatch_hist_step", strategy)
         layer_of = {layer.name: i for i, layer in enumerate(topology.layers)}
         self.layer_ids = [layer_of[v.layer] for v in topology.variables]
+        self._members = layer_members(topology)
 
     def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
         if self.every <= 0:
@@ -436,7 +446,7 @@ class HistogramProbe:
         signed = self.signed_counts.numpy().astype(np.float64) if self.signed else None
         bounds = self.bounds.numpy() if self.signed else None
         for layer_index, layer in enumerate(self.topology.layers):
-            members = [s for s, lid in enumerate(self.layer_ids) if lid == layer_index]
+            members = self._members[layer_index]
             total = counts[members].sum(axis=0)
             buckets = total[:NUM_LOG_BUCKETS]
             nonzero = np.nonzero(buckets)[0]

@@ -12,6 +12,9 @@ from typing import Any
 
 from gradwatch import _keras_internals as internals
 
+# Activations whose dead units are dead ReLUs (not leaky ReLU, ELU, GELU).
+RELU_FAMILY = frozenset({"relu", "relu6"})
+
 # Layers that sit between a layer and its activation without changing which
 # units are alive (the activation after them is the layer's activation).
 _PASS_THROUGH = {
@@ -223,6 +226,6 @@ def relu_layers(model: Any, topology: Topology) -> list[tuple[Any, str]]:
     for layer in internals.ordered_layers(model):
         if layer.name in names:
             owner = layer.name
-        if _layer_activation(layer) in ("relu", "relu6") and owner is not None:
+        if _layer_activation(layer) in RELU_FAMILY and owner is not None:
             found.append((layer, owner))
     return found
