@@ -295,7 +295,7 @@ class Engine:
         dense = [g for g in groups.groups if g.matrix.shape.is_fully_defined()]
         sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
         # The sum of squares is one Eigen pass (faster than XLA's CPU reduction).
-        sum_sq = tuple(tf.reduce_sum(tf.square(g.matrix), axis=1) for g in dense)
+        sum_sq = tuple(stats_lib.group_sum_of_squares(g) for g in dense)
         # Sparse gradients have a data-dependent row count: their full stats are
         # computed here, every step (they hold only the touched rows).
         sparse_stats = tuple(tf.stack(list(stats_lib.full_stats(stats_lib.Groups(

@@ -71,6 +71,11 @@ def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
 
 SAFE_MIN_SQ = SAFE_MIN * SAFE_MIN
 
+# Gradients of equal size are stacked into one matrix only up to this many entries
+# each: small variables are bound by the number of ops (stacking them saves ops),
+# large ones by memory bandwidth (a stack would copy every entry once more).
+STACK_LIMIT = 16384
+
 
 class Group(NamedTuple):
     """Gradients of equal dense size stacked as rows of one matrix."""
@@ -91,12 +96,17 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
     flat = [dense_values(g) for g in grads]
     keys: dict[object, list[int]] = {}
     for position, (grad, (_, size)) in enumerate(zip(grads, flat)):
-        key = ("sparse", position) if isinstance(grad, tf.IndexedSlices) else size
+        if isinstance(grad, tf.IndexedSlices):
+            key = ("sparse", position)
+        elif size > STACK_LIMIT:
+            key = ("dense", position)
+        else:
+            key = size
         keys.setdefault(key, []).append(position)
     groups = []
     order: list[int] = []
     # Dense groups first, then sparse ones (whose row count is data-dependent).
-    ordered_keys = sorted(keys, key=lambda key: isinstance(key, tuple))
+    ordered_keys = sorted(keys, key=lambda key: isinstance(key, tuple) and key[0] == "sparse")
     for positions in (keys[key] for key in ordered_keys):
         if len(positions) == 1:
             matrix = flat[positions[0]][0][None, :]
@@ -118,6 +128,17 @@ def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
     return tf.gather(joined, tf.constant(groups.inverse, tf.int32))
 
 
+def group_sum_of_squares(group: Group) -> tf.Tensor:
+    """[n] sum of g**2 of each row of a group, one pass over the entries.
+
+    A single row (every large gradient) uses ``L2Loss``: one op that reduces in
+    place, with no squared copy of the gradient.
+    """
+    if group.matrix.shape[0] == 1:
+        return tf.reshape(2.0 * tf.nn.l2_loss(group.matrix), [1])
+    return tf.reduce_sum(tf.square(group.matrix), axis=1)
+
+
 def sum_of_squares(groups: Groups) -> tf.Tensor:
     """The cheap every-step statistic: sum of g**2 per gradient (one pass).
 
@@ -127,9 +148,7 @@ def sum_of_squares(groups: Groups) -> tf.Tensor:
     """
     if not groups.count:
         return tf.zeros([0], tf.float32)
-    return _in_list_order(
-        groups, [tf.reduce_sum(tf.square(g.matrix), axis=1) for g in groups.groups]
-    )
+    return _in_list_order(groups, [group_sum_of_squares(g) for g in groups.groups])
 
 
 def needs_full_stats(sum_sq: tf.Tensor) -> tf.Tensor:

@@ -57,6 +57,21 @@ def test_order_is_kept_when_groups_interleave():
     _check(grads, stats_lib.gradient_stats(grads))
 
 
+def test_large_gradients_are_not_stacked_and_their_norms_are_exact():
+    # Above STACK_LIMIT entries each gradient is its own group (a stack would copy it);
+    # small ones of equal size still share one matrix.
+    rng = np.random.default_rng(3)
+    big = stats_lib.STACK_LIMIT + 1
+    grads = [tf.constant(rng.normal(size=big).astype("float32") * s) for s in (1.0, 3.0)]
+    grads += [tf.constant(rng.normal(size=4).astype("float32")) for _ in range(3)]
+    groups = stats_lib.group_gradients(grads)
+    assert [g.positions for g in groups.groups] == [(0,), (1,), (2, 3, 4)]
+    norms = tf.sqrt(stats_lib.sum_of_squares(groups)).numpy()
+    expected = [np.linalg.norm(np.asarray(g, np.float64)) for g in grads]
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+    _check(grads, stats_lib.gradient_stats(grads))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_low_precision_and_huge_values_do_not_overflow(dtype):
     big = {"float16": 60000.0, "bfloat16": 1e38, "float32": 1e30, "float64": 1e30}[dtype]
