@@ -127,15 +127,17 @@ class Engine:
         self._state = internals.replica_variable(
             np.array([start_step, 0, -1], np.int64), "gradwatch_step_state", strategy
         )
+        _off = os.environ.get("GRADWATCH_EXPERIMENT_OFF", "")  # TEMP experiment
+        self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"  # TEMP experiment
         self.units = probes_lib.UnitProbe(topology, strategy)
         # Probes that write under a tf.cond cannot run under several replicas
         # (a mirrored write is a merge_call, which a cond branch cannot hold).
         single = strategy is None or strategy.num_replicas_in_sync <= 1
-        self.updates = probes_lib.UpdateProbe(variables, topology, strategy) if single else None
+        self.updates = probes_lib.UpdateProbe(variables, topology, strategy) if single and "updates" not in _off else None
         self.histograms = (
             probes_lib.HistogramProbe(topology, self.options.histogram_every,
                                       self.options.signed_histograms, strategy)
-            if single and self.options.histogram_every > 0 else None
+            if single and self.options.histogram_every > 0 and "hist" not in _off else None
         )
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with tf.init_scope(), scope:
@@ -264,7 +266,8 @@ class Engine:
         """Dead units every step; update and histogram probes on their sampled steps."""
         window_start = self.window.is_empty()
         next_step = self._state[0] + 1
-        self.units.observe(by_slot, window_start)
+        if "units" not in os.environ.get("GRADWATCH_EXPERIMENT_OFF", ""):  # TEMP
+            self.units.observe(by_slot, window_start)
         if self.updates is not None:
             # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...), not every window
             due = tf.equal(tf.math.floormod(next_step - 1, probes_lib.UPDATE_EVERY), 0)
@@ -304,27 +307,37 @@ class Engine:
         inverse = groups.inverse  # group_gradients puts dense groups before sparse ones
         inv_scale = (1.0 / loss_scale) if loss_scale is not None else tf.constant(1.0)
 
-        def finish(matrices, sum_sq, sparse_stats, inv_scale):
-            sampled = self.window.is_empty()
-            parts = []
-            if matrices:
-                dense_groups = stats_lib.Groups(
+        parts = []
+        if dense:
+            squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
+            inexact = stats_lib.needs_full_stats(squares)
+            count = sum(len(pos) for _, pos in dense_info)
+
+            def full_pass(*matrices):
+                return tf.stack(list(stats_lib.full_stats(stats_lib.Groups(
                     tuple(stats_lib.Group(m, size, pos) for m, (size, pos) in zip(matrices, dense_info)),
-                    None, sum(len(pos) for _, pos in dense_info),
-                )
-                squares = tf.concat(sum_sq, axis=0)
-                inexact = stats_lib.needs_full_stats(squares)
-                # The full pass (max, mean, zeros, exact non-finite count) runs on the
-                # window's sampled step, and on any step whose cheap norm is not exact.
-                full = tf.cond(
-                    sampled | tf.reduce_any(inexact),
-                    lambda: tf.stack(list(stats_lib.full_stats(dense_groups))),
-                    lambda: tf.zeros([5, dense_groups.count], tf.float32),
-                )
+                    None, count,
+                ))))
+
+            full_pass = self._compiled(("full", dense_info), full_pass)
+            # The full pass (max, mean, zeros, exact non-finite count) runs on the
+            # window's sampled step, and on any step whose cheap norm is not exact.
+            # The cond is in the graph, not inside an XLA cluster: a conditional there
+            # would take every gradient as an operand on every step.
+            full = tf.cond(
+                self.window.is_empty() | tf.reduce_any(inexact),
+                lambda: full_pass(*[g.matrix for g in dense]),
+                lambda: tf.zeros([5, count], tf.float32),
+            )
+            parts.append((squares, inexact, full))
+
+        def finish(dense_parts, sparse_stats, inv_scale):
+            joined = []
+            for squares, inexact, full in dense_parts:
                 l2 = tf.where(inexact, full[0], tf.sqrt(squares))
-                parts.append(tf.stack([l2, full[1], full[2], full[3], full[4]]))
-            parts.extend(sparse_stats)
-            joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+                joined.append(tf.stack([l2, full[1], full[2], full[3], full[4]]))
+            joined.extend(sparse_stats)
+            joined = tf.concat(joined, axis=1) if len(joined) > 1 else joined[0]
             if inverse is not None:
                 joined = tf.gather(joined, tf.constant(inverse, tf.int32), axis=1)
             l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(joined, num=5)
@@ -333,9 +346,7 @@ class Engine:
             )
 
         key = ("stats", dense_info, tuple(g.positions for g in sparse), inverse)
-        return self._compiled(key, finish)(
-            tuple(g.matrix for g in dense), sum_sq, sparse_stats, tf.cast(inv_scale, tf.float32)
-        )
+        return self._compiled(key, finish)(tuple(parts), sparse_stats, tf.cast(inv_scale, tf.float32))
 
     def _fold_step(self, stacked, scalars, iterations, perm, skips, has_iterations):
         """Everything after the big-tensor passes, on [7, n] per-gradient values."""

@@ -16,8 +16,8 @@ the step (``observe``) and is read on the host with one transfer per probe.
   Flatten, every row of the unit).  When the next layer's kernel is not watched
   (frozen) there is no such evidence and a silent ReLU unit is reported dead.
 * :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights (one
-  copy of the watched variables is kept: memory = model size, plus one more for the
-  gradient sum), then measures ||w_after - w_before|| / ||w_before|| on the first
+  flat copy of the watched variables is kept: memory = model size, plus one more for
+  the gradient sum), then measures ||w_after - w_before|| / ||w_before|| on the first
   following step that moved any weight (so gradient accumulation, where k-1 of k
   steps do not move the weights, and skipped steps are not "too slow"), and, after
   ``update_steps`` steps, the cosine between the weight change and minus the sum of
@@ -209,9 +209,15 @@ class UnitProbe:
 
 
 class UpdateProbe:
-    """Update/weight ratio and update direction, on sampled intervals (see the module docstring)."""
+    """Update/weight ratio and update direction, on sampled intervals (see the module docstring).
 
-    # result rows per variable
+    The snapshot and the gradient sum are one flat variable each (not one per
+    model variable): every variable a step function captures costs a few
+    microseconds on every call, used or not, which on a 400-variable net is
+    more than the probe's own work.
+    """
+
+    # result rows per measured variable
     _ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
 
     def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
@@ -226,107 +232,98 @@ class UpdateProbe:
         ]
         dtypes = [tf.as_dtype(getattr(v.dtype, "name", v.dtype)) for v in self.variables]
         self.slots = [i for i, d in enumerate(dtypes) if d.is_floating]
-        self.snap = [
-            replica_variable(np.zeros(self.variables[i].shape, np.float32), f"gradwatch_snap_{k}", strategy)
-            for k, i in enumerate(self.slots)
-        ]
-        self.gsum = [
-            replica_variable(np.zeros(self.variables[i].shape, np.float32), f"gradwatch_gsum_{k}", strategy)
-            for k, i in enumerate(self.slots)
-        ]
+        self.sizes = [int(np.prod(self.variables[i].shape)) for i in self.slots]
+        total = max(sum(self.sizes), 1)
+        self.snap = replica_variable(np.zeros(total, np.float32), "gradwatch_update_snapshot", strategy)
+        self.gsum = replica_variable(np.zeros(total, np.float32), "gradwatch_update_gradsum", strategy)
         # phase: 0 idle, p >= 1 steps since the snapshot; pending: ratio not measured yet
         self.state = replica_variable(np.zeros(2, np.int64), "gradwatch_update_state", strategy)
         self.result = replica_variable(self._reset(), "gradwatch_update_result", strategy)
 
     def _reset(self) -> np.ndarray:
-        return np.full((len(self._ROWS), len(self.variables)), np.nan, np.float32)
+        return np.full((len(self._ROWS), max(len(self.slots), 1)), np.nan, np.float32)
+
+    def _per_variable(self, flat: tf.Tensor) -> tf.Tensor:
+        """[measured variables]: the sum of each variable's part of a flat vector."""
+        return tf.stack([tf.reduce_sum(part) for part in tf.split(flat, self.sizes)])
 
     def observe(self, grads_by_slot: dict[int, Any], due: tf.Tensor) -> tf.Tensor:
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
         phase, pending = state[0], state[1]
-        grads = []
-        for i in self.slots:
-            g = grads_by_slot.get(i)
-            if isinstance(g, tf.IndexedSlices):
-                g = tf.convert_to_tensor(g)
-            grads.append(None if g is None else tf.cast(g, tf.float32))
-        index = tf.constant(self.slots, tf.int32)[:, None]
+        grads = [grads_by_slot.get(i) for i in self.slots]
+
+        def flat_weights():
+            return tf.concat([tf.reshape(_weights(self.variables[i]), [-1]) for i in self.slots], axis=0)
+
+        def flat_grads():
+            parts = []
+            for g, size in zip(grads, self.sizes):
+                if g is None:
+                    parts.append(tf.zeros([size], tf.float32))
+                else:
+                    if isinstance(g, tf.IndexedSlices):
+                        g = tf.convert_to_tensor(g)  # dense only on the few steps that use it
+                    parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
+            return tf.concat(parts, axis=0)
+
+        def idle():
+            return state
 
         def start():
-            ops = []
-            for k, i in enumerate(self.slots):
-                ops.append(self.snap[k].assign(_weights(self.variables[i])))
-                g = grads[k]
-                ops.append(self.gsum[k].assign(g if g is not None else tf.zeros_like(self.gsum[k])))
-            with tf.control_dependencies(ops):
-                return self.state.assign(tf.constant([1, 1], tf.int64)).op
+            with tf.control_dependencies([self.snap.assign(flat_weights()),
+                                          self.gsum.assign(flat_grads())]):
+                return tf.constant([1, 1], tf.int64)
 
         def accumulate():
-            adds = [self.gsum[k].assign_add(g) for k, g in enumerate(grads) if g is not None]
-            with tf.control_dependencies(adds):
-                return phase + 1
+            with tf.control_dependencies([self.gsum.assign_add(flat_grads())]):
+                return tf.stack([phase + 1, pending])
 
         def measure():
-            # the weight change since the snapshot: only on the steps that use it
-            deltas = [_weights(self.variables[i]) - self.snap[k].read_value()
-                      for k, i in enumerate(self.slots)]
-            du = tf.stack([tf.reduce_sum(tf.square(d)) for d in deltas])
+            snap = self.snap.read_value()
+            gsum = self.gsum.read_value()
+            delta = flat_weights() - snap
+            du = self._per_variable(tf.square(delta))
             # the ratio is taken on the first step that moved a weight; if none moved for
             # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
             take_ratio = (pending > 0) & ((tf.reduce_sum(du) > 0.0) | (phase >= UPDATE_EVERY - 1))
+            # the cosine of the change since the snapshot with minus the sum of the
+            # gradients of the `steps` steps that made it
+            finishing = tf.equal(phase, self.steps)
+            rows = self.result.read_value()
+            new_rows = tf.stack([
+                tf.where(take_ratio, du, rows[0]),
+                tf.where(take_ratio, self._per_variable(tf.square(snap)), rows[1]),
+                tf.where(finishing, du, rows[2]),
+                tf.where(finishing, -self._per_variable(delta * gsum), rows[3]),
+                tf.where(finishing, self._per_variable(tf.square(gsum)), rows[4]),
+            ])
+            with tf.control_dependencies([new_rows]):
+                # before the cosine, this step's gradient joins the sum
+                added = tf.cond(phase < self.steps,
+                                lambda: self.gsum.assign_add(flat_grads()).op, tf.no_op)
+            with tf.control_dependencies([self.result.assign(new_rows), added]):
+                new_pending = tf.where(take_ratio, tf.constant(0, tf.int64), pending)
+                # idle once the cosine is written and the ratio taken
+                done = (phase >= self.steps) & tf.equal(new_pending, 0)
+                return tf.stack([tf.where(done, tf.constant(0, tf.int64), phase + 1), new_pending])
 
-            def write_ratio():
-                w = tf.stack([tf.reduce_sum(tf.square(s.read_value())) for s in self.snap])
-                rows = self.result.read_value()
-                rows = tf.tensor_scatter_nd_update(rows, tf.concat(
-                    [tf.zeros_like(index), index], axis=1), du)
-                rows = tf.tensor_scatter_nd_update(rows, tf.concat(
-                    [tf.ones_like(index), index], axis=1), w)
-                return self.result.assign(rows).op
-
-            wrote = tf.cond(take_ratio, write_ratio, tf.no_op)
-            new_pending = tf.where(take_ratio, tf.constant(0, tf.int64), pending)
-
-            def finish():
-                dots = tf.stack([-tf.reduce_sum(d * s.read_value()) for d, s in zip(deltas, self.gsum)])
-                g_sq = tf.stack([tf.reduce_sum(tf.square(s.read_value())) for s in self.gsum])
-                rows = self.result.read_value()
-                for row, values in ((2, du), (3, dots), (4, g_sq)):
-                    rows = tf.tensor_scatter_nd_update(
-                        rows, tf.concat([tf.fill(tf.shape(index), row), index], axis=1), values)
-                with tf.control_dependencies([self.result.assign(rows)]):
-                    return tf.constant(self.steps + 1, tf.int64)
-
-            def after_cosine():
-                return phase + 1  # only the ratio is still pending
-
-            with tf.control_dependencies([wrote]):
-                new_phase = tf.case(
-                    [(tf.equal(phase, self.steps), finish), (phase > self.steps, after_cosine)],
-                    default=accumulate,
-                )
-            # idle once the cosine is written and the ratio taken
-            done = (phase >= self.steps) & tf.equal(new_pending, 0)
-            return tf.stack([tf.where(done, tf.constant(0, tf.int64), new_phase), new_pending])
-
-        def active():
-            # steps between the ratio and the cosine only add the gradient to the sum
-            new_state = tf.cond(
-                (pending > 0) | (phase >= self.steps), measure,
-                lambda: tf.stack([accumulate(), pending]),
-            )
-            return self.state.assign(new_state).op
-
-        return tf.cond(
-            phase > 0, active, lambda: tf.cond(due, start, tf.no_op)
+        # one branch per step kind (a single level: nested conds would route every
+        # captured gradient through a switch at each level, on every step)
+        mode = tf.where(
+            tf.equal(phase, 0), tf.where(due, 1, 0),
+            tf.where((pending > 0) | (phase >= self.steps), 3, 2),
         )
+        new_state = tf.switch_case(mode, [idle, start, accumulate, measure])
+        return self.state.assign(new_state)
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(update_ratio, update_cos) per column: the variables, then their layers; resets."""
-        rows = self.result.numpy().astype(np.float64)
+        measured = self.result.numpy().astype(np.float64)
         self.result.assign(self._reset())
+        rows = np.full((len(self._ROWS), len(self.variables)), np.nan)
+        rows[:, self.slots] = measured[:, :len(self.slots)]
         ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             var_ratio = np.sqrt(ratio_du / ratio_w)
