@@ -34,9 +34,16 @@ from gradwatch.window import StepGlobals, StepValues, Window
 
 logger = logging.getLogger("gradwatch")
 
-# Indices into the engine's int64 step state.
-# (index 0 holds the last step number)
-_RESYNC, _ITERATIONS_AT_END = 1, 2
+# Indices into the engine's int64 step state: the last step number, a pending
+# resync with the optimizer's iterations, the rows waiting in the step buffer,
+# the steps of the current window, and whether one of them was non-finite.
+_STEP, _RESYNC, _ITERATIONS_AT_END, _BUFFERED, _WINDOW_STEPS, _NONFINITE = range(6)
+
+# Rows of the per-step value matrix: the raw statistics of ``_raw_stats``, the
+# clip scale and whether clipping fired, and whether the gradient was present.
+_RAW = 6
+_ROWS = _RAW + 3
+_SCALARS = 6  # loss, loss state, learning rate, loss scale, clip threshold, skipped
 
 
 class StepContext:
@@ -125,19 +132,35 @@ class Engine:
         # Columns: the variables, then their layers (aggregated in-graph).
         self.window = Window(len(variables) + self._num_layers, strategy)
         self._state = internals.replica_variable(
-            np.array([start_step, 0, -1], np.int64), "gradwatch_step_state", strategy
+            np.array([start_step, 0, -1, 0, 0, 0], np.int64), "gradwatch_step_state", strategy
         )
-        _off = os.environ.get("GRADWATCH_EXPERIMENT_OFF", "")  # TEMP experiment
-        self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"  # TEMP experiment
+        # Single replica: each step only writes its values as one row of a small
+        # buffer; the window fold (a few hundred small ops, the bulk of the per-step
+        # cost on small nets) runs over the buffered rows when the host reads, or
+        # in-step when the buffer is full.  Several replicas fold every step (a
+        # mirrored write cannot sit in a conditional branch).
+        single = strategy is None or strategy.num_replicas_in_sync <= 1
+        self._buffered = single
+        self._capacity = max(16, 2 * self.options.log_every)
+        self._num_vars = len(variables)
+        width = _ROWS * self._num_vars + _SCALARS
+        self._buffer = self._step_buffer = None
+        if self._buffered:
+            self._buffer = internals.replica_variable(
+                np.zeros((self._capacity, width), np.float32), "gradwatch_step_rows", strategy
+            )
+            self._step_buffer = internals.replica_variable(
+                np.zeros(self._capacity, np.int64), "gradwatch_step_numbers", strategy
+            )
+        self._flush_fn = tf.function(self._flush, autograph=False)
         self.units = probes_lib.UnitProbe(topology, strategy)
         # Probes that write under a tf.cond cannot run under several replicas
         # (a mirrored write is a merge_call, which a cond branch cannot hold).
-        single = strategy is None or strategy.num_replicas_in_sync <= 1
-        self.updates = probes_lib.UpdateProbe(variables, topology, strategy) if single and "updates" not in _off else None
+        self.updates = probes_lib.UpdateProbe(variables, topology, strategy) if single else None
         self.histograms = (
             probes_lib.HistogramProbe(topology, self.options.histogram_every,
                                       self.options.signed_histograms, strategy)
-            if single and self.options.histogram_every > 0 and "hist" not in _off else None
+            if single and self.options.histogram_every > 0 else None
         )
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with tf.init_scope(), scope:
@@ -214,30 +237,40 @@ class Engine:
         else:
             stat_grads = present_grads
 
+        state = self._state.read_value()
+        step = self._step_number(state, context.iterations)
+        # The window's first step is its sampled step (full statistics, probes).
+        sampled = tf.equal(state[_WINDOW_STEPS], 0)
         num_present = len(present)
         if num_present:
-            stacked = self._present_stats(stat_grads, context.loss_scale)
-            l2 = stacked[0]
-            clip_scale, clip_fired = tf.ones_like(l2), tf.zeros_like(l2)
+            inv_scale = (
+                1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
+                else tf.constant(1.0)
+            )
+            raw = self._raw_stats(stat_grads, sampled)
             clip_threshold = tf.constant(float("nan"))
             if self.clip is not None:
+                finished = self.finish_stats(raw, inv_scale)
                 clipped, clip_scale, clip_fired, clip_threshold = self._clip(
-                    stat_grads, [slots[i] for i in present], l2, stacked[1], context, replica_context
+                    stat_grads, [slots[i] for i in present], finished[0], finished[1], context,
+                    replica_context,
                 )
                 for k, i in enumerate(present):
                     grads[i] = clipped[k]
-            stacked = tf.concat([stacked, tf.stack([clip_scale, clip_fired])], axis=0)
+                raw = tf.concat([raw, tf.stack([clip_scale, clip_fired])], axis=0)
             by_slot = {slots[i]: stat_grads[k] for k, i in enumerate(present)}
-            self._run_probes(by_slot, context)
+            self._run_probes(by_slot, step, sampled, inv_scale)
+            # a non-finite entry makes the sum of squares non-finite, so the full pass ran
+            nonfinite_step = tf.reduce_any(raw[5] > 0.0)
         else:
-            stacked = tf.zeros([7, 0], tf.float32)
+            raw = tf.zeros([_RAW + (2 if self.clip is not None else 0), 0], tf.float32)
             clip_threshold = tf.constant(float("nan"))
-        # Spread the present gradients' values over all watched variables.
-        perm = [num_present] * len(self._index)
-        for k, i in enumerate(present):
-            perm[slots[i]] = k
+            nonfinite_step = tf.constant(False)
+        spread = self._spread(raw, [slots[i] for i in present])
         nan = tf.constant(float("nan"))
         step_loss, loss_state = self._step_loss(context, loss_delta)
+        skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
+        # loss is folded in float64 later; float32 is exact enough for a mean loss.
         scalars = tf.stack(
             [
                 tf.cast(step_loss, tf.float32),
@@ -245,39 +278,108 @@ class Engine:
                 tf.cast(context.learning_rate, tf.float32) if context.learning_rate is not None else nan,
                 tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None else nan,
                 tf.cast(clip_threshold, tf.float32),
+                tf.cast(skipped, tf.float32),
             ]
         )
-        # loss is folded in float64 from here on; float32 is exact enough for a mean loss.
-        iterations = (
-            tf.cast(context.iterations, tf.int64) if context.iterations is not None
-            else tf.constant(-1, tf.int64)
-        )
-        fold = self._compiled(
-            ("fold", tuple(perm), context.overflow_skips, context.iterations is not None),
-            lambda stacked, scalars, iterations: self._fold_step(
-                stacked, scalars, iterations, perm, context.overflow_skips,
-                context.iterations is not None,
-            ),
-        )
-        self.last_finite = fold(stacked, scalars, iterations)
+        if self._buffered:
+            buffered, done = self._buffer_row(spread, scalars, step, state[_BUFFERED])
+        else:
+            fold = self._compiled(("fold",), self._fold_now)
+            buffered, done = state[_BUFFERED], fold(spread, scalars, step)
+        with tf.control_dependencies([done]):
+            self._state.assign(tf.stack([
+                step, tf.constant(0, tf.int64), state[_ITERATIONS_AT_END], buffered,
+                state[_WINDOW_STEPS] + 1,
+                tf.maximum(state[_NONFINITE], tf.cast(nonfinite_step, tf.int64)),
+            ]))
+        self.last_finite = tf.logical_not(nonfinite_step)
         return grads
 
-    def _run_probes(self, by_slot: dict[int, Any], context: StepContext) -> None:
+    def _spread(self, raw: tf.Tensor, present_slots: Sequence[int]) -> tf.Tensor:
+        """[_ROWS, V]: the present gradients' values at their variables' columns (zeros
+        elsewhere), no-clip rows when there is no clipping, and the presence row."""
+        num_present = len(present_slots)
+        perm = [num_present] * self._num_vars
+        for k, slot in enumerate(present_slots):
+            perm[slot] = k
+        padded = tf.concat([raw, tf.zeros([raw.shape[0], 1], tf.float32)], axis=1)
+        parts = [tf.gather(padded, tf.constant(perm, tf.int32), axis=1)]
+        if self.clip is None:
+            parts.append(tf.constant([[1.0] * self._num_vars, [0.0] * self._num_vars], tf.float32))
+        parts.append(tf.constant([[1.0 if p < num_present else 0.0 for p in perm]], tf.float32))
+        return tf.concat(parts, axis=0)
+
+    def _buffer_row(self, spread, scalars, step, buffered):
+        """Writes one step's values as a buffer row; folds the buffer in-step when
+        it is full (the host did not read for ``capacity`` steps). Returns the new
+        number of buffered rows and an op to wait for."""
+        row = tf.concat([tf.reshape(spread, [-1]), scalars], axis=0)
+        index = tf.reshape(buffered, [1, 1])
+        writes = [
+            self._buffer.scatter_nd_update(index, row[None, :]),
+            self._step_buffer.scatter_nd_update(index, tf.reshape(step, [1])),
+        ]
+        full = buffered + 1 >= self._capacity
+        with tf.control_dependencies(writes):
+            fold = self._compiled(("rows",), self._fold_rows)
+            done = tf.cond(full, lambda: fold(tf.constant(self._capacity, tf.int64)),
+                           lambda: tf.constant(0, tf.int64))
+        return tf.where(full, tf.constant(0, tf.int64), buffered + 1), done
+
+    def _fold_rows(self, count: tf.Tensor) -> tf.Tensor:
+        """Folds the first ``count`` buffered rows into the window, in step order."""
+        rows = self._buffer.read_value()
+        steps = self._step_buffer.read_value()
+        width = _ROWS * self._num_vars
+
+        def body(k, var_acc, global_acc):
+            row = rows[k]
+            spread = tf.reshape(row[:width], [_ROWS, self._num_vars])
+            var_acc, global_acc = self._fold_values(var_acc, global_acc, spread, row[width:], steps[k])
+            return k + 1, var_acc, global_acc
+
+        _, var_acc, global_acc = tf.while_loop(
+            lambda k, *_: k < count, body,
+            (tf.constant(0, tf.int64), self.window.var_acc.read_value(),
+             self.window.global_acc.read_value()),
+        )
+        self.window.var_acc.assign(var_acc)
+        self.window.global_acc.assign(global_acc)
+        return count
+
+    def _fold_now(self, spread, scalars, step) -> tf.Tensor:
+        """Folds this step straight into the window (several replicas)."""
+        var_acc, global_acc = self._fold_values(
+            self.window.var_acc.read_value(), self.window.global_acc.read_value(), spread, scalars, step
+        )
+        self.window.var_acc.assign(var_acc)
+        self.window.global_acc.assign(global_acc)
+        return tf.constant(0, tf.int64)
+
+    def _flush(self) -> tf.Tensor:
+        """Host read, first part: the buffered rows into the window; a new window starts."""
+        state = self._state.read_value()
+        done = self._compiled(("rows",), self._fold_rows)(state[_BUFFERED]) if self._buffered else 0
+        with tf.control_dependencies([done]):
+            zero = tf.constant(0, tf.int64)
+            return self._state.assign(tf.stack([
+                state[_STEP], state[_RESYNC], state[_ITERATIONS_AT_END], zero, zero, zero
+            ]))
+
+    def has_nonfinite(self) -> bool:
+        """Host side: whether a step of the current window was non-finite (one small read)."""
+        return bool(self._state.numpy()[_NONFINITE] > 0)
+
+    def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor,
+                    inv_scale: tf.Tensor) -> None:
         """Dead units every step; update and histogram probes on their sampled steps."""
-        window_start = self.window.is_empty()
-        next_step = self._state[0] + 1
-        if "units" not in os.environ.get("GRADWATCH_EXPERIMENT_OFF", ""):  # TEMP
-            self.units.observe(by_slot, window_start)
+        self.units.observe(by_slot, sampled)
         if self.updates is not None:
             # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...), not every window
-            due = tf.equal(tf.math.floormod(next_step - 1, probes_lib.UPDATE_EVERY), 0)
+            due = tf.equal(tf.math.floormod(step - 1, probes_lib.UPDATE_EVERY), 0)
             self.updates.observe(by_slot, due)
         if self.histograms is not None:
-            inv_scale = (
-                1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
-                else tf.constant(1.0)
-            )
-            self.histograms.observe(by_slot, next_step, inv_scale)
+            self.histograms.observe(by_slot, step, inv_scale)
 
     def _compiled(self, key, fn):
         """``fn`` as one XLA cluster (a handful of launches instead of ~200 small
@@ -292,25 +394,23 @@ class Engine:
             self._compiled_fns[key] = cached
         return cached
 
-    def _present_stats(self, stat_grads, loss_scale) -> tf.Tensor:
-        """[5, n] float32: l2, nonfinite, max_abs, mean_abs, zero_frac of each gradient."""
+    def _raw_stats(self, stat_grads, sampled: tf.Tensor) -> tf.Tensor:
+        """[6, n] float32, per gradient (list order, loss-scaled): the sum of squares,
+        then the full statistics l2, max_abs, mean_abs, zero_frac, nonfinite — these
+        only on the steps that compute them (zeros on the others).
+
+        This is all a step does with the gradients' values; turning it into
+        statistics (``finish_stats``) waits until the window is folded.
+        """
         groups = stats_lib.group_gradients(stat_grads)
         dense = [g for g in groups.groups if g.matrix.shape.is_fully_defined()]
         sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
-        # The sum of squares is one Eigen pass (faster than XLA's CPU reduction).
-        sum_sq = tuple(stats_lib.group_sum_of_squares(g) for g in dense)
-        # Sparse gradients have a data-dependent row count: their full stats are
-        # computed here, every step (they hold only the touched rows).
-        sparse_stats = tuple(tf.stack(list(stats_lib.full_stats(stats_lib.Groups(
-            (g,), None, len(g.positions))))) for g in sparse)
-        dense_info = tuple((g.dense_size, g.positions) for g in dense)
-        inverse = groups.inverse  # group_gradients puts dense groups before sparse ones
-        inv_scale = (1.0 / loss_scale) if loss_scale is not None else tf.constant(1.0)
-
         parts = []
         if dense:
+            # The sum of squares is one Eigen pass per large gradient (L2Loss).
+            sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
             squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
-            inexact = stats_lib.needs_full_stats(squares)
+            dense_info = tuple((g.dense_size, g.positions) for g in dense)
             count = sum(len(pos) for _, pos in dense_info)
 
             def full_pass(*matrices):
@@ -325,37 +425,39 @@ class Engine:
             # The cond is in the graph, not inside an XLA cluster: a conditional there
             # would take every gradient as an operand on every step.
             full = tf.cond(
-                self.window.is_empty() | tf.reduce_any(inexact),
+                sampled | tf.reduce_any(stats_lib.needs_full_stats(squares)),
                 lambda: full_pass(*[g.matrix for g in dense]),
                 lambda: tf.zeros([5, count], tf.float32),
             )
-            parts.append((squares, inexact, full))
+            parts.append(tf.concat([squares[None, :], full], axis=0))
+        for g in sparse:
+            # A sparse gradient's row count is data-dependent: its full statistics are
+            # computed every step (it holds only the touched rows); a NaN sum of
+            # squares makes the fold take them.
+            stats = tf.stack(list(stats_lib.full_stats(stats_lib.Groups((g,), None, len(g.positions)))))
+            parts.append(tf.concat([tf.fill([1, len(g.positions)], float("nan")), stats], axis=0))
+        joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        if groups.inverse is not None:
+            joined = tf.gather(joined, tf.constant(groups.inverse, tf.int32), axis=1)
+        return joined
 
-        def finish(dense_parts, sparse_stats, inv_scale):
-            joined = []
-            for squares, inexact, full in dense_parts:
-                l2 = tf.where(inexact, full[0], tf.sqrt(squares))
-                joined.append(tf.stack([l2, full[1], full[2], full[3], full[4]]))
-            joined.extend(sparse_stats)
-            joined = tf.concat(joined, axis=1) if len(joined) > 1 else joined[0]
-            if inverse is not None:
-                joined = tf.gather(joined, tf.constant(inverse, tf.int32), axis=1)
-            l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(joined, num=5)
-            return tf.stack(
-                [l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac]
-            )
+    @staticmethod
+    def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
+        """[5, n]: l2, nonfinite, max_abs, mean_abs, zero_frac from ``_raw_stats`` rows."""
+        squares, full_l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(raw, num=6)
+        l2 = tf.where(stats_lib.needs_full_stats(squares), full_l2, tf.sqrt(squares))
+        return tf.stack([l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac])
 
-        key = ("stats", dense_info, tuple(g.positions for g in sparse), inverse)
-        return self._compiled(key, finish)(tuple(parts), sparse_stats, tf.cast(inv_scale, tf.float32))
-
-    def _fold_step(self, stacked, scalars, iterations, perm, skips, has_iterations):
-        """Everything after the big-tensor passes, on [7, n] per-gradient values."""
-        num_present = int(stacked.shape[1])
-        padded = tf.concat([stacked, tf.zeros([7, 1], tf.float32)], axis=1)
-        (
-            var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac, var_scale, var_fired
-        ) = tf.unstack(tf.gather(padded, tf.constant(perm, tf.int32), axis=1), num=7)
-        var_present = tf.constant([p < num_present for p in perm])
+    def _fold_values(self, var_acc, global_acc, spread, scalars, step):
+        """The window accumulators with one step folded in (pure): the layer
+        aggregation and every window statistic, from the step's [_ROWS, V] values."""
+        step_loss, loss_state, learning_rate, loss_scale, clip_threshold, skipped = tf.unstack(
+            scalars, num=_SCALARS)
+        inv_scale = tf.where(tf.math.is_nan(loss_scale), 1.0, 1.0 / loss_scale)
+        var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = tf.unstack(
+            self.finish_stats(spread[:_RAW], inv_scale), num=5)
+        var_scale, var_fired, presence = tf.unstack(spread[_RAW:], num=3)
+        var_present = presence > 0.5
         var_stats = stats_lib.GradStats(var_l2, var_max_abs, var_mean_abs, var_zero_frac, var_nonfinite)
         segment_ids = tf.constant(self._segment_ids, tf.int32)
         layer_stats, layer_present = stats_lib.layer_stats(
@@ -365,7 +467,6 @@ class Engine:
             *[tf.concat([var, lay], axis=0) for var, lay in zip(var_stats, layer_stats)]
         )
         global_l2 = stats_lib.global_norm(var_l2)
-        step_loss, loss_state, learning_rate, loss_scale, clip_threshold = tf.unstack(scalars, num=5)
         nan = tf.constant(float("nan"))
         if self.clip is not None:
             post_l2 = var_l2 * var_scale
@@ -382,8 +483,8 @@ class Engine:
             layer_fired = tf.zeros([self._num_layers])
             clip_global, clip_global_scale, clip_any = nan, nan, tf.constant(False)
         nonfinite_step = tf.reduce_any(var_nonfinite > 0.0)
-        skipped = nonfinite_step if skips else tf.constant(False)
-        self.window.fold(
+        return self.window.fold_values(
+            var_acc, global_acc,
             StepValues(
                 l2=columns.l2,
                 nonfinite=columns.nonfinite,
@@ -395,10 +496,10 @@ class Engine:
                 clip_fired=tf.concat([var_fired, layer_fired], axis=0),
             ),
             StepGlobals(
-                step=self._next_step(iterations if has_iterations else None),
+                step=step,
                 global_l2=global_l2,
                 nonfinite_step=nonfinite_step,
-                skipped=skipped,
+                skipped=skipped > 0.5,
                 loss=step_loss,
                 learning_rate=learning_rate,
                 loss_scale=loss_scale,
@@ -408,9 +509,8 @@ class Engine:
                 clip_threshold=clip_threshold,
                 loss_state=loss_state,
             ),
-            self.window.is_empty(),
+            tf.equal(self.window.steps_of(global_acc), 0.0),
         )
-        return tf.logical_not(nonfinite_step)
 
     def _clip(self, stat_grads, slots, l2, nonfinite, context, replica_context):
         """Clips the (global, unscaled) gradients; returns what the optimizer gets."""
@@ -438,18 +538,16 @@ class Engine:
             handed = [clip_lib._scale(g, factor) for g in handed]
         return handed, tf.minimum(ratio, 1.0), fired, result.threshold
 
-    def _next_step(self, iterations: tf.Tensor | None) -> tf.Tensor:
-        state = self._state.read_value()
-        current, resync, iterations_at_end = tf.unstack(state, num=3)
+    @staticmethod
+    def _step_number(state: tf.Tensor, iterations: tf.Tensor | None) -> tf.Tensor:
+        """This step's number: one after the last, or after the optimizer's
+        iterations when a resync is pending and they moved since the last fit."""
+        current = state[_STEP]
         if iterations is not None:
             iterations = tf.cast(iterations, tf.int64)
-            take_iterations = (resync > 0) & tf.not_equal(iterations, iterations_at_end)
-            base = tf.where(take_iterations, iterations, current)
-        else:
-            base = current
-        step = base + 1
-        self._state.assign(tf.stack([step, tf.zeros_like(resync), iterations_at_end]))
-        return step
+            take_iterations = (state[_RESYNC] > 0) & tf.not_equal(iterations, state[_ITERATIONS_AT_END])
+            current = tf.where(take_iterations, iterations, current)
+        return current + 1
 
     def _loss_delta(self, context: StepContext) -> tf.Tensor | None:
         """[delta total, delta count] of the loss tracker since the previous step."""
@@ -516,6 +614,7 @@ class Engine:
         """Reads and resets the window; writes its rows. Returns the window row (or None)."""
         if self.window is None:
             return None
+        self._flush_fn()
         per_var, glob = self.window.read_and_reset()
         if glob["steps"] <= 0:
             return None

@@ -160,7 +160,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._steps_since_read += max(1, batch - self._batch_begin + 1)
         if self._steps_since_read >= self.options.log_every:
             self._read()
-        elif self.options.on_nonfinite in ("stop", "raise") and self._engine.window.has_nonfinite():
+        elif self.options.on_nonfinite in ("stop", "raise") and self._engine.has_nonfinite():
             # These modes act at once: one scalar read per batch instead of waiting
             # for the next window.
             self._read()

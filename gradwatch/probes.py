@@ -268,21 +268,25 @@ class UpdateProbe:
                     parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
             return tf.concat(parts, axis=0)
 
-        def idle():
-            return state
+        # one branch per step kind (a single level: nested conds would route every
+        # captured tensor through a switch at each level, on every step)
+        mode = tf.where(
+            tf.equal(phase, 0), tf.where(due, 1, 0),
+            tf.where((pending > 0) | (phase >= self.steps), 3, 2),
+        )
+        no = lambda: tf.constant(False)  # noqa: E731
 
-        def start():
-            with tf.control_dependencies([self.snap.assign(flat_weights()),
-                                          self.gsum.assign(flat_grads())]):
-                return tf.constant([1, 1], tf.int64)
-
-        def accumulate():
-            with tf.control_dependencies([self.gsum.assign_add(flat_grads())]):
-                return tf.stack([phase + 1, pending])
+        # The weights' part reads no gradient: it runs as soon as the step starts.
+        # The optimizer's writes are ordered after every read of the weights, so a
+        # part that also waited for the last gradient would hold back the update of
+        # every layer until backprop is complete.
+        def snapshot():
+            with tf.control_dependencies([self.snap.assign(flat_weights())]):
+                return tf.constant(False)
 
         def measure():
             snap = self.snap.read_value()
-            gsum = self.gsum.read_value()
+            gsum = self.gsum.read_value()  # this step's gradient is not in it yet
             delta = flat_weights() - snap
             du = self._per_variable(tf.square(delta))
             # the ratio is taken on the first step that moved a weight; if none moved for
@@ -299,24 +303,36 @@ class UpdateProbe:
                 tf.where(finishing, -self._per_variable(delta * gsum), rows[3]),
                 tf.where(finishing, self._per_variable(tf.square(gsum)), rows[4]),
             ])
-            with tf.control_dependencies([new_rows]):
-                # before the cosine, this step's gradient joins the sum
-                added = tf.cond(phase < self.steps,
-                                lambda: self.gsum.assign_add(flat_grads()).op, tf.no_op)
-            with tf.control_dependencies([self.result.assign(new_rows), added]):
-                new_pending = tf.where(take_ratio, tf.constant(0, tf.int64), pending)
-                # idle once the cosine is written and the ratio taken
-                done = (phase >= self.steps) & tf.equal(new_pending, 0)
-                return tf.stack([tf.where(done, tf.constant(0, tf.int64), phase + 1), new_pending])
+            with tf.control_dependencies([self.result.assign(new_rows)]):
+                return tf.identity(take_ratio)
 
-        # one branch per step kind (a single level: nested conds would route every
-        # captured gradient through a switch at each level, on every step)
-        mode = tf.where(
-            tf.equal(phase, 0), tf.where(due, 1, 0),
-            tf.where((pending > 0) | (phase >= self.steps), 3, 2),
+        took = tf.switch_case(mode, [no, snapshot, no, measure])
+
+        # The gradients' part: the sum restarts at the snapshot and takes each step's
+        # gradient until the cosine is measured.
+        def restart():
+            with tf.control_dependencies([self.gsum.assign(flat_grads())]):
+                return tf.constant(0)
+
+        def add():
+            with tf.control_dependencies([self.gsum.assign_add(flat_grads())]):
+                return tf.constant(0)
+
+        adding = tf.equal(mode, 2) | (tf.equal(mode, 3) & (phase < self.steps))
+        gsum_mode = tf.where(tf.equal(mode, 1), 1, tf.where(adding, 2, 0))
+        summed = tf.switch_case(gsum_mode, [lambda: tf.constant(0), restart, add])
+
+        one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
+        new_pending = tf.where(took, zero, pending)
+        done = (phase >= self.steps) & tf.equal(new_pending, 0)  # idle once both are measured
+        measured = tf.stack([tf.where(done, zero, phase + 1), new_pending])
+        new_state = tf.where(
+            tf.equal(mode, 0), state,
+            tf.where(tf.equal(mode, 1), tf.stack([one, one]),
+                     tf.where(tf.equal(mode, 2), tf.stack([phase + 1, pending]), measured)),
         )
-        new_state = tf.switch_case(mode, [idle, start, accumulate, measure])
-        return self.state.assign(new_state)
+        with tf.control_dependencies([summed]):
+            return self.state.assign(new_state)
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(update_ratio, update_cos) per column: the variables, then their layers; resets."""

@@ -205,7 +205,7 @@ class Watch:
             raise RuntimeError("Watch.step_end() called after close(); create a new Watch.")
         self._steps_since_read += 1
         if self._steps_since_read >= self.options.log_every or (
-            self.options.on_nonfinite in ("stop", "raise") and self._engine.window.has_nonfinite()
+            self.options.on_nonfinite in ("stop", "raise") and self._engine.has_nonfinite()
         ):
             return self._read(loss)
         return None

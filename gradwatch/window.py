@@ -118,9 +118,22 @@ class Window:
         return bool(self.global_acc[_G["nonfinite_steps"]].numpy() > 0)
 
     def fold(self, values: StepValues, scalars: StepGlobals, sampled: tf.Tensor) -> None:
-        """Folds one step into the window (in-graph)."""
+        """Folds one step into the window variables (in-graph)."""
+        new_var, new_global = self.fold_values(
+            self.var_acc.read_value(), self.global_acc.read_value(), values, scalars, sampled
+        )
+        self.var_acc.assign(new_var)
+        self.global_acc.assign(new_global)
+
+    @staticmethod
+    def steps_of(global_acc: tf.Tensor) -> tf.Tensor:
+        """The number of steps folded into these window globals."""
+        return global_acc[_G["steps"]]
+
+    def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues, scalars: StepGlobals,
+                    sampled: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The window accumulators ``(var_acc, global_acc)`` with one more step folded in (pure)."""
         f64 = tf.float64
-        acc = self.var_acc.read_value()
         has = values.present
         present = tf.cast(has, f64)
         l2 = tf.cast(values.l2, f64)
@@ -146,12 +159,9 @@ class Window:
                 acc[10] + tf.cast(values.clip_fired, f64) * present,
             ]
         )
-        old = self.global_acc.read_value()
         first_event = tf.cast(scalars.nonfinite_step, tf.bool) & (old[_G["first_nonfinite_step"]] < 0.0)
         new_first = tf.where(first_event, tf.cast(values.nonfinite, f64), acc[11])[None, :]
-        self.var_acc.assign(
-            tf.concat([new_tracked, new_sums, new_sampled, new_clip, new_first], axis=0)
-        )
+        new_var = tf.concat([new_tracked, new_sums, new_sampled, new_clip, new_first], axis=0)
 
         step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
@@ -193,7 +203,7 @@ class Window:
                 tf.where(_mask(_G_MIN), tf.minimum(old, candidate), candidate),
             ),
         )
-        self.global_acc.assign(new)
+        return new_var, new
 
     def _read_and_reset(self):
         snapshot = tf.concat(

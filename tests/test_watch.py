@@ -192,3 +192,45 @@ def test_inexact_cheap_norms_take_the_full_path_on_any_step(log_dir):
     assert stats.loc["a/huge"].l2_min == pytest.approx(3.0)
     window = gw.read_windows(log_dir).iloc[0]
     assert window.nonfinite_steps == 1 and window.first_nonfinite_step == 2
+
+
+def test_steps_beyond_the_buffer_fold_in_step_and_stay_exact(log_dir):
+    # Steps only write a buffer row; with no host read for more steps than the buffer
+    # holds (16 rows at log_every=2), the buffer is folded in-step. A 40-step loop
+    # inside one tf.function, then one read: the window equals a tape replay.
+    model = _model(seed=3)
+    optimizer = keras.optimizers.SGD(0.05)
+    watch = gw.Watch(log_dir=log_dir, log_every=2, model=model)
+    x, y = _data(n=8 * 40, seed=3)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+    @tf.function
+    def train():
+        losses = tf.TensorArray(tf.float32, size=40)
+        norms = tf.TensorArray(tf.float32, size=40)
+        k = 0
+        for xb, yb in batches:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+            grads = tape.gradient(loss, model.trainable_variables)
+            observed = watch.observe(grads, model.trainable_variables, loss=loss)
+            optimizer.apply_gradients(zip(observed, model.trainable_variables))
+            losses = losses.write(k, loss)
+            norms = norms.write(k, tf.stack([tf.norm(g) for g in grads]))
+            k += 1
+        return losses.stack(), norms.stack()
+
+    losses, norms = train()
+    watch.close()
+    norms = norms.numpy().astype(np.float64)
+    windows = gw.read_windows(log_dir)
+    assert list(windows.steps) == [40] and list(windows.step) == [40]
+    assert windows.loss.iloc[0] == pytest.approx(float(np.mean(losses.numpy())), rel=1e-5)
+    stats = gw.read_stats(log_dir)
+    assert len(stats) == norms.shape[1]
+    for k, row in enumerate(stats.itertuples()):
+        assert row.grad_steps == 40
+        assert row.l2 == pytest.approx(norms[-1, k], rel=1e-5)
+        assert row.l2_max == pytest.approx(norms[:, k].max(), rel=1e-5)
+        assert row.l2_min == pytest.approx(norms[:, k].min(), rel=1e-5)
+        assert row.l2_mean == pytest.approx(norms[:, k].mean(), rel=1e-5)
