@@ -2,13 +2,18 @@
 
 For every model, configurations are run interleaved (plain, gradwatch, plain,
 gradwatch, ...) for ``--reps`` repetitions; each run times every training step
-with a callback and keeps the median step time. The table shows each
-configuration's median-of-medians as a ratio to plain ``fit`` of the same
-model, and the results are written to ``benchmarks/results/<date>.json``.
+with a callback and keeps the median step time and the mean step time. The
+table shows each configuration's median-of-medians as a ratio to plain ``fit``
+of the same model (the issue's gate), and the ratio of the mean step times,
+which also carries the steps that are not typical: gradwatch's host read every
+``log_every`` steps and the window's sampled step. The mean skips the first
+``MEAN_SKIP`` steps of a run (tracing, and the XLA compile of the fold at the
+first read, paid once per run). Results go to ``benchmarks/results/<date>.json``.
 
 Usage:
     python benchmarks/overhead.py            # all models
-    python benchmarks/overhead.py --quick    # MLP only, fewer steps
+    python benchmarks/overhead.py --quick    # MLP only, fewer steps, jit off
+    python benchmarks/overhead.py --jit off --configs gradwatch --models mlp,cnn
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ def res100():
     outputs = keras.layers.Dense(10)(h)
     return keras.Model(inputs, outputs), (64,), 10
 
+
+MEAN_SKIP = 20
 
 MODELS = {"mlp": mlp, "cnn": cnn, "deep24": deep24, "lstm": lstm, "res100": res100}
 
@@ -173,7 +180,7 @@ def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile)
         x[: steps * batch_size], y[: steps * batch_size], batch_size=batch_size,
         epochs=1, shuffle=False, verbose=0, callbacks=callbacks,
     )
-    return statistics.median(timer.times[5:])
+    return statistics.median(timer.times[5:]), statistics.mean(timer.times[MEAN_SKIP:])
 
 
 def main():
@@ -182,7 +189,8 @@ def main():
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--jit", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--jit", choices=["off", "on", "both"], default=None,
+                        help="jit_compile of the model (default: both; off with --quick)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated subset of the configurations (plain is always run)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -191,7 +199,8 @@ def main():
     reps = args.reps or (3 if args.quick else 5)
     steps = args.steps or (60 if args.quick else 120)
     batch_size = 128
-    jits = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
+    jit = args.jit or ("off" if args.quick else "both")
+    jits = {"off": [False], "on": [True], "both": [False, True]}[jit]
     log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
     results = []
     for jit_compile in jits:
@@ -208,14 +217,17 @@ def main():
                     parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
                 configs = {k: v for k, v in configs.items() if k in wanted}
             medians = {c: [] for c in configs}
+            means = {c: [] for c in configs}
             for _ in range(reps):
                 for config_name, make_callbacks in configs.items():
-                    medians[config_name].append(
-                        run_once(name, make_callbacks, x, y, steps, batch_size, jit_compile)
-                    )
+                    median, mean = run_once(name, make_callbacks, x, y, steps, batch_size, jit_compile)
+                    medians[config_name].append(median)
+                    means[config_name].append(mean)
             plain = statistics.median(medians["plain"])
+            plain_mean = statistics.median(means["plain"])
             for config_name, values in medians.items():
                 ratio = statistics.median(values) / plain
+                mean_ratio = statistics.median(means[config_name]) / plain_mean
                 results.append(
                     {
                         "model": name,
@@ -223,12 +235,16 @@ def main():
                         "config": config_name,
                         "median_step_ms": statistics.median(values) * 1e3,
                         "ratio_to_plain": ratio,
+                        "mean_step_ms": statistics.median(means[config_name]) * 1e3,
+                        "mean_ratio_to_plain": mean_ratio,
                         "per_rep_ms": [v * 1e3 for v in values],
+                        "per_rep_mean_ms": [v * 1e3 for v in means[config_name]],
                     }
                 )
                 print(
                     f"{name:8s} jit={str(jit_compile):5s} {config_name:26s} "
-                    f"{statistics.median(values) * 1e3:8.2f} ms/step  ratio {ratio:.3f}",
+                    f"{statistics.median(values) * 1e3:8.2f} ms/step  ratio {ratio:.3f}  "
+                    f"(mean {statistics.median(means[config_name]) * 1e3:8.2f} ms, ratio {mean_ratio:.3f})",
                     flush=True,
                 )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -243,7 +259,7 @@ def main():
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                              "gradwatch": gw.__version__},
-                "batch_size": batch_size, "steps": steps, "reps": reps,
+                "batch_size": batch_size, "steps": steps, "reps": reps, "mean_skips_steps": MEAN_SKIP,
                 "peak_rss_mb": peak_rss_mb,
                 "results": results,
             },
