@@ -338,22 +338,14 @@ class Engine:
             var_acc, global_acc = self._fold_values(var_acc, global_acc, spread, row[width:], steps[k])
             return k + 1, var_acc, global_acc
 
-        _, var_acc, global_acc = tf.while_loop(
-            lambda k, *_: k < count, body,
-            (tf.constant(0, tf.int64), self.window.var_acc.read_value(),
-             self.window.global_acc.read_value()),
-        )
-        self.window.var_acc.assign(var_acc)
-        self.window.global_acc.assign(global_acc)
+        self.window.update(lambda var_acc, global_acc: tf.while_loop(
+            lambda k, *_: k < count, body, (tf.constant(0, tf.int64), var_acc, global_acc))[1:])
         return count
 
     def _fold_now(self, spread, scalars, step) -> tf.Tensor:
         """Folds this step straight into the window (several replicas)."""
-        var_acc, global_acc = self._fold_values(
-            self.window.var_acc.read_value(), self.window.global_acc.read_value(), spread, scalars, step
-        )
-        self.window.var_acc.assign(var_acc)
-        self.window.global_acc.assign(global_acc)
+        self.window.update(lambda var_acc, global_acc: self._fold_values(
+            var_acc, global_acc, spread, scalars, step))
         return tf.constant(0, tf.int64)
 
     def _flush(self) -> tf.Tensor:
@@ -382,8 +374,9 @@ class Engine:
             self.histograms.observe(by_slot, step, inv_scale)
 
     def _compiled(self, key, fn):
-        """``fn`` as one XLA cluster (a handful of launches instead of ~200 small
-        ops per step), cached per static key; plain graph under several replicas."""
+        """``fn`` as one XLA cluster, cached per static key: the window fold (a few
+        hundred small ops per folded step, run at the host read) and the sampled
+        steps' full pass; plain graph under several replicas or ``GRADWATCH_JIT=0``."""
         if internals.replicas_to_reduce() is not None or not self._jit:
             # Mirrored variables are written through merge_call, which a nested
             # tf.function cannot hold: inline under several replicas.
@@ -407,7 +400,8 @@ class Engine:
         sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
         parts = []
         if dense:
-            # The sum of squares is one Eigen pass per large gradient (L2Loss).
+            # One pass per gradient: a BLAS dot for a large one, a row reduction per
+            # group of stacked small ones (stats.group_sum_of_squares).
             sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
             squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
             dense_info = tuple((g.dense_size, g.positions) for g in dense)
@@ -509,7 +503,6 @@ class Engine:
                 clip_threshold=clip_threshold,
                 loss_state=loss_state,
             ),
-            tf.equal(self.window.steps_of(global_acc), 0.0),
         )
 
     def _clip(self, stat_grads, slots, l2, nonfinite, context, replica_context):

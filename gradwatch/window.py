@@ -1,5 +1,7 @@
-"""In-graph window accumulators: every step folds into them, the host reads and
-resets them every ``log_every`` steps in one device-to-host transfer.
+"""In-graph window accumulators: the steps between two host reads fold into them
+(``fold_values``, pure, over one step's values; ``update`` writes the result), and
+the host reads and resets them every ``log_every`` steps in one device-to-host
+transfer.  When and where a step is folded is the engine's choice.
 
 The accumulators are plain ``tf.Variable``s owned by the window object, never
 by the model or its optimizer, so ``model.save`` and checkpoints are unaffected.
@@ -21,7 +23,7 @@ _V = {name: i for i, name in enumerate(VAR_ACCUMULATORS)}
 _G = {name: i for i, name in enumerate(GLOBAL_ACCUMULATORS)}
 assert VAR_ACCUMULATORS[:6] == (
     "l2_last", "l2_max", "l2_min", "l2_sum", "grad_steps", "nonfinite_sum"
-), "fold() relies on this layout"
+), "fold_values() relies on this layout"
 
 # How each global folds: old + x for these, max/min for those, x for the rest.
 _G_SUM = (
@@ -109,31 +111,18 @@ class Window:
         self.global_acc = replica_variable(self._global_reset, "gradwatch_global_window", strategy)
         self._read_fn = tf.function(self._read_and_reset)
 
-    def is_empty(self) -> tf.Tensor:
-        """True on the first step of a window: the step whose full stats are sampled."""
-        return tf.equal(self.global_acc[_G["steps"]], 0.0)
-
-    def has_nonfinite(self) -> bool:
-        """Host side: whether the current window saw a non-finite step (one scalar read)."""
-        return bool(self.global_acc[_G["nonfinite_steps"]].numpy() > 0)
-
-    def fold(self, values: StepValues, scalars: StepGlobals, sampled: tf.Tensor) -> None:
-        """Folds one step into the window variables (in-graph)."""
-        new_var, new_global = self.fold_values(
-            self.var_acc.read_value(), self.global_acc.read_value(), values, scalars, sampled
-        )
+    def update(self, fold) -> None:
+        """Writes ``fold(var_acc, global_acc) -> (var_acc, global_acc)`` back (in-graph)."""
+        new_var, new_global = fold(self.var_acc.read_value(), self.global_acc.read_value())
         self.var_acc.assign(new_var)
         self.global_acc.assign(new_global)
 
-    @staticmethod
-    def steps_of(global_acc: tf.Tensor) -> tf.Tensor:
-        """The number of steps folded into these window globals."""
-        return global_acc[_G["steps"]]
-
-    def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues, scalars: StepGlobals,
-                    sampled: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The window accumulators ``(var_acc, global_acc)`` with one more step folded in (pure)."""
+    def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues,
+                    scalars: StepGlobals) -> tuple[tf.Tensor, tf.Tensor]:
+        """The window accumulators ``(var_acc, global_acc)`` with one more step folded in
+        (pure). The window's first step is its sampled step (max, mean, zero fraction)."""
         f64 = tf.float64
+        sampled = tf.equal(old[_G["steps"]], 0.0)
         has = values.present
         present = tf.cast(has, f64)
         l2 = tf.cast(values.l2, f64)
