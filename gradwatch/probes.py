@@ -15,20 +15,21 @@ the step (``observe``) and is read on the host with one transfer per probe.
   unit feeds zeros forward, so that row is zero too (through a channels-last
   Flatten, every row of the unit).  When the next layer's kernel is not watched
   (frozen) there is no such evidence and a silent ReLU unit is reported dead.
-* :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights (one
-  flat copy of the watched variables is kept: memory = model size, plus one more for
-  the gradient sum), then measures ||w_after - w_before|| / ||w_before|| on the first
-  following step that moved any weight (so gradient accumulation, where k-1 of k
-  steps do not move the weights, and skipped steps are not "too slow"), and, after
-  ``update_steps`` steps, the cosine between the weight change and minus the sum of
-  those steps' gradients.  All work is under a ``tf.cond``: steps outside the
-  probe's interval run none of it.
+* :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights and
+  that step's gradient (one flat copy each of the watched variables: memory = twice
+  the model size), then, on the first following step that moved any weight (so
+  gradient accumulation, where k-1 of k steps do not move the weights, and skipped
+  steps are not "too slow"), measures ||w_after - w_before|| / ||w_before|| and the
+  cosine between that weight change and minus the copied gradient.  All work is
+  under ``tf.cond``: steps outside the probe's interval run none of it.
 * :class:`HistogramProbe` — on steps that are a multiple of ``histogram_every``,
   per variable counts of log10|g| in fixed buckets (exact zeros and non-finite
   values counted apart), and optionally a signed-value histogram; never on other
   steps.  With ``histogram_every`` < 10 the counts come from a strided sample of at
-  most 4096 entries per variable (each standing for ``stride`` entries).  Bucket
-  ids come from ``floor`` + ``unsorted_segment_sum`` (XLA-safe).
+  most 4096 entries per variable, and at most 65536 in all (each sampled entry
+  standing for ``stride`` entries).  Bucket ids come from ``floor`` +
+  ``unsorted_segment_sum`` (XLA-safe); variables of equal (sampled) length are
+  counted together, one segment sum for all of them.
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ LOG10_LOW, LOG10_HIGH, PER_DECADE = -16.0, 8.0, 4
 NUM_LOG_BUCKETS = int((LOG10_HIGH - LOG10_LOW) * PER_DECADE)
 NUM_SIGNED_BUCKETS = 30
 
-UPDATE_STEPS = 3
 UPDATE_EVERY = 50  # steps between two update/weight snapshots
 SAMPLE_ENTRIES = 4096
+# ... and at most this many in all per histogram step: a 400-variable net samples
+# fewer entries of each (never fewer than MIN_SAMPLE_ENTRIES)
+SAMPLE_BUDGET = 65536
+MIN_SAMPLE_ENTRIES = 256
 FULL_HISTOGRAM_EVERY = 10
 
 
@@ -220,10 +224,8 @@ class UpdateProbe:
     # result rows per measured variable
     _ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
 
-    def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
-                 steps: int = UPDATE_STEPS):
+    def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None):
         self.variables = list(variables)
-        self.steps = int(steps)
         self._members = layer_members(topology)
         # the ratio of a layer is its kernels' (zero-initialised biases would dominate)
         self._kernels = [
@@ -236,7 +238,7 @@ class UpdateProbe:
         total = max(sum(self.sizes), 1)
         self.snap = replica_variable(np.zeros(total, np.float32), "gradwatch_update_snapshot", strategy)
         self.gsum = replica_variable(np.zeros(total, np.float32), "gradwatch_update_gradsum", strategy)
-        # phase: 0 idle, p >= 1 steps since the snapshot; pending: ratio not measured yet
+        # steps since the snapshot; pending: 1 until the change is measured
         self.state = replica_variable(np.zeros(2, np.int64), "gradwatch_update_state", strategy)
         self.result = replica_variable(self._reset(), "gradwatch_update_result", strategy)
 
@@ -251,7 +253,7 @@ class UpdateProbe:
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
-        phase, pending = state[0], state[1]
+        since, pending = tf.unstack(state, num=2)
         grads = [grads_by_slot.get(i) for i in self.slots]
 
         def flat_weights():
@@ -268,70 +270,55 @@ class UpdateProbe:
                     parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
             return tf.concat(parts, axis=0)
 
-        # one branch per step kind (a single level: nested conds would route every
-        # captured tensor through a switch at each level, on every step)
-        mode = tf.where(
-            tf.equal(phase, 0), tf.where(due, 1, 0),
-            tf.where((pending > 0) | (phase >= self.steps), 3, 2),
-        )
-        no = lambda: tf.constant(False)  # noqa: E731
-
-        # The weights' part reads no gradient: it runs as soon as the step starts.
-        # The optimizer's writes are ordered after every read of the weights, so a
+        # Three independent conditionals, each writing a flat variable it does not
+        # read (a snapshot, the snapshot step's gradient) or only small results: under
+        # XLA a conditional that reads and writes a large variable, or reads it in one
+        # branch and writes it in another, copies the whole variable on every step.
+        # The weights' part reads no gradient, so it runs as soon as the step starts:
+        # the optimizer's writes are ordered after every read of the weights, and a
         # part that also waited for the last gradient would hold back the update of
         # every layer until backprop is complete.
-        def snapshot():
+        measuring = (pending > 0) & tf.logical_not(due)
+
+        def snapshot_weights():
             with tf.control_dependencies([self.snap.assign(flat_weights())]):
-                return tf.constant(False)
+                return tf.constant(True)
+
+        def snapshot_gradient():
+            with tf.control_dependencies([self.gsum.assign(flat_grads())]):
+                return tf.constant(True)
 
         def measure():
             snap = self.snap.read_value()
-            gsum = self.gsum.read_value()  # this step's gradient is not in it yet
+            grad = self.gsum.read_value()
             delta = flat_weights() - snap
             du = self._per_variable(tf.square(delta))
-            # the ratio is taken on the first step that moved a weight; if none moved for
+            # measured on the first step that moved a weight; if none moved for
             # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
-            take_ratio = (pending > 0) & ((tf.reduce_sum(du) > 0.0) | (phase >= UPDATE_EVERY - 1))
-            # the cosine of the change since the snapshot with minus the sum of the
-            # gradients of the `steps` steps that made it
-            finishing = tf.equal(phase, self.steps)
+            took = (tf.reduce_sum(du) > 0.0) | (since >= UPDATE_EVERY - 1)
             rows = self.result.read_value()
             new_rows = tf.stack([
-                tf.where(take_ratio, du, rows[0]),
-                tf.where(take_ratio, self._per_variable(tf.square(snap)), rows[1]),
-                tf.where(finishing, du, rows[2]),
-                tf.where(finishing, -self._per_variable(delta * gsum), rows[3]),
-                tf.where(finishing, self._per_variable(tf.square(gsum)), rows[4]),
+                du,
+                self._per_variable(tf.square(snap)),
+                du,
+                -self._per_variable(delta * grad),
+                self._per_variable(tf.square(grad)),
             ])
-            with tf.control_dependencies([self.result.assign(new_rows)]):
-                return tf.identity(take_ratio)
+            with tf.control_dependencies([self.result.assign(tf.where(took, new_rows, rows))]):
+                return tf.identity(took)
 
-        took = tf.switch_case(mode, [no, snapshot, no, measure])
-
-        # The gradients' part: the sum restarts at the snapshot and takes each step's
-        # gradient until the cosine is measured.
-        def restart():
-            with tf.control_dependencies([self.gsum.assign(flat_grads())]):
-                return tf.constant(0)
-
-        def add():
-            with tf.control_dependencies([self.gsum.assign_add(flat_grads())]):
-                return tf.constant(0)
-
-        adding = tf.equal(mode, 2) | (tf.equal(mode, 3) & (phase < self.steps))
-        gsum_mode = tf.where(tf.equal(mode, 1), 1, tf.where(adding, 2, 0))
-        summed = tf.switch_case(gsum_mode, [lambda: tf.constant(0), restart, add])
-
+        no = lambda: tf.constant(False)  # noqa: E731
+        tf.cond(due, snapshot_weights, no)
+        took = tf.cond(measuring, measure, no)
+        stored = tf.cond(due, snapshot_gradient, no)
         one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-        new_pending = tf.where(took, zero, pending)
-        done = (phase >= self.steps) & tf.equal(new_pending, 0)  # idle once both are measured
-        measured = tf.stack([tf.where(done, zero, phase + 1), new_pending])
         new_state = tf.where(
-            tf.equal(mode, 0), state,
-            tf.where(tf.equal(mode, 1), tf.stack([one, one]),
-                     tf.where(tf.equal(mode, 2), tf.stack([phase + 1, pending]), measured)),
+            due, tf.stack([one, one]),
+            tf.where(measuring,
+                     tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending])),
+                     state),
         )
-        with tf.control_dependencies([summed]):
+        with tf.control_dependencies([stored]):
             return self.state.assign(new_state)
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
@@ -370,8 +357,9 @@ class HistogramProbe:
         self.signed = bool(signed)
         # Histograms on (nearly) every step use a bounded strided sample per variable
         # instead of a full pass; rarer ones count every entry.
-        self.sample = SAMPLE_ENTRIES if 0 < self.every < FULL_HISTOGRAM_EVERY else None
         num = len(topology.variables)
+        per_variable = min(SAMPLE_ENTRIES, max(MIN_SAMPLE_ENTRIES, SAMPLE_BUDGET // max(num, 1)))
+        self.sample = per_variable if 0 < self.every < FULL_HISTOGRAM_EVERY else None
         # per variable: log buckets, zeros, non-finite
         self.counts = replica_variable(np.zeros((num, NUM_LOG_BUCKETS + 2), np.float32),
                                        "gradwatch_hist_counts", strategy)
@@ -390,33 +378,27 @@ class HistogramProbe:
 
         def measure():
             num = len(self.topology.variables)
-            rows, signed_rows, flats, weights = [], [], {}, {}
+            signed_rows, flats, weights = [], {}, {}
             for slot in range(num):
                 g = grads_by_slot.get(slot)
                 if g is None:
-                    rows.append(tf.zeros([NUM_LOG_BUCKETS + 2]))
                     continue
-                flat = tf.reshape(tf.cast(_dense(g), tf.float32), [-1]) * inv_scale
+                flat = tf.reshape(tf.cast(_dense(g), tf.float32), [-1])
                 weight = 1.0
                 size = flat.shape[0]
                 if self.sample is not None and (size is None or size > self.sample):
                     # a bounded strided sample; each sampled entry stands for `stride` entries
-                    n = tf.shape(flat)[0]
-                    stride = tf.maximum(1, -(-n // self.sample))
+                    if size is None:
+                        n = tf.shape(flat)[0]
+                        stride = tf.maximum(1, -(-n // self.sample))
+                        weight = tf.cast(stride, tf.float32)
+                    else:
+                        stride = -(-size // self.sample)
+                        weight = float(stride)
                     flat = flat[::stride]
-                    weight = tf.cast(stride, tf.float32)
-                flats[slot], weights[slot] = flat, weight
-                magnitude = tf.abs(flat)
-                finite = tf.math.is_finite(flat)
-                nonzero = finite & (magnitude > 0.0)
-                log = tf.math.log(tf.where(nonzero, magnitude, 1.0)) / np.log(10.0)
-                bucket = tf.clip_by_value(
-                    tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
-                ids = tf.where(nonzero, bucket,
-                               tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
-                rows.append(tf.math.unsorted_segment_sum(tf.ones_like(flat) * weight, ids,
-                                                         NUM_LOG_BUCKETS + 2))
-            ops = [self.counts.assign(tf.stack(rows)), self.step.assign(tf.cast(step, tf.int64))]
+                flats[slot], weights[slot] = flat * inv_scale, weight
+            counts = self._log_counts(flats, weights, num)
+            ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64))]
             if self.signed:
                 bounds = []
                 for layer in range(len(self.topology.layers)):
@@ -444,6 +426,44 @@ class HistogramProbe:
 
         due = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
         return tf.cond(due, measure, lambda: tf.constant(0))
+
+    @staticmethod
+    def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int) -> tf.Tensor:
+        """[num, NUM_LOG_BUCKETS + 2] log10|g| bucket counts (then zeros, non-finite).
+
+        Vectors of the same static length are stacked and counted with one segment
+        sum (a 100-layer net costs a few ops per histogram, not a few per variable);
+        a vector of data-dependent length (a sparse gradient) is counted alone.
+        """
+        width = NUM_LOG_BUCKETS + 2
+        by_length: dict[Any, list[int]] = {}
+        for slot, flat in flats.items():
+            length = flat.shape[0]
+            by_length.setdefault(length if length is not None else ("dynamic", slot), []).append(slot)
+        parts, order = [], []
+        for slots in by_length.values():
+            matrix = tf.stack([flats[s] for s in slots]) if len(slots) > 1 else flats[slots[0]][None, :]
+            magnitude = tf.abs(matrix)
+            finite = tf.math.is_finite(matrix)
+            nonzero = finite & (magnitude > 0.0)
+            log = tf.math.log(tf.where(nonzero, magnitude, 1.0)) / np.log(10.0)
+            bucket = tf.clip_by_value(
+                tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
+            ids = tf.where(nonzero, bucket, tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
+            # row r's buckets are segments r * width ... r * width + width - 1
+            ids += tf.range(len(slots), dtype=tf.int32)[:, None] * width
+            if all(isinstance(weights[s], float) for s in slots):
+                weight = tf.constant([[weights[s]] for s in slots], tf.float32)
+            else:
+                weight = tf.reshape(tf.stack([tf.cast(weights[s], tf.float32) for s in slots]), [-1, 1])
+            counted = tf.math.unsorted_segment_sum(
+                tf.reshape(tf.ones_like(matrix) * weight, [-1]), tf.reshape(ids, [-1]), len(slots) * width)
+            parts.append(tf.reshape(counted, [len(slots), width]))
+            order += slots
+        parts.append(tf.zeros([1, width]))  # the row of a variable without a gradient
+        row_of = {slot: k for k, slot in enumerate(order)}
+        index = [row_of.get(slot, len(order)) for slot in range(num)]
+        return tf.gather(tf.concat(parts, axis=0), tf.constant(index, tf.int32))
 
     def read(self) -> list[dict[str, Any]]:
         """The histograms of the last histogram step since the previous read, per layer."""

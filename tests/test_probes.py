@@ -121,6 +121,42 @@ def test_update_ratio_and_direction_match_a_replay(tmp_path):
     assert hidden.update_ratio == pytest.approx(kernel_ratio, rel=1e-4)  # the layer's kernels
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradient(tmp_path, jit):
+    x, y = _data()
+    # replay: the gradient of step 1 and Adam's first weight change, by a plain tape
+    model = _model()
+    optimizer = keras.optimizers.Adam(0.01)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.BinaryCrossentropy()(y[:32], model(x[:32], training=True))
+    grads = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    optimizer.apply(grads, model.trainable_variables)
+    deltas = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
+    model = _model()
+    model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", jit_compile=jit)
+    log_dir = str(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir, log_every=5, histogram_every=0)])
+    stats = gw.read_stats(log_dir)
+    cosines = []
+    for k, name in enumerate(("hidden/kernel", "hidden/bias", "out/kernel", "out/bias")):
+        row = stats[(stats.step == 5) & (stats.variable == name)].iloc[0]
+        d, g = deltas[k].ravel(), grads[k].ravel()
+        expected = -d @ g / (np.linalg.norm(d) * np.linalg.norm(g))
+        cosines.append(expected)
+        assert row.update_cos == pytest.approx(expected, abs=1e-4), name
+        if np.linalg.norm(before[k]) > 0:
+            assert row.update_ratio == pytest.approx(
+                np.linalg.norm(d) / np.linalg.norm(before[k]), rel=1e-4), name
+    # Adam's first step is ~ -lr * sign(g): not parallel to -g, so the check has teeth
+    assert min(cosines) < 0.95
+    # one measurement, in the first window only
+    assert stats[stats.step > 5].update_cos.isna().all()
+
+
 def test_watch_sees_a_manual_assign_sub_update(tmp_path):
     rng = np.random.default_rng(1)
     w = tf.Variable(rng.normal(size=(12, 4)).astype("float32"), name="w")
@@ -269,6 +305,39 @@ def test_every_step_histograms_use_a_bounded_strided_sample(tmp_path):
     got[left] = tensor[:, 2]
     assert np.abs(got - expected).sum() <= 4
     assert got.sum() == pytest.approx(kernel.size + bias.size, abs=2)
+
+
+def test_every_step_histograms_of_many_variables_share_one_sample_budget(tmp_path):
+    x, y = _data(n=96)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,))]
+                             + [keras.layers.Dense(64, activation="tanh", name=f"d{i}") for i in range(40)]
+                             + [keras.layers.Dense(1, activation="sigmoid", name="out")])
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    _, grads = _replay(reference, x, y, 32, 0.1, 3)
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, log_every=3, histogram_every=1)
+    per_variable = probes.SAMPLE_BUDGET // 82  # 82 variables: 799 entries each at most
+    stride = -(-64 * 64 // per_variable)
+    assert stride == 6
+    histograms = _histograms(log_dir, "gradwatch/grad_log10_abs/")
+    for layer, k in (("d0", 0), ("d20", 20)):
+        kernel, bias = grads[2][2 * k].ravel(), grads[2][2 * k + 1].ravel()
+        # d0's kernel (768 entries) fits the budget; d20's (4096) is sampled every 6th entry
+        kernel_stride = 1 if kernel.size <= per_variable else stride
+        expected = np.zeros(probes.NUM_LOG_BUCKETS)
+        for values, weight in ((kernel[::kernel_stride], kernel_stride), (bias, 1)):
+            nonzero = np.abs(values[values != 0]).astype(np.float64)
+            bucket = np.clip(np.floor((np.log10(nonzero) - probes.LOG10_LOW) * probes.PER_DECADE), 0,
+                             probes.NUM_LOG_BUCKETS - 1).astype(int)
+            expected += weight * np.bincount(bucket, minlength=probes.NUM_LOG_BUCKETS)
+        tensor = histograms[(3, layer)]
+        left = np.round((tensor[:, 0] - probes.LOG10_LOW) * probes.PER_DECADE).astype(int)
+        got = np.zeros(probes.NUM_LOG_BUCKETS)
+        got[left] = tensor[:, 2]
+        assert np.abs(got - expected).sum() <= 2 * kernel_stride, layer
+        assert got.sum() == pytest.approx(-(-kernel.size // kernel_stride) * kernel_stride + bias.size), layer
 
 
 def test_activation_probe_counts_units_zero_on_every_sample(tmp_path):
