@@ -124,6 +124,14 @@ def apply_if_finite(apply_fn: Callable[..., Any], grads, variables, finite: tf.T
     tf.cond(finite, apply_now, lambda: tf.constant(False))
 
 
+def in_xla_context() -> bool:
+    """Whether the graph being traced is compiled by XLA (``jit_compile=True``)."""
+    from tensorflow.python.framework import ops
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+
+
 def poison_unless_finite(grads, finite: tf.Tensor):
     """Makes every gradient NaN unless ``finite``: a LossScaleOptimizer under a
     multi-replica strategy checks only the first replica's gradients, so this makes

@@ -101,6 +101,9 @@ class Engine:
         self._no_gradient_reported: set[str] = set()
         self._compiled_fns: dict[Any, Any] = {}
         self._detector_state = detectors_lib.DetectorState()
+        # set by a front that calls update_snapshot() and after_update() (GradientMonitor)
+        self.host_update_snapshots = False
+        self._update_grads: dict[int, Any] = {}
         # XLA for the small-tensor work of each step (see _compiled).
         self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"
 
@@ -156,7 +159,9 @@ class Engine:
         self.units = probes_lib.UnitProbe(topology, strategy)
         # Probes that write under a tf.cond cannot run under several replicas
         # (a mirrored write is a merge_call, which a cond branch cannot hold).
-        self.updates = probes_lib.UpdateProbe(variables, topology, strategy) if single else None
+        self.updates = probes_lib.UpdateProbe(
+            variables, topology, strategy, host_snapshots=self.host_update_snapshots
+        ) if single else None
         self.histograms = (
             probes_lib.HistogramProbe(topology, self.options.histogram_every,
                                       self.options.signed_histograms, strategy)
@@ -358,6 +363,13 @@ class Engine:
                 state[_STEP], state[_RESYNC], state[_ITERATIONS_AT_END], zero, zero, zero
             ]))
 
+    @tf.autograph.experimental.do_not_convert
+    def after_update(self) -> None:
+        """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
+        if self.updates is not None and self.updates.host_snapshots and self._update_grads:
+            self.updates.measure_after_update(self._update_grads)
+        self._update_grads = {}
+
     def has_nonfinite(self) -> bool:
         """Host side: whether a step of the current window was non-finite (one small read)."""
         return bool(self._state.numpy()[_NONFINITE] > 0)
@@ -366,7 +378,9 @@ class Engine:
                     inv_scale: tf.Tensor) -> None:
         """Dead units every step; update and histogram probes on their sampled steps."""
         self.units.observe(by_slot, sampled)
-        if self.updates is not None:
+        if self.updates is not None and self.updates.host_snapshots:
+            self._update_grads = by_slot  # measured in after_update(), in this same trace
+        elif self.updates is not None:
             # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...), not every window
             due = tf.equal(tf.math.floormod(step - 1, probes_lib.UPDATE_EVERY), 0)
             self.updates.observe(by_slot, due)

@@ -85,6 +85,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._iterations_at_end = -1
         self._steps_since_read = 0
         self._batch_begin = 0
+        self._host_steps = 0  # steps begun through this monitor's engine
+        self._next_snapshot = 0
         self._last_logs: dict[str, Any] = {}
         self._active = False
 
@@ -131,6 +133,10 @@ class GradientMonitor(keras.callbacks.Callback):
                 self._engine.close()
             self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy))
             self._engine.on_alert = self.on_alert
+            # update/weight snapshots from the host, measured in the tap after the update
+            self._engine.host_update_snapshots = True
+            self._host_steps = 0
+            self._next_snapshot = 0
             self._engine.bind(topology, variables, strategy=strategy)
             self._variables = variables
         self._engine.closed = False
@@ -152,12 +158,19 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch_begin = batch
+        updates = self._engine.updates if self._active else None
+        if updates is not None and self._host_steps >= self._next_snapshot:
+            # every UPDATE_EVERY steps: the weights before this step, for the update probe
+            updates.snapshot_now()
+            self._next_snapshot = self._host_steps + probes_lib.UPDATE_EVERY
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
             return
         self._last_logs = logs or {}
-        self._steps_since_read += max(1, batch - self._batch_begin + 1)
+        steps = max(1, batch - self._batch_begin + 1)
+        self._steps_since_read += steps
+        self._host_steps += steps
         if self._steps_since_read >= self.options.log_every:
             self._read()
         elif self.options.on_nonfinite in ("stop", "raise") and self._engine.has_nonfinite():
@@ -282,13 +295,16 @@ class GradientMonitor(keras.callbacks.Callback):
             # scale); under several replicas make sure it sees what any replica saw.
             if internals.replicas_to_reduce() is not None:
                 grads = internals.poison_unless_finite(grads, finite)
-            return original_apply(grads, trainable_variables)
-        if guard:
+            result = original_apply(grads, trainable_variables)
+        elif guard:
             # skip_step, stop and raise: the host learns of a NaN only later, so the
             # update of a non-finite step is never applied (weights and optimizer
             # state untouched, on every replica).
-            return internals.apply_if_finite(original_apply, grads, trainable_variables, finite)
-        return original_apply(grads, trainable_variables)
+            result = internals.apply_if_finite(original_apply, grads, trainable_variables, finite)
+        else:
+            result = original_apply(grads, trainable_variables)
+        engine.after_update()  # the update probe reads the weights it just moved
+        return result
 
     @staticmethod
     def _run_info(model: Any, optimizer: Any, strategy: Any) -> dict[str, Any]:

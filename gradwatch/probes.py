@@ -15,13 +15,16 @@ the step (``observe``) and is read on the host with one transfer per probe.
   unit feeds zeros forward, so that row is zero too (through a channels-last
   Flatten, every row of the unit).  When the next layer's kernel is not watched
   (frozen) there is no such evidence and a silent ReLU unit is reported dead.
-* :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights and
-  that step's gradient (one flat copy each of the watched variables: memory = twice
-  the model size), then, on the first following step that moved any weight (so
-  gradient accumulation, where k-1 of k steps do not move the weights, and skipped
-  steps are not "too slow"), measures ||w_after - w_before|| / ||w_before|| and the
-  cosine between that weight change and minus the copied gradient.  All work is
-  under ``tf.cond``: steps outside the probe's interval run none of it.
+* :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights, then,
+  on the first following step that moved any weight (so gradient accumulation, where
+  k-1 of k steps do not move the weights, and skipped steps are not "too slow"),
+  measures ||w_after - w_before|| / ||w_before|| and the cosine between that weight
+  change and minus the gradient that made it.  Under ``model.fit`` the copy is taken
+  on the host before the step and the change is measured in-graph right after the
+  optimizer's update (memory: one copy of the model).  In custom loops the update
+  happens after ``observe``, so the copy and the step's gradient are kept in-graph
+  and the change is measured at the next ``observe`` (memory: two copies).  All
+  in-graph work is under ``tf.cond``: steps outside the probe's interval run none of it.
 * :class:`HistogramProbe` — on steps that are a multiple of ``histogram_every``,
   per variable counts of log10|g| in fixed buckets (exact zeros and non-finite
   values counted apart), and optionally a signed-value histogram; never on other
@@ -224,8 +227,12 @@ class UpdateProbe:
     # result rows per measured variable
     _ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
 
-    def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None):
+    def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
+                 host_snapshots: bool = False):
         self.variables = list(variables)
+        # True: snapshots are taken on the host (snapshot_now) and measured after the
+        # update (measure_after_update); no gradient copy is kept. False: observe().
+        self.host_snapshots = bool(host_snapshots)
         self._members = layer_members(topology)
         # the ratio of a layer is its kernels' (zero-initialised biases would dominate)
         self._kernels = [
@@ -237,10 +244,40 @@ class UpdateProbe:
         self.sizes = [int(np.prod(self.variables[i].shape)) for i in self.slots]
         total = max(sum(self.sizes), 1)
         self.snap = replica_variable(np.zeros(total, np.float32), "gradwatch_update_snapshot", strategy)
-        self.gsum = replica_variable(np.zeros(total, np.float32), "gradwatch_update_gradsum", strategy)
+        self.gsum = None if self.host_snapshots else replica_variable(
+            np.zeros(total, np.float32), "gradwatch_update_gradient", strategy)
         # steps since the snapshot; pending: 1 until the change is measured
         self.state = replica_variable(np.zeros(2, np.int64), "gradwatch_update_state", strategy)
         self.result = replica_variable(self._reset(), "gradwatch_update_result", strategy)
+        self._snapshot_fn = None
+
+    def _flat_weights(self) -> tf.Tensor:
+        return tf.concat([tf.reshape(_weights(self.variables[i]), [-1]) for i in self.slots], axis=0)
+
+    def _flat_grads(self, grads: Sequence[Any]) -> tf.Tensor:
+        parts = []
+        for g, size in zip(grads, self.sizes):
+            if g is None:
+                parts.append(tf.zeros([size], tf.float32))
+            else:
+                if isinstance(g, tf.IndexedSlices):
+                    g = tf.convert_to_tensor(g)  # dense only on the few steps that use it
+                parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
+        return tf.concat(parts, axis=0)
+
+    def _measured_rows(self, snap: tf.Tensor, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The result rows of the change since ``snap`` with minus ``grad``, and
+        whether any weight moved."""
+        delta = self._flat_weights() - snap
+        du = self._per_variable(tf.square(delta))
+        rows = tf.stack([
+            du,
+            self._per_variable(tf.square(snap)),
+            du,
+            -self._per_variable(delta * grad),
+            self._per_variable(tf.square(grad)),
+        ])
+        return rows, tf.reduce_sum(du) > 0.0
 
     def _reset(self) -> np.ndarray:
         return np.full((len(self._ROWS), max(len(self.slots), 1)), np.nan, np.float32)
@@ -256,20 +293,6 @@ class UpdateProbe:
         since, pending = tf.unstack(state, num=2)
         grads = [grads_by_slot.get(i) for i in self.slots]
 
-        def flat_weights():
-            return tf.concat([tf.reshape(_weights(self.variables[i]), [-1]) for i in self.slots], axis=0)
-
-        def flat_grads():
-            parts = []
-            for g, size in zip(grads, self.sizes):
-                if g is None:
-                    parts.append(tf.zeros([size], tf.float32))
-                else:
-                    if isinstance(g, tf.IndexedSlices):
-                        g = tf.convert_to_tensor(g)  # dense only on the few steps that use it
-                    parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
-            return tf.concat(parts, axis=0)
-
         # Three independent conditionals, each writing a flat variable it does not
         # read (a snapshot, the snapshot step's gradient) or only small results: under
         # XLA a conditional that reads and writes a large variable, or reads it in one
@@ -281,31 +304,15 @@ class UpdateProbe:
         measuring = (pending > 0) & tf.logical_not(due)
 
         def snapshot_weights():
-            with tf.control_dependencies([self.snap.assign(flat_weights())]):
+            with tf.control_dependencies([self.snap.assign(self._flat_weights())]):
                 return tf.constant(True)
 
         def snapshot_gradient():
-            with tf.control_dependencies([self.gsum.assign(flat_grads())]):
+            with tf.control_dependencies([self.gsum.assign(self._flat_grads(grads))]):
                 return tf.constant(True)
 
         def measure():
-            snap = self.snap.read_value()
-            grad = self.gsum.read_value()
-            delta = flat_weights() - snap
-            du = self._per_variable(tf.square(delta))
-            # measured on the first step that moved a weight; if none moved for
-            # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
-            took = (tf.reduce_sum(du) > 0.0) | (since >= UPDATE_EVERY - 1)
-            rows = self.result.read_value()
-            new_rows = tf.stack([
-                du,
-                self._per_variable(tf.square(snap)),
-                du,
-                -self._per_variable(delta * grad),
-                self._per_variable(tf.square(grad)),
-            ])
-            with tf.control_dependencies([self.result.assign(tf.where(took, new_rows, rows))]):
-                return tf.identity(took)
+            return self._measure(self.snap.read_value(), self.gsum.read_value(), since)
 
         no = lambda: tf.constant(False)  # noqa: E731
         tf.cond(due, snapshot_weights, no)
@@ -320,6 +327,56 @@ class UpdateProbe:
         )
         with tf.control_dependencies([stored]):
             return self.state.assign(new_state)
+
+    def _measure(self, snap: tf.Tensor, grad: tf.Tensor, since: tf.Tensor) -> tf.Tensor:
+        """Writes the result rows if a weight moved since ``snap``; returns whether."""
+        new_rows, moved = self._measured_rows(snap, grad)
+        # measured on the first step that moved a weight; if none moved for
+        # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
+        took = moved | (since >= UPDATE_EVERY - 1)
+        rows = self.result.read_value()
+        with tf.control_dependencies([self.result.assign(tf.where(took, new_rows, rows))]):
+            return tf.identity(took)
+
+    # ------------------------------------------------ host snapshots (model.fit)
+
+    def snapshot_now(self) -> None:
+        """Host side, before a step: copies the weights; the first following step
+        that moves them is measured right after its update (``measure_after_update``).
+
+        ``GradientMonitor`` uses this instead of the in-graph snapshot: the copy runs
+        once per ``UPDATE_EVERY`` steps outside the compiled step, so the step holds
+        no conditional write of a model-size variable (under XLA such a write costs a
+        full copy on every step) and no copy of the gradient is kept.
+        """
+        if not self.slots:
+            return
+        if self._snapshot_fn is None:
+            def snapshot():
+                self.snap.assign(self._flat_weights())
+                self.state.assign(tf.constant([0, 1], tf.int64))
+
+            self._snapshot_fn = tf.function(snapshot, autograph=False)
+        self._snapshot_fn()
+
+    def measure_after_update(self, grads_by_slot: dict[int, Any]) -> tf.Tensor:
+        """In-graph, after the optimizer's update: while a host snapshot is pending,
+        the change since it and its cosine with minus this step's gradient."""
+        if not self.slots:
+            return tf.constant(0)
+        state = self.state.read_value()
+        since, pending = tf.unstack(state, num=2)
+        grads = [grads_by_slot.get(i) for i in self.slots]
+
+        def measure():
+            return self._measure(self.snap.read_value(), self._flat_grads(grads), since)
+
+        took = tf.cond(pending > 0, measure, lambda: tf.constant(False))
+        zero = tf.constant(0, tf.int64)
+        new_state = tf.where(pending > 0,
+                             tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending])),
+                             state)
+        return self.state.assign(new_state)
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """(update_ratio, update_cos) per column: the variables, then their layers; resets."""

@@ -54,8 +54,8 @@ STATS_COLUMNS: tuple[str, ...] = (
     "clip_fraction",  # fraction of the window's steps on which clipping changed it
     "update_ratio",  # ||w_after - w_before|| / ||w_before|| of one step, on the window's first
     #                  step that moved the weights (NaN: not measured this window)
-    "update_cos",  # cosine of that same weight change with minus the gradient of the step it
-    #                started at (NaN: not measured)
+    "update_cos",  # cosine of that same weight change with minus the gradient that made it
+    #                (NaN: not measured)
     "dead_frac",  # layer rows of ReLU-family layers: fraction of units dead (gradient exactly zero
     #               and activation zero on the whole batch for dead_steps consecutive steps); else NaN
     "no_signal_frac",  # layer rows: fraction of units with an all-zero gradient for dead_steps

@@ -157,6 +157,24 @@ def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradi
     assert stats[stats.step > 5].update_cos.isna().all()
 
 
+def test_update_probe_under_steps_per_execution_measures_the_first_step(tmp_path):
+    x, y = _data()
+    weights, grads = _replay(_model(), x, y, 32, 0.1, 2)
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", steps_per_execution=4)
+    log_dir = str(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir, log_every=8, histogram_every=0)])
+    stats = gw.read_stats(log_dir)
+    row = stats[(stats.step == 8) & (stats.variable == "hidden/kernel")].iloc[0]
+    # the snapshot is taken before the execution of steps 1-4; step 1's update is measured
+    expected = np.linalg.norm(weights[1][0] - weights[0][0]) / np.linalg.norm(weights[0][0])
+    assert row.update_ratio == pytest.approx(expected, rel=1e-4)
+    assert row.update_cos == pytest.approx(1.0, abs=1e-5)
+
+
 def test_watch_sees_a_manual_assign_sub_update(tmp_path):
     rng = np.random.default_rng(1)
     w = tf.Variable(rng.normal(size=(12, 4)).astype("float32"), name="w")
