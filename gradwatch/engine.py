@@ -242,7 +242,8 @@ class Engine:
         else:
             stat_grads = present_grads
 
-        state = self._state.read_value()
+        # one unpack, not a strided slice per field (each is an op on every step)
+        state = tf.unstack(self._state.read_value(), num=6)
         step = self._step_number(state, context.iterations)
         # The window's first step is its sampled step (full statistics, probes).
         sampled = tf.equal(state[_WINDOW_STEPS], 0)
@@ -546,7 +547,7 @@ class Engine:
         return handed, tf.minimum(ratio, 1.0), fired, result.threshold
 
     @staticmethod
-    def _step_number(state: tf.Tensor, iterations: tf.Tensor | None) -> tf.Tensor:
+    def _step_number(state: Sequence[tf.Tensor], iterations: tf.Tensor | None) -> tf.Tensor:
         """This step's number: one after the last, or after the optimizer's
         iterations when a resync is pending and they moved since the last fit."""
         current = state[_STEP]

@@ -172,9 +172,10 @@ class UnitProbe:
             else:
                 silent_parts.append(tf.cast(nxt, tf.float32))
         zero = tf.equal(tf.concat(vectors, axis=0), 0.0)
-        present = tf.constant(present_mask)
         run = self.zero_run.read_value()
-        new_run = tf.where(present, tf.where(zero, run + 1, 0), run)
+        new_run = tf.where(zero, run + 1, 0)
+        if not all(present_mask):
+            new_run = tf.where(tf.constant(present_mask), new_run, run)
         ops = [self.zero_run.assign(new_run)]
 
         def measure_silent():
@@ -190,9 +191,12 @@ class UnitProbe:
                     parts.append(tf.cast(tf.equal(rows, 0.0), tf.float32))
             return tf.concat(parts, axis=0)
 
+        def write_silent():
+            with tf.control_dependencies([self.silent.assign(measure_silent())]):
+                return tf.constant(True)
+
         if any(part is not None for part in silent_parts):
-            silent = tf.cond(sampled, measure_silent, lambda: self.silent.read_value())
-            ops.append(self.silent.assign(silent))
+            ops.append(tf.cond(sampled, write_silent, lambda: tf.constant(False)))
         return ops
 
     def read(self, dead_steps: int) -> tuple[np.ndarray, np.ndarray]:
