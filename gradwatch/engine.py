@@ -155,7 +155,7 @@ class Engine:
             self._step_buffer = internals.replica_variable(
                 np.zeros(self._capacity, np.int64), "gradwatch_step_numbers", strategy
             )
-        self._flush_fn = tf.function(self._flush, autograph=False)
+        self._read_all_fn = tf.function(self._read_all, autograph=False)
         self.units = probes_lib.UnitProbe(topology, strategy)
         # Probes that write under a tf.cond cannot run under several replicas
         # (a mirrored write is a merge_call, which a cond branch cannot hold).
@@ -370,6 +370,16 @@ class Engine:
         if self.updates is not None and self.updates.host_snapshots and self._update_grads:
             self.updates.measure_after_update(self._update_grads)
         self._update_grads = {}
+
+    def _read_all(self) -> dict[str, Any]:
+        """In-graph host read: ``_flush``, then every accumulator and probe state."""
+        with tf.control_dependencies([self._flush()]):
+            fetched = {"window": self.window.fetch(), "units": self.units.fetch()}
+            if self.updates is not None:
+                fetched["updates"] = self.updates.fetch()
+            if self.histograms is not None:
+                fetched["histograms"] = self.histograms.fetch()
+        return fetched
 
     def has_nonfinite(self) -> bool:
         """Host side: whether a step of the current window was non-finite (one small read)."""
@@ -622,12 +632,14 @@ class Engine:
         """Reads and resets the window; writes its rows. Returns the window row (or None)."""
         if self.window is None:
             return None
-        self._flush_fn()
-        per_var, glob = self.window.read_and_reset()
+        # one call, one transfer: the buffered steps folded, the window and every
+        # probe's state read, and what a read consumes reset
+        fetched = tf.nest.map_structure(lambda t: t.numpy(), self._read_all_fn())
+        per_var, glob = self.window.interpret(fetched["window"])
         if glob["steps"] <= 0:
             return None
         num_vars = len(self.topology.variables)
-        dead, no_signal = self.units.read(self.options.thresholds.dead_steps)
+        dead, no_signal = self.units.interpret(fetched["units"], self.options.thresholds.dead_steps)
         if self.activations is not None:
             # activation-based counts, where a layer has them, take precedence
             by_activation = self.activations.read(self.options.thresholds.dead_steps)
@@ -635,8 +647,8 @@ class Engine:
         per_var["dead_frac"] = np.concatenate([np.full(num_vars, np.nan), dead])
         per_var["no_signal_frac"] = np.concatenate([np.full(num_vars, np.nan), no_signal])
         if self.updates is not None:
-            per_var["update_ratio"], per_var["update_cos"] = self.updates.read()
-        histograms = self.histograms.read() if self.histograms is not None else []
+            per_var["update_ratio"], per_var["update_cos"] = self.updates.interpret(fetched["updates"])
+        histograms = self.histograms.interpret(fetched["histograms"]) if self.histograms is not None else []
         window_row, stats_rows, layer_rows = rows_lib.build_rows(
             per_var, glob, self.topology, clipping=self.clip is not None
         )

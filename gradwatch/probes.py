@@ -1,6 +1,7 @@
 """In-graph probes beyond the every-step norms: dead units, update/weight ratio and
 direction, and gradient histograms.  Each one owns its own variables, runs inside
-the step (``observe``) and is read on the host with one transfer per probe.
+the step (``observe``), hands its state to the engine's single read (``fetch``, in
+the read's ``tf.function``) and turns the fetched arrays into rows (``interpret``).
 
 * :class:`UnitProbe` — per unit, the number of consecutive steps whose gradient was
   exactly zero.  A unit's bias gradient is the sum over the batch of the signal the
@@ -199,15 +200,20 @@ class UnitProbe:
             ops.append(tf.cond(sampled, write_silent, lambda: tf.constant(False)))
         return ops
 
-    def read(self, dead_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """In-graph, for the engine's single read: the counters (nothing is reset)."""
+        return self.zero_run.read_value(), self.silent.read_value()
+
+    def interpret(self, fetched: tuple[np.ndarray, np.ndarray], dead_steps: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """Per layer (topology order): (dead_frac, no_signal_frac); NaN where not tracked."""
         num_layers = len(self.topology.layers)
         dead = np.full(num_layers, np.nan)
         no_signal = np.full(num_layers, np.nan)
         if not self.tracks:
             return dead, no_signal
-        run = self.zero_run.numpy()
-        silent = self.silent.numpy() > 0.5
+        run, silent = fetched
+        silent = silent > 0.5
         for track in self.tracks:
             part = slice(track.offset, track.offset + track.units)
             quiet = run[part] >= dead_steps
@@ -382,10 +388,16 @@ class UpdateProbe:
                              state)
         return self.state.assign(new_state)
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """(update_ratio, update_cos) per column: the variables, then their layers; resets."""
-        measured = self.result.numpy().astype(np.float64)
-        self.result.assign(self._reset())
+    def fetch(self) -> tf.Tensor:
+        """In-graph, for the engine's single read: the measurements, then reset."""
+        measured = self.result.read_value()
+        with tf.control_dependencies([measured]):
+            self.result.assign(tf.constant(self._reset()))
+        return measured
+
+    def interpret(self, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(update_ratio, update_cos) per column: the variables, then their layers."""
+        measured = measured.astype(np.float64)
         rows = np.full((len(self._ROWS), len(self.variables)), np.nan)
         rows[:, self.slots] = measured[:, :len(self.slots)]
         ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows
@@ -526,19 +538,27 @@ class HistogramProbe:
         index = [row_of.get(slot, len(order)) for slot in range(num)]
         return tf.gather(tf.concat(parts, axis=0), tf.constant(index, tf.int32))
 
-    def read(self) -> list[dict[str, Any]]:
+    def fetch(self) -> tuple[tf.Tensor, ...]:
+        """In-graph, for the engine's single read: (step, counts, signed counts,
+        bounds) of the last histogram step; the step is reset to -1 (none)."""
+        fetched = (self.step.read_value(), self.counts.read_value(),
+                   self.signed_counts.read_value(), self.bounds.read_value())
+        with tf.control_dependencies(list(fetched)):
+            self.step.assign(tf.constant(-1, tf.int64))
+        return fetched
+
+    def interpret(self, fetched: tuple[np.ndarray, ...]) -> list[dict[str, Any]]:
         """The histograms of the last histogram step since the previous read, per layer."""
         if self.every <= 0:
             return []
-        step = int(self.step.numpy())
+        step = int(fetched[0])
         if step < 0:
             return []
-        self.step.assign(-1)
-        counts = self.counts.numpy().astype(np.float64)
+        counts = fetched[1].astype(np.float64)
         edges = LOG10_LOW + np.arange(NUM_LOG_BUCKETS + 1) / PER_DECADE
         out = []
-        signed = self.signed_counts.numpy().astype(np.float64) if self.signed else None
-        bounds = self.bounds.numpy() if self.signed else None
+        signed = fetched[2].astype(np.float64) if self.signed else None
+        bounds = fetched[3] if self.signed else None
         for layer_index, layer in enumerate(self.topology.layers):
             members = self._members[layer_index]
             total = counts[members].sum(axis=0)

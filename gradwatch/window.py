@@ -1,7 +1,8 @@
 """In-graph window accumulators: the steps between two host reads fold into them
 (``fold_values``, pure, over one step's values; ``update`` writes the result), and
-the host reads and resets them every ``log_every`` steps in one device-to-host
-transfer.  When and where a step is folded is the engine's choice.
+the engine's host read fetches and resets them (``fetch``) every ``log_every`` steps,
+in the same single call as the probes' state.  When and where a step is folded is
+the engine's choice.
 
 The accumulators are plain ``tf.Variable``s owned by the window object, never
 by the model or its optimizer, so ``model.save`` and checkpoints are unaffected.
@@ -109,7 +110,6 @@ class Window:
         self._global_reset = _global_reset_values()
         self.var_acc = replica_variable(self._var_reset, "gradwatch_var_window", strategy)
         self.global_acc = replica_variable(self._global_reset, "gradwatch_global_window", strategy)
-        self._read_fn = tf.function(self._read_and_reset)
 
     def update(self, fold) -> None:
         """Writes ``fold(var_acc, global_acc) -> (var_acc, global_acc)`` back (in-graph)."""
@@ -194,7 +194,8 @@ class Window:
         )
         return new_var, new
 
-    def _read_and_reset(self):
+    def fetch(self) -> tf.Tensor:
+        """In-graph, for the engine's single read: the flat accumulators, then reset."""
         snapshot = tf.concat(
             [tf.reshape(self.var_acc.read_value(), [-1]), self.global_acc.read_value()], axis=0
         )
@@ -203,9 +204,9 @@ class Window:
             self.global_acc.assign(self._global_reset)
         return snapshot
 
-    def read_and_reset(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Reads the window in one device-to-host transfer and resets it (host side)."""
-        flat = self._read_fn().numpy()
+
+    def interpret(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """(per-column accumulators, global accumulators) from ``fetch``'s flat values."""
         split = len(VAR_ACCUMULATORS) * self.num_columns
         var_part = flat[:split].reshape(len(VAR_ACCUMULATORS), self.num_columns)
         per_column = {name: var_part[i] for i, name in enumerate(VAR_ACCUMULATORS)}
