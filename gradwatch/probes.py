@@ -192,12 +192,11 @@ class UnitProbe:
                     parts.append(tf.cast(tf.equal(rows, 0.0), tf.float32))
             return tf.concat(parts, axis=0)
 
-        def write_silent():
-            with tf.control_dependencies([self.silent.assign(measure_silent())]):
-                return tf.constant(True)
-
         if any(part is not None for part in silent_parts):
-            ops.append(tf.cond(sampled, write_silent, lambda: tf.constant(False)))
+            # the write stays outside the cond: under several replicas a mirrored
+            # write is a merge_call, which a cond branch cannot hold
+            silent = tf.cond(sampled, measure_silent, lambda: self.silent.read_value())
+            ops.append(self.silent.assign(silent))
         return ops
 
     def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
