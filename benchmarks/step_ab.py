@@ -1,0 +1,94 @@
+"""Step-interleaved A/B of gradwatch configurations: a finer instrument than ``overhead.py``.
+
+``overhead.py`` interleaves whole ``fit`` runs, so a slow minute of this shared
+machine lands on one configuration and moves a ratio by several percent. Here every
+configuration gets its own compiled model, and their train steps are called in turn,
+step by step (plain, gradwatch, plain, gradwatch, ...), each through the same
+``CallbackList`` calls ``fit`` makes around a step; noise is shared evenly. Use it to
+judge a change of a few percent; the README table comes from ``overhead.py``.
+
+The mean column carries the host read every ``log_every`` steps; the first
+``--skip`` steps (tracing, the XLA compile of the fold at the first read) are not timed.
+
+Usage:
+    python benchmarks/step_ab.py mlp                       # plain vs defaults, jit off
+    python benchmarks/step_ab.py res100 --configs gradwatch,gradwatch+hist_every_step
+    python benchmarks/step_ab.py mlp --jit --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from overhead import MODELS, configurations  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--configs", default="gradwatch",
+                        help="comma-separated configurations of overhead.py (plain is always run)")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--skip", type=int, default=30, help="untimed steps per configuration first")
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True")
+    args = parser.parse_args()
+    batch_size = 128
+    _, shape, classes = MODELS[args.model]()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64 * batch_size, *shape)).astype("float32")
+    y = rng.integers(0, classes, size=64 * batch_size)
+    log_root = tempfile.mkdtemp(prefix="gradwatch-ab-")
+    available = configurations(log_root, (x[:batch_size], y[:batch_size]))
+    names = ["plain"] + [c for c in args.configs.split(",") if c != "plain"]
+    unknown = set(names) - set(available)
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(available)}")
+    runs = []
+    for name in names:
+        keras.utils.set_random_seed(0)
+        model, _, _ = MODELS[args.model]()
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=args.jit)
+        callbacks = keras.callbacks.CallbackList(available[name](), model=model)
+        model.make_train_function()
+        callbacks.on_train_begin()
+        iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat())
+        runs.append((name, model, callbacks, iterator, []))
+
+    def step(model, callbacks, iterator, index):
+        callbacks.on_train_batch_begin(index)
+        logs = model.train_function(iterator)
+        callbacks.on_train_batch_end(index, logs)
+
+    for index in range(args.skip):
+        for _, model, callbacks, iterator, _ in runs:
+            step(model, callbacks, iterator, index)
+    for index in range(args.skip, args.skip + args.steps):
+        for _, model, callbacks, iterator, times in runs:
+            start = time.perf_counter()
+            step(model, callbacks, iterator, index)
+            times.append(time.perf_counter() - start)
+    for _, _, callbacks, _, _ in runs:
+        callbacks.on_train_end()
+    base_median = statistics.median(runs[0][4])
+    base_mean = statistics.mean(runs[0][4])
+    print(f"{args.model}, jit_compile={args.jit}, {args.steps} interleaved steps per configuration")
+    for name, _, _, _, times in runs:
+        median, mean = statistics.median(times), statistics.mean(times)
+        print(f"  {name:28s} median {median * 1e3:8.3f} ms  ratio {median / base_median:.3f}   "
+              f"mean {mean * 1e3:8.3f} ms  ratio {mean / base_mean:.3f}")
+
+
+if __name__ == "__main__":
+    main()
