@@ -203,6 +203,28 @@ def main():
     jits = {"off": [False], "on": [True], "both": [False, True]}[jit]
     log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
     results = []
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    path = os.path.join(args.out, f"{stamp}.json")
+
+    def write():
+        """(Re)writes the results file; called after every model, so a stopped run keeps them."""
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "date": stamp,
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                    "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                                 "gradwatch": gw.__version__},
+                    "batch_size": batch_size, "steps": steps, "reps": reps, "mean_skips_steps": MEAN_SKIP,
+                    "peak_rss_mb": peak_rss_mb,
+                    "results": results,
+                },
+                f, indent=2,
+            )
+        return peak_rss_mb
+
     for jit_compile in jits:
         for name in names:
             _, shape, classes = MODELS[name]()
@@ -247,24 +269,9 @@ def main():
                     f"(mean {statistics.median(means[config_name]) * 1e3:8.2f} ms, ratio {mean_ratio:.3f})",
                     flush=True,
                 )
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            write()
+    peak_rss_mb = write()
     print(f"peak RSS {peak_rss_mb:.0f} MB")
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    path = os.path.join(args.out, f"{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(
-            {
-                "date": stamp,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                             "gradwatch": gw.__version__},
-                "batch_size": batch_size, "steps": steps, "reps": reps, "mean_skips_steps": MEAN_SKIP,
-                "peak_rss_mb": peak_rss_mb,
-                "results": results,
-            },
-            f, indent=2,
-        )
     print(f"wrote {path}")
 
 
