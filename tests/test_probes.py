@@ -48,8 +48,8 @@ def _model(seed=0, bias=None, features=12):
     ])
 
 
-def _fit(model, log_dir, x, y, lr=0.1, batch=32, **monitor):
-    model.compile(keras.optimizers.SGD(lr), "binary_crossentropy")
+def _fit(model, log_dir, x, y, lr=0.1, batch=32, optimizer=None, compile_args=None, **monitor):
+    model.compile(optimizer or keras.optimizers.SGD(lr), "binary_crossentropy", **(compile_args or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
@@ -133,13 +133,9 @@ def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradi
     before = [v.numpy().copy() for v in model.trainable_variables]
     optimizer.apply(grads, model.trainable_variables)
     deltas = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
-    model = _model()
-    model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", jit_compile=jit)
     log_dir = str(tmp_path / "run")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[gw.GradientMonitor(log_dir, log_every=5, histogram_every=0)])
+    _fit(_model(), log_dir, x, y, optimizer=keras.optimizers.Adam(0.01), compile_args={"jit_compile": jit},
+         log_every=5, histogram_every=0)
     stats = gw.read_stats(log_dir)
     cosines = []
     for k, name in enumerate(("hidden/kernel", "hidden/bias", "out/kernel", "out/bias")):
@@ -160,13 +156,8 @@ def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradi
 def test_update_probe_under_steps_per_execution_measures_the_first_step(tmp_path):
     x, y = _data()
     weights, grads = _replay(_model(), x, y, 32, 0.1, 2)
-    model = _model()
-    model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", steps_per_execution=4)
     log_dir = str(tmp_path / "run")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[gw.GradientMonitor(log_dir, log_every=8, histogram_every=0)])
+    _fit(_model(), log_dir, x, y, compile_args={"steps_per_execution": 4}, log_every=8, histogram_every=0)
     stats = gw.read_stats(log_dir)
     row = stats[(stats.step == 8) & (stats.variable == "hidden/kernel")].iloc[0]
     # the snapshot is taken before the execution of steps 1-4; step 1's update is measured
