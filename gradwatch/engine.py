@@ -75,9 +75,12 @@ class Engine:
     Args:
         options: validated front options.
         run_info: extra entries for ``run.json`` (versions are added here).
+        host_update_snapshots: the front takes the update probe's snapshots on the
+            host and calls ``after_update`` after the optimizer's update.
     """
 
-    def __init__(self, options: Options, run_info: dict[str, Any] | None = None):
+    def __init__(self, options: Options, run_info: dict[str, Any] | None = None,
+                 host_update_snapshots: bool = False):
         self.options = options
         self.run_info = dict(run_info or {})
         self.clip = clip_lib.as_clip(options.clip)
@@ -101,8 +104,9 @@ class Engine:
         self._no_gradient_reported: set[str] = set()
         self._compiled_fns: dict[Any, Any] = {}
         self._detector_state = detectors_lib.DetectorState()
-        # set by a front that calls update_snapshot() and after_update() (GradientMonitor)
-        self.host_update_snapshots = False
+        # True for a front that calls updates.snapshot_now() before a step and
+        # after_update() after the optimizer's update (GradientMonitor)
+        self.host_update_snapshots = bool(host_update_snapshots)
         self._update_grads: dict[int, Any] = {}
         # XLA for the small-tensor work of each step (see _compiled).
         self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"

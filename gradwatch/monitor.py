@@ -131,10 +131,10 @@ class GradientMonitor(keras.callbacks.Callback):
             topology = topology_lib.from_model(model, variables)
             if self._engine is not None:
                 self._engine.close()
-            self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy))
-            self._engine.on_alert = self.on_alert
             # update/weight snapshots from the host, measured in the tap after the update
-            self._engine.host_update_snapshots = True
+            self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy),
+                                  host_update_snapshots=True)
+            self._engine.on_alert = self.on_alert
             self._host_steps = 0
             self._next_snapshot = 0
             self._engine.bind(topology, variables, strategy=strategy)

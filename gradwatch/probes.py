@@ -227,7 +227,7 @@ class UnitProbe:
 class UpdateProbe:
     """Update/weight ratio and update direction, on sampled intervals (see the module docstring).
 
-    The snapshot and the gradient sum are one flat variable each (not one per
+    The snapshot and the copied gradient are one flat variable each (not one per
     model variable): every variable a step function captures costs a few
     microseconds on every call, used or not, which on a 400-variable net is
     more than the probe's own work.
@@ -274,20 +274,6 @@ class UpdateProbe:
                 parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
         return tf.concat(parts, axis=0)
 
-    def _measured_rows(self, snap: tf.Tensor, grad: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The result rows of the change since ``snap`` with minus ``grad``, and
-        whether any weight moved."""
-        delta = self._flat_weights() - snap
-        du = self._per_variable(tf.square(delta))
-        rows = tf.stack([
-            du,
-            self._per_variable(tf.square(snap)),
-            du,
-            -self._per_variable(delta * grad),
-            self._per_variable(tf.square(grad)),
-        ])
-        return rows, tf.reduce_sum(du) > 0.0
-
     def _reset(self) -> np.ndarray:
         return np.full((len(self._ROWS), max(len(self.slots), 1)), np.nan, np.float32)
 
@@ -299,7 +285,7 @@ class UpdateProbe:
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
-        since, pending = tf.unstack(state, num=2)
+        pending = state[1]
         grads = [grads_by_slot.get(i) for i in self.slots]
 
         # Three independent conditionals, each writing a flat variable it does not
@@ -321,31 +307,37 @@ class UpdateProbe:
                 return tf.constant(True)
 
         def measure():
-            return self._measure(self.snap.read_value(), self.gsum.read_value(), since)
+            return self._measure(self.snap.read_value(), self.gsum.read_value(), state)
 
         no = lambda: tf.constant(False)  # noqa: E731
         tf.cond(due, snapshot_weights, no)
-        took = tf.cond(measuring, measure, no)
+        measured = tf.cond(measuring, measure, lambda: state)
         stored = tf.cond(due, snapshot_gradient, no)
-        one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-        new_state = tf.where(
-            due, tf.stack([one, one]),
-            tf.where(measuring,
-                     tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending])),
-                     state),
-        )
+        new_state = tf.where(due, tf.constant([1, 1], tf.int64), measured)
         with tf.control_dependencies([stored]):
             return self.state.assign(new_state)
 
-    def _measure(self, snap: tf.Tensor, grad: tf.Tensor, since: tf.Tensor) -> tf.Tensor:
-        """Writes the result rows if a weight moved since ``snap``; returns whether."""
-        new_rows, moved = self._measured_rows(snap, grad)
+    def _measure(self, snap: tf.Tensor, grad: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
+        """A measuring step: writes the result rows of the change since ``snap`` with
+        minus ``grad`` if a weight moved; returns the probe's next state (idle once
+        written, else one more step since the snapshot)."""
+        since, pending = tf.unstack(state, num=2)
+        delta = self._flat_weights() - snap
+        du = self._per_variable(tf.square(delta))
+        new_rows = tf.stack([
+            du,
+            self._per_variable(tf.square(snap)),
+            du,
+            -self._per_variable(delta * grad),
+            self._per_variable(tf.square(grad)),
+        ])
         # measured on the first step that moved a weight; if none moved for
         # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
-        took = moved | (since >= UPDATE_EVERY - 1)
+        took = (tf.reduce_sum(du) > 0.0) | (since >= UPDATE_EVERY - 1)
         rows = self.result.read_value()
         with tf.control_dependencies([self.result.assign(tf.where(took, new_rows, rows))]):
-            return tf.identity(took)
+            zero = tf.constant(0, tf.int64)
+            return tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending]))
 
     # ------------------------------------------------ host snapshots (model.fit)
 
@@ -374,18 +366,12 @@ class UpdateProbe:
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
-        since, pending = tf.unstack(state, num=2)
         grads = [grads_by_slot.get(i) for i in self.slots]
 
         def measure():
-            return self._measure(self.snap.read_value(), self._flat_grads(grads), since)
+            return self._measure(self.snap.read_value(), self._flat_grads(grads), state)
 
-        took = tf.cond(pending > 0, measure, lambda: tf.constant(False))
-        zero = tf.constant(0, tf.int64)
-        new_state = tf.where(pending > 0,
-                             tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending])),
-                             state)
-        return self.state.assign(new_state)
+        return self.state.assign(tf.cond(state[1] > 0, measure, lambda: state))
 
     def fetch(self) -> tf.Tensor:
         """In-graph, for the engine's single read: the measurements, then reset."""

@@ -204,7 +204,6 @@ class Window:
             self.global_acc.assign(self._global_reset)
         return snapshot
 
-
     def interpret(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """(per-column accumulators, global accumulators) from ``fetch``'s flat values."""
         split = len(VAR_ACCUMULATORS) * self.num_columns
