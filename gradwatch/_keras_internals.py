@@ -244,10 +244,7 @@ def loss_tracker_totals(model: Any) -> tuple[tf.Tensor, tf.Tensor] | None:
     count = getattr(tracker, "count", None)
     if total is None or count is None:
         return None
-    return (
-        tf.cast(tf.convert_to_tensor(total), tf.float64),
-        tf.cast(tf.convert_to_tensor(count), tf.float64),
-    )
+    return tf.convert_to_tensor(total), tf.convert_to_tensor(count)
 
 
 def ordered_layers(model: Any) -> list[Any]:

@@ -43,7 +43,10 @@ _STEP, _RESYNC, _ITERATIONS_AT_END, _BUFFERED, _WINDOW_STEPS, _NONFINITE = range
 # clip scale and whether clipping fired, and whether the gradient was present.
 _RAW = 6
 _ROWS = _RAW + 3
-_SCALARS = 6  # loss, loss state, learning rate, loss scale, clip threshold, skipped
+_SCALARS = 6  # loss (two values, see _loss_pair), learning rate, loss scale, clip threshold, skipped
+# The second loss value when the first is the step's mean loss, or when there is none;
+# otherwise it is the loss tracker's count and the first its total.
+_LOSS_GIVEN, _LOSS_UNKNOWN = -1.0, -2.0
 
 
 class StepContext:
@@ -88,7 +91,7 @@ class Engine:
         self.window: Window | None = None
         self._index: dict[int, int] = {}
         self._state: tf.Variable | None = None
-        self._loss_state: tf.Variable | None = None
+        self._loss_prev: tf.Variable | None = None
         self._sink: CsvSink | None = None
         self._tb_sink: TensorBoardSink | None = None
         self.chief = True
@@ -171,17 +174,10 @@ class Engine:
                                       self.options.signed_histograms, strategy)
             if single and self.options.histogram_every > 0 else None
         )
-        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-        with tf.init_scope(), scope:
-            # Each replica remembers its own loss-tracker totals (the tracker is
-            # per replica), so this one is synchronised on read.
-            self._loss_state = tf.Variable(
-                np.zeros(2, np.float64),
-                name="gradwatch_loss_state",
-                trainable=False,
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.SUM,
-            )
+        # The loss tracker's (total, count) at the last folded step: a step's loss is
+        # the difference, taken when the step is folded, not in the step itself.
+        self._loss_prev = internals.replica_variable(np.zeros(2, np.float64), "gradwatch_loss_prev",
+                                                     strategy)
 
     def request_resync(self, iterations_at_end: int) -> None:
         """Next observed step takes its number from the optimizer's iterations,
@@ -235,14 +231,16 @@ class Engine:
         present = [i for i, g in enumerate(grads) if g is not None]
         present_grads = [grads[i] for i in present]
 
-        loss_delta = self._loss_delta(context)
+        loss_pair = self._loss_pair(context)
         replica_context = internals.replicas_to_reduce()
-        if replica_context is not None and present_grads:
+        if replica_context is not None:
             # Stats are of the global gradient: what the optimizer will apply
             # after its own all-reduce, not this replica's share.
-            stat_grads = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, present_grads)
-            if loss_delta is not None:
-                loss_delta = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, loss_delta)
+            stat_grads = (replica_context.all_reduce(tf.distribute.ReduceOp.SUM, present_grads)
+                          if present_grads else present_grads)
+            if context.loss is None and context.loss_totals is not None:
+                # each replica's tracker holds its share: the sums are the global totals
+                loss_pair = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, loss_pair)
         else:
             stat_grads = present_grads
 
@@ -278,19 +276,16 @@ class Engine:
             nonfinite_step = tf.constant(False)
         spread = self._spread(raw, [slots[i] for i in present])
         nan = tf.constant(float("nan"))
-        step_loss, loss_state = self._step_loss(context, loss_delta)
         skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
-        # loss is folded in float64 later; float32 is exact enough for a mean loss.
-        scalars = tf.stack(
-            [
-                tf.cast(step_loss, tf.float32),
-                tf.cast(loss_state, tf.float32),
+        scalars = tf.concat([
+            loss_pair,
+            tf.stack([
                 tf.cast(context.learning_rate, tf.float32) if context.learning_rate is not None else nan,
                 tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None else nan,
                 tf.cast(clip_threshold, tf.float32),
                 tf.cast(skipped, tf.float32),
-            ]
-        )
+            ]),
+        ], axis=0)
         if self._buffered:
             buffered, done = self._buffer_row(spread, scalars, step, state[_BUFFERED])
         else:
@@ -342,20 +337,31 @@ class Engine:
         steps = self._step_buffer.read_value()
         width = _ROWS * self._num_vars
 
-        def body(k, var_acc, global_acc):
+        def body(k, var_acc, global_acc, loss_prev):
             row = rows[k]
             spread = tf.reshape(row[:width], [_ROWS, self._num_vars])
-            var_acc, global_acc = self._fold_values(var_acc, global_acc, spread, row[width:], steps[k])
-            return k + 1, var_acc, global_acc
+            return (k + 1, *self._fold_values(var_acc, global_acc, spread, row[width:], steps[k],
+                                              loss_prev))
 
-        self.window.update(lambda var_acc, global_acc: tf.while_loop(
-            lambda k, *_: k < count, body, (tf.constant(0, tf.int64), var_acc, global_acc))[1:])
+        def fold(var_acc, global_acc):
+            _, var_acc, global_acc, loss_prev = tf.while_loop(
+                lambda k, *_: k < count, body,
+                (tf.constant(0, tf.int64), var_acc, global_acc, self._loss_prev.read_value()))
+            self._loss_prev.assign(loss_prev)
+            return var_acc, global_acc
+
+        self.window.update(fold)
         return count
 
     def _fold_now(self, spread, scalars, step) -> tf.Tensor:
         """Folds this step straight into the window (several replicas)."""
-        self.window.update(lambda var_acc, global_acc: self._fold_values(
-            var_acc, global_acc, spread, scalars, step))
+        def fold(var_acc, global_acc):
+            var_acc, global_acc, loss_prev = self._fold_values(
+                var_acc, global_acc, spread, scalars, step, self._loss_prev.read_value())
+            self._loss_prev.assign(loss_prev)
+            return var_acc, global_acc
+
+        self.window.update(fold)
         return tf.constant(0, tf.int64)
 
     def _flush(self) -> tf.Tensor:
@@ -471,11 +477,13 @@ class Engine:
         l2 = tf.where(stats_lib.needs_full_stats(squares), full_l2, tf.sqrt(squares))
         return tf.stack([l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac])
 
-    def _fold_values(self, var_acc, global_acc, spread, scalars, step):
-        """The window accumulators with one step folded in (pure): the layer
-        aggregation and every window statistic, from the step's [_ROWS, V] values."""
-        step_loss, loss_state, learning_rate, loss_scale, clip_threshold, skipped = tf.unstack(
+    def _fold_values(self, var_acc, global_acc, spread, scalars, step, loss_prev):
+        """The window accumulators and the loss totals with one step folded in (pure):
+        the layer aggregation and every window statistic, from the step's [_ROWS, V]
+        values and its scalars."""
+        loss_a, loss_b, learning_rate, loss_scale, clip_threshold, skipped = tf.unstack(
             scalars, num=_SCALARS)
+        step_loss, loss_state, loss_prev = self._step_loss(loss_a, loss_b, loss_prev)
         inv_scale = tf.where(tf.math.is_nan(loss_scale), 1.0, 1.0 / loss_scale)
         var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = tf.unstack(
             self.finish_stats(spread[:_RAW], inv_scale), num=5)
@@ -506,7 +514,7 @@ class Engine:
             layer_fired = tf.zeros([self._num_layers])
             clip_global, clip_global_scale, clip_any = nan, nan, tf.constant(False)
         nonfinite_step = tf.reduce_any(var_nonfinite > 0.0)
-        return self.window.fold_values(
+        new_var, new_global = self.window.fold_values(
             var_acc, global_acc,
             StepValues(
                 l2=columns.l2,
@@ -533,6 +541,7 @@ class Engine:
                 loss_state=loss_state,
             ),
         )
+        return new_var, new_global, loss_prev
 
     def _clip(self, stat_grads, slots, l2, nonfinite, context, replica_context):
         """Clips the (global, unscaled) gradients; returns what the optimizer gets."""
@@ -571,35 +580,41 @@ class Engine:
             current = tf.where(take_iterations, iterations, current)
         return current + 1
 
-    def _loss_delta(self, context: StepContext) -> tf.Tensor | None:
-        """[delta total, delta count] of the loss tracker since the previous step."""
-        if context.loss_totals is None:
-            return None
-        total, count = context.loss_totals
-        previous_total, previous_count = tf.unstack(self._loss_state.read_value(), num=2)
-        # The tracker is reset at every epoch start: then the delta is the total.
-        was_reset = count < previous_count
-        delta_total = tf.where(was_reset, total, total - previous_total)
-        delta_count = tf.where(was_reset, count, count - previous_count)
-        self._loss_state.assign(tf.stack([total, count]))
-        return tf.stack([delta_total, delta_count])
+    @staticmethod
+    def _loss_pair(context: StepContext) -> tf.Tensor:
+        """[2] float32, what a step records of its loss: (mean loss, _LOSS_GIVEN), the
+        loss tracker's (total, count), or (NaN, _LOSS_UNKNOWN). Two reads of the
+        tracker and no arithmetic: the step's loss is worked out when it is folded."""
+        if context.loss is not None:
+            return tf.stack([tf.cast(tf.reduce_mean(context.loss), tf.float32),
+                             tf.constant(_LOSS_GIVEN)])
+        if context.loss_totals is not None:
+            return tf.stack([tf.cast(value, tf.float32) for value in context.loss_totals])
+        return tf.constant([float("nan"), _LOSS_UNKNOWN])
 
     @staticmethod
-    def _step_loss(context: StepContext, loss_delta: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
-        """(loss, state): the step's mean loss (NaN when unknown) and 1.0 when it is
-        known and non-finite, 0.0 when finite, -1.0 when unknown."""
-        nan = tf.constant(float("nan"), tf.float64)
-        if context.loss is not None:
-            loss = tf.cast(tf.reduce_mean(context.loss), tf.float64)
-            known = tf.constant(True)
-        elif loss_delta is not None:
-            delta_total, delta_count = tf.unstack(loss_delta, num=2)
-            known = delta_count > 0
-            loss = tf.where(known, delta_total / tf.where(known, delta_count, 1.0), nan)
-        else:
-            return nan, tf.constant(-1.0, tf.float64)
+    def _step_loss(loss_a: tf.Tensor, loss_b: tf.Tensor, loss_prev: tf.Tensor
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(loss, state, totals) of a folded step from its ``_loss_pair`` and the totals
+        at the step before: the step's mean loss (NaN when unknown), 1.0 when it is
+        known and non-finite, 0.0 when finite, -1.0 when unknown, and the new totals."""
+        f64 = tf.float64
+        a, b = tf.cast(loss_a, f64), tf.cast(loss_b, f64)
+        previous_total, previous_count = tf.unstack(loss_prev, num=2)
+        tracked = b >= 0.0
+        # The tracker is reset at every epoch start and its count grows with every
+        # step (by the batch size): a count that did not grow is a fresh start.
+        was_reset = b <= previous_count
+        delta_total = tf.where(was_reset, a, a - previous_total)
+        delta_count = tf.where(was_reset, b, b - previous_count)
+        counted = tracked & (delta_count > 0.0)
+        nan = tf.constant(float("nan"), f64)
+        loss = tf.where(counted, delta_total / tf.where(counted, delta_count, 1.0),
+                        tf.where(tf.equal(b, _LOSS_GIVEN), a, nan))
+        known = counted | tf.equal(b, _LOSS_GIVEN)
         state = tf.where(known, tf.where(tf.math.is_finite(loss), 0.0, 1.0), -1.0)
-        return loss, tf.cast(state, tf.float64)
+        totals = tf.where(tracked, tf.stack([a, b]), loss_prev)
+        return loss, tf.cast(state, f64), totals
 
     # --------------------------------------------------------------- host
 

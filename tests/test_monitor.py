@@ -100,6 +100,20 @@ def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution):
         assert list(windows.steps) == [3, 3, 2]
 
 
+def test_one_step_epochs_log_each_steps_own_loss(log_dir):
+    """An epoch of one batch resets the loss tracker to the same count every step:
+    a window of two such steps gets the mean of their losses, not a difference of two
+    totals (nor the last epoch's loss from the logs)."""
+    x, y = make_data(n=8)
+    ref_steps, ref_losses = reference_run(make_mlp, np.concatenate([x] * 6), np.concatenate([y] * 6), 8)
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=2)])
+    check_against_reference(log_dir, ref_steps, ref_losses)
+    assert list(gw.read_windows(log_dir).steps) == [2] * 3
+
+
 def test_window_keeps_a_spike_between_reads(log_dir):
     """log_every=8 reads once, but the window's max still holds the one large step."""
     x, y = make_data(n=64)
