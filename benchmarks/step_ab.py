@@ -7,7 +7,8 @@ step by step (plain, gradwatch, plain, gradwatch, ...), each through the same
 ``CallbackList`` calls ``fit`` makes around a step; noise is shared evenly. Use it to
 judge a change of a few percent; the README table comes from ``overhead.py``.
 
-The mean column carries the host read every ``log_every`` steps; the first
+The cpu column is the process's CPU time (all threads) per step, mean: the work a
+configuration adds, less moved by this VM's neighbours than wall time. The mean column carries the host read every ``log_every`` steps; the first
 ``--skip`` steps (tracing, the XLA compile of the fold at the first read) are not timed.
 
 Usage:
@@ -63,7 +64,7 @@ def main():
         model.make_train_function()
         callbacks.on_train_begin()
         iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat())
-        runs.append((name, model, callbacks, iterator, []))
+        runs.append((name, model, callbacks, iterator, [], []))
 
     def step(model, callbacks, iterator, index):
         callbacks.on_train_batch_begin(index)
@@ -71,22 +72,25 @@ def main():
         callbacks.on_train_batch_end(index, logs)
 
     for index in range(args.skip):
-        for _, model, callbacks, iterator, _ in runs:
+        for _, model, callbacks, iterator, _, _ in runs:
             step(model, callbacks, iterator, index)
     for index in range(args.skip, args.skip + args.steps):
-        for _, model, callbacks, iterator, times in runs:
-            start = time.perf_counter()
+        for _, model, callbacks, iterator, times, cpu in runs:
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(model, callbacks, iterator, index)
             times.append(time.perf_counter() - start)
-    for _, _, callbacks, _, _ in runs:
+            cpu.append(time.process_time() - start_cpu)
+    for _, _, callbacks, _, _, _ in runs:
         callbacks.on_train_end()
     base_median = statistics.median(runs[0][4])
     base_mean = statistics.mean(runs[0][4])
+    base_cpu = statistics.mean(runs[0][5])
     print(f"{args.model}, jit_compile={args.jit}, {args.steps} interleaved steps per configuration")
-    for name, _, _, _, times in runs:
-        median, mean = statistics.median(times), statistics.mean(times)
+    for name, _, _, _, times, cpu in runs:
+        median, mean, cpu = statistics.median(times), statistics.mean(times), statistics.mean(cpu)
         print(f"  {name:28s} median {median * 1e3:8.3f} ms  ratio {median / base_median:.3f}   "
-              f"mean {mean * 1e3:8.3f} ms  ratio {mean / base_mean:.3f}")
+              f"mean {mean * 1e3:8.3f} ms  ratio {mean / base_mean:.3f}   "
+              f"cpu {cpu * 1e3:8.3f} ms  ratio {cpu / base_cpu:.3f}")
 
 
 if __name__ == "__main__":

@@ -255,9 +255,11 @@ class Engine:
                 1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
                 else tf.constant(1.0)
             )
-            raw = self._raw_stats(stat_grads, sampled)
+            flat, index, nonfinite_step = self._stat_pieces(stat_grads, sampled)
             clip_threshold = tf.constant(float("nan"))
             if self.clip is not None:
+                raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)),
+                                 [_RAW, num_present])
                 finished = self.finish_stats(raw, inv_scale)
                 clipped, clip_scale, clip_fired, clip_threshold = self._clip(
                     stat_grads, [slots[i] for i in present], finished[0], finished[1], context,
@@ -265,16 +267,15 @@ class Engine:
                 )
                 for k, i in enumerate(present):
                     grads[i] = clipped[k]
-                raw = tf.concat([raw, tf.stack([clip_scale, clip_fired])], axis=0)
+                end = int(flat.shape[0])
+                flat = tf.concat([flat, clip_scale, clip_fired], axis=0)
+                index = np.concatenate([index, end + np.arange(2 * num_present).reshape(2, num_present)])
             by_slot = {slots[i]: stat_grads[k] for k, i in enumerate(present)}
             self._run_probes(by_slot, step, sampled, inv_scale)
-            # a non-finite entry makes the sum of squares non-finite, so the full pass ran
-            nonfinite_step = tf.reduce_any(raw[5] > 0.0)
         else:
-            raw = tf.zeros([_RAW + (2 if self.clip is not None else 0), 0], tf.float32)
+            flat, index = tf.zeros([0], tf.float32), np.zeros([_RAW, 0], np.int64)
             clip_threshold = tf.constant(float("nan"))
             nonfinite_step = tf.constant(False)
-        spread = self._spread(raw, [slots[i] for i in present])
         nan = tf.constant(float("nan"))
         skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
         scalars = tf.concat([
@@ -286,11 +287,12 @@ class Engine:
                 tf.cast(skipped, tf.float32),
             ]),
         ], axis=0)
+        row = self._row(flat, index, [slots[i] for i in present], scalars)
         if self._buffered:
-            buffered, done = self._buffer_row(spread, scalars, step, state[_BUFFERED])
+            buffered, done = self._buffer_row(row, step, state[_BUFFERED])
         else:
             fold = self._compiled(("fold",), self._fold_now)
-            buffered, done = state[_BUFFERED], fold(spread, scalars, step)
+            buffered, done = state[_BUFFERED], fold(row, step)
         with tf.control_dependencies([done]):
             self._state.assign(tf.stack([
                 step, tf.constant(0, tf.int64), state[_ITERATIONS_AT_END], buffered,
@@ -300,28 +302,32 @@ class Engine:
         self.last_finite = tf.logical_not(nonfinite_step)
         return grads
 
-    def _spread(self, raw: tf.Tensor, present_slots: Sequence[int]) -> tf.Tensor:
-        """[_ROWS, V]: the present gradients' values at their variables' columns (zeros
-        elsewhere), no-clip rows when there is no clipping, and the presence row."""
-        num_present = len(present_slots)
-        perm = [num_present] * self._num_vars
+    def _row(self, flat: tf.Tensor, index: np.ndarray, present_slots: Sequence[int],
+             scalars: tf.Tensor) -> tf.Tensor:
+        """One step's buffer row, in one concat and one gather with static indices: the
+        [_ROWS, V] values (each present gradient's statistics at its variable's column,
+        ``index[r, k]`` locating row r of the k-th present gradient in ``flat``; zeros for
+        absent variables; the no-clip rows when there is no clipping; the presence row),
+        flattened, then the scalars."""
+        source = tf.concat([flat, scalars, tf.constant([0.0, 1.0])], axis=0)
+        zero = int(flat.shape[0]) + _SCALARS
+        one = zero + 1
+        layout = np.full((_ROWS, self._num_vars), zero, np.int64)
         for k, slot in enumerate(present_slots):
-            perm[slot] = k
-        padded = tf.concat([raw, tf.zeros([raw.shape[0], 1], tf.float32)], axis=1)
-        parts = [tf.gather(padded, tf.constant(perm, tf.int32), axis=1)]
-        if self.clip is None:
-            parts.append(tf.constant([[1.0] * self._num_vars, [0.0] * self._num_vars], tf.float32))
-        parts.append(tf.constant([[1.0 if p < num_present else 0.0 for p in perm]], tf.float32))
-        return tf.concat(parts, axis=0)
+            layout[: index.shape[0], slot] = index[:, k]
+            layout[_ROWS - 1, slot] = one
+        if index.shape[0] == _RAW:  # no clipping: scale 1, never fired
+            layout[_RAW] = one
+        gather = np.concatenate([layout.reshape(-1), np.arange(zero - _SCALARS, zero)])
+        return tf.gather(source, tf.constant(gather, tf.int32))
 
-    def _buffer_row(self, spread, scalars, step, buffered):
-        """Writes one step's values as a buffer row; folds the buffer in-step when
+    def _buffer_row(self, row, step, buffered):
+        """Writes one step's ``_row`` to the buffer; folds the buffer in-step when
         it is full (the host did not read for ``capacity`` steps). Returns the new
         number of buffered rows and an op to wait for."""
-        row = tf.concat([tf.reshape(spread, [-1]), scalars], axis=0)
         index = tf.reshape(buffered, [1, 1])
         writes = [
-            self._buffer.scatter_nd_update(index, row[None, :]),
+            self._buffer.scatter_nd_update(index, tf.reshape(row, [1, -1])),
             self._step_buffer.scatter_nd_update(index, tf.reshape(step, [1])),
         ]
         full = buffered + 1 >= self._capacity
@@ -353,11 +359,14 @@ class Engine:
         self.window.update(fold)
         return count
 
-    def _fold_now(self, spread, scalars, step) -> tf.Tensor:
-        """Folds this step straight into the window (several replicas)."""
+    def _fold_now(self, row, step) -> tf.Tensor:
+        """Folds this step's ``_row`` straight into the window (several replicas)."""
+        width = _ROWS * self._num_vars
+        spread = tf.reshape(row[:width], [_ROWS, self._num_vars])
+
         def fold(var_acc, global_acc):
             var_acc, global_acc, loss_prev = self._fold_values(
-                var_acc, global_acc, spread, scalars, step, self._loss_prev.read_value())
+                var_acc, global_acc, spread, row[width:], step, self._loss_prev.read_value())
             self._loss_prev.assign(loss_prev)
             return var_acc, global_acc
 
@@ -422,10 +431,13 @@ class Engine:
             self._compiled_fns[key] = cached
         return cached
 
-    def _raw_stats(self, stat_grads, sampled: tf.Tensor) -> tf.Tensor:
-        """[6, n] float32, per gradient (list order, loss-scaled): the sum of squares,
-        then the full statistics l2, max_abs, mean_abs, zero_frac, nonfinite — these
-        only on the steps that compute them (zeros on the others).
+    def _stat_pieces(self, stat_grads, sampled: tf.Tensor
+                     ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
+        """The raw statistics of the gradients (loss-scaled) as one float32 vector,
+        where ``index[r, k]`` (static, [6, n]) locates row r for the k-th gradient: the
+        sum of squares, then the full statistics l2, max_abs, mean_abs, zero_frac,
+        nonfinite (these only on the steps that compute them, zeros on the others);
+        and whether a gradient had a non-finite entry.
 
         This is all a step does with the gradients' values; turning it into
         statistics (``finish_stats``) waits until the window is folded.
@@ -433,7 +445,9 @@ class Engine:
         groups = stats_lib.group_gradients(stat_grads)
         dense = [g for g in groups.groups if g.matrix.shape.is_fully_defined()]
         sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
-        parts = []
+        pieces, flags = [], []
+        index = np.zeros((_RAW, groups.count), np.int64)
+        offset = 0
         if dense:
             # One pass per gradient: a BLAS dot for a large one, a row reduction per
             # group of stacked small ones (stats.group_sum_of_squares).
@@ -443,32 +457,44 @@ class Engine:
             count = sum(len(pos) for _, pos in dense_info)
 
             def full_pass(*matrices):
-                return tf.stack(list(stats_lib.full_stats(stats_lib.Groups(
+                full = tf.stack(list(stats_lib.full_stats(stats_lib.Groups(
                     tuple(stats_lib.Group(m, size, pos) for m, (size, pos) in zip(matrices, dense_info)),
                     None, count,
                 ))))
+                return tf.reshape(full, [-1]), tf.reduce_any(full[4] > 0.0)
 
             full_pass = self._compiled(("full", dense_info), full_pass)
             # The full pass (max, mean, zeros, exact non-finite count) runs on the
-            # window's sampled step, and on any step whose cheap norm is not exact.
+            # window's sampled step, and on any step whose cheap norm is not exact (a
+            # non-finite entry makes the sum of squares non-finite, so it runs then).
             # The cond is in the graph, not inside an XLA cluster: a conditional there
             # would take every gradient as an operand on every step.
-            full = tf.cond(
+            full, nonfinite = tf.cond(
                 sampled | tf.reduce_any(stats_lib.needs_full_stats(squares)),
                 lambda: full_pass(*[g.matrix for g in dense]),
-                lambda: tf.zeros([5, count], tf.float32),
+                lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False)),
             )
-            parts.append(tf.concat([squares[None, :], full], axis=0))
+            pieces += [squares, full]
+            flags.append(nonfinite)
+            columns = [p for _, pos in dense_info for p in pos]
+            for j, position in enumerate(columns):
+                index[0, position] = j
+                index[1:, position] = count + np.arange(5) * count + j
+            offset = 6 * count
         for g in sparse:
             # A sparse gradient's row count is data-dependent: its full statistics are
             # computed every step (it holds only the touched rows); a NaN sum of
             # squares makes the fold take them.
-            stats = tf.stack(list(stats_lib.full_stats(stats_lib.Groups((g,), None, len(g.positions)))))
-            parts.append(tf.concat([tf.fill([1, len(g.positions)], float("nan")), stats], axis=0))
-        joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-        if groups.inverse is not None:
-            joined = tf.gather(joined, tf.constant(groups.inverse, tf.int32), axis=1)
-        return joined
+            m = len(g.positions)
+            stats = tf.stack(list(stats_lib.full_stats(stats_lib.Groups((g,), None, m))))
+            pieces += [tf.constant([float("nan")] * m), tf.reshape(stats, [-1])]
+            flags.append(tf.reduce_any(stats[4] > 0.0))
+            for t, position in enumerate(g.positions):
+                index[:, position] = offset + np.arange(6) * m + t
+            offset += 6 * m
+        flat = tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+        nonfinite_step = flags[0] if len(flags) == 1 else tf.reduce_any(tf.stack(flags))
+        return flat, index, nonfinite_step
 
     @staticmethod
     def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
