@@ -9,6 +9,7 @@ optimizer iterations).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -47,6 +48,40 @@ _SCALARS = 6  # loss (two values, see _loss_pair), learning rate, loss scale, cl
 # The second loss value when the first is the step's mean loss, or when there is none;
 # otherwise it is the loss tracker's count and the first its total.
 _LOSS_GIVEN, _LOSS_UNKNOWN = -1.0, -2.0
+
+
+class _Writer:
+    """Writes the sinks' windows on one background thread, in order.
+
+    A read hands its rows over and training goes on while they are formatted and
+    written (the step itself releases the GIL). At most ``MAX_PENDING`` windows wait;
+    a write's error is raised by the next ``submit`` or by ``flush``.
+    """
+
+    MAX_PENDING = 2
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                           thread_name_prefix="gradwatch-writer")
+        self._pending: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, *args) -> None:
+        self._settle(keep=self.MAX_PENDING - 1)
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def _settle(self, keep: int) -> None:
+        while len(self._pending) > keep or (self._pending and self._pending[0].done()):
+            self._pending.pop(0).result()
+
+    def flush(self) -> None:
+        """Waits until every window handed over is written (raises a write's error)."""
+        self._settle(keep=0)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class StepContext:
@@ -94,6 +129,7 @@ class Engine:
         self._loss_prev: tf.Variable | None = None
         self._sink: CsvSink | None = None
         self._tb_sink: TensorBoardSink | None = None
+        self._writer: _Writer | None = None
         self.chief = True
         self._sinks_opened = False
         self.steps_seen = 0
@@ -657,6 +693,7 @@ class Engine:
                 self.options.log_dir, run_json, [layer.name for layer in self.topology.layers]
             )
             self._sinks_opened = True
+            self._writer = _Writer()
 
     def run_json(self) -> dict[str, Any]:
         import keras
@@ -708,18 +745,26 @@ class Engine:
         self.last_alerts = alerts
         if self._sink is not None:
             first_step = int(glob["last_step"]) - int(glob["steps"]) + 1
-            alert_rows = [a.to_row() for a in alerts]
-            self._sink.write(window_row, stats_rows, layer_rows, first_step)
-            self._sink.write_alerts(alert_rows)
-            self._tb_sink.write_window(
-                window_row, stats_rows, layer_rows, alert_rows, first_step, histograms or None
-            )
+            # written off the training thread (a copy: the caller may change window_row)
+            self._writer.submit(self._write_window, dict(window_row), stats_rows, layer_rows,
+                                [a.to_row() for a in alerts], first_step, histograms or None)
         for alert in alerts:
             level = {"info": logging.INFO, "warning": logging.WARNING}.get(alert.severity, logging.ERROR)
             logger.log(level, "gradwatch %s at step %d: %s", alert.kind, alert.step, alert.message)
             if self.on_alert is not None:
                 self.on_alert(alert.to_row())
         return window_row
+
+    def _write_window(self, window_row, stats_rows, layer_rows, alert_rows, first_step, histograms):
+        """On the writer thread: one window to the CSV files and the TensorBoard events."""
+        self._sink.write(window_row, stats_rows, layer_rows, first_step)
+        self._sink.write_alerts(alert_rows)
+        self._tb_sink.write_window(window_row, stats_rows, layer_rows, alert_rows, first_step, histograms)
+
+    def flush(self) -> None:
+        """Waits until every window read so far is in the files."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def _alerts(self, window_row, per_var, stats_rows) -> list[alerts_lib.Alert]:
         alerts = []
@@ -752,11 +797,21 @@ class Engine:
         return alerts
 
     def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            finally:
+                self._close_sinks()
+        else:
+            self._close_sinks()
+        self.closed = True
+
+    def _close_sinks(self) -> None:
         if self._sink is not None:
             self._sink.close()
             self._sink = None
         if self._tb_sink is not None:
             self._tb_sink.close()
             self._tb_sink = None
-        self.closed = True
 

@@ -248,6 +248,14 @@ class UpdateProbe:
             [i for i in members if len(topology.variables[i].shape) >= 2] or members
             for members in self._members
         ]
+        # [layers, variables] 0/1: a layer's sums over its members (or kernels) are one
+        # matrix product on the host, not a loop over the layers
+        num_vars = len(self.variables)
+        self._member_matrix = np.zeros((len(self._members), num_vars))
+        self._kernel_matrix = np.zeros((len(self._members), num_vars))
+        for layer, (members, kernels) in enumerate(zip(self._members, self._kernels)):
+            self._member_matrix[layer, members] = 1.0
+            self._kernel_matrix[layer, kernels] = 1.0
         dtypes = [tf.as_dtype(getattr(v.dtype, "name", v.dtype)) for v in self.variables]
         self.slots = [i for i, d in enumerate(dtypes) if d.is_floating]
         self.sizes = [int(np.prod(self.variables[i].shape)) for i in self.slots]
@@ -392,18 +400,17 @@ class UpdateProbe:
         var_cos = np.where(np.isfinite(var_cos), var_cos, np.nan)
         var_ratio = np.where(ratio_w > 0, var_ratio, np.nan)
         var_cos = np.where((cos_du > 0) & (cos_g > 0), var_cos, np.nan)
-        layer_ratio, layer_cos = [], []
-        for members, kernels in zip(self._members, self._kernels):
-            du, w = np.nansum(ratio_du[kernels]), np.nansum(ratio_w[kernels])
-            measured = not np.all(np.isnan(ratio_w[kernels]))
-            layer_ratio.append(np.sqrt(du / w) if measured and w > 0 else np.nan)
-            d, dot, g = (np.nansum(x[members]) for x in (cos_du, cos_dot, cos_g))
-            measured = not np.all(np.isnan(cos_g[members]))
-            with np.errstate(invalid="ignore", over="ignore"):
-                cos = dot / (np.sqrt(d) * np.sqrt(g)) if measured and d > 0 and g > 0 else np.nan
-            layer_cos.append(cos if np.isfinite(cos) else np.nan)
-        return (np.concatenate([var_ratio, np.array(layer_ratio)]),
-                np.concatenate([var_cos, np.array(layer_cos)]))
+        # per layer: NaN-skipping sums over its kernels (ratio) and members (cosine)
+        kernels, members = self._kernel_matrix, self._member_matrix
+        du, w = kernels @ np.nan_to_num(ratio_du), kernels @ np.nan_to_num(ratio_w)
+        ratio_measured = kernels @ (~np.isnan(ratio_w)) > 0
+        d, dot, g = (members @ np.nan_to_num(x) for x in (cos_du, cos_dot, cos_g))
+        cos_measured = members @ (~np.isnan(cos_g)) > 0
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            layer_ratio = np.where(ratio_measured & (w > 0), np.sqrt(du / w), np.nan)
+            layer_cos = np.where(cos_measured & (d > 0) & (g > 0), dot / (np.sqrt(d) * np.sqrt(g)), np.nan)
+        layer_cos = np.where(np.isfinite(layer_cos), layer_cos, np.nan)
+        return (np.concatenate([var_ratio, layer_ratio]), np.concatenate([var_cos, layer_cos]))
 
 
 class HistogramProbe:

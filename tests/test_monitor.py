@@ -546,3 +546,43 @@ def test_nested_models_with_repeated_layer_names(log_dir):
     expected = np.sqrt(kernels.l2.iloc[0] ** 2 + kernels.l2.iloc[1] ** 2)
     assert layers.set_index("layer").loc["dense"].l2 == pytest.approx(expected, rel=1e-6)
     assert [layer["activation"] for layer in gw.read_run(log_dir)["layers"]] == ["relu", "linear"]
+
+
+def test_windows_are_written_off_the_training_thread_in_order(log_dir, monkeypatch):
+    """The sinks write on the background writer thread; every window lands, in order,
+    by the end of fit."""
+    import threading
+
+    from gradwatch.sinks.csv_sink import CsvSink
+
+    threads = []
+    original = CsvSink.write
+
+    def recording_write(self, window_row, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(self, window_row, *args, **kwargs)
+
+    monkeypatch.setattr(CsvSink, "write", recording_write)
+    x, y = make_data()
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=2)])
+    assert len(threads) == 8
+    assert all(name.startswith("gradwatch-writer") for name in threads)
+    assert list(gw.read_windows(log_dir).step) == list(range(2, 17, 2))
+
+
+def test_a_failing_write_is_raised_not_lost(log_dir, monkeypatch):
+    from gradwatch.sinks.tb_sink import TensorBoardSink
+
+    def failing_write(self, *args, **kwargs):
+        raise OSError("disk full (test)")
+
+    monkeypatch.setattr(TensorBoardSink, "write_window", failing_write)
+    x, y = make_data()
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    with pytest.raises(OSError, match="disk full"):
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=2)])
