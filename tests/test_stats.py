@@ -124,3 +124,20 @@ def test_layer_stats_aggregate_variables():
         assert float(getattr(layer, field)[0]) == pytest.approx(reference[field], rel=1e-5)
     assert float(layer.l2[1]) == pytest.approx(np.linalg.norm(other), rel=1e-5)
     assert bool(present[0]) and bool(present[1])
+
+
+def test_many_equal_gradients_make_bounded_groups_with_exact_norms():
+    # Gradients of one size are stacked GROUP_LIMIT entries at a time, in list order;
+    # every norm is still its own gradient's.
+    rng = np.random.default_rng(4)
+    size = 4096
+    count = 2 * (stats_lib.GROUP_LIMIT // size) + 1
+    grads = [tf.constant(rng.normal(size=(64, 64)).astype("float32") * (i + 1)) for i in range(count)]
+    groups = stats_lib.group_gradients(grads)
+    per_group = stats_lib.GROUP_LIMIT // size
+    assert [len(g.positions) for g in groups.groups] == [per_group, per_group, 1]
+    assert [p for g in groups.groups for p in g.positions] == list(range(count))
+    norms = tf.sqrt(stats_lib.sum_of_squares(groups)).numpy()
+    expected = [np.linalg.norm(np.asarray(g, np.float64)) for g in grads]
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+    _check(grads, stats_lib.gradient_stats(grads))
