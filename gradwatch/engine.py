@@ -443,7 +443,7 @@ class Engine:
     def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor,
                     inv_scale: tf.Tensor) -> None:
         """Dead units every step; update and histogram probes on their sampled steps."""
-        self.units.observe(by_slot, sampled)
+        self.units.observe(by_slot, sampled, self._compiled)
         if self.updates is not None and self.updates.host_snapshots:
             self._update_grads = by_slot  # measured in after_update(), in this same trace
         elif self.updates is not None:

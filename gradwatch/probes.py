@@ -150,7 +150,12 @@ class UnitProbe:
         self.silent = replica_variable(np.ones(max(total, 1), np.float32), "gradwatch_unit_silent",
                                        strategy)
 
-    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor) -> list[tf.Operation]:
+    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor,
+                compiled: Any = None) -> list[tf.Operation]:
+        """Counts this step's zero-gradient units; on sampled steps measures which
+        units are silent. ``compiled(key, fn)``, if given, turns the measuring into one
+        node (an XLA call): a branch not taken still costs the executor a visit to each
+        of its nodes on every step, a few hundred on a deep net."""
         if not self.tracks:
             return []
         # One op per step for all the bias-mode tracks: their gradients are vectors,
@@ -179,12 +184,16 @@ class UnitProbe:
             new_run = tf.where(tf.constant(present_mask), new_run, run)
         ops = [self.zero_run.assign(new_run)]
 
-        def measure_silent():
+        present_parts = [nxt for nxt in silent_parts if nxt is not None]
+
+        def measure_silent(*nexts):
             parts = []
+            nexts = iter(nexts)
             for track, nxt in zip(self.tracks, silent_parts):
                 if nxt is None:
                     parts.append(tf.ones([track.units], tf.float32))
                 else:
+                    nxt = next(nexts)
                     rank = len(nxt.shape)
                     axes = [a for a in range(rank) if a != rank - 2]
                     rows = tf.reduce_max(tf.abs(nxt), axis=axes)
@@ -195,7 +204,9 @@ class UnitProbe:
         if any(part is not None for part in silent_parts):
             # the write stays outside the cond: under several replicas a mirrored
             # write is a merge_call, which a cond branch cannot hold
-            silent = tf.cond(sampled, measure_silent, lambda: self.silent.read_value())
+            measure = measure_silent if compiled is None else compiled(
+                ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts)), measure_silent)
+            silent = tf.cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
             ops.append(self.silent.assign(silent))
         return ops
 

@@ -99,17 +99,27 @@ class Groups(NamedTuple):
     count: int
 
 
+def _unflattened(grad: tf.Tensor) -> tuple[tf.Tensor, int]:
+    """A dense gradient as float32 in its own shape, and its size (``dense_values``
+    without the reshape: a group reshapes once, not once per gradient)."""
+    grad = tf.convert_to_tensor(grad)
+    size = grad.shape.num_elements()
+    if size is None:
+        raise ValueError(f"gradwatch needs gradients of static shape; got shape {grad.shape}.")
+    return tf.cast(grad, tf.float32), int(size)
+
+
 def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
-    """Stacks gradients of equal size so each statistic is one op per group."""
-    flat = [dense_values(g) for g in grads]
+    """Stacks gradients of equal shape so each statistic is one op per group."""
+    flat = [dense_values(g) if isinstance(g, tf.IndexedSlices) else _unflattened(g) for g in grads]
     keys: dict[object, list[int]] = {}
-    for position, (grad, (_, size)) in enumerate(zip(grads, flat)):
+    for position, (grad, (values, size)) in enumerate(zip(grads, flat)):
         if isinstance(grad, tf.IndexedSlices):
             key = ("sparse", position)
         elif size > STACK_LIMIT:
             key = ("dense", position)
         else:
-            key = size
+            key = tuple(values.shape)
         keys.setdefault(key, []).append(position)
     groups = []
     order: list[int] = []
@@ -122,9 +132,9 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
         chunks += [positions[i:i + per_group] for i in range(0, len(positions), per_group)]
     for positions in chunks:
         if len(positions) == 1:
-            matrix = flat[positions[0]][0][None, :]
+            matrix = tf.reshape(flat[positions[0]][0], [1, -1])
         else:
-            matrix = tf.stack([flat[p][0] for p in positions])
+            matrix = tf.reshape(tf.stack([flat[p][0] for p in positions]), [len(positions), -1])
         groups.append(Group(matrix, flat[positions[0]][1], tuple(positions)))
         order.extend(positions)
     inverse = [0] * len(order)
