@@ -423,7 +423,7 @@ class Engine:
     def after_update(self) -> None:
         """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
         if self.updates is not None and self.updates.host_snapshots and self._update_grads:
-            self.updates.measure_after_update(self._update_grads)
+            self.updates.measure_after_update(self._update_grads, self._compiled)
         self._update_grads = {}
 
     def _read_all(self) -> dict[str, Any]:

@@ -379,18 +379,31 @@ class UpdateProbe:
             self._snapshot_fn = tf.function(snapshot, autograph=False)
         self._snapshot_fn()
 
-    def measure_after_update(self, grads_by_slot: dict[int, Any]) -> tf.Tensor:
+    def measure_after_update(self, grads_by_slot: dict[int, Any], compiled: Any = None) -> tf.Tensor:
         """In-graph, after the optimizer's update: while a host snapshot is pending,
-        the change since it and its cosine with minus this step's gradient."""
+        the change since it and its cosine with minus this step's gradient.
+
+        ``compiled(key, fn)``, if given, makes the measuring one node (an XLA call):
+        a branch not taken still costs the executor a visit to each of its nodes on
+        every step, and this one has several per variable.
+        """
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
         grads = [grads_by_slot.get(i) for i in self.slots]
+        present = [g for g in grads if g is not None]
+        if any(isinstance(g, tf.IndexedSlices) for g in present):
+            compiled = None  # IndexedSlices are not XLA operands: measure in the graph
 
-        def measure():
-            return self._measure(self.snap.read_value(), self._flat_grads(grads), state)
+        def measure(state, *present_grads):
+            given = iter(present_grads)
+            full = [None if g is None else next(given) for g in grads]
+            return self._measure(self.snap.read_value(), self._flat_grads(full), state)
 
-        return self.state.assign(tf.cond(state[1] > 0, measure, lambda: state))
+        if compiled is not None:
+            measure = compiled(("update", tuple(g is None for g in grads)), measure)
+        return self.state.assign(tf.cond(state[1] > 0, lambda: measure(state, *present),
+                                         lambda: state))
 
     def fetch(self) -> tf.Tensor:
         """In-graph, for the engine's single read: the measurements, then reset."""
