@@ -1,5 +1,6 @@
 """A training process killed with SIGKILL at a random moment loses nothing but
-the window being written; every file stays readable."""
+the windows being written or queued for the writer thread (the latest ones: what
+is on disk is a prefix of the run); every file stays readable."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """CSV sink: ``run.json``, ``windows.csv``, ``stats.csv`` and ``alerts.csv``.
 
 Every write is flushed, so a killed process loses at most the rows of the
-window being written.  With ``append=True`` a resumed run continues the same
+window being written, and of the windows queued for the engine's writer thread
+(two at most).  With ``append=True`` a resumed run continues the same
 files: the header must match, the watched variables must match, a torn last
 line is cut off, and rows at or after the resumed run's first step are
 superseded (the later write wins).
