@@ -119,7 +119,7 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
         elif size > STACK_LIMIT:
             key = ("dense", position)
         else:
-            key = tuple(values.shape)
+            key = ("shape", tuple(values.shape))
         keys.setdefault(key, []).append(position)
     groups = []
     order: list[int] = []

@@ -141,3 +141,15 @@ def test_many_equal_gradients_make_bounded_groups_with_exact_norms():
     expected = [np.linalg.norm(np.asarray(g, np.float64)) for g in grads]
     np.testing.assert_allclose(norms, expected, rtol=1e-5)
     _check(grads, stats_lib.gradient_stats(grads))
+
+
+def test_scalar_and_equal_size_gradients_of_other_shapes_group_correctly():
+    # A scalar gradient (a learned temperature, say) groups alone; gradients of equal
+    # size but different shape are stacked only with their own shape.
+    grads = [tf.constant(3.0), tf.constant([[1.0, 2.0], [3.0, 4.0]]), tf.constant([1.0, -2.0, 2.0, 0.0]),
+             tf.constant(-4.0), tf.constant([[0.5, 0.5], [0.5, 0.5]])]
+    groups = stats_lib.group_gradients(grads)
+    assert sorted(g.positions for g in groups.groups) == [(0, 3), (1, 4), (2,)]
+    norms = tf.sqrt(stats_lib.sum_of_squares(groups)).numpy()
+    np.testing.assert_allclose(norms, [3.0, np.sqrt(30.0), 3.0, 4.0, 1.0], rtol=1e-6)
+    _check(grads, stats_lib.gradient_stats(grads))
