@@ -124,6 +124,18 @@ def apply_if_finite(apply_fn: Callable[..., Any], grads, variables, finite: tf.T
     tf.cond(finite, apply_now, lambda: tf.constant(False))
 
 
+def run_function(fn: Any, **kwargs: Any) -> Any:
+    """``tf.function(fn, **kwargs)`` for a function each run (engine, probe, watch)
+    creates anew. TensorFlow counts traces per Python code object, not per
+    ``tf.function``, so a process that trains several models (the demo, a
+    hyperparameter loop) would be warned of "excessive retracing" for what is one
+    trace per run; that warning is turned off for these functions only."""
+    function = tf.function(fn, **kwargs)
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+    return function
+
+
 def in_xla_context() -> bool:
     """Whether the graph being traced is compiled by XLA (``jit_compile=True``)."""
     from tensorflow.python.framework import ops

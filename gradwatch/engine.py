@@ -198,7 +198,7 @@ class Engine:
             self._step_buffer = internals.replica_variable(
                 np.zeros(self._capacity, np.int64), "gradwatch_step_numbers", strategy
             )
-        self._read_all_fn = tf.function(self._read_all, autograph=False)
+        self._read_all_fn = internals.run_function(self._read_all, autograph=False)
         self.units = probes_lib.UnitProbe(topology, strategy)
         # Probes that write under a tf.cond cannot run under several replicas
         # (a mirrored write is a merge_call, which a cond branch cannot hold).
@@ -463,7 +463,7 @@ class Engine:
             return fn
         cached = self._compiled_fns.get(key)
         if cached is None:
-            cached = tf.function(fn, jit_compile=True, autograph=False)
+            cached = internals.run_function(fn, jit_compile=True, autograph=False)
             self._compiled_fns[key] = cached
         return cached
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._keras_internals import replica_variable
+from gradwatch._keras_internals import replica_variable, run_function
 from gradwatch.topology import RELU_FAMILY, Topology
 
 _NORMALISERS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization"})
@@ -376,7 +376,7 @@ class UpdateProbe:
                 self.snap.assign(self._flat_weights())
                 self.state.assign(tf.constant([0, 1], tf.int64))
 
-            self._snapshot_fn = tf.function(snapshot, autograph=False)
+            self._snapshot_fn = run_function(snapshot, autograph=False)
         self._snapshot_fn()
 
     def measure_after_update(self, grads_by_slot: dict[int, Any], compiled: Any = None) -> tf.Tensor:

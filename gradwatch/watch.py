@@ -125,7 +125,7 @@ class Watch:
         if tf.executing_eagerly():
             # Eager callers get the same fused graph, traced once per variable set.
             if self._eager_observe is None:
-                self._eager_observe = tf.function(self._observe_in_graph)
+                self._eager_observe = internals.run_function(self._observe_in_graph)
             observed, finite = self._eager_observe(grads, slots, loss)
             self._engine.last_finite = finite
             return observed

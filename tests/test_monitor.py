@@ -586,3 +586,26 @@ def test_a_failing_write_is_raised_not_lost(log_dir, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0,
                   callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=2)])
+
+
+def test_many_runs_in_one_process_raise_no_retracing_warning(tmp_path):
+    """Each run's functions are traced once; training several models in one process
+    (the demo, a hyperparameter loop) is not "excessive retracing"."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf_logger = tf.get_logger()
+    tf_logger.addHandler(handler)
+    try:
+        x, y = make_data(n=16)
+        for k in range(6):
+            model = make_mlp(seed=k)
+            model.compile(keras.optimizers.SGD(LR), "mse")
+            model.fit(x, y, batch_size=8, verbose=0,
+                      callbacks=[gw.GradientMonitor(log_dir=str(tmp_path / str(k)), log_every=1)])
+    finally:
+        tf_logger.removeHandler(handler)
+    retracing = [r.getMessage() for r in records if "retracing" in r.getMessage()]
+    assert not [m for m in retracing if "gradwatch" in m or "snapshot" in m or "_read_all" in m], retracing
