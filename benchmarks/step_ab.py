@@ -5,11 +5,12 @@ machine lands on one configuration and moves a ratio by several percent. Here ev
 configuration gets its own compiled model, and their train steps are called in turn,
 step by step (plain, gradwatch, plain, gradwatch, ...), each through the same
 ``CallbackList`` calls ``fit`` makes around a step; noise is shared evenly. Use it to
-judge a change of a few percent; the README table comes from ``overhead.py``.
+judge a change of a few percent; the README shows both instruments' figures.
 
 The cpu column is the process's CPU time (all threads) per step, mean: the work a
-configuration adds, less moved by this VM's neighbours than wall time. The mean column carries the host read every ``log_every`` steps; the first
-``--skip`` steps (tracing, the XLA compile of the fold at the first read) are not timed.
+configuration adds, less moved by this VM's neighbours than wall time. The mean
+column carries the host read every ``log_every`` steps; the first ``--skip`` steps
+(tracing, the XLA compile of the fold at the first read) are not timed.
 
 Usage:
     python benchmarks/step_ab.py mlp                       # plain vs defaults, jit off

@@ -10,7 +10,6 @@ optimizer iterations).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import math
 import os
@@ -377,13 +376,9 @@ class Engine:
         """Folds the first ``count`` buffered rows into the window, in step order."""
         rows = self._buffer.read_value()
         steps = self._step_buffer.read_value()
-        width = _ROWS * self._num_vars
 
         def body(k, var_acc, global_acc, loss_prev):
-            row = rows[k]
-            spread = tf.reshape(row[:width], [_ROWS, self._num_vars])
-            return (k + 1, *self._fold_values(var_acc, global_acc, spread, row[width:], steps[k],
-                                              loss_prev))
+            return (k + 1, *self._fold_values(var_acc, global_acc, rows[k], steps[k], loss_prev))
 
         def fold(var_acc, global_acc):
             _, var_acc, global_acc, loss_prev = tf.while_loop(
@@ -397,12 +392,9 @@ class Engine:
 
     def _fold_now(self, row, step) -> tf.Tensor:
         """Folds this step's ``_row`` straight into the window (several replicas)."""
-        width = _ROWS * self._num_vars
-        spread = tf.reshape(row[:width], [_ROWS, self._num_vars])
-
         def fold(var_acc, global_acc):
             var_acc, global_acc, loss_prev = self._fold_values(
-                var_acc, global_acc, spread, row[width:], step, self._loss_prev.read_value())
+                var_acc, global_acc, row, step, self._loss_prev.read_value())
             self._loss_prev.assign(loss_prev)
             return var_acc, global_acc
 
@@ -539,10 +531,12 @@ class Engine:
         l2 = tf.where(stats_lib.needs_full_stats(squares), full_l2, tf.sqrt(squares))
         return tf.stack([l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac])
 
-    def _fold_values(self, var_acc, global_acc, spread, scalars, step, loss_prev):
+    def _fold_values(self, var_acc, global_acc, row, step, loss_prev):
         """The window accumulators and the loss totals with one step folded in (pure):
-        the layer aggregation and every window statistic, from the step's [_ROWS, V]
-        values and its scalars."""
+        the layer aggregation and every window statistic, from the step's ``_row``
+        (its [_ROWS, V] values, then its scalars)."""
+        width = _ROWS * self._num_vars
+        spread, scalars = tf.reshape(row[:width], [_ROWS, self._num_vars]), row[width:]
         loss_a, loss_b, learning_rate, loss_scale, clip_threshold, skipped = tf.unstack(
             scalars, num=_SCALARS)
         step_loss, loss_state, loss_prev = self._step_loss(loss_a, loss_b, loss_prev)
@@ -761,11 +755,6 @@ class Engine:
         self._sink.write_alerts(alert_rows)
         self._tb_sink.write_window(window_row, stats_rows, layer_rows, alert_rows, first_step, histograms)
 
-    def flush(self) -> None:
-        """Waits until every window read so far is in the files."""
-        if self._writer is not None:
-            self._writer.flush()
-
     def _alerts(self, window_row, per_var, stats_rows) -> list[alerts_lib.Alert]:
         alerts = []
         nonfinite = alerts_lib.nonfinite_alert(
@@ -797,13 +786,11 @@ class Engine:
         return alerts
 
     def close(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            try:
-                writer.close()
-            finally:
-                self._close_sinks()
-        else:
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()  # the windows still queued are written first
+        finally:
             self._close_sinks()
         self.closed = True
 

@@ -204,8 +204,8 @@ class UnitProbe:
         if any(part is not None for part in silent_parts):
             # the write stays outside the cond: under several replicas a mirrored
             # write is a merge_call, which a cond branch cannot hold
-            measure = measure_silent if compiled is None else compiled(
-                ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts)), measure_silent)
+            key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
+            measure = measure_silent if compiled is None else compiled(key, measure_silent)
             silent = tf.cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
             ops.append(self.silent.assign(silent))
         return ops

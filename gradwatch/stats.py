@@ -62,13 +62,8 @@ def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
             grad.values, positions, tf.shape(unique_rows)[0]
         )
         return tf.reshape(tf.cast(summed, tf.float32), [-1]), size
-    grad = tf.convert_to_tensor(grad)
-    size = grad.shape.num_elements()
-    if size is None:
-        raise ValueError(
-            f"gradwatch needs gradients of static shape; got shape {grad.shape}."
-        )
-    return tf.reshape(tf.cast(grad, tf.float32), [-1]), int(size)
+    values, size = _unflattened(grad)
+    return tf.reshape(values, [-1]), size
 
 
 SAFE_MIN_SQ = SAFE_MIN * SAFE_MIN
@@ -101,7 +96,7 @@ class Groups(NamedTuple):
 
 def _unflattened(grad: tf.Tensor) -> tuple[tf.Tensor, int]:
     """A dense gradient as float32 in its own shape, and its size (``dense_values``
-    without the reshape: a group reshapes once, not once per gradient)."""
+    before the reshape: a group reshapes once, not once per gradient)."""
     grad = tf.convert_to_tensor(grad)
     size = grad.shape.num_elements()
     if size is None:
