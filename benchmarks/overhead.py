@@ -1,8 +1,11 @@
 """Overhead of gradwatch vs plain ``model.fit``, measured side by side in one process.
 
-For every model, configurations are run interleaved (plain, gradwatch, plain,
-gradwatch, ...) for ``--reps`` repetitions; each run times every training step
-with a callback and keeps the median step time and the mean step time. The
+For every model, configurations are run interleaved for ``--reps`` repetitions,
+each repetition starting one configuration later than the last (plain, gradwatch,
+clip, ...; then gradwatch, clip, ..., plain), so no configuration always runs first
+or right after the same neighbour; after each run the model is dropped
+(``keras.backend.clear_session``, ``gc.collect``). Each run times every training
+step with a callback and keeps the median step time and the mean step time. The
 table shows each configuration's median-of-medians as a ratio to plain ``fit``
 of the same model (the issue's gate), and the ratio of the mean step times,
 which also carries the steps that are not typical: gradwatch's host read every
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import os
@@ -34,6 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from long_run import rss_mib  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
 
@@ -180,7 +185,11 @@ def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile)
         x[: steps * batch_size], y[: steps * batch_size], batch_size=batch_size,
         epochs=1, shuffle=False, verbose=0, callbacks=callbacks,
     )
+    del model, callbacks
+    keras.backend.clear_session()
+    gc.collect()
     return statistics.median(timer.times[5:]), statistics.mean(timer.times[MEAN_SKIP:])
+
 
 
 def main():
@@ -203,6 +212,7 @@ def main():
     jits = {"off": [False], "on": [True], "both": [False, True]}[jit]
     log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
     results = []
+    rss_after = []  # (jit, model, MiB): what the process holds after a model's runs
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     path = os.path.join(args.out, f"{stamp}.json")
@@ -219,6 +229,7 @@ def main():
                                  "gradwatch": gw.__version__},
                     "batch_size": batch_size, "steps": steps, "reps": reps, "mean_skips_steps": MEAN_SKIP,
                     "peak_rss_mb": peak_rss_mb,
+                    "rss_after_each_model_mib": rss_after,
                     "results": results,
                 },
                 f, indent=2,
@@ -240,9 +251,11 @@ def main():
                 configs = {k: v for k, v in configs.items() if k in wanted}
             medians = {c: [] for c in configs}
             means = {c: [] for c in configs}
-            for _ in range(reps):
-                for config_name, make_callbacks in configs.items():
-                    median, mean = run_once(name, make_callbacks, x, y, steps, batch_size, jit_compile)
+            order = list(configs)
+            for rep in range(reps):
+                shift = rep % len(order)
+                for config_name in order[shift:] + order[:shift]:
+                    median, mean = run_once(name, configs[config_name], x, y, steps, batch_size, jit_compile)
                     medians[config_name].append(median)
                     means[config_name].append(mean)
             plain = statistics.median(medians["plain"])
@@ -269,6 +282,7 @@ def main():
                     f"(mean {statistics.median(means[config_name]) * 1e3:8.2f} ms, ratio {mean_ratio:.3f})",
                     flush=True,
                 )
+            rss_after.append([jit_compile, name, rss_mib()])
             write()
     peak_rss_mb = write()
     print(f"peak RSS {peak_rss_mb:.0f} MB")
