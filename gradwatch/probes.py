@@ -186,20 +186,35 @@ class UnitProbe:
 
         present_parts = [nxt for nxt in silent_parts if nxt is not None]
 
+        # Tracks whose next kernels have one shape (and unit count) are measured as
+        # one stack: a deep net's hundred tracks are a few reductions, not a few
+        # hundred ops (which also made the XLA compile of this measure slow).
+        groups: dict[tuple, list[int]] = {}
+        for k, (track, nxt) in enumerate(zip(self.tracks, silent_parts)):
+            if nxt is not None:
+                groups.setdefault((tuple(nxt.shape), track.units), []).append(k)
+        # where each track's units are in [measured groups..., ones]
+        source, ones_at = {}, sum(len(members) * units for (_, units), members in groups.items())
+        offset = 0
+        for (_, units), members in groups.items():
+            for k in members:
+                source[k] = offset + np.arange(units)
+                offset += units
+        order = np.concatenate([source.get(k, np.full(t.units, ones_at)) for k, t in enumerate(self.tracks)])
+        position = {k: j for j, k in enumerate(k for k, p in enumerate(silent_parts) if p is not None)}
+
         def measure_silent(*nexts):
             parts = []
-            nexts = iter(nexts)
-            for track, nxt in zip(self.tracks, silent_parts):
-                if nxt is None:
-                    parts.append(tf.ones([track.units], tf.float32))
-                else:
-                    nxt = next(nexts)
-                    rank = len(nxt.shape)
-                    axes = [a for a in range(rank) if a != rank - 2]
-                    rows = tf.reduce_max(tf.abs(nxt), axis=axes)
-                    rows = tf.reduce_max(tf.reshape(rows, [-1, track.units]), axis=0)
-                    parts.append(tf.cast(tf.equal(rows, 0.0), tf.float32))
-            return tf.concat(parts, axis=0)
+            for (shape, units), members in groups.items():
+                stacked = tf.stack([nexts[position[k]] for k in members]) if len(members) > 1 else (
+                    tf.expand_dims(nexts[position[members[0]]], 0))
+                rank = len(shape) + 1
+                # max |w| of each input row (axis rank-2 of a kernel), per stacked kernel
+                rows = tf.reduce_max(tf.abs(stacked), axis=[a for a in range(1, rank) if a != rank - 2])
+                rows = tf.reduce_max(tf.reshape(rows, [len(members), -1, units]), axis=1)
+                parts.append(tf.reshape(tf.cast(tf.equal(rows, 0.0), tf.float32), [-1]))
+            parts.append(tf.ones([1], tf.float32))
+            return tf.gather(tf.concat(parts, axis=0), tf.constant(order, tf.int32))
 
         if any(part is not None for part in silent_parts):
             # the write stays outside the cond: under several replicas a mirrored

@@ -253,6 +253,62 @@ def test_live_units_with_zero_outgoing_weights_are_no_learning_signal(tmp_path):
     assert "no_learning_signal" in kinds and "dead_relu" not in kinds
 
 
+class _PrunedRows(keras.constraints.Constraint):
+    """Keeps the outgoing weights of the given input units (kernel rows) at zero."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def __call__(self, w):
+        mask = np.ones(w.shape, np.float32)
+        mask[self.rows] = 0.0
+        return w * mask
+
+
+def test_dead_and_no_signal_units_of_layers_measured_together(tmp_path):
+    # Three ReLU layers of 8 units whose next kernels have one shape (h2, h3) or not
+    # (out): the silent-unit measure stacks equal shapes, so each layer's units must
+    # come back in its own place. Dead units: bias -30 (never positive); pruned units:
+    # live, with their outgoing weights held at zero (no learning signal).
+    dead = {"h1": [0, 1], "h2": [5], "h3": [3, 4, 6]}
+    pruned = {"h1": [2], "h2": [6, 7], "h3": [0]}
+    following = {"h1": "h2", "h2": "h3", "h3": "out"}
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((12,))]
+    for name in ("h1", "h2", "h3", "out"):
+        before = [k for k, v in following.items() if v == name]
+        bias = np.zeros(1 if name == "out" else 8, np.float32)
+        if name in dead:
+            bias[dead[name]] = -30.0
+        layers.append(keras.layers.Dense(
+            1 if name == "out" else 8, activation="sigmoid" if name == "out" else "relu", name=name,
+            bias_initializer=keras.initializers.Constant(bias),
+            kernel_constraint=_PrunedRows(pruned[before[0]]) if before else None))
+    model = keras.Sequential(layers)
+    for name, rows in pruned.items():  # the constraint holds them at zero from the first step
+        kernel = model.get_layer(following[name]).kernel
+        kernel.assign(_PrunedRows(rows)(kernel.numpy()))
+    x, y = _data(n=640)
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0,
+         thresholds=gw.detectors.Thresholds(dead_steps=10))
+    # independent: forward pass in numpy over the last 10 batches (batch 32)
+    h = x[-320:]
+    stats = gw.read_stats(log_dir, level="layer")
+    for name in ("h1", "h2", "h3"):
+        kernel, b = (v.numpy() for v in model.get_layer(name).trainable_variables)
+        pre = h @ kernel + b
+        h = np.maximum(pre, 0.0)
+        never_active = (pre <= 0).all(axis=0)
+        outgoing = model.get_layer(following[name]).kernel.numpy()
+        silent_out = (outgoing == 0).all(axis=1) & ~never_active
+        assert list(np.flatnonzero(never_active)) == dead[name]
+        assert list(np.flatnonzero(silent_out)) == pruned[name]
+        last = stats[stats.layer == name].iloc[-1]
+        assert last.dead_frac == pytest.approx(never_active.mean()), name
+        assert last.no_signal_frac == pytest.approx(silent_out.mean()), name
+
+
 def test_gradient_accumulation_does_not_make_update_ratio_storms(tmp_path):
     x, y = _data(n=1280)
     model = _model()
