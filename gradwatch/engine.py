@@ -44,6 +44,13 @@ _STEP, _RESYNC, _ITERATIONS_AT_END, _BUFFERED, _WINDOW_STEPS, _NONFINITE = range
 _RAW = 6
 _ROWS = _RAW + 3
 _SCALARS = 6  # loss (two values, see _loss_pair), learning rate, loss scale, clip threshold, skipped
+# The XLA calls standing in for a branch not taken (the full pass, the unit and
+# update measures: see _compiled) pay off on a net with many variables, where the
+# branch has hundreds of nodes. Each costs a compile (~0.3 s) and memory TensorFlow
+# keeps for the life of the process (its XLA cache has no eviction), paid again by
+# every new model: a net with fewer variables runs those branches as plain graph.
+XLA_BRANCH_MIN_VARIABLES = 32
+_FOLD_KEYS = ("fold", "rows")
 # The second loss value when the first is the step's mean loss, or when there is none;
 # otherwise it is the loss tracker's count and the first its total.
 _LOSS_GIVEN, _LOSS_UNKNOWN = -1.0, -2.0
@@ -447,11 +454,15 @@ class Engine:
 
     def _compiled(self, key, fn):
         """``fn`` as one XLA cluster, cached per static key: the window fold (a few
-        hundred small ops per folded step, run at the host read) and the sampled
-        steps' full pass; plain graph under several replicas or ``GRADWATCH_JIT=0``."""
+        hundred small ops per folded step, run at the host read), and the branches
+        taken on some steps only (the sampled steps' full pass, the unit and update
+        measures) of a net with ``XLA_BRANCH_MIN_VARIABLES`` variables or more;
+        plain graph under several replicas or ``GRADWATCH_JIT=0``."""
         if internals.replicas_to_reduce() is not None or not self._jit:
             # Mirrored variables are written through merge_call, which a nested
             # tf.function cannot hold: inline under several replicas.
+            return fn
+        if key[0] not in _FOLD_KEYS and self._num_vars < XLA_BRANCH_MIN_VARIABLES:
             return fn
         cached = self._compiled_fns.get(key)
         if cached is None:

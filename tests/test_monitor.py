@@ -13,6 +13,7 @@ from conftest import np_stats, replay_sgd, tape_gradients
 
 import gradwatch as gw
 from gradwatch import _keras_internals as internals
+from gradwatch import engine as engine_lib
 
 LR = 0.05
 
@@ -81,7 +82,11 @@ def check_against_reference(log_dir, ref_steps, ref_losses, rel=1e-4):
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
-def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution):
+@pytest.mark.parametrize("xla_branches", [False, True])
+def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution, xla_branches, monkeypatch):
+    # xla_branches: the sampled steps' full pass and the probes' measures as XLA calls,
+    # as on a net of many variables (this one has few)
+    monkeypatch.setattr(engine_lib, "XLA_BRANCH_MIN_VARIABLES", 0 if xla_branches else 10**6)
     x, y = make_data()
     ref_steps, ref_losses = reference_run(make_mlp, x, y, batch_size=8)
     model = make_mlp()
