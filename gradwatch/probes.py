@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradwatch import stats as stats_lib
 from gradwatch._keras_internals import replica_variable, run_function
 from gradwatch.topology import RELU_FAMILY, Topology
 
@@ -187,25 +188,28 @@ class UnitProbe:
         present_parts = [nxt for nxt in silent_parts if nxt is not None]
 
         # Tracks whose next kernels have one shape (and unit count) are measured as
-        # one stack: a deep net's hundred tracks are a few reductions, not a few
-        # hundred ops (which also made the XLA compile of this measure slow).
-        groups: dict[tuple, list[int]] = {}
+        # stacks (of at most stats.GROUP_LIMIT entries): a deep net's hundred tracks
+        # are a few dozen reductions, not a few hundred ops (which also made the XLA
+        # compile of this measure slow).
+        by_shape: dict[tuple, list[int]] = {}
         for k, (track, nxt) in enumerate(zip(self.tracks, silent_parts)):
             if nxt is not None:
-                groups.setdefault((tuple(nxt.shape), track.units), []).append(k)
+                by_shape.setdefault((tuple(nxt.shape), track.units), []).append(k)
+        groups = [(shape, units, chunk) for (shape, units), members in by_shape.items()
+                  for chunk in stats_lib.stack_chunks(members, int(np.prod(shape)))]
         # where each track's units are in [measured groups..., ones]
-        source, ones_at = {}, sum(len(members) * units for (_, units), members in groups.items())
-        offset = 0
-        for (_, units), members in groups.items():
+        source, offset = {}, 0
+        for _, units, members in groups:
             for k in members:
                 source[k] = offset + np.arange(units)
                 offset += units
+        ones_at = offset
         order = np.concatenate([source.get(k, np.full(t.units, ones_at)) for k, t in enumerate(self.tracks)])
         position = {k: j for j, k in enumerate(k for k, p in enumerate(silent_parts) if p is not None)}
 
         def measure_silent(*nexts):
             parts = []
-            for (shape, units), members in groups.items():
+            for shape, units, members in groups:
                 stacked = tf.stack([nexts[position[k]] for k in members]) if len(members) > 1 else (
                     tf.expand_dims(nexts[position[members[0]]], 0))
                 rank = len(shape) + 1

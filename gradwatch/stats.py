@@ -104,6 +104,13 @@ def _unflattened(grad: tf.Tensor) -> tuple[tf.Tensor, int]:
     return tf.cast(grad, tf.float32), int(size)
 
 
+def stack_chunks(positions: list[int], size: int) -> list[list[int]]:
+    """``positions`` of tensors of ``size`` entries each, cut into stacks of at most
+    ``GROUP_LIMIT`` entries (a tensor larger than that stays alone)."""
+    per_group = max(1, GROUP_LIMIT // max(size, 1))
+    return [positions[i:i + per_group] for i in range(0, len(positions), per_group)]
+
+
 def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
     """Stacks gradients of equal shape so each statistic is one op per group."""
     flat = [dense_values(g) if isinstance(g, tf.IndexedSlices) else _unflattened(g) for g in grads]
@@ -123,8 +130,7 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
     chunks = []
     for key in ordered_keys:
         positions = keys[key]
-        per_group = max(1, GROUP_LIMIT // max(flat[positions[0]][1], 1))
-        chunks += [positions[i:i + per_group] for i in range(0, len(positions), per_group)]
+        chunks += stack_chunks(positions, flat[positions[0]][1])
     for positions in chunks:
         if len(positions) == 1:
             matrix = tf.reshape(flat[positions[0]][0], [1, -1])
