@@ -191,7 +191,6 @@ def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile)
     return statistics.median(timer.times[5:]), statistics.mean(timer.times[MEAN_SKIP:])
 
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")

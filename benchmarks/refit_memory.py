@@ -23,11 +23,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "refit_memory.json")
 
@@ -45,7 +48,6 @@ def child(model_name: str, monitored: bool, fits: int, steps: int) -> None:
     import tempfile
 
     import keras
-    import numpy as np
     from long_run import rss_mib
     from overhead import MODELS
 
@@ -74,14 +76,6 @@ def child(model_name: str, monitored: bool, fits: int, steps: int) -> None:
     print(json.dumps({"fit_seconds": seconds, "rss_mib": rss}))
 
 
-def slope(values: list[float]) -> float:
-    """Least-squares growth per fit."""
-    n = len(values)
-    mean_x, mean_y = (n - 1) / 2, sum(values) / n
-    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
-    return num / sum((i - mean_x) ** 2 for i in range(n))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp")
@@ -102,9 +96,9 @@ def main() -> None:
             env={**os.environ, **env}, check=True, capture_output=True, text=True,
         ).stdout
         run = json.loads(output.strip().splitlines()[-1])
-        seconds = sorted(run["fit_seconds"][1:])
-        run["median_fit_seconds"] = seconds[len(seconds) // 2]
-        run["rss_growth_mib_per_fit"] = slope(run["rss_mib"][3:])
+        run["median_fit_seconds"] = statistics.median(run["fit_seconds"][1:])
+        kept = run["rss_mib"][3:]
+        run["rss_growth_mib_per_fit"] = float(np.polyfit(np.arange(len(kept)), kept, 1)[0])
         results[name] = run
         print(f"{name:28s} fit {run['median_fit_seconds']:6.2f} s (median after the first)  "
               f"RSS after fit 1 {run['rss_mib'][0]:7.0f} MiB, after fit {args.fits} "

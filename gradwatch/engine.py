@@ -45,12 +45,11 @@ _RAW = 6
 _ROWS = _RAW + 3
 _SCALARS = 6  # loss (two values, see _loss_pair), learning rate, loss scale, clip threshold, skipped
 # The XLA calls standing in for a branch not taken (the full pass, the unit and
-# update measures: see _compiled) pay off on a net with many variables, where the
+# update measures: see _branch) pay off on a net with many variables, where the
 # branch has hundreds of nodes. Each costs a compile (~0.3 s) and memory TensorFlow
 # keeps for the life of the process (its XLA cache has no eviction), paid again by
 # every new model: a net with fewer variables runs those branches as plain graph.
 XLA_BRANCH_MIN_VARIABLES = 32
-_FOLD_KEYS = ("fold", "rows")
 # The second loss value when the first is the step's mean loss, or when there is none;
 # otherwise it is the loss tracker's count and the first its total.
 _LOSS_GIVEN, _LOSS_UNKNOWN = -1.0, -2.0
@@ -422,7 +421,7 @@ class Engine:
     def after_update(self) -> None:
         """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
         if self.updates is not None and self.updates.host_snapshots and self._update_grads:
-            self.updates.measure_after_update(self._update_grads, self._compiled)
+            self.updates.measure_after_update(self._update_grads, self._branch)
         self._update_grads = {}
 
     def _read_all(self) -> dict[str, Any]:
@@ -442,7 +441,7 @@ class Engine:
     def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor,
                     inv_scale: tf.Tensor) -> None:
         """Dead units every step; update and histogram probes on their sampled steps."""
-        self.units.observe(by_slot, sampled, self._compiled)
+        self.units.observe(by_slot, sampled, self._branch)
         if self.updates is not None and self.updates.host_snapshots:
             self._update_grads = by_slot  # measured in after_update(), in this same trace
         elif self.updates is not None:
@@ -454,21 +453,25 @@ class Engine:
 
     def _compiled(self, key, fn):
         """``fn`` as one XLA cluster, cached per static key: the window fold (a few
-        hundred small ops per folded step, run at the host read), and the branches
-        taken on some steps only (the sampled steps' full pass, the unit and update
-        measures) of a net with ``XLA_BRANCH_MIN_VARIABLES`` variables or more;
-        plain graph under several replicas or ``GRADWATCH_JIT=0``."""
+        hundred small ops per folded step, run at the host read), and the branches of
+        ``_branch``; plain graph under several replicas or ``GRADWATCH_JIT=0``."""
         if internals.replicas_to_reduce() is not None or not self._jit:
             # Mirrored variables are written through merge_call, which a nested
             # tf.function cannot hold: inline under several replicas.
-            return fn
-        if key[0] not in _FOLD_KEYS and self._num_vars < XLA_BRANCH_MIN_VARIABLES:
             return fn
         cached = self._compiled_fns.get(key)
         if cached is None:
             cached = internals.run_function(fn, jit_compile=True, autograph=False)
             self._compiled_fns[key] = cached
         return cached
+
+    def _branch(self, key, fn):
+        """``_compiled`` for a branch taken on some steps only (the sampled steps' full
+        pass, the unit and update measures): one node in the branch not taken, on a
+        net of ``XLA_BRANCH_MIN_VARIABLES`` variables or more; plain graph below."""
+        if self._num_vars < XLA_BRANCH_MIN_VARIABLES:
+            return fn
+        return self._compiled(key, fn)
 
     def _stat_pieces(self, stat_grads, sampled: tf.Tensor
                      ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
@@ -502,7 +505,7 @@ class Engine:
                 ))))
                 return tf.reshape(full, [-1]), tf.reduce_any(full[4] > 0.0)
 
-            full_pass = self._compiled(("full", dense_info), full_pass)
+            full_pass = self._branch(("full", dense_info), full_pass)
             # The full pass (max, mean, zeros, exact non-finite count) runs on the
             # window's sampled step, and on any step whose cheap norm is not exact (a
             # non-finite entry makes the sum of squares non-finite, so it runs then).

@@ -38,6 +38,7 @@ the read's ``tf.function``) and turns the fetched arrays into rows (``interpret`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -294,12 +295,9 @@ class UpdateProbe:
         # variable is one row reduction per size, not one per variable (a 400-variable
         # net had 1,600 reductions in a measure, and 17 s of XLA compile).
         self._order = sorted(range(len(self.slots)), key=lambda k: self.sizes[k])
-        self._blocks = []  # (size, count) in the flat layout
-        for k in self._order:
-            if self._blocks and self._blocks[-1][0] == self.sizes[k]:
-                self._blocks[-1][1] += 1
-            else:
-                self._blocks.append([self.sizes[k], 1])
+        # (size, count) in the flat layout
+        self._blocks = [(size, len(list(run)))
+                        for size, run in itertools.groupby(self.sizes[k] for k in self._order)]
         # position of measured variable k (slot order) in the flat layout's order
         self._unorder = np.argsort(np.asarray(self._order, np.int64)).astype(np.int32)
         total = max(sum(self.sizes), 1)
