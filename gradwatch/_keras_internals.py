@@ -136,6 +136,29 @@ def run_function(fn: Any, **kwargs: Any) -> Any:
     return function
 
 
+def cond(pred: tf.Tensor, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """``tf.cond`` whose branch not taken costs nothing on a step.
+
+    TensorFlow lowers a ``tf.cond`` in a graph to Switch/Merge nodes, so on every
+    step the executor sends a dead signal through each node of the branch not
+    taken: gradwatch's rare branches (the full pass, the histograms, the unit and
+    update measures) are several hundred nodes, visited on every step. Kept as a
+    functional ``If`` op, only the branch taken runs. Under XLA (``jit_compile``)
+    the cond is left as it is: XLA compiles it into its own conditional.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    if tf.executing_eagerly() or in_xla_context():
+        return tf.cond(pred, true_fn, false_fn)
+    known = len(graph.get_operations())
+    result = tf.cond(pred, true_fn, false_fn)
+    from tensorflow.core.framework import attr_value_pb2
+
+    for op in graph.get_operations()[known:]:
+        if op.type in ("If", "StatelessIf"):
+            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+    return result
+
+
 def in_xla_context() -> bool:
     """Whether the graph being traced is compiled by XLA (``jit_compile=True``)."""
     from tensorflow.python.framework import ops

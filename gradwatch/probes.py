@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch import stats as stats_lib
-from gradwatch._keras_internals import replica_variable, run_function
+from gradwatch._keras_internals import cond, replica_variable, run_function
 from gradwatch.topology import RELU_FAMILY, Topology
 
 _NORMALISERS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization"})
@@ -226,7 +226,7 @@ class UnitProbe:
             # write is a merge_call, which a cond branch cannot hold
             key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
             measure = measure_silent if compiled is None else compiled(key, measure_silent)
-            silent = tf.cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
+            silent = cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
             ops.append(self.silent.assign(silent))
         return ops
 
@@ -369,9 +369,9 @@ class UpdateProbe:
             return self._measure(self.snap.read_value(), self.gsum.read_value(), state)
 
         no = lambda: tf.constant(False)  # noqa: E731
-        tf.cond(due, snapshot_weights, no)
-        measured = tf.cond(measuring, measure, lambda: state)
-        stored = tf.cond(due, snapshot_gradient, no)
+        cond(due, snapshot_weights, no)
+        measured = cond(measuring, measure, lambda: state)
+        stored = cond(due, snapshot_gradient, no)
         new_state = tf.where(due, tf.constant([1, 1], tf.int64), measured)
         with tf.control_dependencies([stored]):
             return self.state.assign(new_state)
@@ -442,8 +442,8 @@ class UpdateProbe:
 
         if compiled is not None:
             measure = compiled(("update", tuple(g is None for g in grads)), measure)
-        return self.state.assign(tf.cond(state[1] > 0, lambda: measure(state, *present),
-                                         lambda: state))
+        return self.state.assign(cond(state[1] > 0, lambda: measure(state, *present),
+                                      lambda: state))
 
     def fetch(self) -> tf.Tensor:
         """In-graph, for the engine's single read: the measurements, then reset."""
@@ -554,7 +554,7 @@ class HistogramProbe:
                 return tf.constant(0)
 
         due = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
-        return tf.cond(due, measure, lambda: tf.constant(0))
+        return cond(due, measure, lambda: tf.constant(0))
 
     @staticmethod
     def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int) -> tf.Tensor:
