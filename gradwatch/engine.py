@@ -138,6 +138,7 @@ class Engine:
         self.chief = True
         self._sinks_opened = False
         self.steps_seen = 0
+        self.last_step: int | None = None  # the last step of the last window read
         self.last_window: dict[str, Any] | None = None
         self.closed = False
         self.last_finite: tf.Tensor | None = None
@@ -154,6 +155,9 @@ class Engine:
         self._update_grads: dict[int, Any] = {}
         # XLA for the small-tensor work of each step (see _compiled).
         self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"
+        # Read while a step is traced: True traces the lean step, which a front runs on
+        # the steps it knows hold none of the work of a sampled step (see observe_slots).
+        self.lean = False
 
     # ------------------------------------------------------------ binding
 
@@ -266,8 +270,19 @@ class Engine:
         slots: Sequence[int],
         context: StepContext | None = None,
     ) -> list[tf.Tensor | tf.IndexedSlices | None]:
-        """``observe`` with the variables already resolved to accumulator columns."""
+        """``observe`` with the variables already resolved to accumulator columns.
+
+        Traced with ``self.lean`` True this is the lean step: the sums of squares, the
+        unit counters and the buffer row only, with the full pass kept for a step
+        whose cheap norm is not exact. It holds none of the conditional work the
+        other steps need (the window's sampled step, histogram steps, the update
+        probe's measure, a full buffer): a conditional costs a step even when not
+        taken (an If op waits for every gradient and runs asynchronously at the end
+        of the step). A front that traces it runs the full step whenever that work
+        may be due, and must read at least every ``capacity`` steps.
+        """
         context = context or StepContext()
+        lean = self.lean
         grads = list(grads)
         present = [i for i, g in enumerate(grads) if g is not None]
         present_grads = [grads[i] for i in present]
@@ -289,7 +304,7 @@ class Engine:
         state = tf.unstack(self._state.read_value(), num=6)
         step = self._step_number(state, context.iterations)
         # The window's first step is its sampled step (full statistics, probes).
-        sampled = tf.equal(state[_WINDOW_STEPS], 0)
+        sampled = None if lean else tf.equal(state[_WINDOW_STEPS], 0)
         num_present = len(present)
         if num_present:
             inv_scale = (
@@ -330,7 +345,7 @@ class Engine:
         ], axis=0)
         row = self._row(flat, index, [slots[i] for i in present], scalars)
         if self._buffered:
-            buffered, done = self._buffer_row(row, step, state[_BUFFERED])
+            buffered, done = self._buffer_row(row, step, state[_BUFFERED], fold_if_full=not lean)
         else:
             fold = self._compiled(("fold",), self._fold_now)
             buffered, done = state[_BUFFERED], fold(row, step)
@@ -362,15 +377,19 @@ class Engine:
         gather = np.concatenate([layout.reshape(-1), np.arange(zero - _SCALARS, zero)])
         return tf.gather(source, tf.constant(gather, tf.int32))
 
-    def _buffer_row(self, row, step, buffered):
+    def _buffer_row(self, row, step, buffered, fold_if_full: bool = True):
         """Writes one step's ``_row`` to the buffer; folds the buffer in-step when
-        it is full (the host did not read for ``capacity`` steps). Returns the new
-        number of buffered rows and an op to wait for."""
+        it is full (the host did not read for ``capacity`` steps; the lean step
+        leaves that to the full step). Returns the new number of buffered rows and
+        an op to wait for."""
         index = tf.reshape(buffered, [1, 1])
         writes = [
             self._buffer.scatter_nd_update(index, tf.reshape(row, [1, -1])),
             self._step_buffer.scatter_nd_update(index, tf.reshape(step, [1])),
         ]
+        if not fold_if_full:
+            with tf.control_dependencies(writes):
+                return buffered + 1, tf.constant(0, tf.int64)
         full = buffered + 1 >= self._capacity
         with tf.control_dependencies(writes):
             fold = self._compiled(("rows",), self._fold_rows)
@@ -434,14 +453,31 @@ class Engine:
                 fetched["histograms"] = self.histograms.fetch()
         return fetched
 
+    def next_step(self, iterations: int | None) -> int:
+        """Host side: the number the next observed step takes (``_step_number``)."""
+        state = self._state.numpy()
+        current = int(state[_STEP])
+        if iterations is not None and state[_RESYNC] > 0 and iterations != state[_ITERATIONS_AT_END]:
+            current = int(iterations)
+        return current + 1
+
+    @property
+    def capacity(self) -> int:
+        """Steps the buffer holds between two reads before a step must fold it."""
+        return self._capacity
+
     def has_nonfinite(self) -> bool:
         """Host side: whether a step of the current window was non-finite (one small read)."""
         return bool(self._state.numpy()[_NONFINITE] > 0)
 
-    def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor,
+    def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor | None,
                     inv_scale: tf.Tensor) -> None:
-        """Dead units every step; update and histogram probes on their sampled steps."""
+        """Dead units every step; update and histogram probes on their sampled steps
+        (none of these on the lean step, whose ``sampled`` is None)."""
         self.units.observe(by_slot, sampled, self._branch)
+        if sampled is None:
+            self._update_grads = {}
+            return
         if self.updates is not None and self.updates.host_snapshots:
             self._update_grads = by_slot  # measured in after_update(), in this same trace
         elif self.updates is not None:
@@ -473,7 +509,7 @@ class Engine:
             return fn
         return self._compiled(key, fn)
 
-    def _stat_pieces(self, stat_grads, sampled: tf.Tensor
+    def _stat_pieces(self, stat_grads, sampled: tf.Tensor | None
                      ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
         """The raw statistics of the gradients (loss-scaled) as one float32 vector,
         where ``index[r, k]`` (static, [6, n]) locates row r for the k-th gradient: the
@@ -523,12 +559,16 @@ class Engine:
             # The conds are in the graph, not inside an XLA cluster: a conditional
             # there would take every gradient as an operand on every step.
             inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
-            full, nonfinite = internals.cond(
-                sampled | inexact,
-                lambda: internals.cond(inexact, lambda: full_pass(*matrices),
-                                       lambda: finite_pass(squares, *matrices)),
-                lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False)),
-            )
+            skipped = lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False))  # noqa: E731
+            if sampled is None:  # the lean step: never sampled
+                full, nonfinite = internals.cond(inexact, lambda: full_pass(*matrices), skipped)
+            else:
+                full, nonfinite = internals.cond(
+                    sampled | inexact,
+                    lambda: internals.cond(inexact, lambda: full_pass(*matrices),
+                                           lambda: finite_pass(squares, *matrices)),
+                    skipped,
+                )
             pieces += [squares, full]
             flags.append(nonfinite)
             columns = [p for _, pos in dense_info for p in pos]
@@ -758,6 +798,7 @@ class Engine:
         if not math.isfinite(window_row["loss"]) and fallback_loss is not None:
             window_row["loss"] = float(fallback_loss)
         self.steps_seen += int(glob["steps"])
+        self.last_step = int(glob["last_step"])
         self.last_window = window_row
         alerts = detectors_lib.detect(
             layer_rows, self.topology, self._detector_state, self.options.thresholds, stats_rows

@@ -89,6 +89,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._next_snapshot = 0
         self._last_logs: dict[str, Any] = {}
         self._active = False
+        # The lean train function (see _guard_train_function), when this fit has one;
+        # _lean_steps False traces the full step only (tests compare the two).
+        self._lean_steps = True
+        self._lean_function: Any = None
+        self._next_step: int | None = None  # the in-graph number of the next step
+        self._update_pending = False
 
     # ------------------------------------------------------------------ API
 
@@ -152,8 +158,16 @@ class GradientMonitor(keras.callbacks.Callback):
                 )
             self._engine.activations.install()
         internals.retrace_train_function(model)
-        self._guard_train_function(model)
+        full_function = model.train_function
+        self._lean_function = None
+        if self._lean_eligible(model):
+            # a second trace of the same step, traced with the engine's lean flag set
+            internals.retrace_train_function(model)
+            self._lean_function = model.train_function
+        self._guard_train_function(model, full_function)
         self._steps_since_read = 0
+        self._next_step = None  # taken at the first step (other callbacks may move iterations)
+        self._update_pending = False
         self._active = True
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -163,6 +177,7 @@ class GradientMonitor(keras.callbacks.Callback):
             # every UPDATE_EVERY steps: the weights before this step, for the update probe
             updates.snapshot_now()
             self._next_snapshot = self._host_steps + probes_lib.UPDATE_EVERY
+            self._update_pending = True
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
@@ -171,6 +186,11 @@ class GradientMonitor(keras.callbacks.Callback):
         steps = max(1, batch - self._batch_begin + 1)
         self._steps_since_read += steps
         self._host_steps += steps
+        if self._next_step is not None:
+            self._next_step += steps
+        if self._update_pending and self._lean_function is not None:
+            # the measure waits for a step that moves the weights (one small read)
+            self._update_pending = self._engine.updates.pending()
         if self._steps_since_read >= self.options.log_every:
             self._read()
         elif self.options.on_nonfinite in ("stop", "raise") and self._engine.has_nonfinite():
@@ -203,8 +223,30 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _read(self) -> None:
         self._steps_since_read = 0
-        self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
+        window = self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
+        if window is not None and self._engine.last_step is not None:
+            self._next_step = self._engine.last_step + 1
         self._react(self._engine.last_alerts)
+
+    def _lean_eligible(self, model: Any) -> bool:
+        """Whether this fit traces a lean step beside the full one: one step per
+        train-function call (the host then knows every step's number and place in
+        its window) and one replica (the engine buffers its rows)."""
+        return (self._lean_steps and self._engine._buffered
+                and int(getattr(model, "steps_per_execution", 1) or 1) == 1
+                and not getattr(model, "run_eagerly", False))
+
+    def _full_step_due(self) -> bool:
+        """Host side, before a step: whether it may hold work only the full step does:
+        the window's sampled step (its first), a histogram step, an update measure
+        still waiting, or a buffer about to fill."""
+        every = self.options.histogram_every
+        if self._next_step is None:
+            self._next_step = self._engine.next_step(int(internals.iterations(self._optimizer).numpy()))
+        return (self._steps_since_read == 0
+                or self._update_pending
+                or (every > 0 and self._next_step % every == 0)
+                or self._steps_since_read + 1 >= self._engine.capacity)
 
     def _react(self, alerts) -> None:
         action = nonfinite_action(
@@ -238,15 +280,19 @@ class GradientMonitor(keras.callbacks.Callback):
             if self._engine is not None:
                 self._engine.close()
 
-    def _guard_train_function(self, model: Any) -> None:
+    def _guard_train_function(self, model: Any, train_function: Any) -> None:
         # Keras's fit has no try/finally: if a step raises (or is interrupted),
         # on_train_end never runs, so the tap is removed here instead.
-        train_function = model.train_function
         monitor = self
+        engine = self._engine
 
         def guarded_train_function(iterator):
+            lean_function = monitor._lean_function
+            # the flag only matters when a call traces (the first, or a retrace)
+            lean = monitor._active and lean_function is not None and not monitor._full_step_due()
+            engine.lean = lean
             try:
-                return train_function(iterator)
+                return (lean_function if lean else train_function)(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
                 # The end of the data: Keras ends the epoch (and may start the next);
                 # training goes on, so the monitor stays on.
@@ -258,6 +304,8 @@ class GradientMonitor(keras.callbacks.Callback):
                     except Exception:  # never mask the user's error
                         logger.exception("gradwatch: cleanup after a failed step failed")
                 raise
+            finally:
+                engine.lean = False
 
         model.train_function = guarded_train_function
 

@@ -152,10 +152,11 @@ class UnitProbe:
         self.silent = replica_variable(np.ones(max(total, 1), np.float32), "gradwatch_unit_silent",
                                        strategy)
 
-    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor,
+    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor | None,
                 compiled: Any = None) -> list[tf.Operation]:
         """Counts this step's zero-gradient units; on sampled steps measures which
-        units are silent. ``compiled(key, fn)``, if given, turns the measuring into one
+        units are silent (``sampled`` None: a step known not to be sampled, which only
+        counts). ``compiled(key, fn)``, if given, turns the measuring into one
         node (an XLA call): a branch not taken still costs the executor a visit to each
         of its nodes on every step, a few hundred on a deep net."""
         if not self.tracks:
@@ -221,7 +222,7 @@ class UnitProbe:
             parts.append(tf.ones([1], tf.float32))
             return tf.gather(tf.concat(parts, axis=0), tf.constant(order, tf.int32))
 
-        if any(part is not None for part in silent_parts):
+        if sampled is not None and any(part is not None for part in silent_parts):
             # the write stays outside the cond: under several replicas a mirrored
             # write is a merge_call, which a cond branch cannot hold
             key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
@@ -418,6 +419,10 @@ class UpdateProbe:
 
             self._snapshot_fn = run_function(snapshot, autograph=False)
         self._snapshot_fn()
+
+    def pending(self) -> bool:
+        """Host side: whether a snapshot still waits for a step that moves the weights."""
+        return bool(self.slots) and bool(self.state.numpy()[1] > 0)
 
     def measure_after_update(self, grads_by_slot: dict[int, Any], compiled: Any = None) -> tf.Tensor:
         """In-graph, after the optimizer's update: while a host snapshot is pending,

@@ -7,6 +7,7 @@ import warnings
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from conftest import np_stats, replay_sgd, tape_gradients
@@ -14,6 +15,7 @@ from conftest import np_stats, replay_sgd, tape_gradients
 import gradwatch as gw
 from gradwatch import _keras_internals as internals
 from gradwatch import engine as engine_lib
+from gradwatch.detectors import Thresholds
 
 LR = 0.05
 
@@ -614,3 +616,75 @@ def test_many_runs_in_one_process_raise_no_retracing_warning(tmp_path):
         tf_logger.removeHandler(handler)
     retracing = [r.getMessage() for r in records if "retracing" in r.getMessage()]
     assert not [m for m in retracing if "gradwatch" in m or "snapshot" in m or "_read_all" in m], retracing
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_compile):
+    """fit runs a lean trace of the step (no conditional work) on the steps the host
+    knows hold none of a sampled step's work; the statistics, dead-unit and update
+    columns, alerts and histograms equal a fit that runs the full step throughout."""
+    histograms = {}
+    original_write = engine_lib.Engine._write_window
+
+    def recording_write(self, window_row, stats_rows, layer_rows, alert_rows, first_step, hists):
+        histograms.setdefault(self.options.log_dir, []).append((first_step, hists))
+        return original_write(self, window_row, stats_rows, layer_rows, alert_rows, first_step, hists)
+
+    monkeypatch.setattr(engine_lib.Engine, "_write_window", recording_write)
+    lean_steps = []
+    original_due = gw.GradientMonitor._full_step_due
+
+    def counting_due(self):
+        due = original_due(self)
+        lean_steps.append((self.options.log_dir, not due))
+        return due
+
+    monkeypatch.setattr(gw.GradientMonitor, "_full_step_due", counting_due)
+    x, y = make_data(n=64)
+    dirs = {}
+    for lean in (True, False):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([
+            keras.Input((6,)),
+            keras.layers.Dense(12, activation="relu", name="live"),
+            # dead from the start: its units never pass a gradient
+            keras.layers.Dense(6, activation="relu", name="dead",
+                               bias_initializer=keras.initializers.Constant(-50.0)),
+            keras.layers.Dense(1, name="out"),
+        ])
+        model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
+        dirs[lean] = str(tmp_path / f"lean_{lean}")
+        monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=6,
+                                     thresholds=Thresholds(dead_steps=10))
+        monitor._lean_steps = lean
+        model.fit(x, y, batch_size=8, epochs=8, shuffle=False, verbose=0, callbacks=[monitor])
+    steps = 64
+    used = [is_lean for log_dir, is_lean in lean_steps if log_dir == dirs[True]]
+    # full: the 16 window starts, the histogram steps between them, the update
+    # snapshot steps (1 and 51); lean: all the others
+    assert len(used) == steps
+    assert sum(used) >= steps // 2
+    assert not any(is_lean for log_dir, is_lean in lean_steps if log_dir == dirs[False])
+    for level in ("variable", "layer"):
+        lean_stats = gw.read_stats(dirs[True], level=level)
+        full_stats = gw.read_stats(dirs[False], level=level)
+        assert len(lean_stats) == len(full_stats) > 0
+        pd.testing.assert_frame_equal(lean_stats, full_stats, check_exact=False, rtol=1e-6)
+    layers = gw.read_stats(dirs[True], level="layer").set_index(["step", "layer"])
+    assert layers.loc[(steps, "dead"), "dead_frac"] == 1.0
+    assert np.isfinite(gw.read_stats(dirs[True]).update_ratio).any()
+    pd.testing.assert_frame_equal(gw.read_windows(dirs[True]), gw.read_windows(dirs[False]),
+                                  check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(gw.read_alerts(dirs[True]), gw.read_alerts(dirs[False]))
+    lean_hists, full_hists = histograms[dirs[True]], histograms[dirs[False]]
+    assert [first for first, _ in lean_hists] == [first for first, _ in full_hists]
+    assert sum(1 for _, h in lean_hists if h) == len([s for s in range(1, steps + 1) if s % 6 == 0])
+    for (_, lean_h), (_, full_h) in zip(lean_hists, full_hists):
+        assert len(lean_h or []) == len(full_h or [])
+        for lean_row, full_row in zip(lean_h or [], full_h or []):
+            assert lean_row.keys() == full_row.keys()
+            for key, value in lean_row.items():
+                if isinstance(value, str):
+                    assert value == full_row[key]
+                else:
+                    np.testing.assert_allclose(value, full_row[key], rtol=1e-6)

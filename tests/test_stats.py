@@ -42,6 +42,33 @@ def test_stats_match_numpy(mode):
     _check(grads, fn(grads))
 
 
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_finite_stats_equal_full_stats_when_every_cheap_norm_is_exact(mode):
+    # the window's sampled step takes finite_stats when no sum of squares needs the
+    # careful path: stacked small gradients, a zero row, a large single gradient
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(7, 5)).astype("float32")
+    a[:, 2] = 0.0
+    b = np.zeros(35, "float32")
+    b[3] = -2.5
+    c = (rng.normal(size=(300, 70)) * 1e-3).astype("float32")  # above STACK_LIMIT: alone
+    d = rng.normal(size=(3,)).astype("float32") * 1e4
+    grads = [tf.constant(x) for x in (a, b, c, d)]
+
+    def both(grads):
+        groups = stats_lib.group_gradients(grads)
+        return stats_lib.finite_stats(groups, stats_lib.sum_of_squares(groups)), stats_lib.full_stats(groups)
+
+    fn = tf.function(both, jit_compile=(mode == "xla"))
+    finite, full = fn(grads)
+    sums = stats_lib.sum_of_squares(stats_lib.group_gradients(grads))
+    assert not stats_lib.needs_full_stats(sums).numpy().any()
+    _check(grads, finite)
+    for field in FIELDS:
+        np.testing.assert_allclose(getattr(finite, field).numpy(), getattr(full, field).numpy(), rtol=2e-6,
+                                   err_msg=field)
+
+
 def test_nan_is_masked_under_xla_and_counted():
     grads = [tf.constant([np.nan, 3.0, -4.0, np.inf], tf.float32)]
     result = tf.function(stats_lib.gradient_stats, jit_compile=True)(grads)
