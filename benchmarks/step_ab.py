@@ -3,9 +3,13 @@
 ``overhead.py`` interleaves whole ``fit`` runs, so a slow minute of this shared
 machine lands on one configuration and moves a ratio by several percent. Here every
 configuration gets its own compiled model, and their train steps are called in turn,
-step by step (plain, gradwatch, plain, gradwatch, ...), each through the same
-``CallbackList`` calls ``fit`` makes around a step; noise is shared evenly. Use it to
-judge a change of a few percent; the README shows both instruments' figures.
+step by step, in a new random order each step (a fixed order favoured whichever
+configuration ran second by 2-3% here), each through the same ``CallbackList`` calls
+``fit`` makes around a step; noise is shared evenly. Use it to judge a change of a
+few percent; the README shows both instruments' figures.
+
+The paired column is the median over steps of each step's time divided by the plain
+step of the same round, which the machine's drift moves least.
 
 The cpu column is the process's CPU time (all threads) per step, mean: the work a
 configuration adds, less moved by this VM's neighbours than wall time. The mean
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -75,8 +80,9 @@ def main():
     for index in range(args.skip):
         for _, model, callbacks, iterator, _, _ in runs:
             step(model, callbacks, iterator, index)
+    order = random.Random(0)
     for index in range(args.skip, args.skip + args.steps):
-        for _, model, callbacks, iterator, times, cpu in runs:
+        for _, model, callbacks, iterator, times, cpu in order.sample(runs, len(runs)):
             start, start_cpu = time.perf_counter(), time.process_time()
             step(model, callbacks, iterator, index)
             times.append(time.perf_counter() - start)
@@ -89,7 +95,9 @@ def main():
     print(f"{args.model}, jit_compile={args.jit}, {args.steps} interleaved steps per configuration")
     for name, _, _, _, times, cpu in runs:
         median, mean, cpu = statistics.median(times), statistics.mean(times), statistics.mean(cpu)
+        paired = statistics.median(t / b for t, b in zip(times, runs[0][4]))
         print(f"  {name:28s} median {median * 1e3:8.3f} ms  ratio {median / base_median:.3f}   "
+              f"paired {paired:.3f}   "
               f"mean {mean * 1e3:8.3f} ms  ratio {mean / base_mean:.3f}   "
               f"cpu {cpu * 1e3:8.3f} ms  ratio {cpu / base_cpu:.3f}")
 

@@ -15,6 +15,7 @@ from conftest import np_stats, replay_sgd, tape_gradients
 import gradwatch as gw
 from gradwatch import _keras_internals as internals
 from gradwatch import engine as engine_lib
+from gradwatch import monitor as monitor_lib
 from gradwatch.detectors import Thresholds
 
 LR = 0.05
@@ -640,6 +641,7 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_c
         return due
 
     monkeypatch.setattr(gw.GradientMonitor, "_full_step_due", counting_due)
+    monkeypatch.setattr(monitor_lib, "LEAN_MIN_STEPS", 64)  # this fit's length
     x, y = make_data(n=64)
     dirs = {}
     for lean in (True, False):
@@ -688,3 +690,15 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_c
                     assert value == full_row[key]
                 else:
                     np.testing.assert_allclose(value, full_row[key], rtol=1e-6)
+
+
+def test_a_short_fit_traces_no_lean_step(log_dir, monkeypatch):
+    # the lean step is a second trace of the train step: not worth it for a short fit
+    monkeypatch.setattr(monitor_lib, "LEAN_MIN_STEPS", 65)
+    x, y = make_data(n=64)
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4)
+    model.fit(x, y, batch_size=8, epochs=8, shuffle=False, verbose=0, callbacks=[monitor])
+    assert monitor._lean_function is None
+    assert int(gw.read_windows(log_dir).steps.sum()) == 64
