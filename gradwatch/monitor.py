@@ -238,8 +238,8 @@ class GradientMonitor(keras.callbacks.Callback):
         its window) and one replica (the engine buffers its rows)."""
         params = self.params or {}
         steps, epochs = params.get("steps"), params.get("epochs")
-        # the lean trace is a second trace of the whole train step (~0.8 s and ~10 MiB
-        # for the 784-512-512-10 MLP) that saves ~0.25 ms a step there: a fit known to
+        # the lean trace is a second trace of the whole train step (0.5-0.8 s for a
+        # fresh 784-512-512-10 MLP) that saves ~0.25 ms a step there: a fit known to
         # be shorter than LEAN_MIN_STEPS runs the full step throughout
         planned = steps * (epochs - int(params.get("initial_epoch", 0) or 0)) if steps and epochs else None
         return (self._lean_steps and self._engine._buffered
