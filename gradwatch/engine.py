@@ -394,7 +394,7 @@ class Engine:
         with tf.control_dependencies(writes):
             fold = self._compiled(("rows",), self._fold_rows)
             done = internals.cond(full, lambda: fold(tf.constant(self._capacity, tf.int64)),
-                           lambda: tf.constant(0, tf.int64))
+                                  lambda: tf.constant(0, tf.int64))
         return tf.where(full, tf.constant(0, tf.int64), buffered + 1), done
 
     def _fold_rows(self, count: tf.Tensor) -> tf.Tensor:
@@ -455,11 +455,8 @@ class Engine:
 
     def next_step(self, iterations: int | None) -> int:
         """Host side: the number the next observed step takes (``_step_number``)."""
-        state = self._state.numpy()
-        current = int(state[_STEP])
-        if iterations is not None and state[_RESYNC] > 0 and iterations != state[_ITERATIONS_AT_END]:
-            current = int(iterations)
-        return current + 1
+        state = tf.unstack(self._state.read_value(), num=6)
+        return int(self._step_number(state, None if iterations is None else tf.constant(iterations)))
 
     @property
     def capacity(self) -> int:
