@@ -11,6 +11,16 @@ few percent; the README shows both instruments' figures.
 The paired column is the median over steps of each step's time divided by the plain
 step of the same round, which the machine's drift moves least.
 
+``--control`` adds a second plain model (``plain:control``): its ratio to the first
+is this instrument's floor on this machine (plain against plain measured within
++-1% here), the scale against which a few percent can be judged.
+
+Below each gradwatch configuration, its steps are split by kind, as its host knew
+them before the step: ``lean`` (the lean trace), ``window start`` (the window's
+sampled step, a full step), ``read`` (the step whose batch end reads the window),
+``other full`` (a histogram step or a pending update measure away from a window
+start). The gate is a median over all steps; the split shows what moves it.
+
 The cpu column is the process's CPU time (all threads) per step, mean: the work a
 configuration adds, less moved by this VM's neighbours than wall time. The mean
 column carries the host read every ``log_every`` steps; the first ``--skip`` steps
@@ -20,6 +30,7 @@ Usage:
     python benchmarks/step_ab.py mlp                       # plain vs defaults, jit off
     python benchmarks/step_ab.py res100 --configs gradwatch,gradwatch+hist_every_step
     python benchmarks/step_ab.py mlp --jit --steps 600
+    python benchmarks/step_ab.py mlp --control      # plus plain against plain
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from overhead import MODELS, configurations  # noqa: E402
 
+import gradwatch as gw  # noqa: E402
+
+CONTROL = "plain:control"
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,6 +62,8 @@ def main():
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--skip", type=int, default=30, help="untimed steps per configuration first")
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
+    parser.add_argument("--control", action="store_true",
+                        help="also run a second plain model: the instrument's floor")
     args = parser.parse_args()
     batch_size = 128
     _, shape, classes = MODELS[args.model]()
@@ -55,7 +72,9 @@ def main():
     y = rng.integers(0, classes, size=64 * batch_size)
     log_root = tempfile.mkdtemp(prefix="gradwatch-ab-")
     available = configurations(log_root, (x[:batch_size], y[:batch_size]))
-    names = ["plain"] + [c for c in args.configs.split(",") if c != "plain"]
+    available[CONTROL] = available["plain"]
+    names = ["plain"] + ([CONTROL] if args.control else []) + [
+        c for c in args.configs.split(",") if c not in ("plain", CONTROL)]
     unknown = set(names) - set(available)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(available)}")
@@ -70,7 +89,8 @@ def main():
         model.make_train_function()
         callbacks.on_train_begin()
         iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat())
-        runs.append((name, model, callbacks, iterator, [], []))
+        monitor = next((c for c in callbacks.callbacks if isinstance(c, gw.GradientMonitor)), None)
+        runs.append((name, model, callbacks, iterator, [], [], monitor, []))
 
     def step(model, callbacks, iterator, index):
         callbacks.on_train_batch_begin(index)
@@ -78,28 +98,50 @@ def main():
         callbacks.on_train_batch_end(index, logs)
 
     for index in range(args.skip):
-        for _, model, callbacks, iterator, _, _ in runs:
+        for _, model, callbacks, iterator, *_ in runs:
             step(model, callbacks, iterator, index)
     order = random.Random(0)
     for index in range(args.skip, args.skip + args.steps):
-        for _, model, callbacks, iterator, times, cpu in order.sample(runs, len(runs)):
+        for _, model, callbacks, iterator, times, cpu, monitor, kinds in order.sample(runs, len(runs)):
+            kinds.append(step_kind(monitor))
             start, start_cpu = time.perf_counter(), time.process_time()
             step(model, callbacks, iterator, index)
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
-    for _, _, callbacks, _, _, _ in runs:
+    for _, _, callbacks, *_ in runs:
         callbacks.on_train_end()
     base_median = statistics.median(runs[0][4])
     base_mean = statistics.mean(runs[0][4])
     base_cpu = statistics.mean(runs[0][5])
     print(f"{args.model}, jit_compile={args.jit}, {args.steps} interleaved steps per configuration")
-    for name, _, _, _, times, cpu in runs:
+    for name, _, _, _, times, cpu, monitor, kinds in runs:
         median, mean, cpu = statistics.median(times), statistics.mean(times), statistics.mean(cpu)
         paired = statistics.median(t / b for t, b in zip(times, runs[0][4]))
         print(f"  {name:28s} median {median * 1e3:8.3f} ms  ratio {median / base_median:.3f}   "
               f"paired {paired:.3f}   "
               f"mean {mean * 1e3:8.3f} ms  ratio {mean / base_mean:.3f}   "
               f"cpu {cpu * 1e3:8.3f} ms  ratio {cpu / base_cpu:.3f}")
+        if monitor is None:
+            continue
+        for kind in ("lean", "window start", "read", "other full"):
+            chosen = [(t, b) for t, b, k in zip(times, runs[0][4], kinds) if k == kind]
+            if chosen:
+                print(f"      {kind:24s} {len(chosen) / len(times):4.0%} of steps   "
+                      f"median ratio {statistics.median(t for t, _ in chosen) / base_median:.3f}   "
+                      f"paired {statistics.median(t / b for t, b in chosen):.3f}")
+
+
+def step_kind(monitor) -> str | None:
+    """What the monitor's host knows of the coming step (see the module docstring)."""
+    if monitor is None or not monitor._active:
+        return None
+    if monitor._steps_since_read + 1 >= monitor.options.log_every:
+        return "read"
+    if monitor._steps_since_read == 0:
+        return "window start"
+    if monitor._lean_function is not None and not monitor._full_step_due():
+        return "lean"
+    return "other full"
 
 
 if __name__ == "__main__":
