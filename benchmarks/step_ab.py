@@ -41,6 +41,7 @@ import random
 import statistics
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -52,6 +53,19 @@ from overhead import MODELS, configurations  # noqa: E402
 import gradwatch as gw  # noqa: E402
 
 CONTROL = "plain:control"
+
+
+class Run(NamedTuple):
+    """One configuration's compiled model, its callbacks and what its steps measured."""
+
+    name: str
+    model: Any
+    callbacks: Any
+    iterator: Any
+    monitor: Any  # its GradientMonitor, if it has one
+    times: list
+    cpu: list
+    kinds: list
 
 
 def main():
@@ -90,41 +104,43 @@ def main():
         callbacks.on_train_begin()
         iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat())
         monitor = next((c for c in callbacks.callbacks if isinstance(c, gw.GradientMonitor)), None)
-        runs.append((name, model, callbacks, iterator, [], [], monitor, []))
+        runs.append(Run(name, model, callbacks, iterator, monitor, [], [], []))
 
-    def step(model, callbacks, iterator, index):
-        callbacks.on_train_batch_begin(index)
-        logs = model.train_function(iterator)
-        callbacks.on_train_batch_end(index, logs)
+    def step(run, index):
+        run.callbacks.on_train_batch_begin(index)
+        logs = run.model.train_function(run.iterator)
+        run.callbacks.on_train_batch_end(index, logs)
 
     for index in range(args.skip):
-        for _, model, callbacks, iterator, *_ in runs:
-            step(model, callbacks, iterator, index)
+        for run in runs:
+            step(run, index)
     order = random.Random(0)
     for index in range(args.skip, args.skip + args.steps):
-        for _, model, callbacks, iterator, times, cpu, monitor, kinds in order.sample(runs, len(runs)):
-            kinds.append(step_kind(monitor))
+        for run in order.sample(runs, len(runs)):
+            run.kinds.append(step_kind(run.monitor))
             start, start_cpu = time.perf_counter(), time.process_time()
-            step(model, callbacks, iterator, index)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-    for _, _, callbacks, *_ in runs:
-        callbacks.on_train_end()
-    base_median = statistics.median(runs[0][4])
-    base_mean = statistics.mean(runs[0][4])
-    base_cpu = statistics.mean(runs[0][5])
+            step(run, index)
+            run.times.append(time.perf_counter() - start)
+            run.cpu.append(time.process_time() - start_cpu)
+    for run in runs:
+        run.callbacks.on_train_end()
+    base = runs[0].times
+    base_median = statistics.median(base)
+    base_mean = statistics.mean(base)
+    base_cpu = statistics.mean(runs[0].cpu)
     print(f"{args.model}, jit_compile={args.jit}, {args.steps} interleaved steps per configuration")
-    for name, _, _, _, times, cpu, monitor, kinds in runs:
-        median, mean, cpu = statistics.median(times), statistics.mean(times), statistics.mean(cpu)
-        paired = statistics.median(t / b for t, b in zip(times, runs[0][4]))
-        print(f"  {name:28s} median {median * 1e3:8.3f} ms  ratio {median / base_median:.3f}   "
+    for run in runs:
+        times = run.times
+        median, mean, cpu = statistics.median(times), statistics.mean(times), statistics.mean(run.cpu)
+        paired = statistics.median(t / b for t, b in zip(times, base))
+        print(f"  {run.name:28s} median {median * 1e3:8.3f} ms  ratio {median / base_median:.3f}   "
               f"paired {paired:.3f}   "
               f"mean {mean * 1e3:8.3f} ms  ratio {mean / base_mean:.3f}   "
               f"cpu {cpu * 1e3:8.3f} ms  ratio {cpu / base_cpu:.3f}")
-        if monitor is None:
+        if run.monitor is None:
             continue
         for kind in ("lean", "window start", "read", "other full"):
-            chosen = [(t, b) for t, b, k in zip(times, runs[0][4], kinds) if k == kind]
+            chosen = [(t, b) for t, b, k in zip(times, base, run.kinds) if k == kind]
             if chosen:
                 print(f"      {kind:24s} {len(chosen) / len(times):4.0%} of steps   "
                       f"median ratio {statistics.median(t for t, _ in chosen) / base_median:.3f}   "
