@@ -35,8 +35,10 @@ browser-deps:
 	  echo "the browser tests will be skipped (install the Debian packages chromium and chromium-driver)"; \
 	fi
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures run once):
+# 8 min here against 13 min in one process (2026-12-03, 2 cores).
 test: $(STAMP_DEV) browser-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gradwatch tests examples benchmarks

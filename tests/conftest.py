@@ -62,6 +62,21 @@ def log_dir(tmp_path):
     return str(tmp_path / "run")
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (``make test`` runs two workers) a worker hands the score to
+    the controlling process, which prints the summary."""
+    score = getattr(session.config, "gradwatch_scenario_score", None)
+    if score and hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["gradwatch_scenario_score"] = score
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    score = getattr(node, "workeroutput", {}).get("gradwatch_scenario_score")
+    if score:
+        node.config.gradwatch_scenario_score = score
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Prints the labelled scenario suite's per-kind precision/recall when it ran."""
     score = getattr(config, "gradwatch_scenario_score", None)
