@@ -545,24 +545,49 @@ class Engine:
                 finite = tf.stack(list(stats_lib.finite_stats(regroup(matrices), sums)))
                 return tf.reshape(finite, [-1]), tf.constant(False)
 
+            def settled(sums, *matrices):
+                return stats_lib.settled_by_zeros(regroup(matrices), sums)
+
+            def norms_only(sums):
+                # a step not sampled keeps the l2 and the non-finite count only
+                return (tf.concat([tf.sqrt(sums), tf.zeros([4 * count], tf.float32)], axis=0),
+                        tf.constant(False))
+
             full_pass = self._branch(("full", dense_info), full_pass)
             finite_pass = self._branch(("finite", dense_info), finite_pass)
+            settled = self._branch(("settled", dense_info), settled)
             matrices = [g.matrix for g in dense]
-            # The full pass (max, mean, zeros, exact non-finite count) runs on the
-            # window's sampled step, and on any step whose cheap norm is not exact (a
-            # non-finite entry makes the sum of squares non-finite, so it runs then).
-            # A sampled step whose every cheap norm is exact (the usual case) runs
-            # the finite pass instead: nothing to mask or rescale, a third of the work.
+
+            def inexact_pass(sampled_step):
+                # An inexact norm is mostly a zero one: a dead layer, and every layer
+                # below it, have all-zero gradients on every step. Two reductions tell
+                # them apart from a non-finite entry or an underflow, which need the
+                # full pass (about fourteen passes over every gradient). Measured on
+                # the MLP with a dead second layer, step A/B: 1.37x with the full
+                # pass on every step.
+                def exact():
+                    if sampled_step is None:  # the lean step
+                        return norms_only(squares)
+                    return internals.cond(sampled_step, lambda: finite_pass(squares, *matrices),
+                                          lambda: norms_only(squares))
+
+                return internals.cond(settled(squares, *matrices), exact, lambda: full_pass(*matrices))
+
+            # The full pass (max, mean, zeros, exact non-finite count) runs on a step
+            # whose cheap norm is not exact (a non-finite entry makes the sum of
+            # squares non-finite) and not only zeros. The window's sampled step
+            # otherwise runs the finite pass: nothing to mask or rescale, a third of
+            # the work; the other steps keep the sums of squares.
             # The conds are in the graph, not inside an XLA cluster: a conditional
             # there would take every gradient as an operand on every step.
             inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
             skipped = lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False))  # noqa: E731
             if sampled is None:  # the lean step: never sampled
-                full, nonfinite = internals.cond(inexact, lambda: full_pass(*matrices), skipped)
+                full, nonfinite = internals.cond(inexact, lambda: inexact_pass(None), skipped)
             else:
                 full, nonfinite = internals.cond(
                     sampled | inexact,
-                    lambda: internals.cond(inexact, lambda: full_pass(*matrices),
+                    lambda: internals.cond(inexact, lambda: inexact_pass(sampled),
                                            lambda: finite_pass(squares, *matrices)),
                     skipped,
                 )

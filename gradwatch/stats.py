@@ -248,6 +248,21 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor) -> GradStats:
     )
 
 
+def settled_by_zeros(groups: Groups, sum_sq: tf.Tensor) -> tf.Tensor:
+    """Whether ``sqrt(sum_sq)`` (in list order) is every gradient's exact norm once the
+    all-zero gradients are told apart: a sum of squares of 0 is exact when every entry
+    is 0 (a dead layer, and every layer below it), not when tiny entries underflowed.
+    Two reductions per group (max and min, no temporary); ``finite_stats`` is then
+    exact too. False: ``full_stats`` is needed (a non-finite entry, or an underflow)."""
+    if not groups.count:
+        return tf.constant(True)
+    high = _in_list_order(groups, [tf.reduce_max(g.matrix, axis=1) for g in groups.groups])
+    low = _in_list_order(groups, [tf.reduce_min(g.matrix, axis=1) for g in groups.groups])
+    # a NaN has a NaN sum of squares, so an all-zero row here is one of zeros only
+    zeros = tf.equal(sum_sq, 0.0) & tf.equal(high, 0.0) & tf.equal(low, 0.0)
+    return tf.reduce_all(zeros | tf.logical_not(needs_full_stats(sum_sq)))
+
+
 def exact_norms(groups: Groups) -> tf.Tensor:
     """L2 norms, one cheap pass unless a norm needs the careful path."""
     if not groups.count:

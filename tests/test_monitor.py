@@ -677,6 +677,11 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_c
         pd.testing.assert_frame_equal(lean_stats, full_stats, check_exact=False, rtol=1e-6)
     layers = gw.read_stats(dirs[True], level="layer").set_index(["step", "layer"])
     assert layers.loc[(64, "dead"), "dead_frac"] == 1.0
+    # the dead layer and the one below it get all-zero gradients on every step (the
+    # lean step settles those norms without its full pass)
+    assert (layers.xs("dead", level="layer").l2_max == 0.0).all()
+    assert (layers.xs("live", level="layer").l2_max == 0.0).all()
+    assert (layers.xs("out", level="layer").l2_min > 0.0).all()
     assert np.isfinite(gw.read_stats(dirs[True]).update_ratio).any()
     pd.testing.assert_frame_equal(gw.read_windows(dirs[True]), gw.read_windows(dirs[False]),
                                   check_exact=False, rtol=1e-6)

@@ -180,3 +180,23 @@ def test_scalar_and_equal_size_gradients_of_other_shapes_group_correctly():
     norms = tf.sqrt(stats_lib.sum_of_squares(groups)).numpy()
     np.testing.assert_allclose(norms, [3.0, np.sqrt(30.0), 3.0, 4.0, 1.0], rtol=1e-6)
     _check(grads, stats_lib.gradient_stats(grads))
+
+
+def test_zero_gradients_settle_their_sums_of_squares_and_underflows_do_not():
+    """``settled_by_zeros``: True when every sum of squares is exact once all-zero
+    gradients are told apart; False for an underflow (a lone tiny value of either
+    sign) or a non-finite entry, which need the full statistics."""
+    def settled(*grads):
+        groups = stats_lib.group_gradients([tf.constant(np.asarray(g, np.float32)) for g in grads])
+        return bool(stats_lib.settled_by_zeros(groups, stats_lib.sum_of_squares(groups)))
+
+    normal, zero = [1.0, -2.0, 0.0], [0.0, 0.0, 0.0]
+    assert settled(normal, normal)
+    assert settled(zero, normal)
+    assert settled(zero, zero, np.zeros((70, 300)))  # a large one alone, small ones stacked
+    assert not settled(zero, [0.0, -1e-30, 0.0])
+    assert not settled([0.0, 1e-30, 0.0], normal)
+    assert not settled(zero, [0.0, np.nan, 0.0])
+    assert not settled([np.inf, 0.0, 0.0])
+    assert settled(np.full((70, 300), 1e-14))  # sum of squares 2.1e-24: exact
+    assert not settled(np.full((70, 300), 1e-15))  # 2.1e-26, below SAFE_MIN_SQ: may have underflowed

@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import np_stats
 
 import gradwatch as gw
+from gradwatch import engine as engine_lib
 
 
 def _model(seed=0):
@@ -192,6 +193,51 @@ def test_inexact_cheap_norms_take_the_full_path_on_any_step(log_dir):
     assert stats.loc["a/huge"].l2_min == pytest.approx(3.0)
     window = gw.read_windows(log_dir).iloc[0]
     assert window.nonfinite_steps == 1 and window.first_nonfinite_step == 2
+
+
+@pytest.mark.parametrize("xla_branches", [False, True])
+def test_zero_gradients_are_exact_without_the_full_pass_and_tiny_ones_still_take_it(
+        log_dir, xla_branches, monkeypatch):
+    """An all-zero gradient (a dead layer) has an inexact-looking sum of squares of 0;
+    two reductions settle it, but a gradient whose squares underflow to 0 (1e-30, also
+    a lone negative one, which the max alone would call zero) still gets the careful
+    norm. Every window's l2 columns and its sampled step's statistics against numpy."""
+    monkeypatch.setattr(engine_lib, "XLA_BRANCH_MIN_VARIABLES", 0 if xla_branches else 10**6)
+    zero = np.zeros(4, "float32")
+    normal = np.array([1.0, -2.0, 2.0, 0.0], "float32")
+    underflow = np.array([-1e-30, 0.0, 0.0, 0.0], "float32")
+    underflows = np.array([1e-30, 1e-30, 0.0, 0.0], "float32")
+    steps = [  # (a, b, c); windows of 3 steps, each first step sampled
+        (normal, normal, normal), (zero, normal, normal), (zero, underflow, normal),
+        (zero, normal, normal), (zero, normal, underflows), (zero, zero, normal),
+        (zero, zero, normal), (zero, normal, zero), (zero, normal, normal),
+    ]
+    assert float(np.sum(underflow.astype("float32") ** 2)) == 0.0  # the case this is about
+    names = ["a/a", "b/b", "c/c"]
+    variables = [tf.Variable(zero) for _ in names]
+
+    @tf.function
+    def step(grads):
+        return watch.observe(grads, variables)
+
+    with gw.Watch(log_dir=log_dir, log_every=3, names=names) as watch:
+        for grads in steps:
+            step([tf.constant(g) for g in grads])
+            watch.step_end()
+    stats = gw.read_stats(log_dir)
+    assert len(stats) == 3 * len(names)
+    for k, name in enumerate(names):
+        rows = stats[stats.variable == name].sort_values("step")
+        for w, row in enumerate(rows.itertuples()):
+            window = [np_stats(grads[k]) for grads in steps[3 * w:3 * w + 3]]
+            l2 = [s["l2"] for s in window]
+            assert row.l2 == pytest.approx(l2[-1], rel=1e-6, abs=0.0), (name, w)
+            assert row.l2_min == pytest.approx(min(l2), rel=1e-6, abs=0.0), (name, w)
+            assert row.l2_max == pytest.approx(max(l2), rel=1e-6, abs=0.0), (name, w)
+            for field in ("max_abs", "mean_abs", "zero_frac"):
+                expected = window[0][field]
+                assert getattr(row, field) == pytest.approx(expected, rel=1e-6, abs=0.0), (name, w, field)
+            assert row.nonfinite == 0
 
 
 def test_steps_beyond_the_buffer_fold_in_step_and_stay_exact(log_dir):
