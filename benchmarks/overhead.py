@@ -102,7 +102,23 @@ def res100():
 
 MEAN_SKIP = 20
 
-MODELS = {"mlp": mlp, "cnn": cnn, "deep24": deep24, "lstm": lstm, "res100": res100}
+def mlp_dead():
+    """The MLP with its second hidden layer dead from the start (every unit's bias
+    -1e4): that layer and the one below it get all-zero gradients on every step, the
+    case gradwatch is there to diagnose (not in the default table; ``--models``)."""
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(512, activation="relu", bias_initializer=keras.initializers.Constant(-1e4)),
+            keras.layers.Dense(10),
+        ]
+    ), (784,), 10
+
+
+# the issue's five models make the default table
+TABLE_MODELS = ("mlp", "cnn", "deep24", "lstm", "res100")
+MODELS = {"mlp": mlp, "cnn": cnn, "deep24": deep24, "lstm": lstm, "res100": res100, "mlp_dead": mlp_dead}
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -209,7 +225,7 @@ def main():
                         help="comma-separated subset of the configurations (plain is always run)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(MODELS))
+    names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(TABLE_MODELS))
     reps = args.reps or (3 if args.quick else 5)
     steps = args.steps or (60 if args.quick else 120)
     batch_size = 128
