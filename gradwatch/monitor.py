@@ -49,6 +49,12 @@ class GradientMonitor(keras.callbacks.Callback):
         activation_probe: also count dead units from the activations of ReLU-family
             layers (units zero on every sample of the batch); off by default (it
             wraps those layers' ``call`` during fit and costs one reduction per layer).
+        on_alert: called with every alert row. With a ``log_dir``, a window with no
+            non-finite step is interpreted (rows, detectors, alerts) on gradwatch's
+            writer thread while training goes on, so ``on_alert`` is called there
+            and ``last_window`` follows a read by a few steps; both are complete
+            when ``fit`` returns. Non-finite windows are handled on the training
+            thread, at the read.
 
     Example:
         >>> monitor = GradientMonitor(log_dir="runs/exp1", log_every=10)
@@ -144,6 +150,7 @@ class GradientMonitor(keras.callbacks.Callback):
             # update/weight snapshots from the host, measured in the tap after the update
             self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy),
                                   host_update_snapshots=True)
+            self._engine.defer_reads = True
             self._engine.on_alert = self.on_alert
             self._host_steps = 0
             self._next_snapshot = 0
@@ -227,10 +234,10 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _read(self) -> None:
         self._steps_since_read = 0
-        window = self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
-        if window is not None and self._engine.last_step is not None:
+        self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
+        if self._engine.last_read_steps and self._engine.last_step is not None:
             self._next_step = self._engine.last_step + 1
-        self._react(self._engine.last_alerts)
+        self._react(self._engine.acted_alerts)
 
     def _lean_eligible(self, model: Any) -> bool:
         """Whether this fit traces a lean step beside the full one: one step per

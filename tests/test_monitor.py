@@ -619,6 +619,62 @@ def test_many_runs_in_one_process_raise_no_retracing_warning(tmp_path):
     assert not [m for m in retracing if "gradwatch" in m or "snapshot" in m or "_read_all" in m], retracing
 
 
+def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(tmp_path, monkeypatch):
+    """GradientMonitor hands a window without a non-finite step to the writer thread
+    to be interpreted (rows, detectors, alerts); the files, the alert rows given to
+    ``on_alert`` (in order) and ``last_window`` equal a fit that interprets every
+    read at once, and a NaN window is still acted on at its read."""
+    deferred = []
+    original = engine_lib.Engine._interpret
+
+    def recording(self, *args):
+        deferred.append(args[-1])
+        return original(self, *args)
+
+    monkeypatch.setattr(engine_lib.Engine, "_interpret", recording)
+    chosen = {}
+    original_bind = engine_lib.Engine.bind
+
+    def bind(self, *args, **kwargs):
+        original_bind(self, *args, **kwargs)
+        self.defer_reads = chosen["defer"]  # GradientMonitor sets True before it binds
+
+    monkeypatch.setattr(engine_lib.Engine, "bind", bind)
+    x, y = make_data(n=64)
+    x[40:48] = np.nan  # every epoch's 6th batch: its window is read at once
+    results = {}
+    for defer in (True, False):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([
+            keras.Input((6,)),
+            keras.layers.Dense(12, activation="relu", name="live"),
+            keras.layers.Dense(6, activation="relu", name="dead",
+                               bias_initializer=keras.initializers.Constant(-50.0)),
+            keras.layers.Dense(1, name="out"),
+        ])
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        log_dir = str(tmp_path / f"defer_{defer}")
+        received = []
+        monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4, on_nonfinite="skip_step",
+                                     thresholds=Thresholds(dead_steps=10), on_alert=received.append)
+        chosen["defer"] = defer
+        with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
+            model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[monitor])
+        results[defer] = (log_dir, received, monitor.last_window)
+    on_writer = deferred[:len(deferred) // 2]
+    assert any(on_writer) and not all(on_writer)  # NaN windows at once, the others deferred
+    assert not any(deferred[len(deferred) // 2:])
+    (lazy_dir, lazy_alerts, lazy_last), (now_dir, now_alerts, now_last) = results[True], results[False]
+    assert lazy_alerts == now_alerts
+    assert {row["kind"] for row in lazy_alerts} >= {"dead_relu", "nonfinite_gradient"}
+    assert lazy_last["step"] == 24
+    pd.testing.assert_series_equal(pd.Series(lazy_last), pd.Series(now_last))
+    pd.testing.assert_frame_equal(gw.read_windows(lazy_dir), gw.read_windows(now_dir))
+    pd.testing.assert_frame_equal(gw.read_stats(lazy_dir), gw.read_stats(now_dir))
+    pd.testing.assert_frame_equal(gw.read_alerts(lazy_dir), gw.read_alerts(now_dir))
+    assert len(gw.read_windows(lazy_dir)) == 6
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_compile):
     """fit runs a lean trace of the step (no conditional work) on the steps the host
