@@ -619,6 +619,19 @@ def test_many_runs_in_one_process_raise_no_retracing_warning(tmp_path):
     assert not [m for m in retracing if "gradwatch" in m or "snapshot" in m or "_read_all" in m], retracing
 
 
+def make_dead_layer_mlp():
+    """6 -> 12 (relu, "live") -> 6 (relu, "dead" from the start: its units never pass a
+    gradient, so neither layer gets a non-zero one) -> 1 ("out"), seeded."""
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(12, activation="relu", name="live"),
+        keras.layers.Dense(6, activation="relu", name="dead",
+                           bias_initializer=keras.initializers.Constant(-50.0)),
+        keras.layers.Dense(1, name="out"),
+    ])
+
+
 def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(tmp_path, monkeypatch):
     """GradientMonitor hands a window without a non-finite step to the writer thread
     to be interpreted (rows, detectors, alerts); the files, the alert rows given to
@@ -644,14 +657,7 @@ def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(t
     x[40:48] = np.nan  # every epoch's 6th batch: its window is read at once
     results = {}
     for defer in (True, False):
-        keras.utils.set_random_seed(3)
-        model = keras.Sequential([
-            keras.Input((6,)),
-            keras.layers.Dense(12, activation="relu", name="live"),
-            keras.layers.Dense(6, activation="relu", name="dead",
-                               bias_initializer=keras.initializers.Constant(-50.0)),
-            keras.layers.Dense(1, name="out"),
-        ])
+        model = make_dead_layer_mlp()
         model.compile(keras.optimizers.SGD(0.01), "mse")
         log_dir = str(tmp_path / f"defer_{defer}")
         received = []
@@ -701,15 +707,7 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_c
     x, y = make_data(n=64)
     dirs = {}
     for lean in (True, False):
-        keras.utils.set_random_seed(3)
-        model = keras.Sequential([
-            keras.Input((6,)),
-            keras.layers.Dense(12, activation="relu", name="live"),
-            # dead from the start: its units never pass a gradient
-            keras.layers.Dense(6, activation="relu", name="dead",
-                               bias_initializer=keras.initializers.Constant(-50.0)),
-            keras.layers.Dense(1, name="out"),
-        ])
+        model = make_dead_layer_mlp()
         model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
         dirs[lean] = str(tmp_path / f"lean_{lean}")
         monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=6,
