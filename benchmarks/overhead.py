@@ -51,12 +51,12 @@ monitor_lib.LEAN_MIN_STEPS = 0
 logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the nets raise alerts: keep the table readable
 
 
-def mlp():
+def mlp(second_bias="zeros"):
     return keras.Sequential(
         [
             keras.Input((784,)),
             keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(512, activation="relu", bias_initializer=second_bias),
             keras.layers.Dense(10),
         ]
     ), (784,), 10
@@ -106,14 +106,7 @@ def mlp_dead():
     """The MLP with its second hidden layer dead from the start (every unit's bias
     -1e4): that layer and the one below it get all-zero gradients on every step, the
     case gradwatch is there to diagnose (not in the default table; ``--models``)."""
-    return keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(512, activation="relu"),
-            keras.layers.Dense(512, activation="relu", bias_initializer=keras.initializers.Constant(-1e4)),
-            keras.layers.Dense(10),
-        ]
-    ), (784,), 10
+    return mlp(second_bias=keras.initializers.Constant(-1e4))
 
 
 # the issue's five models make the default table
