@@ -88,7 +88,8 @@ def _dense_norm(grad) -> tf.Tensor:
     return scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale)))
 
 
-def _scale(grad, factor: tf.Tensor):
+def scale_gradient(grad, factor: tf.Tensor):
+    """Returns ``grad`` (dense or ``IndexedSlices``) multiplied by ``factor``."""
     values = _values(grad)
     return _with_values(grad, values * tf.cast(factor, values.dtype))
 
@@ -153,7 +154,7 @@ def _clip_global(grads, max_norm: tf.Tensor, norms: Norms | None = None) -> Clip
     total = _global_total(l2)
     clip = tf.reduce_all(finite) & tf.math.is_finite(total) & (total > max_norm)
     factor = tf.where(clip, max_norm / tf.where(total > 0.0, total, 1.0), 1.0)
-    return ClipResult([_scale(g, factor) for g in grads], max_norm, l2 * factor)
+    return ClipResult([scale_gradient(g, factor) for g in grads], max_norm, l2 * factor)
 
 
 class PerVariableNorm(Clip):
@@ -173,7 +174,7 @@ class PerVariableNorm(Clip):
         l2, finite = _known_norms(grads, norms)
         clip = finite & tf.math.is_finite(l2) & (l2 > max_norm)
         factors = tf.where(clip, max_norm / tf.where(l2 > 0.0, l2, 1.0), 1.0)
-        out = [_scale(grad, factors[i]) for i, grad in enumerate(grads)]
+        out = [scale_gradient(grad, factors[i]) for i, grad in enumerate(grads)]
         return ClipResult(out, max_norm, l2 * factors)
 
 
@@ -276,7 +277,7 @@ class Percentile(Clip):
     def build(self, strategy=None):
         if self._norms is not None:
             return
-        from gradwatch._keras_internals import replica_variable
+        from gradwatch._capture.keras_internals import replica_variable
 
         self._norms = replica_variable(tf.zeros([self.history]), "gradwatch_autoclip", strategy)
         self._count = replica_variable(tf.constant(0, tf.int64), "gradwatch_autoclip_n", strategy)

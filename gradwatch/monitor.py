@@ -10,18 +10,17 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradwatch import _keras_internals as internals
-from gradwatch import probes as probes_lib
-from gradwatch import topology as topology_lib
+from gradwatch._capture import keras_internals as internals
+from gradwatch._capture import model_topology as topology_lib
+from gradwatch._capture.recorder import Recorder, StepContext
+from gradwatch._internal_options import InternalOptions
+from gradwatch._interpret.probe_layout import UPDATE_EVERY
+from gradwatch._pipeline import Pipeline
 from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
-from gradwatch.engine import Engine, StepContext
 from gradwatch.options import Options
+from gradwatch.topology import Topology
 
 logger = logging.getLogger("gradwatch")
-
-
-# A fit of fewer planned steps does not trace the lean step (see _lean_eligible).
-LEAN_MIN_STEPS = 1000
 
 
 class GradientMonitor(keras.callbacks.Callback):
@@ -55,6 +54,7 @@ class GradientMonitor(keras.callbacks.Callback):
             and ``last_window`` follows a read by a few steps; both are complete
             when ``fit`` returns. Non-finite windows are handled on the training
             thread, at the read.
+        internal: switches for tests and benchmarks (``gradwatch._internal_options``).
 
     Example:
         >>> monitor = GradientMonitor(log_dir="runs/exp1", log_every=10)
@@ -73,8 +73,10 @@ class GradientMonitor(keras.callbacks.Callback):
         signed_histograms: bool = False,
         activation_probe: bool = False,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
+        internal: InternalOptions | None = None,
     ):
         super().__init__()
+        self._internal = internal or InternalOptions()
         self.options = Options(
             log_dir=log_dir,
             log_every=log_every,
@@ -89,33 +91,39 @@ class GradientMonitor(keras.callbacks.Callback):
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self.on_alert = on_alert
-        self._engine: Engine | None = None
+        self._recorder: Recorder | None = None
+        self._pipeline: Pipeline | None = None
         self._optimizer: Any = None
         self._variables: list[Any] = []
         self._iterations_at_end = -1
         self._steps_since_read = 0
         self._batch_begin = 0
-        self._host_steps = 0  # steps begun through this monitor's engine
+        self._host_steps = 0  # steps begun through this monitor's recorder
         self._next_snapshot = 0
         self._last_logs: dict[str, Any] = {}
         self._active = False
-        # The lean train function (see _guard_train_function), when this fit has one;
-        # _lean_steps False traces the full step only (tests compare the two).
-        self._lean_steps = True
+        # The lean train function (see _guard_train_function), when this fit has one.
         self._lean_function: Any = None
         self._next_step: int | None = None  # the in-graph number of the next step
         self._update_pending = False
+        self._tracing_lean = False  # read by the tap while a train function traces
 
     # ------------------------------------------------------------------ API
 
     @property
     def last_window(self) -> dict[str, Any] | None:
         """The last window row read (also when ``log_dir`` is None)."""
-        return self._engine.last_window if self._engine is not None else None
+        return self._pipeline.latest.window if self._pipeline is not None else None
 
     @property
-    def topology(self) -> topology_lib.Topology | None:
-        return self._engine.topology if self._engine is not None else None
+    def topology(self) -> Topology | None:
+        """The watched model's topology (None before the first fit)."""
+        return self._recorder.topology if self._recorder is not None else None
+
+    @property
+    def steps_seen(self) -> int:
+        """The training steps observed so far, over every fit."""
+        return self._pipeline.steps_seen if self._pipeline is not None else 0
 
     # -------------------------------------------------------------- Keras
 
@@ -143,36 +151,19 @@ class GradientMonitor(keras.callbacks.Callback):
         internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)
-        if self._engine is None or [id(v) for v in variables] != [id(v) for v in self._variables]:
-            topology = topology_lib.from_model(model, variables)
-            if self._engine is not None:
-                self._engine.close()
-            # update/weight snapshots from the host, measured in the tap after the update
-            self._engine = Engine(self.options, run_info=self._run_info(model, optimizer, strategy),
-                                  host_update_snapshots=True)
-            self._engine.defer_reads = True
-            self._engine.on_alert = self.on_alert
-            self._host_steps = 0
-            self._next_snapshot = 0
-            self._engine.bind(topology, variables, strategy=strategy)
-            self._variables = variables
-        self._engine.closed = False
-        self._engine.request_resync(self._iterations_at_end)
-        self._engine.open_sinks()
+        if self._recorder is None or [id(v) for v in variables] != [id(v) for v in self._variables]:
+            self._bind(model, optimizer, variables, strategy)
+        self._recorder.request_resync(self._iterations_at_end)
+        self._pipeline.open()
         self._optimizer = optimizer
         internals.ensure_built(optimizer, variables, strategy)
         internals.install_apply_tap(optimizer, self._tap)
-        if self.options.activation_probe:
-            if self._engine.activations is None:
-                self._engine.activations = probes_lib.ActivationProbe(
-                    self._engine.topology, topology_lib.relu_layers(model, self._engine.topology), strategy
-                )
-            self._engine.activations.install()
+        self._recorder.count_activations(True)
         internals.retrace_train_function(model)
         full_function = model.train_function
         self._lean_function = None
         if self._lean_eligible(model):
-            # a second trace of the same step, traced with the engine's lean flag set
+            # a second trace of the same step, traced with the lean flag set
             internals.retrace_train_function(model)
             self._lean_function = model.train_function
         self._guard_train_function(model, full_function)
@@ -183,11 +174,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch_begin = batch
-        updates = self._engine.updates if self._active else None
-        if updates is not None and self._host_steps >= self._next_snapshot:
-            # every UPDATE_EVERY steps: the weights before this step, for the update probe
-            updates.snapshot_now()
-            self._next_snapshot = self._host_steps + probes_lib.UPDATE_EVERY
+        # every UPDATE_EVERY steps: the weights before this step, for the update probe
+        if self._active and self._host_steps >= self._next_snapshot and self._recorder.snapshot_weights():
+            self._next_snapshot = self._host_steps + UPDATE_EVERY
             self._update_pending = True
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -201,28 +190,28 @@ class GradientMonitor(keras.callbacks.Callback):
             self._next_step += steps
         if self._update_pending and self._lean_function is not None:
             # the measure waits for a step that moves the weights (one small read)
-            self._update_pending = self._engine.updates.pending()
+            self._update_pending = self._recorder.update_pending()
         if self._steps_since_read >= self.options.log_every:
             self._read()
-        elif self.options.on_nonfinite in ("stop", "raise") and self._engine.has_nonfinite():
+        elif self.options.on_nonfinite in ("stop", "raise") and self._recorder.has_nonfinite():
             # These modes act at once: one scalar read per batch instead of waiting
             # for the next window.
             self._read()
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         # validation inside fit: the activation probe does not count these batches
-        if self._active and self._engine.activations is not None:
-            self._engine.activations.training.assign(False)
+        if self._active:
+            self._recorder.pause_activations(True)
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._active and self._engine.activations is not None:
-            self._engine.activations.training.assign(True)
+        if self._active:
+            self._recorder.pause_activations(False)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
             return
         self._finish()
-        if self._engine is not None and self._engine.steps_seen == 0:
+        if self.steps_seen == 0:
             warnings.warn(
                 "GradientMonitor observed no training step: the optimizer's apply() was never "
                 "called through model.fit (a custom train_step that updates weights without "
@@ -232,27 +221,46 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ private
 
+    def _bind(self, model: Any, optimizer: Any, variables: list[Any], strategy: Any) -> None:
+        """A recorder and pipeline for these variables (a new model, or other variables)."""
+        topology = topology_lib.from_model(model, variables)
+        if self._pipeline is not None:
+            self._pipeline.close()
+        # update/weight snapshots from the host, measured in the tap after the update
+        self._recorder = Recorder(self.options, host_update_snapshots=True,
+                                  xla_branch_min_variables=self._internal.xla_branch_min_variables)
+        activation_layers = (topology_lib.relu_layers(model, topology) if self.options.activation_probe
+                             else None)
+        self._recorder.bind(topology, variables, strategy=strategy, activation_layers=activation_layers)
+        self._pipeline = Pipeline(self.options, self._recorder,
+                                  self._run_info(model, optimizer, strategy), on_alert=self.on_alert,
+                                  extra_sinks=self._internal.extra_sinks)
+        self._host_steps = 0
+        self._next_snapshot = 0
+        self._variables = variables
+
     def _read(self) -> None:
         self._steps_since_read = 0
-        self._engine.read(fallback_loss=_float_or_none(self._last_logs.get("loss")))
-        if self._engine.last_read_steps and self._engine.last_step is not None:
-            self._next_step = self._engine.last_step + 1
-        self._react(self._engine.acted_alerts)
+        read = self._pipeline.read(fallback_loss=_float_or_none(self._last_logs.get("loss")),
+                                   defer=self._internal.defer_reads)
+        if read.steps and read.last_step is not None:
+            self._next_step = read.last_step + 1
+        self._react(read.result.alerts if read.result is not None else [])
 
     def _lean_eligible(self, model: Any) -> bool:
         """Whether this fit traces a lean step beside the full one: one step per
         train-function call (the host then knows every step's number and place in
-        its window) and one replica (the engine buffers its rows)."""
+        its window) and one replica (the recorder buffers its rows)."""
         params = self.params or {}
         steps, epochs = params.get("steps"), params.get("epochs")
         # the lean trace is a second trace of the whole train step (0.5-0.8 s for a
         # fresh 784-512-512-10 MLP) that saves ~0.25 ms a step there: a fit known to
-        # be shorter than LEAN_MIN_STEPS runs the full step throughout
+        # be shorter than lean_min_steps runs the full step throughout
         planned = steps * (epochs - int(params.get("initial_epoch", 0) or 0)) if steps and epochs else None
-        return (self._lean_steps and self._engine._buffered
+        return (self._internal.lean_steps and self._recorder.buffer.buffered
                 and int(getattr(model, "steps_per_execution", 1) or 1) == 1
                 and not getattr(model, "run_eagerly", False)
-                and (planned is None or planned >= LEAN_MIN_STEPS))
+                and (planned is None or planned >= self._internal.lean_min_steps))
 
     def _full_step_due(self) -> bool:
         """Host side, before a step: whether it may hold work only the full step does:
@@ -260,11 +268,11 @@ class GradientMonitor(keras.callbacks.Callback):
         still waiting, or a buffer about to fill."""
         every = self.options.histogram_every
         if self._next_step is None:
-            self._next_step = self._engine.next_step(int(internals.iterations(self._optimizer).numpy()))
+            self._next_step = self._recorder.next_step(int(internals.iterations(self._optimizer).numpy()))
         return (self._steps_since_read == 0
                 or self._update_pending
                 or (every > 0 and self._next_step % every == 0)
-                or self._steps_since_read + 1 >= self._engine.capacity)
+                or self._steps_since_read + 1 >= self._recorder.capacity)
 
     def _react(self, alerts) -> None:
         action = nonfinite_action(
@@ -285,30 +293,31 @@ class GradientMonitor(keras.callbacks.Callback):
         """Final read, tap removed, files closed: the model is left as it was found."""
         self._active = False
         try:
-            if self._engine is not None and self._engine.bound:
+            if self._pipeline is not None:
                 self._read()
         finally:
-            if self._engine is not None and self._engine.activations is not None:
-                self._engine.activations.remove()
+            if self._recorder is not None:
+                self._recorder.count_activations(False)
             if self._optimizer is not None:
                 internals.remove_apply_tap(self._optimizer)
                 self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
             if self.model is not None:
                 internals.forget_train_function(self.model)
-            if self._engine is not None:
-                self._engine.close()
+            if self._pipeline is not None:
+                self._pipeline.close()
 
     def _guard_train_function(self, model: Any, train_function: Any) -> None:
         # Keras's fit has no try/finally: if a step raises (or is interrupted),
         # on_train_end never runs, so the tap is removed here instead.
         monitor = self
-        engine = self._engine
 
         def guarded_train_function(iterator):
             lean_function = monitor._lean_function
             # the flag only matters when a call traces (the first, or a retrace)
             lean = monitor._active and lean_function is not None and not monitor._full_step_due()
-            engine.lean = lean
+            monitor._tracing_lean = lean
+            if monitor._internal.on_step_kind is not None and monitor._active:
+                monitor._internal.on_step_kind(lean)
             try:
                 return (lean_function if lean else train_function)(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
@@ -323,13 +332,13 @@ class GradientMonitor(keras.callbacks.Callback):
                         logger.exception("gradwatch: cleanup after a failed step failed")
                 raise
             finally:
-                engine.lean = False
+                monitor._tracing_lean = False
 
         model.train_function = guarded_train_function
 
     def _tap(self, original_apply, grads, trainable_variables):
-        engine = self._engine
-        if engine is None or engine.closed or not engine.bound:
+        recorder = self._recorder
+        if recorder is None or not self._active:
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)
         optimizer = self._optimizer
@@ -337,10 +346,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if trainable_variables is None:
             trainable_variables = internals.trainable_variables_of(optimizer)
         trainable_variables = list(trainable_variables)
-        watched = [
-            i for i, v in enumerate(trainable_variables)
-            if internals.variable_key(v) in engine._index
-        ]
+        watched = [i for i, v in enumerate(trainable_variables) if recorder.watches(v)]
         loss_scaled = internals.is_loss_scale_optimizer(optimizer)
         guard = self.options.on_nonfinite != "warn"
         context = StepContext(
@@ -350,12 +356,12 @@ class GradientMonitor(keras.callbacks.Callback):
             loss_totals=internals.loss_tracker_totals(self.model),
             overflow_skips=loss_scaled or guard,
         )
-        observed = engine.observe(
-            [grads[i] for i in watched], [trainable_variables[i] for i in watched], context
-        )
+        watched_grads = [grads[i] for i in watched]
+        slots = recorder.slots_of(watched_grads, [trainable_variables[i] for i in watched])
+        observed = recorder.observe(watched_grads, slots, context, lean=self._tracing_lean)
         for k, i in enumerate(watched):
-            grads[i] = observed[k]
-        finite = engine.last_finite
+            grads[i] = observed.grads[k]
+        finite = observed.finite
         if loss_scaled:
             # The LossScaleOptimizer skips non-finite steps itself (and lowers its
             # scale); under several replicas make sure it sees what any replica saw.
@@ -369,7 +375,7 @@ class GradientMonitor(keras.callbacks.Callback):
             result = internals.apply_if_finite(original_apply, grads, trainable_variables, finite)
         else:
             result = original_apply(grads, trainable_variables)
-        engine.after_update()  # the update probe reads the weights it just moved
+        recorder.after_update()  # the update probe reads the weights it just moved
         return result
 
     @staticmethod

@@ -9,13 +9,16 @@ from typing import Any
 
 import tensorflow as tf
 
-from gradwatch import _keras_internals as internals
-from gradwatch import topology as topology_lib
+from gradwatch._capture import keras_internals as internals
+from gradwatch._capture import model_topology as topology_lib
+from gradwatch._capture.recorder import Recorder, StepContext
+from gradwatch._internal_options import InternalOptions
+from gradwatch._pipeline import Pipeline
 from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
-from gradwatch.engine import Engine, StepContext
 from gradwatch.options import Options
 from gradwatch.schema import WINDOWS_FILE
 from gradwatch.sinks.csv_sink import last_step
+from gradwatch.topology import Topology
 
 
 class Watch:
@@ -40,6 +43,8 @@ class Watch:
             ``tf.Variable``s otherwise take their own names.
         model: the Keras model the variables belong to, if any: gives layer
             names and activations in ``run.json``.
+        on_alert: called with every alert row.
+        internal: switches for tests and benchmarks (``gradwatch._internal_options``).
 
     Example:
         >>> watch = Watch(log_dir="runs/exp2")
@@ -60,6 +65,7 @@ class Watch:
         names: Sequence[str] | Mapping[Any, str] | None = None,
         model: Any = None,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
+        internal: InternalOptions | None = None,
     ):
         self.options = Options(
             log_dir=log_dir,
@@ -80,8 +86,12 @@ class Watch:
         internals.check_backend()
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
-        self._engine = Engine(self.options, run_info={"front": "Watch"})
-        self._engine.on_alert = on_alert
+        self._on_alert = on_alert
+        self._internal = internal or InternalOptions()
+        self._recorder = Recorder(self.options,
+                                  xla_branch_min_variables=self._internal.xla_branch_min_variables)
+        self._pipeline: Pipeline | None = None
+        self._last_finite: Any = None
         #: Set when a non-finite gradient was seen with on_nonfinite="stop": end your loop.
         self.stop_requested = False
         self._steps_since_read = 0
@@ -90,11 +100,18 @@ class Watch:
 
     @property
     def last_window(self) -> dict[str, Any] | None:
-        return self._engine.last_window
+        """The last window row read."""
+        return self._pipeline.latest.window if self._pipeline is not None else None
 
     @property
-    def topology(self) -> topology_lib.Topology | None:
-        return self._engine.topology
+    def topology(self) -> Topology | None:
+        """The watched variables' topology (None before the first ``observe``)."""
+        return self._recorder.topology
+
+    @property
+    def steps_seen(self) -> int:
+        """The training steps observed and read so far."""
+        return self._pipeline.steps_seen if self._pipeline is not None else 0
 
     @tf.autograph.experimental.do_not_convert
     def observe(
@@ -119,23 +136,24 @@ class Watch:
             raise RuntimeError("Watch.observe() called after close(); create a new Watch.")
         grads = list(grads)
         variables = list(variables)
-        if not self._engine.bound:
+        if not self._recorder.bound:
             self._bind(variables)
-        slots = self._engine.slots_of(grads, variables)
+        slots = self._recorder.slots_of(grads, variables)
         if tf.executing_eagerly():
             # Eager callers get the same fused graph, traced once per variable set.
             if self._eager_observe is None:
                 self._eager_observe = internals.run_function(self._observe_in_graph)
             observed, finite = self._eager_observe(grads, slots, loss)
-            self._engine.last_finite = finite
-            return observed
-        return self._observe_in_graph(grads, slots, loss)[0]
+        else:
+            observed, finite = self._observe_in_graph(grads, slots, loss)
+        # read by apply() in the same step (the same trace, or eagerly)
+        self._last_finite = finite
+        return observed
 
     @tf.autograph.experimental.do_not_convert
     def _observe_in_graph(self, grads, slots, loss):
         context = StepContext(loss=loss, overflow_skips=self.options.on_nonfinite != "warn")
-        observed = self._engine.observe_slots(grads, slots, context)
-        return observed, self._engine.last_finite
+        return tuple(self._recorder.observe(grads, slots, context))
 
     @tf.autograph.experimental.do_not_convert
     def apply(self, optimizer: Any, grads: Sequence[Any], variables: Sequence[Any]) -> None:
@@ -151,7 +169,7 @@ class Watch:
         def apply_fn(grads, variables):
             optimizer.apply_gradients(zip(grads, variables))
 
-        finite = self._engine.last_finite
+        finite = self._last_finite
         if self.options.on_nonfinite == "warn" or finite is None:
             apply_fn(grads, variables)
         elif tf.executing_eagerly():
@@ -193,8 +211,10 @@ class Watch:
                 start = last_step(path) or 0
         strategy = internals.current_strategy()
         internals.check_strategy(strategy)
-        self._engine.bind(topology, variables, strategy=strategy, start_step=start)
-        self._engine.open_sinks()
+        self._recorder.bind(topology, variables, strategy=strategy, start_step=start)
+        self._pipeline = Pipeline(self.options, self._recorder, {"front": "Watch"}, on_alert=self._on_alert,
+                                  extra_sinks=self._internal.extra_sinks)
+        self._pipeline.open()
 
     def step_end(self, loss: float | None = None) -> dict[str, Any] | None:
         """Host side, after each training step: writes the window every ``log_every`` steps.
@@ -205,16 +225,20 @@ class Watch:
             raise RuntimeError("Watch.step_end() called after close(); create a new Watch.")
         self._steps_since_read += 1
         if self._steps_since_read >= self.options.log_every or (
-            self.options.on_nonfinite in ("stop", "raise") and self._engine.has_nonfinite()
+            self.options.on_nonfinite in ("stop", "raise") and self._recorder.has_nonfinite()
         ):
             return self._read(loss)
         return None
 
     def _read(self, loss: float | None = None) -> dict[str, Any] | None:
         self._steps_since_read = 0
-        row = self._engine.read(fallback_loss=loss)
+        if self._pipeline is None:
+            return None
+        result = self._pipeline.read(fallback_loss=loss).result
+        if result is None:
+            return None
         action = nonfinite_action(
-            self._engine.last_alerts,
+            result.alerts,
             self.options.on_nonfinite,
             "Stop requested (watch.stop_requested is True).",
         )
@@ -224,7 +248,7 @@ class Watch:
                 raise NonFiniteGradientError(message)
             self.stop_requested = self.stop_requested or kind == "stop"
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-        return row
+        return dict(result.window_row)  # a copy: the writer thread may still format it
 
     def flush(self) -> dict[str, Any] | None:
         """Writes the steps observed since the last write now."""
@@ -235,11 +259,13 @@ class Watch:
         if self._closed:
             return
         self._closed = True
-        if self._engine.bound:
-            self._read()
-            if self._engine.steps_seen == 0:
-                warnings.warn("Watch closed without observing any step.", stacklevel=2)
-        self._engine.close()
+        if self._pipeline is not None:
+            try:
+                self._read()
+                if self._pipeline.steps_seen == 0:
+                    warnings.warn("Watch closed without observing any step.", stacklevel=2)
+            finally:
+                self._pipeline.close()
 
     def __enter__(self) -> Watch:
         return self

@@ -13,9 +13,8 @@ import tensorflow as tf
 from conftest import np_stats, replay_sgd, tape_gradients
 
 import gradwatch as gw
-from gradwatch import _keras_internals as internals
-from gradwatch import engine as engine_lib
-from gradwatch import monitor as monitor_lib
+from gradwatch._capture import keras_internals as internals
+from gradwatch._internal_options import InternalOptions
 from gradwatch.detectors import Thresholds
 
 LR = 0.05
@@ -86,10 +85,10 @@ def check_against_reference(log_dir, ref_steps, ref_losses, rel=1e-4):
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
 @pytest.mark.parametrize("xla_branches", [False, True])
-def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution, xla_branches, monkeypatch):
+def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution, xla_branches):
     # xla_branches: the sampled steps' full pass and the probes' measures as XLA calls,
     # as on a net of many variables (this one has few)
-    monkeypatch.setattr(engine_lib, "XLA_BRANCH_MIN_VARIABLES", 0 if xla_branches else 10**6)
+    internal = InternalOptions(xla_branch_min_variables=0 if xla_branches else 10**6)
     x, y = make_data()
     ref_steps, ref_losses = reference_run(make_mlp, x, y, batch_size=8)
     model = make_mlp()
@@ -99,7 +98,7 @@ def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution, 
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
-    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=3)
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=3, internal=internal)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     check_against_reference(log_dir, ref_steps, ref_losses)
     windows = gw.read_windows(log_dir)
@@ -156,9 +155,9 @@ def test_second_fit_retraces_tap_and_model_is_left_as_found(log_dir):
     # The second fit continued the step count and is right to the last digit.
     check_against_reference(log_dir, ref_steps, ref_losses)
     # A fit without the monitor afterwards is untouched by gradwatch.
-    before = monitor._engine.steps_seen
+    before = monitor.steps_seen
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
-    assert monitor._engine.steps_seen == before
+    assert monitor.steps_seen == before
 
 
 def test_second_fit_with_a_new_monitor_continues_from_iterations(tmp_path):
@@ -396,7 +395,7 @@ def test_a_tap_left_behind_is_harmless(log_dir):
     monitor = gw.GradientMonitor(log_dir=log_dir, log_every=1)
     with pytest.raises(KeyboardInterrupt):
         model.fit(x, y, batch_size=8, verbose=0, callbacks=[monitor, Boom()])
-    monitor._engine.close()  # e.g. the process moved on; the tap is still installed
+    # the tap is still installed (nothing ran on_train_end): a later plain fit is unchanged
     reference = make_mlp()
     reference.set_weights(model.get_weights())
     reference.compile(keras.optimizers.SGD(LR), "mse")
@@ -531,7 +530,7 @@ def test_terminate_on_nan_with_stop_leaves_files_closed_and_flushed(log_dir):
     with pytest.warns(RuntimeWarning):
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
                   callbacks=[keras.callbacks.TerminateOnNaN(), monitor])
-    assert monitor._engine.closed and not internals.has_apply_tap(model.optimizer)
+    assert not internals.has_apply_tap(model.optimizer)
     assert int(gw.read_windows(log_dir).steps.sum()) == 2
     assert list(gw.read_alerts(log_dir).kind) == ["nonfinite_gradient"]
     assert all(np.isfinite(w).all() for w in model.get_weights())
@@ -632,27 +631,14 @@ def make_dead_layer_mlp():
     ])
 
 
-def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(tmp_path, monkeypatch):
+def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(tmp_path):
     """GradientMonitor hands a window without a non-finite step to the writer thread
     to be interpreted (rows, detectors, alerts); the files, the alert rows given to
     ``on_alert`` (in order) and ``last_window`` equal a fit that interprets every
     read at once, and a NaN window is still acted on at its read."""
-    deferred = []
-    original = engine_lib.Engine._interpret
+    import threading
 
-    def recording(self, *args):
-        deferred.append(args[-1])
-        return original(self, *args)
-
-    monkeypatch.setattr(engine_lib.Engine, "_interpret", recording)
-    chosen = {}
-    original_bind = engine_lib.Engine.bind
-
-    def bind(self, *args, **kwargs):
-        original_bind(self, *args, **kwargs)
-        self.defer_reads = chosen["defer"]  # GradientMonitor sets True before it binds
-
-    monkeypatch.setattr(engine_lib.Engine, "bind", bind)
+    reported_on = {True: [], False: []}  # (kind, thread) of each alert row, per mode
     x, y = make_data(n=64)
     x[40:48] = np.nan  # every epoch's 6th batch: its window is read at once
     results = {}
@@ -661,15 +647,21 @@ def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(t
         model.compile(keras.optimizers.SGD(0.01), "mse")
         log_dir = str(tmp_path / f"defer_{defer}")
         received = []
+
+        def on_alert(row, received=received, defer=defer):
+            received.append(row)
+            reported_on[defer].append((row["kind"], threading.current_thread().name))
+
         monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4, on_nonfinite="skip_step",
-                                     thresholds=Thresholds(dead_steps=10), on_alert=received.append)
-        chosen["defer"] = defer
+                                     thresholds=Thresholds(dead_steps=10), on_alert=on_alert,
+                                     internal=InternalOptions(defer_reads=defer))
         with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
             model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[monitor])
         results[defer] = (log_dir, received, monitor.last_window)
-    on_writer = deferred[:len(deferred) // 2]
-    assert any(on_writer) and not all(on_writer)  # NaN windows at once, the others deferred
-    assert not any(deferred[len(deferred) // 2:])
+    # NaN windows at once (the training thread), the others deferred to the writer thread
+    lazy_threads = {kind: thread.startswith("gradwatch-writer") for kind, thread in reported_on[True]}
+    assert lazy_threads["dead_relu"] and not lazy_threads["nonfinite_gradient"]
+    assert not any(thread.startswith("gradwatch-writer") for _, thread in reported_on[False])
     (lazy_dir, lazy_alerts, lazy_last), (now_dir, now_alerts, now_last) = results[True], results[False]
     assert lazy_alerts == now_alerts
     assert {row["kind"] for row in lazy_alerts} >= {"dead_relu", "nonfinite_gradient"}
@@ -682,37 +674,38 @@ def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(t
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_compile):
+def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
     """fit runs a lean trace of the step (no conditional work) on the steps the host
     knows hold none of a sampled step's work; the statistics, dead-unit and update
     columns, alerts and histograms equal a fit that runs the full step throughout."""
     histograms = {}
-    original_write = engine_lib.Engine._write_window
-
-    def recording_write(self, window_row, stats_rows, layer_rows, alert_rows, first_step, hists):
-        histograms.setdefault(self.options.log_dir, []).append((first_step, hists))
-        return original_write(self, window_row, stats_rows, layer_rows, alert_rows, first_step, hists)
-
-    monkeypatch.setattr(engine_lib.Engine, "_write_window", recording_write)
     lean_steps = []
-    original_due = gw.GradientMonitor._full_step_due
 
-    def counting_due(self):
-        due = original_due(self)
-        lean_steps.append((self.options.log_dir, not due))
-        return due
+    class HistogramsOfEachWindow:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
 
-    monkeypatch.setattr(gw.GradientMonitor, "_full_step_due", counting_due)
-    monkeypatch.setattr(monitor_lib, "LEAN_MIN_STEPS", 8)  # the second fit's length
+        def open(self, run_info):
+            pass
+
+        def write(self, result):
+            histograms.setdefault(self.log_dir, []).append((result.first_step, result.histograms or None))
+
+        def close(self):
+            pass
+
     x, y = make_data(n=64)
     dirs = {}
     for lean in (True, False):
         model = make_dead_layer_mlp()
         model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
         dirs[lean] = str(tmp_path / f"lean_{lean}")
+        internal = InternalOptions(
+            lean_steps=lean, lean_min_steps=8,  # the second fit's length
+            extra_sinks=[HistogramsOfEachWindow(dirs[lean])],
+            on_step_kind=lambda is_lean, log_dir=dirs[lean]: lean_steps.append((log_dir, is_lean)))
         monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=6,
-                                     thresholds=Thresholds(dead_steps=10))
-        monitor._lean_steps = lean
+                                     thresholds=Thresholds(dead_steps=10), internal=internal)
         model.fit(x, y, batch_size=8, epochs=8, shuffle=False, verbose=0, callbacks=[monitor])
         # a second fit continues the step numbers (taken from the optimizer's
         # iterations): its first window holds histogram step 66
@@ -754,13 +747,14 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, monkeypatch, jit_c
                     np.testing.assert_allclose(value, full_row[key], rtol=1e-6)
 
 
-def test_a_short_fit_traces_no_lean_step(log_dir, monkeypatch):
+def test_a_short_fit_traces_no_lean_step(log_dir):
     # the lean step is a second trace of the train step: not worth it for a short fit
-    monkeypatch.setattr(monitor_lib, "LEAN_MIN_STEPS", 65)
+    kinds = []
     x, y = make_data(n=64)
     model = make_mlp()
     model.compile(keras.optimizers.SGD(LR), "mse")
-    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4)
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4,
+                                 internal=InternalOptions(lean_min_steps=65, on_step_kind=kinds.append))
     model.fit(x, y, batch_size=8, epochs=8, shuffle=False, verbose=0, callbacks=[monitor])
-    assert monitor._lean_function is None
+    assert len(kinds) == 64 and not any(kinds)
     assert int(gw.read_windows(log_dir).steps.sum()) == 64

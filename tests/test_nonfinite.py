@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import gradwatch as gw
-from gradwatch import _keras_internals as internals
+from gradwatch._capture import keras_internals as internals
 from gradwatch.alerts import NonFiniteGradientError
 
 

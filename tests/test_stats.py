@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from conftest import np_stats
 
-from gradwatch import stats as stats_lib
+from gradwatch._capture import stats as stats_lib
 
 FIELDS = ("l2", "max_abs", "mean_abs", "zero_frac", "nonfinite")
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gradwatch import stats as stats_lib
+from gradwatch._capture import stats as stats_lib
 
 DTYPES = {
     "float16": (np.float16, 6e4),

@@ -184,6 +184,7 @@ class CsvSink:
         self._first_write = True
 
     def open(self, run_json: dict[str, Any]) -> None:
+        """Writes ``run.json`` and opens the CSV files (continued with ``append``)."""
         try:
             os.makedirs(self.log_dir, exist_ok=True)
         except OSError as error:
@@ -223,7 +224,12 @@ class CsvSink:
                 "or use a new log_dir."
             )
 
-    def write(
+    def write(self, result: Any) -> None:
+        """Writes one window result (a ``WindowResult``): its rows, then its alerts."""
+        self.write_rows(result.window_row, result.stats_rows, result.layer_rows, result.first_step)
+        self.write_alerts(result.alert_rows)
+
+    def write_rows(
         self,
         window_row: dict[str, Any],
         stats_rows: Sequence[dict[str, Any]],

@@ -307,12 +307,24 @@ def _histogram_tensor(edges: Any, counts: Any, where: str) -> tensor_pb2.TensorP
 class TensorBoardSink:
     """Writes a run's windows as TensorBoard summaries in ``log_dir`` (see the module docstring)."""
 
-    def __init__(self, log_dir: str, run_info: dict[str, Any], layers: list[str]):
+    def __init__(self, log_dir: str, run_info: dict[str, Any] | None = None,
+                 layers: list[str] | None = None):
         self.log_dir = log_dir
-        self.run_info = dict(run_info)
-        self.layers = list(layers)
+        self.run_info = dict(run_info or {})
+        self.layers = list(layers or [])
         self._writer: EventFile | None = None
         self._tagged: set[str] = set()  # tags whose metadata this file already holds
+
+    def open(self, run_info: dict[str, Any]) -> None:
+        """Takes the run's description; the events file is created at the first window
+        (a new file per session; readers let the later write of a step win)."""
+        self.run_info = dict(run_info)
+        self.layers = [layer["name"] for layer in run_info.get("layers", [])]
+
+    def write(self, result: Any) -> None:
+        """Writes one window result (a ``WindowResult``)."""
+        self.write_window(result.window_row, result.stats_rows, result.layer_rows, result.alert_rows,
+                          result.first_step, result.histograms or None)
 
     def _open(self) -> None:
         self._writer = EventFile(self.log_dir)

@@ -36,7 +36,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
-from gradwatch import _keras_internals as internals  # noqa: E402
+from gradwatch._capture import keras_internals as internals  # noqa: E402
 
 # Shared with the test's replay (tests/test_multiworker.py).
 SAMPLES, GLOBAL_BATCH, FEATURES, LEARNING_RATE = 64, 16, 6, 0.05
@@ -113,8 +113,9 @@ def main() -> None:
         "replicas": strategy.num_replicas_in_sync,
         "strategy": type(strategy).__name__,
         "is_chief": internals.is_chief(strategy),
-        "engine_chief": monitor._engine.chief,
-        "steps_seen": monitor._engine.steps_seen,
+        # the chief alone writes: run.json exists only under its log dir
+        "engine_chief": os.path.exists(os.path.join(LOG_DIR, "run.json")),
+        "steps_seen": monitor.steps_seen,
         "iterations": int(model.optimizer.iterations.numpy()),
         "num_weights": len(initial),
         "last_window_l2": monitor.last_window["global_l2"] if monitor.last_window else None,

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from gradwatch._keras_internals import cond, in_xla_context
+from gradwatch._capture.keras_internals import cond, in_xla_context
 
 # Above this sum of squares (max |g| > ~1e-12) no square that matters has
 # underflowed; an overflowing sum shows as Inf. Outside, the full path rescales.

@@ -45,19 +45,21 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch import stats as stats_lib
-from gradwatch._keras_internals import cond, replica_variable, run_function
-from gradwatch.topology import RELU_FAMILY, Topology
+from gradwatch._capture import stats as stats_lib
+from gradwatch._capture.keras_internals import cond, replica_variable, run_function
+from gradwatch._interpret.probe_layout import (
+    LOG10_LOW,
+    NUM_LOG_BUCKETS,
+    NUM_SIGNED_BUCKETS,
+    PER_DECADE,
+    UPDATE_EVERY,
+    UPDATE_ROWS,
+    unit_tracks,
+    update_slots,
+)
+from gradwatch.topology import Topology
 
-_NORMALISERS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization"})
-
-# log10|g| histogram buckets: 4 per decade from 1e-16 to 1e8 (values outside are
-# counted in the first / last bucket).
-LOG10_LOW, LOG10_HIGH, PER_DECADE = -16.0, 8.0, 4
-NUM_LOG_BUCKETS = int((LOG10_HIGH - LOG10_LOW) * PER_DECADE)
-NUM_SIGNED_BUCKETS = 30
-
-UPDATE_EVERY = 50  # steps between two update/weight snapshots
+# Histograms on (nearly) every step use a bounded strided sample per variable.
 SAMPLE_ENTRIES = 4096
 # ... and at most this many in all per histogram step: a 400-variable net samples
 # fewer entries of each (never fewer than MIN_SAMPLE_ENTRIES)
@@ -66,77 +68,12 @@ MIN_SAMPLE_ENTRIES = 256
 FULL_HISTOGRAM_EVERY = 10
 
 
-def layer_members(topology: Topology) -> list[list[int]]:
-    """For each layer (topology order), the indices of its variables."""
-    index = {layer.name: i for i, layer in enumerate(topology.layers)}
-    members: list[list[int]] = [[] for _ in topology.layers]
-    for slot, var in enumerate(topology.variables):
-        members[index[var.layer]].append(slot)
-    return members
-
-
-def _short(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
-
-
 def _weights(variable: Any) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(variable), tf.float32)
 
 
 def _dense(grad: Any) -> tf.Tensor:
     return grad.values if isinstance(grad, tf.IndexedSlices) else grad
-
-
-class _Track:
-    """One tracked layer: where its unit signal comes from."""
-
-    def __init__(self, layer: int, slot: int, kernel_mode: bool, units: int, relu: bool,
-                 next_slot: int | None):
-        self.layer, self.slot, self.kernel_mode = layer, slot, kernel_mode
-        self.units, self.relu, self.next_slot = units, relu, next_slot
-        self.offset = 0
-
-
-def unit_tracks(topology: Topology) -> list[_Track]:
-    """Which layers have units to track, and from which variable (pure, host side)."""
-    members = layer_members(topology)
-    layers = topology.layers
-    tracks = []
-    for i, layer in enumerate(layers):
-        slots = members[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
-        if following is not None and following.class_name in _NORMALISERS and layer.class_name not in (
-            _NORMALISERS
-        ):
-            continue  # the normaliser's beta speaks for these units
-        relu = layer.activation in RELU_FAMILY
-        bias = [s for s in slots if len(topology.variables[s].shape) == 1
-                and _short(topology.variables[s].name) in ("bias", "beta")]
-        kernels = [s for s in slots if len(topology.variables[s].shape) >= 2]
-        if bias:
-            slot, kernel_mode = bias[0], False
-            units = topology.variables[slot].shape[0]
-        elif relu and kernels:
-            slot, kernel_mode = kernels[0], True
-            units = topology.variables[slot].shape[-1]
-        else:
-            continue
-        next_slot = None
-        for later_slots in members[i + 1:]:
-            later_kernels = [s for s in later_slots if len(topology.variables[s].shape) >= 2]
-            if later_kernels:
-                shape = topology.variables[later_kernels[0]].shape
-                # equal: Dense/Conv after Dense/Conv or global pooling; a multiple: a
-                # channels-last Flatten in between (row r belongs to unit r % units)
-                if shape[-2] % units == 0:
-                    next_slot = later_kernels[0]
-                break
-        tracks.append(_Track(i, slot, kernel_mode, int(units), relu, next_slot))
-    offset = 0
-    for track in tracks:
-        track.offset = offset
-        offset += track.units
-    return tracks
 
 
 class UnitProbe:
@@ -235,27 +172,6 @@ class UnitProbe:
         """In-graph, for the engine's single read: the counters (nothing is reset)."""
         return self.zero_run.read_value(), self.silent.read_value()
 
-    def interpret(self, fetched: tuple[np.ndarray, np.ndarray], dead_steps: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """Per layer (topology order): (dead_frac, no_signal_frac); NaN where not tracked."""
-        num_layers = len(self.topology.layers)
-        dead = np.full(num_layers, np.nan)
-        no_signal = np.full(num_layers, np.nan)
-        if not self.tracks:
-            return dead, no_signal
-        run, silent = fetched
-        silent = silent > 0.5
-        for track in self.tracks:
-            part = slice(track.offset, track.offset + track.units)
-            quiet = run[part] >= dead_steps
-            if track.relu:
-                dead[track.layer] = float(np.mean(quiet & silent[part]))
-                no_signal[track.layer] = float(np.mean(quiet & ~silent[part]))
-            else:
-                no_signal[track.layer] = float(np.mean(quiet))
-        return dead, no_signal
-
-
 class UpdateProbe:
     """Update/weight ratio and update direction, on sampled intervals (see the module docstring).
 
@@ -265,32 +181,15 @@ class UpdateProbe:
     more than the probe's own work.
     """
 
-    # result rows per measured variable
-    _ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
-
     def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
                  host_snapshots: bool = False):
         self.variables = list(variables)
         # True: snapshots are taken on the host (snapshot_now) and measured after the
         # update (measure_after_update); no gradient copy is kept. False: observe().
         self.host_snapshots = bool(host_snapshots)
-        self._members = layer_members(topology)
-        # the ratio of a layer is its kernels' (zero-initialised biases would dominate)
-        self._kernels = [
-            [i for i in members if len(topology.variables[i].shape) >= 2] or members
-            for members in self._members
-        ]
-        # [layers, variables] 0/1: a layer's sums over its members (or kernels) are one
-        # matrix product on the host, not a loop over the layers
-        num_vars = len(self.variables)
-        self._member_matrix = np.zeros((len(self._members), num_vars))
-        self._kernel_matrix = np.zeros((len(self._members), num_vars))
-        for layer, (members, kernels) in enumerate(zip(self._members, self._kernels)):
-            self._member_matrix[layer, members] = 1.0
-            self._kernel_matrix[layer, kernels] = 1.0
-        dtypes = [tf.as_dtype(getattr(v.dtype, "name", v.dtype)) for v in self.variables]
-        self.slots = [i for i, d in enumerate(dtypes) if d.is_floating]
-        self.sizes = [int(np.prod(self.variables[i].shape)) for i in self.slots]
+        self.slots = update_slots(topology)
+        sizes = topology.variable_sizes()
+        self.sizes = [sizes[i] for i in self.slots]
         # The flat snapshot (and gradient copy) holds the measured variables ordered
         # by size, so each size's block reshapes to [count, size] and a sum per
         # variable is one row reduction per size, not one per variable (a 400-variable
@@ -328,7 +227,7 @@ class UpdateProbe:
         return tf.concat(parts, axis=0)
 
     def _reset(self) -> np.ndarray:
-        return np.full((len(self._ROWS), max(len(self.slots), 1)), np.nan, np.float32)
+        return np.full((len(UPDATE_ROWS), max(len(self.slots), 1)), np.nan, np.float32)
 
     def _per_variable(self, flat: tf.Tensor) -> tf.Tensor:
         """[measured variables] (slot order): the sum of each variable's part of a
@@ -457,31 +356,6 @@ class UpdateProbe:
             self.result.assign(tf.constant(self._reset()))
         return measured
 
-    def interpret(self, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(update_ratio, update_cos) per column: the variables, then their layers."""
-        measured = measured.astype(np.float64)
-        rows = np.full((len(self._ROWS), len(self.variables)), np.nan)
-        rows[:, self.slots] = measured[:, :len(self.slots)]
-        ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            var_ratio = np.sqrt(ratio_du / ratio_w)
-            var_cos = cos_dot / (np.sqrt(cos_du) * np.sqrt(cos_g))
-        var_cos = np.where(np.isfinite(var_cos), var_cos, np.nan)
-        var_ratio = np.where(ratio_w > 0, var_ratio, np.nan)
-        var_cos = np.where((cos_du > 0) & (cos_g > 0), var_cos, np.nan)
-        # per layer: NaN-skipping sums over its kernels (ratio) and members (cosine)
-        kernels, members = self._kernel_matrix, self._member_matrix
-        du, w = kernels @ np.nan_to_num(ratio_du), kernels @ np.nan_to_num(ratio_w)
-        ratio_measured = kernels @ (~np.isnan(ratio_w)) > 0
-        d, dot, g = (members @ np.nan_to_num(x) for x in (cos_du, cos_dot, cos_g))
-        cos_measured = members @ (~np.isnan(cos_g)) > 0
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            layer_ratio = np.where(ratio_measured & (w > 0), np.sqrt(du / w), np.nan)
-            layer_cos = np.where(cos_measured & (d > 0) & (g > 0), dot / (np.sqrt(d) * np.sqrt(g)), np.nan)
-        layer_cos = np.where(np.isfinite(layer_cos), layer_cos, np.nan)
-        return (np.concatenate([var_ratio, layer_ratio]), np.concatenate([var_cos, layer_cos]))
-
-
 class HistogramProbe:
     """log10|g| (and optionally signed) bucket counts per variable on histogram steps."""
 
@@ -502,9 +376,8 @@ class HistogramProbe:
         self.bounds = replica_variable(np.zeros(len(topology.layers), np.float32),
                                        "gradwatch_hist_bounds", strategy)
         self.step = replica_variable(np.array(-1, np.int64), "gradwatch_hist_step", strategy)
-        layer_of = {layer.name: i for i, layer in enumerate(topology.layers)}
-        self.layer_ids = [layer_of[v.layer] for v in topology.variables]
-        self._members = layer_members(topology)
+        positions = topology.layer_positions()
+        self.layer_ids = [positions[v.layer] for v in topology.variables]
 
     def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
         if self.every <= 0:
@@ -607,40 +480,6 @@ class HistogramProbe:
         with tf.control_dependencies(list(fetched)):
             self.step.assign(tf.constant(-1, tf.int64))
         return fetched
-
-    def interpret(self, fetched: tuple[np.ndarray, ...]) -> list[dict[str, Any]]:
-        """The histograms of the last histogram step since the previous read, per layer."""
-        if self.every <= 0:
-            return []
-        step = int(fetched[0])
-        if step < 0:
-            return []
-        counts = fetched[1].astype(np.float64)
-        edges = LOG10_LOW + np.arange(NUM_LOG_BUCKETS + 1) / PER_DECADE
-        out = []
-        signed = fetched[2].astype(np.float64) if self.signed else None
-        bounds = fetched[3] if self.signed else None
-        for layer_index, layer in enumerate(self.topology.layers):
-            members = self._members[layer_index]
-            total = counts[members].sum(axis=0)
-            buckets = total[:NUM_LOG_BUCKETS]
-            nonzero = np.nonzero(buckets)[0]
-            lo, hi = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 1)
-            out.append({
-                "step": step, "layer": layer.name, "kind": "log10_abs",
-                "edges": edges[lo:hi + 1], "counts": buckets[lo:hi],
-                "zeros": int(total[NUM_LOG_BUCKETS]), "nonfinite": int(total[NUM_LOG_BUCKETS + 1]),
-            })
-            if signed is not None:
-                bound = float(bounds[layer_index])
-                out.append({
-                    "step": step, "layer": layer.name, "kind": "signed",
-                    "edges": np.linspace(-bound, bound, NUM_SIGNED_BUCKETS + 1),
-                    "counts": signed[members].sum(axis=0),
-                    "zeros": int(total[NUM_LOG_BUCKETS]), "nonfinite": int(total[NUM_LOG_BUCKETS + 1]),
-                })
-        return out
-
 
 class ActivationProbe:
     """Activation-based dead units (opt-in, ``GradientMonitor(activation_probe=True)``).

@@ -1,8 +1,8 @@
 """In-graph window accumulators: the steps between two host reads fold into them
 (``fold_values``, pure, over one step's values; ``update`` writes the result), and
-the engine's host read fetches and resets them (``fetch``) every ``log_every`` steps,
+the recorder's host read fetches and resets them (``fetch``) every ``log_every`` steps,
 in the same single call as the probes' state.  When and where a step is folded is
-the engine's choice.
+the recorder's choice.
 
 The accumulators are plain ``tf.Variable``s owned by the window object, never
 by the model or its optimizer, so ``model.save`` and checkpoints are unaffected.
@@ -17,14 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._keras_internals import replica_variable
-from gradwatch.schema import GLOBAL_ACCUMULATORS, VAR_ACCUMULATORS
-
-_V = {name: i for i, name in enumerate(VAR_ACCUMULATORS)}
-_G = {name: i for i, name in enumerate(GLOBAL_ACCUMULATORS)}
-assert VAR_ACCUMULATORS[:6] == (
-    "l2_last", "l2_max", "l2_min", "l2_sum", "grad_steps", "nonfinite_sum"
-), "fold_values() relies on this layout"
+from gradwatch._capture.keras_internals import replica_variable
+from gradwatch._capture.layouts import WINDOW_COLUMNS, WINDOW_GLOBALS
 
 # How each global folds: old + x for these, max/min for those, x for the rest.
 _G_SUM = (
@@ -36,31 +30,31 @@ _G_MIN = ("global_l2_min", "clip_scale_min")
 
 
 def _mask(names: tuple[str, ...]) -> np.ndarray:
-    return np.array([name in names for name in GLOBAL_ACCUMULATORS])
+    return np.array([name in names for name in WINDOW_GLOBALS.names])
 
 
 def _var_reset_values(num_columns: int) -> np.ndarray:
-    values = np.zeros((len(VAR_ACCUMULATORS), num_columns), np.float64)
-    values[_V["l2_max"]] = -np.inf
-    values[_V["l2_min"]] = np.inf
-    values[_V["clip_scale_min"]] = np.inf
+    values = np.zeros((len(WINDOW_COLUMNS), num_columns), np.float64)
+    values[WINDOW_COLUMNS.index("l2_max")] = -np.inf
+    values[WINDOW_COLUMNS.index("l2_min")] = np.inf
+    values[WINDOW_COLUMNS.index("clip_scale_min")] = np.inf
     for name in ("l2_last", "max_abs", "mean_abs", "zero_frac"):
-        values[_V[name]] = np.nan
+        values[WINDOW_COLUMNS.index(name)] = np.nan
     return values
 
 
 def _global_reset_values() -> np.ndarray:
-    values = np.zeros(len(GLOBAL_ACCUMULATORS), np.float64)
-    values[_G["global_l2_max"]] = -np.inf
-    values[_G["global_l2_min"]] = np.inf
-    values[_G["clip_scale_min"]] = np.inf
-    values[_G["clip_l2_max"]] = -np.inf
-    values[_G["first_nonfinite_step"]] = -1.0
-    values[_G["loss_nonfinite_at_first"]] = -1.0
+    values = np.zeros(len(WINDOW_GLOBALS), np.float64)
+    for name in ("global_l2_max", "clip_l2_max"):
+        values[WINDOW_GLOBALS.index(name)] = -np.inf
+    for name in ("global_l2_min", "clip_scale_min"):
+        values[WINDOW_GLOBALS.index(name)] = np.inf
+    for name in ("first_nonfinite_step", "loss_nonfinite_at_first"):
+        values[WINDOW_GLOBALS.index(name)] = -1.0
     for name in (
         "global_l2_last", "learning_rate_last", "loss_scale_last", "clip_l2_last", "clip_threshold_last"
     ):
-        values[_G[name]] = np.nan
+        values[WINDOW_GLOBALS.index(name)] = np.nan
     return values
 
 
@@ -122,67 +116,63 @@ class Window:
         """The window accumulators ``(var_acc, global_acc)`` with one more step folded in
         (pure). The window's first step is its sampled step (max, mean, zero fraction)."""
         f64 = tf.float64
-        sampled = tf.equal(old[_G["steps"]], 0.0)
+        acc = WINDOW_COLUMNS.unpack(acc)
+        old_globals = WINDOW_GLOBALS.unpack(old)
+        sampled = tf.equal(old_globals["steps"], 0.0)
         has = values.present
         present = tf.cast(has, f64)
         l2 = tf.cast(values.l2, f64)
-        last, high, low = acc[0], acc[1], acc[2]
-        new_tracked = tf.stack(
-            [
-                tf.where(has, l2, last),
-                tf.where(has, tf.maximum(high, l2), high),
-                tf.where(has, tf.minimum(low, l2), low),
-            ]
-        )
-        new_sums = acc[3:6] + tf.stack([l2 * present, present, tf.cast(values.nonfinite, f64) * present])
         sample_now = has & sampled
-        new_sampled = tf.where(
-            sample_now[None, :],
-            tf.cast(tf.stack([values.max_abs, values.mean_abs, values.zero_frac]), f64),
-            acc[6:9],
-        )
         clip_scale = tf.cast(values.clip_scale, f64)
-        new_clip = tf.stack(
-            [
-                tf.where(has, tf.minimum(acc[9], clip_scale), acc[9]),
-                acc[10] + tf.cast(values.clip_fired, f64) * present,
-            ]
-        )
-        first_event = tf.cast(scalars.nonfinite_step, tf.bool) & (old[_G["first_nonfinite_step"]] < 0.0)
-        new_first = tf.where(first_event, tf.cast(values.nonfinite, f64), acc[11])[None, :]
-        new_var = tf.concat([new_tracked, new_sums, new_sampled, new_clip, new_first], axis=0)
+        no_event_yet = old_globals["first_nonfinite_step"] < 0.0
+        first_event = tf.cast(scalars.nonfinite_step, tf.bool) & no_event_yet
+        new_var = WINDOW_COLUMNS.pack({
+            "l2_last": tf.where(has, l2, acc["l2_last"]),
+            "l2_max": tf.where(has, tf.maximum(acc["l2_max"], l2), acc["l2_max"]),
+            "l2_min": tf.where(has, tf.minimum(acc["l2_min"], l2), acc["l2_min"]),
+            "l2_sum": acc["l2_sum"] + l2 * present,
+            "grad_steps": acc["grad_steps"] + present,
+            "nonfinite_sum": acc["nonfinite_sum"] + tf.cast(values.nonfinite, f64) * present,
+            # the window's first step is its sampled step
+            "max_abs": tf.where(sample_now, tf.cast(values.max_abs, f64), acc["max_abs"]),
+            "mean_abs": tf.where(sample_now, tf.cast(values.mean_abs, f64), acc["mean_abs"]),
+            "zero_frac": tf.where(sample_now, tf.cast(values.zero_frac, f64), acc["zero_frac"]),
+            "clip_scale_min": tf.where(has, tf.minimum(acc["clip_scale_min"], clip_scale),
+                                       acc["clip_scale_min"]),
+            "clip_fired_sum": acc["clip_fired_sum"] + tf.cast(values.clip_fired, f64) * present,
+            "nonfinite_at_first": tf.where(first_event, tf.cast(values.nonfinite, f64),
+                                           acc["nonfinite_at_first"]),
+        })
 
         step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
         nonfinite = tf.cast(scalars.nonfinite_step, f64)
         loss = tf.cast(scalars.loss, f64)
         loss_known = tf.math.is_finite(loss)
-        zero = tf.constant(0.0, f64)
-        candidate = tf.stack(
-            [
-                tf.constant(1.0, f64),  # steps
-                step,  # last_step
-                gl2,  # global_l2_last
-                gl2,  # global_l2_max
-                gl2,  # global_l2_min
-                gl2,  # global_l2_sum
-                nonfinite,  # nonfinite_steps
-                tf.where((old[_G["first_nonfinite_step"]] < 0.0) & (nonfinite > 0.0), step,
-                         old[_G["first_nonfinite_step"]]),
-                tf.cast(scalars.skipped, f64),
-                tf.where(loss_known, loss, zero),
-                tf.cast(loss_known, f64),
-                tf.cast(scalars.learning_rate, f64),
-                tf.cast(scalars.loss_scale, f64),
-                tf.cast(scalars.clip_l2, f64),
-                tf.cast(scalars.clip_l2, f64),
-                tf.cast(scalars.clip_scale, f64),
-                tf.cast(scalars.clip_fired, f64),
-                tf.cast(scalars.clip_threshold, f64),
-                tf.where(first_event, tf.cast(scalars.loss_state, f64),
-                         old[_G["loss_nonfinite_at_first"]]),
-            ]
-        )
+        clip_l2 = tf.cast(scalars.clip_l2, f64)
+        candidate = WINDOW_GLOBALS.pack({
+            "steps": tf.constant(1.0, f64),
+            "last_step": step,
+            "global_l2_last": gl2,
+            "global_l2_max": gl2,
+            "global_l2_min": gl2,
+            "global_l2_sum": gl2,
+            "nonfinite_steps": nonfinite,
+            "first_nonfinite_step": tf.where(no_event_yet & (nonfinite > 0.0), step,
+                                             old_globals["first_nonfinite_step"]),
+            "skipped_steps": tf.cast(scalars.skipped, f64),
+            "loss_sum": tf.where(loss_known, loss, tf.constant(0.0, f64)),
+            "loss_count": tf.cast(loss_known, f64),
+            "learning_rate_last": tf.cast(scalars.learning_rate, f64),
+            "loss_scale_last": tf.cast(scalars.loss_scale, f64),
+            "clip_l2_last": clip_l2,
+            "clip_l2_max": clip_l2,
+            "clip_scale_min": tf.cast(scalars.clip_scale, f64),
+            "clip_fired_steps": tf.cast(scalars.clip_fired, f64),
+            "clip_threshold_last": tf.cast(scalars.clip_threshold, f64),
+            "loss_nonfinite_at_first": tf.where(first_event, tf.cast(scalars.loss_state, f64),
+                                                old_globals["loss_nonfinite_at_first"]),
+        })
         new = tf.where(
             _mask(_G_SUM),
             old + candidate,
@@ -195,7 +185,7 @@ class Window:
         return new_var, new
 
     def fetch(self) -> tf.Tensor:
-        """In-graph, for the engine's single read: the flat accumulators, then reset."""
+        """In-graph, for the recorder's single read: the flat accumulators, then reset."""
         snapshot = tf.concat(
             [tf.reshape(self.var_acc.read_value(), [-1]), self.global_acc.read_value()], axis=0
         )
@@ -204,10 +194,9 @@ class Window:
             self.global_acc.assign(self._global_reset)
         return snapshot
 
-    def interpret(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """(per-column accumulators, global accumulators) from ``fetch``'s flat values."""
-        split = len(VAR_ACCUMULATORS) * self.num_columns
-        var_part = flat[:split].reshape(len(VAR_ACCUMULATORS), self.num_columns)
-        per_column = {name: var_part[i] for i, name in enumerate(VAR_ACCUMULATORS)}
-        glob = {name: float(flat[split + i]) for i, name in enumerate(GLOBAL_ACCUMULATORS)}
+    def unpack(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Returns (per-column accumulators, global accumulators) of ``fetch``'s flat values."""
+        split = len(WINDOW_COLUMNS) * self.num_columns
+        per_column = WINDOW_COLUMNS.unpack_numpy(flat[:split].reshape(len(WINDOW_COLUMNS), self.num_columns))
+        glob = {name: float(value) for name, value in WINDOW_GLOBALS.unpack_numpy(flat[split:]).items()}
         return per_column, glob

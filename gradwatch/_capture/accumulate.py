@@ -1,0 +1,217 @@
+"""Folding steps into the window: a step's buffer row becomes per-variable and
+per-layer window statistics (``StepFolder``), on the host read for the rows a
+single replica buffered (``StepBuffer``) or in the step under several replicas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch._capture import keras_internals as internals
+from gradwatch._capture import stats as stats_lib
+from gradwatch._capture.compiled import Compiler
+from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
+from gradwatch._capture.measure import finish_stats
+from gradwatch._capture.window import StepGlobals, StepValues, Window
+from gradwatch.topology import Topology
+
+
+def loss_pair(loss: tf.Tensor | None, loss_totals: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
+    """Returns [2] float32, what a step records of its loss: (mean loss, LOSS_GIVEN),
+    a loss tracker's (total, count), or (NaN, LOSS_UNKNOWN). Two reads of the tracker
+    and no arithmetic: the step's loss is worked out when it is folded."""
+    if loss is not None:
+        return tf.stack([tf.cast(tf.reduce_mean(loss), tf.float32), tf.constant(LOSS_GIVEN)])
+    if loss_totals is not None:
+        return tf.stack([tf.cast(value, tf.float32) for value in loss_totals])
+    return tf.constant([float("nan"), LOSS_UNKNOWN])
+
+
+def step_loss(loss_a: tf.Tensor, loss_b: tf.Tensor, loss_prev: tf.Tensor
+              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Returns (loss, state, totals) of a folded step from its ``loss_pair`` and the
+    tracker's totals at the step before: the step's mean loss (NaN when unknown), its
+    state (1.0 known and non-finite, 0.0 finite, -1.0 unknown), and the new totals."""
+    f64 = tf.float64
+    a, b = tf.cast(loss_a, f64), tf.cast(loss_b, f64)
+    previous_total, previous_count = tf.unstack(loss_prev, num=2)
+    tracked = b >= 0.0
+    # The tracker is reset at every epoch start and its count grows with every
+    # step (by the batch size): a count that did not grow is a fresh start.
+    was_reset = b <= previous_count
+    delta_total = tf.where(was_reset, a, a - previous_total)
+    delta_count = tf.where(was_reset, b, b - previous_count)
+    counted = tracked & (delta_count > 0.0)
+    nan = tf.constant(float("nan"), f64)
+    loss = tf.where(counted, delta_total / tf.where(counted, delta_count, 1.0),
+                    tf.where(tf.equal(b, LOSS_GIVEN), a, nan))
+    known = counted | tf.equal(b, LOSS_GIVEN)
+    state = tf.where(known, tf.where(tf.math.is_finite(loss), 0.0, 1.0), -1.0)
+    totals = tf.where(tracked, tf.stack([a, b]), loss_prev)
+    return loss, tf.cast(state, f64), totals
+
+
+class StepFolder:
+    """Folds one step's buffer row into the window accumulators (pure, in-graph).
+
+    Args:
+        topology: the run's topology (variables, then their layers, are the columns).
+        window: the window whose fold is applied.
+        clipping: whether the rows carry clip values.
+    """
+
+    def __init__(self, topology: Topology, window: Window, clipping: bool):
+        positions = topology.layer_positions()
+        self._segment_ids = [positions[v.layer] for v in topology.variables]
+        self._sizes = [float(size) for size in topology.variable_sizes()]
+        self._num_layers = len(topology.layers)
+        self._row = StepRow(len(topology.variables))
+        self._window = window
+        self._clipping = clipping
+
+    def fold(self, var_acc, global_acc, row, step, loss_prev):
+        """Returns the window accumulators and the loss totals with one step folded in."""
+        values, scalars = self._row.split(row)
+        loss, loss_state, loss_prev = step_loss(scalars["loss_a"], scalars["loss_b"], loss_prev)
+        loss_scale = scalars["loss_scale"]
+        inv_scale = tf.where(tf.math.is_nan(loss_scale), 1.0, 1.0 / loss_scale)
+        raw = tf.stack([values[name] for name in RAW_STATS.names])
+        var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = tf.unstack(
+            finish_stats(raw, inv_scale), num=5)
+        var_present = values["present"] > 0.5
+        var_stats = stats_lib.GradStats(var_l2, var_max_abs, var_mean_abs, var_zero_frac, var_nonfinite)
+        segment_ids = tf.constant(self._segment_ids, tf.int32)
+        layer_stats, layer_present = stats_lib.layer_stats(
+            var_stats, var_present, segment_ids, tf.constant(self._sizes, tf.float32), self._num_layers
+        )
+        columns = stats_lib.GradStats(
+            *[tf.concat([v, lay], axis=0) for v, lay in zip(var_stats, layer_stats)])
+        global_l2 = stats_lib.global_norm(var_l2)
+        clip = self._clip_columns(var_l2, layer_stats.l2, values, global_l2, segment_ids)
+        new_var, new_global = self._window.fold_values(
+            var_acc, global_acc,
+            StepValues(l2=columns.l2, nonfinite=columns.nonfinite, max_abs=columns.max_abs,
+                       mean_abs=columns.mean_abs, zero_frac=columns.zero_frac,
+                       present=tf.concat([var_present, layer_present], axis=0),
+                       clip_scale=clip["scale"], clip_fired=clip["fired"]),
+            StepGlobals(step=step, global_l2=global_l2, nonfinite_step=tf.reduce_any(var_nonfinite > 0.0),
+                        skipped=scalars["skipped"] > 0.5, loss=loss, learning_rate=scalars["learning_rate"],
+                        loss_scale=loss_scale, clip_l2=clip["global_l2"], clip_scale=clip["global_scale"],
+                        clip_fired=clip["any"], clip_threshold=scalars["clip_threshold"],
+                        loss_state=loss_state),
+        )
+        return new_var, new_global, loss_prev
+
+    def _clip_columns(self, var_l2, layer_l2, values, global_l2, segment_ids) -> dict[str, tf.Tensor]:
+        """Returns the clip values per column (variables, then layers) and for the step."""
+        var_scale, var_fired = values["clip_scale"], values["clip_fired"]
+        if not self._clipping:
+            nan = tf.constant(float("nan"))
+            return {"scale": tf.concat([var_scale, tf.ones([self._num_layers])], axis=0),
+                    "fired": tf.concat([var_fired, tf.zeros([self._num_layers])], axis=0),
+                    "global_l2": nan, "global_scale": nan, "any": tf.constant(False)}
+        post_l2 = var_l2 * var_scale
+        layer_post = stats_lib.segment_norm(post_l2, segment_ids, self._num_layers)
+        safe_layer = tf.where(layer_l2 > 0.0, layer_l2, 1.0)
+        layer_scale = tf.where(layer_l2 > 0.0, layer_post / safe_layer, 1.0)
+        layer_fired = tf.math.unsorted_segment_max(var_fired, segment_ids, self._num_layers)
+        clip_global = stats_lib.global_norm(post_l2)
+        safe_global = tf.where(global_l2 > 0.0, global_l2, 1.0)
+        return {"scale": tf.concat([var_scale, layer_scale], axis=0),
+                "fired": tf.concat([var_fired, layer_fired], axis=0),
+                "global_l2": clip_global,
+                "global_scale": tf.where(global_l2 > 0.0, clip_global / safe_global, 1.0),
+                "any": tf.reduce_any(var_fired > 0.0)}
+
+
+class StepBuffer:
+    """Steps' rows waiting for the host read (one replica), or folded at once (several).
+
+    A single replica only writes each step's row into a small buffer: the fold (a
+    few hundred small ops) runs over the buffered rows at the host read, or in the
+    step when the buffer is full. Several replicas fold every step (a mirrored
+    write cannot sit in a conditional branch).
+
+    Args:
+        folder: the fold of one row.
+        window: the window the rows fold into.
+        num_vars: the number of watched variables.
+        capacity: the rows the buffer holds.
+        compiler: makes the fold one XLA call.
+        strategy: the ``tf.distribute`` strategy, if any.
+    """
+
+    def __init__(self, folder: StepFolder, window: Window, num_vars: int, capacity: int,
+                 compiler: Compiler, strategy: Any = None):
+        self._folder, self._window, self._compiler = folder, window, compiler
+        self.buffered = strategy is None or strategy.num_replicas_in_sync <= 1
+        self.capacity = capacity
+        width = StepRow(num_vars).width
+        self._rows = self._steps = None
+        if self.buffered:
+            self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
+                                                    "gradwatch_step_rows", strategy)
+            self._steps = internals.replica_variable(np.zeros(capacity, np.int64),
+                                                     "gradwatch_step_numbers", strategy)
+        # the loss tracker's (total, count) at the last folded step
+        self._loss_prev = internals.replica_variable(np.zeros(2, np.float64), "gradwatch_loss_prev", strategy)
+
+    def add(self, row: tf.Tensor, step: tf.Tensor, buffered: tf.Tensor, fold_if_full: bool
+            ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Adds one step's row. Returns the new number of buffered rows and an op to wait for.
+
+        ``fold_if_full`` False (the lean step) leaves a full buffer to the next full step.
+        """
+        if not self.buffered:
+            fold = self._compiler.compiled(("fold",), self._fold_now)
+            return buffered, fold(row, step)
+        index = tf.reshape(buffered, [1, 1])
+        writes = [self._rows.scatter_nd_update(index, tf.reshape(row, [1, -1])),
+                  self._steps.scatter_nd_update(index, tf.reshape(step, [1]))]
+        if not fold_if_full:
+            with tf.control_dependencies(writes):
+                return buffered + 1, tf.constant(0, tf.int64)
+        full = buffered + 1 >= self.capacity
+        with tf.control_dependencies(writes):
+            fold = self._compiler.compiled(("rows",), self.fold_rows)
+            done = internals.cond(full, lambda: fold(tf.constant(self.capacity, tf.int64)),
+                                  lambda: tf.constant(0, tf.int64))
+        return tf.where(full, tf.constant(0, tf.int64), buffered + 1), done
+
+    def flush(self, count: tf.Tensor) -> Any:
+        """Folds the ``count`` buffered rows (the host read); returns an op to wait for."""
+        if not self.buffered:
+            return tf.constant(0, tf.int64)
+        return self._compiler.compiled(("rows",), self.fold_rows)(count)
+
+    def fold_rows(self, count: tf.Tensor) -> tf.Tensor:
+        """Folds the first ``count`` buffered rows into the window, in step order."""
+        rows = self._rows.read_value()
+        steps = self._steps.read_value()
+
+        def body(k, var_acc, global_acc, loss_prev):
+            return (k + 1, *self._folder.fold(var_acc, global_acc, rows[k], steps[k], loss_prev))
+
+        def fold(var_acc, global_acc):
+            _, var_acc, global_acc, loss_prev = tf.while_loop(
+                lambda k, *_: k < count, body,
+                (tf.constant(0, tf.int64), var_acc, global_acc, self._loss_prev.read_value()))
+            self._loss_prev.assign(loss_prev)
+            return var_acc, global_acc
+
+        self._window.update(fold)
+        return count
+
+    def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        def fold(var_acc, global_acc):
+            var_acc, global_acc, loss_prev = self._folder.fold(
+                var_acc, global_acc, row, step, self._loss_prev.read_value())
+            self._loss_prev.assign(loss_prev)
+            return var_acc, global_acc
+
+        self._window.update(fold)
+        return tf.constant(0, tf.int64)
+
+

@@ -1,0 +1,166 @@
+"""Builds the run's ``Topology`` from a live Keras model or raw variables
+(the only place that looks at the model's layers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gradwatch._capture import keras_internals as internals
+from gradwatch.topology import RELU_FAMILY, LayerInfo, Topology, VariableInfo
+
+# Layers that sit between a layer and its activation without changing which
+# units are alive (the activation after them is the layer's activation).
+_PASS_THROUGH = {
+    "BatchNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "GaussianNoise",
+}
+
+
+def _activation_name(activation: Any) -> str:
+    if activation is None:
+        return "linear"
+    name = getattr(activation, "__name__", None) or type(activation).__name__
+    return str(name).lower()
+
+
+def _layer_activation(layer: Any) -> str | None:
+    """The activation a layer applies itself, or None if it applies none."""
+    class_name = type(layer).__name__
+    if class_name == "ReLU":
+        slope = float(getattr(layer, "negative_slope", 0.0) or 0.0)
+        max_value = getattr(layer, "max_value", None)
+        if slope:
+            return "leaky_relu"
+        return "relu6" if max_value is not None and float(max_value) == 6.0 else "relu"
+    if class_name == "LeakyReLU":
+        return "leaky_relu"
+    if class_name in ("ELU", "PReLU", "Softmax"):
+        return class_name.lower()
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    name = _activation_name(activation)
+    return None if name == "linear" else name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        taken.add(name)
+        return name
+    k = 1
+    while f"{name}_{k}" in taken:
+        k += 1
+    taken.add(f"{name}_{k}")
+    return f"{name}_{k}"
+
+
+def from_model(model: Any, variables: Sequence[Any]) -> Topology:
+    """Topology of a Keras model for the given (trainable) variables."""
+    layers = internals.ordered_layers(model)
+    owner = internals.variable_owners(layers)
+    position = {id(layer): i for i, layer in enumerate(layers)}
+    prefix = f"{model.name}/"
+    taken_variables: set[str] = set()
+    taken_layers: set[str] = set()
+    layer_name_of: dict[int, str] = {}  # nested models may reuse a layer name
+    layer_infos: dict[str, LayerInfo] = {}
+    var_infos: list[VariableInfo] = []
+    for var in variables:
+        layer = owner.get(internals.variable_key(var))
+        path = internals.variable_path(var)
+        path = path[len(prefix) :] if path.startswith(prefix) else path
+        if layer is None:  # a variable no layer owns: its path says where it lives
+            parts = path.split("/")
+            layer_name = "/".join(parts[:-1]) or parts[0]
+            info = LayerInfo(layer_name, len(layers), "", "", [])
+        else:
+            if id(layer) not in layer_name_of:
+                layer_name_of[id(layer)] = _unique(layer.name, taken_layers)
+            layer_name = layer_name_of[id(layer)]
+            index = position[id(layer)]
+            info = LayerInfo(
+                layer_name, index, type(layer).__name__, _following_activation(layers, index), []
+            )
+        info = layer_infos.setdefault(layer_name, info)
+        var_info = VariableInfo(
+            name=_unique(path, taken_variables),
+            layer=layer_name,
+            shape=[int(d) for d in var.shape],
+            dtype=str(getattr(var.dtype, "name", var.dtype)),
+            layer_index=info.index,
+        )
+        info.variables.append(var_info.name)
+        var_infos.append(var_info)
+    ordered = sorted(layer_infos.values(), key=lambda li: li.index)
+    for i, info in enumerate(ordered):
+        info.index = i
+    renumbered = {info.name: info.index for info in ordered}
+    for var_info in var_infos:
+        var_info.layer_index = renumbered[var_info.layer]
+    return Topology(
+        layers=ordered,
+        variables=var_infos,
+        model_name=str(model.name),
+        model_class=type(model).__name__,
+    )
+
+
+def _following_activation(layers: Sequence[Any], index: int) -> str:
+    own = _layer_activation(layers[index])
+    if own is not None:
+        return own
+    for nxt in layers[index + 1 :]:
+        class_name = type(nxt).__name__
+        if class_name in _PASS_THROUGH:
+            continue
+        follow = _layer_activation(nxt) if not internals.owns_variables(nxt) else None
+        return follow or "linear"
+    return "linear"
+
+
+def from_variables(variables: Sequence[Any], names: Sequence[str] | None = None) -> Topology:
+    """Topology of raw variables that belong to no known model.
+
+    A name ``"block/w"`` puts the variable in layer ``"block"``; a name without
+    ``/`` is its own layer.
+    """
+    taken: set[str] = set()
+    var_infos: list[VariableInfo] = []
+    layers: dict[str, LayerInfo] = {}
+    for i, var in enumerate(variables):
+        raw = names[i] if names is not None else internals.variable_path(var)
+        parts = raw.split("/")
+        layer_name = "/".join(parts[:-1]) if len(parts) > 1 else raw
+        name = _unique(raw, taken)
+        if layer_name not in layers:
+            layers[layer_name] = LayerInfo(layer_name, len(layers), "", "", [])
+        layers[layer_name].variables.append(name)
+        var_infos.append(
+            VariableInfo(
+                name=name,
+                layer=layer_name,
+                shape=[int(d) for d in var.shape],
+                dtype=str(getattr(var.dtype, "name", var.dtype)),
+                layer_index=layers[layer_name].index,
+            )
+        )
+    return Topology(layers=list(layers.values()), variables=var_infos)
+
+
+def relu_layers(model: Any, topology: Topology) -> list[tuple[Any, str]]:
+    """The model's ReLU-family layers, each with the topology layer that reports it:
+    itself, or the nearest layer before it that owns watched variables."""
+    names = {layer.name for layer in topology.layers}
+    found, owner = [], None
+    for layer in internals.ordered_layers(model):
+        if layer.name in names:
+            owner = layer.name
+        if _layer_activation(layer) in RELU_FAMILY and owner is not None:
+            found.append((layer, owner))
+    return found

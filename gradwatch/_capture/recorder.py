@@ -1,0 +1,329 @@
+"""The recorder: every step's gradients measured in-graph into the window, and one
+host read per window that returns it as numpy values (a ``FetchedWindow``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch import clip as clip_lib
+from gradwatch._capture import keras_internals as internals
+from gradwatch._capture import probes as probes_lib
+from gradwatch._capture.accumulate import StepBuffer, StepFolder, loss_pair
+from gradwatch._capture.clipping import clip_measured
+from gradwatch._capture.compiled import Compiler
+from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
+from gradwatch._capture.measure import finish_stats, measure_gradients
+from gradwatch._capture.window import Window
+from gradwatch._interpret.probe_layout import UPDATE_EVERY
+from gradwatch._interpret.results import FetchedWindow
+from gradwatch.options import Options
+from gradwatch.topology import Topology
+
+
+class StepContext(NamedTuple):
+    """What a front knows about the current step, in-graph (all optional).
+
+    Attributes:
+        loss: the step's loss.
+        learning_rate: the optimizer's learning rate.
+        loss_scale: a ``LossScaleOptimizer``'s scale (gradients arrive scaled by it).
+        iterations: the optimizer's iterations (step numbers resync with them).
+        loss_totals: (total, count) of a running loss tracker; the step's loss is the delta.
+        overflow_skips: True when a non-finite gradient makes the optimizer skip the update.
+    """
+
+    loss: tf.Tensor | None = None
+    learning_rate: tf.Tensor | None = None
+    loss_scale: tf.Tensor | None = None
+    iterations: tf.Tensor | None = None
+    loss_totals: tuple[tf.Tensor, tf.Tensor] | None = None
+    overflow_skips: bool = False
+
+
+class StepResult(NamedTuple):
+    """What ``Recorder.observe`` returns: the gradients to apply and whether they were finite."""
+
+    grads: list[Any]
+    finite: tf.Tensor
+
+
+class Recorder:
+    """In-graph capture for one run: binds to the variables, observes every step, reads windows.
+
+    Args:
+        options: the front's validated options.
+        host_update_snapshots: the front takes the update probe's weight snapshots on
+            the host (``snapshot_weights``) and calls ``after_update`` after the update.
+        xla_branch_min_variables: see ``InternalOptions``.
+    """
+
+    def __init__(self, options: Options, host_update_snapshots: bool = False,
+                 xla_branch_min_variables: int | None = None):
+        self._options = options
+        self._branch_min = xla_branch_min_variables
+        self._clip = clip_lib.as_clip(options.clip)
+        self._host_snapshots = bool(host_update_snapshots)
+        self.topology: Topology | None = None
+        self.chief = True
+        self._update_grads: dict[int, Any] = {}
+        self._activations: probes_lib.ActivationProbe | None = None
+
+    @property
+    def bound(self) -> bool:
+        """Returns whether ``bind`` ran."""
+        return self.topology is not None
+
+    @property
+    def clipping(self) -> bool:
+        """Returns whether the recorder clips the gradients it hands back."""
+        return self._clip is not None
+
+    def bind(self, topology: Topology, variables: Sequence[Any], strategy: Any = None,
+             start_step: int = 0, activation_layers: Sequence[tuple[Any, str]] | None = None) -> None:
+        """Creates the recorder's variables for these model variables (host side).
+
+        Args:
+            topology: the run's topology, one variable info per variable.
+            variables: the watched variables, in the order of ``topology.variables``.
+            strategy: the ``tf.distribute`` strategy the steps run under, if any.
+            start_step: the step before the first observed step.
+            activation_layers: (layer, reporting layer) pairs to count dead units from
+                activations (``GradientMonitor(activation_probe=True)``).
+        """
+        self.topology = topology
+        self.chief = internals.is_chief(strategy)  # only the chief writes
+        self._slot_of = {internals.variable_key(v): i for i, v in enumerate(variables)}
+        self._variables = list(variables)
+        if self._clip is not None:
+            self._clip.build(strategy)
+        num_vars = len(variables)
+        self._row = StepRow(num_vars)
+        self._compiler = Compiler(num_vars, self._branch_min)
+        self.window = Window(num_vars + len(topology.layers), strategy)
+        self._state = internals.replica_variable(
+            np.array([start_step, 0, -1, 0, 0, 0], np.int64), "gradwatch_step_state", strategy)
+        folder = StepFolder(topology, self.window, clipping=self._clip is not None)
+        self.buffer = StepBuffer(folder, self.window, num_vars, max(16, 2 * self._options.log_every),
+                                 self._compiler, strategy)
+        self._read_fn = internals.run_function(self._read_all, autograph=False)
+        self._units = probes_lib.UnitProbe(topology, strategy)
+        # probes that write under a tf.cond cannot run under several replicas
+        single = self.buffer.buffered
+        self._updates = probes_lib.UpdateProbe(variables, topology, strategy, self._host_snapshots) \
+            if single else None
+        every = self._options.histogram_every
+        self._histograms = (probes_lib.HistogramProbe(topology, every, self._options.signed_histograms,
+                                                      strategy) if single and every > 0 else None)
+        if activation_layers is not None:
+            self._activations = probes_lib.ActivationProbe(topology, activation_layers, strategy)
+
+    def slots_of(self, grads: Sequence[Any], variables: Sequence[Any]) -> tuple[int, ...]:
+        """Returns the accumulator column of each variable (host side, before any trace).
+
+        Raises:
+            ValueError: the lengths differ, or a variable is not watched.
+        """
+        if len(grads) != len(variables):
+            raise ValueError(
+                f"observe() got {len(grads)} gradients for {len(variables)} variables; "
+                "pass the list returned by tape.gradient(loss, variables) with the same variables.")
+        slots = []
+        for var in variables:
+            slot = self._slot_of.get(internals.variable_key(var))
+            if slot is None:
+                raise ValueError(
+                    f"observe() got variable {internals.variable_path(var)!r}, which is not among "
+                    f"the {len(self._slot_of)} variables this run watches (fixed at the first "
+                    "step). Pass the same variables every step.")
+            slots.append(slot)
+        return tuple(slots)
+
+    def watches(self, variable: Any) -> bool:
+        """Returns whether ``variable`` is watched."""
+        return internals.variable_key(variable) in self._slot_of
+
+    @tf.autograph.experimental.do_not_convert
+    def observe(self, grads: Sequence[Any], slots: Sequence[int], context: StepContext | None = None,
+                lean: bool = False) -> StepResult:
+        """Records one step's gradients, in-graph; returns the gradients to apply.
+
+        Args:
+            grads: the gradients (``None`` for a variable without one).
+            slots: ``slots_of(grads, variables)``.
+            context: what the front knows about the step.
+            lean: trace the lean step, which holds none of the conditional work of a
+                sampled step (the window's first step, histogram steps, the update
+                measure, a full buffer); a front runs it only on steps it knows hold
+                none of that, and reads at least every ``capacity`` steps.
+        """
+        context = context or StepContext()
+        grads = list(grads)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        pair = loss_pair(context.loss, context.loss_totals)
+        replica_context = internals.replicas_to_reduce()
+        stat_grads = [grads[i] for i in present]
+        if replica_context is not None:
+            # stats of the global gradient: what the optimizer applies after its all-reduce
+            if stat_grads:
+                stat_grads = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, stat_grads)
+            if context.loss is None and context.loss_totals is not None:
+                pair = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, pair)
+        state = STEP_STATE.unpack(self._state.read_value())
+        step = self._step_number(state, context.iterations)
+        sampled = None if lean else tf.equal(state["window_steps"], 0)
+        measured = self._measure(grads, stat_grads, [slots[i] for i in present], present, step, sampled,
+                                 context, replica_context)
+        flat, index, nonfinite_step, clip_threshold = measured
+        skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
+        nan = tf.constant(float("nan"))
+        scalars = {"loss_a": pair[0], "loss_b": pair[1],
+                   "learning_rate": nan if context.learning_rate is None
+                   else tf.cast(context.learning_rate, tf.float32),
+                   "loss_scale": nan if context.loss_scale is None
+                   else tf.cast(context.loss_scale, tf.float32),
+                   "clip_threshold": tf.cast(clip_threshold, tf.float32),
+                   "skipped": tf.cast(skipped, tf.float32)}
+        row = self._row.build(flat, index, [slots[i] for i in present], scalars)
+        buffered, done = self.buffer.add(row, step, state["buffered"], fold_if_full=not lean)
+        with tf.control_dependencies([done]):
+            self._state.assign(STEP_STATE.pack({
+                "step": step, "resync": tf.constant(0, tf.int64),
+                "iterations_at_end": state["iterations_at_end"], "buffered": buffered,
+                "window_steps": state["window_steps"] + 1,
+                "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64))}))
+        return StepResult(grads, tf.logical_not(nonfinite_step))
+
+    def _measure(self, grads, stat_grads, present_slots, present, step, sampled, context, replica_context):
+        """Measures the present gradients (and clips ``grads`` in place); returns the
+        measured values, their index, whether the step was non-finite, and the clip bound."""
+        clip_threshold = tf.constant(float("nan"))
+        if not present:
+            return tf.zeros([0], tf.float32), np.zeros([len(RAW_STATS), 0], np.int64), \
+                tf.constant(False), clip_threshold
+        inv_scale = (1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
+                     else tf.constant(1.0))
+        flat, index, nonfinite_step = measure_gradients(stat_grads, sampled, self._compiler)
+        if self._clip is not None:
+            raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)),
+                             [len(RAW_STATS), len(present)])
+            finished = finish_stats(raw, inv_scale)
+            clipped, clip_scale, clip_fired, clip_threshold = clip_measured(
+                self._clip, stat_grads, [self._variables[s] for s in present_slots], finished[0],
+                finished[1], context.loss_scale, replica_context)
+            for k, i in enumerate(present):
+                grads[i] = clipped[k]
+            end = int(flat.shape[0])
+            flat = tf.concat([flat, clip_scale, clip_fired], axis=0)
+            index = np.concatenate([index, end + np.arange(2 * len(present)).reshape(2, len(present))])
+        self._run_probes(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale)
+        return flat, index, nonfinite_step, clip_threshold
+
+    def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor | None,
+                    inv_scale: tf.Tensor) -> None:
+        """Dead units every step; update and histogram probes on sampled steps (not lean ones)."""
+        self._units.observe(by_slot, sampled, self._compiler.branch)
+        self._update_grads = {}
+        if sampled is None:
+            return
+        if self._updates is not None and self._host_snapshots:
+            self._update_grads = by_slot  # measured in after_update(), in this same trace
+        elif self._updates is not None:
+            # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...)
+            self._updates.observe(by_slot, tf.equal(tf.math.floormod(step - 1, UPDATE_EVERY), 0))
+        if self._histograms is not None:
+            self._histograms.observe(by_slot, step, inv_scale)
+
+    @tf.autograph.experimental.do_not_convert
+    def after_update(self) -> None:
+        """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
+        if self._updates is not None and self._host_snapshots and self._update_grads:
+            self._updates.measure_after_update(self._update_grads, self._compiler.branch)
+        self._update_grads = {}
+
+    @staticmethod
+    def _step_number(state: dict[str, tf.Tensor], iterations: tf.Tensor | None) -> tf.Tensor:
+        """Returns this step's number: one after the last, or after the optimizer's
+        iterations when a resync is pending and they moved since the last fit."""
+        current = state["step"]
+        if iterations is not None:
+            iterations = tf.cast(iterations, tf.int64)
+            moved = tf.not_equal(iterations, state["iterations_at_end"])
+            current = tf.where((state["resync"] > 0) & moved, iterations, current)
+        return current + 1
+
+    def _read_all(self) -> dict[str, Any]:
+        """In-graph host read: the buffered rows folded, then every accumulator and probe state."""
+        state = STEP_STATE.unpack(self._state.read_value())
+        done = self.buffer.flush(state["buffered"])
+        with tf.control_dependencies([done]):
+            zero = tf.constant(0, tf.int64)
+            reset = self._state.assign(STEP_STATE.pack({**state, "buffered": zero, "window_steps": zero,
+                                                        "nonfinite": zero}))
+        with tf.control_dependencies([reset]):
+            fetched = {"window": self.window.fetch(), "units": self._units.fetch()}
+            if self._updates is not None:
+                fetched["updates"] = self._updates.fetch()
+            if self._histograms is not None:
+                fetched["histograms"] = self._histograms.fetch()
+        return fetched
+
+    def read(self) -> FetchedWindow | None:
+        """Host side: reads and resets the window in one call. Returns None if it holds no step."""
+        fetched = tf.nest.map_structure(lambda t: t.numpy(), self._read_fn())
+        columns, glob = self.window.unpack(fetched["window"])
+        if glob["steps"] <= 0:
+            return None
+        dead_steps = self._options.thresholds.dead_steps
+        return FetchedWindow(
+            columns=columns, globals=glob, units=tuple(fetched["units"]),
+            updates=fetched.get("updates"), histograms=fetched.get("histograms"),
+            dead_by_activation=self._activations.read(dead_steps) if self._activations is not None else None)
+
+    # ------------------------------------------------------------------ host queries
+
+    def request_resync(self, iterations_at_end: int) -> None:
+        """The next step takes its number from the optimizer's iterations, unless they
+        still equal ``iterations_at_end`` (then the count continues)."""
+        state = STEP_STATE.unpack_numpy(self._state.numpy())
+        state.update(resync=1, iterations_at_end=iterations_at_end)
+        self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
+
+    def next_step(self, iterations: int | None) -> int:
+        """Returns the number the next observed step takes."""
+        state = STEP_STATE.unpack(self._state.read_value())
+        return int(self._step_number(state, None if iterations is None else tf.constant(iterations)))
+
+    @property
+    def capacity(self) -> int:
+        """Returns the steps the buffer holds between two reads before a step folds it."""
+        return self.buffer.capacity
+
+    def has_nonfinite(self) -> bool:
+        """Returns whether a step of the current window was non-finite (one small read)."""
+        return bool(self._state.numpy()[STEP_STATE.index("nonfinite")] > 0)
+
+    def snapshot_weights(self) -> bool:
+        """Host side, before a step: copies the weights for the update probe. Returns
+        whether a snapshot was taken (no probe under several replicas)."""
+        if self._updates is None:
+            return False
+        self._updates.snapshot_now()
+        return True
+
+    def update_pending(self) -> bool:
+        """Returns whether a weight snapshot still waits for a step that moves the weights."""
+        return self._updates is not None and self._updates.pending()
+
+    def count_activations(self, on: bool) -> None:
+        """Installs (True) or removes (False) the activation probe's wrappers, if any."""
+        if self._activations is not None:
+            self._activations.install() if on else self._activations.remove()
+
+    def pause_activations(self, paused: bool) -> None:
+        """Pauses the activation probe's counting (validation batches inside ``fit``)."""
+        if self._activations is not None:
+            self._activations.training.assign(not paused)

@@ -1,0 +1,31 @@
+"""Seams for tests and benchmarks (not API): ``GradientMonitor(internal=...)`` and
+``Watch(internal=...)`` take these to switch a mechanism off or to observe it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+@dataclasses.dataclass
+class InternalOptions:
+    """Internal switches; the defaults are what users get.
+
+    Attributes:
+        defer_reads: ``GradientMonitor`` interprets a window with no non-finite step
+            on the writer thread (False: every window at its read).
+        lean_steps: ``GradientMonitor`` traces the lean step for long fits.
+        lean_min_steps: a fit planned shorter than this traces no lean step.
+        xla_branch_min_variables: overrides the variable count from which branches
+            taken on some steps only run as one XLA call.
+        extra_sinks: sinks that get every window result too (opened and closed with the files).
+        on_step_kind: called before each ``fit`` step with True when it runs the lean step.
+    """
+
+    defer_reads: bool = True
+    lean_steps: bool = True
+    lean_min_steps: int = 1000
+    xla_branch_min_variables: int | None = None
+    extra_sinks: Sequence[Any] = ()
+    on_step_kind: Callable[[bool], None] | None = None

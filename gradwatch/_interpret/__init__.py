@@ -1,0 +1,1 @@
+"""Host-side interpretation of fetched windows: rows, detectors and alerts (no TensorFlow)."""

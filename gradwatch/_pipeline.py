@@ -1,0 +1,121 @@
+"""One window's way from the recorder to the files: read, interpret, report, write.
+
+Both fronts call ``Pipeline.read``; the parts it calls own all the state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import keras
+import tensorflow as tf
+
+from gradwatch._capture.recorder import Recorder
+from gradwatch._interpret.interpreter import Interpreter
+from gradwatch._interpret.results import WindowResult
+from gradwatch.options import Options
+from gradwatch.sinks.csv_sink import CsvSink
+from gradwatch.sinks.output import Latest, Output
+from gradwatch.sinks.tb_sink import TensorBoardSink
+
+logger = logging.getLogger("gradwatch")
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
+
+
+def run_description(options: Options, recorder: Recorder, run_info: dict[str, Any]) -> dict[str, Any]:
+    """Returns the ``run.json`` of a bound recorder's run: versions, options, front's
+    facts and the topology."""
+    from gradwatch import __version__
+
+    info = {"gradwatch_version": __version__, "tensorflow_version": tf.__version__,
+            "keras_version": keras.__version__, "options": options.to_json()}
+    info.update(run_info)
+    info.update(recorder.topology.to_json())
+    return info
+
+
+class Read(NamedTuple):
+    """What one read found: its steps, its last step, and its result unless deferred."""
+
+    steps: int
+    last_step: int | None
+    result: WindowResult | None
+
+
+class Pipeline:
+    """Reads a bound recorder's windows, interprets them and hands them to the output.
+
+    Args:
+        options: the front's options.
+        recorder: a bound recorder.
+        run_info: the front's entries for ``run.json``.
+        on_alert: called with every alert row.
+        extra_sinks: sinks that get every window result too (``InternalOptions``).
+    """
+
+    def __init__(self, options: Options, recorder: Recorder, run_info: dict[str, Any],
+                 on_alert: Callable[[dict[str, Any]], None] | None = None, extra_sinks: Any = ()):
+        self._options = options
+        self._extra_sinks = list(extra_sinks)
+        self._recorder = recorder
+        self._run_info = run_info
+        loss_scaled = bool(run_info.get("optimizer", {}).get("loss_scale_optimizer"))
+        self._interpreter = Interpreter(recorder.topology, options.thresholds, recorder.clipping,
+                                        loss_scale_optimizer=loss_scaled,
+                                        signed_histograms=options.signed_histograms)
+        self._writes = options.writes and recorder.chief  # only the chief writes
+        self._output = Output([])
+        self._opened = False
+        self._on_alert = on_alert
+        self.latest = Latest()
+        self.steps_seen = 0
+
+    def open(self) -> None:
+        """Opens the files; a second open (a second fit) continues what the first wrote."""
+        options = self._options
+        append = options.append or self._opened
+        sinks = ([CsvSink(options.log_dir, append=append), TensorBoardSink(options.log_dir)]
+                 if self._writes else [])
+        sinks += self._extra_sinks
+        self._output = Output(sinks)
+        if sinks:
+            self._output.open(run_description(options, self._recorder, self._run_info))
+        self._opened = True
+
+    def read(self, fallback_loss: float | None = None, defer: bool = False) -> Read:
+        """Reads the window and writes it.
+
+        Args:
+            fallback_loss: the loss to report when the window's own is unknown.
+            defer: interpret a window without a non-finite step on the writer thread
+                (the front then needs no result back: training does not wait).
+
+        Returns:
+            The read's steps and last step, and its result (None when deferred).
+        """
+        fetched = self._recorder.read()
+        if fetched is None:
+            return Read(0, None, None)
+        self.steps_seen += fetched.steps
+        if defer and self._output.threaded and not fetched.nonfinite:
+            self._output.defer(lambda: self._report(self._interpreter.interpret(fetched, fallback_loss)))
+            return Read(fetched.steps, fetched.last_step, None)
+        self._output.flush()  # the detectors' state follows the windows in order
+        result = self._report(self._interpreter.interpret(fetched, fallback_loss))
+        self._output.write(result)
+        return Read(fetched.steps, fetched.last_step, result)
+
+    def _report(self, result: WindowResult) -> WindowResult:
+        """Logs the alerts, calls ``on_alert`` and keeps the result as the latest."""
+        for alert in result.alerts:
+            logger.log(_LEVELS.get(alert.severity, logging.ERROR), "gradwatch %s at step %d: %s",
+                       alert.kind, alert.step, alert.message)
+            if self._on_alert is not None:
+                self._on_alert(alert.to_row())
+        self.latest.set(result)
+        return result
+
+    def close(self) -> None:
+        """Writes what is queued and closes the files."""
+        self._output.close()
