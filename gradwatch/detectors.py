@@ -122,15 +122,23 @@ def detect(
     thresholds: Thresholds,
     stats_rows: list[dict[str, Any]] | None = None,
 ) -> list[Alert]:
-    """Alerts for one window's layer (and variable) rows; updates ``state`` in place."""
+    """Runs every layer detector on one window; updates ``state`` in place.
+
+    Args:
+        layer_rows: the window's ``layers.csv`` rows, input to output.
+        topology: the run's topology.
+        state: the detectors' state, carried from window to window.
+        thresholds: the detectors' thresholds.
+        stats_rows: the window's per-variable rows (update mismatch, silent kernels).
+
+    Returns:
+        The window's alerts (raised, and cleared as ``info`` rows).
+    """
     state.window += 1
     if layer_rows:
         state.last_step = int(layer_rows[0]["step"])
     entries = {layer.name: 0 for layer in topology.layers}
-    for variable in topology.variables:
-        size = 1
-        for dim in variable.shape:
-            size *= int(dim)
+    for variable, size in zip(topology.variables, topology.variable_sizes()):
         entries[variable.layer] = entries.get(variable.layer, 0) + size
     rows = [row for row in layer_rows if row["grad_steps"]]
     if not rows:
@@ -139,47 +147,11 @@ def detect(
     output_rms = _rms(rows[-1], entries.get(rows[-1]["layer"], 0))
     alerts: list[Alert] = []
     for index, row in enumerate(rows):
-        layer = row["layer"]
-        rms = _rms(row, entries.get(layer, 0))
-        nonfinite = bool(row.get("nonfinite", 0))
-        # vanishing: not for the output-most layer (it is the reference); an exactly
-        # zero gradient is no signal at all (dead units, zero inputs), not a vanishing one
-        # (a window with NaN/Inf gradients is the non-finite alert's business for that)
-        if index < len(rows) - 1 and not nonfinite and math.isfinite(rms) and rms > 0 and output_rms > 0:
-            ratio = rms / output_rms
-            absolute = rms < thresholds.vanishing_rms
-            relative = ratio < thresholds.vanishing_ratio and rms < thresholds.vanishing_ratio_rms
-            message = (
-                f"Layer {layer!r}: RMS gradient {rms:.3g} "
-                f"({ratio:.2g} x the output layer's {output_rms:.3g}) since "
-                f"{thresholds.patience} windows: its weights barely move."
-            )
-            alerts += _track(
-                state, thresholds, "vanishing_gradient", layer, absolute or relative, step,
-                rms, thresholds.vanishing_rms if absolute else thresholds.vanishing_ratio, message,
-            )
-        # exploding
-        l2_max, l2_mean = row["l2_max"], row["l2_mean"]
-        history = state.previous_l2.setdefault(layer, [])
-        history.append(l2_mean)
-        del history[: -(thresholds.patience + 1)]
-        grew = len(history) == thresholds.patience + 1 and all(
-            later >= thresholds.exploding_growth * earlier > 0
-            for earlier, later in zip(history, history[1:])
-        )
-        # l2_max is of the finite entries: a blow-up is named even in the window it
-        # turns into NaN (the non-finite alert says where the NaN appeared)
-        big = math.isfinite(l2_max) and l2_max > thresholds.exploding_l2
-        growing = grew and l2_mean > thresholds.exploding_growth_floor and not nonfinite
-        message = (
-            f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window"
-            + (f", growing >= {thresholds.exploding_growth:g}x per window" if growing else "")
-            + "."
-        )
-        alerts += _track(
-            state, thresholds, "exploding_gradient", layer, big or growing, step, l2_max,
-            thresholds.exploding_l2, message, immediate=big or growing,  # growth has its own patience
-        )
+        # not for the output-most layer: it is the reference
+        if index < len(rows) - 1:
+            alerts += _vanishing(row, _rms(row, entries.get(row["layer"], 0)), output_rms, state,
+                                 thresholds, step)
+        alerts += _exploding(row, state, thresholds, step)
     silent = _silent_kernels(stats_rows or [], topology)
     alerts += _dead_units(rows, state, thresholds, step, silent)
     # a layer without gradient signal (or a vanishing one) has a tiny update for that
@@ -196,6 +168,55 @@ def detect(
                             thresholds, step)
     alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step, quiet)
     return alerts
+
+
+def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresholds: Thresholds,
+               step: int) -> list[Alert]:
+    """A layer's RMS gradient, absolutely or against the output layer's, too small."""
+    # an exactly zero gradient is no signal at all (dead units, zero inputs), not a
+    # vanishing one; a window with NaN/Inf gradients is the non-finite alert's business
+    if bool(row.get("nonfinite", 0)) or not math.isfinite(rms) or rms <= 0 or output_rms <= 0:
+        return []
+    layer = row["layer"]
+    ratio = rms / output_rms
+    absolute = rms < thresholds.vanishing_rms
+    relative = ratio < thresholds.vanishing_ratio and rms < thresholds.vanishing_ratio_rms
+    message = (
+        f"Layer {layer!r}: RMS gradient {rms:.3g} "
+        f"({ratio:.2g} x the output layer's {output_rms:.3g}) since "
+        f"{thresholds.patience} windows: its weights barely move."
+    )
+    return _track(
+        state, thresholds, "vanishing_gradient", layer, absolute or relative, step,
+        rms, thresholds.vanishing_rms if absolute else thresholds.vanishing_ratio, message,
+    )
+
+
+def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> list[Alert]:
+    """A layer's norm over the bound, or growing by a factor in each of ``patience`` windows."""
+    layer = row["layer"]
+    nonfinite = bool(row.get("nonfinite", 0))
+    l2_max, l2_mean = row["l2_max"], row["l2_mean"]
+    history = state.previous_l2.setdefault(layer, [])
+    history.append(l2_mean)
+    del history[: -(thresholds.patience + 1)]
+    grew = len(history) == thresholds.patience + 1 and all(
+        later >= thresholds.exploding_growth * earlier > 0
+        for earlier, later in zip(history, history[1:])
+    )
+    # l2_max is of the finite entries: a blow-up is named even in the window it
+    # turns into NaN (the non-finite alert says where the NaN appeared)
+    big = math.isfinite(l2_max) and l2_max > thresholds.exploding_l2
+    growing = grew and l2_mean > thresholds.exploding_growth_floor and not nonfinite
+    message = (
+        f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window"
+        + (f", growing >= {thresholds.exploding_growth:g}x per window" if growing else "")
+        + "."
+    )
+    return _track(
+        state, thresholds, "exploding_gradient", layer, big or growing, step, l2_max,
+        thresholds.exploding_l2, message, immediate=big or growing,  # growth has its own patience
+    )
 
 
 def _finite_value(row: dict[str, Any], column: str) -> float | None:

@@ -10,9 +10,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradwatch._capture import fit_tap
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
-from gradwatch._capture.recorder import Recorder, StepContext
+from gradwatch._capture.recorder import Recorder
 from gradwatch._internal_options import InternalOptions
 from gradwatch._interpret.probe_layout import UPDATE_EVERY
 from gradwatch._pipeline import Pipeline
@@ -39,21 +40,19 @@ class GradientMonitor(keras.callbacks.Callback):
             capture itself runs on every step and no step is lost in between.
         histogram_every: steps between gradient histograms (0 disables them).
         clip: optional gradient clipping applied to what the optimizer receives.
-        on_nonfinite: what to do about NaN/Inf gradients: "warn", "skip_step",
-            "stop" or "raise".
+        on_nonfinite: on NaN/Inf gradients: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir`` (resume).
         thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
         signed_histograms: also write a signed-value gradient histogram per layer
             (the log10|g| histogram is always written on histogram steps).
-        activation_probe: also count dead units from the activations of ReLU-family
-            layers (units zero on every sample of the batch); off by default (it
-            wraps those layers' ``call`` during fit and costs one reduction per layer).
+        activation_probe: also count dead units from ReLU-family layers' activations
+            (zero on every sample of the batch); off by default (it wraps those
+            layers' ``call`` during fit, one reduction per layer).
         on_alert: called with every alert row. With a ``log_dir``, a window with no
             non-finite step is interpreted (rows, detectors, alerts) on gradwatch's
-            writer thread while training goes on, so ``on_alert`` is called there
-            and ``last_window`` follows a read by a few steps; both are complete
-            when ``fit`` returns. Non-finite windows are handled on the training
-            thread, at the read.
+            writer thread while training goes on (``on_alert`` is called there;
+            ``last_window`` follows a read by a few steps; both complete when
+            ``fit`` returns). Non-finite windows are handled at the read.
         internal: switches for tests and benchmarks (``gradwatch._internal_options``).
 
     Example:
@@ -102,8 +101,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._next_snapshot = 0
         self._last_logs: dict[str, Any] = {}
         self._active = False
-        # The lean train function (see _guard_train_function), when this fit has one.
-        self._lean_function: Any = None
+        self._lean_function: Any = None  # this fit's lean train function, if any
         self._next_step: int | None = None  # the in-graph number of the next step
         self._update_pending = False
         self._tracing_lean = False  # read by the tap while a train function traces
@@ -135,18 +133,13 @@ class GradientMonitor(keras.callbacks.Callback):
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
-            raise ValueError(
-                "GradientMonitor needs a compiled model with an optimizer; model.optimizer is "
-                "None. Call model.compile(optimizer=...) before fit, or use gradwatch.Watch "
-                "in a custom training loop."
-            )
+            raise ValueError("GradientMonitor needs a compiled model with an optimizer; model.optimizer is "
+                             "None. Call model.compile(optimizer=...) before fit, or use gradwatch.Watch "
+                             "in a custom training loop.")
         variables = list(model.trainable_variables)
         if not variables:
-            warnings.warn(
-                "GradientMonitor: the model has no trainable variables; there is nothing to "
-                "watch and the monitor stays idle.",
-                stacklevel=2,
-            )
+            warnings.warn("GradientMonitor: the model has no trainable variables; there is nothing to "
+                          "watch and the monitor stays idle.", stacklevel=2)
             return
         internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
         strategy = internals.model_strategy(model)
@@ -233,7 +226,7 @@ class GradientMonitor(keras.callbacks.Callback):
                              else None)
         self._recorder.bind(topology, variables, strategy=strategy, activation_layers=activation_layers)
         self._pipeline = Pipeline(self.options, self._recorder,
-                                  self._run_info(model, optimizer, strategy), on_alert=self.on_alert,
+                                  fit_tap.fit_run_info(model, optimizer, strategy), on_alert=self.on_alert,
                                   extra_sinks=self._internal.extra_sinks)
         self._host_steps = 0
         self._next_snapshot = 0
@@ -248,19 +241,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._react(read.result.alerts if read.result is not None else [])
 
     def _lean_eligible(self, model: Any) -> bool:
-        """Whether this fit traces a lean step beside the full one: one step per
-        train-function call (the host then knows every step's number and place in
-        its window) and one replica (the recorder buffers its rows)."""
-        params = self.params or {}
-        steps, epochs = params.get("steps"), params.get("epochs")
-        # the lean trace is a second trace of the whole train step (0.5-0.8 s for a
-        # fresh 784-512-512-10 MLP) that saves ~0.25 ms a step there: a fit known to
-        # be shorter than lean_min_steps runs the full step throughout
-        planned = steps * (epochs - int(params.get("initial_epoch", 0) or 0)) if steps and epochs else None
-        return (self._internal.lean_steps and self._recorder.buffer.buffered
-                and int(getattr(model, "steps_per_execution", 1) or 1) == 1
-                and not getattr(model, "run_eagerly", False)
-                and (planned is None or planned >= self._internal.lean_min_steps))
+        return self._internal.lean_steps and fit_tap.lean_eligible(
+            self.params or {}, model, self._recorder.buffer.buffered, self._internal.lean_min_steps)
 
     def _full_step_due(self) -> bool:
         """Host side, before a step: whether it may hold work only the full step does:
@@ -275,9 +257,8 @@ class GradientMonitor(keras.callbacks.Callback):
                 or self._steps_since_read + 1 >= self._recorder.capacity)
 
     def _react(self, alerts) -> None:
-        action = nonfinite_action(
-            alerts, self.options.on_nonfinite, "Training stopped (on_nonfinite='stop')."
-        )
+        stop_note = "Training stopped (on_nonfinite='stop')."
+        action = nonfinite_action(alerts, self.options.on_nonfinite, stop_note)
         if action is None:
             return
         kind, message = action
@@ -337,64 +318,12 @@ class GradientMonitor(keras.callbacks.Callback):
         model.train_function = guarded_train_function
 
     def _tap(self, original_apply, grads, trainable_variables):
-        recorder = self._recorder
-        if recorder is None or not self._active:
+        if self._recorder is None or not self._active:
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)
-        optimizer = self._optimizer
-        grads = list(grads)
-        if trainable_variables is None:
-            trainable_variables = internals.trainable_variables_of(optimizer)
-        trainable_variables = list(trainable_variables)
-        watched = [i for i, v in enumerate(trainable_variables) if recorder.watches(v)]
-        loss_scaled = internals.is_loss_scale_optimizer(optimizer)
-        guard = self.options.on_nonfinite != "warn"
-        context = StepContext(
-            learning_rate=internals.learning_rate(optimizer),
-            loss_scale=internals.loss_scale(optimizer),
-            iterations=internals.iterations(optimizer),
-            loss_totals=internals.loss_tracker_totals(self.model),
-            overflow_skips=loss_scaled or guard,
-        )
-        watched_grads = [grads[i] for i in watched]
-        slots = recorder.slots_of(watched_grads, [trainable_variables[i] for i in watched])
-        observed = recorder.observe(watched_grads, slots, context, lean=self._tracing_lean)
-        for k, i in enumerate(watched):
-            grads[i] = observed.grads[k]
-        finite = observed.finite
-        if loss_scaled:
-            # The LossScaleOptimizer skips non-finite steps itself (and lowers its
-            # scale); under several replicas make sure it sees what any replica saw.
-            if internals.replicas_to_reduce() is not None:
-                grads = internals.poison_unless_finite(grads, finite)
-            result = original_apply(grads, trainable_variables)
-        elif guard:
-            # skip_step, stop and raise: the host learns of a NaN only later, so the
-            # update of a non-finite step is never applied (weights and optimizer
-            # state untouched, on every replica).
-            result = internals.apply_if_finite(original_apply, grads, trainable_variables, finite)
-        else:
-            result = original_apply(grads, trainable_variables)
-        recorder.after_update()  # the update probe reads the weights it just moved
-        return result
-
-    @staticmethod
-    def _run_info(model: Any, optimizer: Any, strategy: Any) -> dict[str, Any]:
-        policy = keras.mixed_precision.dtype_policy()
-        return {
-            "front": "GradientMonitor",
-            "optimizer": {
-                "class": type(internals.base_optimizer(optimizer)).__name__,
-                "loss_scale_optimizer": internals.is_loss_scale_optimizer(optimizer),
-                "clipping": internals.optimizer_clipping(optimizer),
-                "clips": bool(internals.optimizer_clipping(optimizer)),
-            },
-            "dtype_policy": getattr(policy, "name", str(policy)),
-            "strategy": type(strategy).__name__ if strategy is not None else None,
-            "num_replicas": int(getattr(strategy, "num_replicas_in_sync", 1) or 1),
-            "jit_compile": bool(getattr(model, "jit_compile", False)),
-            "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
-        }
+        return fit_tap.observe_and_apply(self._recorder, self._optimizer, self.model,
+                                         self.options.on_nonfinite, self._tracing_lean, original_apply,
+                                         grads, trainable_variables)
 
 
 def _float_or_none(value: Any) -> float | None:

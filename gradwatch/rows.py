@@ -18,14 +18,8 @@ def _finite(value: float) -> float:
 LAYER_VARIABLE = "*"
 
 
-def build_rows(
-    per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology, clipping: bool = False
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Returns (window row, variable rows, layer rows) of one window, keyed by schema column.
-
-    The accumulator columns are the topology's variables followed by its layers;
-    a layer row has ``variable == "*"`` (all of the layer's variables).
-    """
+def _window_row(glob: dict[str, float], clipping: bool) -> dict[str, Any]:
+    """Returns the ``windows.csv`` row of a window's global accumulators."""
     steps = int(glob["steps"])
     step = int(glob["last_step"])
     loss_count = glob["loss_count"]
@@ -49,6 +43,19 @@ def build_rows(
             int(glob["loss_nonfinite_at_first"]) if glob["loss_nonfinite_at_first"] >= 0 else None
         ),
     }
+    return window_row
+
+
+def build_rows(
+    per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology, clipping: bool = False
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Returns (window row, variable rows, layer rows) of one window, keyed by schema column.
+
+    The accumulator columns are the topology's variables followed by its layers;
+    a layer row has ``variable == "*"`` (all of the layer's variables).
+    """
+    window_row = _window_row(glob, clipping)
+    steps, step = window_row["steps"], window_row["step"]
     assert tuple(window_row) == WINDOW_COLUMNS
     grad_steps = per_var["grad_steps"]
     has = grad_steps > 0

@@ -12,112 +12,123 @@ from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import RAW_STATS
 
 
-def measure_gradients(stat_grads, sampled: tf.Tensor | None, compiler: Compiler
-                  ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
-    """The raw statistics of the gradients (loss-scaled) as one float32 vector,
-    where ``index[r, k]`` (static, [6, n]) locates row r for the k-th gradient: the
-    sum of squares, then the full statistics l2, max_abs, mean_abs, zero_frac,
-    nonfinite (these only on the steps that compute them, zeros on the others);
-    and whether a gradient had a non-finite entry.
+class _DensePasses:
+    """The passes over a step's dense gradients, each one node (an XLA call) on a
+    large net: the finite pass (the window's sampled step), the full pass (an
+    inexact sum of squares), and the zero check that settles an all-zero gradient."""
 
-    This is all a step does with the gradients' values; turning it into
-    statistics (``finish_stats``) waits until the window is folded.
+    def __init__(self, dense: list[stats_lib.Group], compiler: Compiler):
+        self.info = tuple((g.dense_size, g.positions) for g in dense)
+        self.count = sum(len(pos) for _, pos in self.info)
+        self.matrices = [g.matrix for g in dense]
+        self.full = compiler.branch(("full", self.info), self._full)
+        self.finite = compiler.branch(("finite", self.info), self._finite)
+        self.settled = compiler.branch(("settled", self.info), self._settled)
+
+    def _regroup(self, matrices):
+        groups = tuple(stats_lib.Group(m, size, pos) for m, (size, pos) in zip(matrices, self.info))
+        return stats_lib.Groups(groups, None, self.count)
+
+    def _full(self, *matrices):
+        full = tf.stack(list(stats_lib.full_stats(self._regroup(matrices))))
+        return tf.reshape(full, [-1]), tf.reduce_any(full[4] > 0.0)
+
+    def _finite(self, sums, *matrices):
+        finite = tf.stack(list(stats_lib.finite_stats(self._regroup(matrices), sums)))
+        return tf.reshape(finite, [-1]), tf.constant(False)
+
+    def _settled(self, sums, *matrices):
+        return stats_lib.settled_by_zeros(self._regroup(matrices), sums)
+
+    def norms_only(self, sums):
+        """A step not sampled keeps the l2 and the non-finite count only."""
+        return (tf.concat([tf.sqrt(sums), tf.zeros([4 * self.count], tf.float32)], axis=0),
+                tf.constant(False))
+
+    def inexact(self, squares, sampled: tf.Tensor | None):
+        """An inexact norm is mostly a zero one (a dead layer and every layer below it):
+        two reductions tell it from a non-finite entry or an underflow, which need
+        the full pass (about fourteen passes over every gradient)."""
+        def exact():
+            if sampled is None:  # the lean step
+                return self.norms_only(squares)
+            return internals.cond(sampled, lambda: self.finite(squares, *self.matrices),
+                                  lambda: self.norms_only(squares))
+
+        return internals.cond(self.settled(squares, *self.matrices), exact,
+                              lambda: self.full(*self.matrices))
+
+
+def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, compiler: Compiler,
+                   index: np.ndarray) -> tuple[list[tf.Tensor], tf.Tensor, int]:
+    """Measures the dense gradients; fills their columns of ``index``. Returns the
+    pieces, whether one was non-finite, and the pieces' length."""
+    # one pass per gradient: an L2Loss for a large one, a row reduction per group
+    # of stacked small ones
+    sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
+    squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
+    passes = _DensePasses(dense, compiler)
+    count = passes.count
+    # The full pass runs on a step whose cheap norm is not exact and not only zeros;
+    # the window's sampled step otherwise runs the finite pass (a third of the work);
+    # the other steps keep the sums of squares. The conds are in the graph, not in an
+    # XLA cluster: a conditional there would take every gradient on every step.
+    inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
+    skipped = lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False))  # noqa: E731
+    if sampled is None:  # the lean step: never sampled
+        full, nonfinite = internals.cond(inexact, lambda: passes.inexact(squares, None), skipped)
+    else:
+        full, nonfinite = internals.cond(
+            sampled | inexact,
+            lambda: internals.cond(inexact, lambda: passes.inexact(squares, sampled),
+                                   lambda: passes.finite(squares, *passes.matrices)),
+            skipped)
+    columns = [p for _, pos in passes.info for p in pos]
+    for j, position in enumerate(columns):
+        index[0, position] = j
+        index[1:, position] = count + np.arange(5) * count + j
+    return [squares, full], nonfinite, len(RAW_STATS) * count
+
+
+def measure_gradients(stat_grads, sampled: tf.Tensor | None, compiler: Compiler
+                      ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
+    """Measures a step's gradients: all a step does with their values.
+
+    Args:
+        stat_grads: the gradients (loss-scaled, global under several replicas).
+        sampled: whether this is the window's sampled step; None on the lean step.
+        compiler: makes the passes taken on some steps only one node each.
+
+    Returns:
+        (flat, index, nonfinite): the raw statistics as one float32 vector, where
+        ``index[r, k]`` (static, ``RAW_STATS`` x n) locates row r of the k-th gradient
+        (the sum of squares, then l2, max_abs, mean_abs, zero_frac, nonfinite, zeros
+        on steps that do not compute them); and whether a gradient had a non-finite
+        entry. ``finish_stats`` turns the rows into statistics when the step is folded.
     """
     groups = stats_lib.group_gradients(stat_grads)
     dense = [g for g in groups.groups if g.matrix.shape.is_fully_defined()]
     sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
-    pieces, flags = [], []
+    pieces, flags, offset = [], [], 0
     index = np.zeros((len(RAW_STATS), groups.count), np.int64)
-    offset = 0
     if dense:
-        # One pass per gradient: an L2Loss for a large one, a row reduction per
-        # group of stacked small ones (stats.group_sum_of_squares).
-        sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
-        squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
-        dense_info = tuple((g.dense_size, g.positions) for g in dense)
-        count = sum(len(pos) for _, pos in dense_info)
-
-        def regroup(matrices):
-            return stats_lib.Groups(
-                tuple(stats_lib.Group(m, size, pos) for m, (size, pos) in zip(matrices, dense_info)),
-                None, count,
-            )
-
-        def full_pass(*matrices):
-            full = tf.stack(list(stats_lib.full_stats(regroup(matrices))))
-            return tf.reshape(full, [-1]), tf.reduce_any(full[4] > 0.0)
-
-        def finite_pass(sums, *matrices):
-            finite = tf.stack(list(stats_lib.finite_stats(regroup(matrices), sums)))
-            return tf.reshape(finite, [-1]), tf.constant(False)
-
-        def settled(sums, *matrices):
-            return stats_lib.settled_by_zeros(regroup(matrices), sums)
-
-        def norms_only(sums):
-            # a step not sampled keeps the l2 and the non-finite count only
-            return (tf.concat([tf.sqrt(sums), tf.zeros([4 * count], tf.float32)], axis=0),
-                    tf.constant(False))
-
-        full_pass = compiler.branch(("full", dense_info), full_pass)
-        finite_pass = compiler.branch(("finite", dense_info), finite_pass)
-        settled = compiler.branch(("settled", dense_info), settled)
-        matrices = [g.matrix for g in dense]
-
-        def inexact_pass(sampled_step):
-            # An inexact norm is mostly a zero one: a dead layer, and every layer
-            # below it, have all-zero gradients on every step. Two reductions tell
-            # them apart from a non-finite entry or an underflow, which need the
-            # full pass (about fourteen passes over every gradient). Measured on
-            # the MLP with a dead second layer, step A/B: 1.37x with the full
-            # pass on every step.
-            def exact():
-                if sampled_step is None:  # the lean step
-                    return norms_only(squares)
-                return internals.cond(sampled_step, lambda: finite_pass(squares, *matrices),
-                                      lambda: norms_only(squares))
-
-            return internals.cond(settled(squares, *matrices), exact, lambda: full_pass(*matrices))
-
-        # The full pass (max, mean, zeros, exact non-finite count) runs on a step
-        # whose cheap norm is not exact (a non-finite entry makes the sum of
-        # squares non-finite) and not only zeros. The window's sampled step
-        # otherwise runs the finite pass: nothing to mask or rescale, a third of
-        # the work; the other steps keep the sums of squares.
-        # The conds are in the graph, not inside an XLA cluster: a conditional
-        # there would take every gradient as an operand on every step.
-        inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
-        skipped = lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False))  # noqa: E731
-        if sampled is None:  # the lean step: never sampled
-            full, nonfinite = internals.cond(inexact, lambda: inexact_pass(None), skipped)
-        else:
-            full, nonfinite = internals.cond(
-                sampled | inexact,
-                lambda: internals.cond(inexact, lambda: inexact_pass(sampled),
-                                       lambda: finite_pass(squares, *matrices)),
-                skipped,
-            )
-        pieces += [squares, full]
+        dense_pieces, nonfinite, offset = _measure_dense(dense, sampled, compiler, index)
+        pieces += dense_pieces
         flags.append(nonfinite)
-        columns = [p for _, pos in dense_info for p in pos]
-        for j, position in enumerate(columns):
-            index[0, position] = j
-            index[1:, position] = count + np.arange(5) * count + j
-        offset = 6 * count
     for g in sparse:
-        # A sparse gradient's row count is data-dependent: its full statistics are
-        # computed every step (it holds only the touched rows); a NaN sum of
-        # squares makes the fold take them.
+        # a sparse gradient's row count is data-dependent: its full statistics every
+        # step (only the touched rows); a NaN sum of squares makes the fold take them
         m = len(g.positions)
         stats = tf.stack(list(stats_lib.full_stats(stats_lib.Groups((g,), None, m))))
         pieces += [tf.constant([float("nan")] * m), tf.reshape(stats, [-1])]
         flags.append(tf.reduce_any(stats[4] > 0.0))
         for t, position in enumerate(g.positions):
-            index[:, position] = offset + np.arange(6) * m + t
-        offset += 6 * m
+            index[:, position] = offset + np.arange(len(RAW_STATS)) * m + t
+        offset += len(RAW_STATS) * m
     flat = tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
     nonfinite_step = flags[0] if len(flags) == 1 else tf.reduce_any(tf.stack(flags))
     return flat, index, nonfinite_step
+
 
 def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
     """Returns [5, n]: l2, nonfinite, max_abs, mean_abs, zero_frac from ``RAW_STATS`` rows

@@ -125,7 +125,19 @@ class UnitProbe:
         ops = [self.zero_run.assign(new_run)]
 
         present_parts = [nxt for nxt in silent_parts if nxt is not None]
+        measure_silent = self._silent_measure(silent_parts)
+        if sampled is not None and any(part is not None for part in silent_parts):
+            # the write stays outside the cond: under several replicas a mirrored
+            # write is a merge_call, which a cond branch cannot hold
+            key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
+            measure = measure_silent if compiled is None else compiled(key, measure_silent)
+            silent = cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
+            ops.append(self.silent.assign(silent))
+        return ops
 
+    def _silent_measure(self, silent_parts: list[Any]) -> Any:
+        """Returns the function of the present next-layer kernels that flags, per
+        tracked unit, whether its outgoing kernel rows are all zero (1.0: silent)."""
         # Tracks whose next kernels have one shape (and unit count) are measured as
         # stacks (of at most stats.GROUP_LIMIT entries): a deep net's hundred tracks
         # are a few dozen reductions, not a few hundred ops (which also made the XLA
@@ -159,14 +171,7 @@ class UnitProbe:
             parts.append(tf.ones([1], tf.float32))
             return tf.gather(tf.concat(parts, axis=0), tf.constant(order, tf.int32))
 
-        if sampled is not None and any(part is not None for part in silent_parts):
-            # the write stays outside the cond: under several replicas a mirrored
-            # write is a merge_call, which a cond branch cannot hold
-            key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
-            measure = measure_silent if compiled is None else compiled(key, measure_silent)
-            silent = cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
-            ops.append(self.silent.assign(silent))
-        return ops
+        return measure_silent
 
     def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
         """In-graph, for the engine's single read: the counters (nothing is reset)."""

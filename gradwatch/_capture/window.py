@@ -115,18 +115,23 @@ class Window:
                     scalars: StepGlobals) -> tuple[tf.Tensor, tf.Tensor]:
         """The window accumulators ``(var_acc, global_acc)`` with one more step folded in
         (pure). The window's first step is its sampled step (max, mean, zero fraction)."""
-        f64 = tf.float64
-        acc = WINDOW_COLUMNS.unpack(acc)
         old_globals = WINDOW_GLOBALS.unpack(old)
-        sampled = tf.equal(old_globals["steps"], 0.0)
+        first_event = tf.cast(scalars.nonfinite_step, tf.bool) & (old_globals["first_nonfinite_step"] < 0.0)
+        new_var = self._fold_columns(WINDOW_COLUMNS.unpack(acc), values,
+                                     tf.equal(old_globals["steps"], 0.0), first_event)
+        return new_var, self._fold_globals(old, old_globals, scalars, first_event)
+
+    @staticmethod
+    def _fold_columns(acc: dict[str, tf.Tensor], values: StepValues, sampled: tf.Tensor,
+                      first_event: tf.Tensor) -> tf.Tensor:
+        """Returns the per-column accumulators with one step folded in."""
+        f64 = tf.float64
         has = values.present
         present = tf.cast(has, f64)
         l2 = tf.cast(values.l2, f64)
         sample_now = has & sampled
         clip_scale = tf.cast(values.clip_scale, f64)
-        no_event_yet = old_globals["first_nonfinite_step"] < 0.0
-        first_event = tf.cast(scalars.nonfinite_step, tf.bool) & no_event_yet
-        new_var = WINDOW_COLUMNS.pack({
+        return WINDOW_COLUMNS.pack({
             "l2_last": tf.where(has, l2, acc["l2_last"]),
             "l2_max": tf.where(has, tf.maximum(acc["l2_max"], l2), acc["l2_max"]),
             "l2_min": tf.where(has, tf.minimum(acc["l2_min"], l2), acc["l2_min"]),
@@ -144,6 +149,12 @@ class Window:
                                            acc["nonfinite_at_first"]),
         })
 
+    @staticmethod
+    def _fold_globals(old: tf.Tensor, old_globals: dict[str, tf.Tensor], scalars: StepGlobals,
+                      first_event: tf.Tensor) -> tf.Tensor:
+        """Returns the global accumulators with one step folded in."""
+        f64 = tf.float64
+        no_event_yet = old_globals["first_nonfinite_step"] < 0.0
         step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
         nonfinite = tf.cast(scalars.nonfinite_step, f64)
@@ -173,7 +184,7 @@ class Window:
             "loss_nonfinite_at_first": tf.where(first_event, tf.cast(scalars.loss_state, f64),
                                                 old_globals["loss_nonfinite_at_first"]),
         })
-        new = tf.where(
+        return tf.where(
             _mask(_G_SUM),
             old + candidate,
             tf.where(
@@ -182,7 +193,6 @@ class Window:
                 tf.where(_mask(_G_MIN), tf.minimum(old, candidate), candidate),
             ),
         )
-        return new_var, new
 
     def fetch(self) -> tf.Tensor:
         """In-graph, for the recorder's single read: the flat accumulators, then reset."""
