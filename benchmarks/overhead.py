@@ -41,12 +41,12 @@ import tensorflow as tf  # noqa: E402
 from long_run import rss_mib  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
-from gradwatch import monitor as monitor_lib  # noqa: E402
+from gradwatch._internal_options import InternalOptions  # noqa: E402
 
 # Each timed fit is a short stand-in for a long training run, whose steady state is
-# what the table reports: a fit of fewer than LEAN_MIN_STEPS planned steps would not
+# what the table reports: a fit of fewer than lean_min_steps planned steps would not
 # trace the lean step (its start-up cost is refit_memory.py's subject, not this table's).
-monitor_lib.LEAN_MIN_STEPS = 0
+LONG_RUN = InternalOptions(lean_min_steps=0)
 
 logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the nets raise alerts: keep the table readable
 
@@ -156,16 +156,19 @@ def configurations(log_root, sample):
         return []
 
     def gradwatch_default():
-        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), internal=LONG_RUN)]
 
     def gradwatch_clip():
-        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), clip=gw.clip.GlobalNorm(1.0))]
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), clip=gw.clip.GlobalNorm(1.0),
+                                   internal=LONG_RUN)]
 
     def gradwatch_hist_every_step():
-        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), histogram_every=1)]
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), histogram_every=1,
+                                   internal=LONG_RUN)]
 
     def gradwatch_activations():
-        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), activation_probe=True)]
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), activation_probe=True,
+                                   internal=LONG_RUN)]
 
     def naive_recompute():
         return [NaiveRecompute(*sample)]

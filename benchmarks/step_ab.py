@@ -36,6 +36,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import statistics
@@ -49,8 +50,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from overhead import MODELS, configurations  # noqa: E402
-
-import gradwatch as gw  # noqa: E402
 
 CONTROL = "plain:control"
 
@@ -78,6 +77,8 @@ def main():
     parser.add_argument("--jit", action="store_true", help="jit_compile=True")
     parser.add_argument("--control", action="store_true",
                         help="also run a second plain model: the instrument's floor")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run gradwatch's defaults as of git revision REV ('baseline')")
     args = parser.parse_args()
     batch_size = 128
     _, shape, classes = MODELS[args.model]()
@@ -87,7 +88,9 @@ def main():
     log_root = tempfile.mkdtemp(prefix="gradwatch-ab-")
     available = configurations(log_root, (x[:batch_size], y[:batch_size]))
     available[CONTROL] = available["plain"]
-    names = ["plain"] + ([CONTROL] if args.control else []) + [
+    if args.baseline:
+        available["baseline"] = baseline_configuration(args.baseline, log_root)
+    names = ["plain"] + ([CONTROL] if args.control else []) + (["baseline"] if args.baseline else []) + [
         c for c in args.configs.split(",") if c not in ("plain", CONTROL)]
     unknown = set(names) - set(available)
     if unknown:
@@ -103,7 +106,7 @@ def main():
         model.make_train_function()
         callbacks.on_train_begin()
         iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat())
-        monitor = next((c for c in callbacks.callbacks if isinstance(c, gw.GradientMonitor)), None)
+        monitor = next((c for c in callbacks.callbacks if type(c).__name__ == "GradientMonitor"), None)
         runs.append(Run(name, model, callbacks, iterator, monitor, [], [], []))
 
     def step(run, index):
@@ -145,6 +148,17 @@ def main():
                 print(f"      {kind:24s} {len(chosen) / len(times):4.0%} of steps   "
                       f"median ratio {statistics.median(t for t, _ in chosen) / base_median:.3f}   "
                       f"paired {statistics.median(t / b for t, b in chosen):.3f}")
+
+
+def baseline_configuration(revision: str, log_root: str):
+    """The default GradientMonitor of an earlier revision (see baseline.py)."""
+    import baseline
+
+    base = baseline.load(revision)
+    monitor_module = importlib.import_module("gradwatch_base.monitor")
+    if hasattr(monitor_module, "LEAN_MIN_STEPS"):
+        monitor_module.LEAN_MIN_STEPS = 0  # as overhead.py does for the current code
+    return lambda: [base.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
 
 
 def step_kind(monitor) -> str | None:

@@ -1,0 +1,50 @@
+"""An earlier revision of gradwatch, importable beside the current one as ``gradwatch_base``.
+
+Used by ``step_ab.py --baseline REV`` to time a change before against after in one
+process, step by step (the machine's drift then hits both alike).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from types import ModuleType
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(revision: str) -> ModuleType:
+    """Returns the package ``gradwatch`` of git ``revision``, imported as ``gradwatch_base``.
+
+    Args:
+        revision: a git revision of this repository (a commit, ``HEAD~3``, a tag).
+
+    Returns:
+        The imported ``gradwatch_base`` package (its own TensorFlow variables and files).
+    """
+    target = tempfile.mkdtemp(prefix="gradwatch-baseline-")
+    archive = subprocess.run(["git", "-C", _ROOT, "archive", "--format=tar", revision, "gradwatch"],
+                             check=True, capture_output=True).stdout
+    archive_path = os.path.join(target, "src.tar")
+    with open(archive_path, "wb") as f:
+        f.write(archive)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(target, filter="data")
+    package = os.path.join(target, "gradwatch_base")
+    os.rename(os.path.join(target, "gradwatch"), package)
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+                text = re.sub(r"\bgradwatch(\.|\s+import\b)", r"gradwatch_base\1", text)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text)
+    sys.path.insert(0, target)
+    return importlib.import_module("gradwatch_base")
