@@ -158,7 +158,7 @@ def _write_run(log_dir: str, layers: list[str], windows: int = 6, alert_layer: s
             row.update(step=step, steps=10, layer=name, variable="*", l2=norm, l2_max=norm, l2_min=norm,
                        l2_mean=norm, nonfinite=0, grad_steps=10, dead_frac=0.1 * (i % 3))
             rows.append(row)
-        sink.write(window, [dict(r, variable=f"{r['layer']}/kernel") for r in rows], rows, step - 9)
+        sink.write_rows(window, [dict(r, variable=f"{r['layer']}/kernel") for r in rows], rows, step - 9)
     if alert_layer is not None:
         alert = dict(zip(ALERT_COLUMNS, [20, alert_layer, "*", "vanishing_gradient", "warning", 1e-9, 1e-8,
                                          f"Layer {alert_layer!r}: tiny", "Use ReLU <b>now</b>"]))

@@ -54,8 +54,10 @@ class Interpreter:
             columns, fetched.globals, self._topology, clipping=self._clipping)
         if not math.isfinite(window_row["loss"]) and fallback_loss is not None:
             window_row["loss"] = float(fallback_loss)
-        alerts = self._nonfinite(window_row, columns) + self._no_gradient(window_row, stats_rows)
-        alerts += detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows)
+        # detect() first: it advances the detectors' window and step, which the
+        # non-finite alert's life cycle dates its rows by
+        detected = detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows)
+        alerts = self._nonfinite(window_row, columns) + self._no_gradient(window_row, stats_rows) + detected
         histograms = (decode_histograms(self._topology, fetched.histograms, self._signed)
                       if fetched.histograms is not None else [])
         return WindowResult(window_row, stats_rows, layer_rows, alerts, histograms,
