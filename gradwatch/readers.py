@@ -17,15 +17,14 @@ import json
 import logging
 import os
 import re
-import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import pandas as pd
 
 from gradwatch import tb_format
+from gradwatch._records import iter_records
 from gradwatch.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
@@ -116,47 +115,6 @@ def _created(path: str) -> tuple[float, str]:
             break
     match = _EVENT_NAME.search(name)
     return float(match.group(1)) if match else 0.0, name
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``, the checksum of TFRecord framing (google-crc32c's C code)."""
-    return google_crc32c.value(data)
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C TFRecord files store."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def iter_records(path: str) -> Iterator[bytes]:
-    """The records of one TFRecord file, streamed.
-
-    Framing: 8-byte little-endian length, 4-byte masked CRC-32C of the length,
-    the data, 4-byte masked CRC of the data.  Reading stops quietly at a torn
-    tail (a writer killed mid-record) and with a warning at a corrupt length
-    header.  The data CRC is not checked (the protobuf parse rejects garbage).
-    """
-    with open(path, "rb", buffering=1 << 20) as f:
-        while True:
-            offset = f.tell()
-            header = f.read(12)
-            if len(header) < 12:
-                if header:
-                    logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-                logger.warning(
-                    "gradwatch: %s has a corrupt record header at byte %d; the rest of the file is skipped.",
-                    path, offset,
-                )
-                return
-            data = f.read(length + 4)
-            if len(data) < length + 4:
-                logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
-                return
-            yield data[:length]
 
 
 _MARKS = (tb_format.WINDOW_TAG.encode(), tb_format.RUN_TAG.encode())
