@@ -62,6 +62,9 @@ STATS_COLUMNS: tuple[str, ...] = (
     #                    consecutive steps that are not dead ReLUs; NaN where units are not defined
 )
 
+#: The columns of the row tables that hold text (names, kinds, messages); every other column is a number.
+TEXT_COLUMNS: frozenset[str] = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
+
 #: One row per alert.
 ALERT_COLUMNS: tuple[str, ...] = (
     "step",
