@@ -35,14 +35,11 @@ from gradwatch.schema import (
     TEXT_COLUMNS,
     WINDOW_COLUMNS,
     WINDOWS_FILE,
+    GradwatchDataError,
+    check_schema_version,
 )
 
 logger = logging.getLogger("gradwatch")
-
-
-class GradwatchDataError(ValueError):
-    """A log directory holds no gradwatch data, or data that cannot be read."""
-
 
 LEVELS = ("variable", "layer")
 SOURCES = ("auto", "csv", "events")
@@ -325,9 +322,12 @@ def _load_events(log_dir: str, table: str | None) -> _EventTable:
         for tag, _, payload in _gradwatch_values(path):
             if tag == tb_format.RUN_TAG:
                 try:
-                    loaded.run_info = tb_format.decode_run(payload)
+                    run_info = tb_format.decode_run(payload)
                 except ValueError as error:
                     logger.warning("gradwatch: skipped an unreadable run summary in %s (%s).", path, error)
+                    continue
+                check_schema_version(run_info, f"the '{tb_format.RUN_TAG}' summary of {path}")
+                loaded.run_info = run_info
             elif table is not None:
                 loaded.add(payload, path)
     return loaded
@@ -477,6 +477,7 @@ def read_windows(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Da
         path = os.path.join(run_dir, WINDOWS_FILE)
         if not os.path.exists(path):
             raise GradwatchDataError(f"No gradwatch windows in {run_dir!r}: {WINDOWS_FILE} is missing.")
+        _run_json(run_dir)  # refuses a run written by a newer gradwatch
         return _read_csv(path, WINDOW_COLUMNS, keys=["step"])
 
     return _per_run(log_dir, source, read_one)
@@ -487,6 +488,7 @@ def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Dat
 
     def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
         if csv:
+            _run_json(run_dir)  # refuses a run written by a newer gradwatch
             path = os.path.join(run_dir, ALERTS_FILE)
             if not os.path.exists(path):
                 if os.path.exists(os.path.join(run_dir, STATS_FILE)):
@@ -526,14 +528,17 @@ def read_run(log_dir: str | os.PathLike[str], source: str = "auto") -> dict[str,
 
 
 def _run_json(run_dir: str) -> dict[str, Any] | None:
+    """The run's ``run.json`` (None without one), its schema version checked."""
     path = os.path.join(run_dir, RUN_FILE)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            info = json.load(f)
     except FileNotFoundError:
         return None
     except ValueError as error:
         raise GradwatchDataError(f"{path} is not valid JSON ({error}); restore or delete it.") from error
+    check_schema_version(info, path)
+    return info
 
 
 def _model_order(run_info: dict[str, Any] | None, level: str) -> list[str]:

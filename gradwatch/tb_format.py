@@ -20,7 +20,8 @@ compact (no spaces), its top-level keys in this order (:data:`PAYLOAD_KEYS`)::
 Non-finite floats are encoded as strings ("nan", "inf", "-inf") because JSON
 has no spelling for them; :func:`decode_window` turns them back into floats.
 The run's ``run.json`` content is written once, at step 0, under
-:data:`RUN_TAG` with the same plugin name (a JSON object).
+:data:`RUN_TAG` with the same plugin name (a JSON object, with its
+``schema_version``: see :mod:`gradwatch.schema`).
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import readers
-from gradwatch.readers import GradwatchDataError
-from gradwatch.schema import ALERT_KINDS, LAYERS_FILE, WINDOWS_FILE
+from gradwatch.schema import ALERT_KINDS, LAYERS_FILE, WINDOWS_FILE, GradwatchDataError, SchemaVersionError
 
 #: The layer-statistics columns the report and the verdicts use (the rest of layers.csv is dropped).
 LAYER_VALUE_COLUMNS: tuple[str, ...] = (
@@ -187,8 +186,10 @@ def load_run(
     tell(f"{name}: run.json")
     try:
         meta = readers.read_run(path, source=source)
+    except SchemaVersionError:
+        raise  # written by a newer gradwatch: nothing of it is read
     except GradwatchDataError:
-        meta = {}
+        meta = {}  # no run.json: the layers are ordered as the rows come
     tell(f"{name}: layer statistics")
     raw = readers.read_stats(path, level="layer", source=source)
     where = os.path.join(path, LAYERS_FILE)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _plugin import plugin_over
 
 from gradwatch import tb_format
 from gradwatch.schema import SEVERITIES
@@ -272,32 +273,18 @@ def test_plugin_module_imports_no_tensorflow():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def _local_plugin(logdir: str) -> tuple[Any, Any]:
-    """The plugin on TensorBoard's real python data provider over ``logdir``, and its multiplexer."""
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-    from tensorboard.plugins import base_plugin
-
-    from gradwatch.tb_plugin.plugin import GradientFlowPlugin
-
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(logdir)
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
-    return GradientFlowPlugin(base_plugin.TBContext(data_provider=provider, logdir=logdir)), multiplexer
-
-
 @pytest.fixture
 def local_plugin(tmp_path):
     """The plugin over an empty log dir, with a werkzeug test client per route."""
     from werkzeug.test import Client
 
-    plugin, _ = _local_plugin(str(tmp_path))
+    plugin, _ = plugin_over(str(tmp_path))
     return plugin, {route: Client(app) for route, app in plugin.get_plugin_apps().items()}
 
 
 def test_is_active_only_with_gradwatch_data(tmp_path):
     write_other(str(tmp_path / "other"))
-    plugin, multiplexer = _local_plugin(str(tmp_path))
+    plugin, multiplexer = plugin_over(str(tmp_path))
     assert plugin.is_active() is False  # a run, but no gradwatch summaries
     write_gapped(str(tmp_path / "gapped"))
     multiplexer.AddRunsFromDirectory(str(tmp_path))

@@ -67,6 +67,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 
 from gradwatch import tb_format
 from gradwatch._records import write_record
+from gradwatch.schema import with_schema_version
 
 logger = logging.getLogger("gradwatch")
 
@@ -305,7 +306,7 @@ class TensorBoardSink:
 
     def __init__(self, log_dir: str, run_info: dict[str, Any], layers: list[str]):
         self.log_dir = log_dir
-        self.run_info = dict(run_info)
+        self.run_info = with_schema_version(run_info)
         self.layers = list(layers)
         self._writer: EventFile | None = None
         self._tagged: set[str] = set()  # tags whose metadata this file already holds

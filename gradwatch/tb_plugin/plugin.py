@@ -27,7 +27,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from gradwatch import tb_format
-from gradwatch.schema import ALERT_COLUMNS, SEVERITIES, TEXT_COLUMNS
+from gradwatch.schema import ALERT_COLUMNS, SEVERITIES, TEXT_COLUMNS, GradwatchDataError, check_schema_version
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_MAX_COLS = 1000
@@ -183,7 +183,11 @@ def build_run(
     ``parsed`` maps ``(summary step, hash of payload)`` to an earlier parse: while a run
     grows, only its new windows are parsed.  It is updated in place to hold exactly
     this run's windows.
+
+    Raises:
+        SchemaVersionError: ``run_info`` says the run was written by a newer gradwatch.
     """
+    check_schema_version(run_info, f"its '{tb_format.RUN_TAG}' summary")
     layers = _layer_names(run_info)
     index = {name: i for i, name in enumerate(layers)}
     windows: dict[int, tuple[int, Cells]] = {}
@@ -394,12 +398,17 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
         ]
         return self._json(request, {"runs": runs, "advice": SAMPLES_ADVICE})
 
-    def _request_run(self, request: wrappers.Request) -> tuple[RunData | None, str, wrappers.Response | None]:
+    def _request_run(
+        self, request: wrappers.Request
+    ) -> tuple[RunData | None, str, wrappers.Response | None]:
         run = request.args.get("run")
         if run is None:
             return None, "", self._json(request, {"error": "missing query parameter 'run'"}, 400)
         ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
-        data = self._run_data(ctx, eid, run)
+        try:
+            data = self._run_data(ctx, eid, run)
+        except GradwatchDataError as error:  # a run written by a newer gradwatch
+            return None, run, self._json(request, {"error": f"run {run!r}: {error}"}, 422)
         if data is None:
             error = f"run {run!r} has no gradwatch data; /runs lists the runs that have some"
             return None, run, self._json(request, {"error": error}, 404)
