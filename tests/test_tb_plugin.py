@@ -370,11 +370,11 @@ def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
 
 
 def test_gaps_count_dropped_windows_not_overlaps():
-    from gradwatch.tb_plugin.plugin import RunData
+    from gradwatch.tb_plugin.plugin import RunHeatmap
 
     def gaps(first_steps: list[int], steps: list[int]) -> dict[str, int]:
         n = len(steps)
-        return RunData(["a"], np.array(steps), np.array(first_steps), np.zeros((1, n)),
+        return RunHeatmap(["a"], np.array(steps), np.array(first_steps), np.zeros((1, n)),
                        np.zeros((1, n), dtype=bool)).gaps()
 
     assert gaps([1, 11, 21], [10, 20, 30]) == {"gaps": 0, "missing_steps": 0, "leading_missing_steps": 0}
@@ -385,7 +385,7 @@ def test_gaps_count_dropped_windows_not_overlaps():
 
 
 def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
-    from gradwatch.tb_plugin.plugin import RunData, bucket_of, downsample_columns, flow_json
+    from gradwatch.tb_plugin.plugin import RunHeatmap, bucket_of, downsample_columns, flow_json
 
     rows, width, max_cols = 200, 10_000, 1000
     rng = np.random.default_rng(3)
@@ -411,7 +411,7 @@ def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
 
     steps = np.arange(1, width + 1, dtype=np.int64)
     alerts = [{"step": 8765, "layer": "l9", "layer_index": 9, "kind": "dead_relu", "severity": "warning"}]
-    data = RunData([f"l{i}" for i in range(rows)], steps, steps.copy(), values,
+    data = RunHeatmap([f"l{i}" for i in range(rows)], steps, steps.copy(), values,
                    np.zeros((rows, width), dtype=bool), alerts)
     start = time.perf_counter()
     body = json.dumps(flow_json("r", data, max_cols), separators=(",", ":"), allow_nan=False)

@@ -55,8 +55,8 @@ def _finite_or_none(value: Any) -> Any:
 
 
 @dataclass
-class RunData:
-    """One run's decoded windows, in step order (one column per window)."""
+class RunHeatmap:
+    """One run's windows as the tab draws them: a layers x windows grid in step order, and the alerts."""
 
     layers: list[str]
     steps: np.ndarray  # int64 [W], each window's last step
@@ -177,7 +177,7 @@ def build_run(
     run_info: Mapping[str, Any] | None,
     payloads: Sequence[tuple[int, bytes]],
     parsed: dict[tuple[int, int], Parsed | None] | None = None,
-) -> RunData:
+) -> RunHeatmap:
     """Decodes a run's window payloads ``[(summary step, bytes)]``; unreadable ones are skipped, counted.
 
     ``parsed`` maps ``(summary step, hash of payload)`` to an earlier parse: while a run
@@ -227,10 +227,10 @@ def build_run(
         for alert in alerts
     ]
     alerts.sort(key=lambda a: a.get("step", 0))
-    return RunData(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
 
 
-def flow_json(run: str, data: RunData, max_cols: int) -> dict[str, Any]:
+def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
     """The ``/flow`` response: a compact, at most ``max_cols`` wide heatmap of ``data``."""
     reduced, edges = downsample_columns(data.log_l2, max_cols)
     width = len(data.steps)
@@ -283,7 +283,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
     def __init__(self, context: base_plugin.TBContext):
         self._provider = context.data_provider
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunData]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunHeatmap]] = OrderedDict()
         self._parsed: dict[str, dict[tuple[int, int], Parsed | None]] = {}
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
@@ -314,7 +314,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
             if tb_format.WINDOW_TAG in tags or tb_format.RUN_TAG in tags
         }
 
-    def _run_data(self, ctx: RequestContext, experiment_id: str, run: str) -> RunData | None:
+    def _run_data(self, ctx: RequestContext, experiment_id: str, run: str) -> RunHeatmap | None:
         tags = self._list(ctx, experiment_id).get(run)
         if tags is None:
             return None
@@ -400,7 +400,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
 
     def _request_run(
         self, request: wrappers.Request
-    ) -> tuple[RunData | None, str, wrappers.Response | None]:
+    ) -> tuple[RunHeatmap | None, str, wrappers.Response | None]:
         run = request.args.get("run")
         if run is None:
             return None, "", self._json(request, {"error": "missing query parameter 'run'"}, 400)
