@@ -17,15 +17,14 @@ import json
 import logging
 import os
 import re
-import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import pandas as pd
 
 from gradwatch import tb_format
+from gradwatch._records import iter_records
 from gradwatch.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
@@ -33,16 +32,14 @@ from gradwatch.schema import (
     RUN_FILE,
     STATS_COLUMNS,
     STATS_FILE,
+    TEXT_COLUMNS,
     WINDOW_COLUMNS,
     WINDOWS_FILE,
+    GradwatchDataError,
+    check_schema_version,
 )
 
 logger = logging.getLogger("gradwatch")
-
-
-class GradwatchDataError(ValueError):
-    """A log directory holds no gradwatch data, or data that cannot be read."""
-
 
 LEVELS = ("variable", "layer")
 SOURCES = ("auto", "csv", "events")
@@ -118,47 +115,6 @@ def _created(path: str) -> tuple[float, str]:
     return float(match.group(1)) if match else 0.0, name
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of ``data``, the checksum of TFRecord framing (google-crc32c's C code)."""
-    return google_crc32c.value(data)
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C TFRecord files store."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def iter_records(path: str) -> Iterator[bytes]:
-    """The records of one TFRecord file, streamed.
-
-    Framing: 8-byte little-endian length, 4-byte masked CRC-32C of the length,
-    the data, 4-byte masked CRC of the data.  Reading stops quietly at a torn
-    tail (a writer killed mid-record) and with a warning at a corrupt length
-    header.  The data CRC is not checked (the protobuf parse rejects garbage).
-    """
-    with open(path, "rb", buffering=1 << 20) as f:
-        while True:
-            offset = f.tell()
-            header = f.read(12)
-            if len(header) < 12:
-                if header:
-                    logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-                logger.warning(
-                    "gradwatch: %s has a corrupt record header at byte %d; the rest of the file is skipped.",
-                    path, offset,
-                )
-                return
-            data = f.read(length + 4)
-            if len(data) < length + 4:
-                logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
-                return
-            yield data[:length]
-
-
 _MARKS = (tb_format.WINDOW_TAG.encode(), tb_format.RUN_TAG.encode())
 
 
@@ -187,8 +143,7 @@ def _has_gradwatch_events(log_dir: str) -> bool:
     return False
 
 
-_TEXT_COLUMNS = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
-_TABLES = {"window": WINDOW_COLUMNS, "stats": STATS_COLUMNS, "layers": STATS_COLUMNS, "alerts": ALERT_COLUMNS}
+_TABLES = {"window": WINDOW_COLUMNS, **tb_format.TABLE_COLUMNS}
 _CHUNK_ROWS = 1 << 16
 
 
@@ -202,7 +157,7 @@ class _Column:
 
     def __init__(self, name: str):
         self.name = name
-        self.text = name in _TEXT_COLUMNS
+        self.text = name in TEXT_COLUMNS
         self.parts: list[np.ndarray] = []  # float64 / int64 values, or text codes into self.words
         self.words: dict[str, int] = {}
 
@@ -243,9 +198,10 @@ class _Column:
 class _EventTable:
     """One table of a run's window summaries, streamed into typed column chunks, resumes resolved.
 
-    The bulk tables (stats, layers) take a fast path: their rows' JSON text becomes CSV lines
-    parsed by pandas' C parser; a window whose rows hold JSON escapes, or a chunk whose parse does
-    not give the expected rows, goes through ``json`` instead.
+    The bulk tables (stats, layers) take a fast path: their rows' JSON text
+    (``tb_format.WindowPayload.table_rows_text``) becomes CSV lines parsed by pandas' C parser;
+    a window whose rows hold JSON escapes, or a chunk whose parse does not give the expected
+    rows, goes through ``json`` instead.
     """
 
     def __init__(self, table: str):
@@ -260,19 +216,14 @@ class _EventTable:
         self.pending = 0
         self.windows: list[tuple[int, int]] = []  # (step, first_step) by seq
         self.run_info: dict[str, Any] | None = None
-        self._key = f'"{table}":{{"columns":'.encode()
-        self._columns_json = json.dumps(list(self.columns), separators=(",", ":")).encode()
-        self._next_key = {"stats": b',"layers":{"columns":', "layers": b',"alerts":{"columns":'}.get(table)
+        self._bulk = table in ("stats", "layers")
 
     def add(self, payload: bytes, where: str) -> None:
         try:
-            step, first_step, rows, lines = self._fast(payload)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            try:
-                step, first_step, rows, lines = self._slow(payload)
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                logger.warning("gradwatch: skipped an unreadable window summary in %s (%s).", where, error)
-                return
+            step, first_step, rows, lines = self._decode(payload)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+            logger.warning("gradwatch: skipped an unreadable window summary in %s (%s).", where, error)
+            return
         seq = len(self.windows)
         self.windows.append((step, first_step))
         if lines is not None:
@@ -287,42 +238,19 @@ class _EventTable:
         if self.pending >= _CHUNK_ROWS:
             self._flush()
 
-    def _fast(self, payload: bytes) -> tuple[int, int, list[list[Any]], bytes | None]:
-        """Slices the payload as ``tb_format.encode_window`` lays it out; ValueError if it is not."""
-        head = json.loads(payload[: payload.index(b',"stats":')] + b"}")
-        if head.get("v") != tb_format.FORMAT_VERSION:
-            raise ValueError("another format version")
-        window = head["window"]
-        first_step = int(payload[payload.rindex(b'"first_step":') + 13 : -1])
-        step = int(window["step"])
+    def _decode(self, payload: bytes) -> tuple[int, int, list[list[Any]], bytes | None]:
+        """(step, first_step, rows, None), or for a bulk table whose text can go to pandas as it
+        is, (step, first_step, [], the rows' JSON text)."""
+        decoded = tb_format.WindowPayload(payload)
+        window = decoded.window
+        step, first_step = int(window["step"]), decoded.first_step
         if self.table == "window":
             return step, first_step, [[window.get(c) for c in self.columns]], None
-        if self._next_key is None:
-            raise ValueError("no fast path for this table")
-        start = payload.index(self._key) + len(self._key)
-        rows_at = start + len(self._columns_json) + len(b',"rows":')
-        end = payload.index(self._next_key, start)
-        rows = payload[rows_at:end]
-        if payload[start:rows_at] != self._columns_json + b',"rows":' or b"\\" in rows:
-            raise ValueError("other columns, or escaped text")
-        if rows == b"[]}":
-            return step, first_step, [], b""
-        if not (rows.startswith(b"[[") and rows.endswith(b"]]}")):
-            raise ValueError("unexpected layout")
-        return step, first_step, [], rows[2:-3]
-
-    def _slow(self, payload: bytes) -> tuple[int, int, list[list[Any]], None]:
-        data = json.loads(payload)
-        if not isinstance(data, dict) or data.get("v") != tb_format.FORMAT_VERSION:
-            raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}")
-        step, first_step = int(data["window"]["step"]), int(data["first_step"])
-        if self.table == "window":
-            return step, first_step, [[data["window"].get(c) for c in self.columns]], None
-        table = data[self.table]
-        index = {c: i for i, c in enumerate(table["columns"])}
-        picks = [index.get(c) for c in self.columns]
-        rows = [[row[i] if i is not None else None for i in picks] for row in table["rows"]]
-        return step, first_step, rows, None
+        if self._bulk:
+            lines = decoded.table_rows_text(self.table, self.columns)
+            if lines is not None:
+                return step, first_step, [], lines
+        return step, first_step, decoded.table(self.table, self.columns)[1], None
 
     def _flush(self) -> None:
         if self.lines:
@@ -341,19 +269,19 @@ class _EventTable:
         text = b"\n".join(line.replace(b"],[", b"\n") for line in self.lines if line)
         frame = None
         if text:
-            numeric = [c for c in self.columns if c not in _TEXT_COLUMNS]
+            numeric = [c for c in self.columns if c not in TEXT_COLUMNS]
             try:
                 frame = pd.read_csv(
                     io.BytesIO(text), header=None, names=list(self.columns), keep_default_na=False,
                     na_values={c: ["null", "nan"] for c in numeric},
-                    dtype={c: str for c in self.columns if c in _TEXT_COLUMNS},
+                    dtype={c: str for c in self.columns if c in TEXT_COLUMNS},
                 )
             except (pd.errors.ParserError, ValueError):
                 frame = None
             if frame is not None and (
                 len(frame) != expected
                 or any(frame[c].dtype not in (np.int64, np.float64) for c in numeric)
-                or any((frame[c] == "null").any() for c in self.columns if c in _TEXT_COLUMNS)
+                or any((frame[c] == "null").any() for c in self.columns if c in TEXT_COLUMNS)
             ):
                 frame = None  # a name held "],[", or a null text: decode these windows with json
         if frame is None and text:
@@ -394,9 +322,12 @@ def _load_events(log_dir: str, table: str | None) -> _EventTable:
         for tag, _, payload in _gradwatch_values(path):
             if tag == tb_format.RUN_TAG:
                 try:
-                    loaded.run_info = tb_format.decode_run(payload)
+                    run_info = tb_format.decode_run(payload)
                 except ValueError as error:
                     logger.warning("gradwatch: skipped an unreadable run summary in %s (%s).", path, error)
+                    continue
+                check_schema_version(run_info, f"the '{tb_format.RUN_TAG}' summary of {path}")
+                loaded.run_info = run_info
             elif table is not None:
                 loaded.add(payload, path)
     return loaded
@@ -546,6 +477,7 @@ def read_windows(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Da
         path = os.path.join(run_dir, WINDOWS_FILE)
         if not os.path.exists(path):
             raise GradwatchDataError(f"No gradwatch windows in {run_dir!r}: {WINDOWS_FILE} is missing.")
+        _run_json(run_dir)  # refuses a run written by a newer gradwatch
         return _read_csv(path, WINDOW_COLUMNS, keys=["step"])
 
     return _per_run(log_dir, source, read_one)
@@ -556,6 +488,7 @@ def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Dat
 
     def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
         if csv:
+            _run_json(run_dir)  # refuses a run written by a newer gradwatch
             path = os.path.join(run_dir, ALERTS_FILE)
             if not os.path.exists(path):
                 if os.path.exists(os.path.join(run_dir, STATS_FILE)):
@@ -564,7 +497,7 @@ def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Dat
             frame = _read_csv(path, ALERT_COLUMNS, keys=[])
         else:
             frame = _load_events(run_dir, "alerts").frame()
-        text_columns = ["layer", "variable", "kind", "severity", "message", "hint"]
+        text_columns = [c for c in ALERT_COLUMNS if c in TEXT_COLUMNS]
         frame[text_columns] = frame[text_columns].astype(object).fillna("").astype(str)
         return frame[list(ALERT_COLUMNS)]
 
@@ -595,14 +528,17 @@ def read_run(log_dir: str | os.PathLike[str], source: str = "auto") -> dict[str,
 
 
 def _run_json(run_dir: str) -> dict[str, Any] | None:
+    """The run's ``run.json`` (None without one), its schema version checked."""
     path = os.path.join(run_dir, RUN_FILE)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            info = json.load(f)
     except FileNotFoundError:
         return None
     except ValueError as error:
         raise GradwatchDataError(f"{path} is not valid JSON ({error}); restore or delete it.") from error
+    check_schema_version(info, path)
+    return info
 
 
 def _model_order(run_info: dict[str, Any] | None, level: str) -> list[str]:

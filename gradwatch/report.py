@@ -24,7 +24,7 @@ import pandas as pd
 from gradwatch import __version__
 from gradwatch.schema import ALERT_KINDS, LAYERS_FILE
 from gradwatch.verdicts import (
-    RunData,
+    RunFrames,
     RunVerdicts,
     compute_verdicts,
     discover_runs,
@@ -146,7 +146,7 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _layer_matrix(run: RunData, column: str, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _layer_matrix(run: RunFrames, column: str, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``column`` of the layer rows as a (layers x windows) float32 matrix (NaN where missing)."""
     frame = run.layers
     steps = np.unique(frame["step"].to_numpy())
@@ -240,7 +240,7 @@ def _layer_lines(
     return FigureOut(key, title, _png(figure), note)
 
 
-def _clip_fraction(run: RunData) -> FigureOut:
+def _clip_fraction(run: RunFrames) -> FigureOut:
     title = "Clip fraction: share of each window's steps on which clipping changed the gradient"
     values = run.windows["clip_fraction"].to_numpy()
     if not np.isfinite(values).any():
@@ -255,7 +255,7 @@ def _clip_fraction(run: RunData) -> FigureOut:
     return FigureOut("clip_fraction", title, _png(figure))
 
 
-def _timeline(run: RunData) -> FigureOut:
+def _timeline(run: RunFrames) -> FigureOut:
     title = "Alert timeline on the training loss"
     loss = run.windows["loss"].to_numpy()
     has_loss = bool(np.isfinite(loss).any())
@@ -398,7 +398,7 @@ def _alert_table(alerts: pd.DataFrame) -> tuple[list[str], list[list[str]], str]
     return columns, rows, note
 
 
-def _run_facts(run: RunData) -> str:
+def _run_facts(run: RunFrames) -> str:
     meta = run.meta
     parts = []
     if meta.get("model_name"):

@@ -1,14 +1,77 @@
-"""The one row schema every sink and reader derives from.
+"""The one row schema every sink and reader derives from, and the version of the files.
 
 Column order is part of the public contract (see DESIGN.md section 1): new
 columns are only ever appended at the end.  This module imports nothing heavy
 so that readers, the CLI and the TensorBoard plugin can use it without
 TensorFlow.
+
+A run's ``run.json`` (and the run summary of its TensorBoard events) says which
+version of the files wrote it, under :data:`SCHEMA_VERSION_KEY`:
+
+* 1: ``run.json`` without the key (gradwatch 0.1.0; ``tests/data/run_v1`` is one).
+* 2: the same files; ``run.json`` carries ``"schema_version": 2``.
+
+Every reader checks it with :func:`check_schema_version`: each version up to
+:data:`SCHEMA_VERSION` is read, a newer one is refused.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+from collections.abc import Mapping
+from typing import Any
+
+#: The version of the files this gradwatch writes (see the module docstring for the history).
+SCHEMA_VERSION = 2
+#: The ``run.json`` key that holds it; a run.json without it is version 1.
+SCHEMA_VERSION_KEY = "schema_version"
+
+
+class GradwatchDataError(ValueError):
+    """A log directory holds no gradwatch data, or data that cannot be read."""
+
+
+class SchemaVersionError(GradwatchDataError):
+    """A run was written by a newer gradwatch (or says it was, with a version that is not one)."""
+
+
+def with_schema_version(run_info: Mapping[str, Any]) -> dict[str, Any]:
+    """``run_info`` stamped with this gradwatch's :data:`SCHEMA_VERSION` (first key), as sinks write it."""
+    rest = {key: value for key, value in run_info.items() if key != SCHEMA_VERSION_KEY}
+    return {SCHEMA_VERSION_KEY: SCHEMA_VERSION, **rest}
+
+
+def check_schema_version(run_info: Mapping[str, Any] | None, where: str) -> int:
+    """The schema version of a run's metadata (``run.json`` content), checked.
+
+    Args:
+        run_info: the run's metadata; None (no ``run.json``) or a mapping without
+            :data:`SCHEMA_VERSION_KEY` is version 1.
+        where: what the metadata was read from, for the error message.
+
+    Returns:
+        The version, from 1 to :data:`SCHEMA_VERSION`.
+
+    Raises:
+        SchemaVersionError: the version is newer than :data:`SCHEMA_VERSION`, or not
+            an integer >= 1.
+    """
+    if not isinstance(run_info, Mapping) or SCHEMA_VERSION_KEY not in run_info:
+        return 1
+    version = run_info[SCHEMA_VERSION_KEY]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise SchemaVersionError(
+            f"{where}: {SCHEMA_VERSION_KEY} must be an integer >= 1; received {version!r}. "
+            "The file was edited or written by another program: restore it."
+        )
+    if version > SCHEMA_VERSION:
+        from gradwatch import __version__
+
+        raise SchemaVersionError(
+            f"{where} was written by a newer gradwatch ({SCHEMA_VERSION_KEY} {version}; gradwatch "
+            f"{__version__} reads versions 1 to {SCHEMA_VERSION}); upgrade gradwatch to read it."
+        )
+    return version
+
 
 RUN_FILE = "run.json"
 WINDOWS_FILE = "windows.csv"
@@ -61,6 +124,9 @@ STATS_COLUMNS: tuple[str, ...] = (
     "no_signal_frac",  # layer rows: fraction of units with an all-zero gradient for dead_steps
     #                    consecutive steps that are not dead ReLUs; NaN where units are not defined
 )
+
+#: The columns of the row tables that hold text (names, kinds, messages); every other column is a number.
+TEXT_COLUMNS: frozenset[str] = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
 
 #: One row per alert.
 ALERT_COLUMNS: tuple[str, ...] = (

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import readers
-from gradwatch.readers import GradwatchDataError
-from gradwatch.schema import ALERT_KINDS, LAYERS_FILE, WINDOWS_FILE
+from gradwatch.schema import ALERT_KINDS, LAYERS_FILE, WINDOWS_FILE, GradwatchDataError, SchemaVersionError
 
 #: The layer-statistics columns the report and the verdicts use (the rest of layers.csv is dropped).
 LAYER_VALUE_COLUMNS: tuple[str, ...] = (
@@ -56,8 +55,8 @@ def layer_label(layer: str) -> str:
 
 
 @dataclasses.dataclass
-class RunData:
-    """The frames of one run that the report needs, with value columns as float32."""
+class RunFrames:
+    """One run as the report reads it: its run.json and the frames it needs (values as float32)."""
 
     name: str  # path relative to the LOG_DIR given; LOG_DIR's own name when it is the run itself
     path: str
@@ -95,7 +94,7 @@ class Problem:
 class RunVerdicts:
     """The verdicts of one run: its problems, in model order, and the healthy layers."""
 
-    run: RunData
+    run: RunFrames
     problems: list[Problem]
     healthy: dict[str, str]  # layer -> evidence ("median grad norm ...")
     errors_raised: bool  # an alert of severity "error" was raised at some point
@@ -179,7 +178,7 @@ def _steps(frame: pd.DataFrame, where: str) -> np.ndarray:
 
 def load_run(
     name: str, path: str, on_step: Callable[[str], None] | None = None, source: str = "auto"
-) -> RunData:
+) -> RunFrames:
     """Reads the run at ``path`` through ``gradwatch.readers`` (``source``: "auto", "csv" or "events"),
     keeping only the columns the report uses (float32 values, categorical layer names). ``on_step``
     is told each part as it is read."""
@@ -187,8 +186,10 @@ def load_run(
     tell(f"{name}: run.json")
     try:
         meta = readers.read_run(path, source=source)
+    except SchemaVersionError:
+        raise  # written by a newer gradwatch: nothing of it is read
     except GradwatchDataError:
-        meta = {}
+        meta = {}  # no run.json: the layers are ordered as the rows come
     tell(f"{name}: layer statistics")
     raw = readers.read_stats(path, level="layer", source=source)
     where = os.path.join(path, LAYERS_FILE)
@@ -208,12 +209,12 @@ def load_run(
     order = [entry["name"] for entry in meta.get("layers", []) if "name" in entry]
     seen = set(order)
     order += [layer for layer in pd.unique(layers["layer"].astype(str)) if layer not in seen]
-    return RunData(name, path, meta, layers, windows, alerts, order)
+    return RunFrames(name, path, meta, layers, windows, alerts, order)
 
 
 def load_runs(
     log_dir: str | os.PathLike[str], on_step: Callable[[str], None] | None = None, source: str = "auto"
-) -> list[RunData]:
+) -> list[RunFrames]:
     """Every run under ``log_dir`` (see ``discover_runs``), loaded."""
     return [load_run(name, path, on_step, source) for name, path in discover_runs(log_dir, source)]
 
@@ -309,7 +310,7 @@ def _healthy_evidence(rows: pd.DataFrame) -> str:
     return f"median grad norm {_fmt(float(norms.median()))}" if len(norms) else "no statistics"
 
 
-def compute_verdicts(run: RunData) -> RunVerdicts:
+def compute_verdicts(run: RunFrames) -> RunVerdicts:
     """The verdict of every layer of ``run``: problems from its alerts, evidence from its statistics."""
     problems = _problems_from_alerts(run.alerts)
     groups = {str(k): g for k, g in run.layers.groupby("layer", observed=True, sort=False)}

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _plugin import plugin_over
 
 from gradwatch import tb_format
 from gradwatch.schema import SEVERITIES
@@ -272,32 +273,18 @@ def test_plugin_module_imports_no_tensorflow():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def _local_plugin(logdir: str) -> tuple[Any, Any]:
-    """The plugin on TensorBoard's real python data provider over ``logdir``, and its multiplexer."""
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-    from tensorboard.plugins import base_plugin
-
-    from gradwatch.tb_plugin.plugin import GradientFlowPlugin
-
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(logdir)
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
-    return GradientFlowPlugin(base_plugin.TBContext(data_provider=provider, logdir=logdir)), multiplexer
-
-
 @pytest.fixture
 def local_plugin(tmp_path):
     """The plugin over an empty log dir, with a werkzeug test client per route."""
     from werkzeug.test import Client
 
-    plugin, _ = _local_plugin(str(tmp_path))
+    plugin, _ = plugin_over(str(tmp_path))
     return plugin, {route: Client(app) for route, app in plugin.get_plugin_apps().items()}
 
 
 def test_is_active_only_with_gradwatch_data(tmp_path):
     write_other(str(tmp_path / "other"))
-    plugin, multiplexer = _local_plugin(str(tmp_path))
+    plugin, multiplexer = plugin_over(str(tmp_path))
     assert plugin.is_active() is False  # a run, but no gradwatch summaries
     write_gapped(str(tmp_path / "gapped"))
     multiplexer.AddRunsFromDirectory(str(tmp_path))
@@ -383,11 +370,11 @@ def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
 
 
 def test_gaps_count_dropped_windows_not_overlaps():
-    from gradwatch.tb_plugin.plugin import RunData
+    from gradwatch.tb_plugin.plugin import RunHeatmap
 
     def gaps(first_steps: list[int], steps: list[int]) -> dict[str, int]:
         n = len(steps)
-        return RunData(["a"], np.array(steps), np.array(first_steps), np.zeros((1, n)),
+        return RunHeatmap(["a"], np.array(steps), np.array(first_steps), np.zeros((1, n)),
                        np.zeros((1, n), dtype=bool)).gaps()
 
     assert gaps([1, 11, 21], [10, 20, 30]) == {"gaps": 0, "missing_steps": 0, "leading_missing_steps": 0}
@@ -398,7 +385,7 @@ def test_gaps_count_dropped_windows_not_overlaps():
 
 
 def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
-    from gradwatch.tb_plugin.plugin import RunData, bucket_of, downsample_columns, flow_json
+    from gradwatch.tb_plugin.plugin import RunHeatmap, bucket_of, downsample_columns, flow_json
 
     rows, width, max_cols = 200, 10_000, 1000
     rng = np.random.default_rng(3)
@@ -424,7 +411,7 @@ def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
 
     steps = np.arange(1, width + 1, dtype=np.int64)
     alerts = [{"step": 8765, "layer": "l9", "layer_index": 9, "kind": "dead_relu", "severity": "warning"}]
-    data = RunData([f"l{i}" for i in range(rows)], steps, steps.copy(), values,
+    data = RunHeatmap([f"l{i}" for i in range(rows)], steps, steps.copy(), values,
                    np.zeros((rows, width), dtype=bool), alerts)
     start = time.perf_counter()
     body = json.dumps(flow_json("r", data, max_cols), separators=(",", ":"), allow_nan=False)

@@ -1,4 +1,5 @@
-"""CSV sink: ``run.json``, ``windows.csv``, ``stats.csv`` and ``alerts.csv``.
+"""CSV sink: ``run.json`` (stamped with the ``schema_version``), ``windows.csv``, ``stats.csv``,
+``layers.csv`` and ``alerts.csv``.
 
 Every write is flushed, so a killed process loses at most the rows of the
 window being written, and of the windows queued for the engine's writer thread
@@ -28,6 +29,8 @@ from gradwatch.schema import (
     STATS_FILE,
     WINDOW_COLUMNS,
     WINDOWS_FILE,
+    check_schema_version,
+    with_schema_version,
 )
 
 logger = logging.getLogger("gradwatch")
@@ -194,6 +197,7 @@ class CsvSink:
         if not os.access(self.log_dir, os.W_OK):
             raise ValueError(f"log_dir {self.log_dir!r} is not writable; pass a writable directory.")
         run_path = os.path.join(self.log_dir, RUN_FILE)
+        run_json = with_schema_version(run_json)
         if self.append and os.path.exists(run_path):
             self._check_same_variables(run_path, run_json)
         write_json_atomic(run_path, run_json)
@@ -211,6 +215,7 @@ class CsvSink:
                 previous = json.load(f)
         except (OSError, ValueError):
             return
+        check_schema_version(previous, run_path)  # never append to files of a newer format
         before = [v["name"] for v in previous.get("variables", [])]
         now = [v["name"] for v in run_json.get("variables", [])]
         if before and before != now:

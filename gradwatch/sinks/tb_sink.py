@@ -9,7 +9,7 @@ written before the kill (the engine calls it on its writer thread: the windows s
 queued there, two at most, are lost).  The file is written by :class:`EventFile`, not by
 TensorBoard's ``EventFileWriter``: that one checksums records with a pure-Python CRC in a
 background thread (~40 ms and the GIL for a 200-variable window) and opens files through
-``tf.io.gfile``; :func:`gradwatch.readers.crc32c` (google-crc32c) does it in microseconds.
+``tf.io.gfile``; :mod:`gradwatch._records` frames them (google-crc32c) in microseconds.
 
 Tags (``<layer>`` is the layer name as it is, ``/`` included):
 
@@ -53,7 +53,6 @@ import math
 import os
 import re
 import socket
-import struct
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -67,7 +66,8 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.plugins.text import metadata as text_metadata
 
 from gradwatch import tb_format
-from gradwatch.readers import masked_crc32c
+from gradwatch._records import write_record
+from gradwatch.schema import with_schema_version
 
 logger = logging.getLogger("gradwatch")
 
@@ -217,8 +217,8 @@ _FILE_NUMBER = itertools.count()
 
 
 class EventFile:
-    """One new TensorBoard event file in ``log_dir``, written synchronously (TFRecord framing:
-    8-byte length, masked CRC-32C of the length, the serialized ``Event``, masked CRC of it)."""
+    """One new TensorBoard event file in ``log_dir``, written synchronously: one record
+    (:func:`gradwatch._records.write_record`) per serialized ``Event``."""
 
     def __init__(self, log_dir: str, suffix: str = ".gradwatch"):
         os.makedirs(log_dir, exist_ok=True)
@@ -229,10 +229,7 @@ class EventFile:
         self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def add(self, event: event_pb2.Event) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        self._file.write(b"".join((header, struct.pack("<I", masked_crc32c(header)), data,
-                                   struct.pack("<I", masked_crc32c(data)))))
+        write_record(self._file, event.SerializeToString())
 
     def flush(self) -> None:
         self._file.flush()
@@ -310,7 +307,7 @@ class TensorBoardSink:
     def __init__(self, log_dir: str, run_info: dict[str, Any] | None = None,
                  layers: list[str] | None = None):
         self.log_dir = log_dir
-        self.run_info = dict(run_info or {})
+        self.run_info = with_schema_version(run_info or {})
         self.layers = list(layers or [])
         self._writer: EventFile | None = None
         self._tagged: set[str] = set()  # tags whose metadata this file already holds
@@ -318,7 +315,7 @@ class TensorBoardSink:
     def open(self, run_info: dict[str, Any]) -> None:
         """Takes the run's description; the events file is created at the first window
         (a new file per session; readers let the later write of a step win)."""
-        self.run_info = dict(run_info)
+        self.run_info = with_schema_version(run_info)
         self.layers = [layer["name"] for layer in run_info.get("layers", [])]
 
     def write(self, result: Any) -> None:

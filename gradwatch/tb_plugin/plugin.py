@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from gradwatch import tb_format
-from gradwatch.schema import ALERT_COLUMNS, SEVERITIES
+from gradwatch.schema import ALERT_COLUMNS, SEVERITIES, TEXT_COLUMNS, GradwatchDataError, check_schema_version
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_MAX_COLS = 1000
@@ -47,17 +46,6 @@ _CONTENT_TYPES = {
     ".png": "image/png",
 }
 _SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
-_TEXT_COLUMNS = frozenset({"layer", "variable", "kind", "severity", "message", "hint"})
-_SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def _number(value: Any) -> float:
-    """A JSON cell as a float (the format spells non-finite values as strings); NaN if missing."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        return _SPECIAL.get(value, math.nan)
-    return float(value)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -67,8 +55,8 @@ def _finite_or_none(value: Any) -> Any:
 
 
 @dataclass
-class RunData:
-    """One run's decoded windows, in step order (one column per window)."""
+class RunHeatmap:
+    """One run's windows as the tab draws them: a layers x windows grid in step order, and the alerts."""
 
     layers: list[str]
     steps: np.ndarray  # int64 [W], each window's last step
@@ -138,25 +126,6 @@ def _layer_names(run_info: Mapping[str, Any] | None) -> list[str]:
     return names
 
 
-_DECODER = json.JSONDecoder()
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _field(text: str, key: str, from_end: bool = False) -> Any:
-    """The JSON value of the top-level ``key`` of a window summary, parsed on its own.
-
-    In the summary's JSON only the top-level object and the window row are objects with
-    keys, and none of the window's keys is a top-level key; inside strings a quote is
-    always escaped.  So ``"key":`` occurs once, and the big ``stats`` table (thousands of
-    rows for a large model) is never parsed when only ``layers`` is needed.
-    """
-    needle = f'"{key}":'
-    at = text.rfind(needle) if from_end else text.find(needle)
-    if at < 0:
-        raise KeyError(f"the window summary has no {key!r} entry")
-    return _DECODER.raw_decode(text, _WHITESPACE.match(text, at + len(needle)).end())[0]
-
-
 def _float_column(rows: list[list[Any]], index: int) -> np.ndarray:
     """One numeric column as float64 (null -> NaN; "nan"/"inf"/"-inf" strings parsed by numpy)."""
     return np.array([row[index] for row in rows], dtype=np.float64)
@@ -165,33 +134,30 @@ def _float_column(rows: list[list[Any]], index: int) -> np.ndarray:
 Cells = tuple[list[str], np.ndarray, np.ndarray]  # layer names, l2, nonfinite count
 
 
+_CELL_COLUMNS = ("layer", "l2", "nonfinite")
+
+
 def _parse_window(payload: bytes) -> tuple[dict[str, Any], int, Cells, list[dict]]:
     """The parts of one window summary the tab needs: (window row, first_step, layer cells, alerts).
 
-    Reads the documented :mod:`gradwatch.tb_format` tables by column name and skips
-    the per-variable ``stats`` table.  Raises ``ValueError``/``KeyError``/``TypeError``
-    on a payload it cannot read.
+    Decoded by :class:`gradwatch.tb_format.WindowPayload`, which leaves the per-variable
+    ``stats`` table unparsed.  Raises ``ValueError``/``KeyError``/``TypeError`` on a
+    payload it cannot read.
     """
-    text = payload.decode("utf-8")
-    version = _field(text, "v")
-    if version != tb_format.FORMAT_VERSION:
-        raise ValueError(f"not a gradwatch window summary of format {tb_format.FORMAT_VERSION}: "
-                         f"v={version!r}")
-    layers = _field(text, "layers", from_end=True)
-    cols, rows = layers["columns"], layers["rows"]
-    i_layer = cols.index("layer")
-    names = [str(r[i_layer]) for r in rows]
-    cells = (names, _float_column(rows, cols.index("l2")), _float_column(rows, cols.index("nonfinite")))
-    table = _field(text, "alerts", from_end=True)
-    acols = table["columns"]
+    decoded = tb_format.WindowPayload(payload)
+    _, rows = decoded.table("layers", _CELL_COLUMNS)
+    if any(row[0] is None for row in rows):
+        raise ValueError("the layers table has no 'layer' column")
+    cells = ([str(row[0]) for row in rows], _float_column(rows, 1), _float_column(rows, 2))
+    columns, rows = decoded.table("alerts")
     alerts = [
-        {c: (v if c in _TEXT_COLUMNS else _number(v) if c != "step" else int(v)) for c, v in zip(acols, r)}
-        for r in table["rows"]
+        {
+            c: v if c in TEXT_COLUMNS else int(v) if c == "step" else tb_format.decode_number(v)
+            for c, v in zip(columns, row)
+        }
+        for row in rows
     ]
-    window = _field(text, "window")
-    if not isinstance(window, dict):
-        raise TypeError(f"the window row is a {type(window).__name__}, not an object")
-    return window, int(_field(text, "first_step", from_end=True)), cells, alerts
+    return decoded.window, decoded.first_step, cells, alerts
 
 
 Parsed = tuple[int, int, Cells, list[dict[str, Any]]]  # step, first_step, cells, alerts
@@ -211,13 +177,17 @@ def build_run(
     run_info: Mapping[str, Any] | None,
     payloads: Sequence[tuple[int, bytes]],
     parsed: dict[tuple[int, int], Parsed | None] | None = None,
-) -> RunData:
+) -> RunHeatmap:
     """Decodes a run's window payloads ``[(summary step, bytes)]``; unreadable ones are skipped, counted.
 
     ``parsed`` maps ``(summary step, hash of payload)`` to an earlier parse: while a run
     grows, only its new windows are parsed.  It is updated in place to hold exactly
     this run's windows.
+
+    Raises:
+        SchemaVersionError: ``run_info`` says the run was written by a newer gradwatch.
     """
+    check_schema_version(run_info, f"its '{tb_format.RUN_TAG}' summary")
     layers = _layer_names(run_info)
     index = {name: i for i, name in enumerate(layers)}
     windows: dict[int, tuple[int, Cells]] = {}
@@ -257,10 +227,10 @@ def build_run(
         for alert in alerts
     ]
     alerts.sort(key=lambda a: a.get("step", 0))
-    return RunData(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
 
 
-def flow_json(run: str, data: RunData, max_cols: int) -> dict[str, Any]:
+def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
     """The ``/flow`` response: a compact, at most ``max_cols`` wide heatmap of ``data``."""
     reduced, edges = downsample_columns(data.log_l2, max_cols)
     width = len(data.steps)
@@ -313,7 +283,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
     def __init__(self, context: base_plugin.TBContext):
         self._provider = context.data_provider
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunData]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunHeatmap]] = OrderedDict()
         self._parsed: dict[str, dict[tuple[int, int], Parsed | None]] = {}
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
@@ -344,7 +314,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
             if tb_format.WINDOW_TAG in tags or tb_format.RUN_TAG in tags
         }
 
-    def _run_data(self, ctx: RequestContext, experiment_id: str, run: str) -> RunData | None:
+    def _run_data(self, ctx: RequestContext, experiment_id: str, run: str) -> RunHeatmap | None:
         tags = self._list(ctx, experiment_id).get(run)
         if tags is None:
             return None
@@ -428,12 +398,17 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
         ]
         return self._json(request, {"runs": runs, "advice": SAMPLES_ADVICE})
 
-    def _request_run(self, request: wrappers.Request) -> tuple[RunData | None, str, wrappers.Response | None]:
+    def _request_run(
+        self, request: wrappers.Request
+    ) -> tuple[RunHeatmap | None, str, wrappers.Response | None]:
         run = request.args.get("run")
         if run is None:
             return None, "", self._json(request, {"error": "missing query parameter 'run'"}, 400)
         ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
-        data = self._run_data(ctx, eid, run)
+        try:
+            data = self._run_data(ctx, eid, run)
+        except GradwatchDataError as error:  # a run written by a newer gradwatch
+            return None, run, self._json(request, {"error": f"run {run!r}: {error}"}, 422)
         if data is None:
             error = f"run {run!r} has no gradwatch data; /runs lists the runs that have some"
             return None, run, self._json(request, {"error": error}, 404)
