@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from gradwatch.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch._io.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
 
 TARGET_SECONDS = 15.0
 TARGET_BYTES = 2 << 30

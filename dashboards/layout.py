@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 
-from gradwatch.readers import GradwatchDataError, event_files, iter_records, list_runs, read_run
-from gradwatch.sinks.tb_sink import LAYOUT_TAG, write_layout
+from gradwatch._io.readers import GradwatchDataError, event_files, iter_records, list_runs, read_run
+from gradwatch._sinks.tb_sink import LAYOUT_TAG, write_layout
 
 
 def has_layout(run_dir: str) -> bool:

@@ -6,7 +6,7 @@ Usage: ``python dashboards/screenshots.py [--out dashboards/screenshots] [--run-
    loop with ``gradwatch.Watch`` (``log_every=10``), and computes numpy histograms of the real
    gradients every 50 steps.
 2. If the run has no gradwatch event files (the engine not writing TensorBoard yet), writes its
-   CSV rows and those histograms through :class:`gradwatch.sinks.tb_sink.TensorBoardSink`.
+   CSV rows and those histograms through :class:`gradwatch._sinks.tb_sink.TensorBoardSink`.
 3. Starts ``tensorboard --logdir`` on a free port, opens it in headless Chromium (selenium,
    ``/usr/bin/chromium`` + ``/usr/bin/chromedriver``) and saves one PNG per dashboard:
    Custom Scalars, Scalars, Histograms, Text (alerts).
@@ -98,7 +98,7 @@ def numpy_histograms(step: int, layer_of: list[str], grads: list[np.ndarray]) ->
 def write_events(run_dir: str, histograms: list[dict[str, Any]]) -> None:
     """Writes the run's CSV rows (and the histograms) through the TensorBoard sink."""
     import gradwatch as gw
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     info = gw.read_run(run_dir)
     windows = gw.read_windows(run_dir, source="csv")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.run_dir or tempfile.mkdtemp(prefix="gradwatch-screens-")
     run_dir = os.path.join(root, "vanishing_mlp")
     histograms = train(run_dir)
-    from gradwatch.readers import list_runs
+    from gradwatch._io.readers import list_runs
 
     if not list_runs(run_dir, source="events"):  # the engine did not write TensorBoard events
         write_events(run_dir, histograms)

@@ -16,12 +16,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "GradientMonitor": "gradwatch.monitor",
     "Watch": "gradwatch.watch",
-    "read_stats": "gradwatch.readers",
-    "read_windows": "gradwatch.readers",
-    "read_alerts": "gradwatch.readers",
-    "read_run": "gradwatch.readers",
-    "list_runs": "gradwatch.readers",
-    "GradwatchDataError": "gradwatch.readers",
+    "read_stats": "gradwatch._io.readers",
+    "read_windows": "gradwatch._io.readers",
+    "read_alerts": "gradwatch._io.readers",
+    "read_run": "gradwatch._io.readers",
+    "list_runs": "gradwatch._io.readers",
+    "GradwatchDataError": "gradwatch._io.readers",
+    "NonFiniteGradientError": "gradwatch._interpret.alerts",
+    "Thresholds": "gradwatch._interpret.detectors",
 }
 _LAZY_MODULES = {
     "clip": "gradwatch.clip",
@@ -37,6 +39,8 @@ __all__ = [
     "list_runs",
     "read_run",
     "GradwatchDataError",
+    "NonFiniteGradientError",
+    "Thresholds",
     "clip",
     "detectors",
     "__version__",
@@ -44,8 +48,9 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradwatch import clip, detectors
-    from gradwatch.monitor import GradientMonitor
-    from gradwatch.readers import (
+    from gradwatch._interpret.alerts import NonFiniteGradientError
+    from gradwatch._interpret.detectors import Thresholds
+    from gradwatch._io.readers import (
         GradwatchDataError,
         list_runs,
         read_alerts,
@@ -53,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
         read_stats,
         read_windows,
     )
+    from gradwatch.monitor import GradientMonitor
     from gradwatch.watch import Watch
 
 

@@ -14,10 +14,10 @@ import tensorflow as tf
 from gradwatch._capture.recorder import Recorder
 from gradwatch._interpret.interpreter import Interpreter
 from gradwatch._interpret.results import WindowResult
-from gradwatch.options import Options
-from gradwatch.sinks.csv_sink import CsvSink
-from gradwatch.sinks.output import Latest, Output
-from gradwatch.sinks.tb_sink import TensorBoardSink
+from gradwatch._options import Options
+from gradwatch._sinks.csv_sink import CsvSink
+from gradwatch._sinks.output import Latest, Output
+from gradwatch._sinks.tb_sink import TensorBoardSink
 
 logger = logging.getLogger("gradwatch")
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}

@@ -15,7 +15,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     import logging
 
-    from gradwatch.demo import run_demo
+    from gradwatch._report.demo import run_demo
 
     # The demo prints each run's alerts itself; don't echo them a second time.
     logging.getLogger("gradwatch").addHandler(logging.NullHandler())
@@ -32,8 +32,8 @@ def _data_error(error: Exception) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gradwatch.readers import GradwatchDataError
-    from gradwatch.report import build_report, summary_text
+    from gradwatch._io.readers import GradwatchDataError
+    from gradwatch._report.report import build_report, summary_text
 
     fmt = args.format or ("md" if args.output and args.output.endswith(".md") else "html")
     try:
@@ -50,8 +50,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_summary(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from gradwatch.readers import GradwatchDataError
-    from gradwatch.report import load_all, print_summary
+    from gradwatch._io.readers import GradwatchDataError
+    from gradwatch._report.report import load_all, print_summary
 
     try:
         verdicts = load_all(args.log_dir, progress=args.progress, source=args.source)

@@ -15,11 +15,11 @@ from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
 from gradwatch._capture.recorder import Recorder
 from gradwatch._internal_options import InternalOptions
+from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch._interpret.probe_layout import UPDATE_EVERY
+from gradwatch._options import Options
 from gradwatch._pipeline import Pipeline
-from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
-from gradwatch.options import Options
-from gradwatch.topology import Topology
+from gradwatch._topology import Topology
 
 logger = logging.getLogger("gradwatch")
 
@@ -42,7 +42,7 @@ class GradientMonitor(keras.callbacks.Callback):
         clip: optional gradient clipping applied to what the optimizer receives.
         on_nonfinite: on NaN/Inf gradients: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir`` (resume).
-        thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
+        thresholds: detector thresholds (``gradwatch._interpret.detectors.Thresholds``).
         signed_histograms: also write a signed-value gradient histogram per layer
             (the log10|g| histogram is always written on histogram steps).
         activation_probe: also count dead units from ReLU-family layers' activations

@@ -13,12 +13,12 @@ from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
 from gradwatch._capture.recorder import Recorder, StepContext
 from gradwatch._internal_options import InternalOptions
+from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
+from gradwatch._io.schema import WINDOWS_FILE
+from gradwatch._options import Options
 from gradwatch._pipeline import Pipeline
-from gradwatch.alerts import NonFiniteGradientError, nonfinite_action
-from gradwatch.options import Options
-from gradwatch.schema import WINDOWS_FILE
-from gradwatch.sinks.csv_sink import last_step
-from gradwatch.topology import Topology
+from gradwatch._sinks.csv_sink import last_step
+from gradwatch._topology import Topology
 
 
 class Watch:
@@ -37,7 +37,7 @@ class Watch:
         on_nonfinite: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir``; steps
             continue after the last step written.
-        thresholds: detector thresholds (``gradwatch.detectors.Thresholds``).
+        thresholds: detector thresholds (``gradwatch._interpret.detectors.Thresholds``).
         names: names for the variables, in the order they are passed to
             ``observe`` (a list), or a mapping from variable to name. Raw
             ``tf.Variable``s otherwise take their own names.

@@ -116,7 +116,7 @@ def move_event_files(log_dir: str, dest: str) -> int:
     import os
     import shutil
 
-    from gradwatch.readers import event_files
+    from gradwatch._io.readers import event_files
 
     paths = event_files(log_dir)
     if paths:

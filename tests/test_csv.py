@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import gradwatch as gw
-from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 
 
 def _run(log_dir, steps, append=False, names=("layer/w",), log_every=2, scale=1.0):

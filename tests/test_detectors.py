@@ -7,8 +7,8 @@ import pytest
 from gradwatch.examples import broken_nets
 
 import gradwatch as gw
-from gradwatch.detectors import DetectorState, Thresholds, detect
-from gradwatch.topology import LayerInfo, Topology, VariableInfo
+from gradwatch._interpret.detectors import DetectorState, Thresholds, detect
+from gradwatch._topology import LayerInfo, Topology, VariableInfo
 
 TOPOLOGY = Topology(
     layers=[LayerInfo("first", 0, "Dense", "sigmoid", ["first/kernel"]),
@@ -88,7 +88,7 @@ def test_output_layer_is_the_reference_not_a_suspect():
 def test_thresholds_are_validated(field, value):
     with pytest.raises(ValueError, match=f"Thresholds.{field} must be"):
         Thresholds(**{field: value})
-    with pytest.raises(TypeError, match="thresholds must be a gradwatch.detectors.Thresholds"):
+    with pytest.raises(TypeError, match="thresholds must be a gradwatch._interpret.detectors.Thresholds"):
         gw.GradientMonitor(log_dir=None, thresholds={"patience": 2})
 
 

@@ -15,7 +15,7 @@ from conftest import np_stats, replay_sgd, tape_gradients
 import gradwatch as gw
 from gradwatch._capture import keras_internals as internals
 from gradwatch._internal_options import InternalOptions
-from gradwatch.detectors import Thresholds
+from gradwatch._interpret.detectors import Thresholds
 
 LR = 0.05
 
@@ -560,7 +560,7 @@ def test_windows_are_written_off_the_training_thread_in_order(log_dir, monkeypat
     by the end of fit."""
     import threading
 
-    from gradwatch.sinks.csv_sink import CsvSink
+    from gradwatch._sinks.csv_sink import CsvSink
 
     threads = []
     original = CsvSink.write
@@ -581,7 +581,7 @@ def test_windows_are_written_off_the_training_thread_in_order(log_dir, monkeypat
 
 
 def test_a_failing_write_is_raised_not_lost(log_dir, monkeypatch):
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     def failing_write(self, *args, **kwargs):
         raise OSError("disk full (test)")

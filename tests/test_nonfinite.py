@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import gradwatch as gw
 from gradwatch._capture import keras_internals as internals
-from gradwatch.alerts import NonFiniteGradientError
+from gradwatch._interpret.alerts import NonFiniteGradientError
 
 
 def _data(n=48):

@@ -326,7 +326,7 @@ def test_gradient_accumulation_does_not_make_update_ratio_storms(tmp_path):
 
 
 def test_unit_tracks_follow_the_activation_and_normalisers():
-    from gradwatch.topology import LayerInfo, Topology, VariableInfo
+    from gradwatch._topology import LayerInfo, Topology, VariableInfo
 
     topology = Topology(
         layers=[LayerInfo("d0", 0, "Dense", "relu", ["d0/kernel"]),

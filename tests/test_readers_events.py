@@ -14,9 +14,9 @@ import pytest
 from _runs import exploding_run, move_event_files, rows_by_window
 
 import gradwatch as gw
-from gradwatch import tb_format
-from gradwatch.readers import GradwatchDataError, event_files, iter_records, list_runs
-from gradwatch.sinks.tb_sink import TensorBoardSink
+from gradwatch._io import tb_format
+from gradwatch._io.readers import GradwatchDataError, event_files, iter_records, list_runs
+from gradwatch._sinks.tb_sink import TensorBoardSink
 
 READERS = {
     "windows": lambda d, s: gw.read_windows(d, source=s),
@@ -90,7 +90,7 @@ def test_events_only_run_reads_like_csv_including_run_info(run, tmp_path):
 
 def test_the_fast_decoder_agrees_with_tb_format_on_non_finite_values(tmp_path):
     """NaN, +-Inf, null and text that reads "nan" come back as tb_format.decode_window gives them."""
-    from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+    from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 
     window = {c: 1.5 for c in WINDOW_COLUMNS}
     window.update(step=4, steps=2, loss=float("inf"), global_l2=-float("inf"), first_nonfinite_step=None)
@@ -266,7 +266,7 @@ def test_reading_events_does_not_import_tensorflow(run):
 def test_odd_layer_names_read_back_exactly(tmp_path, names):
     """Names with commas, row separators, quotes, non-ASCII or JSON escapes (the reader's fast
     path must notice them and fall back to json) read back as tb_format.decode_window gives them."""
-    from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+    from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 
     sink = TensorBoardSink(str(tmp_path), {}, names)
     expected = []
@@ -302,7 +302,7 @@ def test_an_unreadable_window_summary_is_skipped_with_a_warning(run, tmp_path, c
 
     from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
 
-    from gradwatch.sinks.tb_sink import EventFile
+    from gradwatch._sinks.tb_sink import EventFile
 
     log_dir = str(tmp_path / "garbled")
     write_events(log_dir, run["windows"][:2], run["info"])

@@ -1,4 +1,4 @@
-"""TFRecord framing (``gradwatch._records``): checksums against TensorBoard's, a round trip, a
+"""TFRecord framing (``gradwatch._io.records``): checksums against TensorBoard's, a round trip, a
 torn tail, a corrupt header, and the sink's event files read by TensorBoard's own loader."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from gradwatch._records import (
+from gradwatch._io.records import (
     FOOTER_BYTES,
     HEADER_BYTES,
     crc32c,
@@ -96,9 +96,9 @@ def test_the_sinks_event_file_is_read_by_tensorboards_loader(tmp_path):
     from tensorboard.backend.event_processing import event_file_loader
     from tensorboard.compat.proto import event_pb2
 
-    from gradwatch import tb_format
-    from gradwatch.readers import event_files
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._io import tb_format
+    from gradwatch._io.readers import event_files
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     sink = TensorBoardSink(str(tmp_path), {"layers": []}, [])
     sink.write_window({"step": 3, "loss": 0.5}, [], [], [], 1)

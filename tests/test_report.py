@@ -17,11 +17,11 @@ import pytest
 from _chromium import chromium_driver
 from gradwatch.examples import broken_nets
 
+from gradwatch._io.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch._report.report import build_report, load_all
+from gradwatch._report.verdicts import compute_verdicts, discover_runs, load_run, problem_pairs
+from gradwatch._sinks.csv_sink import CsvSink
 from gradwatch.cli import main
-from gradwatch.report import build_report, load_all
-from gradwatch.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
-from gradwatch.sinks.csv_sink import CsvSink
-from gradwatch.verdicts import compute_verdicts, discover_runs, load_run, problem_pairs
 
 GRADWATCH = os.path.join(os.path.dirname(sys.executable), "gradwatch")
 HOSTILE = "<script>alert(1)</script>"
@@ -269,7 +269,7 @@ def test_two_hundred_layers_stay_readable(tmp_path):
     heatmap = re.search(r'data-figure="heatmap" src="data:image/png;base64,([^"]+)"', text).group(1)
     png = base64.b64decode(heatmap)
     assert int.from_bytes(png[20:24], "big") >= 1600  # 0.16 in per layer: 200 rows get >= 8 px
-    from gradwatch.verdicts import interesting_layers
+    from gradwatch._report.verdicts import interesting_layers
 
     chosen = interesting_layers(verdicts[0], 12)
     assert len(chosen) == 12 and "block_150" in chosen and chosen == sorted(chosen)
@@ -324,7 +324,7 @@ def test_events_only_run_gives_the_same_verdicts(runs, tmp_path):
     from _runs import rows_by_window
 
     import gradwatch as gw
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     source = runs / "vanishing"
     info = gw.read_run(str(source))

@@ -15,11 +15,11 @@ import pytest
 from _plugin import get_json, plugin_over
 
 import gradwatch as gw
-from gradwatch import tb_format
+from gradwatch._io import tb_format
+from gradwatch._io.readers import event_files, iter_records
+from gradwatch._io.schema import SCHEMA_VERSION_KEY, check_schema_version
+from gradwatch._report.report import build_report, load_all
 from gradwatch.cli import main
-from gradwatch.readers import event_files, iter_records
-from gradwatch.report import build_report, load_all
-from gradwatch.schema import SCHEMA_VERSION_KEY, check_schema_version
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 RUNS = ("run_v1", "watch_v1")

@@ -13,11 +13,9 @@ import pytest
 from _plugin import get_json, plugin_over
 
 import gradwatch as gw
-from gradwatch import tb_format
-from gradwatch.cli import main
-from gradwatch.readers import event_files
-from gradwatch.report import build_report
-from gradwatch.schema import (
+from gradwatch._io import tb_format
+from gradwatch._io.readers import event_files
+from gradwatch._io.schema import (
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     GradwatchDataError,
@@ -25,8 +23,10 @@ from gradwatch.schema import (
     check_schema_version,
     with_schema_version,
 )
-from gradwatch.sinks.csv_sink import CsvSink
-from gradwatch.sinks.tb_sink import EventFile, TensorBoardSink
+from gradwatch._report.report import build_report
+from gradwatch._sinks.csv_sink import CsvSink
+from gradwatch._sinks.tb_sink import EventFile, TensorBoardSink
+from gradwatch.cli import main
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 NEWER = SCHEMA_VERSION + 1

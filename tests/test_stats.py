@@ -1,4 +1,4 @@
-"""gradwatch.stats against numpy, eager, in graph and under XLA."""
+"""gradwatch._capture.stats against numpy, eager, in graph and under XLA."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from _plugin import plugin_over
 
-from gradwatch import tb_format
-from gradwatch.schema import SEVERITIES
+from gradwatch._io import tb_format
+from gradwatch._io.schema import SEVERITIES
 
 SAMPLES_FLAG = "--samples_per_plugin=gradwatch=0"
 HOSTILE = "<b>x</b>"
@@ -78,7 +78,7 @@ def _layer_row(step: int, layer: str, l2: float, nonfinite: float = 0.0) -> dict
 
 def write_mlp(log_dir: str) -> dict[str, Any]:
     """4 layers x 8 windows through TensorBoardSink; a zero norm, a NaN norm and two alerts."""
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     rng = np.random.default_rng(1)
     l2 = 10.0 ** rng.uniform(-5, 1, size=(len(MLP_LAYERS), len(MLP_STEPS)))
@@ -106,7 +106,7 @@ def write_mlp(log_dir: str) -> dict[str, Any]:
 
 def write_gapped(log_dir: str) -> None:
     """Windows 10, 20, 40, 50: the one ending at step 30 is missing (as if TensorBoard sampled it out)."""
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     sink = TensorBoardSink(log_dir, _run_info(["a", "b"]), ["a", "b"])
     for step in (10, 20, 40, 50):
@@ -617,7 +617,7 @@ def test_page_in_headless_chromium(server, logdir, tmp_path):
 @pytest.fixture(scope="module")
 def default_servers(tmp_path_factory):
     """Two TensorBoards with TensorBoard's default sampling, started side by side: a 40-window run; empty."""
-    from gradwatch.sinks.tb_sink import TensorBoardSink
+    from gradwatch._sinks.tb_sink import TensorBoardSink
 
     sampled = tmp_path_factory.mktemp("sampled")
     sink = TensorBoardSink(str(sampled / "long"), _run_info(["a", "b"]), ["a", "b"])

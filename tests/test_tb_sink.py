@@ -15,9 +15,9 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 import gradwatch as gw
-from gradwatch import tb_format
-from gradwatch.readers import event_files, iter_records
-from gradwatch.sinks.tb_sink import TensorBoardSink, dashboards_layout
+from gradwatch._io import tb_format
+from gradwatch._io.readers import event_files, iter_records
+from gradwatch._sinks.tb_sink import TensorBoardSink, dashboards_layout
 
 WINDOW_TAGS = {
     "loss": "gradwatch/loss",
@@ -190,7 +190,7 @@ def test_histograms_are_k_by_3_with_the_given_edges_and_counts(run):
 
 
 def test_nan_and_inf_everywhere_are_written_without_crashing(tmp_path, caplog):
-    from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
+    from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 
     bad = [float("nan"), float("inf"), -float("inf"), 1e300]
     window = {c: bad[i % 4] for i, c in enumerate(WINDOW_COLUMNS)}

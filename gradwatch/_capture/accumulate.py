@@ -15,7 +15,7 @@ from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import StepGlobals, StepValues, Window
-from gradwatch.topology import Topology
+from gradwatch._topology import Topology
 
 
 def loss_pair(loss: tf.Tensor | None, loss_totals: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch.schema import GLOBAL_ACCUMULATORS, VAR_ACCUMULATORS
+from gradwatch._io.schema import GLOBAL_ACCUMULATORS, VAR_ACCUMULATORS
 
 
 class Layout:

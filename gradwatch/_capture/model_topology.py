@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradwatch._capture import keras_internals as internals
-from gradwatch.topology import RELU_FAMILY, LayerInfo, Topology, VariableInfo
+from gradwatch._topology import RELU_FAMILY, LayerInfo, Topology, VariableInfo
 
 # Layers that sit between a layer and its activation without changing which
 # units are alive (the activation after them is the layer's activation).

@@ -57,7 +57,7 @@ from gradwatch._interpret.probe_layout import (
     unit_tracks,
     update_slots,
 )
-from gradwatch.topology import Topology
+from gradwatch._topology import Topology
 
 # Histograms on (nearly) every step use a bounded strided sample per variable.
 SAMPLE_ENTRIES = 4096

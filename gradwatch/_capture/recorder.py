@@ -20,8 +20,8 @@ from gradwatch._capture.measure import finish_stats, measure_gradients
 from gradwatch._capture.window import Window
 from gradwatch._interpret.probe_layout import UPDATE_EVERY
 from gradwatch._interpret.results import FetchedWindow
-from gradwatch.options import Options
-from gradwatch.topology import Topology
+from gradwatch._options import Options
+from gradwatch._topology import Topology
 
 
 class StepContext(NamedTuple):

@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 
-from gradwatch import alerts as alerts_lib
-from gradwatch import detectors as detectors_lib
-from gradwatch import rows as rows_lib
+from gradwatch._interpret import alerts as alerts_lib
+from gradwatch._interpret import detectors as detectors_lib
+from gradwatch._interpret import rows as rows_lib
 from gradwatch._interpret.probe_layout import UpdateDecoding, decode_histograms, decode_units, unit_tracks
 from gradwatch._interpret.results import FetchedWindow, WindowResult
-from gradwatch.topology import Topology
+from gradwatch._topology import Topology
 
 
 class Interpreter:

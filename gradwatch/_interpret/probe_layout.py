@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.topology import RELU_FAMILY, Topology
+from gradwatch._topology import RELU_FAMILY, Topology
 
 NORMALISERS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization"})
 

@@ -53,7 +53,7 @@ class WindowResult:
         window_row: the ``windows.csv`` row.
         stats_rows: one ``stats.csv`` row per variable.
         layer_rows: one ``layers.csv`` row per layer.
-        alerts: the window's alerts (``gradwatch.alerts.Alert``).
+        alerts: the window's alerts (``gradwatch._interpret.alerts.Alert``).
         histograms: per layer (and kind), the histogram of the window's histogram step.
         first_step: the window's first step.
     """

@@ -2,7 +2,7 @@
 
 TensorBoard imports every ``tensorboard_plugins`` entry point at start-up, so
 this module imports no TensorFlow (only TensorBoard, numpy, werkzeug and the
-TF-free ``gradwatch.schema`` / ``gradwatch.tb_format``).  It reads the
+TF-free ``gradwatch._io.schema`` / ``gradwatch._io.tb_format``).  It reads the
 ``gradwatch`` structured summaries through the data provider, which works with
 both ``--load_fast=true`` (Rust data server) and ``--load_fast=false``.
 """
@@ -26,8 +26,14 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from gradwatch import tb_format
-from gradwatch.schema import ALERT_COLUMNS, SEVERITIES, TEXT_COLUMNS, GradwatchDataError, check_schema_version
+from gradwatch._io import tb_format
+from gradwatch._io.schema import (
+    ALERT_COLUMNS,
+    SEVERITIES,
+    TEXT_COLUMNS,
+    GradwatchDataError,
+    check_schema_version,
+)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_MAX_COLS = 1000
@@ -140,7 +146,7 @@ _CELL_COLUMNS = ("layer", "l2", "nonfinite")
 def _parse_window(payload: bytes) -> tuple[dict[str, Any], int, Cells, list[dict]]:
     """The parts of one window summary the tab needs: (window row, first_step, layer cells, alerts).
 
-    Decoded by :class:`gradwatch.tb_format.WindowPayload`, which leaves the per-variable
+    Decoded by :class:`gradwatch._io.tb_format.WindowPayload`, which leaves the per-variable
     ``stats`` table unparsed.  Raises ``ValueError``/``KeyError``/``TypeError`` on a
     payload it cannot read.
     """

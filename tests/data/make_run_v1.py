@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradwatch as gw
-from gradwatch.detectors import Thresholds
+from gradwatch._interpret.detectors import Thresholds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS, BATCH = 40, 8

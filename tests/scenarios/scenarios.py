@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradwatch as gw
-from gradwatch.schema import ALERT_KINDS
+from gradwatch._io.schema import ALERT_KINDS
 
 
 @dataclasses.dataclass

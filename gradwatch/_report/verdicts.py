@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch import readers
-from gradwatch.schema import ALERT_KINDS, LAYERS_FILE, WINDOWS_FILE, GradwatchDataError, SchemaVersionError
+from gradwatch._io import readers
+from gradwatch._io.schema import (
+    ALERT_KINDS,
+    LAYERS_FILE,
+    WINDOWS_FILE,
+    GradwatchDataError,
+    SchemaVersionError,
+)
 
 #: The layer-statistics columns the report and the verdicts use (the rest of layers.csv is dropped).
 LAYER_VALUE_COLUMNS: tuple[str, ...] = (
@@ -179,7 +185,7 @@ def _steps(frame: pd.DataFrame, where: str) -> np.ndarray:
 def load_run(
     name: str, path: str, on_step: Callable[[str], None] | None = None, source: str = "auto"
 ) -> RunFrames:
-    """Reads the run at ``path`` through ``gradwatch.readers`` (``source``: "auto", "csv" or "events"),
+    """Reads the run at ``path`` through ``gradwatch._io.readers`` (``source``: "auto", "csv" or "events"),
     keeping only the columns the report uses (float32 values, categorical layer names). ``on_step``
     is told each part as it is read."""
     tell = on_step or (lambda _: None)

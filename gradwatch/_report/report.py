@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import __version__
-from gradwatch.schema import ALERT_KINDS, LAYERS_FILE
-from gradwatch.verdicts import (
+from gradwatch._io.schema import ALERT_KINDS, LAYERS_FILE
+from gradwatch._report.verdicts import (
     RunFrames,
     RunVerdicts,
     compute_verdicts,

@@ -54,13 +54,13 @@ class Options:
         from gradwatch.clip import as_clip
 
         self.clip = as_clip(self.clip)
-        from gradwatch.detectors import Thresholds
+        from gradwatch._interpret.detectors import Thresholds
 
         if self.thresholds is None:
             self.thresholds = Thresholds()
         elif not isinstance(self.thresholds, Thresholds):
             raise TypeError(
-                "thresholds must be a gradwatch.detectors.Thresholds or None; "
+                "thresholds must be a gradwatch._interpret.detectors.Thresholds or None; "
                 f"received {self.thresholds!r}."
             )
         if not isinstance(self.signed_histograms, bool):

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.schema import STATS_COLUMNS, WINDOW_COLUMNS
-from gradwatch.topology import Topology
+from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch._topology import Topology
 
 
 def _finite(value: float) -> float:

@@ -21,7 +21,7 @@ Non-finite floats are encoded as strings ("nan", "inf", "-inf") because JSON
 has no spelling for them; :func:`decode_window` turns them back into floats.
 The run's ``run.json`` content is written once, at step 0, under
 :data:`RUN_TAG` with the same plugin name (a JSON object, with its
-``schema_version``: see :mod:`gradwatch.schema`).
+``schema_version``: see :mod:`gradwatch._io.schema`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from gradwatch.schema import ALERT_COLUMNS, STATS_COLUMNS, TEXT_COLUMNS, WINDOW_COLUMNS
+from gradwatch._io.schema import ALERT_COLUMNS, STATS_COLUMNS, TEXT_COLUMNS, WINDOW_COLUMNS
 
 PLUGIN_NAME = "gradwatch"
 WINDOW_TAG = "gradwatch/window"

@@ -9,7 +9,7 @@ written before the kill (the engine calls it on its writer thread: the windows s
 queued there, two at most, are lost).  The file is written by :class:`EventFile`, not by
 TensorBoard's ``EventFileWriter``: that one checksums records with a pure-Python CRC in a
 background thread (~40 ms and the GIL for a 200-variable window) and opens files through
-``tf.io.gfile``; :mod:`gradwatch._records` frames them (google-crc32c) in microseconds.
+``tf.io.gfile``; :mod:`gradwatch._io.records` frames them (google-crc32c) in microseconds.
 
 Tags (``<layer>`` is the layer name as it is, ``/`` included):
 
@@ -65,9 +65,9 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.plugins.text import metadata as text_metadata
 
-from gradwatch import tb_format
-from gradwatch._records import write_record
-from gradwatch.schema import with_schema_version
+from gradwatch._io import tb_format
+from gradwatch._io.records import write_record
+from gradwatch._io.schema import with_schema_version
 
 logger = logging.getLogger("gradwatch")
 
@@ -218,7 +218,7 @@ _FILE_NUMBER = itertools.count()
 
 class EventFile:
     """One new TensorBoard event file in ``log_dir``, written synchronously: one record
-    (:func:`gradwatch._records.write_record`) per serialized ``Event``."""
+    (:func:`gradwatch._io.records.write_record`) per serialized ``Event``."""
 
     def __init__(self, log_dir: str, suffix: str = ".gradwatch"):
         os.makedirs(log_dir, exist_ok=True)

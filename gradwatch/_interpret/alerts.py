@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.schema import ALERT_COLUMNS
-from gradwatch.topology import Topology
+from gradwatch._io.schema import ALERT_COLUMNS
+from gradwatch._topology import Topology
 
 HINTS: dict[str, str] = {
     "vanishing_gradient": (

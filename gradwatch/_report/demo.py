@@ -37,7 +37,7 @@ def run_demo(out: str = "runs/demo", echo: Callable[[str], None] = print) -> lis
         echo(f"  {run_dir}")
     echo("Each run holds run.json, windows.csv, stats.csv, layers.csv and alerts.csv; read them with "
          "gradwatch.read_stats / read_windows / read_alerts.")
-    from gradwatch.report import build_report, summary_text
+    from gradwatch._report.report import build_report, summary_text
 
     started = time.perf_counter()
     path, verdicts = build_report(out, os.path.join(out, "report.html"))

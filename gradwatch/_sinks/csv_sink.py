@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from gradwatch.schema import (
+from gradwatch._io.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
     LAYERS_FILE,

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch import tb_format
-from gradwatch._records import iter_records
-from gradwatch.schema import (
+from gradwatch._io import tb_format
+from gradwatch._io.records import iter_records
+from gradwatch._io.schema import (
     ALERT_COLUMNS,
     ALERTS_FILE,
     LAYERS_FILE,

@@ -1,0 +1,1 @@
+"""Post-hoc reports: verdicts per layer, the HTML/Markdown report, the demo."""
