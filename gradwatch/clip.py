@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from gradwatch._capture import stats as stats_lib
+
 __all__ = [
     "Clip",
     "ClipResult",
@@ -77,15 +79,8 @@ def _with_values(grad, values):
 
 def _dense_norm(grad) -> tf.Tensor:
     """L2 norm of the gradient as the optimizer will apply it (sparse rows summed)."""
-    if isinstance(grad, tf.IndexedSlices):
-        unique_rows, positions = tf.unique(grad.indices)
-        values = tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_rows)[0])
-    else:
-        values = grad
-    values = tf.cast(values, tf.float32)
-    largest = tf.reduce_max(tf.abs(values))
-    scale = tf.where(largest > 0.0, largest, 1.0)
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale)))
+    values = stats_lib.summed_rows(grad) if isinstance(grad, tf.IndexedSlices) else grad
+    return stats_lib.safe_norm(tf.cast(values, tf.float32))
 
 
 def scale_gradient(grad, factor: tf.Tensor):
@@ -143,15 +138,9 @@ def _known_norms(grads, norms: Norms | None) -> tuple[tf.Tensor, tf.Tensor]:
     return measured, tf.math.is_finite(measured)
 
 
-def _global_total(norms: tf.Tensor) -> tf.Tensor:
-    largest = tf.reduce_max(norms)
-    scale = tf.where(largest > 0.0, largest, 1.0)
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(norms / scale)))
-
-
 def _clip_global(grads, max_norm: tf.Tensor, norms: Norms | None = None) -> ClipResult:
     l2, finite = _known_norms(grads, norms)
-    total = _global_total(l2)
+    total = stats_lib.global_norm(l2)
     clip = tf.reduce_all(finite) & tf.math.is_finite(total) & (total > max_norm)
     factor = tf.where(clip, max_norm / tf.where(total > 0.0, total, 1.0), 1.0)
     return ClipResult([scale_gradient(g, factor) for g in grads], max_norm, l2 * factor)
@@ -306,7 +295,7 @@ class Percentile(Clip):
 
     def __call__(self, grads, variables, norms=None):
         l2, finite = _known_norms(grads, norms)
-        total = tf.where(tf.reduce_all(finite), _global_total(l2), float("nan"))
+        total = tf.where(tf.reduce_all(finite), stats_lib.global_norm(l2), float("nan"))
         return _clip_global(grads, self.threshold_after(total), Norms(l2, finite))
 
 

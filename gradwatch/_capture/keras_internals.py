@@ -125,7 +125,7 @@ def apply_if_finite(apply_fn: Callable[..., Any], grads, variables, finite: tf.T
 
 
 def run_function(fn: Any, **kwargs: Any) -> Any:
-    """``tf.function(fn, **kwargs)`` for a function each run (engine, probe, watch)
+    """``tf.function(fn, **kwargs)`` for a function each run (recorder, probe, watch)
     creates anew. TensorFlow counts traces per Python code object, not per
     ``tf.function``, so a process that trains several models (the demo, a
     hyperparameter loop) would be warned of "excessive retracing" for what is one

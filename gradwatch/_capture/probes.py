@@ -1,7 +1,8 @@
 """In-graph probes beyond the every-step norms: dead units, update/weight ratio and
 direction, and gradient histograms.  Each one owns its own variables, runs inside
-the step (``observe``), hands its state to the engine's single read (``fetch``, in
-the read's ``tf.function``) and turns the fetched arrays into rows (``interpret``).
+the step (``observe``) and hands its state to the recorder's single read (``fetch``, in
+the read's ``tf.function``); the host decodes the fetched arrays
+(``gradwatch._interpret.probe_layout``), which also defines what each probe tracks.
 
 * :class:`UnitProbe` — per unit, the number of consecutive steps whose gradient was
   exactly zero.  A unit's bias gradient is the sum over the batch of the signal the
@@ -174,7 +175,7 @@ class UnitProbe:
         return measure_silent
 
     def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """In-graph, for the engine's single read: the counters (nothing is reset)."""
+        """In-graph, for the recorder's single read: the counters (nothing is reset)."""
         return self.zero_run.read_value(), self.silent.read_value()
 
 class UpdateProbe:
@@ -197,8 +198,8 @@ class UpdateProbe:
         self.sizes = [sizes[i] for i in self.slots]
         # The flat snapshot (and gradient copy) holds the measured variables ordered
         # by size, so each size's block reshapes to [count, size] and a sum per
-        # variable is one row reduction per size, not one per variable (a 400-variable
-        # net had 1,600 reductions in a measure, and 17 s of XLA compile).
+        # variable is one row reduction per size, not one per variable (whose count,
+        # and XLA compile time, grows with a deep net's variables).
         self._order = sorted(range(len(self.slots)), key=lambda k: self.sizes[k])
         # (size, count) in the flat layout
         self._blocks = [(size, len(list(run)))
@@ -355,7 +356,7 @@ class UpdateProbe:
                                       lambda: state))
 
     def fetch(self) -> tf.Tensor:
-        """In-graph, for the engine's single read: the measurements, then reset."""
+        """In-graph, for the recorder's single read: the measurements, then reset."""
         measured = self.result.read_value()
         with tf.control_dependencies([measured]):
             self.result.assign(tf.constant(self._reset()))
@@ -478,7 +479,7 @@ class HistogramProbe:
         return tf.gather(tf.concat(parts, axis=0), tf.constant(index, tf.int32))
 
     def fetch(self) -> tuple[tf.Tensor, ...]:
-        """In-graph, for the engine's single read: (step, counts, signed counts,
+        """In-graph, for the recorder's single read: (step, counts, signed counts,
         bounds) of the last histogram step; the step is reset to -1 (none)."""
         fetched = (self.step.read_value(), self.counts.read_value(),
                    self.signed_counts.read_value(), self.bounds.read_value())
@@ -500,7 +501,7 @@ class ActivationProbe:
 
     def __init__(self, topology: Topology, layers: Sequence[tuple[Any, str]], strategy: Any = None):
         self.topology = topology
-        index = {layer.name: i for i, layer in enumerate(topology.layers)}
+        index = topology.layer_positions()
         self.layers = [(layer, index[owner]) for layer, owner in layers if owner in index]
         self.training = replica_variable(np.array(True), "gradwatch_act_training", strategy)
         self.runs: list[Any] = []

@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from gradwatch import clip as clip_lib
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import probes as probes_lib
 from gradwatch._capture.accumulate import StepBuffer, StepFolder, loss_pair
@@ -65,7 +64,7 @@ class Recorder:
                  xla_branch_min_variables: int | None = None):
         self._options = options
         self._branch_min = xla_branch_min_variables
-        self._clip = clip_lib.as_clip(options.clip)
+        self._clip = options.clip  # already a Clip (Options validated it)
         self._host_snapshots = bool(host_update_snapshots)
         self.topology: Topology | None = None
         self.chief = True

@@ -16,6 +16,7 @@ cheap one cannot be trusted.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -37,6 +38,21 @@ class GradStats(NamedTuple):
     nonfinite: tf.Tensor  # number of NaN/Inf entries
 
 
+def summed_rows(grad: tf.IndexedSlices) -> tf.Tensor:
+    """Returns the rows of a sparse gradient with repeated indices summed, as the
+    dense gradient holds them (one row per touched index)."""
+    unique_rows, positions = tf.unique(grad.indices)
+    return tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_rows)[0])
+
+
+def safe_norm(values: tf.Tensor) -> tf.Tensor:
+    """Returns the L2 norm of ``values`` (any shape), scaled by the largest entry so
+    that squaring neither overflows nor underflows float32."""
+    largest = tf.reduce_max(tf.abs(values))
+    scale = tf.where(largest > 0.0, largest, 1.0)
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale)))
+
+
 def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
     """Returns a float32 vector of the gradient's non-implicit entries and its dense size.
 
@@ -54,14 +70,8 @@ def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
                 "gradwatch needs the static shape of a sparse gradient's variable; "
                 f"got IndexedSlices with dense shape {static}."
             )
-        size = 1
-        for dim in static:
-            size *= int(dim)
-        unique_rows, positions = tf.unique(grad.indices)
-        summed = tf.math.unsorted_segment_sum(
-            grad.values, positions, tf.shape(unique_rows)[0]
-        )
-        return tf.reshape(tf.cast(summed, tf.float32), [-1]), size
+        size = math.prod(int(dim) for dim in static)
+        return tf.reshape(tf.cast(summed_rows(grad), tf.float32), [-1]), size
     values, size = _unflattened(grad)
     return tf.reshape(values, [-1]), size
 
@@ -74,9 +84,8 @@ SAFE_MIN_SQ = SAFE_MIN * SAFE_MIN
 STACK_LIMIT = 16384
 # ... and a stacked matrix holds at most this many entries (more gradients of that
 # size make several groups, each a buffer below the allocator's large-block
-# threshold): in one fresh 1.6 MB buffer the 100 stacked 64x64 kernels of a 100-layer
-# net took 440 us to stack and 220 us to square in a profiled step on this 2-core
-# machine, more than all of gradwatch's other per-step work on that net.
+# threshold): a large fresh stack costs more to fill and square than the ops it
+# saves (see benchmarks/README.md).
 GROUP_LIMIT = 16384
 
 
@@ -153,14 +162,11 @@ def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
 
 
 def group_sum_of_squares(group: Group) -> tf.Tensor:
-    """[n] sum of g**2 of each row of a group, one pass over the entries.
+    """Returns [n]: the sum of g**2 of each row of a group, in one pass over the entries.
 
-    A single row (every large gradient) is one ``L2Loss``: Eigen squares and sums in
-    one threaded pass, with no squared copy of the gradient. Measured in a function
-    where the gradient is fresh from its matmul, as in a training step (784x512
-    kernel, this 2-core CPU): ``L2Loss`` +38 us wall and +81 us CPU, a BLAS dot of
-    the flattened gradient with itself +102 us and +176 us, ``reduce_sum(square(g))``
-    +101 us and +196 us. Under XLA the square and the sum fuse into one loop instead.
+    A single row (every large gradient) is one ``L2Loss``: one threaded pass with no
+    squared copy, the cheapest of the three ways measured (benchmarks/README.md).
+    Under XLA the square and the sum fuse into one loop instead.
     """
     if group.matrix.shape[0] == 1 and not in_xla_context():
         return tf.reshape(2.0 * tf.nn.l2_loss(group.matrix), [1])
@@ -289,12 +295,10 @@ def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
 
 
 def global_norm(l2: tf.Tensor) -> tf.Tensor:
-    """The global norm from per-variable norms, overflow-safe."""
+    """Returns the global norm of per-variable norms (overflow-safe; 0 for none)."""
     if l2.shape.num_elements() == 0:
         return tf.zeros([], tf.float32)
-    largest = tf.reduce_max(l2)
-    scale = tf.where(largest > 0.0, largest, 1.0)
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(l2 / scale)))
+    return safe_norm(l2)
 
 
 def layer_stats(

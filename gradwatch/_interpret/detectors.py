@@ -306,7 +306,7 @@ def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
 
 def _update_mismatch(stats_rows, topology, state, thresholds, step, quiet: set[str]) -> list[Alert]:
     alerts = []
-    sizes = {v.name: math.prod(v.shape) if v.shape else 1 for v in topology.variables}
+    sizes = dict(zip(topology.variable_names, topology.variable_sizes()))
     window = thresholds.update_cos_window
     for row in stats_rows:
         name = row["variable"]

@@ -28,11 +28,6 @@ UPDATE_ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
 _FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 
-def update_due(step: int) -> bool:
-    """Returns whether the update probe snapshots the weights before ``step`` (1-based)."""
-    return (step - 1) % UPDATE_EVERY == 0
-
-
 def _short(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 

@@ -2,7 +2,7 @@
 ``layers.csv`` and ``alerts.csv``.
 
 Every write is flushed, so a killed process loses at most the rows of the
-window being written, and of the windows queued for the engine's writer thread
+window being written, and of the windows queued for the output's writer thread
 (two at most).  With ``append=True`` a resumed run continues the same
 files: the header must match, the watched variables must match, a torn last
 line is cut off, and rows at or after the resumed run's first step are

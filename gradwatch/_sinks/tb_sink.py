@@ -5,11 +5,11 @@ Summaries are built as TensorBoard protobufs and written as TFRecords directly i
 one ``events.out.tfevents.<time>.<host>.<pid>.<n>.gradwatch`` file per sink.  Each window
 is one event at ``step = window_row["step"]``, flushed before
 :meth:`TensorBoardSink.write_window` returns, so a killed process keeps every window
-written before the kill (the engine calls it on its writer thread: the windows still
+written before the kill (the output calls it on its writer thread: the windows still
 queued there, two at most, are lost).  The file is written by :class:`EventFile`, not by
 TensorBoard's ``EventFileWriter``: that one checksums records with a pure-Python CRC in a
-background thread (~40 ms and the GIL for a 200-variable window) and opens files through
-``tf.io.gfile``; :mod:`gradwatch._io.records` frames them (google-crc32c) in microseconds.
+background thread (holding the GIL for a large window) and opens files through
+``tf.io.gfile``; :mod:`gradwatch._io.records` frames them with google-crc32c.
 
 Tags (``<layer>`` is the layer name as it is, ``/`` included):
 
