@@ -98,12 +98,27 @@ class Clip:
     """
 
     def build(self, strategy: tf.distribute.Strategy | None = None) -> None:
+        """Creates the transform's state, if any (once, outside any trace).
+
+        Args:
+            strategy: the ``tf.distribute`` strategy the step runs under, if any.
+        """
         del strategy
 
     def __call__(
         self, grads: Sequence[Any], variables: Sequence[Any], norms: Norms | None = None
     ) -> ClipResult:
-        """Clips ``grads``; ``norms``, when given, are their pre-clip norms."""
+        """Clips gradients, in-graph.
+
+        Args:
+            grads: the gradients (dense or ``IndexedSlices``; none is ``None``).
+            variables: their variables (``Adaptive`` reads the weights).
+            norms: their pre-clip norms and finiteness, when the caller measured them.
+
+        Returns:
+            ``ClipResult(grads, threshold, post_norms)``: the clipped gradients, the
+            bound applied (NaN where it is per unit), and the post-clip norms when known.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -118,6 +133,9 @@ class GlobalNorm(Clip):
     """Scales all gradients together so their global L2 norm is at most ``max_norm``.
 
     Same update as Keras ``global_clipnorm`` / ``tf.clip_by_global_norm``.
+
+    Args:
+        max_norm: the bound, a positive number.
     """
 
     def __init__(self, max_norm: float):
@@ -150,6 +168,9 @@ class PerVariableNorm(Clip):
     """Scales each gradient so its own L2 norm is at most ``max_norm``.
 
     Same update as Keras ``clipnorm`` / ``tf.clip_by_norm`` (for dense gradients).
+
+    Args:
+        max_norm: the bound, a positive number.
     """
 
     def __init__(self, max_norm: float):
@@ -172,6 +193,9 @@ class Value(Clip):
 
     NaN stays NaN and +/-Inf stays non-finite: a gradient with a non-finite
     entry is returned unchanged.
+
+    Args:
+        limit: the bound on each entry's magnitude, a positive number.
     """
 
     def __init__(self, limit: float):
@@ -300,7 +324,11 @@ class Percentile(Clip):
 
 
 class Chain(Clip):
-    """Applies several transforms in order (e.g. ``Chain(Value(1.0), GlobalNorm(5.0))``)."""
+    """Applies several transforms in order (e.g. ``Chain(Value(1.0), GlobalNorm(5.0))``).
+
+    Args:
+        *clips: the transforms (or numbers, each a ``GlobalNorm`` bound), first applied first.
+    """
 
     def __init__(self, *clips: Clip):
         if not clips:
@@ -327,7 +355,17 @@ class Chain(Clip):
 
 
 def as_clip(value: Any) -> Clip | None:
-    """``None`` -> None; a number -> ``GlobalNorm(number)``; a ``Clip`` as it is."""
+    """Turns a ``clip=`` argument into a transform.
+
+    Args:
+        value: None, a positive number (the global-norm bound) or a ``Clip``.
+
+    Returns:
+        None, ``GlobalNorm(value)`` or the ``Clip`` itself.
+
+    Raises:
+        TypeError: any other value.
+    """
     if value is None or isinstance(value, Clip):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):

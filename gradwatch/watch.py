@@ -157,9 +157,14 @@ class Watch:
 
     @tf.autograph.experimental.do_not_convert
     def apply(self, optimizer: Any, grads: Sequence[Any], variables: Sequence[Any]) -> None:
-        """``optimizer.apply_gradients(zip(grads, variables))``, except that with
-        ``on_nonfinite`` "skip_step", "stop" or "raise" a step whose gradient had a
-        NaN/Inf is not applied at all (weights and optimizer state untouched).
+        """Applies the gradients: ``optimizer.apply_gradients(zip(grads, variables))``,
+        except that with ``on_nonfinite`` "skip_step", "stop" or "raise" a step whose
+        gradient had a NaN/Inf is not applied at all (weights and optimizer state untouched).
+
+        Args:
+            optimizer: a Keras optimizer.
+            grads: the gradients ``observe`` returned.
+            variables: their variables.
 
         Call it after ``observe`` in the same step (inside or outside ``tf.function``).
         """
@@ -217,9 +222,16 @@ class Watch:
         self._pipeline.open()
 
     def step_end(self, loss: float | None = None) -> dict[str, Any] | None:
-        """Host side, after each training step: writes the window every ``log_every`` steps.
+        """Ends a step on the host: reads and writes the window every ``log_every`` steps.
 
-        Returns the window row when one was written, else None.
+        Args:
+            loss: the step's loss, reported when ``observe`` was given none.
+
+        Returns:
+            The window row when one was written, else None.
+
+        Raises:
+            NonFiniteGradientError: a non-finite gradient with ``on_nonfinite="raise"``.
         """
         if self._closed:
             raise RuntimeError("Watch.step_end() called after close(); create a new Watch.")
@@ -251,7 +263,11 @@ class Watch:
         return dict(result.window_row)  # a copy: the writer thread may still format it
 
     def flush(self) -> dict[str, Any] | None:
-        """Writes the steps observed since the last write now."""
+        """Writes the steps observed since the last write now.
+
+        Returns:
+            The window row, or None when no step was observed since the last write.
+        """
         return self._read()
 
     def close(self) -> None:

@@ -359,8 +359,16 @@ def _has_data(log_dir: str, source: str) -> bool:
 
 
 def list_runs(log_dir: str | os.PathLike[str], source: str = "auto") -> list[str]:
-    """The gradwatch runs in ``log_dir`` and its subdirectories (recursively), as paths relative
-    to ``log_dir`` ("." for ``log_dir`` itself), sorted."""
+    """Lists the gradwatch runs in ``log_dir`` and its subdirectories (recursively).
+
+    Args:
+        log_dir: the directory to search.
+        source: ``"auto"`` (CSV files when present, else TensorBoard event files),
+            ``"csv"`` or ``"events"``.
+
+    Returns:
+        The runs' paths relative to ``log_dir`` ("." for ``log_dir`` itself), sorted.
+    """
     _check_source(source)
     log_dir = _require_dir(log_dir)
     runs = []
@@ -469,7 +477,20 @@ def read_stats(
 
 
 def read_windows(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.DataFrame:
-    """Per-window globals of a run (``windows.csv`` columns) as a DataFrame."""
+    """Reads the per-window globals of a run.
+
+    Args:
+        log_dir: a run's ``log_dir`` (or a directory above several runs: then a
+            leading ``run`` column says which).
+        source: ``"auto"`` (CSV files when present, else TensorBoard event files),
+            ``"csv"`` or ``"events"``.
+
+    Returns:
+        One row per window, in the ``windows.csv`` column order, sorted by step.
+
+    Raises:
+        GradwatchDataError: no run there, or one written by a newer gradwatch.
+    """
 
     def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
         if not csv:
@@ -484,7 +505,20 @@ def read_windows(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Da
 
 
 def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.DataFrame:
-    """The alerts of a run, one row per alert, in the ``alerts.csv`` column order."""
+    """Reads the alerts of a run.
+
+    Args:
+        log_dir: a run's ``log_dir`` (or a directory above several runs: then a
+            leading ``run`` column says which).
+        source: ``"auto"`` (CSV files when present, else TensorBoard event files),
+            ``"csv"`` or ``"events"``.
+
+    Returns:
+        One row per alert, in the ``alerts.csv`` column order (empty when none fired).
+
+    Raises:
+        GradwatchDataError: no run there, or one written by a newer gradwatch.
+    """
 
     def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
         if csv:
@@ -505,7 +539,19 @@ def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Dat
 
 
 def read_run(log_dir: str | os.PathLike[str], source: str = "auto") -> dict[str, Any]:
-    """The run's ``run.json`` metadata (from the ``gradwatch/run`` summary when there is no CSV)."""
+    """Reads a run's ``run.json`` metadata (from the ``gradwatch/run`` summary without CSV files).
+
+    Args:
+        log_dir: one run's ``log_dir``.
+        source: ``"auto"`` (CSV files when present, else TensorBoard event files),
+            ``"csv"`` or ``"events"``.
+
+    Returns:
+        The run's description: versions, options, layers and variables.
+
+    Raises:
+        GradwatchDataError: no run there, several runs, or one written by a newer gradwatch.
+    """
     runs = _runs_of(log_dir, source)
     if runs[0][0] is not None:
         raise GradwatchDataError(
