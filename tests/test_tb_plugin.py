@@ -295,6 +295,7 @@ def local_plugin(tmp_path):
     return plugin, {route: Client(app) for route, app in plugin.get_plugin_apps().items()}
 
 
+@pytest.mark.fast
 def test_is_active_only_with_gradwatch_data(tmp_path):
     write_other(str(tmp_path / "other"))
     plugin, multiplexer = _local_plugin(str(tmp_path))
@@ -321,6 +322,7 @@ TRAVERSALS = [
 ]
 
 
+@pytest.mark.fast
 def test_static_route_rejects_traversal_wsgi(local_plugin):
     plugin, clients = local_plugin
     static = clients["/static/*"]
@@ -336,6 +338,7 @@ def test_static_route_rejects_traversal_wsgi(local_plugin):
     assert b"export async function render" in index.data
 
 
+@pytest.mark.fast
 def test_empty_logdir_has_no_runs(local_plugin):
     plugin, clients = local_plugin
     assert plugin.is_active() is False
@@ -346,6 +349,7 @@ def test_empty_logdir_has_no_runs(local_plugin):
     assert bad.status_code == 400 and "'abc'" in json.loads(bad.data)["error"]
 
 
+@pytest.mark.fast
 def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
     """The plugin's partial parser agrees with tb_format.decode_window, even with names that spell keys."""
     from gradwatch.tb_plugin.plugin import build_run
@@ -382,6 +386,7 @@ def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
     assert np.array_equal(grown.log_l2, fresh.log_l2, equal_nan=True) and grown.alerts == fresh.alerts
 
 
+@pytest.mark.fast
 def test_gaps_count_dropped_windows_not_overlaps():
     from gradwatch.tb_plugin.plugin import RunData
 
@@ -397,6 +402,7 @@ def test_gaps_count_dropped_windows_not_overlaps():
     }
 
 
+@pytest.mark.fast
 def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
     from gradwatch.tb_plugin.plugin import RunData, bucket_of, downsample_columns, flow_json
 
