@@ -41,7 +41,7 @@ test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The fast tier: tests marked `fast` (unit tests and synthetic-row detector tests; no
-# subprocess, no browser, no fit beyond a trivial one): 136 tests, 26-28 s wall here
+# subprocess, no browser, no fit beyond a trivial one): 136 tests, 24-28 s wall here
 # with two workers against 33-39 s in one process (2026-12-06, 2 cores, TensorFlow
 # import and collection included; each worker pays them, which -n 2 still wins back).
 check: $(STAMP_DEV)
