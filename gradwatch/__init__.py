@@ -27,7 +27,7 @@ _LAZY = {
 }
 _LAZY_MODULES = {
     "clip": "gradwatch.clip",
-    "detectors": "gradwatch.detectors",
+    "detectors": "gradwatch._interpret.detectors",
 }
 
 __all__ = [

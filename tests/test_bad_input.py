@@ -59,6 +59,7 @@ def _sgd_replay(model: keras.Model, batches, learning_rate: float) -> list[dict[
     return steps
 
 
+@pytest.mark.fast
 def test_integer_variable_in_watch_is_a_clear_error(log_dir):
     w = tf.Variable(tf.ones([3, 2]), name="w")
     count = tf.Variable([1, 2], dtype=tf.int32, name="count")
@@ -77,6 +78,7 @@ def test_integer_variable_in_watch_is_a_clear_error(log_dir):
     assert stats.l2.iloc[0] == pytest.approx(np_stats(grads[0].numpy())["l2"], rel=1e-6)
 
 
+@pytest.mark.fast
 def test_variable_added_after_the_first_step_is_named(log_dir):
     w = tf.Variable(tf.ones([3, 2]), name="w")
     late = tf.Variable(tf.ones([2]), name="late_bias")
@@ -198,6 +200,7 @@ def test_nan_in_the_first_batch(log_dir):
     assert "step 1" in alerts.message.iloc[0]
 
 
+@pytest.mark.fast
 def test_log_dir_that_is_a_file(tmp_path):
     path = tmp_path / "not_a_dir"
     path.write_text("x")

@@ -26,6 +26,7 @@ def _global(grads):
 
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+@pytest.mark.fast
 def test_global_norm_invariants(scale):
     grads = _grads(scale)
     transform = clip.GlobalNorm(2.0)
@@ -40,6 +41,7 @@ def test_global_norm_invariants(scale):
     assert cosine == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.fast
 def test_per_variable_norm_and_value_invariants():
     grads = _grads(10.0)
     per_var = clip.PerVariableNorm(1.5)(grads, [None] * 3).grads
@@ -57,6 +59,7 @@ def test_per_variable_norm_and_value_invariants():
 @pytest.mark.parametrize(
     "transform", [clip.GlobalNorm(1.0), clip.PerVariableNorm(1.0), clip.Value(1.0), clip.Adaptive(0.01)]
 )
+@pytest.mark.fast
 def test_non_finite_gradients_are_never_made_finite(transform):
     grads = [tf.constant([np.nan, 5.0, -7.0]), tf.constant([np.inf, 1.0, 2.0])]
     variables = [tf.Variable([1.0, 1.0, 1.0]), tf.Variable([1.0, 1.0, 1.0])]
@@ -67,6 +70,7 @@ def test_non_finite_gradients_are_never_made_finite(transform):
         np.testing.assert_array_equal(after.numpy()[finite], before.numpy()[finite])
 
 
+@pytest.mark.fast
 def test_adaptive_bounds_each_unit_ratio():
     kernel = tf.Variable(RNG.normal(size=(6, 4)).astype("float32"))
     conv = tf.Variable(RNG.normal(size=(3, 3, 2, 5)).astype("float32") * 0.1)
@@ -84,6 +88,7 @@ def test_adaptive_bounds_each_unit_ratio():
     np.testing.assert_allclose(clip.Adaptive(0.05)(small, [kernel]).grads[0].numpy(), small[0].numpy())
 
 
+@pytest.mark.fast
 def test_percentile_threshold_follows_the_history():
     transform = clip.Percentile(p=50, history=5)
     history = []
@@ -95,6 +100,7 @@ def test_percentile_threshold_follows_the_history():
         np.percentile(history[-5:], 50))  # non-finite norms are not recorded
 
 
+@pytest.mark.fast
 def test_bad_parameters_say_what_is_allowed():
     with pytest.raises(ValueError, match="max_norm must be a finite number > 0; received -1"):
         clip.GlobalNorm(-1)
@@ -176,6 +182,7 @@ def test_monitor_clipping_under_mixed_precision_equals_keras(tmp_path):
     assert len(clean) and list(clean.clip_global_l2_max) == pytest.approx([1.0] * len(clean), rel=1e-3)
 
 
+@pytest.mark.fast
 def test_double_clipping_is_refused(tmp_path):
     x, y = _data()
     model = _model()
@@ -184,6 +191,7 @@ def test_double_clipping_is_refused(tmp_path):
         model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=str(tmp_path), clip=1.0)])
 
 
+@pytest.mark.fast
 def test_watch_apply_refuses_double_clipping():
     v = tf.Variable([1.0])
     watch = gw.Watch(log_dir=None, clip=1.0)

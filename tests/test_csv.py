@@ -20,6 +20,7 @@ def _run(log_dir, steps, append=False, names=("layer/w",), log_every=2, scale=1.
             watch.step_end()
 
 
+@pytest.mark.fast
 def test_columns_are_the_contract(log_dir):
     _run(log_dir, 4)
     with open(os.path.join(log_dir, "windows.csv")) as f:
@@ -35,6 +36,7 @@ def test_columns_are_the_contract(log_dir):
         "mean_abs", "zero_frac", "nonfinite", "grad_steps")
 
 
+@pytest.mark.fast
 def test_reader_tolerates_a_torn_last_line(log_dir):
     _run(log_dir, 6)
     path = os.path.join(log_dir, "stats.csv")
@@ -50,6 +52,7 @@ def test_reader_tolerates_a_torn_last_line(log_dir):
         assert all(len(line.split(",")) == len(STATS_COLUMNS) for line in f.read().splitlines())
 
 
+@pytest.mark.fast
 def test_append_refuses_different_columns(log_dir):
     _run(log_dir, 2)
     path = os.path.join(log_dir, "windows.csv")
@@ -61,12 +64,14 @@ def test_append_refuses_different_columns(log_dir):
         _run(log_dir, 2, append=True)
 
 
+@pytest.mark.fast
 def test_append_refuses_different_variables_and_says_why(log_dir):
     _run(log_dir, 2, names=("dense_1/kernel",))
     with pytest.raises(ValueError, match="Auto-numbered layer names"):
         _run(log_dir, 2, append=True, names=("dense_7/kernel",))
 
 
+@pytest.mark.fast
 def test_no_append_overwrites(log_dir):
     _run(log_dir, 4)
     _run(log_dir, 2)
@@ -103,6 +108,7 @@ def test_resume_supersedes_rows_after_the_checkpoint(tmp_path):
     assert len(stats) == 8 and not stats.duplicated(["step", "variable"]).any()
 
 
+@pytest.mark.fast
 def test_read_errors_are_clear(tmp_path):
     with pytest.raises(gw.GradwatchDataError, match="does not exist"):
         gw.read_stats(str(tmp_path / "nope"))
@@ -126,6 +132,7 @@ def test_read_errors_are_clear(tmp_path):
         ({"log_dir": 3}, TypeError, "log_dir must be a path"),
     ],
 )
+@pytest.mark.fast
 def test_invalid_options_name_argument_value_and_choices(kwargs, error, match):
     with pytest.raises(error, match=match):
         gw.GradientMonitor(**{"log_dir": None, **kwargs})
@@ -133,6 +140,7 @@ def test_invalid_options_name_argument_value_and_choices(kwargs, error, match):
         gw.Watch(**{"log_dir": None, **kwargs})
 
 
+@pytest.mark.fast
 def test_log_dir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

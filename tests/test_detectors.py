@@ -39,6 +39,7 @@ def _run(windows, thresholds=DEFAULTS):
     return out
 
 
+@pytest.mark.fast
 def test_vanishing_fires_after_patience_once_then_recovers():
     tiny = ([1e-7, 1e-2, 1.0], None)  # first layer: rms 1e-8 vs output ~0.3
     healthy = ([1e-2, 1e-2, 1.0], None)
@@ -52,6 +53,7 @@ def test_vanishing_fires_after_patience_once_then_recovers():
     assert "ReLU" in result[2][0].hint and "recovered" in result[7][0].message
 
 
+@pytest.mark.fast
 def test_a_value_hovering_at_a_bound_does_not_flap():
     tiny = ([1e-7, 1e-2, 1.0], None)
     healthy = ([1e-2, 1e-2, 1.0], None)
@@ -60,6 +62,7 @@ def test_a_value_hovering_at_a_bound_does_not_flap():
     assert [(a.severity, a.kind) for a in rows] == [("warning", "vanishing_gradient")]
 
 
+@pytest.mark.fast
 def test_reminder_is_periodic():
     tiny = ([1e-7, 1e-2, 1.0], None)
     result = _run([tiny] * 9, Thresholds(patience=2, remind_every=3))
@@ -68,6 +71,7 @@ def test_reminder_is_periodic():
     assert result[4][0].message.startswith("Still:")
 
 
+@pytest.mark.fast
 def test_exploding_fires_at_once_on_a_huge_norm_and_on_sustained_growth():
     huge = _run([([1.0, 1.0, 1.0], {"middle": 5e4})])
     assert [(a.kind, a.layer) for a in huge[0]] == [("exploding_gradient", "middle")]
@@ -77,6 +81,7 @@ def test_exploding_fires_at_once_on_a_huge_norm_and_on_sustained_growth():
     assert "lower the learning rate" in growth[3][0].hint.lower()
 
 
+@pytest.mark.fast
 def test_output_layer_is_the_reference_not_a_suspect():
     result = _run([([1e-3, 1e-3, 1e-12], None)] * 4)
     assert not any(a.layer == "out" and a.kind == "vanishing_gradient" for w in result for a in w)
@@ -85,6 +90,7 @@ def test_output_layer_is_the_reference_not_a_suspect():
 @pytest.mark.parametrize(
     "field, value", [("patience", 0), ("vanishing_rms", -1.0), ("exploding_l2", float("nan"))]
 )
+@pytest.mark.fast
 def test_thresholds_are_validated(field, value):
     with pytest.raises(ValueError, match=f"Thresholds.{field} must be"):
         Thresholds(**{field: value})

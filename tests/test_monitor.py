@@ -350,6 +350,7 @@ def test_warns_when_no_step_was_observed(log_dir):
         model.fit(x, y, verbose=0, callbacks=[gw.GradientMonitor(log_dir=log_dir)])
 
 
+@pytest.mark.fast
 def test_missing_optimizer_is_a_clear_error(log_dir):
     model = make_mlp()
     model.compile(loss="mse")
@@ -460,6 +461,7 @@ def test_backup_and_restore_resume_continues_steps(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == 32
 
 
+@pytest.mark.fast
 def test_no_trainable_variables_warns_and_stays_idle(log_dir):
     model = make_mlp()
     for layer in model.layers:
@@ -472,6 +474,7 @@ def test_no_trainable_variables_warns_and_stays_idle(log_dir):
     assert any("no trainable variables" in str(w.message) for w in caught)
 
 
+@pytest.mark.fast
 def test_keras_internals_are_where_gradwatch_expects_them():
     assert internals.check_internals() == []
 
@@ -496,6 +499,7 @@ def test_loss_scale_overflow_skips_keep_steps_unique(log_dir):
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+@pytest.mark.fast
 def test_strategy_off_the_allow_list_is_refused_clearly(log_dir):
     class HomeMadeStrategy(tf.distribute.OneDeviceStrategy):
         pass

@@ -136,6 +136,7 @@ def test_stop_ends_training_with_finite_weights(log_dir):
 
 
 @pytest.mark.parametrize("in_function", [True, False])
+@pytest.mark.fast
 def test_watch_apply_skips_non_finite_steps(log_dir, in_function):
     w = tf.Variable([1.0, 2.0])
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
@@ -158,6 +159,7 @@ def test_watch_apply_skips_non_finite_steps(log_dir, in_function):
     watch.close()
 
 
+@pytest.mark.fast
 def test_no_gradient_alert_is_raised_once_per_variable(log_dir):
     used, unused = tf.Variable([1.0]), tf.Variable([2.0])
     with gw.Watch(log_dir=log_dir, log_every=1, names=["a/used", "b/unused"]) as watch:

@@ -154,6 +154,7 @@ def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradi
     assert stats[stats.step > 5].update_cos.isna().all()
 
 
+@pytest.mark.fast
 def test_update_probe_under_steps_per_execution_measures_the_first_step(tmp_path):
     x, y = _data()
     weights, grads = _replay(_model(), x, y, 32, 0.1, 2)
@@ -167,6 +168,7 @@ def test_update_probe_under_steps_per_execution_measures_the_first_step(tmp_path
     assert row.update_cos == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.fast
 def test_watch_sees_a_manual_assign_sub_update(tmp_path):
     rng = np.random.default_rng(1)
     w = tf.Variable(rng.normal(size=(12, 4)).astype("float32"), name="w")
@@ -204,6 +206,7 @@ def _half_dead(*middle):
     ])
 
 
+@pytest.mark.fast
 def test_dead_fraction_counts_units_dead_on_every_batch(tmp_path):
     x, y = _data(n=640)
     model = _half_dead()

@@ -88,6 +88,7 @@ def test_events_only_run_reads_like_csv_including_run_info(run, tmp_path):
     assert (layers.variable == "*").all()
 
 
+@pytest.mark.fast
 def test_the_fast_decoder_agrees_with_tb_format_on_non_finite_values(tmp_path):
     """NaN, +-Inf, null and text that reads "nan" come back as tb_format.decode_window gives them."""
     from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
@@ -263,6 +264,7 @@ def test_reading_events_does_not_import_tensorflow(run):
 
 
 @pytest.mark.parametrize("names", [["dense", "x,y"], ["a],[b", "c"], ['ünï"q', "tab\there"], ["nan", "]]}"]])
+@pytest.mark.fast
 def test_odd_layer_names_read_back_exactly(tmp_path, names):
     """Names with commas, row separators, quotes, non-ASCII or JSON escapes (the reader's fast
     path must notice them and fall back to json) read back as tb_format.decode_window gives them."""

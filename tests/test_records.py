@@ -19,6 +19,8 @@ from gradwatch._io.records import (
     write_record,
 )
 
+pytestmark = pytest.mark.fast
+
 RECORDS = [b"", b"a", b"\x00" * 7, bytes(range(256)) * 40, b"last record"]
 
 

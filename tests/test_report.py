@@ -166,6 +166,7 @@ def _write_run(log_dir: str, layers: list[str], windows: int = 6, alert_layer: s
     sink.close()
 
 
+@pytest.mark.fast
 def test_hostile_layer_names_are_escaped_in_html_and_markdown(tmp_path):
     run = tmp_path / "hostile"
     _write_run(str(run), [HOSTILE, "a$b|c", "plain"], alert_layer=HOSTILE)
@@ -258,6 +259,7 @@ def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
             shutil.rmtree(target)
 
 
+@pytest.mark.fast
 def test_two_hundred_layers_stay_readable(tmp_path):
     layers = [f"block_{i:03d}" for i in range(200)]
     _write_run(str(tmp_path / "wide"), layers, windows=5, alert_layer="block_150")
@@ -277,6 +279,7 @@ def test_two_hundred_layers_stay_readable(tmp_path):
     assert {"block_000", "block_199"} <= set(chosen)
 
 
+@pytest.mark.fast
 def test_a_run_without_windows_is_no_data_not_healthy(tmp_path, capsys):
     _write_run(str(tmp_path / "empty_run"), ["a"], windows=0)
     assert main(["summary", str(tmp_path / "empty_run")]) == 0
@@ -284,6 +287,7 @@ def test_a_run_without_windows_is_no_data_not_healthy(tmp_path, capsys):
     assert load_all(str(tmp_path / "empty_run"))[0].healthy == {"a": "no statistics"}
 
 
+@pytest.mark.fast
 def test_default_progress_is_silent_and_forced_progress_shows(tmp_path, capsys):
     _write_run(str(tmp_path / "run"), ["a", "b"])
     build_report(str(tmp_path / "run"), str(tmp_path / "a.html"))

@@ -21,6 +21,8 @@ from gradwatch._io.schema import SCHEMA_VERSION_KEY, check_schema_version
 from gradwatch._report.report import build_report, load_all
 from gradwatch.cli import main
 
+pytestmark = pytest.mark.fast
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 RUNS = ("run_v1", "watch_v1")
 

@@ -28,6 +28,8 @@ from gradwatch._sinks.csv_sink import CsvSink
 from gradwatch._sinks.tb_sink import EventFile, TensorBoardSink
 from gradwatch.cli import main
 
+pytestmark = pytest.mark.fast
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 NEWER = SCHEMA_VERSION + 1
 REFUSAL = (

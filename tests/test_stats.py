@@ -9,6 +9,8 @@ from conftest import np_stats
 
 from gradwatch._capture import stats as stats_lib
 
+pytestmark = pytest.mark.fast
+
 FIELDS = ("l2", "max_abs", "mean_abs", "zero_frac", "nonfinite")
 
 

@@ -13,6 +13,8 @@ from hypothesis.extra import numpy as hnp
 
 from gradwatch._capture import stats as stats_lib
 
+pytestmark = pytest.mark.fast
+
 DTYPES = {
     "float16": (np.float16, 6e4),
     "bfloat16": (np.float32, 1e37),  # drawn as float32, cast to bfloat16 in TF

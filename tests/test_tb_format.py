@@ -11,6 +11,8 @@ import pytest
 from gradwatch._io import tb_format
 from gradwatch._io.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
 
+pytestmark = pytest.mark.fast
+
 # Names that spell the payload's keys, quotes, escapes and non-ASCII: the fast path must not be fooled.
 TRICKY = ['"layers":{"columns":["layer"]', '"v":2', 'a\\"alerts\\":', "ünï/çødé", '"first_step":9', "plain"]
 

@@ -282,6 +282,7 @@ def local_plugin(tmp_path):
     return plugin, {route: Client(app) for route, app in plugin.get_plugin_apps().items()}
 
 
+@pytest.mark.fast
 def test_is_active_only_with_gradwatch_data(tmp_path):
     write_other(str(tmp_path / "other"))
     plugin, multiplexer = plugin_over(str(tmp_path))
@@ -308,6 +309,7 @@ TRAVERSALS = [
 ]
 
 
+@pytest.mark.fast
 def test_static_route_rejects_traversal_wsgi(local_plugin):
     plugin, clients = local_plugin
     static = clients["/static/*"]
@@ -323,6 +325,7 @@ def test_static_route_rejects_traversal_wsgi(local_plugin):
     assert b"export async function render" in index.data
 
 
+@pytest.mark.fast
 def test_empty_logdir_has_no_runs(local_plugin):
     plugin, clients = local_plugin
     assert plugin.is_active() is False
@@ -333,6 +336,7 @@ def test_empty_logdir_has_no_runs(local_plugin):
     assert bad.status_code == 400 and "'abc'" in json.loads(bad.data)["error"]
 
 
+@pytest.mark.fast
 def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
     """The plugin's partial parser agrees with tb_format.decode_window, even with names that spell keys."""
     from gradwatch.tb_plugin.plugin import build_run
@@ -369,6 +373,7 @@ def test_build_run_matches_decode_window_and_skips_unreadable_payloads():
     assert np.array_equal(grown.log_l2, fresh.log_l2, equal_nan=True) and grown.alerts == fresh.alerts
 
 
+@pytest.mark.fast
 def test_gaps_count_dropped_windows_not_overlaps():
     from gradwatch.tb_plugin.plugin import RunHeatmap
 
@@ -384,6 +389,7 @@ def test_gaps_count_dropped_windows_not_overlaps():
     }
 
 
+@pytest.mark.fast
 def test_downsample_200_layers_10000_windows_keeps_spikes_and_alerts():
     from gradwatch.tb_plugin.plugin import RunHeatmap, bucket_of, downsample_columns, flow_json
 

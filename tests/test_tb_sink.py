@@ -143,6 +143,7 @@ def test_the_alert_text_has_every_alert_of_its_window(run):
             assert cells[3] == alert["severity"]
 
 
+@pytest.mark.fast
 def test_alert_names_are_escaped_for_markdown_and_html(tmp_path):
     from tensorboard.plugin_util import markdown_to_safe_html
 
@@ -189,6 +190,7 @@ def test_histograms_are_k_by_3_with_the_given_edges_and_counts(run):
         assert scalars[(f"gradwatch/hist_nonfinite/{h['layer']}", 1)] == h["nonfinite"]
 
 
+@pytest.mark.fast
 def test_nan_and_inf_everywhere_are_written_without_crashing(tmp_path, caplog):
     from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 

@@ -100,6 +100,7 @@ def test_raw_variables_none_gradients_and_names(log_dir):
     assert windows.global_l2.iloc[0] == pytest.approx(np.sqrt(4 + 16 + 9))
 
 
+@pytest.mark.fast
 def test_names_argument_groups_layers(log_dir):
     a = tf.Variable(np.ones((2, 2), "float32"))
     b = tf.Variable(np.ones(2, "float32"))
@@ -119,6 +120,7 @@ def test_names_length_mismatch_is_a_clear_error(log_dir):
         watch.observe([tf.ones(1), tf.ones(1)], [tf.Variable([1.0]), tf.Variable([2.0])])
 
 
+@pytest.mark.fast
 def test_other_variables_later_are_a_clear_error(log_dir):
     watch = gw.Watch(log_dir=None)
     watch.observe([tf.ones(1)], [tf.Variable([1.0])])
@@ -126,6 +128,7 @@ def test_other_variables_later_are_a_clear_error(log_dir):
         watch.observe([tf.ones(1)], [tf.Variable([1.0])])
 
 
+@pytest.mark.fast
 def test_in_memory_watch_writes_no_files(tmp_path):
     os.chdir(tmp_path)
     v = tf.Variable([3.0, 4.0])

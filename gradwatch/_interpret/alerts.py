@@ -104,10 +104,12 @@ def nonfinite_alert(
     layer_counts = nonfinite_at_first[num_vars : num_vars + len(topology.layers)]
     bad_layers = [layer.name for layer, n in zip(topology.layers, layer_counts) if n > 0]
     first_backprop = bad_layers[-1] if bad_layers else ""
+    # a variable of that layer (by its layer, not its name: "dense_1/kernel" starts with "dense")
     bad_variables = [
-        v.name for v, n in zip(topology.variables, nonfinite_at_first[:num_vars]) if n > 0
+        v.name for v, n in zip(topology.variables, nonfinite_at_first[:num_vars])
+        if n > 0 and v.layer == first_backprop
     ]
-    variable = next((v for v in reversed(bad_variables) if v.startswith(first_backprop)), "")
+    variable = bad_variables[-1] if bad_variables else ""
     count = float(sum(n for n in nonfinite_at_first[:num_vars] if math.isfinite(n)))
     steps = int(window_row["nonfinite_steps"])
     loss_state = window_row.get("nonfinite_loss_at_first")
