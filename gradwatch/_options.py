@@ -60,7 +60,7 @@ class Options:
             self.thresholds = Thresholds()
         elif not isinstance(self.thresholds, Thresholds):
             raise TypeError(
-                "thresholds must be a gradwatch._interpret.detectors.Thresholds or None; "
+                "thresholds must be a gradwatch.Thresholds or None; "
                 f"received {self.thresholds!r}."
             )
         if not isinstance(self.signed_histograms, bool):

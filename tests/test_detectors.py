@@ -94,7 +94,7 @@ def test_output_layer_is_the_reference_not_a_suspect():
 def test_thresholds_are_validated(field, value):
     with pytest.raises(ValueError, match=f"Thresholds.{field} must be"):
         Thresholds(**{field: value})
-    with pytest.raises(TypeError, match="thresholds must be a gradwatch._interpret.detectors.Thresholds"):
+    with pytest.raises(TypeError, match="thresholds must be a gradwatch.Thresholds"):
         gw.GradientMonitor(log_dir=None, thresholds={"patience": 2})
 
 

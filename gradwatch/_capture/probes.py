@@ -40,8 +40,8 @@ the read's ``tf.function``); the host decodes the fetched arrays
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -69,6 +69,38 @@ MIN_SAMPLE_ENTRIES = 256
 FULL_HISTOGRAM_EVERY = 10
 
 
+class ProbeStep(NamedTuple):
+    """What every probe sees of a step, in-graph.
+
+    Attributes:
+        grads_by_slot: the present gradients by variable slot (global, loss-scaled).
+        step: the step's number.
+        sampled: whether it is the window's sampled step; None on the lean step,
+            which runs no probe work but the unit counters.
+        inv_scale: 1 / the loss scale (1 without one).
+        compiled: ``Compiler.branch``: makes a branch taken on some steps one node.
+    """
+
+    grads_by_slot: dict[int, Any]
+    step: tf.Tensor
+    sampled: tf.Tensor | None
+    inv_scale: tf.Tensor
+    compiled: Callable[..., Any]
+
+
+class Probe(Protocol):
+    """What the recorder calls on every probe: its name in a fetched window, a step
+    to record, the optimizer's update done, and its state for the host read."""
+
+    name: str
+
+    def record(self, step: ProbeStep) -> None: ...
+
+    def after_update(self, compiled: Callable[..., Any]) -> None: ...
+
+    def fetch(self) -> Any: ...
+
+
 def _weights(variable: Any) -> tf.Tensor:
     return tf.cast(tf.convert_to_tensor(variable), tf.float32)
 
@@ -79,6 +111,15 @@ def _dense(grad: Any) -> tf.Tensor:
 
 class UnitProbe:
     """Consecutive zero-gradient steps per unit (see the module docstring)."""
+
+    name = "units"
+
+    def record(self, step: ProbeStep) -> None:
+        """Counts on every step, the lean one included."""
+        self.observe(step.grads_by_slot, step.sampled, step.compiled)
+
+    def after_update(self, compiled: Callable[..., Any]) -> None:
+        """Nothing to do after the update."""
 
     def __init__(self, topology: Topology, strategy: Any = None):
         self.topology = topology
@@ -187,12 +228,33 @@ class UpdateProbe:
     more than the probe's own work.
     """
 
+    name = "updates"
+
+    def record(self, step: ProbeStep) -> None:
+        """On sampled steps: the in-graph snapshot and measure, or (host snapshots) the
+        gradient kept for ``after_update`` in this same trace."""
+        self._after_update_grads = {}
+        if step.sampled is None:
+            return
+        if self.host_snapshots:
+            self._after_update_grads = step.grads_by_slot
+        else:
+            # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...)
+            self.observe(step.grads_by_slot, tf.equal(tf.math.floormod(step.step - 1, UPDATE_EVERY), 0))
+
+    def after_update(self, compiled: Callable[..., Any]) -> None:
+        """Host snapshots: measures the change the update just made."""
+        if self.host_snapshots and self._after_update_grads:
+            self.measure_after_update(self._after_update_grads, compiled)
+        self._after_update_grads = {}
+
     def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
                  host_snapshots: bool = False):
         self.variables = list(variables)
         # True: snapshots are taken on the host (snapshot_now) and measured after the
         # update (measure_after_update); no gradient copy is kept. False: observe().
         self.host_snapshots = bool(host_snapshots)
+        self._after_update_grads: dict[int, Any] = {}
         self.slots = update_slots(topology)
         sizes = topology.variable_sizes()
         self.sizes = [sizes[i] for i in self.slots]
@@ -364,6 +426,16 @@ class UpdateProbe:
 
 class HistogramProbe:
     """log10|g| (and optionally signed) bucket counts per variable on histogram steps."""
+
+    name = "histograms"
+
+    def record(self, step: ProbeStep) -> None:
+        """On sampled steps that are histogram steps: the bucket counts."""
+        if step.sampled is not None:
+            self.observe(step.grads_by_slot, step.step, step.inv_scale)
+
+    def after_update(self, compiled: Callable[..., Any]) -> None:
+        """Nothing to do after the update."""
 
     def __init__(self, topology: Topology, every: int, signed: bool, strategy: Any = None):
         self.topology = topology

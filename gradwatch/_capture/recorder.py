@@ -17,7 +17,6 @@ from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
 from gradwatch._capture.measure import finish_stats, measure_gradients
 from gradwatch._capture.window import Window
-from gradwatch._interpret.probe_layout import UPDATE_EVERY
 from gradwatch._interpret.results import FetchedWindow
 from gradwatch._options import Options
 from gradwatch._topology import Topology
@@ -68,7 +67,6 @@ class Recorder:
         self._host_snapshots = bool(host_update_snapshots)
         self.topology: Topology | None = None
         self.chief = True
-        self._update_grads: dict[int, Any] = {}
         self._activations: probes_lib.ActivationProbe | None = None
 
     @property
@@ -109,14 +107,15 @@ class Recorder:
         self.buffer = StepBuffer(folder, self.window, num_vars, max(16, 2 * self._options.log_every),
                                  self._compiler, strategy)
         self._read_fn = internals.run_function(self._read_all, autograph=False)
-        self._units = probes_lib.UnitProbe(topology, strategy)
+        self._probes: list[probes_lib.Probe] = [probes_lib.UnitProbe(topology, strategy)]
+        self._updates = None
         # probes that write under a tf.cond cannot run under several replicas
-        single = self.buffer.buffered
-        self._updates = probes_lib.UpdateProbe(variables, topology, strategy, self._host_snapshots) \
-            if single else None
-        every = self._options.histogram_every
-        self._histograms = (probes_lib.HistogramProbe(topology, every, self._options.signed_histograms,
-                                                      strategy) if single and every > 0 else None)
+        if self.buffer.buffered:
+            self._updates = probes_lib.UpdateProbe(variables, topology, strategy, self._host_snapshots)
+            self._probes.append(self._updates)
+            if self._options.histogram_every > 0:
+                self._probes.append(probes_lib.HistogramProbe(
+                    topology, self._options.histogram_every, self._options.signed_histograms, strategy))
         if activation_layers is not None:
             self._activations = probes_lib.ActivationProbe(topology, activation_layers, strategy)
 
@@ -218,30 +217,17 @@ class Recorder:
             end = int(flat.shape[0])
             flat = tf.concat([flat, clip_scale, clip_fired], axis=0)
             index = np.concatenate([index, end + np.arange(2 * len(present)).reshape(2, len(present))])
-        self._run_probes(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale)
+        probe_step = probes_lib.ProbeStep(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale,
+                                          self._compiler.branch)
+        for probe in self._probes:
+            probe.record(probe_step)
         return flat, index, nonfinite_step, clip_threshold
-
-    def _run_probes(self, by_slot: dict[int, Any], step: tf.Tensor, sampled: tf.Tensor | None,
-                    inv_scale: tf.Tensor) -> None:
-        """Dead units every step; update and histogram probes on sampled steps (not lean ones)."""
-        self._units.observe(by_slot, sampled, self._compiler.branch)
-        self._update_grads = {}
-        if sampled is None:
-            return
-        if self._updates is not None and self._host_snapshots:
-            self._update_grads = by_slot  # measured in after_update(), in this same trace
-        elif self._updates is not None:
-            # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...)
-            self._updates.observe(by_slot, tf.equal(tf.math.floormod(step - 1, UPDATE_EVERY), 0))
-        if self._histograms is not None:
-            self._histograms.observe(by_slot, step, inv_scale)
 
     @tf.autograph.experimental.do_not_convert
     def after_update(self) -> None:
         """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
-        if self._updates is not None and self._host_snapshots and self._update_grads:
-            self._updates.measure_after_update(self._update_grads, self._compiler.branch)
-        self._update_grads = {}
+        for probe in self._probes:
+            probe.after_update(self._compiler.branch)
 
     @staticmethod
     def _step_number(state: dict[str, tf.Tensor], iterations: tf.Tensor | None) -> tf.Tensor:
@@ -263,11 +249,8 @@ class Recorder:
             reset = self._state.assign(STEP_STATE.pack({**state, "buffered": zero, "window_steps": zero,
                                                         "nonfinite": zero}))
         with tf.control_dependencies([reset]):
-            fetched = {"window": self.window.fetch(), "units": self._units.fetch()}
-            if self._updates is not None:
-                fetched["updates"] = self._updates.fetch()
-            if self._histograms is not None:
-                fetched["histograms"] = self._histograms.fetch()
+            fetched = {"window": self.window.fetch()}
+            fetched.update({probe.name: probe.fetch() for probe in self._probes})
         return fetched
 
     def read(self) -> FetchedWindow | None:
