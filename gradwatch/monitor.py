@@ -12,13 +12,11 @@ import tensorflow as tf
 
 from gradwatch._capture import fit_tap
 from gradwatch._capture import keras_internals as internals
-from gradwatch._capture import model_topology as topology_lib
-from gradwatch._capture.recorder import Recorder
+from gradwatch._fit_parts import FitParts
 from gradwatch._internal_options import InternalOptions
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch._interpret.probe_layout import UPDATE_EVERY
 from gradwatch._options import Options
-from gradwatch._pipeline import Pipeline
 from gradwatch._topology import Topology
 
 logger = logging.getLogger("gradwatch")
@@ -90,10 +88,9 @@ class GradientMonitor(keras.callbacks.Callback):
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self.on_alert = on_alert
-        self._recorder: Recorder | None = None
-        self._pipeline: Pipeline | None = None
+        self._parts = FitParts(self.options, self._internal, on_alert)
+        self._single_replica = True
         self._optimizer: Any = None
-        self._variables: list[Any] = []
         self._iterations_at_end = -1
         self._steps_since_read = 0
         self._batch_begin = 0
@@ -111,17 +108,17 @@ class GradientMonitor(keras.callbacks.Callback):
     @property
     def last_window(self) -> dict[str, Any] | None:
         """The last window row read (also when ``log_dir`` is None)."""
-        return self._pipeline.latest.window if self._pipeline is not None else None
+        return self._parts.pipeline.latest.window if self._parts.pipeline is not None else None
 
     @property
     def topology(self) -> Topology | None:
         """The watched model's topology (None before the first fit)."""
-        return self._recorder.topology if self._recorder is not None else None
+        return self._parts.recorder.topology if self._parts.recorder is not None else None
 
     @property
     def steps_seen(self) -> int:
         """The training steps observed so far, over every fit."""
-        return self._pipeline.steps_seen if self._pipeline is not None else 0
+        return self._parts.pipeline.steps_seen if self._parts.pipeline is not None else 0
 
     # -------------------------------------------------------------- Keras
 
@@ -136,22 +133,17 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError("GradientMonitor needs a compiled model with an optimizer; model.optimizer is "
                              "None. Call model.compile(optimizer=...) before fit, or use gradwatch.Watch "
                              "in a custom training loop.")
-        variables = list(model.trainable_variables)
-        if not variables:
-            warnings.warn("GradientMonitor: the model has no trainable variables; there is nothing to "
-                          "watch and the monitor stays idle.", stacklevel=2)
-            return
         internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)
-        if self._recorder is None or [id(v) for v in variables] != [id(v) for v in self._variables]:
-            self._bind(model, optimizer, variables, strategy)
-        self._recorder.request_resync(self._iterations_at_end)
-        self._pipeline.open()
+        if not self._parts.begin_fit(model, optimizer, strategy, self._iterations_at_end):
+            warnings.warn("GradientMonitor: the model has no trainable variables; there is nothing to "
+                          "watch and the monitor stays idle.", stacklevel=2)
+            return
+        self._single_replica = strategy is None or strategy.num_replicas_in_sync <= 1
         self._optimizer = optimizer
-        internals.ensure_built(optimizer, variables, strategy)
+        self._after_bind()
         internals.install_apply_tap(optimizer, self._tap)
-        self._recorder.count_activations(True)
         internals.retrace_train_function(model)
         full_function = model.train_function
         self._lean_function = None
@@ -167,13 +159,11 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch_begin = batch
-        # every UPDATE_EVERY steps: the weights before this step, for the update probe
-        if self._active and self._host_steps >= self._next_snapshot and self._recorder.snapshot_weights():
-            self._next_snapshot = self._host_steps + UPDATE_EVERY
-            self._update_pending = True
+        if self._active and self._parts.bound:
+            self._snapshot_if_due()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if not self._active:
+        if not self._active or not self._parts.bound:
             return
         self._last_logs = logs or {}
         steps = max(1, batch - self._batch_begin + 1)
@@ -183,22 +173,22 @@ class GradientMonitor(keras.callbacks.Callback):
             self._next_step += steps
         if self._update_pending and self._lean_function is not None:
             # the measure waits for a step that moves the weights (one small read)
-            self._update_pending = self._recorder.update_pending()
+            self._update_pending = self._parts.recorder.update_pending()
         if self._steps_since_read >= self.options.log_every:
             self._read()
-        elif self.options.on_nonfinite in ("stop", "raise") and self._recorder.has_nonfinite():
+        elif self.options.on_nonfinite in ("stop", "raise") and self._parts.recorder.has_nonfinite():
             # These modes act at once: one scalar read per batch instead of waiting
             # for the next window.
             self._read()
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         # validation inside fit: the activation probe does not count these batches
-        if self._active:
-            self._recorder.pause_activations(True)
+        if self._active and self._parts.bound:
+            self._parts.recorder.pause_activations(True)
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._active:
-            self._recorder.pause_activations(False)
+        if self._active and self._parts.bound:
+            self._parts.recorder.pause_activations(False)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
@@ -214,27 +204,21 @@ class GradientMonitor(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ private
 
-    def _bind(self, model: Any, optimizer: Any, variables: list[Any], strategy: Any) -> None:
-        """A recorder and pipeline for these variables (a new model, or other variables)."""
-        topology = topology_lib.from_model(model, variables)
-        if self._pipeline is not None:
-            self._pipeline.close()
-        # update/weight snapshots from the host, measured in the tap after the update
-        self._recorder = Recorder(self.options, host_update_snapshots=True,
-                                  xla_branch_min_variables=self._internal.xla_branch_min_variables)
-        activation_layers = (topology_lib.relu_layers(model, topology) if self.options.activation_probe
-                             else None)
-        self._recorder.bind(topology, variables, strategy=strategy, activation_layers=activation_layers)
-        self._pipeline = Pipeline(self.options, self._recorder,
-                                  fit_tap.fit_run_info(model, optimizer, strategy), on_alert=self.on_alert,
-                                  extra_sinks=self._internal.extra_sinks)
-        self._host_steps = 0
-        self._next_snapshot = 0
-        self._variables = variables
+    def _after_bind(self) -> None:
+        """A new recorder counts its steps and update snapshots from zero."""
+        if self._parts.rebound:
+            self._parts.rebound = False
+            self._host_steps = self._next_snapshot = 0
+
+    def _snapshot_if_due(self) -> None:
+        """Every UPDATE_EVERY steps: the weights before this step, for the update probe."""
+        if self._host_steps >= self._next_snapshot and self._parts.recorder.snapshot_weights():
+            self._next_snapshot = self._host_steps + UPDATE_EVERY
+            self._update_pending = True
 
     def _read(self) -> None:
         self._steps_since_read = 0
-        read = self._pipeline.read(fallback_loss=_float_or_none(self._last_logs.get("loss")),
+        read = self._parts.pipeline.read(fallback_loss=_float_or_none(self._last_logs.get("loss")),
                                    defer=self._internal.defer_reads)
         if read.steps and read.last_step is not None:
             self._next_step = read.last_step + 1
@@ -242,19 +226,22 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _lean_eligible(self, model: Any) -> bool:
         return self._internal.lean_steps and fit_tap.lean_eligible(
-            self.params or {}, model, self._recorder.buffer.buffered, self._internal.lean_min_steps)
+            self.params or {}, model, self._single_replica, self._internal.lean_min_steps)
 
     def _full_step_due(self) -> bool:
         """Host side, before a step: whether it may hold work only the full step does:
         the window's sampled step (its first), a histogram step, an update measure
         still waiting, or a buffer about to fill."""
         every = self.options.histogram_every
+        if not self._parts.bound:
+            return True
         if self._next_step is None:
-            self._next_step = self._recorder.next_step(int(internals.iterations(self._optimizer).numpy()))
+            iterations = int(internals.iterations(self._optimizer).numpy())
+            self._next_step = self._parts.recorder.next_step(iterations)
         return (self._steps_since_read == 0
                 or self._update_pending
                 or (every > 0 and self._next_step % every == 0)
-                or self._steps_since_read + 1 >= self._recorder.capacity)
+                or self._steps_since_read + 1 >= self._parts.recorder.capacity)
 
     def _react(self, alerts) -> None:
         stop_note = "Training stopped (on_nonfinite='stop')."
@@ -274,18 +261,15 @@ class GradientMonitor(keras.callbacks.Callback):
         """Final read, tap removed, files closed: the model is left as it was found."""
         self._active = False
         try:
-            if self._pipeline is not None:
+            if self._parts.bound:
                 self._read()
         finally:
-            if self._recorder is not None:
-                self._recorder.count_activations(False)
             if self._optimizer is not None:
                 internals.remove_apply_tap(self._optimizer)
                 self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
             if self.model is not None:
                 internals.forget_train_function(self.model)
-            if self._pipeline is not None:
-                self._pipeline.close()
+            self._parts.end_fit()
 
     def _guard_train_function(self, model: Any, train_function: Any) -> None:
         # Keras's fit has no try/finally: if a step raises (or is interrupted),
@@ -318,10 +302,15 @@ class GradientMonitor(keras.callbacks.Callback):
         model.train_function = guarded_train_function
 
     def _tap(self, original_apply, grads, trainable_variables):
-        if self._recorder is None or not self._active:
+        if self._active and self._parts.waiting:
+            self._parts.bind_in_trace()  # the first traced step: the variables exist now
+            with tf.init_scope():
+                self._after_bind()
+                self._snapshot_if_due()
+        if not self._active or not self._parts.bound:
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)
-        return fit_tap.observe_and_apply(self._recorder, self._optimizer, self.model,
+        return fit_tap.observe_and_apply(self._parts.recorder, self._optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
                                          grads, trainable_variables)
 

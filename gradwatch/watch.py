@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
+from gradwatch._capture.call_trace import CallTrace
 from gradwatch._capture.recorder import Recorder, StepContext
 from gradwatch._internal_options import InternalOptions
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
@@ -84,6 +85,10 @@ class Watch:
         self._names = names
         self._model = model
         internals.check_backend()
+        # the model's forward pass as traced until the first observe binds: layer order and edges
+        self._trace = CallTrace(model) if hasattr(model, "_flatten_layers") else None
+        if self._trace is not None:
+            self._trace.install()
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self._on_alert = on_alert
@@ -205,8 +210,11 @@ class Watch:
                 f"names has {len(names)} entries but observe() got {len(variables)} variables; "
                 "give one name per variable, in the same order."
             )
+        trace, self._trace = self._trace, None
+        if trace is not None:
+            trace.remove()
         if self._model is not None and names is None:
-            topology = topology_lib.from_model(self._model, variables)
+            topology = topology_lib.from_model(self._model, variables, trace)
         else:
             topology = topology_lib.from_variables(variables, names)
         start = 0
@@ -274,6 +282,8 @@ class Watch:
         """Writes what is left and closes the files. Idempotent."""
         if self._closed:
             return
+        if self._trace is not None:
+            self._trace.remove()
         self._closed = True
         if self._pipeline is not None:
             try:

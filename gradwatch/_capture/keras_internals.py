@@ -287,6 +287,23 @@ def ordered_layers(model: Any) -> list[Any]:
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def direct_sublayers(layer: Any) -> list[Any]:
+    """The layers directly below ``layer`` (not theirs)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=False)) if flatten is not None else []
+
+
+def consumers_of(layer: Any) -> list[Any]:
+    """The layers a functional model feeds this layer's output to (its graph's edges);
+    empty where the model has no graph (subclassed) or the layer is last."""
+    consumers = []
+    for node in getattr(layer, "_outbound_nodes", None) or []:
+        operation = getattr(node, "operation", None)
+        if operation is not None and operation not in consumers:
+            consumers.append(operation)
+    return consumers
+
+
 def owns_variables(layer: Any) -> bool:
     return bool(
         getattr(layer, "_trainable_variables", None)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradwatch._capture import keras_internals as internals
+from gradwatch._capture.call_trace import CallTrace, LayerCall
 from gradwatch._topology import RELU_FAMILY, LayerInfo, Topology, VariableInfo
 
 # Layers that sit between a layer and its activation without changing which
@@ -60,33 +61,79 @@ def _unique(name: str, taken: set[str]) -> str:
     return f"{name}_{k}"
 
 
-def from_model(model: Any, variables: Sequence[Any]) -> Topology:
-    """Topology of a Keras model for the given (trainable) variables."""
+def _layer_paths(model: Any, variables: Sequence[Any], owner: dict[int, Any]) -> dict[int, str]:
+    """Returns, per owning layer, its path below the model (from its variables' paths)."""
+    prefix = f"{model.name}/"
+    paths: dict[int, str] = {}
+    for var in variables:
+        layer = owner.get(internals.variable_key(var))
+        if layer is None or id(layer) in paths:
+            continue
+        path = internals.variable_path(var)
+        path = path[len(prefix):] if path.startswith(prefix) else path
+        paths[id(layer)] = "/".join(path.split("/")[:-1]) or layer.name
+    return paths
+
+
+def short_names(paths: dict[Any, str]) -> dict[Any, str]:
+    """Returns, per key, the shortest trailing part of its path that no other path
+    ends with (``key`` alone when unique, else ``block_1/attention/key``)."""
+    names: dict[Any, str] = {}
+    parts = {key: path.split("/") for key, path in paths.items()}
+    for key, mine in parts.items():
+        for length in range(1, len(mine) + 1):
+            suffix = mine[-length:]
+            if not any(other[-length:] == suffix for k, other in parts.items() if k != key):
+                names[key] = "/".join(suffix)
+                break
+        else:  # the same path twice: tell them apart by their order
+            names[key] = _unique("/".join(mine), set(names.values()))
+    return names
+
+
+def layer_names(model: Any, variables: Sequence[Any]) -> dict[int, str]:
+    """Returns the name of each variable-owning layer (by ``id``) as the run reports it."""
+    owner = internals.variable_owners(internals.ordered_layers(model))
+    return short_names(_layer_paths(model, variables, owner))
+
+
+def from_model(model: Any, variables: Sequence[Any], trace: CallTrace | None = None) -> Topology:
+    """Topology of a Keras model for the given (trainable) variables.
+
+    Args:
+        model: the Keras model.
+        variables: the watched variables.
+        trace: the model's traced forward pass, if recorded: layers are then ordered
+            as first called, and the activation that follows a layer is read from
+            the graph's edges; without it, from the model's list of layers.
+
+    Returns:
+        The layers input to output and the variables.
+    """
     layers = internals.ordered_layers(model)
     owner = internals.variable_owners(layers)
-    position = {id(layer): i for i, layer in enumerate(layers)}
+    listed = {id(layer): i for i, layer in enumerate(layers)}
+    names = short_names(_layer_paths(model, variables, owner))
+    order_key = _order_keys(model, layers, trace)
     prefix = f"{model.name}/"
     taken_variables: set[str] = set()
-    taken_layers: set[str] = set()
-    layer_name_of: dict[int, str] = {}  # nested models may reuse a layer name
     layer_infos: dict[str, LayerInfo] = {}
     var_infos: list[VariableInfo] = []
     for var in variables:
         layer = owner.get(internals.variable_key(var))
         path = internals.variable_path(var)
-        path = path[len(prefix) :] if path.startswith(prefix) else path
+        path = path[len(prefix):] if path.startswith(prefix) else path
         if layer is None:  # a variable no layer owns: its path says where it lives
             parts = path.split("/")
             layer_name = "/".join(parts[:-1]) or parts[0]
-            info = LayerInfo(layer_name, len(layers), "", "", [])
+            info = LayerInfo(layer_name, (len(layers), 0, len(layers)), "", "", [])
         else:
-            if id(layer) not in layer_name_of:
-                layer_name_of[id(layer)] = _unique(layer.name, taken_layers)
-            layer_name = layer_name_of[id(layer)]
-            index = position[id(layer)]
-            info = LayerInfo(
-                layer_name, index, type(layer).__name__, _following_activation(layers, index), []
-            )
+            layer_name = names[id(layer)]
+            call = trace.call_of(layer) if trace is not None else None
+            index = order_key[id(layer)]
+            activation = (_traced_activation(trace, call) if call is not None
+                          else _graph_activation(layer) or _following_activation(layers, listed[id(layer)]))
+            info = LayerInfo(layer_name, index, type(layer).__name__, activation, [])
         info = layer_infos.setdefault(layer_name, info)
         var_info = VariableInfo(
             name=_unique(path, taken_variables),
@@ -109,6 +156,72 @@ def from_model(model: Any, variables: Sequence[Any]) -> Topology:
         model_name=str(model.name),
         model_class=type(model).__name__,
     )
+
+
+def _order_keys(model: Any, layers: list[Any], trace: CallTrace | None) -> dict[int, tuple]:
+    """Sort keys, input to output: the position of a layer's first call in the trace, or
+    of its nearest called parent (an LSTM's cell, run by a fused kernel, is never
+    called itself); without a trace, the model's list of layers."""
+    listed = {id(layer): i for i, layer in enumerate(layers)}
+    parent: dict[int, Any] = {}
+    for layer in [model, *layers]:
+        for child in internals.direct_sublayers(layer):
+            parent.setdefault(id(child), layer)
+    keys = {}
+    for layer in layers:
+        ancestor, depth = layer, 0
+        while trace is not None and ancestor is not None and trace.call_of(ancestor) is None:
+            ancestor, depth = parent.get(id(ancestor)), depth + 1
+        if trace is None or ancestor is None:
+            keys[id(layer)] = (len(layers), 0, listed[id(layer)])
+        else:
+            keys[id(layer)] = (trace.call_of(ancestor).position, depth, listed[id(layer)])
+    return keys
+
+
+def _combine(paths: list[str]) -> str:
+    """One activation for all paths: a ReLU only if every path reaches one first."""
+    if not paths:
+        return "linear"
+    if len(set(paths)) == 1:
+        return paths[0]
+    return "relu" if all(p in RELU_FAMILY for p in paths) else "linear"
+
+
+def _consumer_activation(consumer: Any, follow: Any) -> str:
+    """What a path through ``consumer`` applies (``follow`` continues past a pass-through)."""
+    if type(consumer).__name__ in _PASS_THROUGH:
+        return follow(consumer)
+    if not internals.owns_variables(consumer) and _layer_activation(consumer):
+        return _layer_activation(consumer)
+    return "linear"
+
+
+def _graph_activation(layer: Any, depth: int = 0) -> str | None:
+    """The activation that follows a layer along a functional model's edges (None: no edges)."""
+    own = _layer_activation(layer)
+    if own is not None:
+        return own
+    consumers = internals.consumers_of(layer)
+    if not consumers or depth > 16:
+        return None
+    return _combine([_consumer_activation(c, lambda c: _graph_activation(c, depth + 1) or "linear")
+                     for c in consumers])
+
+
+def _traced_activation(trace: CallTrace, call: LayerCall, depth: int = 0) -> str:
+    """The activation on every path from the layer's output in the traced graph: a
+    ReLU only if every consumer reaches a ReLU first (through pass-through layers)."""
+    own = _layer_activation(call.layer)
+    if own is not None:
+        return own
+    if depth > 16:
+        return "linear"
+    calls = {id(c.layer): c for c in call.consumers}
+    paths = trace.raw_activations(call) + [
+        _consumer_activation(c.layer, lambda layer: _traced_activation(trace, calls[id(layer)], depth + 1))
+        for c in call.consumers]
+    return _combine(paths)
 
 
 def _following_activation(layers: Sequence[Any], index: int) -> str:
@@ -156,11 +269,13 @@ def from_variables(variables: Sequence[Any], names: Sequence[str] | None = None)
 def relu_layers(model: Any, topology: Topology) -> list[tuple[Any, str]]:
     """The model's ReLU-family layers, each with the topology layer that reports it:
     itself, or the nearest layer before it that owns watched variables."""
+    variables = [v for v in model.trainable_variables]
+    named = layer_names(model, variables)
     names = {layer.name for layer in topology.layers}
     found, owner = [], None
     for layer in internals.ordered_layers(model):
-        if layer.name in names:
-            owner = layer.name
+        if named.get(id(layer)) in names:
+            owner = named[id(layer)]
         if _layer_activation(layer) in RELU_FAMILY and owner is not None:
             found.append((layer, owner))
     return found
