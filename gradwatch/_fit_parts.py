@@ -3,6 +3,7 @@ bound when the watched variables exist."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,8 @@ class FitParts:
         if same:
             self._open(optimizer, variables, strategy, iterations_at_end)
             return True
+        if not variables and internals.is_built(model):
+            return False  # built, and nothing trainable: no step will create variables
         if strategy is None:
             # bind in the first trace: the call order and a built subclassed model are known then
             self._trace = CallTrace(model)
@@ -78,6 +81,12 @@ class FitParts:
         trace.remove()
         with tf.init_scope():
             variables = list(model.trainable_variables)
+            if not variables:
+                warnings.warn("GradientMonitor: the model has no trainable variables; there is nothing "
+                              "to watch and the monitor stays idle.", stacklevel=2)
+                self.recorder = self.pipeline = None
+                self._variables = []
+                return
             if [id(v) for v in variables] != [id(v) for v in self._variables] or self.recorder is None:
                 self._bind(model, optimizer, variables, strategy, trace)
             self._open(optimizer, variables, strategy, iterations_at_end)

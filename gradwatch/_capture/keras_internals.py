@@ -287,6 +287,12 @@ def ordered_layers(model: Any) -> list[Any]:
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def is_built(model: Any) -> bool:
+    """Whether the model and every layer below it are built (their variables exist)."""
+    return bool(getattr(model, "built", False)) and all(
+        getattr(layer, "built", True) for layer in ordered_layers(model))
+
+
 def direct_sublayers(layer: Any) -> list[Any]:
     """The layers directly below ``layer`` (not theirs)."""
     flatten = getattr(layer, "_flatten_layers", None)
