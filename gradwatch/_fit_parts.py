@@ -3,6 +3,7 @@ bound when the watched variables exist."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ from gradwatch._capture.recorder import Recorder
 from gradwatch._internal_options import InternalOptions
 from gradwatch._options import Options
 from gradwatch._pipeline import Pipeline
+
+logger = logging.getLogger("gradwatch")
 
 
 class FitParts:
@@ -57,11 +60,13 @@ class FitParts:
         variables = list(model.trainable_variables)
         same = self.recorder is not None and [id(v) for v in variables] == [id(v) for v in self._variables]
         if same:
-            self._open(optimizer, variables, strategy, iterations_at_end)
+            self._open(optimizer, variables, strategy, iterations_at_end, in_trace=True)
             return True
         if not variables and internals.is_built(model):
             return False  # built, and nothing trainable: no step will create variables
-        if strategy is None:
+        # the activation probe wraps layers' calls before the first trace: bind a built model now
+        built_for_probe = self._options.activation_probe and variables and internals.is_built(model)
+        if strategy is None and not built_for_probe:
             # bind in the first trace: the call order and a built subclassed model are known then
             self._trace = CallTrace(model)
             self._trace.install()
@@ -108,11 +113,17 @@ class FitParts:
         self._variables = variables
         self.rebound = True
 
-    def _open(self, optimizer: Any, variables: list[Any], strategy: Any, iterations_at_end: int) -> None:
+    def _open(self, optimizer: Any, variables: list[Any], strategy: Any, iterations_at_end: int,
+              in_trace: bool = False) -> None:
         self.recorder.request_resync(iterations_at_end)
         self.pipeline.open()
         internals.ensure_built(optimizer, variables, strategy)
-        self.recorder.count_activations(True)
+        if in_trace and self._options.activation_probe:
+            # this trace's forward pass is over: its layers' calls can only be wrapped from the next fit
+            logger.info("gradwatch: activation_probe counts from the next fit: this fit's first step "
+                        "built the model.")
+        else:
+            self.recorder.count_activations(True)
 
     def end_fit(self) -> None:
         """Removes what the fit installed and closes the files (the recorder is kept)."""

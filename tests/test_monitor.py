@@ -551,11 +551,12 @@ def test_nested_models_with_repeated_layer_names(log_dir):
     x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
     y = np.random.default_rng(1).normal(size=(8, 2)).astype("float32")
     stats = _check_single_batch(model, log_dir, x, y)
-    assert list(stats.layer) == ["dense", "dense", "dense_1", "dense_1"]
+    # the same layer name in two nested models: each named by its path
+    assert list(stats.layer) == ["block_a/dense", "block_a/dense", "block_b/dense", "block_b/dense"]
     layers = gw.read_stats(log_dir, level="layer")
     kernels = stats.set_index("variable")
     expected = np.sqrt(kernels.l2.iloc[0] ** 2 + kernels.l2.iloc[1] ** 2)
-    assert layers.set_index("layer").loc["dense"].l2 == pytest.approx(expected, rel=1e-6)
+    assert layers.set_index("layer").loc["block_a/dense"].l2 == pytest.approx(expected, rel=1e-6)
     assert [layer["activation"] for layer in gw.read_run(log_dir)["layers"]] == ["relu", "linear"]
 
 
