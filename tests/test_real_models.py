@@ -396,3 +396,21 @@ def test_without_a_trace_the_functional_graph_gives_what_follows_each_layer():
     layers = model_topology.from_model(model, model.trainable_variables).layers
     assert {layer.name: layer.activation for layer in layers} == {
         "branch_a": "relu", "branch_b_in": "linear", "branch_b": "tanh", "out": "linear"}
+
+
+@pytest.mark.fast
+def test_a_layer_counts_as_relu_only_if_every_path_reaches_a_relu_first():
+    from gradwatch._capture import model_topology
+
+    inputs = keras.Input((6,))
+    shared = keras.layers.Dense(8, name="shared")(inputs)
+    through_relu = keras.layers.Dense(4, name="after_relu")(keras.layers.ReLU(name="relu")(shared))
+    raw = keras.layers.Dense(4, name="raw")(shared)  # a second consumer, with no ReLU between
+    normed = keras.layers.Dense(8, name="normed")(inputs)
+    normed = keras.layers.ReLU(name="relu2")(keras.layers.BatchNormalization(name="bn")(normed))
+    merged = keras.layers.Concatenate()([through_relu, raw, normed])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(merged))
+    following = {layer.name: layer.activation
+                 for layer in model_topology.from_model(model, model.trainable_variables).layers}
+    assert following["shared"] == "linear"
+    assert following["bn"] == "relu"  # through BatchNormalization to the ReLU
