@@ -159,6 +159,25 @@ def test_vanishing_relative_needs_both_the_ratio_and_the_rms(rms_factor, ratio_f
         assert found == []
 
 
+@pytest.mark.parametrize("update_factor, fires", [(NEAR, False), (1 / NEAR, True)])
+def test_a_small_gradient_that_moves_its_weights_is_not_vanishing(update_factor, fires):
+    """Under an adaptive optimizer a tiny gradient can still move the weights at a healthy
+    rate: only a layer whose measured update/weight ratio is small too is vanishing."""
+    t = DEFAULTS
+    update = t.vanishing_update_ratio * update_factor
+    low = {"hidden": {"rms": t.vanishing_rms / NEAR}, "squash": {"rms": t.vanishing_rms * NEAR},
+           "out": {"rms": t.vanishing_rms * NEAR}}
+    # the ratio is measured in the first window only (every 50 steps): it is remembered
+    first = {name: dict(rows, update_ratio=update) for name, rows in low.items()}
+    windows = [window(1, layers=first)] + [window(i, layers=low) for i in range(2, 2 * t.patience + 1)]
+    found, alerts = run(windows)
+    if fires:
+        assert found == [(step_of(t.patience), "vanishing_gradient", "hidden", "*", "warning")]
+        assert f"update/weight ratio is {update:.2g}" in alerts[0].message
+    else:
+        assert found == []
+
+
 def test_vanishing_spares_the_output_layer_and_exact_zeros():
     # the output layer is the reference; an exactly-zero gradient is no signal, not a small one
     layers = {"out": {"rms": DEFAULTS.vanishing_rms / 1e3}, "squash": {"rms": 0.0}}

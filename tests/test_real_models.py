@@ -414,3 +414,26 @@ def test_a_layer_counts_as_relu_only_if_every_path_reaches_a_relu_first():
                  for layer in model_topology.from_model(model, model.trainable_variables).layers}
     assert following["shared"] == "linear"
     assert following["bn"] == "relu"  # through BatchNormalization to the ReLU
+
+
+def test_a_critic_output_bias_without_gradient_is_not_silent_when_its_kernel_learns(tmp_path):
+    """A WGAN-style critic loss, mean(D(fake)) - mean(D(real)), gives the output Dense(1)
+    bias an exactly-zero gradient by construction while its kernel learns."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(B * 30, 6)).astype("float32")
+    sign = np.tile(np.r_[np.ones(B // 2), -np.ones(B // 2)], 30).astype("float32")[:, None]
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
+                              keras.layers.Dense(1, name="critic_out")])
+    model.compile(keras.optimizers.SGD(0.01), lambda s, d: tf.reduce_mean(s * d))
+    log_dir = str(tmp_path / "critic")
+    monitor = gw.GradientMonitor(log_dir, log_every=5, histogram_every=0,
+                                 thresholds=gw.Thresholds(dead_steps=10))
+    model.fit(x, sign, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    stats = gw.read_stats(log_dir).set_index(["step", "variable"])
+    last = stats.index.get_level_values("step").max()
+    assert stats.loc[(last, "critic_out/bias"), "l2"] == 0.0  # the premise: zero by construction
+    assert stats.loc[(last, "critic_out/kernel"), "l2"] > 1e-3
+    layers = gw.read_stats(log_dir, level="layer").set_index(["step", "layer"])
+    assert layers.loc[(last, "critic_out"), "no_signal_frac"] == 0.0
+    assert "no_learning_signal" not in set(gw.read_alerts(log_dir).kind)

@@ -16,7 +16,10 @@ the read's ``tf.function``); the host decodes the fetched arrays
   kernel-gradient row of the unit is checked on the window's sampled step: a dead
   unit feeds zeros forward, so that row is zero too (through a channels-last
   Flatten, every row of the unit).  When the next layer's kernel is not watched
-  (frozen) there is no such evidence and a silent ReLU unit is reported dead.
+  (frozen) there is no such evidence and a silent ReLU unit is reported dead.  A
+  unit of a layer not followed by a ReLU is silent only if its own kernel column has
+  no gradient either: a zero bias gradient alone can hold by construction (a
+  WGAN critic's output bias).
 * :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights, then,
   on the first following step that moved any weight (so gradient accumulation, where
   k-1 of k steps do not move the weights, and skipped steps are not "too slow"),
@@ -127,7 +130,7 @@ class UnitProbe:
         total = sum(t.units for t in self.tracks)
         self.total = total
         self.zero_run = replica_variable(np.zeros(max(total, 1), np.int32), "gradwatch_zero_run", strategy)
-        # 1: the unit's activation was zero on the whole batch at the last sampled step
+        # 1: the unit's evidence (next kernel rows, or own kernel columns) was zero at the last sampled step
         self.silent = replica_variable(np.ones(max(total, 1), np.float32), "gradwatch_unit_silent",
                                        strategy)
 
@@ -154,11 +157,14 @@ class UnitProbe:
                     grad = tf.reduce_max(tf.abs(grad), axis=list(range(len(grad.shape) - 1)))
                 vectors.append(grad)
                 present_mask += [True] * track.units
-            nxt = grads_by_slot.get(track.next_slot) if track.next_slot is not None else None
-            if nxt is None or isinstance(nxt, tf.IndexedSlices):
+            evidence = grads_by_slot.get(track.evidence) if track.evidence is not None else None
+            if evidence is None or isinstance(evidence, tf.IndexedSlices):
                 silent_parts.append(None)
+            elif track.relu:
+                silent_parts.append(tf.cast(evidence, tf.float32))  # the next kernel's rows
             else:
-                silent_parts.append(tf.cast(nxt, tf.float32))
+                # the layer's own kernel columns, as rows: measured like a next kernel's
+                silent_parts.append(tf.linalg.matrix_transpose(tf.cast(evidence, tf.float32)))
         zero = tf.equal(tf.concat(vectors, axis=0), 0.0)
         run = self.zero_run.read_value()
         new_run = tf.where(zero, run + 1, 0)

@@ -73,6 +73,7 @@ class Thresholds:
     update_cos_window: int = 8
     update_ratio_floor: float = 1e-6
     update_min_size: int = 256
+    vanishing_update_ratio: float = 1e-4
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -106,6 +107,7 @@ class DetectorState:
     conditions: dict[tuple[str, str], _Condition] = dataclasses.field(default_factory=dict)
     previous_l2: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     cosines: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    update_ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # last measured, per layer
 
 
 def _rms(row: dict[str, Any], entries: int) -> float:
@@ -144,6 +146,10 @@ def detect(
     if not rows:
         return []
     step = int(rows[0]["step"])
+    for row in rows:
+        ratio = _finite_value(row, "update_ratio")
+        if ratio is not None:
+            state.update_ratios[row["layer"]] = ratio
     output_rms = _rms(rows[-1], entries.get(rows[-1]["layer"], 0))
     alerts: list[Alert] = []
     for index, row in enumerate(rows):
@@ -181,13 +187,19 @@ def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresho
     ratio = rms / output_rms
     absolute = rms < thresholds.vanishing_rms
     relative = ratio < thresholds.vanishing_ratio and rms < thresholds.vanishing_ratio_rms
+    # a small gradient that moves its weights at a healthy rate (an adaptive optimizer
+    # rescales it) is not a problem; one whose update is small too is
+    update = state.update_ratios.get(layer)
+    moving = update is not None and update >= thresholds.vanishing_update_ratio
+    moved = (f"its update/weight ratio is {update:.2g}" if update is not None
+             else "its update/weight ratio is not measured (several replicas, or not yet)")
     message = (
         f"Layer {layer!r}: RMS gradient {rms:.3g} "
         f"({ratio:.2g} x the output layer's {output_rms:.3g}) since "
-        f"{thresholds.patience} windows: its weights barely move."
+        f"{thresholds.patience} windows, and {moved}: its weights barely move."
     )
     return _track(
-        state, thresholds, "vanishing_gradient", layer, absolute or relative, step,
+        state, thresholds, "vanishing_gradient", layer, (absolute or relative) and not moving, step,
         rms, thresholds.vanishing_rms if absolute else thresholds.vanishing_ratio, message,
     )
 

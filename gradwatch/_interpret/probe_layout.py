@@ -42,13 +42,22 @@ class Track:
         units: number of units.
         relu: True when a ReLU-family activation follows the layer.
         next_slot: the next layer's kernel (its rows tell a dead unit), or None.
+        own_kernel: for a layer not followed by a ReLU, its own kernel: a unit whose
+            kernel column has a gradient is not silent, whatever its bias says.
     """
 
     def __init__(self, layer: int, slot: int, kernel_mode: bool, units: int, relu: bool,
-                 next_slot: int | None):
+                 next_slot: int | None, own_kernel: int | None = None):
         self.layer, self.slot, self.kernel_mode = layer, slot, kernel_mode
         self.units, self.relu, self.next_slot = units, relu, next_slot
+        self.own_kernel = None if relu else own_kernel
         self.offset = 0
+
+    @property
+    def evidence(self) -> int | None:
+        """The variable whose gradient tells a silent unit on sampled steps: the next
+        layer's kernel rows (ReLU layers) or the layer's own kernel columns (others)."""
+        return self.next_slot if self.relu else self.own_kernel
 
 
 def _next_kernel(topology: Topology, later_members: list[list[int]], units: int) -> int | None:
@@ -84,7 +93,8 @@ def unit_tracks(topology: Topology) -> list[Track]:
         else:
             continue
         next_slot = _next_kernel(topology, members[i + 1:], units)
-        tracks.append(Track(i, slot, kernel_mode, int(units), relu, next_slot))
+        own = [k for k in kernels if variables[k].shape[-1] == units]
+        tracks.append(Track(i, slot, kernel_mode, int(units), relu, next_slot, own[0] if own else None))
     offset = 0
     for track in tracks:
         track.offset = offset
@@ -115,6 +125,8 @@ def decode_units(tracks: list[Track], num_layers: int, fetched: tuple[np.ndarray
         if track.relu:
             dead[track.layer] = float(np.mean(quiet & silent[part]))
             no_signal[track.layer] = float(np.mean(quiet & ~silent[part]))
+        elif track.own_kernel is not None:
+            no_signal[track.layer] = float(np.mean(quiet & silent[part]))
         else:
             no_signal[track.layer] = float(np.mean(quiet))
     return dead, no_signal
