@@ -7,13 +7,23 @@ import os
 from typing import Any
 
 ON_NONFINITE_CHOICES = ("warn", "skip_step", "stop", "raise")
+#: The largest step count an option takes: far beyond any run, and exact in int64
+#: step arithmetic and in float64 window values.
+MAX_STEPS = 10**9
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int, maximum: int = MAX_STEPS) -> int:
+    """Returns ``value`` when it is an int in [minimum, maximum]; else says so, naming ``name``.
+
+    Raises:
+        TypeError: not an int (a bool is not one).
+        ValueError: outside the range.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}; received {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; received {value!r}.")
+        raise TypeError(f"{name} must be an int from {minimum} to {maximum:,}; "
+                        f"received {value!r} ({type(value).__name__}).")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an int from {minimum} to {maximum:,}; received {value!r}.")
     return value
 
 
@@ -44,8 +54,8 @@ class Options:
                     f"log_dir must be a directory; received {self.log_dir!r}, which is a file. "
                     "Pass a directory path (it is created if missing)."
                 )
-        _check_int("log_every", self.log_every, 1)
-        _check_int("histogram_every", self.histogram_every, 0)
+        check_int("log_every", self.log_every, 1)
+        check_int("histogram_every", self.histogram_every, 0)
         if self.on_nonfinite not in ON_NONFINITE_CHOICES:
             raise ValueError(
                 f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE_CHOICES))}; "

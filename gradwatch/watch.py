@@ -31,8 +31,9 @@ class Watch:
     Args:
         log_dir: directory for the run files (created if missing); None keeps
             everything in memory.
-        log_every: host reads and writes every this many steps.
-        histogram_every: steps between gradient histograms (0 disables them).
+        log_every: host reads and writes every this many steps (1 to 10**9;
+            memory does not grow with it).
+        histogram_every: steps between gradient histograms (0 disables them; at most 10**9).
         clip: optional gradient clipping applied to the gradients ``observe`` returns.
         on_nonfinite: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir``; steps

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import probes as probes_lib
-from gradwatch._capture.accumulate import StepBuffer, StepFolder, loss_pair
+from gradwatch._capture.accumulate import StepBuffer, StepFolder, buffer_capacity, loss_pair
 from gradwatch._capture.clipping import clip_measured
 from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
@@ -104,7 +104,7 @@ class Recorder:
         self._state = internals.replica_variable(
             np.array([start_step, 0, -1, 0, 0, 0], np.int64), "gradwatch_step_state", strategy)
         folder = StepFolder(topology, self.window, clipping=self._clip is not None)
-        self.buffer = StepBuffer(folder, self.window, num_vars, max(16, 2 * self._options.log_every),
+        self.buffer = StepBuffer(folder, self.window, num_vars, buffer_capacity(self._options.log_every),
                                  self._compiler, strategy)
         self._read_fn = internals.run_function(self._read_all, autograph=False)
         self._probes: list[probes_lib.Probe] = [probes_lib.UnitProbe(topology, strategy)]
