@@ -159,7 +159,7 @@ class Recorder:
                 none of that, and reads at least every ``capacity`` steps.
         """
         context = context or StepContext()
-        grads = list(grads)
+        grads = [self._with_static_shape(g, slot) for g, slot in zip(grads, slots)]
         present = [i for i, g in enumerate(grads) if g is not None]
         pair = loss_pair(context.loss, context.loss_totals)
         replica_context = internals.replicas_to_reduce()
@@ -194,6 +194,19 @@ class Recorder:
                 "window_steps": state["window_steps"] + 1,
                 "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64))}))
         return StepResult(grads, tf.logical_not(nonfinite_step))
+
+    def _with_static_shape(self, grad: Any, slot: int) -> Any:
+        """A sparse gradient whose dense shape is a tensor (an ``IndexedSlices`` passed
+        into a ``tf.function``) takes its variable's static shape."""
+        if not isinstance(grad, tf.IndexedSlices):
+            return grad
+        if grad.dense_shape is not None and tf.get_static_value(grad.dense_shape) is not None:
+            return grad
+        shape = self._variables[slot].shape
+        if not shape.is_fully_defined():
+            return grad
+        dtype = grad.dense_shape.dtype if grad.dense_shape is not None else tf.int64
+        return tf.IndexedSlices(grad.values, grad.indices, tf.constant(shape.as_list(), dtype))
 
     def _measure(self, grads, stat_grads, present_slots, present, step, sampled, context, replica_context):
         """Measures the present gradients (and clips ``grads`` in place); returns the
