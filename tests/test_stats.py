@@ -275,3 +275,18 @@ def test_zero_gradients_settle_their_sums_of_squares_and_underflows_do_not():
     assert not settled([np.inf, 0.0, 0.0])
     assert settled(np.full((70, 300), 1e-14))  # sum of squares 2.1e-24: exact
     assert not settled(np.full((70, 300), 1e-15))  # 2.1e-26, below SAFE_MIN_SQ: may have underflowed
+
+
+def test_subnormal_gradients_read_as_zero_as_the_readme_says():
+    # TensorFlow's CPU kernels flush denormals to zero: documented, not worked around
+    import os
+
+    grad = tf.constant(np.array([1e-40, -2e-40, 3e-39, 0.0], "float32"))
+    assert np.count_nonzero(grad.numpy()) == 3  # the values themselves are there
+    result = stats_lib.gradient_stats([grad])
+    assert float(result.l2[0]) == 0.0 and float(result.max_abs[0]) == 0.0
+    assert float(result.zero_frac[0]) == 1.0
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert "Subnormal gradient entries (below ~1.2e-38 in float32) read as zero" in text
