@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -375,6 +376,9 @@ def as_clip(value: Any) -> Clip | None:
     if value is None or isinstance(value, Clip):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"clip must be a finite number > 0 (the global-norm bound), a gradwatch.clip "
+                             f"transform or None; received {value!r}.")
         return GlobalNorm(value)
     raise TypeError(
         "clip must be None, a positive number (the global-norm bound) or a gradwatch.clip "

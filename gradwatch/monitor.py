@@ -14,7 +14,7 @@ from gradwatch._capture import fit_tap
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
 from gradwatch._capture.recorder import Recorder
-from gradwatch._internal_options import InternalOptions
+from gradwatch._internal_options import InternalOptions, as_internal
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch._interpret.probe_layout import UPDATE_EVERY
 from gradwatch._options import Options
@@ -75,7 +75,7 @@ class GradientMonitor(keras.callbacks.Callback):
         internal: InternalOptions | None = None,
     ):
         super().__init__()
-        self._internal = internal or InternalOptions()
+        self._internal = as_internal(internal)
         self.options = Options(
             log_dir=log_dir,
             log_every=log_every,

@@ -13,7 +13,7 @@ import tensorflow as tf
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
 from gradwatch._capture.recorder import Recorder, StepContext
-from gradwatch._internal_options import InternalOptions
+from gradwatch._internal_options import InternalOptions, as_internal
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch._io.schema import WINDOWS_FILE
 from gradwatch._options import Options
@@ -90,7 +90,7 @@ class Watch:
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self._on_alert = on_alert
-        self._internal = internal or InternalOptions()
+        self._internal = as_internal(internal)
         self._recorder = Recorder(self.options,
                                   xla_branch_min_variables=self._internal.xla_branch_min_variables)
         self._pipeline: Pipeline | None = None

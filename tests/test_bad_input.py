@@ -310,3 +310,85 @@ def test_lean_fit_with_a_window_longer_than_the_buffer(log_dir):
         assert stats.loc[name, "l2_max"] == pytest.approx(max(norms), rel=1e-4)
         assert stats.loc[name, "l2_min"] == pytest.approx(min(norms), rel=1e-4)
         assert stats.loc[name, "l2_mean"] == pytest.approx(np.mean(norms), rel=1e-4)
+
+
+# ------------------------------------------------------- every bad value, by argument
+
+
+class _Opaque:
+    pass
+
+
+_A_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+_V = tf.Variable([1.0], name="v")
+_NAN, _INF = float("nan"), float("inf")
+# argument -> values no front can use; each must be refused when the front is made
+FRONT_BAD_VALUES = {
+    "log_dir": [3, 3.5, b"runs", ["a"], True, _Opaque(), "", _A_FILE, os.path.join(_A_FILE, "sub"), "a\x00b"],
+    "log_every": [0, -1, 2.5, "10", None, True, 10**18, _NAN, [10]],
+    "histogram_every": [-1, 2.5, "100", None, True, 10**18, _INF],
+    "clip": ["1.0", -1, 0, _NAN, _INF, True, [1.0], _Opaque(), gw.clip.GlobalNorm, print],
+    "on_nonfinite": ["WARN", "", None, 1, "skip", ["warn"]],
+    "append": ["yes", 1, None, "False", 0.0],
+    "thresholds": [{}, {"patience": 3}, 1, "x", gw.Thresholds],
+    "signed_histograms": ["yes", 1, None],
+    "on_alert": [1, "print", []],
+    "internal": [1, "x", {}],
+}
+ONLY = {
+    "GradientMonitor": {"activation_probe": ["yes", 1, None]},
+    "Watch": {"names": [[1, 2], [""], ["a", "a"], "w", 3, {"v": "x"}, ["/w"], {_V.ref(): ""}],
+              "model": [1, "m", _Opaque()]},
+}
+_NUMBER_BAD = [0, -1, _NAN, _INF, "1", None, True]
+CLIP_BAD_VALUES = {
+    **{f"{name}(max_norm)": (getattr(gw.clip, name), "max_norm", _NUMBER_BAD)
+       for name in ("GlobalNorm", "PerVariableNorm")},
+    "Value(limit)": (gw.clip.Value, "limit", _NUMBER_BAD),
+    "Adaptive(clipping)": (gw.clip.Adaptive, "clipping", _NUMBER_BAD),
+    "Adaptive(eps)": (gw.clip.Adaptive, "eps", _NUMBER_BAD),
+    "Percentile(p)": (gw.clip.Percentile, "p", [0, 101, _NAN, "10", None]),
+    "Percentile(history)": (gw.clip.Percentile, "history", [0, -1, 2.5, True, 10**9, "1000"]),
+    "Thresholds(vanishing_rms)": (gw.Thresholds, "vanishing_rms", [0, -1, _NAN, _INF, "x", True]),
+    "Thresholds(patience)": (gw.Thresholds, "patience", [0, -1, 2.5, True, 10**18]),
+}
+
+
+def _cases():
+    for front in ("GradientMonitor", "Watch"):
+        for argument, values in {**FRONT_BAD_VALUES, **ONLY[front]}.items():
+            for k, value in enumerate(values):
+                yield pytest.param(front, argument, value, id=f"{front}-{argument}-{k}")
+    for label, (_, argument, values) in CLIP_BAD_VALUES.items():
+        for k, value in enumerate(values):
+            yield pytest.param(label, argument, value, id=f"{label}-{k}")
+
+
+def _says_value(message: str, value) -> bool:
+    shown = [value] + (list(value) if isinstance(value, list) else [])
+    return "received" in message or any(repr(v) in message for v in shown)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("maker, argument, value", list(_cases()))
+def test_every_bad_value_is_refused_when_made_naming_the_argument(maker, argument, value):
+    if maker in ("GradientMonitor", "Watch"):
+        kwargs = {argument: value} if argument == "log_dir" else {"log_dir": None, argument: value}
+        make = lambda: getattr(gw, maker)(**kwargs)  # noqa: E731
+    else:
+        make = lambda: CLIP_BAD_VALUES[maker][0](**{argument: value})  # noqa: E731
+    with pytest.raises((TypeError, ValueError)) as info:
+        make()
+    message = str(info.value)
+    assert argument in message and _says_value(message, value), message
+    assert not os.path.exists(os.path.join(_A_FILE, "sub"))
+
+
+@pytest.mark.fast
+def test_chain_and_numpy_counts():
+    with pytest.raises(ValueError, match="Chain needs at least one clip transform; received none"):
+        gw.clip.Chain()
+    with pytest.raises(TypeError, match=r"clip must be None, a positive number .*received 'x'"):
+        gw.clip.Chain(1.0, "x")
+    # a numpy integer is an int
+    assert gw.Watch(log_dir=None, log_every=np.int64(7)).options.log_every == 7

@@ -178,12 +178,12 @@ class NameMap(NamedTuple):
 
 def _check_name(name: Any, where: str) -> str:
     if not isinstance(name, str):
-        raise TypeError(f"names must give each variable a str name; {where} is {name!r} "
-                        f"({type(name).__name__}). Pass names such as 'dense/kernel'.")
+        raise TypeError(f"names must give each variable a str name; received {name!r} "
+                        f"({type(name).__name__}) as {where}. Pass names such as 'dense/kernel'.")
     if not name or "" in name.split("/") or name == "*":
-        raise ValueError(f"names: {where} is {name!r}; a name must be non-empty, without an empty part "
-                         "around '/' (it reads 'layer/variable'), and not '*' (the layer rows' variable). "
-                         "Pass names such as 'dense/kernel'.")
+        raise ValueError(f"names must be non-empty, without an empty part around '/' (a name reads "
+                         f"'layer/variable'), and not '*' (the layer rows' variable); received {name!r} as "
+                         f"{where}. Pass names such as 'dense/kernel'.")
     return name
 
 
@@ -216,7 +216,8 @@ def check_names(names: Any) -> list[str] | NameMap | None:
                 raise ValueError(f"names gives variable {internals.variable_path(variable)!r} two names "
                                  "(two keys stand for it); keep one.")
             named.update(internals.variable_identities(variable))
-            pairs.append((variable, _check_name(name, f"the name of {internals.variable_path(variable)!r}")))
+            where = f"the name of variable {internals.variable_path(variable)!r}"
+            pairs.append((variable, _check_name(name, where)))
         _refuse_repeats([name for _, name in pairs], "are given to several variables")
         return NameMap(tuple(pairs))
     if isinstance(names, str) or not isinstance(names, Sequence):
