@@ -148,23 +148,21 @@ def _observe_once(log_dir, variables, **kwargs):
 
 
 @pytest.mark.fast
-def test_names_mapping_keys_by_ref_tf_variable_or_keras_variable(tmp_path):
+def test_names_mapping_keys_by_ref_tf_variable_or_keras_variable(log_dir):
     a = tf.Variable([3.0, 4.0], name="a")
     b = tf.Variable([1.0], name="b")
-    stats = _observe_once(str(tmp_path / "refs"), [a, b], names={a.ref(): "enc/a", b.ref(): "enc/b"})
-    assert list(stats.index) == ["enc/a", "enc/b"] and list(stats.layer) == ["enc", "enc"]
-    assert stats.loc["enc/a", "l2"] == pytest.approx(10.0)  # |2a|
-    # a mapping that holds the variables themselves; unmapped variables keep their own names
-    stats = _observe_once(str(tmp_path / "vars"), [a, b], names=_ByIdentity([(b, "enc/b")]))
-    assert list(stats.index) == ["a", "enc/b"]
+    unnamed = tf.Variable([2.0], name="unnamed")
     model = _model()
     kernel, bias = model.get_layer("h").kernel, model.get_layer("h").bias
-    variables = [kernel, bias]
-    expected = 2.0 * np.linalg.norm(kernel.numpy())
-    for key, where in ((kernel, "keras"), (kernel.value.ref(), "held")):
-        stats = _observe_once(str(tmp_path / where), variables, names=_ByIdentity([(key, "enc/w")]))
-        assert list(stats.index) == ["enc/w", bias.path], where
-        assert stats.loc["enc/w", "l2"] == pytest.approx(expected, rel=1e-6), where
+    # keys: a tf.Variable's .ref(), the tf.Variable itself (in a mapping that can hold
+    # it), a Keras variable, the tf.Variable a Keras variable holds; unmapped variables
+    # keep their own names
+    names = _ByIdentity([(a.ref(), "raw/a"), (b, "raw/b"), (kernel, "enc/w"), (bias.value.ref(), "enc/b")])
+    stats = _observe_once(log_dir, [a, b, unnamed, kernel, bias], names=names)
+    assert list(stats.index) == ["raw/a", "raw/b", "unnamed", "enc/w", "enc/b"]
+    assert list(stats.layer) == ["raw", "raw", "unnamed", "enc", "enc"]
+    for name, variable in zip(stats.index, [a, b, unnamed, kernel, bias]):
+        assert stats.loc[name, "l2"] == pytest.approx(2.0 * np.linalg.norm(variable.numpy()), rel=1e-6), name
 
 
 @pytest.mark.fast
