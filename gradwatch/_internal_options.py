@@ -29,3 +29,17 @@ class InternalOptions:
     xla_branch_min_variables: int | None = None
     extra_sinks: Sequence[Any] = ()
     on_step_kind: Callable[[bool], None] | None = None
+
+
+def as_internal(internal: Any) -> InternalOptions:
+    """Returns the fronts' ``internal=`` argument, or the defaults for None.
+
+    Raises:
+        TypeError: anything but an ``InternalOptions`` or None.
+    """
+    if internal is None:
+        return InternalOptions()
+    if not isinstance(internal, InternalOptions):
+        raise TypeError("internal must be a gradwatch._internal_options.InternalOptions or None (a seam for "
+                        f"tests; leave it out); received {internal!r} ({type(internal).__name__}).")
+    return internal

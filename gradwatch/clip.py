@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -261,6 +262,10 @@ class Adaptive(Clip):
         return ClipResult(out, tf.constant(float("nan"), tf.float32))
 
 
+#: The most past norms ``Percentile`` keeps (4 MB, one sort of them per step).
+MAX_HISTORY = 10**6
+
+
 class Percentile(Clip):
     """AutoClip (Seetharaman et al. 2020): clip the global norm to the ``p``-th
     percentile of the global norms seen so far.
@@ -271,15 +276,17 @@ class Percentile(Clip):
 
     Args:
         p: percentile in (0, 100].
-        history: number of past norms kept.
+        history: number of past norms kept, at most ``MAX_HISTORY`` (10**6).
     """
 
     def __init__(self, p: float = 10.0, history: int = 1000):
         self.p = _check_positive("p", p, "Percentile")
         if self.p > 100:
             raise ValueError(f"Percentile: p must be in (0, 100]; received {p!r}.")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"Percentile: history must be an int >= 1; received {history!r}.")
+        if isinstance(history, bool) or not isinstance(history, int) or not 1 <= history <= MAX_HISTORY:
+            raise ValueError(
+                f"Percentile: history must be an int from 1 to {MAX_HISTORY:,} (the norms are kept "
+                f"and sorted in-graph every step); received {history!r}.")
         self.history = history
         self._norms: tf.Variable | None = None
         self._count: tf.Variable | None = None
@@ -369,6 +376,9 @@ def as_clip(value: Any) -> Clip | None:
     if value is None or isinstance(value, Clip):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"clip must be a finite number > 0 (the global-norm bound), a gradwatch.clip "
+                             f"transform or None; received {value!r}.")
         return GlobalNorm(value)
     raise TypeError(
         "clip must be None, a positive number (the global-norm bound) or a gradwatch.clip "

@@ -13,7 +13,7 @@ import tensorflow as tf
 from gradwatch._capture import fit_tap
 from gradwatch._capture import keras_internals as internals
 from gradwatch._fit_parts import FitParts
-from gradwatch._internal_options import InternalOptions
+from gradwatch._internal_options import InternalOptions, as_internal
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch._interpret.probe_layout import UPDATE_EVERY
 from gradwatch._options import Options
@@ -34,9 +34,9 @@ class GradientMonitor(keras.callbacks.Callback):
         log_dir: directory for ``run.json``, ``windows.csv``, ``stats.csv``,
             ``alerts.csv`` (created if missing). ``None`` keeps everything in
             memory (``monitor.last_window``).
-        log_every: host reads and file writes every this many steps; the
-            capture itself runs on every step and no step is lost in between.
-        histogram_every: steps between gradient histograms (0 disables them).
+        log_every: host reads and file writes every this many steps (up to 10**9);
+            the capture runs on every step, no step is lost, memory stays the same.
+        histogram_every: steps between gradient histograms (0 disables them; at most 10**9).
         clip: optional gradient clipping applied to what the optimizer receives.
         on_nonfinite: on NaN/Inf gradients: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir`` (resume).
@@ -73,7 +73,7 @@ class GradientMonitor(keras.callbacks.Callback):
         internal: InternalOptions | None = None,
     ):
         super().__init__()
-        self._internal = internal or InternalOptions()
+        self._internal = as_internal(internal)
         self.options = Options(
             log_dir=log_dir,
             log_every=log_every,
@@ -231,7 +231,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def _full_step_due(self) -> bool:
         """Host side, before a step: whether it may hold work only the full step does:
         the window's sampled step (its first), a histogram step, an update measure
-        still waiting, or a buffer about to fill."""
+        still waiting, or a full buffer (every ``capacity``-th step since the read)."""
         every = self.options.histogram_every
         if not self._parts.bound:
             return True
@@ -241,7 +241,7 @@ class GradientMonitor(keras.callbacks.Callback):
         return (self._steps_since_read == 0
                 or self._update_pending
                 or (every > 0 and self._next_step % every == 0)
-                or self._steps_since_read + 1 >= self._parts.recorder.capacity)
+                or (self._steps_since_read + 1) % self._parts.recorder.capacity == 0)
 
     def _react(self, alerts) -> None:
         stop_note = "Training stopped (on_nonfinite='stop')."

@@ -7,13 +7,14 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import model_topology as topology_lib
 from gradwatch._capture.call_trace import CallTrace
 from gradwatch._capture.recorder import Recorder, StepContext
-from gradwatch._internal_options import InternalOptions
+from gradwatch._internal_options import InternalOptions, as_internal
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
 from gradwatch._io.schema import WINDOWS_FILE
 from gradwatch._options import Options
@@ -32,18 +33,21 @@ class Watch:
     Args:
         log_dir: directory for the run files (created if missing); None keeps
             everything in memory.
-        log_every: host reads and writes every this many steps.
-        histogram_every: steps between gradient histograms (0 disables them).
+        log_every: host reads and writes every this many steps (1 to 10**9;
+            memory does not grow with it).
+        histogram_every: steps between gradient histograms (0 disables them; at most 10**9).
         clip: optional gradient clipping applied to the gradients ``observe`` returns.
         on_nonfinite: "warn", "skip_step", "stop" or "raise".
         append: continue the files of a previous run in ``log_dir``; steps
             continue after the last step written.
         thresholds: detector thresholds (``gradwatch._interpret.detectors.Thresholds``).
         names: names for the variables, in the order they are passed to
-            ``observe`` (a list), or a mapping from variable to name. Raw
-            ``tf.Variable``s otherwise take their own names.
-        model: the Keras model the variables belong to, if any: gives layer
-            names and activations in ``run.json``.
+            ``observe`` (a list), or a mapping from variable (a ``tf.Variable``,
+            its ``.ref()``, or a Keras variable) to name; unmapped variables take
+            their own names. Names are distinct and non-empty; ``"layer/w"`` puts
+            ``w`` in layer ``layer``.
+        model: the Keras model (or layer) the variables belong to, if any: gives
+            layer names and activations in ``run.json``.
         on_alert: called with every alert row.
         internal: switches for tests and benchmarks (``gradwatch._internal_options``).
 
@@ -78,11 +82,10 @@ class Watch:
             thresholds=thresholds,
             signed_histograms=signed_histograms,
         )
-        if names is not None and not isinstance(names, (Sequence, Mapping)):
-            raise TypeError(f"names must be a list of str or a mapping; received {names!r}.")
-        if isinstance(names, str):
-            raise TypeError(f"names must be a list of str, not one str; received {names!r}.")
-        self._names = names
+        self._names = topology_lib.check_names(names)
+        if model is not None and not isinstance(model, keras.layers.Layer):
+            raise TypeError(f"model must be the Keras model the variables belong to, or None; received "
+                            f"{model!r} ({type(model).__name__}). Pass the keras.Model, or leave model out.")
         self._model = model
         internals.check_backend()
         # the model's forward pass as traced until the first observe binds: layer order and edges
@@ -92,7 +95,7 @@ class Watch:
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self._on_alert = on_alert
-        self._internal = internal or InternalOptions()
+        self._internal = as_internal(internal)
         self._recorder = Recorder(self.options,
                                   xla_branch_min_variables=self._internal.xla_branch_min_variables)
         self._pipeline: Pipeline | None = None
@@ -197,19 +200,7 @@ class Watch:
                     f"{dtype.name}: only floating-point variables have gradients, so it cannot be "
                     "watched. Leave it out of the variables passed to observe()."
                 )
-        names = self._names
-        if isinstance(names, Mapping):
-            by_key = {internals.variable_key(k): v for k, v in names.items()}
-            names = [by_key.get(internals.variable_key(v)) for v in variables]
-            names = [
-                n if n is not None else internals.variable_path(v)
-                for n, v in zip(names, variables)
-            ]
-        if names is not None and len(names) != len(variables):
-            raise ValueError(
-                f"names has {len(names)} entries but observe() got {len(variables)} variables; "
-                "give one name per variable, in the same order."
-            )
+        names = topology_lib.names_for(self._names, variables)
         trace, self._trace = self._trace, None
         if trace is not None:
             trace.remove()

@@ -29,6 +29,7 @@ import keras  # noqa: E402
 from conftest import np_stats, tape_gradients  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
+from gradwatch._internal_options import InternalOptions  # noqa: E402
 
 
 def _model(optimizer: str | keras.optimizers.Optimizer = "sgd", seed: int = 0) -> keras.Model:
@@ -229,3 +230,165 @@ def test_log_every_larger_than_the_run_writes_the_partial_window(log_dir):
         assert stats.loc[name, "l2_mean"] == pytest.approx(np.mean(norms), rel=1e-5)
         # max_abs is of the window's first step
         assert stats.loc[name, "max_abs"] == pytest.approx(expected[0][name]["max_abs"], rel=1e-5)
+
+
+# ------------------------------------------------------------ bounded resources
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("build, argument, bound", [
+    (lambda: gw.GradientMonitor(log_dir=None, log_every=10**18), "log_every", "1,000,000,000"),
+    (lambda: gw.Watch(log_dir=None, log_every=10**9 + 1), "log_every", "1,000,000,000"),
+    (lambda: gw.Watch(log_dir=None, histogram_every=10**18), "histogram_every", "1,000,000,000"),
+    (lambda: gw.GradientMonitor(log_dir=None, histogram_every=2**63), "histogram_every", "1,000,000,000"),
+    (lambda: gw.clip.Percentile(history=10**9), "history", "1,000,000"),
+    (lambda: gw.Watch(log_dir=None, clip=gw.clip.Chain(gw.clip.Percentile(history=10**7))),
+     "history", "1,000,000"),
+    (lambda: gw.Thresholds(dead_steps=10**18), "dead_steps", "1,000,000,000"),
+    (lambda: gw.Thresholds(update_cos_window=2**64), "update_cos_window", "1,000,000,000"),
+], ids=["monitor-log_every", "watch-log_every", "watch-histogram_every", "monitor-histogram_every",
+        "percentile-history", "chained-percentile-history", "dead_steps", "update_cos_window"])
+def test_counts_that_cannot_work_are_refused_at_construction(build, argument, bound):
+    # each says the argument, its range and the value received
+    pattern = rf"{argument} must be an int from [01] to {bound}"
+    with pytest.raises((TypeError, ValueError), match=pattern) as info:
+        build()
+    assert "received" in str(info.value)
+
+
+def _step_buffer_rows(function) -> int:
+    """The rows of the step buffer a traced function writes (found by its variable name)."""
+    graph = function.get_concrete_function().graph
+    rows = [v for v in graph.variables if v.name.startswith("gradwatch_step_rows")]
+    assert len(rows) == 1
+    return int(rows[0].shape[0])
+
+
+@pytest.mark.fast
+def test_step_buffer_does_not_grow_with_log_every(log_dir):
+    # a window far longer than the buffer folds in-step every 256 steps: memory is fixed
+    w = tf.Variable(tf.ones([3, 2]), name="w")
+    watch = gw.Watch(log_dir=None, log_every=100_000)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.ones([4, 3]) @ w)
+        return watch.observe(tape.gradient(loss, [w]), [w])
+
+    step()
+    assert _step_buffer_rows(step) == 256
+    watch.close()
+
+
+def test_lean_fit_with_a_window_longer_than_the_buffer(log_dir):
+    # log_every beyond the 256-row buffer: every 256th step since the read is a full
+    # step that folds the buffer, the steps between stay lean, and the window is exact
+    steps, batch = 300, 2
+    x, y = _data(steps * batch)
+    model = _model()
+    reference = _model()
+    reference.set_weights(model.get_weights())
+    batches = [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+    expected = _sgd_replay(reference, batches, 0.1)
+    kinds = []
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=1000, histogram_every=0,
+                                 internal=InternalOptions(lean_min_steps=0, on_step_kind=kinds.append))
+    model.fit(x, y, batch_size=batch, shuffle=False, verbose=0, callbacks=[monitor])
+    assert len(kinds) == steps
+    full = [k + 1 for k, lean in enumerate(kinds) if not lean]
+    # the window's first step, the update snapshots (1, 51, ...) and step 256 (a full buffer)
+    assert 256 in full and 257 not in full and 255 not in full
+    assert set(full) <= {1, 256} | {s for s in range(1, steps + 1) if s % 50 in (1, 2)}
+    windows = gw.read_windows(log_dir)
+    assert list(windows.steps) == [steps]
+    stats = gw.read_stats(log_dir).set_index("variable")
+    for name in expected[0]:
+        norms = [s[name]["l2"] for s in expected]
+        assert stats.loc[name, "grad_steps"] == steps
+        assert stats.loc[name, "l2"] == pytest.approx(norms[-1], rel=1e-4)
+        assert stats.loc[name, "l2_max"] == pytest.approx(max(norms), rel=1e-4)
+        assert stats.loc[name, "l2_min"] == pytest.approx(min(norms), rel=1e-4)
+        assert stats.loc[name, "l2_mean"] == pytest.approx(np.mean(norms), rel=1e-4)
+
+
+# ------------------------------------------------------- every bad value, by argument
+
+
+class _Opaque:
+    pass
+
+
+_A_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+_V = tf.Variable([1.0], name="v")
+_NAN, _INF = float("nan"), float("inf")
+# argument -> values no front can use; each must be refused when the front is made
+FRONT_BAD_VALUES = {
+    "log_dir": [3, 3.5, b"runs", ["a"], True, _Opaque(), "", _A_FILE, os.path.join(_A_FILE, "sub"), "a\x00b"],
+    "log_every": [0, -1, 2.5, "10", None, True, 10**18, _NAN, [10]],
+    "histogram_every": [-1, 2.5, "100", None, True, 10**18, _INF],
+    "clip": ["1.0", -1, 0, _NAN, _INF, True, [1.0], _Opaque(), gw.clip.GlobalNorm, print],
+    "on_nonfinite": ["WARN", "", None, 1, "skip", ["warn"]],
+    "append": ["yes", 1, None, "False", 0.0],
+    "thresholds": [{}, {"patience": 3}, 1, "x", gw.Thresholds],
+    "signed_histograms": ["yes", 1, None],
+    "on_alert": [1, "print", []],
+    "internal": [1, "x", {}],
+}
+ONLY = {
+    "GradientMonitor": {"activation_probe": ["yes", 1, None]},
+    "Watch": {"names": [[1, 2], [""], ["a", "a"], "w", 3, {"v": "x"}, ["/w"], {_V.ref(): ""}],
+              "model": [1, "m", _Opaque()]},
+}
+_NUMBER_BAD = [0, -1, _NAN, _INF, "1", None, True]
+CLIP_BAD_VALUES = {
+    **{f"{name}(max_norm)": (getattr(gw.clip, name), "max_norm", _NUMBER_BAD)
+       for name in ("GlobalNorm", "PerVariableNorm")},
+    "Value(limit)": (gw.clip.Value, "limit", _NUMBER_BAD),
+    "Adaptive(clipping)": (gw.clip.Adaptive, "clipping", _NUMBER_BAD),
+    "Adaptive(eps)": (gw.clip.Adaptive, "eps", _NUMBER_BAD),
+    "Percentile(p)": (gw.clip.Percentile, "p", [0, 101, _NAN, "10", None]),
+    "Percentile(history)": (gw.clip.Percentile, "history", [0, -1, 2.5, True, 10**9, "1000"]),
+    "Thresholds(vanishing_rms)": (gw.Thresholds, "vanishing_rms", [0, -1, _NAN, _INF, "x", True]),
+    "Thresholds(patience)": (gw.Thresholds, "patience", [0, -1, 2.5, True, 10**18]),
+}
+
+
+def _cases():
+    for front in ("GradientMonitor", "Watch"):
+        for argument, values in {**FRONT_BAD_VALUES, **ONLY[front]}.items():
+            for k, value in enumerate(values):
+                yield pytest.param(front, argument, value, id=f"{front}-{argument}-{k}")
+    for label, (_, argument, values) in CLIP_BAD_VALUES.items():
+        for k, value in enumerate(values):
+            yield pytest.param(label, argument, value, id=f"{label}-{k}")
+
+
+def _says_value(message: str, value) -> bool:
+    shown = [value] + (list(value) if isinstance(value, list) else [])
+    return "received" in message or any(repr(v) in message for v in shown)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("maker, argument, value", list(_cases()))
+def test_every_bad_value_is_refused_when_made_naming_the_argument(maker, argument, value):
+    if maker in ("GradientMonitor", "Watch"):
+        kwargs = {argument: value} if argument == "log_dir" else {"log_dir": None, argument: value}
+        make = lambda: getattr(gw, maker)(**kwargs)  # noqa: E731
+    else:
+        make = lambda: CLIP_BAD_VALUES[maker][0](**{argument: value})  # noqa: E731
+    with pytest.raises((TypeError, ValueError)) as info:
+        make()
+    message = str(info.value)
+    assert argument in message and _says_value(message, value), message
+    assert not os.path.exists(os.path.join(_A_FILE, "sub"))
+
+
+@pytest.mark.fast
+def test_chain_and_numpy_counts():
+    with pytest.raises(ValueError, match="Chain needs at least one clip transform; received none"):
+        gw.clip.Chain()
+    with pytest.raises(TypeError, match=r"clip must be None, a positive number .*received 'x'"):
+        gw.clip.Chain(1.0, "x")
+    # a numpy integer is an int
+    assert gw.Watch(log_dir=None, log_every=np.int64(7)).options.log_every == 7

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -37,19 +38,71 @@ def test_columns_are_the_contract(log_dir):
 
 
 @pytest.mark.fast
-def test_reader_tolerates_a_torn_last_line(log_dir):
+def test_reader_tolerates_a_torn_last_line(log_dir, caplog):
     _run(log_dir, 6)
     path = os.path.join(log_dir, "stats.csv")
     with open(path, "a") as f:
         f.write("8,2,layer,layer/w,1.23")  # a write cut short by a kill
-    stats = gw.read_stats(log_dir)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        stats = gw.read_stats(log_dir)
     assert list(stats.step) == [2, 4, 6]
+    # the header and three rows: the torn row is line 5, and the warning says so
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gradwatch: {path} line 5 has no line end (a write cut short?); it is left out."]
     # and appending after it cuts the torn bytes instead of gluing onto them
     _run(log_dir, 2, append=True)
     stats = gw.read_stats(log_dir)
     assert list(stats.step) == [2, 4, 6, 8]
     with open(path) as f:
         assert all(len(line.split(",")) == len(STATS_COLUMNS) for line in f.read().splitlines())
+
+
+@pytest.mark.fast
+def test_rows_that_are_not_gradwatch_rows_are_left_out_naming_their_lines(log_dir, caplog):
+    _run(log_dir, 6)
+    path = os.path.join(log_dir, "windows.csv")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    numbers_as_text = ["hello"] + lines[1].split(",")[1:]  # every field there, one not a number
+    lines[2:2] = ["hello,world", ",".join(numbers_as_text), "", lines[1] + ",1"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        windows = gw.read_windows(log_dir)
+    assert list(windows.step) == [2, 4, 6] and windows.step.dtype == np.int64
+    assert all(windows[c].dtype.kind in "if" for c in WINDOW_COLUMNS)
+    expected = gw.read_windows(log_dir, source="events")
+    np.testing.assert_allclose(windows.global_l2, expected.global_l2, rtol=1e-6)
+    width = len(WINDOW_COLUMNS)
+    reasons = [(3, f"2 fields, the header has {width}"), (4, "step is 'hello', not a number"),
+               (6, f"{width + 1} fields, the header has {width}")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gradwatch: {path} line {line} is not a gradwatch row ({reason}); it is left out."
+        for line, reason in reasons]
+
+
+@pytest.mark.fast
+def test_a_file_of_binary_garbage_is_refused(log_dir):
+    _run(log_dir, 2)
+    path = os.path.join(log_dir, "windows.csv")
+    garbage = bytes(range(14, 256)) * 4  # no line end
+    with open(path, "wb") as f:
+        f.write(garbage)
+    with pytest.raises(gw.GradwatchDataError, match=f"its {len(garbage)} bytes hold no complete line"):
+        gw.read_windows(log_dir)
+    with open(path, "wb") as f:
+        f.write(garbage + b"\n" + garbage + b"\n")
+    with pytest.raises(gw.GradwatchDataError, match="windows.csv is not a gradwatch file: columns"):
+        gw.read_windows(log_dir)
+
+
+@pytest.mark.fast
+def test_names_that_read_like_missing_values_come_back_as_names(log_dir):
+    _run(log_dir, 2, names=("NA", "None/nan", "null/NaN"))
+    stats = gw.read_stats(log_dir)
+    assert list(stats.variable) == ["NA", "None/nan", "null/NaN"]
+    assert list(stats.layer) == ["NA", "None", "null"]
+    assert list(gw.read_stats(log_dir, level="layer").layer) == ["NA", "None", "null"]
 
 
 @pytest.mark.fast
@@ -124,9 +177,9 @@ def test_read_errors_are_clear(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"log_every": 0}, ValueError, "log_every must be an int >= 1; received 0"),
+        ({"log_every": 0}, ValueError, "log_every must be an int from 1 to 1,000,000,000; received 0"),
         ({"log_every": 2.5}, TypeError, "log_every must be an int"),
-        ({"histogram_every": -1}, ValueError, "histogram_every must be an int >= 0"),
+        ({"histogram_every": -1}, ValueError, "histogram_every must be an int from 0 to 1,000,000,000"),
         ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite must be one of .*'warn'.*received 'ignore'"),
         ({"append": "yes"}, TypeError, "append must be True or False"),
         ({"log_dir": 3}, TypeError, "log_dir must be a path"),

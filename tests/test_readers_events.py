@@ -3,6 +3,7 @@ several runs under one directory, error messages."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -210,7 +211,7 @@ def test_several_runs_under_one_directory(run, tmp_path):
         gw.read_run(str(root))
 
 
-def test_error_messages_say_what_was_wrong(tmp_path, run):
+def test_error_messages_say_what_was_wrong(tmp_path, run, caplog):
     with pytest.raises(GradwatchDataError, match="does not exist"):
         gw.read_stats(str(tmp_path / "nope"))
     (tmp_path / "file.txt").write_text("x")
@@ -245,10 +246,14 @@ def test_error_messages_say_what_was_wrong(tmp_path, run):
     shutil.copytree(run["dir"], bad)
     with open(bad / "stats.csv", "a") as f:
         f.write("1,2,3," + ",".join(["9"] * 40) + "\n")
-    with pytest.raises(
-        GradwatchDataError, match=r"stats.csv is not a readable CSV file .*Expected 19 fields"
-    ):
-        gw.read_stats(str(bad))
+    with open(bad / "stats.csv") as f:
+        line = len(f.read().splitlines())
+    # a row that does not fit the header is left out, naming its line
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        pd.testing.assert_frame_equal(gw.read_stats(str(bad)), gw.read_stats(run["dir"]))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gradwatch: {bad / 'stats.csv'} line {line} is not a gradwatch row (43 fields, the header has 19); "
+        "it is left out."]
 
 
 def test_reading_events_does_not_import_tensorflow(run):
@@ -319,3 +324,21 @@ def test_an_unreadable_window_summary_is_skipped_with_a_warning(run, tmp_path, c
         stats = gw.read_stats(log_dir)
     assert list(windows.step) == [5, 10] and sorted(set(stats.step)) == [5, 10]
     assert sum("skipped an unreadable window summary" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_a_flipped_digit_in_a_window_record_drops_the_window_never_changes_it(run, tmp_path, caplog):
+    # the record's data checksum catches it: before, the window read back with another number
+    only = events_only(run, tmp_path / "only")
+    expected = gw.read_windows(only, source="events")
+    (path,) = [p for p in event_files(only) if any(b'"global_l2":' in r for r in iter_records(p))]
+    with open(path, "rb") as f:
+        data = f.read()
+    second = data.index(b'"global_l2":', data.index(b'"global_l2":') + 1)  # the second window's
+    digit = next(i for i in range(second + len(b'"global_l2":'), len(data)) if data[i:i + 1] in b"123456789")
+    with open(path, "wb") as f:
+        f.write(data[:digit] + bytes([data[digit] ^ 0x01]) + data[digit + 1:])
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        windows = gw.read_windows(only, source="events")
+    pd.testing.assert_frame_equal(windows, expected.drop(index=1).reset_index(drop=True))
+    assert any("has a corrupt record at byte" in r.getMessage() and path in r.getMessage()
+               for r in caplog.records)

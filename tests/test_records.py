@@ -112,3 +112,52 @@ def test_the_sinks_event_file_is_read_by_tensorboards_loader(tmp_path):
     assert [e.step for e in parsed] == [0, 0, 3]  # file version; run info and layout; the window
     (window,) = [v for v in parsed[-1].summary.value if v.tag == tb_format.WINDOW_TAG]
     assert tb_format.decode_window(window.tensor.string_val[0])["window"]["loss"] == 0.5
+
+
+def _flip(path, position):
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("where", ["data", "data checksum"])
+def test_a_record_whose_data_does_not_match_its_checksum_is_skipped_with_a_warning(tmp_path, caplog, where):
+    path = write_file(tmp_path / "r.tfrecord", RECORDS)
+    fourth = sum(len(r) + HEADER_BYTES + FOOTER_BYTES for r in RECORDS[:3])
+    data = fourth + HEADER_BYTES
+    _flip(path, data + 100 if where == "data" else data + len(RECORDS[3]) + 2)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        assert list(iter_records(path)) == RECORDS[:3] + RECORDS[4:]  # reading goes on after it
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gradwatch: {path} has a corrupt record at byte {fourth} (its data does not match its checksum); "
+        "the record is skipped."]
+
+
+def test_every_one_byte_flip_is_caught(tmp_path, caplog):
+    # a flip anywhere leaves the records read unchanged, or drops them: never a changed record
+    path = write_file(tmp_path / "r.tfrecord", RECORDS[1:3] + [b"window 1.2345e-3"] + RECORDS[4:])
+    original = list(iter_records(path))
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        pristine = f.read()
+    for position in range(size):
+        _flip(path, position)
+        read = list(iter_records(path))
+        assert all(record in original for record in read), position
+        assert len(read) < len(original), position
+        with open(path, "wb") as f:
+            f.write(pristine)
+
+
+def test_a_crafted_length_past_the_end_of_the_file_is_not_allocated(tmp_path, caplog):
+    path = write_file(tmp_path / "r.tfrecord", RECORDS[:2])
+    length = (1 << 62).to_bytes(8, "little")  # with a valid checksum: only the file's size bounds it
+    with open(path, "ab") as f:
+        f.write(length + masked_crc32c(length).to_bytes(4, "little") + b"tail of a lie")
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        assert list(iter_records(path)) == RECORDS[:2]
+    end = sum(len(r) + HEADER_BYTES + FOOTER_BYTES for r in RECORDS[:2])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gradwatch: {path} ends in a torn record at byte {end} (ignored)."]

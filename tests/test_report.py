@@ -212,16 +212,8 @@ def test_summary_exit_status_gates_on_error_alerts(runs, capsys):
     assert "1 when one was raised at some point" in " ".join(capsys.readouterr().out.split())
 
 
-def _corrupt_layers(run_dir) -> None:
-    shutil.copytree(run_dir.parent / "healthy", run_dir)
-    text = (run_dir / "layers.csv").read_text().splitlines()
-    fields = text[2].split(",")
-    fields[STATS_COLUMNS.index("l2_mean")] = "garbage"
-    text[2] = ",".join(fields)
-    (run_dir / "layers.csv").write_text("\n".join(text) + "\n")
-
-
-@pytest.mark.parametrize("case", ["empty", "not_gradwatch", "wrong_header", "text_in_numbers", "missing"])
+@pytest.mark.parametrize("case", ["empty", "not_gradwatch", "wrong_header", "garbage", "headers_only",
+                                  "missing"])
 def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
     target = tmp_path / case
     if case == "empty":
@@ -235,28 +227,27 @@ def test_unreadable_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
         shutil.copytree(runs / "healthy", target)
         (target / "layers.csv").write_bytes(b"\x00\xff garbage,,\n1,2\n")
         expected = "layers.csv is not a gradwatch file"
-    elif case == "text_in_numbers":
-        target = runs / "corrupt_copy"
-        _corrupt_layers(target)
-        expected = "column 'l2_mean' holds non-numeric values (e.g. 'garbage')"
+    elif case == "garbage":  # binary bytes without a line end
+        shutil.copytree(runs / "healthy", target)
+        (target / "windows.csv").write_bytes(bytes(range(14, 256)) * 8)
+        expected = "windows.csv is not a gradwatch CSV file: its 1936 bytes hold no complete line"
+    elif case == "headers_only":
+        _write_run(str(target), ["a"], windows=0)
+        expected = "no window was written yet (1 run(s): headers_only; their files hold headers only)"
     else:
         expected = "does not exist"
-    try:
-        for command in ("report", "summary"):
-            args = [command, str(target)] + (["-o", str(tmp_path / "r.html")] if command == "report" else [])
-            if case == "empty":  # once through the console script, the rest in-process (same code path)
-                result = _cli(*args)
-                status, stderr = result.returncode, result.stderr
-            else:
-                status = main(args)
-                stderr = capsys.readouterr().err
-            assert status == 2, (command, stderr)
-            assert "Traceback" not in stderr and stderr.count("\n") == 1
-            assert stderr.startswith("gradwatch: error: ") and expected in stderr
-            assert not (tmp_path / "r.html").exists()
-    finally:
-        if case == "text_in_numbers":
-            shutil.rmtree(target)
+    for command in ("report", "summary"):
+        args = [command, str(target)] + (["-o", str(tmp_path / "r.html")] if command == "report" else [])
+        if case == "empty":  # once through the console script, the rest in-process (same code path)
+            result = _cli(*args)
+            status, stderr = result.returncode, result.stderr
+        else:
+            status = main(args)
+            stderr = capsys.readouterr().err
+        assert status == 2, (command, stderr)
+        assert "Traceback" not in stderr and stderr.count("\n") == 1
+        assert stderr.startswith("gradwatch: error: ") and expected in stderr
+        assert not (tmp_path / "r.html").exists()
 
 
 @pytest.mark.fast
@@ -281,10 +272,32 @@ def test_two_hundred_layers_stay_readable(tmp_path):
 
 @pytest.mark.fast
 def test_a_run_without_windows_is_no_data_not_healthy(tmp_path, capsys):
-    _write_run(str(tmp_path / "empty_run"), ["a"], windows=0)
-    assert main(["summary", str(tmp_path / "empty_run")]) == 0
-    assert "empty_run: no data" in capsys.readouterr().out
-    assert load_all(str(tmp_path / "empty_run"))[0].healthy == {"a": "no statistics"}
+    # alone it is no readable data (exit 2, above); beside a run with data it is shown
+    # as "no data", with no layer called healthy
+    _write_run(str(tmp_path / "runs" / "empty_run"), ["a"], windows=0)
+    _write_run(str(tmp_path / "runs" / "full_run"), ["a"], windows=2)
+    assert main(["summary", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "empty_run: no data" in out and "full_run: healthy" in out
+    empty, full = load_all(str(tmp_path / "runs"))
+    assert empty.healthy == {} and empty.state == "no data"
+    assert list(full.healthy) == ["a"]
+
+
+@pytest.mark.fast
+def test_a_row_of_text_in_numbers_is_left_out_with_a_warning(tmp_path, caplog):
+    run = tmp_path / "run"
+    _write_run(str(run), ["a", "b"], windows=3)
+    lines = (run / "layers.csv").read_text().splitlines()
+    fields = lines[2].split(",")  # window 1, layer b
+    fields[STATS_COLUMNS.index("l2_mean")] = "garbage"
+    lines[2] = ",".join(fields)
+    (run / "layers.csv").write_text("\n".join(lines) + "\n")
+    assert main(["summary", str(run)]) == 0
+    warning = "layers.csv line 3 is not a gradwatch row (l2_mean is 'garbage', not a number)"
+    assert any(warning in r.getMessage() for r in caplog.records)
+    (verdicts,) = load_all(str(run))
+    assert len(verdicts.run.layers) == 5 and verdicts.run.layers["l2_mean"].dtype == np.float32
 
 
 @pytest.mark.fast

@@ -128,6 +128,79 @@ def test_indexed_slices_match_the_dense_gradient():
     _check([dense, tf.constant([1.0, 2.0])], result)
 
 
+def test_finite_stats_count_a_sparse_gradients_untouched_rows_as_zeros():
+    # constant indices in a tf.function give the summed rows a static shape: the
+    # gradient then takes the dense passes, whose zero fraction must count the rows
+    # the slices leave out
+    values = np.array([[1.0, -1.0, 0.0], [2.0, 2.0, 2.0], [0.5, 0.5, 0.5]], "float32")
+
+    def sparse():
+        return tf.IndexedSlices(tf.constant(values), tf.constant([4, 1, 4]), dense_shape=tf.constant([50, 3]))
+
+    @tf.function
+    def finite():
+        groups = stats_lib.group_gradients([sparse()])
+        assert all(g.matrix.shape.is_fully_defined() for g in groups.groups)
+        return stats_lib.finite_stats(groups, stats_lib.sum_of_squares(groups))
+
+    _check([sparse()], finite())
+
+
+@pytest.mark.parametrize("indices", ["constant", "fed"])
+def test_watch_zero_fraction_of_an_embedding_gradient(tmp_path, indices):
+    import gradwatch as gw
+
+    table = tf.Variable(tf.reshape(tf.range(400, dtype=tf.float32), [100, 4]) / 400.0, name="table")
+    log_dir = str(tmp_path / indices)
+    watch = gw.Watch(log_dir=log_dir, log_every=1, histogram_every=1)
+
+    def gradient(rows):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(tf.gather(table, rows)))
+        return tape.gradient(loss, [table])
+
+    if indices == "constant":
+        step = tf.function(lambda: watch.observe(gradient(tf.constant([1, 2, 2, 7])), [table]))
+    else:
+        step = tf.function(lambda rows: watch.observe(gradient(rows), [table]),
+                           input_signature=[tf.TensorSpec([None], tf.int32)])
+    (grad,) = step() if indices == "constant" else step(tf.constant([1, 2, 2, 7]))
+    watch.step_end()
+    watch.close()
+    assert isinstance(grad, tf.IndexedSlices)
+    expected = np_stats(tf.convert_to_tensor(grad).numpy())
+    assert expected["zero_frac"] == pytest.approx(1.0 - 3 * 4 / 400)  # 3 rows touched
+    row = gw.read_stats(log_dir).set_index("variable").loc["table"]
+    for field in FIELDS:
+        assert row[field] == pytest.approx(expected[field], rel=1e-6), field
+
+
+def test_eager_watch_takes_an_embeddings_sparse_gradient(log_dir):
+    # eager observe runs a tf.function that receives the IndexedSlices: its dense
+    # shape is then a tensor, and the variable's static shape stands in for it
+    import keras
+
+    import gradwatch as gw
+
+    keras.utils.set_random_seed(0)
+    embedding = keras.layers.Embedding(60, 3)
+    ids = np.array([[3, 5, 5], [59, 0, 3]])
+    embedding(ids)
+    variables = embedding.trainable_variables
+    with gw.Watch(log_dir=log_dir, log_every=1, histogram_every=1) as watch:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(embedding(ids) ** 3)
+        grads = tape.gradient(loss, variables)
+        assert isinstance(grads[0], tf.IndexedSlices)
+        watch.observe(grads, variables)
+        watch.step_end()
+    expected = np_stats(tf.convert_to_tensor(grads[0]).numpy())
+    assert expected["zero_frac"] == pytest.approx(1.0 - 4 / 60)
+    (row,) = gw.read_stats(log_dir).to_dict("records")
+    for field in FIELDS:
+        assert row[field] == pytest.approx(expected[field], rel=1e-6), field
+
+
 def test_global_norm_is_overflow_safe():
     l2 = tf.constant([3e30, 4e30], tf.float32)
     assert float(stats_lib.global_norm(l2)) == pytest.approx(5e30, rel=1e-6)
@@ -202,3 +275,18 @@ def test_zero_gradients_settle_their_sums_of_squares_and_underflows_do_not():
     assert not settled([np.inf, 0.0, 0.0])
     assert settled(np.full((70, 300), 1e-14))  # sum of squares 2.1e-24: exact
     assert not settled(np.full((70, 300), 1e-15))  # 2.1e-26, below SAFE_MIN_SQ: may have underflowed
+
+
+def test_subnormal_gradients_read_as_zero_as_the_readme_says():
+    # TensorFlow's CPU kernels flush denormals to zero: documented, not worked around
+    import os
+
+    grad = tf.constant(np.array([1e-40, -2e-40, 3e-39, 0.0], "float32"))
+    assert np.count_nonzero(grad.numpy()) == 3  # the values themselves are there
+    result = stats_lib.gradient_stats([grad])
+    assert float(result.l2[0]) == 0.0 and float(result.max_abs[0]) == 0.0
+    assert float(result.zero_frac[0]) == 1.0
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert "Subnormal gradient entries (below ~1.2e-38 in float32) read as zero" in text

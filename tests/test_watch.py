@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -118,6 +119,92 @@ def test_names_length_mismatch_is_a_clear_error(log_dir):
     watch = gw.Watch(log_dir=log_dir, names=["only_one"])
     with pytest.raises(ValueError, match="names has 1 entries but observe\\(\\) got 2"):
         watch.observe([tf.ones(1), tf.ones(1)], [tf.Variable([1.0]), tf.Variable([2.0])])
+
+
+class _ByIdentity(Mapping):
+    """A mapping keyed by identity: variables are unhashable, so a dict cannot hold them."""
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+
+    def __getitem__(self, key):
+        return next(name for k, name in self._pairs if k is key)
+
+    def __iter__(self):
+        return (k for k, _ in self._pairs)
+
+    def __len__(self):
+        return len(self._pairs)
+
+
+def _observe_once(log_dir, variables, **kwargs):
+    """One eager step of loss = sum(v * v) per variable; returns the stats rows by variable."""
+    with gw.Watch(log_dir=log_dir, log_every=1, **kwargs) as watch:
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(v * v) for v in variables])
+        watch.observe(tape.gradient(loss, variables), variables)
+        watch.step_end()
+    return gw.read_stats(log_dir).set_index("variable")
+
+
+@pytest.mark.fast
+def test_names_mapping_keys_by_ref_tf_variable_or_keras_variable(log_dir):
+    a = tf.Variable([3.0, 4.0], name="a")
+    b = tf.Variable([1.0], name="b")
+    unnamed = tf.Variable([2.0], name="unnamed")
+    model = _model()
+    kernel, bias = model.get_layer("h").kernel, model.get_layer("h").bias
+    # keys: a tf.Variable's .ref(), the tf.Variable itself (in a mapping that can hold
+    # it), a Keras variable, the tf.Variable a Keras variable holds; unmapped variables
+    # keep their own names
+    names = _ByIdentity([(a.ref(), "raw/a"), (b, "raw/b"), (kernel, "enc/w"), (bias.value.ref(), "enc/b")])
+    stats = _observe_once(log_dir, [a, b, unnamed, kernel, bias], names=names)
+    assert list(stats.index) == ["raw/a", "raw/b", "unnamed", "enc/w", "enc/b"]
+    assert list(stats.layer) == ["raw", "raw", "unnamed", "enc", "enc"]
+    for name, variable in zip(stats.index, [a, b, unnamed, kernel, bias]):
+        assert stats.loc[name, "l2"] == pytest.approx(2.0 * np.linalg.norm(variable.numpy()), rel=1e-6), name
+
+
+@pytest.mark.fast
+def test_names_mapping_keys_that_match_nothing_are_named(log_dir):
+    a, stray = tf.Variable([1.0], name="a"), tf.Variable([2.0], name="stray")
+    watch = gw.Watch(log_dir=log_dir, names={a.ref(): "x/a", stray.ref(): "x/stray"})
+    with pytest.raises(ValueError, match=r"names has keys that match none of the 1 variables .*\['stray'\]"):
+        watch.observe([tf.ones(1)], [a])
+    watch.close()
+    other = tf.Variable([3.0], name="other")
+    watch = gw.Watch(log_dir=log_dir, names={a.ref(): "other"})
+    with pytest.raises(ValueError, match=r"names gives \['other'\], the own name of another variable"):
+        watch.observe([tf.ones(1), tf.ones(1)], [a, other])
+    watch.close()
+
+
+_A_VARIABLE = tf.Variable([1.0], name="v")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"names": [1, 2]}, TypeError, r"names must give each variable a str name; received 1 \(int\)"),
+    ({"names": ["a", None]}, TypeError, r"received None \(NoneType\) as names\[1\]"),
+    ({"names": [""]}, ValueError, r"names must be non-empty, .*; received '' as names\[0\]"),
+    ({"names": ["ok", "/w"]}, ValueError, r"received '/w' as names\[1\]"),
+    ({"names": ["a//b"]}, ValueError, r"received 'a//b' as names\[0\]"),
+    ({"names": ["*"]}, ValueError, r"received '\*' as names\[0\]"),
+    ({"names": ["x/w", "y", "x/w", "y"]}, ValueError, r"names must be distinct; \['x/w', 'y'\] appear more"),
+    ({"names": "w"}, TypeError, r"names must be a list of str .*received 'w' \(str\)"),
+    ({"names": 3}, TypeError, r"names must be a list of str .*received 3 \(int\)"),
+    ({"names": {"v": "x"}}, TypeError, r"names must map variables to names; received the key 'v' \(str\)"),
+    ({"names": {_A_VARIABLE.ref(): 3}}, TypeError, r"received 3 \(int\) as the name of variable 'v'"),
+    ({"names": {_A_VARIABLE.ref(): ""}}, ValueError, r"received '' as the name of variable 'v'"),
+    ({"names": _ByIdentity([(_A_VARIABLE, "x"), (_A_VARIABLE.ref(), "y")])}, ValueError,
+     r"names gives variable 'v' two names"),
+    ({"model": 1}, TypeError, r"model must be the Keras model .*received 1 \(int\)"),
+    ({"model": "mlp"}, TypeError, r"model must be the Keras model .*received 'mlp' \(str\)"),
+], ids=["ints", "none", "empty", "empty-layer", "empty-part", "star", "repeated", "one-str", "int",
+        "str-key", "int-name", "empty-mapped", "named-twice", "model-int", "model-str"])
+def test_bad_names_and_model_are_refused_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gw.Watch(log_dir=None, **kwargs)
 
 
 @pytest.mark.fast

@@ -126,6 +126,16 @@ class StepFolder:
                 "any": tf.reduce_any(var_fired > 0.0)}
 
 
+#: The most rows a step buffer holds: beyond, a step folds it, so memory does not grow with log_every.
+MAX_BUFFER_ROWS = 256
+
+
+def buffer_capacity(log_every: int) -> int:
+    """Returns the rows a buffer holds: room for two windows (a read never finds it
+    full), up to ``MAX_BUFFER_ROWS``."""
+    return min(MAX_BUFFER_ROWS, max(16, 2 * log_every))
+
+
 class StepBuffer:
     """Steps' rows waiting for the host read (one replica), or folded at once (several).
 

@@ -321,6 +321,22 @@ def variable_key(variable: Any) -> int:
     return id(variable)
 
 
+def as_variable(key: Any) -> Any:
+    """Returns the variable a ``names`` key stands for (a ``tf.Variable``, its ``.ref()``,
+    or a Keras variable), or None when it stands for none."""
+    deref = getattr(key, "deref", None)
+    if callable(deref):
+        key = deref()
+    return key if isinstance(key, (tf.Variable, keras.Variable)) else None
+
+
+def variable_identities(variable: Any) -> tuple[int, ...]:
+    """The keys of a variable: its own, and for a Keras variable the ``tf.Variable`` it holds."""
+    if isinstance(variable, keras.Variable):
+        return variable_key(variable), variable_key(variable.value)
+    return (variable_key(variable),)
+
+
 def variable_owners(layers: Sequence[Any]) -> dict[int, Any]:
     """Maps each variable (by ``variable_key``) to the innermost layer that created it."""
     owner: dict[int, Any] = {}

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import collections
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture.call_trace import CallTrace, LayerCall
@@ -279,3 +280,96 @@ def relu_layers(model: Any, topology: Topology) -> list[tuple[Any, str]]:
         if _layer_activation(layer) in RELU_FAMILY and owner is not None:
             found.append((layer, owner))
     return found
+
+
+# ------------------------------------------------------------ Watch(names=...)
+
+
+class NameMap(NamedTuple):
+    """``Watch(names=...)`` given as a mapping: (variable, name) pairs, checked."""
+
+    pairs: tuple[tuple[Any, str], ...]
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"names must give each variable a str name; received {name!r} "
+                        f"({type(name).__name__}) as {where}. Pass names such as 'dense/kernel'.")
+    if not name or "" in name.split("/") or name == "*":
+        raise ValueError(f"names must be non-empty, without an empty part around '/' (a name reads "
+                         f"'layer/variable'), and not '*' (the layer rows' variable); received {name!r} as "
+                         f"{where}. Pass names such as 'dense/kernel'.")
+    return name
+
+
+def _refuse_repeats(names: Sequence[str], what: str) -> None:
+    repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"names must be distinct; {repeated} {what}. Give each variable its own name.")
+
+
+def check_names(names: Any) -> list[str] | NameMap | None:
+    """Checks ``Watch(names=...)`` when the Watch is made (what needs the variables waits
+    for ``names_for``).
+
+    Raises:
+        TypeError: not a list of str or a mapping from variables to str.
+        ValueError: an empty or repeated name, or a variable named twice.
+    """
+    if names is None:
+        return None
+    if isinstance(names, Mapping):
+        pairs, named = [], set()
+        for key, name in names.items():
+            variable = internals.as_variable(key)
+            if variable is None:
+                raise TypeError(
+                    f"names must map variables to names; received the key {key!r} ({type(key).__name__}). "
+                    "Key by the variables passed to observe(): a tf.Variable (or its .ref()) or a Keras "
+                    "variable, e.g. names={w.ref(): 'dense/kernel'}.")
+            if named & set(internals.variable_identities(variable)):
+                raise ValueError(f"names gives variable {internals.variable_path(variable)!r} two names "
+                                 "(two keys stand for it); keep one.")
+            named.update(internals.variable_identities(variable))
+            where = f"the name of variable {internals.variable_path(variable)!r}"
+            pairs.append((variable, _check_name(name, where)))
+        _refuse_repeats([name for _, name in pairs], "are given to several variables")
+        return NameMap(tuple(pairs))
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a list of str (one per variable) or a mapping from variable to "
+                        f"name; received {names!r} ({type(names).__name__}).")
+    checked = [_check_name(name, f"names[{i}]") for i, name in enumerate(names)]
+    _refuse_repeats(checked, f"appear more than once in {checked!r}")
+    return checked
+
+
+def names_for(names: list[str] | NameMap | None, variables: Sequence[Any]) -> list[str] | None:
+    """The names of the variables a Watch observed first, from its checked ``names``.
+
+    Raises:
+        ValueError: a list of another length; mapping keys that match none of
+            ``variables``; a given name equal to another variable's own name.
+    """
+    if names is None or not isinstance(names, NameMap):
+        if names is not None and len(names) != len(variables):
+            raise ValueError(
+                f"names has {len(names)} entries but observe() got {len(variables)} variables; "
+                "give one name per variable, in the same order.")
+        return names
+    by_identity = {identity: k for k, (variable, _) in enumerate(names.pairs)
+                   for identity in internals.variable_identities(variable)}
+    found = [next((by_identity[i] for i in internals.variable_identities(v) if i in by_identity), None)
+             for v in variables]
+    unmatched = [internals.variable_path(v) for k, (v, _) in enumerate(names.pairs) if k not in found]
+    if unmatched:
+        raise ValueError(
+            f"names has keys that match none of the {len(variables)} variables passed to observe(): "
+            f"{unmatched}. Key by the variables you pass (the tf.Variable, its .ref(), or the Keras "
+            "variable).")
+    given = [names.pairs[k][1] if k is not None else None for k in found]
+    own = [internals.variable_path(v) for v, name in zip(variables, given) if name is None]
+    clashes = sorted({name for name in given if name is not None} & set(own))
+    if clashes:
+        raise ValueError(f"names gives {clashes}, the own name of another variable passed to observe(); "
+                         "name that variable too, or choose another name.")
+    return [name if name is not None else internals.variable_path(v) for v, name in zip(variables, given)]

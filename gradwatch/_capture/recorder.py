@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import probes as probes_lib
-from gradwatch._capture.accumulate import StepBuffer, StepFolder, loss_pair
+from gradwatch._capture.accumulate import StepBuffer, StepFolder, buffer_capacity, loss_pair
 from gradwatch._capture.clipping import clip_measured
 from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
@@ -104,7 +104,7 @@ class Recorder:
         self._state = internals.replica_variable(
             np.array([start_step, 0, -1, 0, 0, 0], np.int64), "gradwatch_step_state", strategy)
         folder = StepFolder(topology, self.window, clipping=self._clip is not None)
-        self.buffer = StepBuffer(folder, self.window, num_vars, max(16, 2 * self._options.log_every),
+        self.buffer = StepBuffer(folder, self.window, num_vars, buffer_capacity(self._options.log_every),
                                  self._compiler, strategy)
         self._read_fn = internals.run_function(self._read_all, autograph=False)
         self._probes: list[probes_lib.Probe] = [probes_lib.UnitProbe(topology, strategy)]
@@ -159,7 +159,7 @@ class Recorder:
                 none of that, and reads at least every ``capacity`` steps.
         """
         context = context or StepContext()
-        grads = list(grads)
+        grads = [self._with_static_shape(g, slot) for g, slot in zip(grads, slots)]
         present = [i for i, g in enumerate(grads) if g is not None]
         pair = loss_pair(context.loss, context.loss_totals)
         replica_context = internals.replicas_to_reduce()
@@ -194,6 +194,19 @@ class Recorder:
                 "window_steps": state["window_steps"] + 1,
                 "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64))}))
         return StepResult(grads, tf.logical_not(nonfinite_step))
+
+    def _with_static_shape(self, grad: Any, slot: int) -> Any:
+        """A sparse gradient whose dense shape is a tensor (an ``IndexedSlices`` passed
+        into a ``tf.function``) takes its variable's static shape."""
+        if not isinstance(grad, tf.IndexedSlices):
+            return grad
+        if grad.dense_shape is not None and tf.get_static_value(grad.dense_shape) is not None:
+            return grad
+        shape = self._variables[slot].shape
+        if not shape.is_fully_defined():
+            return grad
+        dtype = grad.dense_shape.dtype if grad.dense_shape is not None else tf.int64
+        return tf.IndexedSlices(grad.values, grad.indices, tf.constant(shape.as_list(), dtype))
 
     def _measure(self, grads, stat_grads, present_slots, present, step, sampled, context, replica_context):
         """Measures the present gradients (and clips ``grads`` in place); returns the

@@ -62,13 +62,14 @@ def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
     """
     if isinstance(grad, tf.IndexedSlices):
         dense_shape = grad.dense_shape
-        static = tf.get_static_value(dense_shape)
+        static = tf.get_static_value(dense_shape) if dense_shape is not None else None
         if static is None:
             static = grad.values.shape.as_list()
             static[0] = None
             raise ValueError(
                 "gradwatch needs the static shape of a sparse gradient's variable; "
-                f"got IndexedSlices with dense shape {static}."
+                f"got IndexedSlices with dense shape {static}, and its variable's shape is not "
+                "fully defined. Give the variable a static shape."
             )
         size = math.prod(int(dim) for dim in static)
         return tf.reshape(tf.cast(summed_rows(grad), tf.float32), [-1]), size
@@ -244,7 +245,9 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor) -> GradStats:
         max_abs.append(tf.reduce_max(magnitudes, axis=1))
         mean_abs.append(tf.reduce_sum(magnitudes, axis=1) / size)
         zeros = tf.reduce_sum(tf.cast(tf.equal(group.matrix, 0.0), tf.float32), axis=1)
-        zero_frac.append(zeros / size)
+        # a sparse gradient's untouched rows are zeros its matrix does not hold
+        implicit_zeros = size - tf.cast(tf.shape(group.matrix)[1], tf.float32)
+        zero_frac.append((zeros + implicit_zeros) / size)
     return GradStats(
         l2=tf.sqrt(sum_sq),
         max_abs=_in_list_order(groups, max_abs),

@@ -51,6 +51,9 @@ from typing import Any
 from gradwatch._interpret.alerts import HINTS, Alert
 from gradwatch._topology import Topology
 
+#: The largest count (steps, windows, entries) a threshold takes.
+MAX_COUNT = 10**9
+
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
@@ -79,9 +82,9 @@ class Thresholds:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
                     raise ValueError(
-                        f"Thresholds.{field.name} must be an int >= 1; received {value!r}."
+                        f"Thresholds.{field.name} must be an int from 1 to {MAX_COUNT:,}; received {value!r}."
                     )
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 value > 0 and math.isfinite(value)

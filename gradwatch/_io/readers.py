@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._io import tb_format
+from gradwatch._io import csv_table, tb_format
 from gradwatch._io.records import iter_records
 from gradwatch._io.schema import (
     ALERT_COLUMNS,
@@ -49,33 +49,8 @@ RUN_COLUMN = "run"
 # ------------------------------------------------------------------ CSV
 
 
-def _complete_lines(path: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-    return data
-
-
 def _read_csv(path: str, columns: tuple[str, ...], keys: list[str]) -> pd.DataFrame:
-    data = _complete_lines(path)
-    if not data.strip():
-        return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
-    text = data.decode("utf-8", errors="replace")
-    try:
-        frame = pd.read_csv(io.StringIO(text), keep_default_na=True)
-    except (pd.errors.ParserError, ValueError) as error:
-        raise GradwatchDataError(
-            f"{path} is not a readable CSV file ({error}). Was it edited or written by another "
-            "program? Restore it, or read the run's TensorBoard events with source='events'."
-        ) from error
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise GradwatchDataError(
-            f"{path} is not a gradwatch file: columns {missing} are missing "
-            f"(found {list(frame.columns)[:12]})."
-        )
-    return _dedupe_sort(frame, keys)
+    return _dedupe_sort(csv_table.read_table(path, columns), keys)
 
 
 def _dedupe_sort(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -53,12 +53,14 @@ def write_record(file: BinaryIO, data: bytes) -> None:
 def iter_records(path: str | os.PathLike[str]) -> Iterator[bytes]:
     """The records of one TFRecord file, streamed.
 
-    Reading stops quietly at a torn tail (a writer killed mid-record: logged at INFO)
-    and with a warning at a length header whose checksum does not match (the rest of
-    the file cannot be framed).  The data checksum is not checked: the protobuf parse
-    of each record rejects garbage.
+    Reading stops quietly at a torn tail (a writer killed mid-record, or a length
+    beyond the end of the file: logged at INFO) and with a warning at a length header
+    whose checksum does not match (the rest of the file cannot be framed).  A record
+    whose data does not match its checksum is skipped with a warning: its framing
+    holds, so reading goes on with the next one.
     """
     with open(path, "rb", buffering=1 << 20) as f:
+        size = os.fstat(f.fileno()).st_size
         while True:
             offset = f.tell()
             header = f.read(HEADER_BYTES)
@@ -74,8 +76,19 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[bytes]:
                 )
                 return
             (length,) = _LENGTH.unpack(length_bytes)
+            # bounded by what the file holds (a live file may have grown): a length past its
+            # end is never allocated
+            if length + FOOTER_BYTES > size - offset - HEADER_BYTES:
+                size = os.fstat(f.fileno()).st_size
+            if length + FOOTER_BYTES > size - offset - HEADER_BYTES:
+                logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
+                return
             data = f.read(length + FOOTER_BYTES)
             if len(data) < length + FOOTER_BYTES:
                 logger.info("gradwatch: %s ends in a torn record at byte %d (ignored).", path, offset)
                 return
+            if masked_crc32c(data[:length]) != _CRC.unpack(data[length:])[0]:
+                logger.warning("gradwatch: %s has a corrupt record at byte %d (its data does not match its "
+                               "checksum); the record is skipped.", path, offset)
+                continue
             yield data[:length]

@@ -32,6 +32,7 @@ from gradwatch._report.verdicts import (
     kind_label,
     layer_label,
     load_run,
+    require_data,
 )
 
 #: Line plots draw at most this many layers (the heatmap always shows all of them).
@@ -118,11 +119,16 @@ def _bar_for(runs: Sequence[tuple[str, str]], progress: bool | None, steps_per_r
 def load_all(
     log_dir: str | os.PathLike[str], progress: bool | None = None, source: str = "auto"
 ) -> list[RunVerdicts]:
-    """Loads every run under ``log_dir`` and computes its verdicts (progress bar: see ``build_report``)."""
+    """Loads every run under ``log_dir`` and computes its verdicts (progress bar: see ``build_report``).
+
+    Raises:
+        GradwatchDataError: no run, unreadable data, or no run that wrote a window yet.
+    """
     runs = discover_runs(log_dir, source)
     bar = _bar_for(runs, progress, 4)
     with bar.running():
-        return [compute_verdicts(load_run(name, path, bar.step, source)) for name, path in runs]
+        return require_data([compute_verdicts(load_run(name, path, bar.step, source)) for name, path in runs],
+                            log_dir)
 
 
 # --------------------------------------------------------------------------- figures
@@ -612,7 +618,8 @@ def build_report(
     runs = discover_runs(log_dir, source)
     bar = _bar_for(runs, progress, 4 + FIGURES_PER_RUN)
     with bar.running():
-        all_verdicts = [compute_verdicts(load_run(name, path, bar.step, source)) for name, path in runs]
+        all_verdicts = require_data(
+            [compute_verdicts(load_run(name, path, bar.step, source)) for name, path in runs], log_dir)
         reports = [RunReport(v, run_figures(v, bar.step, max_lines)) for v in all_verdicts]
     text = render_html(reports, log_dir) if fmt == "html" else render_markdown(reports, log_dir, output)
     parent = os.path.dirname(os.path.abspath(output))

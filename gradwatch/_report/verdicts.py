@@ -106,13 +106,18 @@ class RunVerdicts:
     errors_raised: bool  # an alert of severity "error" was raised at some point
 
     @property
+    def has_data(self) -> bool:
+        """Whether the run wrote a window (files with headers only hold none)."""
+        return bool(len(self.run.windows) or len(self.run.layers))
+
+    @property
     def state(self) -> str:
         """"errors", "warnings", "healthy", or "no data" (no window written yet)."""
         if self.errors_raised:
             return "errors"
         if self.problems:
             return "warnings"
-        return "healthy" if len(self.run.windows) or len(self.run.layers) else "no data"
+        return "healthy" if self.has_data else "no data"
 
     def problems_of(self, layer: str) -> list[Problem]:
         return [p for p in self.problems if p.layer == layer]
@@ -216,6 +221,21 @@ def load_run(
     seen = set(order)
     order += [layer for layer in pd.unique(layers["layer"].astype(str)) if layer not in seen]
     return RunFrames(name, path, meta, layers, windows, alerts, order)
+
+
+def require_data(all_verdicts: list[RunVerdicts], log_dir: str | os.PathLike[str]) -> list[RunVerdicts]:
+    """Returns ``all_verdicts`` when a run wrote a window.
+
+    Raises:
+        GradwatchDataError: every run's files hold headers only: there is nothing to judge.
+    """
+    if all_verdicts and not any(v.has_data for v in all_verdicts):
+        names = ", ".join(v.run.name for v in all_verdicts[:6]) + (", ..." if len(all_verdicts) > 6 else "")
+        raise GradwatchDataError(
+            f"No readable gradwatch data in {os.fspath(log_dir)!r}: no window was written yet "
+            f"({len(all_verdicts)} run(s): {names}; their files hold headers only), so there is nothing to "
+            "judge. Read it again once training has passed its first log_every steps.")
+    return all_verdicts
 
 
 def load_runs(
@@ -327,10 +347,11 @@ def compute_verdicts(run: RunFrames) -> RunVerdicts:
     problems.sort(key=lambda p: (position.get(p.layer, -1 if not p.layer else len(position)),
                                  ALERT_KINDS.index(p.kind) if p.kind in ALERT_KINDS else len(ALERT_KINDS)))
     troubled = {p.layer for p in problems}
+    judged = len(run.windows) or len(run.layers)  # no layer is healthy before a window
     healthy = {
         layer: _healthy_evidence(groups.get(layer, empty))
         for layer in run.layer_order
-        if layer not in troubled
+        if layer not in troubled and judged
     }
     errors = bool(len(run.alerts)) and bool((run.alerts["severity"] == "error").any())
     return RunVerdicts(run, problems, healthy, errors)
