@@ -56,7 +56,10 @@ class Interpreter:
             window_row["loss"] = float(fallback_loss)
         # detect() first: it advances the detectors' window and step, which the
         # non-finite alert's life cycle dates its rows by
-        detected = detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows)
+        glob = fetched.globals
+        clean = not glob["nonfinite_steps"] and not glob.get("loss_nonfinite_steps", 0.0)
+        detected = detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows,
+                                        clean=bool(clean))
         alerts = self._nonfinite(window_row, columns) + self._no_gradient(window_row, stats_rows) + detected
         histograms = (decode_histograms(self._topology, fetched.histograms, self._signed)
                       if fetched.histograms is not None else [])
