@@ -28,6 +28,7 @@ from gradwatch._report.verdicts import (
     RunVerdicts,
     compute_verdicts,
     discover_runs,
+    headline,
     interesting_layers,
     kind_label,
     layer_label,
@@ -367,10 +368,10 @@ def comparison_rows(all_verdicts: Sequence[RunVerdicts]) -> tuple[list[str], lis
     kinds = [k for k in ALERT_KINDS if any(v.layers_with(k) for v in all_verdicts)]
     extra = {p.kind for v in all_verdicts for p in v.problems} - set(kinds)
     kinds += sorted(extra)
-    header = ["run", "verdict", "layers", "healthy"] + [kind_label(k) for k in kinds]
+    header = ["run", "verdict", "headline", "layers", "healthy"] + [kind_label(k) for k in kinds]
     rows = []
     for v in all_verdicts:
-        row = [v.run.name, v.state, str(len(v.run.layer_order)), str(len(v.healthy))]
+        row = [v.run.name, v.state, headline(v), str(len(v.run.layer_order)), str(len(v.healthy))]
         for kind in kinds:
             problems = v.layers_with(kind)
             if not problems:
@@ -428,6 +429,7 @@ tr.recovered td{background:#f4f4f4}
 figure{margin:12px 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-weight:600;margin-bottom:4px}.note{color:#555;font-style:italic}
 .bad{color:#b00020;font-weight:600}.good{color:#1b7a1b;font-weight:600}
+p.headline{font-size:1.15em;padding:6px 10px;border-left:6px solid currentColor;background:#fafafa}
 """
 
 
@@ -468,12 +470,11 @@ def _html_run(report: RunReport, anchor: str, heading: str) -> str:
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence", "hint"]
     body = [f'<section id="{anchor}">', f"<{heading}>{_e(run.name)}</{heading}>",
             f"<p>{_e(_run_facts(run))}. Source: <code>{_e(os.path.abspath(run.path))}</code></p>"]
+    good = v.state == "healthy"
+    body.append(f'<p class="headline {"good" if good else "bad"}" data-state="{_e(v.state)}">'
+                f'{_e(headline(v))}</p>')
     if v.errors_raised:
         body.append('<p class="bad">An alert of severity error was raised in this run.</p>')
-    elif v.state == "no data":
-        body.append('<p class="bad">No window was written in this run yet: nothing to judge.</p>')
-    elif not v.problems:
-        body.append('<p class="good">No problem found: every layer is healthy.</p>')
     body.append("<h3>Verdicts per layer</h3>")
     body.append(_html_table(header, [[r[h] for h in header] for r in rows], [_row_class(r) for r in rows],
                             cell_classes={6: "msg", 7: "hint"}))
@@ -517,7 +518,7 @@ def render_html(reports: Sequence[RunReport], log_dir: str) -> str:
         parts.append("<h2>Comparison of runs</h2>")
         parts.append("<p>Per alert kind: the layers with that problem (how many are still active at the "
                      "end).</p>")
-        row_class = {"errors": "error", "warnings": "warning", "healthy": "healthy"}
+        row_class = {"diverged": "error", "errors": "error", "warnings": "warning", "healthy": "healthy"}
         classes = [row_class.get(row[1], "") for row in rows]
         parts.append(_html_table(header, rows, classes, links={i: f"run-{i}" for i in range(len(rows))}))
     for i, report in enumerate(reports):
@@ -630,11 +631,13 @@ def print_summary(all_verdicts: Sequence[RunVerdicts], console) -> None:  # cons
     from rich.table import Table
     from rich.text import Text
 
-    styles = {"error": "bold red", "warning": "yellow", "healthy": "green", "recovered": "dim"}
+    styles = {"error": "bold red", "warning": "yellow", "healthy": "green", "recovered": "dim",
+              "diverged": "bold red"}
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence"]
     for v in all_verdicts:
         state = v.state
-        table = Table(title=Text(f"{v.run.name}: {state}", style=styles.get(state.rstrip("s"), "")),
+        title = Text(f"{v.run.name}: {state}: {headline(v)}", style=styles.get(state.rstrip("s"), ""))
+        table = Table(title=title,
                       title_justify="left", show_lines=False)
         for column in header:
             table.add_column(column, overflow="fold", no_wrap=column in ("verdict", "severity"))
@@ -647,9 +650,9 @@ def print_summary(all_verdicts: Sequence[RunVerdicts], console) -> None:  # cons
         for label, hint in hints.items():
             if hint:
                 console.print(Text(f"  hint ({label}): {hint}"))
-    failing = [v.run.name for v in all_verdicts if v.errors_raised]
+    failing = [v.run.name for v in all_verdicts if v.errors_raised or v.divergence is not None]
     if failing:
-        console.print(Text(f"{len(failing)} of {len(all_verdicts)} run(s) raised an error alert: "
+        console.print(Text(f"{len(failing)} of {len(all_verdicts)} run(s) diverged or raised an error alert: "
                            f"{', '.join(failing)}", style="bold red"))
     else:
         console.print(Text(f"{len(all_verdicts)} run(s): no error alert raised.", style="green"))
