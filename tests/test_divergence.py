@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from _plugin import get_json, plugin_over
 
 import gradwatch as gw
 from gradwatch.cli import main
@@ -66,6 +67,22 @@ def _one_nan_step(step: int) -> tuple[float, float]:
     return (float("nan"), float("nan")) if step == 11 else (1.0, 1.0)
 
 
+def _alert_texts(log_dir: str) -> dict[int, str]:
+    """The Text tab's alert tables by step, from the event files."""
+    from tensorboard.compat.proto import event_pb2
+
+    from gradwatch._io.readers import event_files, iter_records
+
+    texts = {}
+    for path in event_files(log_dir):
+        for record in iter_records(path):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                if value.tag == "gradwatch/alerts":
+                    texts[event.step] = value.tensor.string_val[0].decode()
+    return texts
+
+
 def _summary(capsys, *args: str) -> tuple[int, str]:
     code = main(["summary", *args])
     return code, " ".join(capsys.readouterr().out.split())
@@ -91,6 +108,16 @@ def test_a_run_that_stays_nan_is_diverged_never_recovered(tmp_path, capsys):
     alerts = gw.read_alerts(log_dir)
     assert set(alerts["kind"]) == {"exploding_gradient", "nonfinite_gradient"}
     assert (alerts["severity"] != "info").all(), alerts[["step", "kind", "message"]]
+    # the run's last word, in alerts.csv, the event files and the Text tab
+    last = alerts.iloc[-1]
+    assert (last.step, last.severity) == (40, "error")
+    assert last.message.startswith("Diverged at step 7, never recovered")
+    pd.testing.assert_frame_equal(gw.read_alerts(log_dir, source="events"), alerts)
+    assert "Diverged at step 7, never recovered" in _alert_texts(log_dir)[41]
+    plugin, _ = plugin_over(log_dir)
+    status, flow = get_json(plugin, "/flow", run=".")
+    assert status == 200 and flow["divergence"] == {"step": 7, "last_step": 40}
+    assert flow["windows"] == 20 and len(flow["values"][0]) == 20
     code, text = _summary(capsys, log_dir)
     assert code == 1
     assert "diverged: exploding at 'hidden' step 4 → NaN at step 7, diverged (never recovered" in text
@@ -106,6 +133,9 @@ def test_one_skipped_nan_step_recovers(tmp_path, capsys):
     assert error["step"].tolist() == [11] and error["kind"].tolist() == ["nonfinite_gradient"]
     # cleared by the first clean window (steps 13-14)
     assert cleared["step"].tolist() == [14]
+    assert not alerts["message"].str.startswith("Diverged").any()
+    plugin, _ = plugin_over(log_dir)
+    assert get_json(plugin, "/flow", run=".")[1]["divergence"] is None
     code, text = _summary(capsys, log_dir)
     assert code == 1  # an error was raised, even though it recovered
     assert "recovered: errors: NaN/Inf at step 11, recovered at step 14" in text

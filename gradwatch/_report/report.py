@@ -46,6 +46,8 @@ LARGE_RUN_BYTES = 32 << 20
 FIGURES_PER_RUN = 6
 FORMATS = ("html", "md")
 _SEVERITY_COLOURS = {"error": "#d62728", "warning": "#ff7f0e", "info": "#2ca02c"}
+#: NaN/Inf gradients: the same magenta as the TensorBoard tab's.
+NONFINITE_COLOUR = "#d500f9"
 
 
 @dataclasses.dataclass
@@ -188,7 +190,7 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
 
         overlay = np.ma.masked_where(~(nonfinite > 0), np.ones_like(nonfinite))
         axes.imshow(overlay, aspect="auto", interpolation="nearest", extent=extent, vmin=0, vmax=1,
-                    cmap=ListedColormap([_SEVERITY_COLOURS["error"]]))
+                    cmap=ListedColormap([NONFINITE_COLOUR]))
     every = max(1, math.ceil(len(layers) / 40))
     ticks = list(range(0, len(layers), every))
     axes.set_yticks(ticks, [_text(layers[i]) for i in ticks], fontsize=8 if len(layers) > 20 else 9)
@@ -200,7 +202,7 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
                       color=_SEVERITY_COLOURS.get(problem.severity, "red"), linestyle="none")
     figure.colorbar(image, ax=axes, label="log10 grad norm",
                     aspect=20 * max(1.0, height / 4), pad=0.01)
-    note = "Grey: zero or missing gradient; red: NaN/Inf gradient entries in the window."
+    note = "Grey: zero or missing gradient; magenta: NaN/Inf gradient entries in the window."
     if verdicts.problems:
         note += " Crosses mark where an alert was first raised on a layer."
     return FigureOut("heatmap", title, _png(figure), note)

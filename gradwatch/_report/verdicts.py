@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._interpret.alerts import divergence_since
 from gradwatch._io import readers
 from gradwatch._io.schema import (
     ALERT_KINDS,
@@ -351,19 +352,15 @@ def _healthy_evidence(rows: pd.DataFrame) -> str:
 
 
 def find_divergence(windows: pd.DataFrame) -> Divergence | None:
-    """The run's divergence: its last window had a non-finite step, and so had every window back to
-    the step returned (None: the run ended finite)."""
-    if windows.empty:
+    """The run's divergence: every step non-finite from the step returned to its last (more than
+    one step; see ``alerts.divergence_since``), else None."""
+    since = None
+    columns = ("step", "steps", "nonfinite_steps", "first_nonfinite_step")
+    for values in zip(*(windows[c].tolist() for c in columns)):
+        since = divergence_since(since, dict(zip(columns, values)))
+    if since is None or windows.empty or since >= int(windows["step"].iloc[-1]):
         return None
-    bad = windows["nonfinite_steps"].to_numpy() > 0
-    if not bad[-1]:
-        return None
-    start = len(bad) - 1
-    while start > 0 and bad[start - 1]:
-        start -= 1
-    first = float(windows["first_nonfinite_step"].iloc[start])
-    step = int(first) if math.isfinite(first) else int(windows["step"].iloc[start])
-    return Divergence(step, int(windows["step"].iloc[-1]))
+    return Divergence(since, int(windows["step"].iloc[-1]))
 
 
 def clipping_finding(windows: pd.DataFrame) -> Problem | None:
