@@ -51,6 +51,19 @@ def _window_row(glob: dict[str, float], clipping: bool) -> dict[str, Any]:
     return window_row
 
 
+def _norms(per_var: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(last, max, min, mean) norm per column: max, min and mean over the steps with a norm;
+    NaN where there was none (no gradient, or every entry NaN/Inf)."""
+    nan = np.full_like(per_var["grad_steps"], np.nan)
+    measured = per_var["l2_steps"]
+    has_norm = measured > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        l2_mean = np.where(has_norm, per_var["l2_sum"] / np.where(has_norm, measured, 1), nan)
+    last = np.where(per_var["grad_steps"] > 0, per_var["l2_last"], nan)
+    l2_max, l2_min = (np.where(has_norm, per_var[name], nan) for name in ("l2_max", "l2_min"))
+    return last, l2_max, l2_min, l2_mean
+
+
 def build_rows(
     per_var: dict[str, np.ndarray], glob: dict[str, float], topology: Topology, clipping: bool = False
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -65,14 +78,7 @@ def build_rows(
     grad_steps = per_var["grad_steps"]
     has = grad_steps > 0
     nan = np.full_like(grad_steps, np.nan)
-    # max, min and mean are over the steps with a norm; none (all NaN/Inf entries): NaN
-    measured = per_var["l2_steps"]
-    has_norm = measured > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        l2_mean = np.where(has_norm, per_var["l2_sum"] / np.where(has_norm, measured, 1), nan)
-    l2_max = np.where(has_norm, per_var["l2_max"], nan)
-    l2_min = np.where(has_norm, per_var["l2_min"], nan)
-    l2_last = np.where(has, per_var["l2_last"], nan)
+    l2_last, l2_max, l2_min, l2_mean = _norms(per_var)
     max_abs, mean_abs, zero_frac = per_var["max_abs"], per_var["mean_abs"], per_var["zero_frac"]
     with np.errstate(invalid="ignore", divide="ignore"):
         clip_scale_min = np.where(has & clipping, per_var["clip_scale_min"], nan)

@@ -195,6 +195,14 @@ def _divergence(rows: list[dict[str, Any]]) -> dict[str, int] | None:
     return {"step": since, "last_step": int(rows[-1]["step"])}
 
 
+def _recoveries_kept(alerts: list[dict[str, Any]], rows: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alerts in step order, less the info rows dated in a non-finite window (files before
+    schema 3 cleared alerts on NaN norms read as 0: no recovery)."""
+    unclean = {step for step, row in rows.items() if (row.get("nonfinite_steps") or 0) > 0}
+    kept = [a for a in alerts if not (a.get("severity") == "info" and a.get("step") in unclean)]
+    return sorted(kept, key=lambda a: a.get("step", 0))
+
+
 def build_run(
     run_info: Mapping[str, Any] | None,
     payloads: Sequence[tuple[int, bytes]],
@@ -248,15 +256,9 @@ def build_run(
             usable = (l2 > 0) & np.isfinite(l2)
             log_l2[rows[usable], col] = np.log10(l2[usable])
             nonfinite[rows, col] = nf > 0
-    alerts = [
-        {**alert, "layer_index": index.get(alert["layer"], -1) if isinstance(alert.get("layer"), str) else -1}
-        for alert in alerts
-    ]
-    # an info row in a non-finite window (files before schema 3 cleared alerts on NaN norms read
-    # as 0) is no recovery: not drawn
-    unclean = {step for step, row in nonfinite_rows.items() if (row.get("nonfinite_steps") or 0) > 0}
-    alerts = [a for a in alerts if not (a.get("severity") == "info" and a.get("step") in unclean)]
-    alerts.sort(key=lambda a: a.get("step", 0))
+    alerts = [{**alert, "layer_index": index.get(alert["layer"], -1)
+               if isinstance(alert.get("layer"), str) else -1} for alert in alerts]
+    alerts = _recoveries_kept(alerts, nonfinite_rows)
     divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
     return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence)
 
