@@ -162,7 +162,8 @@ def test_clipping_on_every_step_is_a_warning(tmp_path, capsys):
     assert gw.read_windows(log_dir)["clip_fraction"].tolist() == [1.0] * 10
     code, text = _summary(capsys, log_dir)
     assert code == 0  # warnings do not fail by default
-    assert "clipped: warnings: clipping on most steps step 1, still active at the end" in text
+    assert ("clipped: warnings: clipping changed the gradient on 100% of the steps from step 1, still active "
+            "at the end") in text
     assert "clipped on 40 of 40 steps (100%)" in text
     assert _summary(capsys, log_dir, "--fail-on", "warning")[0] == 1
     assert _summary(capsys, log_dir, "--fail-on", "error")[0] == 0

@@ -343,7 +343,7 @@ tr.error td{background:#fde2e2}tr.warning td{background:#fff1dc}tr.healthy td{ba
 tr.recovered td{background:#f4f4f4}
 figure{margin:12px 0}figure svg{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-weight:600;margin-bottom:4px}.note{color:#555;font-style:italic}
-.bad{color:#b00020;font-weight:600}.good{color:#1b7a1b;font-weight:600}
+.bad{color:#b00020;font-weight:600}.good{color:#1b7a1b;font-weight:600}.warn{color:#a84e00;font-weight:600}
 p.headline{font-size:1.15em;padding:6px 10px;border-left:6px solid currentColor;background:#fafafa}
 """
 
@@ -385,9 +385,8 @@ def _html_run(report: RunReport, anchor: str, heading: str) -> str:
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence", "hint"]
     body = [f'<section id="{anchor}">', f"<{heading}>{_e(run.name)}</{heading}>",
             f"<p>{_e(_run_facts(run))}. Source: <code>{_e(os.path.abspath(run.path))}</code></p>"]
-    good = v.state == "healthy"
-    body.append(f'<p class="headline {"good" if good else "bad"}" data-state="{_e(v.state)}">'
-                f'{_e(headline(v))}</p>')
+    tone = {"healthy": "good", "warnings": "warn", "no data": "warn"}.get(v.state, "bad")
+    body.append(f'<p class="headline {tone}" data-state="{_e(v.state)}">{_e(headline(v))}</p>')
     if v.errors_raised:
         body.append('<p class="bad">An alert of severity error was raised in this run.</p>')
     body.append("<h3>Verdicts per layer</h3>")
@@ -600,9 +599,10 @@ def print_summary(all_verdicts: Sequence[RunVerdicts], console) -> None:  # cons
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence"]
     for v in all_verdicts:
         state = v.state
-        title = Text(f"{v.run.name}: {state}: {headline(v)}", style=styles.get(state.rstrip("s"), ""))
-        table = Table(title=title,
-                      title_justify="left", show_lines=False)
+        # the headline on a line of its own: a table title is cut to the table's width
+        console.print(Text(f"{v.run.name}: {state}: {headline(v)}", style=styles.get(state.rstrip("s"), ""),
+                           overflow="fold"))
+        table = Table(show_lines=False)
         for column in header:
             table.add_column(column, overflow="fold", no_wrap=column in ("verdict", "severity"))
         for row in verdict_rows(v):

@@ -397,12 +397,14 @@ def headline(verdicts: RunVerdicts) -> str:
     problems = sorted(verdicts.problems, key=lambda p: p.first_step)  # stable: model order on ties
     divergence = verdicts.divergence
     if not problems:
-        return "healthy: no problem found"
+        return "no problem found"
     first = problems[0]
     where = f" at {first.layer!r}" if first.layer else ""
     text = f"{kind_label(first.kind)}{where} step {first.first_step}"
     if first.kind == "nonfinite_gradient":
-        text = f"NaN/Inf{where} at step {first.first_step}"
+        text = f"NaN/Inf{f' in {first.layer!r}' if first.layer else ''} at step {first.first_step}"
+    elif first.kind == CLIPPING_KIND:
+        text = f"clipping changed the gradient on {first.value:.0%} of the steps from step {first.first_step}"
     if divergence is not None:
         if first.kind != "nonfinite_gradient" or divergence.step != first.first_step:
             text += f" → NaN at step {divergence.step}"
@@ -411,6 +413,8 @@ def headline(verdicts: RunVerdicts) -> str:
         text += ", still active at the end"
     else:
         text += f", recovered at step {first.cleared_step}"
+    if first.raised > 1 and divergence is None:
+        text += f" (raised {first.raised} times)"
     if len(problems) > 1:
         text += f"; {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}"
     return text
