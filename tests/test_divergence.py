@@ -152,6 +152,8 @@ def test_an_overflowing_variable_makes_the_global_norm_inf(tmp_path):
     windows = gw.read_windows(log_dir).set_index("step")
     stats = gw.read_stats(log_dir).set_index(["step", "variable"])
     assert math.isinf(stats.loc[(2, "hidden/kernel"), "l2"])
+    layers = gw.read_stats(log_dir, level="layer").set_index(["step", "layer"])
+    assert math.isinf(layers.loc[(2, "hidden"), "l2"]) and math.isfinite(layers.loc[(2, "out"), "l2"])
     assert windows.loc[2, "nonfinite_steps"] == 0
     assert windows.loc[2, "global_l2"] == math.inf and windows.loc[2, "global_l2_max"] == math.inf
 

@@ -291,20 +291,18 @@ def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int,
     NaN parts (no finite entry) are left out; a segment whose present parts are all NaN
     is NaN, one with an infinite part is Inf (a part overflowed float32)."""
     present = tf.ones_like(l2, tf.bool) if present is None else present
-    finite = tf.math.is_finite(l2)
-    values = tf.where(finite & present, l2, 0.0)
+    values = tf.where(tf.math.is_finite(l2) & present, l2, 0.0)
     largest = tf.math.unsorted_segment_max(values, segment_ids, num_segments)
     largest = tf.where(largest > 0.0, largest, 1.0)
     scaled = values / tf.gather(largest, segment_ids)
     norm = largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_segments))
-
-    def any_of(mask):
-        flags = tf.cast(mask & present, tf.float32)
-        return tf.math.unsorted_segment_max(flags, segment_ids, num_segments) > 0.0
-
-    nan_only = any_of(tf.math.is_nan(l2)) & tf.logical_not(any_of(tf.logical_not(tf.math.is_nan(l2))))
-    norm = tf.where(any_of(tf.math.is_inf(l2)), float("inf"), norm)
-    return tf.where(nan_only, float("nan"), norm)
+    # per segment, in one reduction: has an Inf part, a NaN part, a part with a number
+    nan = tf.math.is_nan(l2)
+    flags = tf.cast(tf.stack([tf.math.is_inf(l2), nan, tf.logical_not(nan)], axis=1)
+                    & present[:, None], tf.float32)
+    has = tf.math.unsorted_segment_max(flags, segment_ids, num_segments) > 0.0
+    norm = tf.where(has[:, 0], float("inf"), norm)
+    return tf.where(has[:, 1] & tf.logical_not(has[:, 2]), float("nan"), norm)
 
 
 def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
@@ -317,8 +315,12 @@ def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
     every present norm is NaN; Inf when one is)."""
     if l2.shape.num_elements() == 0:
         return tf.zeros([], tf.float32)
-    segments = tf.zeros(tf.shape(l2), tf.int32)
-    return segment_norm(l2, segments, 1, present)[0]
+    present = tf.ones_like(l2, tf.bool) if present is None else present
+    norm = safe_norm(tf.where(tf.math.is_finite(l2) & present, l2, 0.0))
+    nan = tf.math.is_nan(l2)
+    norm = tf.where(tf.reduce_any(tf.math.is_inf(l2) & present), float("inf"), norm)
+    nan_only = tf.reduce_any(nan & present) & tf.logical_not(tf.reduce_any(tf.logical_not(nan) & present))
+    return tf.where(nan_only, float("nan"), norm)
 
 
 def layer_stats(
