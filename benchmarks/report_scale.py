@@ -6,6 +6,11 @@ Each command runs in a subprocess (wall time; peak RSS from ``RUSAGE_CHILDREN``)
 Targets: report under 15 s and under 2 GiB peak.  Writes ``benchmarks/results/report_scale.json``.
 
 Run: ``.venv/bin/python benchmarks/report_scale.py [--layers 100 --windows 5000 --keep DIR]``
+
+``--runs 300`` measures the other scale instead: ``gradwatch report`` over a directory of 300
+small runs (4 layers, 50 windows each; one in ten diverges, one in ten clips on every step):
+wall time, peak RSS and the bytes written (the index page and every page beside it). Target:
+under 20 s. Writes ``benchmarks/results/report_many.json``.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from gradwatch._io.schema import ALERT_COLUMNS, STATS_COLUMNS, WINDOW_COLUMNS
+from gradwatch._io.schema import ALERT_COLUMNS, SCHEMA_VERSION, STATS_COLUMNS, WINDOW_COLUMNS
 
 TARGET_SECONDS = 15.0
+MANY_TARGET_SECONDS = 20.0
+MANY_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "report_many.json")
 TARGET_BYTES = 2 << 30
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "report_scale.json")
 
@@ -113,6 +120,100 @@ def generate(log_dir: str, layers: int, windows: int) -> dict[str, float]:
     return {"generate_s": time.perf_counter() - started, **{f"{k}_MB": v for k, v in sizes.items()}}
 
 
+def generate_small(log_dir: str, index: int, layers: int = 4, windows: int = 50) -> None:
+    """One small run of ``layers`` Dense layers and ``windows`` windows of 10 steps; run ``index``
+    % 10 == 3 diverges (NaN from the middle on), % 10 == 7 clips on every step."""
+    os.makedirs(log_dir, exist_ok=True)
+    rng = np.random.default_rng(index)
+    names = [f"dense_{i}" for i in range(layers)]
+    variables = [f"{name}/{part}" for name in names for part in ("kernel", "bias")]
+    run = {"schema_version": SCHEMA_VERSION, "gradwatch_version": "benchmark", "model_name": f"small_{index}",
+           "front": "benchmark",
+           "layers": [{"name": n, "index": i, "class_name": "Dense", "activation": "relu",
+                       "variables": [f"{n}/kernel", f"{n}/bias"]} for i, n in enumerate(names)],
+           "variables": [{"name": v, "layer": v.split("/")[0], "shape": [16, 16]} for v in variables]}
+    with open(os.path.join(log_dir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(run, f)
+    steps = np.arange(1, windows + 1, dtype=np.int64) * 10
+    diverges, clips = index % 10 == 3, index % 10 == 7
+    for name, rows_of, layer_of, depth, variable in (
+        ("stats.csv", variables, [v.split("/")[0] for v in variables], np.repeat(np.arange(layers), 2),
+         variables),
+        ("layers.csv", names, names, np.arange(layers), None),
+    ):
+        frame = _stats_frame(steps, rows_of, layer_of, rng, depth, variable)
+        if diverges:
+            bad = frame["step"] > steps[windows // 2]
+            frame.loc[bad, ["l2", "l2_max", "l2_min", "l2_mean", "max_abs", "mean_abs"]] = np.nan
+            frame.loc[bad, "nonfinite"] = 2560
+        if clips:
+            frame[["clip_fraction", "clip_scale_min"]] = [1.0, 0.2]
+        frame.to_csv(os.path.join(log_dir, name), index=False, float_format="%.6g")
+    window_rows = pd.DataFrame({c: np.nan for c in WINDOW_COLUMNS}, index=range(windows))
+    window_rows["step"], window_rows["steps"] = steps, 10
+    window_rows["loss"] = 2.0 * np.exp(-steps / steps[-1]) + 0.05 * rng.random(windows)
+    window_rows["learning_rate"] = 1e-3
+    window_rows["global_l2"] = rng.lognormal(0.0, 0.2, windows)
+    window_rows[["nonfinite_steps", "skipped_steps"]] = 0
+    window_rows["first_nonfinite_step"] = ""
+    window_rows["nonfinite_loss_at_first"] = ""
+    alerts = []
+    if diverges:
+        bad = window_rows["step"] > steps[windows // 2]
+        window_rows.loc[bad, ["loss", "global_l2"]] = np.nan
+        window_rows.loc[bad, "nonfinite_steps"] = 10
+        window_rows.loc[bad, "first_nonfinite_step"] = (window_rows.loc[bad, "step"] - 9).astype(str)
+        first = int(steps[windows // 2] + 1)
+        alerts.append((first, "", "", "nonfinite_gradient", "error", 2560.0, 0.0,
+                       f"Non-finite loss at step {first}.", "Lower the learning rate."))
+    if clips:
+        window_rows[["clip_fraction", "clip_scale_min", "clip_threshold"]] = [1.0, 0.2, 1.0]
+    window_rows.to_csv(os.path.join(log_dir, "windows.csv"), index=False, float_format="%.6g")
+    pd.DataFrame(alerts, columns=list(ALERT_COLUMNS)).to_csv(os.path.join(log_dir, "alerts.csv"), index=False)
+
+
+def written_bytes(output: str) -> int:
+    """The bytes of the report at ``output`` and of every file beside it in ``<stem>_files/``."""
+    total = os.path.getsize(output)
+    files = os.path.splitext(output)[0] + "_files"
+    for root, _, names in os.walk(files):
+        total += sum(os.path.getsize(os.path.join(root, name)) for name in names)
+    return total
+
+
+def many_runs(count: int, gradwatch: list[str]) -> None:
+    """``gradwatch report`` over ``count`` small runs; writes ``MANY_RESULTS``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = os.path.join(scratch, "runs")
+        started = time.perf_counter()
+        for index in range(count):
+            generate_small(os.path.join(root, f"run_{index:03d}"), index)
+        generate_s = time.perf_counter() - started
+        output = os.path.join(scratch, "report.html")
+        report = timed([*gradwatch, "report", root, "-o", output])
+        report["main_page_MB"] = os.path.getsize(output) / 1e6
+        report["written_MB"] = written_bytes(output) / 1e6
+    result = {
+        "benchmark": "report_many",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "loadavg_1_5_15": os.getloadavg(),
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "note": "shared, noisy machine (several engineers); one run, not a median"},
+        "runs": {"count": count, "layers": 4, "windows": 50, "generate_s": generate_s},
+        "report": report,
+        "target_seconds": MANY_TARGET_SECONDS,
+        "meets_target": report["seconds"] < MANY_TARGET_SECONDS,
+    }
+    print(f"gradwatch report over {count} runs: {report['seconds']:.1f} s, peak RSS "
+          f"{report['peak_rss_bytes'] / 2**20:.0f} MiB, main page {report['main_page_MB']:.2f} MB, "
+          f"{report['written_MB']:.2f} MB written in all (target < {MANY_TARGET_SECONDS:.0f} s)")
+    os.makedirs(os.path.dirname(MANY_RESULTS), exist_ok=True)
+    with open(MANY_RESULTS, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(f"wrote {MANY_RESULTS}")
+
+
 def timed(command: list[str]) -> dict[str, float]:
     """Runs ``command`` in a subprocess: wall seconds, exit status, peak RSS of the child (bytes)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -131,8 +232,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=100)
     parser.add_argument("--windows", type=int, default=5000)
     parser.add_argument("--keep", help="generate into this directory and keep it")
+    parser.add_argument("--runs", type=int, default=0, help="measure a report over this many small runs")
     args = parser.parse_args()
     gradwatch = os.path.join(os.path.dirname(sys.executable), "gradwatch")
+    if args.runs:  # the gradwatch that PYTHONPATH (or the venv) gives this interpreter
+        many_runs(args.runs, [sys.executable, "-m", "gradwatch"])
+        return
     with tempfile.TemporaryDirectory() as scratch:
         log_dir = args.keep or os.path.join(scratch, "run")
         print(f"generating {args.layers} layers x 2 variables x {args.windows} windows in {log_dir} ...")

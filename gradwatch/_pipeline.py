@@ -109,13 +109,24 @@ class Pipeline:
     def _report(self, result: WindowResult) -> WindowResult:
         """Logs the alerts, calls ``on_alert`` and keeps the result as the latest."""
         for alert in result.alerts:
-            logger.log(_LEVELS.get(alert.severity, logging.ERROR), "gradwatch %s at step %d: %s",
-                       alert.kind, alert.step, alert.message)
-            if self._on_alert is not None:
-                self._on_alert(alert.to_row())
+            self._report_alert(alert)
         self.latest.set(result)
         return result
 
+    def _report_alert(self, alert) -> None:
+        logger.log(_LEVELS.get(alert.severity, logging.ERROR), "gradwatch %s at step %d: %s",
+                   alert.kind, alert.step, alert.message)
+        if self._on_alert is not None:
+            self._on_alert(alert.to_row())
+
     def close(self) -> None:
-        """Writes what is queued and closes the files."""
-        self._output.close()
+        """Writes what is queued and the run's last word (``Interpreter.finish``), and closes the files."""
+        try:
+            self._output.flush()  # the interpreter has seen every window
+            final = self._interpreter.finish()
+            if final:
+                for alert in final:
+                    self._report_alert(alert)
+                self._output.write_alerts([alert.to_row() for alert in final])
+        finally:
+            self._output.close()

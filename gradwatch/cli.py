@@ -31,11 +31,31 @@ def _data_error(error: Exception) -> int:
     return 2
 
 
+_EXTENSIONS = {".html": "html", ".htm": "html", ".md": "md"}
+
+
+def _report_format(output: str | None, fmt: str | None) -> tuple[str, str]:
+    """The report's format from ``--format`` and the ``-o`` extension, and why they are refused ("")."""
+    if output is None:
+        return fmt or "html", ""
+    extension = os.path.splitext(output)[1].lower()
+    implied = _EXTENSIONS.get(extension)
+    if implied is None:
+        return "", (f"-o {output!r}: unknown extension {extension or '(none)'!r}; gradwatch report writes "
+                    f"HTML (.html, .htm) or Markdown (.md).")
+    if fmt is not None and fmt != implied:
+        return "", f"-o {output!r} is {implied} but --format is {fmt}: give a matching extension."
+    return implied, ""
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from gradwatch._io.readers import GradwatchDataError
     from gradwatch._report.report import build_report, summary_text
 
-    fmt = args.format or ("md" if args.output and args.output.endswith(".md") else "html")
+    fmt, refusal = _report_format(args.output, args.format)
+    if refusal:
+        print(f"gradwatch report: error: {refusal}", file=sys.stderr)
+        return 2
     try:
         path, verdicts = build_report(
             args.log_dir, args.output, fmt=fmt, progress=args.progress, source=args.source
@@ -59,7 +79,15 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         return _data_error(error)
     console = Console() if sys.stdout.isatty() else Console(width=140, soft_wrap=False)
     print_summary(verdicts, console)
-    return 1 if any(v.errors_raised for v in verdicts) else 0
+    return 1 if any(fails(v, args.fail_on) for v in verdicts) else 0
+
+
+def fails(verdicts, fail_on: str) -> bool:
+    """Whether a run fails ``gradwatch summary --fail-on``: an error alert was raised (or the run
+    diverged); with "warning", also any warning (an alert, or clipping on most steps)."""
+    if verdicts.errors_raised or verdicts.divergence is not None:
+        return True
+    return fail_on == "warning" and any(p.severity == "warning" for p in verdicts.problems)
 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a report of the run(s) under LOG_DIR: verdicts per layer, gradient-flow heatmap, "
         "gradient norms, update ratios, dead units, clipping, alert timeline and alert table. HTML embeds "
         "its figures (no network); Markdown writes its PNGs into <name>_files/ beside it. "
-        "Exit status: 0 written, 2 no readable gradwatch data.",
+        "Exit status: 0 written, 2 no readable gradwatch data, or an -o extension other than .html, .htm "
+        "or .md.",
     )
     report.add_argument("log_dir", metavar="LOG_DIR", help="a run's log_dir, or a directory of runs")
     report.add_argument("-o", "--output", help="output file (default: LOG_DIR/report.html or .md)")
@@ -106,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     summary = sub.add_parser(
         "summary",
         help="print the verdicts per layer as a terminal table; exit 1 if an error alert was raised",
-        description="Print the verdict of every layer of the run(s) under LOG_DIR. Exit status: 0 when no "
-        "alert of severity 'error' was raised in any run (warnings do not fail), 1 when one was raised at "
-        "some point, even if it later recovered, 2 when LOG_DIR holds no readable gradwatch data. Use it "
-        "to gate a CI job.",
+        description="Print a headline and the verdict of every layer of the run(s) under LOG_DIR. Exit "
+        "status: 0 when no run fails, 1 when one does: with --fail-on error (the default) a run fails when "
+        "an alert of severity 'error' was raised at some point (even if it later recovered) or the run "
+        "diverged; with --fail-on warning also when a warning was raised (an alert, or clipping on most "
+        "steps); 2 when LOG_DIR holds no readable gradwatch data or the arguments are wrong. Use it to "
+        "gate a CI job.",
     )
     summary.add_argument("log_dir", metavar="LOG_DIR", help="a run's log_dir, or a directory of runs")
+    summary.add_argument("--fail-on", choices=("error", "warning"), default="error",
+                         help="the least severity that makes the exit status 1 (default: error)")
     _add_common_flags(summary)
     summary.set_defaults(func=_cmd_summary)
     return parser

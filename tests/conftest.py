@@ -16,10 +16,11 @@ def np_stats(grad: np.ndarray) -> dict[str, float]:
     g = np.asarray(grad, dtype=np.float64).ravel()
     finite = np.isfinite(g)
     a = np.abs(np.where(finite, g, 0.0))
+    none = g.size > 0 and not finite.any()  # a norm over no finite entries is NaN, never 0
     return {
-        "l2": float(np.sqrt(np.sum(a * a))),
-        "max_abs": float(a.max()) if a.size else 0.0,
-        "mean_abs": float(a.sum() / g.size),
+        "l2": float("nan") if none else float(np.sqrt(np.sum(a * a))),
+        "max_abs": float("nan") if none else float(a.max()) if a.size else 0.0,
+        "mean_abs": float("nan") if none else float(a.sum() / g.size),
         "zero_frac": float(np.mean(g == 0.0)),
         "nonfinite": float(np.sum(~finite)),
     }

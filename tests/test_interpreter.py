@@ -37,7 +37,7 @@ def fetched(window: int, l2: list[float], grad_steps: list[int], nonfinite: list
     has = np.array(grad_steps, np.float64)
     bad = np.zeros(6) if nonfinite is None else np.array(nonfinite, np.float64)
     columns = {name: np.zeros(6) for name in VAR_ACCUMULATORS}
-    columns.update(l2_last=l2, l2_max=l2, l2_min=l2, l2_sum=l2 * has, grad_steps=has,
+    columns.update(l2_last=l2, l2_max=l2, l2_min=l2, l2_sum=l2 * has, l2_steps=has, grad_steps=has,
                    nonfinite_sum=bad, max_abs=l2, mean_abs=l2 / 10, zero_frac=np.zeros(6),
                    clip_scale_min=np.ones(6), nonfinite_at_first=bad)
     last = window * STEPS

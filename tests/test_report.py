@@ -104,8 +104,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "COLUMNS": "200"})
 
 
-def _images(text: str) -> list[str]:
-    return re.findall(r"<img [^>]*src=\"([^\"]*)\"", text)
+def _figures(text: str) -> list[str]:
+    """The inline <svg> of every figure, by its figure element."""
+    return re.findall(r'<figure data-figure="[a-z_]+"><figcaption>[^<]*</figcaption>(<svg .*?</svg>)', text)
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +121,19 @@ def html_report(runs, tmp_path_factory):
 
 def test_html_report_of_several_runs_is_self_contained(html_report):
     text = html_report.read_text(encoding="utf-8")
-    sources = _images(text)
-    assert text.count("<img") == len(sources) >= 3 * 2  # heatmap + gradient norms at least, per run
+    figures = _figures(text)
+    assert text.count("<figure") == len(figures) >= 3 * 2  # heatmap + gradient norms at least, per run
     skipped = text.count("Skipped:")
-    assert len(sources) + skipped == 3 * FIGURES_PER_RUN
-    for src in sources:
-        assert src.startswith("data:image/png;base64,")
-        png = base64.b64decode(src.split(",", 1)[1])
+    assert len(figures) + skipped == 3 * FIGURES_PER_RUN
+    for heatmap in re.findall(r'href="data:image/png;base64,([^"]+)"', text):  # the heatmaps' cells
+        png = base64.b64decode(heatmap)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 0
+    assert len(re.findall(r'href="data:image/png', text)) == 3
     assert not re.search(r"(src|href)\s*=\s*[\"']?https?:", text) and "<script" not in text
     assert "<link" not in text and "@import" not in text
     # the comparison table: one row per run, linking to its section, with the run's state
     comparison = text.split("Comparison of runs", 1)[1].split("</table>", 1)[0]
-    for i, (name, state) in enumerate([("exploding", "errors"), ("healthy", "healthy"),
+    for i, (name, state) in enumerate([("exploding", "diverged"), ("healthy", "healthy"),
                                        ("vanishing", "warnings")]):
         assert f'<a href="#run-{i}">{name}</a></td><td>{state}</td>' in comparison
         assert f'<section id="run-{i}">' in text
@@ -180,16 +181,16 @@ def test_hostile_layer_names_are_escaped_in_html_and_markdown(tmp_path):
     assert HOSTILE not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "a$b\\|c" in md
 
 
-def test_markdown_writes_its_pngs_beside_it(runs, tmp_path, capsys):
+def test_markdown_writes_its_figures_beside_it(runs, tmp_path, capsys):
     out = tmp_path / "sub" / "report.md"
     assert main(["report", str(runs / "vanishing"), "-o", str(out), "--format", "md"]) == 0
     assert f"report written to {out}" in capsys.readouterr().out
     md = out.read_text(encoding="utf-8")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert links and all(link.startswith("report_files/") for link in links)
-    pngs = sorted(os.listdir(out.parent / "report_files"))
-    assert sorted(os.path.basename(link) for link in links) == pngs
-    assert all((out.parent / link).read_bytes()[:4] == b"\x89PNG" for link in links)
+    svgs = sorted(os.listdir(out.parent / "report_files"))
+    assert sorted(os.path.basename(link) for link in links) == svgs
+    assert all((out.parent / link).read_text().startswith("<svg ") for link in links)
     assert len(links) + md.count("Skipped:") == FIGURES_PER_RUN
     assert "| sigmoid_0 | vanishing | warning |" in md
 
@@ -203,13 +204,14 @@ def test_summary_exit_status_gates_on_error_alerts(runs, capsys):
     assert "sigmoid_0" in warnings_only and "hint (vanishing): Use ReLU" in warnings_only
     errors = _cli("summary", str(runs))  # several runs: exploding raised an error
     assert errors.returncode == 1
-    titles = [line.strip() for line in errors.stdout.splitlines()
-              if line.rstrip().endswith((": errors", ": warnings", ": healthy"))]
-    assert titles == ["exploding: errors", "healthy: healthy", "vanishing: warnings"]
-    assert "1 of 3 run(s) raised an error alert: exploding" in errors.stdout
+    titles = [line.strip().split(": ")[:2] for line in errors.stdout.splitlines()
+              if line.startswith(("exploding: ", "healthy: ", "vanishing: "))]
+    assert titles == [["exploding", "diverged"], ["healthy", "healthy"], ["vanishing", "warnings"]]
+    assert "1 of 3 run(s) diverged or raised an error alert: exploding" in errors.stdout
     with pytest.raises(SystemExit):
         main(["summary", "--help"])
-    assert "1 when one was raised at some point" in " ".join(capsys.readouterr().out.split())
+    assert "raised at some point (even if it later recovered) or the run diverged" in " ".join(
+        capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("case", ["empty", "not_gradwatch", "wrong_header", "garbage", "headers_only",
@@ -259,9 +261,10 @@ def test_two_hundred_layers_stay_readable(tmp_path):
     assert 'data-figure="heatmap"' in text
     assert text.count("Showing 12 of 200 layers") == 2  # gradient norms and dead units
     assert "199 layers</td><td>healthy" in text  # healthy layers folded into one row
-    heatmap = re.search(r'data-figure="heatmap" src="data:image/png;base64,([^"]+)"', text).group(1)
-    png = base64.b64decode(heatmap)
-    assert int.from_bytes(png[20:24], "big") >= 1600  # 0.16 in per layer: 200 rows get >= 8 px
+    heatmap = re.search(r'data-figure="heatmap">.*?viewBox="0 0 1000 (\d+)".*?base64,([^"]+)"', text)
+    png = base64.b64decode(heatmap.group(2))
+    assert int.from_bytes(png[20:24], "big") == 200  # a pixel row per layer, drawn 5 px high
+    assert int(heatmap.group(1)) >= 200 * 5
     from gradwatch._report.verdicts import interesting_layers
 
     chosen = interesting_layers(verdicts[0], 12)
@@ -318,9 +321,13 @@ def test_report_renders_in_chromium_with_every_figure_loaded(html_report, tmp_pa
     try:
         driver.get(out.as_uri())
         sizes = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
-        assert len(sizes) == len(_images(out.read_text(encoding="utf-8"))) >= 6
-        assert all(done and width > 0 and height > 0 for done, width, height in sizes)
+            "return Array.from(document.querySelectorAll('figure > svg')).map(s => "
+            "[s.getBoundingClientRect().width, s.getBoundingClientRect().height])")
+        assert len(sizes) == len(_figures(out.read_text(encoding="utf-8"))) >= 6
+        assert all(width > 800 and height > 100 for width, height in sizes)
+        cells = driver.execute_script(
+            "return Array.from(document.querySelectorAll('figure svg image')).map(i => i.getBBox().height)")
+        assert len(cells) == 3 and all(height > 100 for height in cells)  # the heatmaps' cells
         rows = driver.execute_script("return document.querySelectorAll('section').length")
         assert rows == 3
         height = driver.execute_script("return document.body.scrollHeight")
@@ -361,3 +368,48 @@ def test_events_only_run_gives_the_same_verdicts(runs, tmp_path):
     assert from_events.healthy == from_csv.healthy
     assert all(a.evidence == b.evidence for a, b in zip(from_events.problems, from_csv.problems))
     assert not any(math.isnan(p.value) for p in from_events.problems)
+
+
+def test_many_runs_make_an_index_page_and_a_page_per_run(tmp_path):
+    from gradwatch._report.report import INLINE_RUNS
+
+    count = INLINE_RUNS + 2
+    for i in range(count):
+        _write_run(str(tmp_path / "runs" / f"r{i:02d}"), ["a", "b"], alert_layer="b" if i == 3 else None)
+    out = tmp_path / "report.html"
+    path, verdicts = build_report(str(tmp_path / "runs"), str(out))
+    index = out.read_text(encoding="utf-8")
+    pages = re.findall(r'<a href="(report_files/run-\d{4}\.html)">(r\d\d)</a>', index)
+    assert [name for _, name in pages] == [f"r{i:02d}" for i in range(count)]
+    assert "<figure" not in index and "<svg" not in index and "no problem found" in index
+    for i, (page, name) in enumerate(pages):
+        text = (tmp_path / page).read_text(encoding="utf-8")
+        assert f"<h2>{name}</h2>" in text and '<a href="../report.html">' in text
+        assert len(_figures(text)) >= 2
+        assert ("vanishing at &#x27;b&#x27;" in text) == (i == 3)
+    assert sorted(os.listdir(tmp_path / "report_files")) == [os.path.basename(p) for p, _ in pages]
+
+
+@pytest.mark.fast
+def test_single_points_and_all_zero_series_are_drawn():
+    from gradwatch._report import svg
+
+    steps = np.arange(1.0, 61.0)
+    # a few windows measured: every point of a short series is marked
+    sparse = np.full(60, np.nan)
+    sparse[[0, 20, 21, 40]] = [1e-3, 2e-3, 3e-3, 1e-4]
+    chart = svg.line_chart([svg.Series("a", steps, sparse, "#1f77b4")], "t", "ratio", log=True)
+    assert chart.count("<circle") == 4 and chart.count("<polyline") == 1  # 21-22 joined
+    assert ">1e-4<" in chart and ">1e-2<" in chart  # the log axis covers the values' decades
+    # a long series: only its isolated points (between gaps) are marked
+    gappy = np.full(60, 1e-3)
+    gappy[[44, 45, 47, 48, 50]] = np.nan
+    long = svg.line_chart([svg.Series("a", steps, gappy, "#1f77b4")], "t", "ratio", log=True)
+    assert long.count("<circle") == 2 and long.count("<polyline") == 2  # steps 47 and 50 alone
+    one = svg.line_chart([svg.Series("a", np.array([5.0]), np.array([0.25]), "#000")], "t", "y")
+    assert one.count("<circle") == 1 and ">0.2<" in one and ">0.3<" in one  # an axis around 0.25
+    zeros = svg.line_chart([svg.Series("dead", steps, np.zeros(60), "#000")], "t", "y", log=True)
+    assert zeros.count("<polyline") == 1 and ">0<" in zeros and ">1<" in zeros  # linear 0..1, drawn
+    assert "(all 0: not on a log axis)" in svg.line_chart(
+        [svg.Series("live", steps, np.ones(60), "#000"), svg.Series("dead", steps, np.zeros(60), "#111")],
+        "t", "y", log=True)

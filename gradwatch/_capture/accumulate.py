@@ -43,7 +43,10 @@ def step_loss(loss_a: tf.Tensor, loss_b: tf.Tensor, loss_prev: tf.Tensor
     was_reset = b <= previous_count
     delta_total = tf.where(was_reset, a, a - previous_total)
     delta_count = tf.where(was_reset, b, b - previous_count)
-    counted = tracked & (delta_count > 0.0)
+    # a tracker whose total went non-finite stays so until its reset: the later steps'
+    # own losses are unknown, not non-finite (a skipped NaN batch is not a divergence)
+    stuck = tf.logical_not(was_reset) & tf.logical_not(tf.math.is_finite(previous_total))
+    counted = tracked & (delta_count > 0.0) & tf.logical_not(stuck)
     nan = tf.constant(float("nan"), f64)
     loss = tf.where(counted, delta_total / tf.where(counted, delta_count, 1.0),
                     tf.where(tf.equal(b, LOSS_GIVEN), a, nan))
@@ -88,7 +91,7 @@ class StepFolder:
         )
         columns = stats_lib.GradStats(
             *[tf.concat([v, lay], axis=0) for v, lay in zip(var_stats, layer_stats)])
-        global_l2 = stats_lib.global_norm(var_l2)
+        global_l2 = stats_lib.global_norm(var_l2, var_present)
         clip = self._clip_columns(var_l2, layer_stats.l2, values, global_l2, segment_ids)
         new_var, new_global = self._window.fold_values(
             var_acc, global_acc,

@@ -31,9 +31,9 @@ SAFE_MIN = 1e-12
 class GradStats(NamedTuple):
     """Statistics of a list of gradients, each a float32 vector of length n."""
 
-    l2: tf.Tensor  # L2 norm of the finite entries
-    max_abs: tf.Tensor  # max |g| of the finite entries (0 when none)
-    mean_abs: tf.Tensor  # sum |g| of finite entries / number of entries
+    l2: tf.Tensor  # L2 norm of the finite entries (NaN when every entry is NaN/Inf)
+    max_abs: tf.Tensor  # max |g| of the finite entries (NaN when none)
+    mean_abs: tf.Tensor  # sum |g| of finite entries / number of entries (NaN when none)
     zero_frac: tf.Tensor  # fraction of entries exactly 0
     nonfinite: tf.Tensor  # number of NaN/Inf entries
 
@@ -208,10 +208,13 @@ def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
     scaled = magnitudes / scale[:, None]
     l2 = scale * tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=1))
     size = float(dense_size)
+    # a norm over no finite entries is NaN, never 0: an all-NaN gradient is not a tiny one
+    none_finite = tf.equal(finite_count, 0.0) & (stored > 0.0)
+    nan = tf.fill(tf.shape(l2), float("nan"))
     return GradStats(
-        l2=l2,
-        max_abs=max_abs,
-        mean_abs=scale * (tf.reduce_sum(scaled, axis=1) / size),
+        l2=tf.where(none_finite, nan, l2),
+        max_abs=tf.where(none_finite, nan, max_abs),
+        mean_abs=tf.where(none_finite, nan, scale * (tf.reduce_sum(scaled, axis=1) / size)),
         zero_frac=(stored - nonzero_count + implicit_zeros) / size,
         nonfinite=stored - finite_count,
     )
@@ -284,12 +287,25 @@ def exact_norms(groups: Groups) -> tf.Tensor:
     return tf.where(inexact, careful, tf.sqrt(sum_sq))
 
 
-def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int) -> tf.Tensor:
-    """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe)."""
-    largest = tf.math.unsorted_segment_max(l2, segment_ids, num_segments)
+def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int,
+                 present: tf.Tensor | None = None) -> tf.Tensor:
+    """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe).
+
+    NaN parts (no finite entry) are left out; a segment whose present parts are all NaN
+    is NaN, one with an infinite part is Inf (a part overflowed float32)."""
+    present = tf.ones_like(l2, tf.bool) if present is None else present
+    values = tf.where(tf.math.is_finite(l2) & present, l2, 0.0)
+    largest = tf.math.unsorted_segment_max(values, segment_ids, num_segments)
     largest = tf.where(largest > 0.0, largest, 1.0)
-    scaled = l2 / tf.gather(largest, segment_ids)
-    return largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_segments))
+    scaled = values / tf.gather(largest, segment_ids)
+    norm = largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_segments))
+    # per segment, in one reduction: has an Inf part, a NaN part, a part with a number
+    nan = tf.math.is_nan(l2)
+    flags = tf.cast(tf.stack([tf.math.is_inf(l2), nan, tf.logical_not(nan)], axis=1)
+                    & present[:, None], tf.float32)
+    has = tf.math.unsorted_segment_max(flags, segment_ids, num_segments) > 0.0
+    norm = tf.where(has[:, 0], float("inf"), norm)
+    return tf.where(has[:, 1] & tf.logical_not(has[:, 2]), float("nan"), norm)
 
 
 def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
@@ -297,11 +313,17 @@ def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
     return full_stats(group_gradients(grads))
 
 
-def global_norm(l2: tf.Tensor) -> tf.Tensor:
-    """Returns the global norm of per-variable norms (overflow-safe; 0 for none)."""
+def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
+    """Returns the global norm of per-variable norms (overflow-safe; 0 for none; NaN when
+    every present norm is NaN; Inf when one is)."""
     if l2.shape.num_elements() == 0:
         return tf.zeros([], tf.float32)
-    return safe_norm(l2)
+    present = tf.ones_like(l2, tf.bool) if present is None else present
+    norm = safe_norm(tf.where(tf.math.is_finite(l2) & present, l2, 0.0))
+    nan = tf.math.is_nan(l2)
+    norm = tf.where(tf.reduce_any(tf.math.is_inf(l2) & present), float("inf"), norm)
+    nan_only = tf.reduce_any(nan & present) & tf.logical_not(tf.reduce_any(tf.logical_not(nan) & present))
+    return tf.where(nan_only, float("nan"), norm)
 
 
 def layer_stats(
@@ -326,14 +348,17 @@ def layer_stats(
     weight = sizes * tf.cast(present, tf.float32)
     layer_size = tf.math.unsorted_segment_sum(weight, segment_ids, num_layers)
     safe_size = tf.where(layer_size > 0.0, layer_size, 1.0)
-    l2 = segment_norm(var_stats.l2, segment_ids, num_layers)
-    max_abs = tf.maximum(
-        tf.math.unsorted_segment_max(var_stats.max_abs, segment_ids, num_layers), 0.0
-    )
-    mean_abs = (
-        tf.math.unsorted_segment_sum(var_stats.mean_abs * weight, segment_ids, num_layers)
+    l2 = segment_norm(var_stats.l2, segment_ids, num_layers, present)
+    # a layer with no finite entry (every present norm NaN) has NaN statistics too
+    none_finite = tf.math.is_nan(l2)
+    max_abs = tf.maximum(tf.math.unsorted_segment_max(
+        tf.where(tf.math.is_nan(var_stats.max_abs), 0.0, var_stats.max_abs), segment_ids, num_layers), 0.0)
+    max_abs = tf.where(none_finite, float("nan"), max_abs)
+    var_mean_abs = tf.where(tf.math.is_nan(var_stats.mean_abs), 0.0, var_stats.mean_abs)
+    mean_abs = tf.where(none_finite, float("nan"), (
+        tf.math.unsorted_segment_sum(var_mean_abs * weight, segment_ids, num_layers)
         / safe_size
-    )
+    ))
     zero_frac = (
         tf.math.unsorted_segment_sum(var_stats.zero_frac * weight, segment_ids, num_layers)
         / safe_size

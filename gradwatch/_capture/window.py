@@ -23,7 +23,7 @@ from gradwatch._capture.layouts import WINDOW_COLUMNS, WINDOW_GLOBALS
 # How each global folds: old + x for these, max/min for those, x for the rest.
 _G_SUM = (
     "steps", "global_l2_sum", "nonfinite_steps", "skipped_steps", "loss_sum", "loss_count",
-    "clip_fired_steps",
+    "clip_fired_steps", "loss_nonfinite_steps",
 )
 _G_MAX = ("global_l2_max", "clip_l2_max")
 _G_MIN = ("global_l2_min", "clip_scale_min")
@@ -129,13 +129,16 @@ class Window:
         has = values.present
         present = tf.cast(has, f64)
         l2 = tf.cast(values.l2, f64)
+        # a NaN norm (no finite entry) is the last value if last, but no max, min or mean
+        measured = has & tf.logical_not(tf.math.is_nan(l2))
         sample_now = has & sampled
         clip_scale = tf.cast(values.clip_scale, f64)
         return WINDOW_COLUMNS.pack({
             "l2_last": tf.where(has, l2, acc["l2_last"]),
-            "l2_max": tf.where(has, tf.maximum(acc["l2_max"], l2), acc["l2_max"]),
-            "l2_min": tf.where(has, tf.minimum(acc["l2_min"], l2), acc["l2_min"]),
-            "l2_sum": acc["l2_sum"] + l2 * present,
+            "l2_max": tf.where(measured, tf.maximum(acc["l2_max"], l2), acc["l2_max"]),
+            "l2_min": tf.where(measured, tf.minimum(acc["l2_min"], l2), acc["l2_min"]),
+            "l2_sum": acc["l2_sum"] + tf.where(measured, l2, tf.zeros_like(l2)),
+            "l2_steps": acc["l2_steps"] + tf.cast(measured, f64),
             "grad_steps": acc["grad_steps"] + present,
             "nonfinite_sum": acc["nonfinite_sum"] + tf.cast(values.nonfinite, f64) * present,
             # the window's first step is its sampled step
@@ -157,6 +160,7 @@ class Window:
         no_event_yet = old_globals["first_nonfinite_step"] < 0.0
         step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
+        gl2_nan = tf.math.is_nan(gl2)
         nonfinite = tf.cast(scalars.nonfinite_step, f64)
         loss = tf.cast(scalars.loss, f64)
         loss_known = tf.math.is_finite(loss)
@@ -165,9 +169,9 @@ class Window:
             "steps": tf.constant(1.0, f64),
             "last_step": step,
             "global_l2_last": gl2,
-            "global_l2_max": gl2,
-            "global_l2_min": gl2,
-            "global_l2_sum": gl2,
+            "global_l2_max": tf.where(gl2_nan, tf.constant(-np.inf, f64), gl2),
+            "global_l2_min": tf.where(gl2_nan, tf.constant(np.inf, f64), gl2),
+            "global_l2_sum": tf.where(gl2_nan, tf.constant(0.0, f64), gl2),
             "nonfinite_steps": nonfinite,
             "first_nonfinite_step": tf.where(no_event_yet & (nonfinite > 0.0), step,
                                              old_globals["first_nonfinite_step"]),
@@ -181,6 +185,7 @@ class Window:
             "clip_scale_min": tf.cast(scalars.clip_scale, f64),
             "clip_fired_steps": tf.cast(scalars.clip_fired, f64),
             "clip_threshold_last": tf.cast(scalars.clip_threshold, f64),
+            "loss_nonfinite_steps": tf.cast(tf.equal(tf.cast(scalars.loss_state, f64), 1.0), f64),
             "loss_nonfinite_at_first": tf.where(first_event, tf.cast(scalars.loss_state, f64),
                                                 old_globals["loss_nonfinite_at_first"]),
         })

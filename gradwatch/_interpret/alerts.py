@@ -143,6 +143,35 @@ def nonfinite_alert(
     )
 
 
+def divergence_since(since: int | None, window_row: dict[str, Any]) -> int | None:
+    """The first step of the non-finite stretch that runs to the end of this window, or None.
+
+    ``since``: the same for the window before. A window whose non-finite steps are not its
+    tail (``nonfinite_steps`` short of the steps from its first non-finite one) ends the stretch.
+    """
+    bad = int(window_row.get("nonfinite_steps") or 0)
+    first = window_row.get("first_nonfinite_step")
+    if not bad or first is None or first != first:  # first != first: NaN read from a file
+        return None
+    first, step = int(first), int(window_row["step"])
+    if bad < step - first + 1:
+        return None  # recovered inside the window
+    steps = int(window_row.get("steps") or 0)
+    whole = since is not None and bad >= steps
+    return since if whole else first
+
+
+def diverged_alert(since: int, last_step: int) -> Alert:
+    """The row that ends a run whose gradients (or loss) stayed NaN/Inf from ``since`` to its end."""
+    return Alert(
+        last_step, "", "", "nonfinite_gradient", "error", float(last_step - since + 1), 0.0,
+        f"Diverged at step {since}, never recovered: every step from {since} to the end of training "
+        f"(step {last_step}) had a non-finite gradient or loss.",
+        "Restart from a checkpoint before the divergence with a lower learning rate or gradient clipping "
+        "(gw.clip.GlobalNorm(1.0)), and look at the first alert before it for the cause.",
+    )
+
+
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``on_nonfinite="raise"``; the message names the layer and step."""
 

@@ -107,6 +107,9 @@ class DetectorState:
 
     window: int = 0
     last_step: int = 0
+    # the window had no non-finite gradient step and no non-finite loss: only such a
+    # window counts towards clearing a condition (NaN norms look small, not healed)
+    clean: bool = True
     conditions: dict[tuple[str, str], _Condition] = dataclasses.field(default_factory=dict)
     previous_l2: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     cosines: dict[str, list[float]] = dataclasses.field(default_factory=dict)
@@ -126,6 +129,7 @@ def detect(
     state: DetectorState,
     thresholds: Thresholds,
     stats_rows: list[dict[str, Any]] | None = None,
+    clean: bool = True,
 ) -> list[Alert]:
     """Runs every layer detector on one window; updates ``state`` in place.
 
@@ -135,11 +139,13 @@ def detect(
         state: the detectors' state, carried from window to window.
         thresholds: the detectors' thresholds.
         stats_rows: the window's per-variable rows (update mismatch, silent kernels).
+        clean: the window had no non-finite gradient or loss step (see ``DetectorState.clean``).
 
     Returns:
         The window's alerts (raised, and cleared as ``info`` rows).
     """
     state.window += 1
+    state.clean = clean
     if layer_rows:
         state.last_step = int(layer_rows[0]["step"])
     entries = {layer.name: 0 for layer in topology.layers}
@@ -361,7 +367,7 @@ def track_alert(state: DetectorState, thresholds: Thresholds, alert: Alert | Non
     elsewhere (e.g. the non-finite one): ``alert`` is None when the condition is absent."""
     condition = state.conditions.setdefault((key, ""), _Condition())
     if alert is None:
-        if condition.alerted_at is not None:
+        if condition.alerted_at is not None and state.clean:
             condition.alerted_at = None
             return [Alert(state.last_step, "", "", key, "info", 0.0, 0.0,
                           f"{key.replace('_', ' ').capitalize()}: cleared (recovered).", "")]
@@ -393,9 +399,9 @@ def _track(
     if not active:
         condition.streak = 0
         if condition.alerted_at is not None:
-            # it clears after `patience` windows without it: a value hovering at a
+            # it clears after `patience` clean windows without it: a value hovering at a
             # bound does not start and clear an alert over and over
-            condition.clear_streak += 1
+            condition.clear_streak = condition.clear_streak + 1 if state.clean else 0
             if condition.clear_streak >= thresholds.patience:
                 condition.alerted_at = None
                 condition.clear_streak = 0

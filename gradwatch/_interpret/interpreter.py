@@ -38,6 +38,9 @@ class Interpreter:
         self._updates = UpdateDecoding(topology)
         self._state = detectors_lib.DetectorState()
         self._no_gradient_reported: set[str] = set()
+        # the first step of the non-finite stretch that runs to the last window (None: none)
+        self._unclean_since: int | None = None
+        self._last_step = 0
 
     def interpret(self, fetched: FetchedWindow, fallback_loss: float | None = None) -> WindowResult:
         """Interprets one window.
@@ -56,12 +59,24 @@ class Interpreter:
             window_row["loss"] = float(fallback_loss)
         # detect() first: it advances the detectors' window and step, which the
         # non-finite alert's life cycle dates its rows by
-        detected = detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows)
+        glob = fetched.globals
+        clean = not glob["nonfinite_steps"] and not glob.get("loss_nonfinite_steps", 0.0)
+        self._unclean_since = alerts_lib.divergence_since(self._unclean_since, window_row)
+        self._last_step = fetched.last_step
+        detected = detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows,
+                                        clean=bool(clean))
         alerts = self._nonfinite(window_row, columns) + self._no_gradient(window_row, stats_rows) + detected
         histograms = (decode_histograms(self._topology, fetched.histograms, self._signed)
                       if fetched.histograms is not None else [])
         return WindowResult(window_row, stats_rows, layer_rows, alerts, histograms,
                             first_step=fetched.last_step - fetched.steps + 1)
+
+    def finish(self) -> list[alerts_lib.Alert]:
+        """The run's last word, at its end: an error row when it ended diverged (every step
+        non-finite from some step on; one last non-finite step, e.g. a stop, is not a divergence)."""
+        if self._unclean_since is None or self._unclean_since >= self._last_step:
+            return []
+        return [alerts_lib.diverged_alert(self._unclean_since, self._last_step)]
 
     def _columns(self, fetched: FetchedWindow) -> dict[str, np.ndarray]:
         """Returns the per-column values: the accumulators and the probes' decoded values."""

@@ -15,6 +15,11 @@ def _finite(value: float) -> float:
     return float(value) if math.isfinite(value) else float("nan")
 
 
+def _largest(value: float) -> float:
+    """A window maximum: NaN when no step had a number (the -inf reset), Inf kept (an overflow)."""
+    return float(value) if value > -math.inf else float("nan")
+
+
 LAYER_VARIABLE = "*"
 
 
@@ -30,12 +35,12 @@ def _window_row(glob: dict[str, float], clipping: bool) -> dict[str, Any]:
         "loss": glob["loss_sum"] / loss_count if loss_count > 0 else float("nan"),
         "learning_rate": glob["learning_rate_last"],
         "global_l2": glob["global_l2_last"],
-        "global_l2_max": _finite(glob["global_l2_max"]),
+        "global_l2_max": _largest(glob["global_l2_max"]),
         "nonfinite_steps": int(glob["nonfinite_steps"]),
         "first_nonfinite_step": first_nonfinite if first_nonfinite >= 0 else None,
         "skipped_steps": int(glob["skipped_steps"]),
         "clip_global_l2": glob["clip_l2_last"],
-        "clip_global_l2_max": _finite(glob["clip_l2_max"]),
+        "clip_global_l2_max": _largest(glob["clip_l2_max"]),
         "clip_scale_min": _finite(glob["clip_scale_min"]),
         "clip_fraction": glob["clip_fired_steps"] / steps if clipping else float("nan"),
         "clip_threshold": glob["clip_threshold_last"],
@@ -44,6 +49,19 @@ def _window_row(glob: dict[str, float], clipping: bool) -> dict[str, Any]:
         ),
     }
     return window_row
+
+
+def _norms(per_var: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(last, max, min, mean) norm per column: max, min and mean over the steps with a norm;
+    NaN where there was none (no gradient, or every entry NaN/Inf)."""
+    nan = np.full_like(per_var["grad_steps"], np.nan)
+    measured = per_var["l2_steps"]
+    has_norm = measured > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        l2_mean = np.where(has_norm, per_var["l2_sum"] / np.where(has_norm, measured, 1), nan)
+    last = np.where(per_var["grad_steps"] > 0, per_var["l2_last"], nan)
+    l2_max, l2_min = (np.where(has_norm, per_var[name], nan) for name in ("l2_max", "l2_min"))
+    return last, l2_max, l2_min, l2_mean
 
 
 def build_rows(
@@ -60,11 +78,7 @@ def build_rows(
     grad_steps = per_var["grad_steps"]
     has = grad_steps > 0
     nan = np.full_like(grad_steps, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        l2_mean = np.where(has, per_var["l2_sum"] / np.where(has, grad_steps, 1), nan)
-    l2_max = np.where(has, per_var["l2_max"], nan)
-    l2_min = np.where(has, per_var["l2_min"], nan)
-    l2_last = np.where(has, per_var["l2_last"], nan)
+    l2_last, l2_max, l2_min, l2_mean = _norms(per_var)
     max_abs, mean_abs, zero_frac = per_var["max_abs"], per_var["mean_abs"], per_var["zero_frac"]
     with np.errstate(invalid="ignore", divide="ignore"):
         clip_scale_min = np.where(has & clipping, per_var["clip_scale_min"], nan)

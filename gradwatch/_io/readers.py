@@ -37,6 +37,7 @@ from gradwatch._io.schema import (
     WINDOWS_FILE,
     GradwatchDataError,
     check_schema_version,
+    nan_norms_of_old_rows,
 )
 
 logger = logging.getLogger("gradwatch")
@@ -446,6 +447,7 @@ def read_stats(
             loaded = _load_events(run_dir, "stats" if level == "variable" else "layers")
             frame = _dedupe_sort(loaded.frame(), ["step", key])
             run_info = loaded.run_info
+        frame = nan_norms_of_old_rows(frame, check_schema_version(run_info, run_dir))
         return _model_sorted(frame, _model_order(run_info, level), key)
 
     return _per_run(log_dir, source, read_one)
@@ -469,12 +471,14 @@ def read_windows(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Da
 
     def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
         if not csv:
-            return _dedupe_sort(_load_events(run_dir, "window").frame(), ["step"])
+            loaded = _load_events(run_dir, "window")
+            frame = _dedupe_sort(loaded.frame(), ["step"])
+            return nan_norms_of_old_rows(frame, check_schema_version(loaded.run_info, run_dir))
         path = os.path.join(run_dir, WINDOWS_FILE)
         if not os.path.exists(path):
             raise GradwatchDataError(f"No gradwatch windows in {run_dir!r}: {WINDOWS_FILE} is missing.")
-        _run_json(run_dir)  # refuses a run written by a newer gradwatch
-        return _read_csv(path, WINDOW_COLUMNS, keys=["step"])
+        version = check_schema_version(_run_json(run_dir), run_dir)  # refuses a newer gradwatch's run
+        return nan_norms_of_old_rows(_read_csv(path, WINDOW_COLUMNS, keys=["step"]), version)
 
     return _per_run(log_dir, source, read_one)
 

@@ -10,6 +10,10 @@ version of the files wrote it, under :data:`SCHEMA_VERSION_KEY`:
 
 * 1: ``run.json`` without the key (gradwatch 0.1.0; ``tests/data/run_v1`` is one).
 * 2: the same files; ``run.json`` carries ``"schema_version": 2``.
+* 3: a norm over no finite entry (every entry NaN/Inf) is NaN, where versions 1 and 2
+  wrote 0.0 (``l2``, ``l2_max``, ``l2_min``, ``l2_mean``, ``max_abs``, ``mean_abs``,
+  ``global_l2``, ``global_l2_max``); a global norm past float32 is Inf, not NaN. The
+  readers give older runs the same meaning (:func:`nan_norms_of_old_rows`).
 
 Every reader checks it with :func:`check_schema_version`: each version up to
 :data:`SCHEMA_VERSION` is read, a newer one is refused.
@@ -21,7 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 #: The version of the files this gradwatch writes (see the module docstring for the history).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: The first version whose norms over no finite entry are NaN (before: 0.0).
+NAN_NORMS_VERSION = 3
 #: The ``run.json`` key that holds it; a run.json without it is version 1.
 SCHEMA_VERSION_KEY = "schema_version"
 
@@ -71,6 +77,25 @@ def check_schema_version(run_info: Mapping[str, Any] | None, where: str) -> int:
             f"{__version__} reads versions 1 to {SCHEMA_VERSION}); upgrade gradwatch to read it."
         )
     return version
+
+
+def nan_norms_of_old_rows(frame: Any, version: int) -> Any:
+    """A pandas frame of stats/layers or windows rows read from a run of ``version``, with the
+    0.0 norms that versions before :data:`NAN_NORMS_VERSION` wrote for gradients without a finite
+    entry turned into NaN (a zero norm in a window with non-finite entries is read as one)."""
+    if version >= NAN_NORMS_VERSION or not len(frame):
+        return frame
+    frame = frame.copy()
+    if "nonfinite_steps" in frame.columns:  # windows
+        bad = frame["nonfinite_steps"] > 0
+        for column in ("global_l2", "global_l2_max"):
+            frame.loc[bad & (frame[column] == 0.0), column] = float("nan")
+        return frame
+    bad = frame["nonfinite"] > 0
+    frame.loc[bad & (frame["l2"] == 0.0), "l2"] = float("nan")
+    never = bad & (frame["l2_max"] == 0.0)
+    frame.loc[never, ["l2_max", "l2_min", "l2_mean", "max_abs", "mean_abs"]] = float("nan")
+    return frame
 
 
 RUN_FILE = "run.json"
@@ -162,7 +187,8 @@ VAR_ACCUMULATORS: tuple[str, ...] = (
     "l2_last",
     "l2_max",
     "l2_min",
-    "l2_sum",
+    "l2_sum",  # over the steps with a norm (not NaN)
+    "l2_steps",  # steps with a norm: present, and some entry finite
     "grad_steps",
     "nonfinite_sum",
     "max_abs",
@@ -193,5 +219,6 @@ GLOBAL_ACCUMULATORS: tuple[str, ...] = (
     "clip_scale_min",
     "clip_fired_steps",
     "clip_threshold_last",
+    "loss_nonfinite_steps",  # steps whose loss was known and non-finite
     "loss_nonfinite_at_first",  # at the first non-finite step: 1 loss non-finite, 0 finite, -1 unknown
 )

@@ -1,18 +1,16 @@
-"""Post-hoc reports of one or several runs: a self-contained HTML file (figures embedded as
-base64 PNG, no network) or Markdown with the PNGs in a ``<name>_files`` directory beside it.
+"""Post-hoc reports of one or several runs: a self-contained HTML file (figures inline as SVG,
+no network) or Markdown with the SVGs in a ``<name>_files`` directory beside it.
 
 Only the layer rows (``layers.csv``), the windows and the alerts are read; every name
-shown is HTML-escaped. Matplotlib is used through ``Figure`` objects (Agg), never pyplot.
+shown is HTML-escaped. The charts are drawn by ``gradwatch._report.svg`` (no matplotlib: fast).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import html
 import io
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -23,11 +21,13 @@ import pandas as pd
 
 from gradwatch import __version__
 from gradwatch._io.schema import ALERT_KINDS, LAYERS_FILE
+from gradwatch._report import svg
 from gradwatch._report.verdicts import (
     RunFrames,
     RunVerdicts,
     compute_verdicts,
     discover_runs,
+    headline,
     interesting_layers,
     kind_label,
     layer_label,
@@ -44,8 +44,13 @@ MAX_ALERT_ROWS = 500
 #: In "auto" mode the progress bar is shown on a TTY, or when the runs' layers.csv files exceed this size.
 LARGE_RUN_BYTES = 32 << 20
 FIGURES_PER_RUN = 6
+#: A report of more runs than this is an index page plus one page per run (in ``<stem>_files/``).
+INLINE_RUNS = 12
 FORMATS = ("html", "md")
 _SEVERITY_COLOURS = {"error": "#d62728", "warning": "#ff7f0e", "info": "#2ca02c"}
+#: tab10 then tab20's light shades (a layer beyond them is drawn dashed).
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")
 
 
 @dataclasses.dataclass
@@ -54,7 +59,7 @@ class FigureOut:
 
     key: str
     title: str
-    png: bytes | None
+    svg: str | None  # an inline <svg> element
     note: str = ""
 
 
@@ -134,24 +139,6 @@ def load_all(
 # --------------------------------------------------------------------------- figures
 
 
-def _text(name: str, limit: int = 32) -> str:
-    """A name as matplotlib text: no mathtext, shortened."""
-    name = name if len(name) <= limit else name[: limit - 1] + "…"
-    return name.replace("$", r"\$")
-
-
-def _new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def _layer_matrix(run: RunFrames, column: str, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``column`` of the layer rows as a (layers x windows) float32 matrix (NaN where missing)."""
     frame = run.layers
@@ -175,40 +162,15 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
     matrix, steps = _layer_matrix(run, "l2_mean", layers)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.where(matrix > 0, np.log10(matrix), np.nan)
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"].with_extremes(bad="#bbbbbb")
-    height = min(30.0, 1.8 + 0.16 * len(layers))
-    figure = _new_figure(11, max(3.0, height))
-    axes = figure.add_subplot()
-    first, last = float(steps[0]), float(steps[-1])
-    extent = (first - 0.5, last + 0.5, len(layers) - 0.5, -0.5)
-    finite = logs[np.isfinite(logs)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = axes.imshow(np.ma.masked_invalid(logs), aspect="auto", interpolation="nearest", cmap=cmap,
-                        extent=extent, vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1)
     nonfinite, _ = _layer_matrix(run, "nonfinite", layers)
-    if np.any(nonfinite > 0):
-        from matplotlib.colors import ListedColormap
-
-        overlay = np.ma.masked_where(~(nonfinite > 0), np.ones_like(nonfinite))
-        axes.imshow(overlay, aspect="auto", interpolation="nearest", extent=extent, vmin=0, vmax=1,
-                    cmap=ListedColormap([_SEVERITY_COLOURS["error"]]))
-    every = max(1, math.ceil(len(layers) / 40))
-    ticks = list(range(0, len(layers), every))
-    axes.set_yticks(ticks, [_text(layers[i]) for i in ticks], fontsize=8 if len(layers) > 20 else 9)
-    axes.set_xlabel("step")
     position = {layer: i for i, layer in enumerate(layers)}
-    for problem in verdicts.problems:
-        if problem.layer in position:
-            axes.plot([problem.first_step], [position[problem.layer]], marker="x", markersize=8,
-                      color=_SEVERITY_COLOURS.get(problem.severity, "red"), linestyle="none")
-    figure.colorbar(image, ax=axes, label="log10 grad norm",
-                    aspect=20 * max(1.0, height / 4), pad=0.01)
-    note = "Grey: zero or missing gradient; red: NaN/Inf gradient entries in the window."
-    if verdicts.problems:
+    crosses = [(position[p.layer], float(p.first_step), _SEVERITY_COLOURS.get(p.severity, "red"))
+               for p in verdicts.problems if p.layer in position]
+    chart = svg.heatmap(logs, nonfinite > 0, layers, steps, crosses, title, "log10 grad norm")
+    note = "Grey: zero or missing gradient; magenta: NaN/Inf gradient entries in the window."
+    if crosses:
         note += " Crosses mark where an alert was first raised on a layer."
-    return FigureOut("heatmap", title, _png(figure), note)
+    return FigureOut("heatmap", title, chart, note)
 
 
 def _layer_lines(
@@ -220,89 +182,43 @@ def _layer_lines(
         return FigureOut(key, title, None, f"Skipped: {column} was not measured in this run (all NaN).")
     shown = interesting_layers(verdicts, max_lines)
     matrix, steps = _layer_matrix(run, column, shown)
-    figure = _new_figure(11, 4.2)
-    axes = figure.add_subplot()
-    from matplotlib import colormaps
-
-    palette = colormaps["tab10" if len(shown) <= 10 else "tab20"].colors
-    for i, layer in enumerate(shown):
-        series = matrix[i]
-        if log:
-            series = np.where(series > 0, series, np.nan)
-        axes.plot(steps, series, label=_text(layer), linewidth=1.2, color=palette[i % len(palette)],
-                  linestyle="-" if i < len(palette) else "--")
-    if log and np.any(matrix > 0):
-        axes.set_yscale("log")
-    axes.set_xlabel("step")
-    axes.set_ylabel(ylabel)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    steps = steps.astype(np.float64)
+    series = [svg.Series(layer, steps, matrix[i].astype(np.float64), _PALETTE[i % len(_PALETTE)],
+                         dashed=i >= len(_PALETTE))
+              for i, layer in enumerate(shown)]
+    chart = svg.line_chart(series, title, ylabel, log=log, height=300)
     total = len(run.layer_order)
     note = (
         f"Showing {len(shown)} of {total} layers: those with alerts first, then those whose median "
         "gradient norm is farthest from the median layer's (the heatmap shows every layer)."
         if total > len(shown) else ""
     )
-    return FigureOut(key, title, _png(figure), note)
+    return FigureOut(key, title, chart, note)
 
 
 def _clip_fraction(run: RunFrames) -> FigureOut:
     title = "Clip fraction: share of each window's steps on which clipping changed the gradient"
-    values = run.windows["clip_fraction"].to_numpy()
+    values = run.windows["clip_fraction"].to_numpy(dtype=np.float64)
     if not np.isfinite(values).any():
         return FigureOut("clip_fraction", title, None, "Skipped: no clipping in this run (all NaN).")
-    figure = _new_figure(11, 3.0)
-    axes = figure.add_subplot()
-    axes.plot(run.windows["step"], values, color="#1f77b4", linewidth=1.2)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("step")
-    axes.set_ylabel("clip fraction")
-    axes.grid(True, alpha=0.3)
-    return FigureOut("clip_fraction", title, _png(figure))
+    series = [svg.Series("clip fraction", run.windows["step"].to_numpy(np.float64), values, "#1f77b4")]
+    return FigureOut("clip_fraction", title, svg.line_chart(series, title, "clip fraction", ylim=(0.0, 1.0),
+                                                           height=220))
 
 
 def _timeline(run: RunFrames) -> FigureOut:
     title = "Alert timeline on the training loss"
-    loss = run.windows["loss"].to_numpy()
-    has_loss = bool(np.isfinite(loss).any())
+    loss = run.windows["loss"].to_numpy(dtype=np.float64)
     alerts = run.alerts
-    if not has_loss and alerts.empty:
+    if not np.isfinite(loss).any() and alerts.empty:
         return FigureOut("timeline", title, None, "Skipped: no loss recorded and no alerts.")
     kinds = [k for k in ALERT_KINDS if k in set(alerts["kind"])] if len(alerts) else []
     kinds += sorted(set(alerts["kind"]) - set(kinds)) if len(alerts) else []
-    figure = _new_figure(11, 4.6 if kinds else 3.2)
-    ratios = [3, max(1, 0.4 * len(kinds))] if kinds else [1]
-    grid = figure.add_gridspec(len(ratios), 1, height_ratios=ratios)
-    top = figure.add_subplot(grid[0])
-    if has_loss:
-        top.plot(run.windows["step"], loss, color="#333333", linewidth=1.2, label="loss")
-        positive = loss[np.isfinite(loss)]
-        if positive.size and positive.min() > 0 and positive.max() / positive.min() > 100:
-            top.set_yscale("log")
-        top.set_ylabel("loss (window mean)")
-    else:
-        top.text(0.5, 0.5, "loss not recorded in this run", ha="center", va="center", transform=top.transAxes)
-        top.set_yticks([])
-    for row in alerts.itertuples(index=False):
-        top.axvline(row.step, color=_SEVERITY_COLOURS.get(row.severity, "grey"), alpha=0.5, linewidth=1)
-    top.grid(True, alpha=0.3)
-    if kinds:
-        bottom = figure.add_subplot(grid[1], sharex=top)
-        for severity, colour in _SEVERITY_COLOURS.items():
-            rows = alerts[alerts["severity"] == severity]
-            if len(rows):
-                bottom.scatter(rows["step"], [kinds.index(k) for k in rows["kind"]], color=colour,
-                               label=severity, s=22, marker="o" if severity != "info" else "^")
-        bottom.set_yticks(range(len(kinds)), [kind_label(k) for k in kinds], fontsize=8)
-        bottom.set_ylim(-0.6, len(kinds) - 0.4)
-        bottom.invert_yaxis()
-        bottom.legend(fontsize=8, loc="upper right", ncol=3)
-        bottom.set_xlabel("step")
-        bottom.grid(True, alpha=0.3)
-    else:
-        top.set_xlabel("step")
+    marks = [(float(r.step), kinds.index(r.kind), r.severity) for r in alerts.itertuples(index=False)]
+    chart = svg.timeline(run.windows["step"].to_numpy(np.float64), loss, marks,
+                         [kind_label(k) for k in kinds], _SEVERITY_COLOURS, title)
     note = "Vertical lines: alerts (red error, orange warning, green cleared)." if len(alerts) else ""
-    return FigureOut("timeline", title, _png(figure), note)
+    return FigureOut("timeline", title, chart, note)
 
 
 def run_figures(
@@ -373,10 +289,10 @@ def comparison_rows(all_verdicts: Sequence[RunVerdicts]) -> tuple[list[str], lis
     kinds = [k for k in ALERT_KINDS if any(v.layers_with(k) for v in all_verdicts)]
     extra = {p.kind for v in all_verdicts for p in v.problems} - set(kinds)
     kinds += sorted(extra)
-    header = ["run", "verdict", "layers", "healthy"] + [kind_label(k) for k in kinds]
+    header = ["run", "verdict", "headline", "layers", "healthy"] + [kind_label(k) for k in kinds]
     rows = []
     for v in all_verdicts:
-        row = [v.run.name, v.state, str(len(v.run.layer_order)), str(len(v.healthy))]
+        row = [v.run.name, v.state, headline(v), str(len(v.run.layer_order)), str(len(v.healthy))]
         for kind in kinds:
             problems = v.layers_with(kind)
             if not problems:
@@ -431,9 +347,10 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}td.hint,td.msg{max-width:420px}
 tr.error td{background:#fde2e2}tr.warning td{background:#fff1dc}tr.healthy td{background:#eaf7ea}
 tr.recovered td{background:#f4f4f4}
-figure{margin:12px 0}figure img{max-width:100%;border:1px solid #eee}
+figure{margin:12px 0}figure svg{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-weight:600;margin-bottom:4px}.note{color:#555;font-style:italic}
-.bad{color:#b00020;font-weight:600}.good{color:#1b7a1b;font-weight:600}
+.bad{color:#b00020;font-weight:600}.good{color:#1b7a1b;font-weight:600}.warn{color:#a84e00;font-weight:600}
+p.headline{font-size:1.15em;padding:6px 10px;border-left:6px solid currentColor;background:#fafafa}
 """
 
 
@@ -452,7 +369,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: S
             klass = f' class="{cell_classes[j]}"' if j in cell_classes else ""
             content = _e(cell)
             if links and j == 0 and i in links:
-                content = f'<a href="#{links[i]}">{content}</a>'
+                content = f'<a href="{_e(links[i])}">{content}</a>'
             cells.append(f"<td{klass}>{content}</td>")
         out.append(f"<tr{css}>{''.join(cells)}</tr>")
     out.append("</tbody></table>")
@@ -474,24 +391,20 @@ def _html_run(report: RunReport, anchor: str, heading: str) -> str:
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence", "hint"]
     body = [f'<section id="{anchor}">', f"<{heading}>{_e(run.name)}</{heading}>",
             f"<p>{_e(_run_facts(run))}. Source: <code>{_e(os.path.abspath(run.path))}</code></p>"]
+    tone = {"healthy": "good", "warnings": "warn", "no data": "warn"}.get(v.state, "bad")
+    body.append(f'<p class="headline {tone}" data-state="{_e(v.state)}">{_e(headline(v))}</p>')
     if v.errors_raised:
         body.append('<p class="bad">An alert of severity error was raised in this run.</p>')
-    elif v.state == "no data":
-        body.append('<p class="bad">No window was written in this run yet: nothing to judge.</p>')
-    elif not v.problems:
-        body.append('<p class="good">No problem found: every layer is healthy.</p>')
     body.append("<h3>Verdicts per layer</h3>")
     body.append(_html_table(header, [[r[h] for h in header] for r in rows], [_row_class(r) for r in rows],
                             cell_classes={6: "msg", 7: "hint"}))
     body.append("<h3>Figures</h3>")
     for figure in report.figures:
-        if figure.png is None:
+        if figure.svg is None:
             body.append(f'<p class="note"><b>{_e(figure.title)}</b>: {_e(figure.note)}</p>')
             continue
-        data = base64.b64encode(figure.png).decode("ascii")
-        body.append(f'<figure><figcaption>{_e(figure.title)}</figcaption>'
-                    f'<img alt="{_e(figure.title)}" data-figure="{_e(figure.key)}" '
-                    f'src="data:image/png;base64,{data}">')
+        body.append(f'<figure data-figure="{_e(figure.key)}"><figcaption>{_e(figure.title)}</figcaption>'
+                    f'{figure.svg}')
         if figure.note:
             body.append(f'<p class="note">{_e(figure.note)}</p>')
         body.append("</figure>")
@@ -508,26 +421,56 @@ def _html_run(report: RunReport, anchor: str, heading: str) -> str:
     return "\n".join(body)
 
 
+def _page_head(title: str) -> list[str]:
+    return ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
+
+
+def _report_title(log_dir: str) -> str:
+    return f"gradwatch report: {os.path.basename(os.path.abspath(log_dir))}"
+
+
+def _comparison(all_verdicts: Sequence[RunVerdicts], links: dict[int, str]) -> list[str]:
+    header, rows = comparison_rows(all_verdicts)
+    row_class = {"diverged": "error", "errors": "error", "warnings": "warning", "healthy": "healthy"}
+    classes = [row_class.get(row[1], "") for row in rows]
+    return ["<h2>Comparison of runs</h2>",
+            "<p>Per run: its headline (the first problem and whether it lasted), then per alert kind the "
+            "layers with that problem (how many are still active at the end).</p>",
+            _html_table(header, rows, classes, links=links)]
+
+
 def render_html(reports: Sequence[RunReport], log_dir: str) -> str:
     """The whole report as one self-contained HTML document."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    title = f"gradwatch report: {os.path.basename(os.path.abspath(log_dir))}"
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{_e(title)}</h1>",
-             f"<p>{len(reports)} run(s) under <code>{_e(os.path.abspath(log_dir))}</code>; "
-             f"generated {_e(stamp)} by gradwatch {_e(__version__)}.</p>"]
-    several = len(reports) > 1
-    if several:
-        header, rows = comparison_rows([r.verdicts for r in reports])
-        parts.append("<h2>Comparison of runs</h2>")
-        parts.append("<p>Per alert kind: the layers with that problem (how many are still active at the "
-                     "end).</p>")
-        row_class = {"errors": "error", "warnings": "warning", "healthy": "healthy"}
-        classes = [row_class.get(row[1], "") for row in rows]
-        parts.append(_html_table(header, rows, classes, links={i: f"run-{i}" for i in range(len(rows))}))
+    parts = _page_head(_report_title(log_dir))
+    parts.append(f"<p>{len(reports)} run(s) under <code>{_e(os.path.abspath(log_dir))}</code>; "
+                 f"generated {_e(stamp)} by gradwatch {_e(__version__)}.</p>")
+    if len(reports) > 1:
+        parts += _comparison([r.verdicts for r in reports], {i: f"#run-{i}" for i in range(len(reports))})
     for i, report in enumerate(reports):
         parts.append(_html_run(report, f"run-{i}", "h2"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_index(all_verdicts: Sequence[RunVerdicts], log_dir: str, pages: Sequence[str]) -> str:
+    """The index page of a report of many runs: the comparison, each run linking to its own page."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts = _page_head(_report_title(log_dir))
+    parts.append(f"<p>{len(all_verdicts)} runs under <code>{_e(os.path.abspath(log_dir))}</code>; "
+                 f"generated {_e(stamp)} by gradwatch {_e(__version__)}. Each run's verdicts, figures and "
+                 "alerts are on its own page (the run's name links to it).</p>")
+    parts += _comparison(all_verdicts, dict(enumerate(pages)))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_run_page(report: RunReport, log_dir: str, index: str) -> str:
+    """One run's page of a report of many runs, linking back to the ``index`` page."""
+    parts = _page_head(_report_title(log_dir))
+    parts.append(f'<p><a href="{_e(index)}">← all runs</a></p>')
+    parts.append(_html_run(report, "run", "h2"))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -564,12 +507,12 @@ def render_markdown(reports: Sequence[RunReport], log_dir: str, output: str) -> 
         parts += ["### Verdicts per layer", ""]
         parts += [_md_table(header, [[r[h] for h in header] for r in verdict_rows(v)]), "", "### Figures", ""]
         for figure in report.figures:
-            if figure.png is None:
+            if figure.svg is None:
                 parts += [f"*{_md_cell(figure.title)}*: {_md_cell(figure.note)}", ""]
                 continue
-            name = f"run{i}-{figure.key}.png"
-            with open(os.path.join(files_dir, name), "wb") as f:
-                f.write(figure.png)
+            name = f"run{i}-{figure.key}.svg"
+            with open(os.path.join(files_dir, name), "w", encoding="utf-8") as f:
+                f.write(figure.svg)
             parts += [f"![{_md_cell(figure.title)}]({stem}_files/{name})", ""]
             if figure.note:
                 parts += [f"*{_md_cell(figure.note)}*", ""]
@@ -617,16 +560,37 @@ def build_report(
     output = os.fspath(output) if output is not None else default_output(log_dir, fmt)
     runs = discover_runs(log_dir, source)
     bar = _bar_for(runs, progress, 4 + FIGURES_PER_RUN)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with bar.running():
         all_verdicts = require_data(
             [compute_verdicts(load_run(name, path, bar.step, source)) for name, path in runs], log_dir)
+        if fmt == "html" and len(all_verdicts) > INLINE_RUNS:
+            _write_pages(all_verdicts, log_dir, output, bar.step, max_lines)
+            return output, all_verdicts
         reports = [RunReport(v, run_figures(v, bar.step, max_lines)) for v in all_verdicts]
     text = render_html(reports, log_dir) if fmt == "html" else render_markdown(reports, log_dir, output)
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        f.write(text)
+    _write_text(output, text)
     return output, all_verdicts
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _write_pages(all_verdicts: Sequence[RunVerdicts], log_dir: str, output: str,
+                 step: Callable[[str], None], max_lines: int) -> None:
+    """A report of many runs: ``output`` is the index, each run a page in ``<stem>_files/`` (its
+    figures made and written one run at a time)."""
+    stem = os.path.splitext(os.path.basename(output))[0]
+    files_dir = os.path.join(os.path.dirname(os.path.abspath(output)), f"{stem}_files")
+    os.makedirs(files_dir, exist_ok=True)
+    pages = [f"{stem}_files/run-{i:04d}.html" for i in range(len(all_verdicts))]
+    back = f"../{os.path.basename(output)}"
+    for verdicts, page in zip(all_verdicts, pages):
+        report = RunReport(verdicts, run_figures(verdicts, step, max_lines))
+        _write_text(os.path.join(files_dir, os.path.basename(page)), render_run_page(report, log_dir, back))
+    _write_text(output, render_index(all_verdicts, log_dir, pages))
 
 
 # --------------------------------------------------------------------------- terminal summary
@@ -637,12 +601,15 @@ def print_summary(all_verdicts: Sequence[RunVerdicts], console) -> None:  # cons
     from rich.table import Table
     from rich.text import Text
 
-    styles = {"error": "bold red", "warning": "yellow", "healthy": "green", "recovered": "dim"}
+    styles = {"error": "bold red", "warning": "yellow", "healthy": "green", "recovered": "dim",
+              "diverged": "bold red"}
     header = ["layer", "verdict", "severity", "first step", "last step", "status", "evidence"]
     for v in all_verdicts:
         state = v.state
-        table = Table(title=Text(f"{v.run.name}: {state}", style=styles.get(state.rstrip("s"), "")),
-                      title_justify="left", show_lines=False)
+        # the headline on a line of its own: a table title is cut to the table's width
+        console.print(Text(f"{v.run.name}: {state}: {headline(v)}", style=styles.get(state.rstrip("s"), ""),
+                           overflow="fold"))
+        table = Table(show_lines=False)
         for column in header:
             table.add_column(column, overflow="fold", no_wrap=column in ("verdict", "severity"))
         for row in verdict_rows(v):
@@ -654,9 +621,9 @@ def print_summary(all_verdicts: Sequence[RunVerdicts], console) -> None:  # cons
         for label, hint in hints.items():
             if hint:
                 console.print(Text(f"  hint ({label}): {hint}"))
-    failing = [v.run.name for v in all_verdicts if v.errors_raised]
+    failing = [v.run.name for v in all_verdicts if v.errors_raised or v.divergence is not None]
     if failing:
-        console.print(Text(f"{len(failing)} of {len(all_verdicts)} run(s) raised an error alert: "
+        console.print(Text(f"{len(failing)} of {len(all_verdicts)} run(s) diverged or raised an error alert: "
                            f"{', '.join(failing)}", style="bold red"))
     else:
         console.print(Text(f"{len(all_verdicts)} run(s): no error alert raised.", style="green"))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._interpret.alerts import divergence_since
 from gradwatch._io import readers
 from gradwatch._io.schema import (
     ALERT_KINDS,
@@ -33,7 +34,15 @@ LAYER_VALUE_COLUMNS: tuple[str, ...] = (
     "update_ratio", "update_cos", "dead_frac", "no_signal_frac",
 )
 #: The windows.csv columns used.
-WINDOW_VALUE_COLUMNS: tuple[str, ...] = ("loss", "global_l2", "nonfinite_steps", "clip_fraction")
+WINDOW_VALUE_COLUMNS: tuple[str, ...] = (
+    "steps", "loss", "global_l2", "nonfinite_steps", "first_nonfinite_step", "clip_fraction",
+)
+#: Clipping that changed the gradient on at least this share of the steps ...
+CLIP_MOST = 0.5
+#: ... over at least this many steps is a finding: the bound, not the optimizer, sets the step size.
+CLIP_LONG_STEPS = 20
+#: The kind of that finding (a verdict of the report, not an alert kind of alerts.csv).
+CLIPPING_KIND = "clipping"
 
 #: How a layer-less alert (e.g. a non-finite loss) is shown.
 MODEL_LABEL = "(whole model)"
@@ -47,7 +56,12 @@ KIND_LABELS: dict[str, str] = {
     "update_ratio": "update ratio",
     "update_mismatch": "update mismatch",
     "no_learning_signal": "no learning signal",
+    CLIPPING_KIND: "clipping on most steps",
 }
+CLIPPING_HINT = (
+    "Clipping fires on most steps: the bound, not the learning rate, sets every step's size. Lower the "
+    "learning rate (or warm it up), or raise the clip bound until it fires only on rare spikes."
+)
 
 
 def kind_label(kind: str) -> str:
@@ -91,9 +105,21 @@ class Problem:
     hint: str
     evidence: str = ""
 
+    diverged_step: int | None = None  # the run diverged at this step and this problem never cleared
+
     @property
     def status(self) -> str:
+        if self.active and self.diverged_step is not None:
+            return f"diverged at step {self.diverged_step}, never recovered"
         return "active at end" if self.active else f"recovered at step {self.cleared_step}"
+
+
+@dataclasses.dataclass
+class Divergence:
+    """A run whose gradients (or loss) went non-finite and stayed so to its last window."""
+
+    step: int  # first non-finite step of the last unbroken stretch of non-finite windows
+    last_step: int  # the run's last step
 
 
 @dataclasses.dataclass
@@ -104,6 +130,7 @@ class RunVerdicts:
     problems: list[Problem]
     healthy: dict[str, str]  # layer -> evidence ("median grad norm ...")
     errors_raised: bool  # an alert of severity "error" was raised at some point
+    divergence: Divergence | None = None  # the run ended diverged (never recovered)
 
     @property
     def has_data(self) -> bool:
@@ -112,7 +139,9 @@ class RunVerdicts:
 
     @property
     def state(self) -> str:
-        """"errors", "warnings", "healthy", or "no data" (no window written yet)."""
+        """"diverged", "errors", "warnings", "healthy", or "no data" (no window written yet)."""
+        if self.divergence is not None:
+            return "diverged"
         if self.errors_raised:
             return "errors"
         if self.problems:
@@ -248,8 +277,12 @@ def load_runs(
 # --------------------------------------------------------------------------- verdicts
 
 
-def _problems_from_alerts(alerts: pd.DataFrame) -> list[Problem]:
-    """Walks the alerts in step order: warning/error rows open (or re-open) a problem, info rows close it."""
+def _problems_from_alerts(alerts: pd.DataFrame,
+                          nonfinite_steps: frozenset[int] = frozenset()) -> list[Problem]:
+    """Walks the alerts in step order: warning/error rows open (or re-open) a problem, info rows close it.
+
+    An info row dated in a window with a non-finite step (``nonfinite_steps``: those windows' last
+    steps) clears nothing: files written before gradwatch 0.3 cleared alerts on NaN norms read as 0."""
     problems: dict[tuple[str, str], Problem] = {}
     if alerts.empty:
         return []
@@ -257,6 +290,8 @@ def _problems_from_alerts(alerts: pd.DataFrame) -> list[Problem]:
     for row in ordered.itertuples(index=False):
         key = (row.kind, row.layer)
         step = int(row.step)
+        if row.severity == "info" and step in nonfinite_steps:
+            continue
         if row.severity == "info":
             targets = [p for k, p in problems.items() if k[0] == row.kind and (not row.layer or k == key)]
             for problem in targets:
@@ -336,9 +371,85 @@ def _healthy_evidence(rows: pd.DataFrame) -> str:
     return f"median grad norm {_fmt(float(norms.median()))}" if len(norms) else "no statistics"
 
 
+def find_divergence(windows: pd.DataFrame) -> Divergence | None:
+    """The run's divergence: every step non-finite from the step returned to its last (more than
+    one step; see ``alerts.divergence_since``), else None."""
+    since = None
+    columns = ("step", "steps", "nonfinite_steps", "first_nonfinite_step")
+    for values in zip(*(windows[c].tolist() for c in columns)):
+        since = divergence_since(since, dict(zip(columns, values)))
+    if since is None or windows.empty or since >= int(windows["step"].iloc[-1]):
+        return None
+    return Divergence(since, int(windows["step"].iloc[-1]))
+
+
+def clipping_finding(windows: pd.DataFrame) -> Problem | None:
+    """A warning when clipping changed the gradient on most steps (``CLIP_MOST``) for long
+    (``CLIP_LONG_STEPS``): the bound then sets the step size, not the learning rate."""
+    fraction = windows["clip_fraction"].to_numpy(dtype=np.float64)
+    steps = windows["steps"].to_numpy(dtype=np.float64)
+    known = np.isfinite(fraction) & np.isfinite(steps)
+    total = float(steps[known].sum())
+    if total < CLIP_LONG_STEPS:
+        return None
+    clipped = float((fraction[known] * steps[known]).sum())
+    share = clipped / total
+    if share < CLIP_MOST:
+        return None
+    heavy = np.flatnonzero(known & (fraction >= CLIP_MOST))
+    window_steps = windows["step"].to_numpy()
+    first_step = int(window_steps[heavy[0]] - steps[heavy[0]] + 1)
+    last = heavy[-1]
+    active = last == len(windows) - 1
+    cleared = None if active else int(window_steps[last + 1])
+    message = (f"Clipping changed the gradient on {share:.0%} of the steps ({int(round(clipped))} of "
+               f"{int(total)}).")
+    evidence = f"clipped on {int(round(clipped))} of {int(total)} steps ({share:.0%})"
+    return Problem("", CLIPPING_KIND, "warning", first_step, int(window_steps[last]), 1, active, cleared,
+                   share, CLIP_MOST, message, CLIPPING_HINT, evidence)
+
+
+def headline(verdicts: RunVerdicts) -> str:
+    """One line per run: the first problem (kind, layer, step), and whether it lasted, e.g.
+    "exploding at 'hidden' step 4 → NaN at step 6, diverged (never recovered)"."""
+    if verdicts.state == "no data":
+        return "no window written yet: nothing to judge"
+    problems = sorted(verdicts.problems, key=lambda p: p.first_step)  # stable: model order on ties
+    divergence = verdicts.divergence
+    if not problems:
+        return "no problem found"
+    first = problems[0]
+    where = f" at {first.layer!r}" if first.layer else ""
+    text = f"{kind_label(first.kind)}{where} step {first.first_step}"
+    if first.kind == "nonfinite_gradient":
+        text = f"NaN/Inf{f' in {first.layer!r}' if first.layer else ''} at step {first.first_step}"
+    elif first.kind == CLIPPING_KIND:
+        text = f"clipping changed the gradient on {first.value:.0%} of the steps from step {first.first_step}"
+    if divergence is not None:
+        if first.kind != "nonfinite_gradient" or divergence.step != first.first_step:
+            text += f" → NaN at step {divergence.step}"
+        text += f", diverged (never recovered; NaN to step {divergence.last_step})"
+    elif first.active:
+        text += ", still active at the end"
+    else:
+        text += f", recovered at step {first.cleared_step}"
+    if first.raised > 1 and divergence is None:
+        text += f" (raised {first.raised} times)"
+    if len(problems) > 1:
+        text += f"; {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}"
+    return text
+
+
 def compute_verdicts(run: RunFrames) -> RunVerdicts:
     """The verdict of every layer of ``run``: problems from its alerts, evidence from its statistics."""
-    problems = _problems_from_alerts(run.alerts)
+    windows = run.windows
+    unclean = frozenset(windows["step"][windows["nonfinite_steps"].to_numpy() > 0].tolist())
+    problems = _problems_from_alerts(run.alerts, unclean)
+    divergence = find_divergence(windows)
+    if divergence is not None:
+        for problem in problems:
+            if problem.active and problem.kind in ("nonfinite_gradient", "exploding_gradient"):
+                problem.diverged_step = divergence.step
     groups = {str(k): g for k, g in run.layers.groupby("layer", observed=True, sort=False)}
     empty = run.layers.iloc[:0]
     for problem in problems:
@@ -354,7 +465,10 @@ def compute_verdicts(run: RunFrames) -> RunVerdicts:
         if layer not in troubled and judged
     }
     errors = bool(len(run.alerts)) and bool((run.alerts["severity"] == "error").any())
-    return RunVerdicts(run, problems, healthy, errors)
+    clipping = clipping_finding(windows)
+    if clipping is not None:
+        problems.append(clipping)
+    return RunVerdicts(run, problems, healthy, errors, divergence)
 
 
 def problem_pairs(verdicts: RunVerdicts) -> set[tuple[str, str]]:

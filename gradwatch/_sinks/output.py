@@ -69,6 +69,19 @@ class Output:
             for sink in self._sinks:
                 sink.write(result)
 
+    def write_alerts(self, alert_rows: list[dict[str, Any]]) -> None:
+        """Writes alert rows that belong to no window (the run's last word) to the sinks that take
+        them (``write_alerts``), on the writer thread."""
+        def write() -> None:
+            for sink in self._sinks:
+                if hasattr(sink, "write_alerts"):
+                    sink.write_alerts(alert_rows)
+
+        if self._pool is None:
+            write()
+            return
+        self._pending.append(self._pool.submit(write))
+
     def _settle(self, keep: int) -> None:
         while len(self._pending) > keep or (self._pending and self._pending[0].done()):
             self._pending.pop(0).result()

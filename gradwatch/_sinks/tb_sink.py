@@ -311,6 +311,7 @@ class TensorBoardSink:
         self.layers = list(layers or [])
         self._writer: EventFile | None = None
         self._tagged: set[str] = set()  # tags whose metadata this file already holds
+        self._last_window: dict[str, Any] | None = None  # the last window row written
 
     def open(self, run_info: dict[str, Any]) -> None:
         """Takes the run's description; the events file is created at the first window
@@ -364,6 +365,7 @@ class TensorBoardSink:
         if self._writer is None:
             self._open()
         step = int(window_row["step"])
+        self._last_window = dict(window_row)
         values: list[summary_pb2.Summary.Value] = []
         for column, tag in WINDOW_SCALARS:
             self._scalar(values, tag, window_row.get(column))
@@ -380,6 +382,20 @@ class TensorBoardSink:
         self._add(step, values + by_step.pop(step, []))
         for hist_step, hist_values in sorted(by_step.items()):
             self._add(hist_step, hist_values)
+        self._writer.flush()
+
+    def write_alerts(self, alert_rows: list[dict[str, Any]]) -> None:
+        """Writes alert rows that belong to no window (the run's last word): the alert text,
+        and a structured summary with the last window row, no layer or variable rows and a first
+        step past it (so it supersedes no window), for the readers."""
+        if not alert_rows or self._last_window is None:
+            return
+        step = int(self._last_window["step"])
+        text = alerts_markdown(alert_rows).encode("utf-8")
+        payload = tb_format.encode_window(self._last_window, [], [], alert_rows, step + 1)
+        # one step past the last window: a loader that purges on a repeated step would drop it
+        self._add(step + 1, [self._value(ALERTS_TAG, _TEXT_METADATA, _string_tensor(text)),
+                         self._value(tb_format.WINDOW_TAG, _GRADWATCH_METADATA, _string_tensor(payload))])
         self._writer.flush()
 
     def _histogram_values(

@@ -26,6 +26,7 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
+from gradwatch._interpret.alerts import divergence_since
 from gradwatch._io import tb_format
 from gradwatch._io.schema import (
     ALERT_COLUMNS,
@@ -71,6 +72,7 @@ class RunHeatmap:
     nonfinite: np.ndarray  # bool [L, W]; the layer's gradient had NaN/Inf entries in the window
     alerts: list[dict[str, Any]] = field(default_factory=list)
     corrupt: int = 0
+    divergence: dict[str, int] | None = None  # {"step", "last_step"}: NaN/Inf from step to the end
 
     def missing_before(self) -> np.ndarray:
         """Steps missing before each window: window k should start right after window k-1 ends.
@@ -166,7 +168,9 @@ def _parse_window(payload: bytes) -> tuple[dict[str, Any], int, Cells, list[dict
     return decoded.window, decoded.first_step, cells, alerts
 
 
-Parsed = tuple[int, int, Cells, list[dict[str, Any]]]  # step, first_step, cells, alerts
+# step, first_step, cells, alerts, the window row's non-finite columns
+Parsed = tuple[int, int, Cells, list[dict[str, Any]], dict[str, Any]]
+_NONFINITE_COLUMNS = ("step", "steps", "nonfinite_steps", "first_nonfinite_step")
 
 
 def _parse(summary_step: int, payload: bytes) -> Parsed | None:
@@ -174,9 +178,29 @@ def _parse(summary_step: int, payload: bytes) -> Parsed | None:
     try:
         window, first_step, cells, alerts = _parse_window(payload)
         step = int(window.get("step") if window.get("step") is not None else summary_step)
+        nonfinite = {c: window.get(c) for c in _NONFINITE_COLUMNS} | {"step": step}
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    return step, first_step, cells, alerts
+    return step, first_step, cells, alerts, nonfinite
+
+
+def _divergence(rows: list[dict[str, Any]]) -> dict[str, int] | None:
+    """``{"step", "last_step"}`` when the windows (in step order) end diverged (see
+    ``alerts.divergence_since``), else None."""
+    since = None
+    for row in rows:
+        since = divergence_since(since, row)
+    if since is None or not rows or since >= rows[-1]["step"]:
+        return None
+    return {"step": since, "last_step": int(rows[-1]["step"])}
+
+
+def _recoveries_kept(alerts: list[dict[str, Any]], rows: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alerts in step order, less the info rows dated in a non-finite window (files before
+    schema 3 cleared alerts on NaN norms read as 0: no recovery)."""
+    unclean = {step for step, row in rows.items() if (row.get("nonfinite_steps") or 0) > 0}
+    kept = [a for a in alerts if not (a.get("severity") == "info" and a.get("step") in unclean)]
+    return sorted(kept, key=lambda a: a.get("step", 0))
 
 
 def build_run(
@@ -197,6 +221,7 @@ def build_run(
     layers = _layer_names(run_info)
     index = {name: i for i, name in enumerate(layers)}
     windows: dict[int, tuple[int, Cells]] = {}
+    nonfinite_rows: dict[int, dict[str, Any]] = {}
     alerts: list[dict[str, Any]] = []
     corrupt = 0
     previous = parsed.copy() if parsed is not None else {}
@@ -210,9 +235,12 @@ def build_run(
         if entry is None:
             corrupt += 1
             continue
-        step, first_step, cells, window_alerts = entry
-        windows[step] = (first_step, cells)
+        step, first_step, cells, window_alerts, nonfinite_row = entry
         alerts.extend(window_alerts)
+        if not cells[0] and step in windows:
+            continue  # alerts of no window (the run's last word): the window it follows stays
+        windows[step] = (first_step, cells)
+        nonfinite_rows[step] = nonfinite_row
         for name in cells[0]:
             if name not in index:
                 index[name] = len(layers)
@@ -228,12 +256,11 @@ def build_run(
             usable = (l2 > 0) & np.isfinite(l2)
             log_l2[rows[usable], col] = np.log10(l2[usable])
             nonfinite[rows, col] = nf > 0
-    alerts = [
-        {**alert, "layer_index": index.get(alert["layer"], -1) if isinstance(alert.get("layer"), str) else -1}
-        for alert in alerts
-    ]
-    alerts.sort(key=lambda a: a.get("step", 0))
-    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt)
+    alerts = [{**alert, "layer_index": index.get(alert["layer"], -1)
+               if isinstance(alert.get("layer"), str) else -1} for alert in alerts]
+    alerts = _recoveries_kept(alerts, nonfinite_rows)
+    divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence)
 
 
 def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
@@ -278,6 +305,7 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
             {"windows": width, "columns": cols, "per_column": width / cols} if width > cols else None
         ),
         "dropped": {**data.gaps(), "corrupt": data.corrupt, "advice": SAMPLES_ADVICE},
+        "divergence": data.divergence,
     }
 
 

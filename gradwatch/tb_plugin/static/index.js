@@ -204,6 +204,15 @@ class GradientFlowTab {
   }
 
   showNotices(flow) {
+    if (flow.divergence) {
+      const d = flow.divergence;
+      const node = this.notice(
+        `Diverged at step ${d.step}, never recovered: every step from ${d.step} to the last ` +
+          `(${d.last_step}) had NaN/Inf gradients.`,
+      );
+      node.id = "gw-diverged";
+      node.classList.add("gw-diverged");
+    }
     const dropped = flow.dropped;
     if (dropped.gaps > 0 || dropped.leading_missing_steps > 0) {
       const parts = [];
