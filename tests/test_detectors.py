@@ -114,6 +114,8 @@ def test_exploding_net_is_flagged_before_it_goes_non_finite(tmp_path):
     nonfinite = alerts[alerts.kind == "nonfinite_gradient"]
     assert len(exploding) and len(nonfinite)
     assert exploding.step.min() < nonfinite.step.min()
-    # the run stays NaN for ~45 windows: one error row, not a storm
-    assert list(nonfinite.severity) == ["error"]
+    # the run stays NaN for ~45 windows: one error row when it starts, not a storm, and
+    # one at the end saying it never recovered
+    assert list(nonfinite.severity) == ["error", "error"]
+    assert nonfinite.message.iloc[-1].startswith(f"Diverged at step {nonfinite.step.min()}, never recovered")
     assert not (alerts.kind == "vanishing_gradient").any()  # NaN windows are not "vanishing"
