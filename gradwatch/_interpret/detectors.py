@@ -57,7 +57,29 @@ MAX_COUNT = 10**9
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """Detector thresholds; every value is validated."""
+    """The detectors' thresholds (``gw.Thresholds``); every value is validated.
+
+    Attributes:
+        vanishing_rms: a layer's RMS gradient below this is vanishing.
+        vanishing_ratio: ... or below this times the output layer's,
+        vanishing_ratio_rms: ... while below this.
+        vanishing_update_ratio: a layer whose measured update/weight ratio is at
+            least this moves its weights: a small gradient there is not vanishing.
+        exploding_l2: a layer norm above this is exploding.
+        exploding_growth: ... or a mean norm growing by this factor per window,
+        exploding_growth_floor: ... while above this.
+        patience: windows a condition must hold before its alert (and be gone before it clears).
+        remind_every: windows between two reminders while a condition lasts.
+        dead_steps: consecutive steps of exactly-zero gradient after which a unit counts.
+        dead_fraction: the fraction of a layer's units for ``dead_relu``/``no_learning_signal``.
+        update_ratio_high: an update/weight ratio above this is too fast.
+        update_ratio_low: ... below this, too slow.
+        update_cos: ``update_mismatch`` when the update's cosine with minus the gradient stays below this,
+        update_cos_spread: ... and varies less than this,
+        update_cos_window: ... over this many measurements.
+        update_ratio_floor: a ratio below this is a frozen layer, not a slow one.
+        update_min_size: variables smaller than this are not judged for ``update_mismatch``.
+    """
 
     vanishing_rms: float = 1e-8
     vanishing_ratio: float = 1e-3
