@@ -68,6 +68,20 @@ def _stats_frame(steps: np.ndarray, names: list[str], layer_of: list[str], rng: 
     return frame[list(STATS_COLUMNS)]
 
 
+def _healthy_windows(steps: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    """windows.csv rows of a healthy run: a falling loss, a steady global norm, no NaN."""
+    windows = len(steps)
+    rows = pd.DataFrame({c: np.nan for c in WINDOW_COLUMNS}, index=range(windows))
+    rows["step"], rows["steps"] = steps, 10
+    rows["loss"] = 2.0 * np.exp(-steps / steps[-1]) + 0.05 * rng.random(windows)
+    rows["learning_rate"] = 1e-3
+    rows["global_l2"] = rng.lognormal(0.0, 0.2, windows)
+    rows[["nonfinite_steps", "skipped_steps"]] = 0
+    rows["first_nonfinite_step"] = ""
+    rows["nonfinite_loss_at_first"] = ""
+    return rows
+
+
 def generate(log_dir: str, layers: int, windows: int) -> dict[str, float]:
     """Writes the synthetic run; returns file sizes (MB) and the generation time."""
     started = time.perf_counter()
@@ -92,15 +106,7 @@ def generate(log_dir: str, layers: int, windows: int) -> dict[str, float]:
     layer_rows = _stats_frame(steps, layer_names, layer_names, rng, np.arange(layers), None)
     layer_rows.to_csv(os.path.join(log_dir, "layers.csv"), index=False, float_format=float_format)
     del layer_rows
-    window_rows = pd.DataFrame({c: np.nan for c in WINDOW_COLUMNS}, index=range(windows))
-    window_rows["step"] = steps
-    window_rows["steps"] = 10
-    window_rows["loss"] = 2.0 * np.exp(-steps / steps[-1]) + 0.05 * rng.random(windows)
-    window_rows["learning_rate"] = 1e-3
-    window_rows["global_l2"] = rng.lognormal(0.0, 0.2, windows)
-    window_rows[["nonfinite_steps", "skipped_steps"]] = 0
-    window_rows["first_nonfinite_step"] = ""
-    window_rows["nonfinite_loss_at_first"] = ""
+    window_rows = _healthy_windows(steps, rng)
     window_rows.to_csv(os.path.join(log_dir, "windows.csv"), index=False, float_format=float_format)
     at = [steps[int(f * (windows - 1))] for f in (0.006, 0.24, 0.4, 0.8)]
     alerts = [
@@ -149,14 +155,7 @@ def generate_small(log_dir: str, index: int, layers: int = 4, windows: int = 50)
         if clips:
             frame[["clip_fraction", "clip_scale_min"]] = [1.0, 0.2]
         frame.to_csv(os.path.join(log_dir, name), index=False, float_format="%.6g")
-    window_rows = pd.DataFrame({c: np.nan for c in WINDOW_COLUMNS}, index=range(windows))
-    window_rows["step"], window_rows["steps"] = steps, 10
-    window_rows["loss"] = 2.0 * np.exp(-steps / steps[-1]) + 0.05 * rng.random(windows)
-    window_rows["learning_rate"] = 1e-3
-    window_rows["global_l2"] = rng.lognormal(0.0, 0.2, windows)
-    window_rows[["nonfinite_steps", "skipped_steps"]] = 0
-    window_rows["first_nonfinite_step"] = ""
-    window_rows["nonfinite_loss_at_first"] = ""
+    window_rows = _healthy_windows(steps, rng)
     alerts = []
     if diverges:
         bad = window_rows["step"] > steps[windows // 2]
