@@ -42,7 +42,6 @@ class FitParts:
         self._variables: list[Any] = []
         self._trace: CallTrace | None = None
         self._pending: tuple[Any, Any, Any, int] | None = None
-        self.rebound = False  # a bind happened since the flag was last read
 
     @property
     def bound(self) -> bool:
@@ -111,7 +110,6 @@ class FitParts:
         self.pipeline = Pipeline(self._options, self.recorder, run_info, on_alert=self._on_alert,
                                  extra_sinks=self._internal.extra_sinks)
         self._variables = variables
-        self.rebound = True
 
     def _open(self, optimizer: Any, variables: list[Any], strategy: Any, iterations_at_end: int,
               in_trace: bool = False) -> None:

@@ -94,8 +94,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._iterations_at_end = -1
         self._steps_since_read = 0
         self._batch_begin = 0
-        self._host_steps = 0  # steps begun through this monitor's recorder
+        self._host_steps = 0  # steps begun through the recorder below
         self._next_snapshot = 0
+        self._counted_recorder: Any = None
         self._last_logs: dict[str, Any] = {}
         self._active = False
         self._lean_function: Any = None  # this fit's lean train function, if any
@@ -206,8 +207,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _after_bind(self) -> None:
         """A new recorder counts its steps and update snapshots from zero."""
-        if self._parts.rebound:
-            self._parts.rebound = False
+        if self._parts.recorder is not self._counted_recorder:
+            self._counted_recorder = self._parts.recorder
             self._host_steps = self._next_snapshot = 0
 
     def _snapshot_if_due(self) -> None:

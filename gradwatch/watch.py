@@ -89,7 +89,7 @@ class Watch:
         self._model = model
         internals.check_backend()
         # the model's forward pass as traced until the first observe binds: layer order and edges
-        self._trace = CallTrace(model) if hasattr(model, "_flatten_layers") else None
+        self._trace = CallTrace(model) if model is not None else None
         if self._trace is not None:
             self._trace.install()
         if on_alert is not None and not callable(on_alert):

@@ -270,8 +270,7 @@ def from_variables(variables: Sequence[Any], names: Sequence[str] | None = None)
 def relu_layers(model: Any, topology: Topology) -> list[tuple[Any, str]]:
     """The model's ReLU-family layers, each with the topology layer that reports it:
     itself, or the nearest layer before it that owns watched variables."""
-    variables = [v for v in model.trainable_variables]
-    named = layer_names(model, variables)
+    named = layer_names(model, model.trainable_variables)
     names = {layer.name for layer in topology.layers}
     found, owner = [], None
     for layer in internals.ordered_layers(model):

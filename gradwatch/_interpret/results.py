@@ -4,6 +4,7 @@ window result (interpreter -> output). Plain numpy and Python values only."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ class WindowResult:
     histograms: list[dict[str, Any]]
     first_step: int
 
-    @property
+    @functools.cached_property
     def alert_rows(self) -> list[dict[str, Any]]:
-        """Returns the alerts as ``alerts.csv`` rows."""
+        """Returns the alerts as ``alerts.csv`` rows (built once, for every sink)."""
         return [alert.to_row() for alert in self.alerts]

@@ -104,16 +104,15 @@ class Output:
 
 
 class Latest:
-    """The last window row and alerts, handed from the writer thread to the training thread."""
+    """The last window row, handed from the writer thread to the training thread."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._window: dict[str, Any] | None = None
-        self._alerts: list[Any] = []
 
     def set(self, result: WindowResult) -> None:
         with self._lock:
-            self._window, self._alerts = dict(result.window_row), list(result.alerts)
+            self._window = dict(result.window_row)
 
     @property
     def window(self) -> dict[str, Any] | None:
