@@ -43,6 +43,8 @@ SAMPLES_ADVICE = (
     "TensorBoard keeps only a sample of each run's gradwatch summaries by default; "
     "start it with --samples_per_plugin=gradwatch=0 to keep every window."
 )
+#: The tab's fixed colour scale: log10 of a gradient norm, the same for every run (decades).
+SCALE_LOG10 = (-8.0, 4.0)
 _READ_ALL = 1 << 40  # read_tensors' "downsample": larger than any run, so nothing is dropped here
 _CACHE_RUNS = 8
 _CONTENT_TYPES = {
@@ -73,6 +75,20 @@ class RunHeatmap:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     corrupt: int = 0
     divergence: dict[str, int] | None = None  # {"step", "last_step"}: NaN/Inf from step to the end
+    zero: np.ndarray | None = None  # bool [L, W]; the norm was exactly zero (a dead layer)
+    alerts_source: str = "windows"  # "alerts.csv", "event files" (read whole) or "windows" (sampled)
+
+    def zeros(self) -> np.ndarray:
+        """bool [L, W]: the layer's gradient norm was exactly zero in the window."""
+        return self.zero if self.zero is not None else np.zeros(self.log_l2.shape, dtype=bool)
+
+    def expected_windows(self) -> int:
+        """About how many windows the run wrote: its last step over the median window length
+        (equal to ``len(steps)`` when nothing was dropped)."""
+        if len(self.steps) == 0:
+            return 0
+        length = max(1, int(np.median(self.steps - self.first_steps + 1)))
+        return max(len(self.steps), int(round(int(self.steps[-1]) / length)))
 
     def missing_before(self) -> np.ndarray:
         """Steps missing before each window: window k should start right after window k-1 ends.
@@ -248,6 +264,7 @@ def build_run(
     steps = np.array(sorted(windows), dtype=np.int64)
     log_l2 = np.full((len(layers), len(steps)), np.nan)
     nonfinite = np.zeros((len(layers), len(steps)), dtype=bool)
+    zero = np.zeros((len(layers), len(steps)), dtype=bool)
     first_steps = np.zeros(len(steps), dtype=np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         for col, step in enumerate(steps.tolist()):
@@ -256,55 +273,140 @@ def build_run(
             usable = (l2 > 0) & np.isfinite(l2)
             log_l2[rows[usable], col] = np.log10(l2[usable])
             nonfinite[rows, col] = nf > 0
+            zero[rows, col] = l2 == 0
     alerts = [{**alert, "layer_index": index.get(alert["layer"], -1)
                if isinstance(alert.get("layer"), str) else -1} for alert in alerts]
     alerts = _recoveries_kept(alerts, nonfinite_rows)
     divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
-    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence)
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence, zero)
 
 
-def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
-    """The ``/flow`` response: a compact, at most ``max_cols`` wide heatmap of ``data``."""
-    reduced, edges = downsample_columns(data.log_l2, max_cols)
-    width = len(data.steps)
-    cols = len(edges) - 1
-    nonfinite = data.nonfinite
-    if width > cols:
-        nonfinite = np.logical_or.reduceat(data.nonfinite, edges[:-1], axis=1)
+def with_alerts(data: RunHeatmap, rows: list[dict[str, Any]], source: str) -> RunHeatmap:
+    """``data`` with its alerts replaced by ``rows`` (every alert of the run, read whole from
+    ``source``), each given its layer's row index (-1: none)."""
+    index = {name: i for i, name in enumerate(data.layers)}
+    alerts = sorted(
+        ({**row, "layer_index": index.get(row.get("layer"), -1)} for row in rows),
+        key=lambda a: a.get("step", 0),
+    )
+    return RunHeatmap(data.layers, data.steps, data.first_steps, data.log_l2, data.nonfinite, alerts,
+                      data.corrupt, data.divergence, data.zero, source)
+
+
+def read_run_alerts(run_dir: str) -> tuple[list[dict[str, Any]], str] | None:
+    """Every alert of the run in ``run_dir`` from its ``alerts.csv`` (else from its event files,
+    read whole by gradwatch's reader, not sampled by TensorBoard), with the source's name;
+    None when the directory holds neither (a remote log dir, another writer)."""
+    from gradwatch._io import readers
+
+    try:
+        csv_present = os.path.exists(os.path.join(run_dir, "alerts.csv"))
+        if not csv_present and not readers.event_files(run_dir):
+            return None
+        frame = readers.read_alerts(run_dir, source="csv" if csv_present else "events")
+    except (OSError, GradwatchDataError, ValueError):
+        return None
+    rows = []
+    for record in frame.to_dict("records"):
+        row = {c: record.get(c) for c in ALERT_COLUMNS}
+        try:
+            row["step"] = int(row["step"])
+        except (TypeError, ValueError):
+            continue
+        for c in ("value", "threshold"):
+            row[c] = _finite_or_none(float(row[c])) if row.get(c) is not None else None
+        rows.append(row)
+    return rows, "alerts.csv" if csv_present else "event files"
+
+
+def _files_signature(run_dir: str) -> tuple[Any, ...]:
+    """What changes when a run's alerts may have: its alerts.csv's and event files' sizes and times."""
+    try:
+        names = sorted(n for n in os.listdir(run_dir) if n == "alerts.csv" or ".tfevents." in n)
+        return tuple((n, *os.stat(os.path.join(run_dir, n))[6:9]) for n in names)
+    except OSError:
+        return ()
+
+
+def step_range(data: RunHeatmap, start: int | None, end: int | None) -> np.ndarray:
+    """The window columns of ``data`` that hold a step of ``[start, end]`` (None: open)."""
+    keep = np.ones(len(data.steps), dtype=bool)
+    if start is not None:
+        keep &= data.steps >= start
+    if end is not None:
+        keep &= data.first_steps <= end
+    return np.flatnonzero(keep)
+
+
+def _markers(data: RunHeatmap, cols: np.ndarray, edges: np.ndarray) -> list[list[Any]]:
+    """[layer index, column, severity rank, count, kinds] per outlined cell; ``cols`` are the
+    window columns shown (in step order), ``edges`` their buckets."""
     markers: dict[tuple[int, int], list[Any]] = {}
-    if width:
-        for alert in data.alerts:
-            window = min(int(np.searchsorted(data.steps, alert.get("step", 0), side="left")), width - 1)
-            key = (alert["layer_index"], int(bucket_of(edges, np.array([window]))[0]))
-            rank = _SEVERITY_RANK.get(alert.get("severity"), 0)
-            marker = markers.setdefault(key, [key[0], key[1], rank, 0, []])
-            marker[2] = max(marker[2], rank)
-            marker[3] += 1
-            if alert.get("kind") not in marker[4]:
-                marker[4].append(alert.get("kind"))
-    holes = np.flatnonzero(data.missing_before()[1:]) + 1  # windows that follow dropped ones
+    if not len(cols):
+        return []
+    steps = data.steps[cols]
+    lo, hi = int(data.first_steps[cols[0]]), int(steps[-1])
+    for alert in data.alerts:
+        step = alert.get("step", 0)
+        if not lo <= step <= hi:
+            continue
+        window = min(int(np.searchsorted(steps, step, side="left")), len(steps) - 1)
+        key = (alert["layer_index"], int(bucket_of(edges, np.array([window]))[0]))
+        rank = _SEVERITY_RANK.get(alert.get("severity"), 0)
+        marker = markers.setdefault(key, [key[0], key[1], rank, 0, []])
+        marker[2] = max(marker[2], rank)
+        marker[3] += 1
+        if alert.get("kind") not in marker[4]:
+            marker[4].append(alert.get("kind"))
+    return sorted(markers.values())
+
+
+def flow_json(run: str, data: RunHeatmap, max_cols: int, start: int | None = None,
+              end: int | None = None) -> dict[str, Any]:
+    """The ``/flow`` response: a compact, at most ``max_cols`` wide heatmap of ``data``'s windows
+    that hold a step of ``[start, end]`` (all by default)."""
+    cols_kept = step_range(data, start, end)
+    missing = data.missing_before()[cols_kept]
+    reduced, edges = downsample_columns(data.log_l2[:, cols_kept], max_cols)
+    width = len(cols_kept)
+    cols = len(edges) - 1
+    nonfinite = data.nonfinite[:, cols_kept]
+    zero = data.zeros()[:, cols_kept]
+    if width > cols:
+        nonfinite = np.logical_or.reduceat(nonfinite, edges[:-1], axis=1)
+        zero = np.logical_or.reduceat(zero, edges[:-1], axis=1)
+    zero &= np.isnan(reduced)  # a bucket with any non-zero norm shows it
+    holes = np.flatnonzero(missing[1:]) + 1  # windows that follow dropped ones
     gap_columns = sorted(set(bucket_of(edges, holes).tolist()))
     rounded = np.round(reduced, 3)
     values = [[None if x != x else x for x in row] for row in rounded.tolist()]
     finite = reduced[np.isfinite(reduced)]
+    steps, first_steps = data.steps[cols_kept], data.first_steps[cols_kept]
     return {
         "run": run,
         "layers": data.layers,
-        "steps": data.steps[edges[1:] - 1].tolist() if cols else [],
-        "first_steps": data.first_steps[edges[:-1]].tolist() if cols else [],
+        "steps": steps[edges[1:] - 1].tolist() if cols else [],
+        "first_steps": first_steps[edges[:-1]].tolist() if cols else [],
         "windows": width,
+        "all_windows": len(data.steps),
+        "range": {"first": int(data.first_steps[0]), "last": int(data.steps[-1])} if len(data.steps) else None,
+        "zoom": {"start": start, "end": end} if start is not None or end is not None else None,
         "values": values,
         "vmin": float(finite.min()) if finite.size else None,
         "vmax": float(finite.max()) if finite.size else None,
+        "scale": {"min": SCALE_LOG10[0], "max": SCALE_LOG10[1]},
         "nonfinite": np.argwhere(nonfinite).tolist(),
+        "zeros": np.argwhere(zero).tolist(),
         "gap_columns": gap_columns,
-        "markers": sorted(markers.values()),
+        "markers": _markers(data, cols_kept, edges),
         "severities": list(SEVERITIES),
         "alerts": len(data.alerts),
+        "alerts_source": data.alerts_source,
         "downsampled": (
             {"windows": width, "columns": cols, "per_column": width / cols} if width > cols else None
         ),
-        "dropped": {**data.gaps(), "corrupt": data.corrupt, "advice": SAMPLES_ADVICE},
+        "dropped": {**data.gaps(), "corrupt": data.corrupt, "advice": SAMPLES_ADVICE,
+                    "kept_windows": len(data.steps), "expected_windows": data.expected_windows()},
         "divergence": data.divergence,
     }
 
@@ -316,6 +418,7 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext):
         self._provider = context.data_provider
+        self._logdir = context.logdir or ""
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[tuple[Any, ...], RunHeatmap]] = OrderedDict()
         self._parsed: dict[str, dict[tuple[int, int], Parsed | None]] = {}
@@ -352,9 +455,10 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
         tags = self._list(ctx, experiment_id).get(run)
         if tags is None:
             return None
+        run_dir = self._run_dir(run)
         key = tuple(
             (tag, tags[tag].max_step, tags[tag].max_wall_time) for tag in sorted(tags)
-        )
+        ) + (_files_signature(run_dir) if run_dir else ())
         with self._lock:
             cached = self._cache.get(run)
             if cached is not None and cached[0] == key:
@@ -377,6 +481,9 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
         with self._lock:
             parsed = dict(self._parsed.get(run, {}))
         data = build_run(run_info if isinstance(run_info, dict) else None, payloads, parsed)
+        whole = read_run_alerts(run_dir) if run_dir else None
+        if whole is not None:  # every alert, whatever TensorBoard kept of the windows
+            data = with_alerts(data, *whole)
         with self._lock:
             self._cache[run] = (key, data)
             self._parsed[run] = parsed
@@ -384,6 +491,16 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
             while len(self._cache) > _CACHE_RUNS:
                 self._parsed.pop(self._cache.popitem(last=False)[0], None)
         return data
+
+    def _run_dir(self, run: str) -> str | None:
+        """The local directory of ``run`` under the log dir, or None (a remote or unknown one)."""
+        if not self._logdir or "://" in self._logdir:
+            return None
+        path = os.path.normpath(os.path.join(self._logdir, run))
+        root = os.path.normpath(self._logdir)
+        if os.path.commonpath([root, path]) != root or not os.path.isdir(path):
+            return None
+        return path
 
     # -- routes -------------------------------------------------------------------------------------
 
@@ -458,10 +575,17 @@ class GradientFlowPlugin(base_plugin.TBPlugin):
         if not 1 <= max_cols <= MAX_COLS_LIMIT:
             error = f"max_cols must be an integer in [1, {MAX_COLS_LIMIT}], got {raw!r}"
             return self._json(request, {"error": error}, 400)
+        bounds = []
+        for name in ("start", "end"):
+            raw = request.args.get(name)
+            try:
+                bounds.append(None if raw in (None, "") else int(raw))
+            except ValueError:
+                return self._json(request, {"error": f"{name} must be a step number, got {raw!r}"}, 400)
         data, run, failure = self._request_run(request)
         if failure is not None:
             return failure
-        return self._json(request, flow_json(run, data, max_cols))
+        return self._json(request, flow_json(run, data, max_cols, *bounds))
 
     @wrappers.Request.application
     def _serve_alerts(self, request: wrappers.Request) -> wrappers.Response:

@@ -5,7 +5,11 @@
 const BASE = new URL(".", import.meta.url);
 const SEVERITY_COLOURS = { info: "#1e88e5", warning: "#fb8c00", error: "#e53935" };
 const MISSING_COLOUR = [238, 238, 238];
+const ZERO_COLOUR = [0, 0, 0]; // an exactly-zero gradient norm (a dead layer): black, below the ramp
 const NONFINITE_COLOUR = "#d500f9";
+const NONFINITE_MIN_WIDTH = 3; // px: a NaN/Inf column stays visible however many windows share a pixel
+const RUNS_POLL_MS = 5000; // how often the run list is checked for new or removed runs
+const URL_RUN_KEY = "gw_run"; // the chosen run, kept in the page's URL (#gradwatch&gw_run=...)
 const GAP_COLOUR = "#ff1744";
 const MAX_TABLE_ROWS = 1000;
 const LABELS_ALLOWANCE = 300; // px kept for the row labels and a scroll bar when asking for columns
@@ -38,6 +42,68 @@ function rampColour(t) {
   return RAMP[i].map((c, k) => Math.round(c + f * (RAMP[i + 1][k] - c)));
 }
 
+// -- colour scale: fixed, shared by every run, in decades of the gradient norm --------------------------
+
+function scaleColour(log10, scale) {
+  return rampColour((log10 - scale.min) / (scale.max - scale.min));
+}
+
+function decadeTicks(scale) {
+  const ticks = [];
+  for (let d = Math.ceil(scale.min); d <= Math.floor(scale.max); d++) ticks.push(d);
+  return ticks;
+}
+
+function fmtDecade(d) {
+  return d === 0 ? "1" : d === 1 ? "10" : `1e${d}`;
+}
+
+// -- axes: step ticks at round numbers ----------------------------------------------------------------
+
+function niceStep(span, target) {
+  const raw = Math.max(1, span / Math.max(1, target));
+  const power = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 5, 10]) if (m * power >= raw) return m * power;
+  return 10 * power;
+}
+
+function stepTicks(first, last, target) {
+  const every = niceStep(last - first, target);
+  const ticks = [];
+  for (let t = Math.ceil(first / every) * every; t <= last; t += every) ticks.push(t);
+  return ticks;
+}
+
+// -- the chosen run, kept in the URL of the TensorBoard page (or of this frame) ------------------------
+
+function urlWindow() {
+  try {
+    return window.parent && window.parent.location.href ? window.parent : window;
+  } catch (error) {
+    return window; // another origin: keep it in this frame's URL
+  }
+}
+
+function runFromUrl() {
+  const hash = urlWindow().location.hash.replace(/^#/, "");
+  for (const part of hash.split("&")) {
+    const [key, value] = part.split("=");
+    if (key === URL_RUN_KEY && value !== undefined) return decodeURIComponent(value);
+  }
+  return "";
+}
+
+function runToUrl(run) {
+  const target = urlWindow();
+  const parts = target.location.hash.replace(/^#/, "").split("&")
+    .filter((part) => part && !part.startsWith(`${URL_RUN_KEY}=`));
+  if (!parts.length) parts.push("gradwatch");
+  parts.push(`${URL_RUN_KEY}=${encodeURIComponent(run)}`);
+  const url = new URL(target.location.href);
+  url.hash = parts.join("&");
+  target.history.replaceState(target.history.state, "", url.href);
+}
+
 function fmtNorm(log10) {
   return Math.pow(10, log10).toExponential(2);
 }
@@ -68,7 +134,7 @@ class GradientFlowTab {
     label.append(this.select);
     this.reload = el("button", { id: "gw-reload", type: "button" }, "Reload");
     this.status = el("span", { class: "gw-status", id: "gw-status" });
-    bar.append(label, this.reload, this.status);
+    bar.append(label, this.reload, this.buildZoom(), this.status);
     this.notices = el("div", { id: "gw-notices" });
     this.message = el("div", { class: "gw-message", id: "gw-message", hidden: "" });
     this.section = el("div", { id: "gw-heatmap-section", hidden: "" });
@@ -77,17 +143,19 @@ class GradientFlowTab {
     this.labels = el("div", { class: "gw-labels", id: "gw-labels" });
     this.wrap = el("div", { class: "gw-canvas-wrap" });
     this.canvas = el("canvas", { id: "gw-heatmap", width: 10, height: 10 });
-    this.wrap.append(this.canvas);
-    plot.append(this.labels, this.wrap);
+    this.selection = el("div", { class: "gw-selection", id: "gw-selection", hidden: "" });
     this.axis = el("div", { class: "gw-axis", id: "gw-axis" });
+    this.wrap.append(this.canvas, this.selection, this.axis);
+    plot.append(this.labels, this.wrap);
     this.legend = el("div", { class: "gw-legend", id: "gw-legend" });
     const help = el(
       "div",
       { class: "gw-status" },
       "Rows: layers, input at the top, output at the bottom. Columns: training steps (one per window). " +
-        "Colour: log10 of the layer's gradient L2 norm at the window's last step.",
+        "Colour: the layer's gradient L2 norm at the window's last step, on one fixed scale for every run. " +
+        "Drag across the map to zoom into those steps.",
     );
-    this.section.append(help, plot, this.axis, this.legend);
+    this.section.append(help, plot, this.legend);
     this.alertsTitle = el("h2", { class: "gw-h2" }, "Alerts");
     this.alertsNote = el("div", { class: "gw-status", id: "gw-alerts-note" });
     this.table = el("table", { class: "gw-alerts", id: "gw-alerts" });
@@ -96,11 +164,80 @@ class GradientFlowTab {
       bar, this.notices, this.message, this.section, this.alertsTitle, this.alertsNote, this.table,
       this.tooltip,
     );
-    this.select.addEventListener("change", () => this.loadRun(this.select.value));
+    this.select.addEventListener("change", () => this.chooseRun(this.select.value));
     this.reload.addEventListener("click", () => this.start(this.select.value));
     this.canvas.addEventListener("mousemove", (event) => this.hover(event));
-    this.canvas.addEventListener("mouseleave", () => { this.tooltip.style.display = "none"; });
+    this.canvas.addEventListener("mouseleave", () => this.hideTooltip());
+    this.canvas.addEventListener("mousedown", (event) => this.dragStart(event));
+    window.addEventListener("mousemove", (event) => this.dragMove(event));
+    window.addEventListener("mouseup", (event) => this.dragEnd(event));
     window.addEventListener("resize", () => { if (this.flow) this.draw(); });
+  }
+
+  // -- zoom into a step range ---------------------------------------------------------------------------
+
+  buildZoom() {
+    const box = el("span", { class: "gw-zoom", id: "gw-zoom" });
+    this.zoomStart = el("input", { id: "gw-zoom-start", type: "number", min: 0, placeholder: "first" });
+    this.zoomEnd = el("input", { id: "gw-zoom-end", type: "number", min: 0, placeholder: "last" });
+    this.zoomApply = el("button", { id: "gw-zoom-apply", type: "button" }, "Zoom");
+    this.zoomReset = el("button", { id: "gw-zoom-reset", type: "button", disabled: "" }, "All steps");
+    box.append(el("span", {}, "Steps "), this.zoomStart, el("span", {}, "–"), this.zoomEnd,
+      this.zoomApply, this.zoomReset);
+    this.zoomApply.addEventListener("click", () => this.setZoom(this.zoomStart.value, this.zoomEnd.value));
+    this.zoomReset.addEventListener("click", () => this.setZoom("", ""));
+    for (const input of [this.zoomStart, this.zoomEnd]) {
+      input.addEventListener("keydown", (event) => {
+        if (event.key === "Enter") this.setZoom(this.zoomStart.value, this.zoomEnd.value);
+      });
+    }
+    return box;
+  }
+
+  setZoom(start, end) {
+    const toStep = (v) => (v === "" || v === null || v === undefined ? null : Math.round(Number(v)));
+    let [a, b] = [toStep(start), toStep(end)];
+    if (a !== null && b !== null && a > b) [a, b] = [b, a];
+    this.zoom = a === null && b === null ? null : { start: a, end: b };
+    return this.loadRun(this.select.value);
+  }
+
+  showZoom(flow) {
+    const zoom = flow.zoom;
+    this.zoomStart.value = zoom && zoom.start !== null ? String(zoom.start) : "";
+    this.zoomEnd.value = zoom && zoom.end !== null ? String(zoom.end) : "";
+    if (flow.range) {
+      this.zoomStart.placeholder = String(flow.range.first);
+      this.zoomEnd.placeholder = String(flow.range.last);
+    }
+    this.zoomReset.disabled = !zoom;
+  }
+
+  dragStart(event) {
+    if (!this.flow || event.button !== 0) return;
+    this.drag = { from: this.cellAt(event).col, x0: event.clientX, moved: false };
+    event.preventDefault();
+  }
+
+  dragMove(event) {
+    if (!this.drag) return;
+    const rect = this.canvas.getBoundingClientRect();
+    const x1 = Math.min(Math.max(event.clientX, rect.left), rect.right);
+    const left = Math.min(this.drag.x0, x1) - rect.left;
+    this.drag.moved = Math.abs(x1 - this.drag.x0) > 3;
+    Object.assign(this.selection.style, { left: `${left}px`, width: `${Math.abs(x1 - this.drag.x0)}px`,
+      height: `${rect.height}px` });
+    this.selection.hidden = !this.drag.moved;
+  }
+
+  dragEnd(event) {
+    const drag = this.drag;
+    this.drag = null;
+    this.selection.hidden = true;
+    if (!drag || !drag.moved || !this.flow) return;
+    const to = this.cellAt(event).col;
+    const [a, b] = [Math.min(drag.from, to), Math.max(drag.from, to)];
+    this.setZoom(this.flow.first_steps[a], this.flow.steps[b]);
   }
 
   setState(state) {
@@ -121,6 +258,8 @@ class GradientFlowTab {
     return node;
   }
 
+  // -- the run list: TensorBoard's runs, refreshed while the tab is open --------------------------------
+
   async start(preferred = "") {
     this.setState("loading");
     this.status.textContent = "Loading runs…";
@@ -133,8 +272,8 @@ class GradientFlowTab {
       this.setState("error");
       return;
     }
-    this.select.replaceChildren();
-    for (const { run } of runs) this.select.append(el("option", { value: run }, run));
+    this.fillRuns(runs);
+    this.pollRuns();
     if (!runs.length) {
       this.status.textContent = "";
       this.section.hidden = true;
@@ -151,9 +290,50 @@ class GradientFlowTab {
       return;
     }
     const names = runs.map((r) => r.run);
-    const run = names.includes(preferred) ? preferred : names[0];
+    const wanted = preferred || runFromUrl();
+    const run = names.includes(wanted) ? wanted : names[0];
     this.select.value = run;
     await this.loadRun(run);
+  }
+
+  fillRuns(runs) {
+    this.lastSteps = new Map(runs.map((r) => [r.run, r.last_step]));
+    const current = this.select.value;
+    this.select.replaceChildren();
+    for (const { run } of runs) this.select.append(el("option", { value: run }, run));
+    if (runs.some((r) => r.run === current)) this.select.value = current;
+    this.root.dataset.runs = String(runs.length);
+  }
+
+  pollRuns() {
+    if (this.poller) return;
+    this.poller = setInterval(() => this.refreshRuns(), RUNS_POLL_MS);
+  }
+
+  async refreshRuns() {
+    if (this.root.dataset.state === "loading") return;
+    let runs;
+    try {
+      runs = (await getJson("runs")).runs;
+    } catch (error) {
+      return; // TensorBoard is reloading or gone: try again at the next tick
+    }
+    const before = this.lastSteps || new Map();
+    const current = this.select.value;
+    const same = runs.length === before.size && runs.every((r) => before.has(r.run));
+    const grown = runs.some((r) => r.run === current && r.last_step !== before.get(r.run));
+    if (same && !grown) return;
+    if (!before.size || !runs.some((r) => r.run === current)) {
+      await this.start(); // the first run appeared, or the one shown was removed
+      return;
+    }
+    this.fillRuns(runs);
+    if (grown) await this.loadRun(current);
+  }
+
+  chooseRun(run) {
+    this.zoom = null;
+    return this.loadRun(run);
   }
 
   maxCols() {
@@ -165,16 +345,21 @@ class GradientFlowTab {
   async loadRun(run) {
     this.setState("loading");
     this.root.dataset.run = run;
-    this.status.textContent = `Loading ${run}…`;
-    this.notices.replaceChildren();
-    this.message.hidden = true;
-    let flow, alerts;
+    this.hideTooltip();
     try {
-      [flow, alerts] = await Promise.all([
-        getJson("flow", { run, max_cols: this.maxCols() }),
-        getJson("alerts", { run }),
-      ]);
+      runToUrl(run);
     } catch (error) {
+      // a URL that cannot be rewritten (a sandboxed frame) only loses the bookmark
+    }
+    this.status.textContent = `Loading ${run}…`;
+    let flow, alerts;
+    const params = { run, max_cols: this.maxCols() };
+    if (this.zoom && this.zoom.start !== null) params.start = this.zoom.start;
+    if (this.zoom && this.zoom.end !== null) params.end = this.zoom.end;
+    try {
+      [flow, alerts] = await Promise.all([getJson("flow", params), getJson("alerts", { run })]);
+    } catch (error) {
+      this.notices.replaceChildren();
       this.status.textContent = "";
       this.section.hidden = true;
       this.showMessage([`Could not load run ${run}: ${error.message}`]);
@@ -182,12 +367,16 @@ class GradientFlowTab {
       return;
     }
     if (this.select.value !== run) return; // a newer selection is loading
+    this.notices.replaceChildren();
+    this.message.hidden = true;
     this.flow = flow;
+    this.showZoom(flow);
     this.showNotices(flow);
     this.renderAlerts(alerts);
     if (!flow.windows || !flow.layers.length) {
       this.section.hidden = true;
-      this.showMessage([
+      this.showMessage(flow.zoom ? [`Run ${run} has no window in steps ${flow.zoom.start ?? "…"}–` +
+        `${flow.zoom.end ?? "…"}; press "All steps".`] : [
         `Run ${run} has no gradwatch windows yet. `,
         "gradwatch writes one every log_every steps; press Reload once training has run that long.",
       ]);
@@ -221,8 +410,18 @@ class GradientFlowTab {
       }
       const lead = dropped.leading_missing_steps;
       if (lead > 0) parts.push(lead === 1 ? "step 1 is not in the data" : `steps 1–${lead} are not in the data`);
-      const node = this.notice(`Samples were dropped: ${parts.join("; ")}. ${dropped.advice}`);
-      node.id = "gw-dropped";
+      const node = el("div", { class: "gw-notice gw-dropped", id: "gw-dropped", role: "alert" });
+      const whole = flow.alerts_source !== "windows";
+      node.append(
+        el("div", { class: "gw-dropped-head" },
+          `TensorBoard kept only ${dropped.kept_windows} of about ${dropped.expected_windows} windows ` +
+            "of this run: the map shows a sample."),
+        el("div", {}, `Samples were dropped: ${parts.join("; ")}. ` + (whole
+          ? `The alerts below are all of them (read from ${flow.alerts_source}).`
+          : "Alerts in the dropped windows are missing too.")),
+        el("div", {}, dropped.advice),
+      );
+      this.notices.prepend(node);
     }
     if (dropped.corrupt > 0) {
       this.notice(`${dropped.corrupt} window summaries could not be read and were skipped.`);
@@ -265,11 +464,9 @@ class GradientFlowTab {
     canvas.dataset.rowHeight = String(rowH);
     canvas.dataset.colEdges = this.edges.join(",");
 
-    let vmin = flow.vmin ?? 0;
-    let vmax = flow.vmax ?? 0;
-    if (vmax - vmin < 1e-9) { vmin -= 1; vmax += 1; }
-    this.vmin = vmin;
-    this.vmax = vmax;
+    this.scale = flow.scale || { min: -8, max: 4 };
+    const zeros = new Set(flow.zeros.map(([r, c]) => r * cols + c));
+    this.zeroAt = zeros;
     const ctx = canvas.getContext("2d");
     const image = ctx.createImageData(width, height);
     const px = image.data;
@@ -277,7 +474,7 @@ class GradientFlowTab {
       const values = flow.values[r];
       for (let c = 0; c < cols; c++) {
         const v = values[c];
-        const rgb = v === null ? MISSING_COLOUR : rampColour((v - vmin) / (vmax - vmin));
+        const rgb = v !== null ? scaleColour(v, this.scale) : zeros.has(r * cols + c) ? ZERO_COLOUR : MISSING_COLOUR;
         for (let y = r * rowH; y < (r + 1) * rowH - (rowH >= 12 ? 1 : 0); y++) {
           for (let x = this.edges[c]; x < this.edges[c + 1]; x++) {
             const o = (y * width + x) * 4;
@@ -288,13 +485,6 @@ class GradientFlowTab {
     }
     ctx.putImageData(image, 0, 0);
 
-    this.nonfiniteAt = new Set();
-    ctx.fillStyle = NONFINITE_COLOUR;
-    for (const [r, c] of flow.nonfinite) {
-      this.nonfiniteAt.add(r * cols + c);
-      ctx.fillRect(this.edges[c], r * rowH, Math.max(1, this.edges[c + 1] - this.edges[c]), rowH - 1);
-    }
-
     ctx.fillStyle = GAP_COLOUR;
     for (const c of flow.gap_columns) ctx.fillRect(this.edges[c], 0, 1, height);
 
@@ -303,8 +493,7 @@ class GradientFlowTab {
       const [r, c, rank, count, kinds] = marker;
       this.markerAt.set(r * cols + c, marker);
       const colour = SEVERITY_COLOURS[flow.severities[rank]] || SEVERITY_COLOURS.warning;
-      const x = this.edges[c];
-      const w = Math.max(3, this.edges[c + 1] - x);
+      const [x, w] = this.cellSpan(c, NONFINITE_MIN_WIDTH + 4);
       ctx.strokeStyle = colour;
       ctx.lineWidth = 2;
       if (r < 0) {
@@ -317,22 +506,81 @@ class GradientFlowTab {
     }
     canvas.dataset.markers = String(flow.markers.length);
 
+    // NaN/Inf cells last, at least NONFINITE_MIN_WIDTH px wide: above the outline of their alert
+    this.nonfiniteAt = new Set();
+    ctx.fillStyle = NONFINITE_COLOUR;
+    for (const [r, c] of flow.nonfinite) {
+      this.nonfiniteAt.add(r * cols + c);
+      const [x, w] = this.cellSpan(c, NONFINITE_MIN_WIDTH);
+      ctx.fillRect(x, r * rowH + 2, w, rowH - 4);
+    }
+
+    this.drawAxis(width);
+    this.drawLegend();
+    if (this.pointer) this.hover(this.pointer);
+  }
+
+  cellSpan(c, minWidth) {
+    // [x, width] of column c, widened about its centre to at least minWidth px (inside the canvas)
+    const x0 = this.edges[c];
+    const w0 = this.edges[c + 1] - x0;
+    if (w0 >= minWidth) return [x0, w0];
+    const x = Math.max(0, Math.min(this.canvas.width - minWidth, Math.round(x0 + w0 / 2 - minWidth / 2)));
+    return [x, minWidth];
+  }
+
+  drawAxis(width) {
+    // Tick marks at round step numbers, placed on the column that holds the step.
+    const flow = this.flow;
+    const cols = flow.steps.length;
+    this.axis.replaceChildren();
+    this.axis.style.width = `${width}px`;
     const first = flow.first_steps[0];
     const last = flow.steps[cols - 1];
-    this.axis.replaceChildren(el("span", {}, `step ${first}`), el("span", {}, "training step →"),
-      el("span", {}, `step ${last}`));
-    this.drawLegend();
+    const ticks = stepTicks(first, last, Math.max(2, Math.floor(width / 90)));
+    const xOf = (step) => {
+      let lo = 0;
+      let hi = cols - 1;
+      while (lo < hi) { // the first column whose last step is >= step
+        const mid = (lo + hi) >> 1;
+        if (flow.steps[mid] >= step) hi = mid; else lo = mid + 1;
+      }
+      const span = Math.max(1, flow.steps[lo] - flow.first_steps[lo] + 1);
+      const within = Math.min(1, Math.max(0, (step - flow.first_steps[lo] + 0.5) / span));
+      return this.edges[lo] + within * (this.edges[lo + 1] - this.edges[lo]);
+    };
+    for (const step of ticks) {
+      const x = xOf(step);
+      const tick = el("span", { class: "gw-tick", "data-step": step }, step.toLocaleString("en-US"));
+      tick.style.left = `${x}px`;
+      this.axis.append(tick);
+    }
+    this.axis.append(el("span", { class: "gw-axis-title" }, "training step →"));
+    this.axis.dataset.ticks = ticks.join(",");
   }
 
   drawLegend() {
+    // The fixed colour scale with a label at every decade, then the colours that are not norms.
     this.legend.replaceChildren();
-    const bar = el("canvas", { width: 220, height: 12, id: "gw-legend-bar" });
+    const scale = this.scale;
+    const W = 360;
+    const box = el("span", { class: "gw-scale", id: "gw-scale" });
+    const bar = el("canvas", { width: W, height: 12, id: "gw-legend-bar" });
     const ctx = bar.getContext("2d");
-    for (let x = 0; x < 220; x++) {
-      const [r, g, b] = rampColour(x / 219);
+    for (let x = 0; x < W; x++) {
+      const [r, g, b] = rampColour(x / (W - 1));
       ctx.fillStyle = `rgb(${r},${g},${b})`;
       ctx.fillRect(x, 0, 1, 12);
     }
+    const labels = el("span", { class: "gw-scale-labels" });
+    labels.style.width = `${W}px`;
+    for (const d of decadeTicks(scale)) {
+      const label = el("span", { class: "gw-scale-tick" },
+        d === scale.min ? `≤${fmtDecade(d)}` : d === scale.max ? `≥${fmtDecade(d)}` : fmtDecade(d));
+      label.style.left = `${((d - scale.min) / (scale.max - scale.min)) * (W - 1)}px`;
+      labels.append(label);
+    }
+    box.append(bar, labels);
     const swatch = (style, cls = "gw-swatch") => {
       const node = el("span", { class: cls });
       Object.assign(node.style, style);
@@ -344,10 +592,10 @@ class GradientFlowTab {
       return span;
     };
     this.legend.append(
-      el("span", {}, `‖g‖ ${fmtNorm(this.vmin)} (log10 ${this.vmin.toFixed(2)})`),
-      bar,
-      el("span", {}, `${fmtNorm(this.vmax)} (log10 ${this.vmax.toFixed(2)})`),
-      item(swatch({ background: `rgb(${MISSING_COLOUR.join(",")})` }), "no data / zero"),
+      el("span", {}, "gradient norm ‖g‖"),
+      box,
+      item(swatch({ background: `rgb(${ZERO_COLOUR.join(",")})` }), "exactly 0 (dead)"),
+      item(swatch({ background: `rgb(${MISSING_COLOUR.join(",")})`, border: "1px solid #bdbdbd" }), "no data"),
       item(swatch({ background: NONFINITE_COLOUR }), "NaN/Inf gradient"),
     );
     if (this.flow.gap_columns.length) {
@@ -373,11 +621,18 @@ class GradientFlowTab {
     return { row, col: lo };
   }
 
+  hideTooltip() {
+    this.pointer = null;
+    this.tooltip.style.display = "none";
+  }
+
   hover(event) {
+    // Always from the run drawn now: after a run change the tooltip is rebuilt from this.flow.
     const flow = this.flow;
-    if (!flow) return;
+    if (!flow || this.root.dataset.state === "loading") return;
+    this.pointer = { clientX: event.clientX, clientY: event.clientY };
     const { row, col } = this.cellAt(event);
-    if (row < 0 || row >= flow.layers.length) {
+    if (row < 0 || row >= flow.layers.length || col < 0 || col >= flow.steps.length) {
       this.tooltip.style.display = "none";
       return;
     }
@@ -388,8 +643,9 @@ class GradientFlowTab {
     const lines = [
       `layer: ${flow.layers[row]}`,
       first === last ? `step: ${last}` : `steps: ${first}–${last}`,
-      value === null ? "gradient norm: no data (absent, zero or non-finite)"
-        : `gradient norm: ${fmtNorm(value)} (log10 ${value.toFixed(3)})`,
+      value !== null ? `gradient norm: ${fmtNorm(value)} (log10 ${value.toFixed(3)})`
+        : this.zeroAt.has(row * cols + col) ? "gradient norm: exactly 0 (no gradient reaches this layer)"
+          : "gradient norm: no data (absent or non-finite)",
     ];
     if (this.nonfiniteAt.has(row * cols + col)) lines.push("non-finite (NaN/Inf) gradient entries");
     if (flow.gap_columns.includes(col)) lines.push("windows were dropped just before this column");
@@ -400,6 +656,7 @@ class GradientFlowTab {
       }
     }
     this.tooltip.textContent = lines.join("\n");
+    this.tooltip.dataset.run = flow.run;
     this.tooltip.style.display = "block";
     this.tooltip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - 320)}px`;
     this.tooltip.style.top = `${event.clientY + 14}px`;
@@ -412,9 +669,9 @@ class GradientFlowTab {
       this.alertsNote.textContent = "No alerts in this run.";
       return;
     }
-    const shown = rows.slice(-MAX_TABLE_ROWS);
+    const shown = rows.slice(0, MAX_TABLE_ROWS); // in step order: the first problem first
     this.alertsNote.textContent = rows.length > shown.length
-      ? `${rows.length} alerts; the latest ${shown.length} are listed.` : `${rows.length} alerts.`;
+      ? `${rows.length} alerts; the first ${shown.length} are listed.` : `${rows.length} alerts.`;
     const columns = ["step", "layer", "variable", "kind", "severity", "value", "threshold", "message", "hint"];
     const index = Object.fromEntries(alerts.columns.map((c, i) => [c, i]));
     const head = el("tr");
