@@ -58,12 +58,14 @@ def _fit(model, log_dir, x, y, lr=0.1, batch=32, optimizer=None, compile_args=No
 
 
 def _histograms(log_dir, prefix):
+    from gradwatch._sinks.tb_tags import tag_layer
+
     out = {}
     for path in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag.startswith(prefix):
-                    out[(event.step, value.tag[len(prefix):])] = tf.make_ndarray(value.tensor)
+                if value.tag.startswith(prefix):  # <prefix><NN>_<layer>
+                    out[(event.step, tag_layer(value.tag, prefix))] = tf.make_ndarray(value.tensor)
     return out
 
 

@@ -19,6 +19,11 @@ from gradwatch._io import tb_format
 from gradwatch._io.readers import event_files, iter_records
 from gradwatch._sinks.tb_sink import TensorBoardSink, dashboards_layout
 
+
+def tagged(family, layers, layer):
+    """The per-layer tag: the layer's zero-padded model index, then its name."""
+    return f"gradwatch/{family}/{layers.index(layer):02d}_{layer}"
+
 WINDOW_TAGS = {
     "loss": "gradwatch/loss",
     "learning_rate": "gradwatch/learning_rate",
@@ -79,7 +84,7 @@ def scalars_of(log_dir):
     }
 
 
-def expected_scalars(windows):
+def expected_scalars(windows, layers):
     """{(tag, step): value} the sink must write: every finite window/layer value, nothing else."""
     out = {}
     for w in windows:
@@ -88,24 +93,22 @@ def expected_scalars(windows):
             out[(tag, step)] = w["window_row"][column]
         for row in w["layer_rows"]:
             for column, name in LAYER_TAGS.items():
-                out[(f"gradwatch/{name}/{row['layer']}", step)] = row[column]
+                out[(tagged(name, layers, row["layer"]), step)] = row[column]
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
 def test_the_tags_are_exactly_the_documented_ones(run):
     tags = {v.tag for _, v in events_of(run["tb"])}
-    expected = {tag for tag, _ in expected_scalars(run["windows"])}
+    expected = {tag for tag, _ in expected_scalars(run["windows"], run["layers"])}
     expected |= {"gradwatch/alerts", "gradwatch/window", "gradwatch/run", "custom_scalars__config__"}
     for layer in run["layers"]:
-        expected |= {
-            f"gradwatch/grad_log10_abs/{layer}",
-            f"gradwatch/grad_values/{layer}",
-            f"gradwatch/hist_nonfinite/{layer}",
-            f"gradwatch/zero_count/{layer}",
-        }
+        expected |= {tagged(f, run["layers"], layer) for f in ("grad_log10_abs", "grad_values", "zero_count")}
     assert tags == expected
     assert "gradwatch/clip_fraction" not in tags  # no clipping: NaN, never written
-    assert {f"gradwatch/grad_norm/{layer}" for layer in run["layers"]} <= tags
+    assert {tagged("grad_norm", run["layers"], layer) for layer in run["layers"]} <= tags
+    # 7 window scalars + 5 families x 2 layers + zero counts = 19 cards; hist_nonfinite would be 21
+    scalar_tags = {v.tag for _, v in events_of(run["tb"]) if v.metadata.plugin_data.plugin_name == "scalars"}
+    assert len(scalar_tags) <= 20
 
 
 def test_every_scalar_equals_the_csv_value_and_nan_values_are_not_written(run):
@@ -113,7 +116,7 @@ def test_every_scalar_equals_the_csv_value_and_nan_values_are_not_written(run):
     written = {
         k: v for k, v in written.items() if not k[0].startswith(("gradwatch/hist_", "gradwatch/zero_"))
     }
-    expected = expected_scalars(run["windows"])
+    expected = expected_scalars(run["windows"], run["layers"])
     assert set(written) == set(expected)  # same (tag, step) pairs: NaN rows (loss after step 10) skipped
     for key, value in expected.items():
         assert written[key] == pytest.approx(value, rel=1e-6), key
@@ -123,7 +126,7 @@ def test_every_scalar_equals_the_csv_value_and_nan_values_are_not_written(run):
     assert written[("gradwatch/nonfinite_steps", 30)] == 5.0
 
 
-def test_the_alert_text_has_every_alert_of_its_window(run):
+def test_the_alert_text_lists_the_problems_so_far_first_one_first(run):
     texts = {
         step: v.tensor.string_val[0].decode()
         for step, v in events_of(run["tb"])
@@ -131,16 +134,26 @@ def test_the_alert_text_has_every_alert_of_its_window(run):
     }
     expected = {w["window_row"]["step"]: w["alert_rows"] for w in run["windows"] if w["alert_rows"]}
     assert set(texts) == set(expected) and len(expected) >= 2
-    for step, alerts in expected.items():
+    seen = []  # (layer, variable, kind) of the warnings and errors so far, in order of first step
+    firsts = {}
+    for step in sorted(expected):
+        for alert in expected[step]:
+            key = (alert["layer"], alert["variable"], alert["kind"])
+            if alert["severity"] != "info" and key not in firsts:
+                firsts[key] = alert["step"]
+                seen.append(key)
         lines = texts[step].splitlines()
-        assert lines[0] == "| step | layer | kind | severity | message | hint |"
-        body = lines[2:]
-        assert len(body) == len(alerts)
-        for line, alert in zip(body, alerts):
+        assert lines[0] == "| first step | layer | problem | now |"
+        body = [line for line in lines[2:] if line.startswith("|")]
+        assert len(body) == len(seen) <= 10
+        for line, key in zip(body, sorted(seen, key=lambda k: firsts[k])):
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-            assert cells[0] == str(alert["step"])
-            assert cells[2] == alert["kind"].replace("_", r"\_")
-            assert cells[3] == alert["severity"]
+            assert cells[0] == str(firsts[key])
+            assert cells[1] == (key[0] or "whole model").replace("_", r"\_")
+            assert cells[2].endswith(key[2].replace("_", " "))
+        assert "**What to try**" in texts[step]
+    last = texts[max(texts)].splitlines()[2]
+    assert "exploding gradient" in last  # the run's first problem opens its last table, not its last word
 
 
 @pytest.mark.fast
@@ -163,9 +176,10 @@ def test_alert_names_are_escaped_for_markdown_and_html(tmp_path):
     ]
     html = markdown_to_safe_html(text)
     assert "<script>" not in html and "&lt;script&gt;" in html
-    assert html.count("<td>") == 6  # the | in the layer name did not split the cell
+    assert html.count("<td>") == 4  # the | in the layer name did not split the cell
     assert "<em>" not in html and "<a " not in html and "<code>" not in html
     assert "*not bold* [link](http://x) second ~1e-3 line" in html
+    assert "`Leaky ReLU`" in html
 
 
 def test_histograms_are_k_by_3_with_the_given_edges_and_counts(run):
@@ -177,8 +191,8 @@ def test_histograms_are_k_by_3_with_the_given_edges_and_counts(run):
     scalars = scalars_of(run["tb"])
     assert len(values) == len(run["histograms"])
     for h in run["histograms"]:
-        prefix = "gradwatch/grad_log10_abs/" if h["kind"] == "log10_abs" else "gradwatch/grad_values/"
-        step, value = values[prefix + h["layer"]]
+        family = "grad_log10_abs" if h["kind"] == "log10_abs" else "grad_values"
+        step, value = values[tagged(family, run["layers"], h["layer"])]
         assert step == h["step"] == 1
         dims = [d.size for d in value.tensor.tensor_shape.dim]
         buckets = np.frombuffer(value.tensor.tensor_content, "<f8").reshape(dims)
@@ -186,8 +200,7 @@ def test_histograms_are_k_by_3_with_the_given_edges_and_counts(run):
         np.testing.assert_array_equal(buckets[:, 2], h["counts"])
         np.testing.assert_array_equal(buckets[:, 0], h["edges"][:-1])
         np.testing.assert_array_equal(buckets[:, 1], h["edges"][1:])
-        assert scalars[(f"gradwatch/zero_count/{h['layer']}", 1)] == h["zeros"]
-        assert scalars[(f"gradwatch/hist_nonfinite/{h['layer']}", 1)] == h["nonfinite"]
+        assert scalars[(tagged("zero_count", run["layers"], h["layer"]), 1)] == h["zeros"]
 
 
 @pytest.mark.fast
@@ -225,10 +238,10 @@ def test_nan_and_inf_everywhere_are_written_without_crashing(tmp_path, caplog):
     values = {v.tag: v for _, v in events_of(str(tmp_path))}
     scalar_tags = {t for t, v in values.items() if v.tensor.float_val}
     assert scalar_tags == set()  # every scalar input was NaN, +-Inf or beyond float32
-    hist = values["gradwatch/grad_log10_abs/L"].tensor
+    hist = values["gradwatch/grad_log10_abs/00_L"].tensor
     buckets = np.frombuffer(hist.tensor_content, "<f8").reshape(-1, 3)
     np.testing.assert_array_equal(buckets, [[0.0, 1.0, 1.0], [1.0, 2.0, 2.0]])  # the finite buckets
-    assert "gradwatch/grad_values/L" not in values  # 2 edges for 2 counts
+    assert "gradwatch/grad_values/00_L" not in values  # 2 edges for 2 counts
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "dropped 3 of 5 buckets" in messages and "2 edges for 2 counts" in messages
     assert "unknown kind 'other'" in messages
@@ -245,8 +258,8 @@ def test_plugin_names_and_data_classes(run):
         first.setdefault(v.tag, v)
     kinds = {
         "gradwatch/loss": ("scalars", summary_pb2.DATA_CLASS_SCALAR),
-        f"gradwatch/grad_norm/{run['layers'][0]}": ("scalars", summary_pb2.DATA_CLASS_SCALAR),
-        f"gradwatch/grad_log10_abs/{run['layers'][0]}": ("histograms", summary_pb2.DATA_CLASS_TENSOR),
+        tagged("grad_norm", run["layers"], run["layers"][0]): ("scalars", summary_pb2.DATA_CLASS_SCALAR),
+        tagged("grad_log10_abs", run["layers"], run["layers"][0]): ("histograms", summary_pb2.DATA_CLASS_TENSOR),
         "gradwatch/alerts": ("text", summary_pb2.DATA_CLASS_TENSOR),
         "gradwatch/window": ("gradwatch", summary_pb2.DATA_CLASS_TENSOR),
         "gradwatch/run": ("gradwatch", summary_pb2.DATA_CLASS_TENSOR),
@@ -293,7 +306,7 @@ def test_the_layout_covers_the_written_tags(run):
     tags = {v.tag for _, v in events_of(run["tb"]) if v.tensor.float_val}
     (norm_chart,) = [c for c in layout.category[0].chart if c.multiline.tag == ["gradwatch/grad_norm/.*"]]
     matched = {t for t in tags if re.match(norm_chart.multiline.tag[0], t)}  # TensorBoard uses re.match
-    assert matched == {f"gradwatch/grad_norm/{layer}" for layer in run["layers"]}  # all layers, one chart
+    assert matched == {tagged("grad_norm", run["layers"], layer) for layer in run["layers"]}  # one chart
     per_layer = layout.category[-1]
     assert per_layer.closed and [c.title.split(":")[0] for c in per_layer.chart] == run["layers"]
 
@@ -328,13 +341,13 @@ def test_tensorboard_multiplexer_keeps_scalars_histograms_text_and_windows(run):
     provider = data_provider.MultiplexerDataProvider(multiplexer, os.path.dirname(run["tb"]))
     ctx, eid, name = context.RequestContext(), "", "tb"
     scalars = provider.read_scalars(ctx, experiment_id=eid, plugin_name="scalars", downsample=10_000)[name]
-    expected = expected_scalars(run["windows"])
+    expected = expected_scalars(run["windows"], run["layers"])
     for (tag, step), value in expected.items():
         (point,) = [p for p in scalars[tag] if p.step == step]
         assert point.value == pytest.approx(value, rel=1e-6)
     hist = provider.list_tensors(ctx, experiment_id=eid, plugin_name="histograms")[name]
     assert set(hist) == {
-        f"gradwatch/{k}/{layer}" for k in ("grad_log10_abs", "grad_values") for layer in run["layers"]
+        tagged(k, run["layers"], layer) for k in ("grad_log10_abs", "grad_values") for layer in run["layers"]
     }
     text = provider.read_tensors(ctx, experiment_id=eid, plugin_name="text", downsample=100)[name]
     assert [p.step for p in text["gradwatch/alerts"]] == [
@@ -367,3 +380,46 @@ def test_the_layout_script_adds_the_layout_to_a_run_without_it(run, tmp_path, ca
     assert script.main([str(csv_run)]) == 0 and len(event_files(str(csv_run))) == 1  # not twice
     assert "already has a Custom Scalars layout" in capsys.readouterr().out
     assert script.main([str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.fast
+def test_twenty_layers_give_at_most_twenty_cards_in_model_order(tmp_path):
+    layers = [f"sigmoid_{i}" for i in range(20)]  # sigmoid_10 sorts after sigmoid_1 by name
+    sink = TensorBoardSink(str(tmp_path), {}, layers)
+    rows = [{"layer": n, "l2": 0.5 + i, "l2_max": 1.0, "update_ratio": 1e-3, "dead_frac": 0.0,
+             "nonfinite": 0.0} for i, n in enumerate(layers)]
+    window = {"step": 10, "steps": 10, "loss": 1.0, "learning_rate": 0.1, "global_l2": 1.0,
+              "global_l2_max": 1.0, "nonfinite_steps": 0, "skipped_steps": 0}
+    sink.write_window(window, [], rows, [], 1)
+    sink.close()
+    written = scalars_of(str(tmp_path))
+    tags = sorted({tag for tag, _ in written})
+    assert len(tags) <= 20
+    norms = [t for t in tags if t.startswith("gradwatch/grad_norm/")]
+    names = [t.split("/", 2)[2].split("_", 1)[1] for t in norms]
+    assert names == sorted(names, key=layers.index)  # TensorBoard's sort by tag is the model order
+    assert names[0] == "sigmoid_0" and names[-1] == "sigmoid_19"  # the input and the output layer
+    for tag in norms:  # each is its layer's value
+        layer = tag.split("/", 2)[2].split("_", 1)[1]
+        assert written[(tag, 10)] == pytest.approx(0.5 + layers.index(layer))
+
+
+@pytest.mark.fast
+def test_a_dead_layer_histogram_is_its_zeros_at_zero(tmp_path):
+    sink = TensorBoardSink(str(tmp_path), {}, ["live", "dead"])
+    edges = np.array([-3.0, -2.9, -2.8])
+    histograms = [
+        {"step": 1, "layer": "live", "kind": "log10_abs", "edges": edges, "counts": np.array([3.0, 4.0]),
+         "zeros": 1, "nonfinite": 0},
+        # what the probe decodes for a layer whose gradient is all zeros: one empty bucket at 1e-16
+        {"step": 1, "layer": "dead", "kind": "log10_abs", "edges": np.array([-16.0, -15.9]),
+         "counts": np.array([0.0]), "zeros": 12, "nonfinite": 0},
+    ]
+    sink.write_window({"step": 1, "steps": 1}, [], [], [], 1, histograms=histograms)
+    sink.close()
+    values = {v.tag: v for _, v in events_of(str(tmp_path))}
+    assert "gradwatch/grad_log10_abs/01_dead" not in values  # no empty chart on a log10 axis near -16
+    dead = values["gradwatch/grad_values/01_dead"].tensor
+    np.testing.assert_array_equal(np.frombuffer(dead.tensor_content, "<f8").reshape(-1, 3), [[0.0, 0.0, 12.0]])
+    live = values["gradwatch/grad_log10_abs/00_live"].tensor
+    np.testing.assert_array_equal(np.frombuffer(live.tensor_content, "<f8").reshape(-1, 3)[:, 2], [3.0, 4.0])

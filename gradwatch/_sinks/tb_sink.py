@@ -11,7 +11,13 @@ TensorBoard's ``EventFileWriter``: that one checksums records with a pure-Python
 background thread (holding the GIL for a large window) and opens files through
 ``tf.io.gfile``; :mod:`gradwatch._io.records` frames them with google-crc32c.
 
-Tags (``<layer>`` is the layer name as it is, ``/`` included):
+Tags (``<layer>`` is ``<NN>_<name>``: the layer's zero-padded input-to-output index, then its
+name as it is, ``/`` included, so TensorBoard lists layers in model order; see
+:mod:`gradwatch._sinks.tb_tags`). A run writes at most 20 scalar tags (Scalars cards) by
+default: the per-layer scalar families are written while they fit, most useful first
+(``grad_norm``, ``update_ratio``, ``dead_fraction``, ``grad_norm_max``, ``nonfinite``,
+``zero_count``, ``hist_nonfinite``); when the norms of every layer do not fit, those of
+evenly spaced layers are (the Gradient Flow tab shows every layer).
 
 =======================================  ==========  ===================================================
 tag                                      plugin      value
@@ -29,10 +35,11 @@ tag                                      plugin      value
 ``gradwatch/dead_fraction/<layer>``      scalars     fraction of dead units (ReLU-family layers)
 ``gradwatch/nonfinite/<layer>``          scalars     NaN/Inf gradient entries in the window
 ``gradwatch/grad_log10_abs/<layer>``     histograms  log10 |g| (exact zeros, NaN, Inf not in buckets)
-``gradwatch/grad_values/<layer>``        histograms  signed gradient values
+``gradwatch/grad_values/<layer>``        histograms  signed gradient values; for a layer whose
+                                                     gradient is all exact zeros, one bucket at 0
 ``gradwatch/hist_nonfinite/<layer>``     scalars     NaN/Inf entries of the histogram step
 ``gradwatch/zero_count/<layer>``         scalars     exact zeros of the histogram step
-``gradwatch/alerts``                     text        Markdown table of the window's alerts
+``gradwatch/alerts``                     text        the run's problems so far, first one first
 ``gradwatch/window``                     gradwatch   the window's rows as JSON (``tb_format``)
 ``gradwatch/run``                        gradwatch   ``run.json`` content, at step 0
 ``custom_scalars__config__``             custom_     the Custom Scalars dashboard layout, at step 0
@@ -46,7 +53,6 @@ entries are counted in their own scalars (``nonfinite_steps``, ``nonfinite/<laye
 
 from __future__ import annotations
 
-import html
 import itertools
 import logging
 import math
@@ -68,6 +74,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from gradwatch._io import tb_format
 from gradwatch._io.records import write_record
 from gradwatch._io.schema import with_schema_version
+from gradwatch._sinks.tb_tags import MAX_SCALAR_CARDS, ProblemTable, ScalarPlan, layer_tag, markdown_cell
 
 logger = logging.getLogger("gradwatch")
 
@@ -150,7 +157,7 @@ def _chart(title: str, *regexes: str) -> layout_pb2.Chart:
     return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(regexes)))
 
 
-def dashboards_layout(layers: Sequence[str]) -> layout_pb2.Layout:
+def dashboards_layout(layers: Sequence[str], plan: ScalarPlan | None = None) -> layout_pb2.Layout:
     """The Custom Scalars dashboard layout of a run whose layers are ``layers`` (input -> output).
 
     The category charts use tag regexes (TensorBoard matches them at the tag's
@@ -191,25 +198,26 @@ def dashboards_layout(layers: Sequence[str]) -> layout_pb2.Layout:
             ],
         ),
     ]
-    if layers:
+    plan = plan or ScalarPlan(layers, len(WINDOW_SCALARS))
+    if plan.families.get("l2"):
         per_layer = [
             _chart(
                 f"{layer}: gradient L2 norm (last, max)",
-                "gradwatch/grad_norm/" + re.escape(layer) + "$",
-                "gradwatch/grad_norm_max/" + re.escape(layer) + "$",
+                re.escape(tag) + "$",
+                re.escape(tag.replace("gradwatch/grad_norm/", "gradwatch/grad_norm_max/", 1)) + "$",
             )
-            for layer in layers
+            for layer, tag in plan.layer_tags("l2")
         ]
         categories.append(layout_pb2.Category(title="per layer", chart=per_layer, closed=True))
     return layout_pb2.Layout(category=categories)
 
 
-def layout_value(layers: Sequence[str]) -> summary_pb2.Summary.Value:
+def layout_value(layers: Sequence[str], plan: ScalarPlan | None = None) -> summary_pb2.Summary.Value:
     """The summary value that carries :func:`dashboards_layout` (tag as Custom Scalars expects)."""
     return summary_pb2.Summary.Value(
         tag=LAYOUT_TAG,
         metadata=_LAYOUT_METADATA,
-        tensor=_string_tensor(dashboards_layout(layers).SerializeToString()),
+        tensor=_string_tensor(dashboards_layout(layers, plan).SerializeToString()),
     )
 
 
@@ -247,18 +255,6 @@ def write_layout(log_dir: str, layers: Sequence[str]) -> str:
     events.add(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
     events.close()
     return events.path
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|])")  # the characters Markdown lets a backslash escape
-
-
-def markdown_cell(value: Any) -> str:
-    """Text safe in one Markdown table cell: HTML-escaped, Markdown specials and ``|`` backslashed."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    text = " ".join(str(value).split())  # newlines would end the table row
-    text = html.escape(text, quote=True)
-    return _MD_SPECIAL.sub(r"\\\1", text)
 
 
 def alerts_markdown(alert_rows: Sequence[Mapping[str, Any]]) -> str:
@@ -301,14 +297,36 @@ def _histogram_tensor(edges: Any, counts: Any, where: str) -> tensor_pb2.TensorP
     )
 
 
+def _all_zero(histogram: Mapping[str, Any]) -> bool:
+    """Whether every finite entry of the histogram's layer was exactly zero (a dead layer)."""
+    try:
+        counts = np.asarray(histogram.get("counts"), dtype=np.float64)
+        zeros = float(histogram.get("zeros") or 0)
+    except (TypeError, ValueError):
+        return False
+    return zeros > 0 and not np.nansum(counts) > 0
+
+
+def _zeros_tensor(zeros: Any) -> tensor_pb2.TensorProto:
+    """A histogram of ``zeros`` entries all exactly 0: one bucket [0, 0] (as TensorBoard writes a
+    histogram of equal values)."""
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1), tensor_shape_pb2.TensorShapeProto.Dim(size=3)])
+    buckets = np.array([[0.0, 0.0, float(zeros)]], dtype="<f8")
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape, tensor_content=buckets.tobytes())
+
+
 class TensorBoardSink:
     """Writes a run's windows as TensorBoard summaries in ``log_dir`` (see the module docstring)."""
 
     def __init__(self, log_dir: str, run_info: dict[str, Any] | None = None,
-                 layers: list[str] | None = None):
+                 layers: list[str] | None = None, max_cards: int = MAX_SCALAR_CARDS):
         self.log_dir = log_dir
         self.run_info = with_schema_version(run_info or {})
         self.layers = list(layers or [])
+        self.max_cards = max_cards
+        self.plan = ScalarPlan(self.layers, len(WINDOW_SCALARS), max_cards)
+        self._problems = ProblemTable()
         self._writer: EventFile | None = None
         self._tagged: set[str] = set()  # tags whose metadata this file already holds
         self._last_window: dict[str, Any] | None = None  # the last window row written
@@ -318,6 +336,7 @@ class TensorBoardSink:
         (a new file per session; readers let the later write of a step win)."""
         self.run_info = with_schema_version(run_info)
         self.layers = [layer["name"] for layer in run_info.get("layers", [])]
+        self.plan = ScalarPlan(self.layers, len(WINDOW_SCALARS), self.max_cards)
 
     def write(self, result: Any) -> None:
         """Writes one window result (a ``WindowResult``)."""
@@ -331,7 +350,7 @@ class TensorBoardSink:
             metadata=_GRADWATCH_METADATA,
             tensor=_string_tensor(tb_format.encode_run(self.run_info)),
         )
-        self._add(0, [run, layout_value(self.layers)])
+        self._add(0, [run, layout_value(self.layers, self.plan)])
 
     def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
         summary = summary_pb2.Summary(value=values)
@@ -371,11 +390,12 @@ class TensorBoardSink:
             self._scalar(values, tag, window_row.get(column))
         for row in layer_rows:
             layer = str(row["layer"])
-            for column, prefix in LAYER_SCALARS:
-                self._scalar(values, prefix + layer, row.get(column))
+            for column, _ in LAYER_SCALARS:
+                tag = self.plan.tag(column, layer)
+                if tag is not None:
+                    self._scalar(values, tag, row.get(column))
         if alert_rows:
-            text = alerts_markdown(alert_rows).encode("utf-8")
-            values.append(self._value(ALERTS_TAG, _TEXT_METADATA, _string_tensor(text)))
+            values.append(self._problems_value(alert_rows))
         payload = tb_format.encode_window(window_row, stats_rows, layer_rows, alert_rows, first_step)
         values.append(self._value(tb_format.WINDOW_TAG, _GRADWATCH_METADATA, _string_tensor(payload)))
         by_step = self._histogram_values(histograms or [], step)
@@ -391,12 +411,18 @@ class TensorBoardSink:
         if not alert_rows or self._last_window is None:
             return
         step = int(self._last_window["step"])
-        text = alerts_markdown(alert_rows).encode("utf-8")
         payload = tb_format.encode_window(self._last_window, [], [], alert_rows, step + 1)
         # one step past the last window: a loader that purges on a repeated step would drop it
-        self._add(step + 1, [self._value(ALERTS_TAG, _TEXT_METADATA, _string_tensor(text)),
+        self._add(step + 1, [self._problems_value(alert_rows),
                          self._value(tb_format.WINDOW_TAG, _GRADWATCH_METADATA, _string_tensor(payload))])
         self._writer.flush()
+
+    def _problems_value(self, alert_rows: list[dict[str, Any]]) -> summary_pb2.Summary.Value:
+        """The Text tab's table of the run's problems so far (TensorBoard shows the newest step
+        first: its table starts with the run's first problem)."""
+        self._problems.add(alert_rows)
+        text = self._problems.markdown().encode("utf-8")
+        return self._value(ALERTS_TAG, _TEXT_METADATA, _string_tensor(text))
 
     def _histogram_values(
         self, histograms: list[dict[str, Any]], default_step: int
@@ -416,13 +442,24 @@ class TensorBoardSink:
                                layer, kind, sorted(HISTOGRAM_TAGS))
                 continue
             where = f"{kind} of {layer!r} at step {hist_step}"
-            tensor = _histogram_tensor(histogram.get("edges"), histogram.get("counts"), where)
+            index = self.plan.index(layer)
+            tag = layer_tag(prefix, index, len(self.plan.layers), layer)
+            if _all_zero(histogram):  # a dead layer: its zeros at 0, not an empty log10 axis
+                if (hist_step, layer, "zero") not in counted:
+                    counted.add((hist_step, layer, "zero"))
+                    tag = layer_tag(HISTOGRAM_TAGS["signed"], index, len(self.plan.layers), layer)
+                    values.append(self._value(tag, _HISTOGRAM_METADATA, _zeros_tensor(histogram["zeros"])))
+                tensor = None
+            else:
+                tensor = _histogram_tensor(histogram.get("edges"), histogram.get("counts"), where)
             if tensor is not None:
-                values.append(self._value(prefix + layer, _HISTOGRAM_METADATA, tensor))
+                values.append(self._value(tag, _HISTOGRAM_METADATA, tensor))
             if (hist_step, layer) not in counted:  # one zero/non-finite count per layer and step
                 counted.add((hist_step, layer))
-                self._scalar(values, HIST_NONFINITE_PREFIX + layer, histogram.get("nonfinite"))
-                self._scalar(values, ZERO_COUNT_PREFIX + layer, histogram.get("zeros"))
+                for column in ("hist_nonfinite", "zeros"):
+                    count_tag = self.plan.tag(column, layer)
+                    if count_tag is not None:
+                        self._scalar(values, count_tag, histogram.get(column.replace("hist_", "")))
         return by_step
 
     def flush(self) -> None:
