@@ -82,6 +82,17 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 1 if any(fails(v, args.fail_on) for v in verdicts) else 0
 
 
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from gradwatch._io.readers import GradwatchDataError
+    from gradwatch._sinks.tb_layout import add_layout
+
+    try:
+        add_layout(args.log_dir, args.force)
+    except (GradwatchDataError, OSError) as error:
+        return _data_error(error)
+    return 0
+
+
 def fails(verdicts, fail_on: str) -> bool:
     """Whether a run fails ``gradwatch summary --fail-on``: an error alert was raised (or the run
     diverged); with "warning", also any warning (an alert, or clipping on most steps)."""
@@ -147,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the least severity that makes the exit status 1 (default: error)")
     _add_common_flags(summary)
     summary.set_defaults(func=_cmd_summary)
+
+    layout = sub.add_parser(
+        "layout",
+        help="add gradwatch's Custom Scalars dashboard layout to runs written without it",
+        description="Write the Custom Scalars layout (gradient norms per layer, update ratios, dead units, "
+        "clipping, loss) into every gradwatch run under LOG_DIR whose event files lack one; the per-layer "
+        "charts follow the model's layer order. Exit status: 0 done, 2 no gradwatch run under LOG_DIR.",
+    )
+    layout.add_argument("log_dir", metavar="LOG_DIR", help="a run's log_dir, or a directory of runs")
+    layout.add_argument("--force", action="store_true", help="write the layout even if one is there")
+    layout.set_defaults(func=_cmd_layout)
     return parser
 
 

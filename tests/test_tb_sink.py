@@ -361,25 +361,26 @@ def test_tensorboard_multiplexer_keeps_scalars_histograms_text_and_windows(run):
     assert layout_pb2.Layout.FromString(layout["custom_scalars__config__"][0].numpy.item()).category
 
 
-def test_the_layout_script_adds_the_layout_to_a_run_without_it(run, tmp_path, capsys):
-    import importlib.util
+def test_gradwatch_layout_adds_the_layout_to_a_run_without_it(run, tmp_path, capsys):
     import shutil
 
-    spec = importlib.util.spec_from_file_location(
-        "layout_script", os.path.join(os.path.dirname(__file__), "..", "dashboards", "layout.py")
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from gradwatch.cli import main
+
     csv_run = tmp_path / "runs" / "csv_only"
     shutil.copytree(run["csv"], csv_run, ignore=shutil.ignore_patterns("*tfevents*"))
-    assert script.main([str(tmp_path / "runs")]) == 0
+    assert main(["layout", str(tmp_path / "runs")]) == 0
     (path,) = event_files(str(csv_run))
     values = [v for r in iter_records(path) for v in event_pb2.Event.FromString(r).summary.value]
     assert [v.tag for v in values] == ["custom_scalars__config__"]
-    assert layout_pb2.Layout.FromString(values[0].tensor.string_val[0]) == dashboards_layout(run["layers"])
-    assert script.main([str(csv_run)]) == 0 and len(event_files(str(csv_run))) == 1  # not twice
+    layout = layout_pb2.Layout.FromString(values[0].tensor.string_val[0])
+    assert layout == dashboards_layout(run["layers"])
+    per_layer = layout.category[-1].chart
+    for chart, layer in zip(per_layer, run["layers"]):  # matches the tags with and without the index
+        assert re.match(chart.multiline.tag[0], tagged("grad_norm", run["layers"], layer))
+        assert re.match(chart.multiline.tag[0], f"gradwatch/grad_norm/{layer}")
+    assert main(["layout", str(csv_run)]) == 0 and len(event_files(str(csv_run))) == 1  # not twice
     assert "already has a Custom Scalars layout" in capsys.readouterr().out
-    assert script.main([str(tmp_path / "missing")]) == 2
+    assert main(["layout", str(tmp_path / "missing")]) == 2
 
 
 @pytest.mark.fast

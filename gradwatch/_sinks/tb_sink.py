@@ -203,10 +203,10 @@ def dashboards_layout(layers: Sequence[str], plan: ScalarPlan | None = None) -> 
         per_layer = [
             _chart(
                 f"{layer}: gradient L2 norm (last, max)",
-                re.escape(tag) + "$",
-                re.escape(tag.replace("gradwatch/grad_norm/", "gradwatch/grad_norm_max/", 1)) + "$",
+                r"gradwatch/grad_norm/(\d+_)?" + re.escape(layer) + "$",  # (runs written before the index)
+                r"gradwatch/grad_norm_max/(\d+_)?" + re.escape(layer) + "$",
             )
-            for layer, tag in plan.layer_tags("l2")
+            for layer, _ in plan.layer_tags("l2")
         ]
         categories.append(layout_pb2.Category(title="per layer", chart=per_layer, closed=True))
     return layout_pb2.Layout(category=categories)
