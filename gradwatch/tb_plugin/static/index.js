@@ -9,6 +9,8 @@ const ZERO_COLOUR = [0, 0, 0]; // an exactly-zero gradient norm (a dead layer): 
 const NONFINITE_COLOUR = "#d500f9";
 const NONFINITE_MIN_WIDTH = 3; // px: a NaN/Inf column stays visible however many windows share a pixel
 const RUNS_POLL_MS = 5000; // how often the run list is checked for new or removed runs
+const TICK_MIN_GAP = 60; // px between two step labels
+const GAP_LINES_MAX_SHARE = 0.25; // more columns after dropped windows than this: the banner says it, no lines
 const URL_RUN_KEY = "gw_run"; // the chosen run, kept in the page's URL (#gradwatch&gw_run=...)
 const GAP_COLOUR = "#ff1744";
 const MAX_TABLE_ROWS = 1000;
@@ -486,7 +488,8 @@ class GradientFlowTab {
     ctx.putImageData(image, 0, 0);
 
     ctx.fillStyle = GAP_COLOUR;
-    for (const c of flow.gap_columns) ctx.fillRect(this.edges[c], 0, 1, height);
+    this.gapLines = flow.gap_columns.length <= GAP_LINES_MAX_SHARE * cols;
+    if (this.gapLines) for (const c of flow.gap_columns) ctx.fillRect(this.edges[c], 0, 1, height);
 
     this.markerAt = new Map();
     for (const marker of flow.markers) {
@@ -549,14 +552,19 @@ class GradientFlowTab {
       const within = Math.min(1, Math.max(0, (step - flow.first_steps[lo] + 0.5) / span));
       return this.edges[lo] + within * (this.edges[lo + 1] - this.edges[lo]);
     };
+    const shown = [];
+    let lastX = -Infinity;
     for (const step of ticks) {
       const x = xOf(step);
+      if (x - lastX < TICK_MIN_GAP) continue; // steps TensorBoard dropped put ticks on one column
+      lastX = x;
+      shown.push(step);
       const tick = el("span", { class: "gw-tick", "data-step": step }, step.toLocaleString("en-US"));
       tick.style.left = `${x}px`;
       this.axis.append(tick);
     }
     this.axis.append(el("span", { class: "gw-axis-title" }, "training step →"));
-    this.axis.dataset.ticks = ticks.join(",");
+    this.axis.dataset.ticks = shown.join(",");
   }
 
   drawLegend() {
@@ -598,7 +606,7 @@ class GradientFlowTab {
       item(swatch({ background: `rgb(${MISSING_COLOUR.join(",")})`, border: "1px solid #bdbdbd" }), "no data"),
       item(swatch({ background: NONFINITE_COLOUR }), "NaN/Inf gradient"),
     );
-    if (this.flow.gap_columns.length) {
+    if (this.flow.gap_columns.length && this.gapLines) {
       this.legend.append(item(swatch({ background: GAP_COLOUR, width: "2px" }), "windows dropped before"));
     }
     for (const severity of this.flow.severities) {
