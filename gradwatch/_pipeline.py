@@ -110,6 +110,8 @@ class Pipeline:
         """Logs the alerts, calls ``on_alert`` and keeps the result as the latest."""
         for alert in result.alerts:
             self._report_alert(alert)
+        if any(alert.severity in ("warning", "error") for alert in result.alerts):
+            self._recorder.request_histogram()  # what the gradients look like right after it
         self.latest.set(result)
         return result
 

@@ -82,6 +82,7 @@ class ProbeStep(NamedTuple):
             which runs no probe work but the unit counters.
         inv_scale: 1 / the loss scale (1 without one).
         compiled: ``Compiler.branch``: makes a branch taken on some steps one node.
+        nonfinite: whether a gradient of the step had a NaN/Inf entry (None: not known).
     """
 
     grads_by_slot: dict[int, Any]
@@ -89,6 +90,7 @@ class ProbeStep(NamedTuple):
     sampled: tf.Tensor | None
     inv_scale: tf.Tensor
     compiled: Callable[..., Any]
+    nonfinite: tf.Tensor | None = None
 
 
 class Probe(Protocol):
@@ -431,14 +433,23 @@ class UpdateProbe:
         return measured
 
 class HistogramProbe:
-    """log10|g| (and optionally signed) bucket counts per variable on histogram steps."""
+    """log10|g| (and optionally signed) bucket counts per variable on histogram steps.
+
+    A histogram step is every ``every``-th step, the run's first step, its first
+    non-finite step (decided in-graph, the lean step included) and the step after the
+    host asked for one (:meth:`request`: after a new warning or error), so a short run
+    has histograms too.
+    """
 
     name = "histograms"
 
     def record(self, step: ProbeStep) -> None:
-        """On sampled steps that are histogram steps: the bucket counts."""
-        if step.sampled is not None:
-            self.observe(step.grads_by_slot, step.step, step.inv_scale)
+        """On histogram steps: the bucket counts."""
+        self.observe(step.grads_by_slot, step.step, step.inv_scale, step.sampled, step.nonfinite)
+
+    def request(self) -> None:
+        """Host side: a histogram on the next step (a new warning or error was raised)."""
+        self.requested.assign(True)
 
     def after_update(self, compiled: Callable[..., Any]) -> None:
         """Nothing to do after the update."""
@@ -460,11 +471,21 @@ class HistogramProbe:
         self.bounds = replica_variable(np.zeros(len(topology.layers), np.float32),
                                        "gradwatch_hist_bounds", strategy)
         self.step = replica_variable(np.array(-1, np.int64), "gradwatch_hist_step", strategy)
+        # [any histogram taken, the first non-finite step's taken]; the host's request
+        self.taken = replica_variable(np.array([False, False]), "gradwatch_hist_taken", strategy)
+        self.requested = replica_variable(np.array(False), "gradwatch_hist_requested", strategy)
         positions = topology.layer_positions()
         self.layer_ids = [positions[v.layer] for v in topology.variables]
 
-    def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
+    def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor,
+                sampled: tf.Tensor | None = None, nonfinite: tf.Tensor | None = None) -> tf.Tensor:
+        """Counts the buckets when the step is a histogram step (see the class docstring);
+        ``sampled`` None is the lean step, where only the non-finite and requested
+        triggers apply."""
         if self.every <= 0:
+            return tf.constant(0)
+        due, taken = self._due(step, sampled, nonfinite)
+        if due is None:
             return tf.constant(0)
 
         def measure():
@@ -489,7 +510,8 @@ class HistogramProbe:
                     flat = flat[::stride]
                 flats[slot], weights[slot] = flat * inv_scale, weight
             counts = self._log_counts(flats, weights, num)
-            ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64))]
+            ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64)),
+                   self.taken.assign(taken), self.requested.assign(False)]
             if self.signed:
                 bounds = []
                 for layer in range(len(self.topology.layers)):
@@ -515,8 +537,21 @@ class HistogramProbe:
             with tf.control_dependencies(ops):
                 return tf.constant(0)
 
-        due = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
         return cond(due, measure, lambda: tf.constant(0))
+
+    def _due(self, step: tf.Tensor, sampled: tf.Tensor | None, nonfinite: tf.Tensor | None
+             ) -> tuple[tf.Tensor | None, tf.Tensor]:
+        """(whether this step is a histogram step, the ``taken`` flags after it); None: never
+        (a lean step of a run that cannot tell a non-finite one)."""
+        taken = self.taken.read_value()
+        first_nonfinite = (tf.logical_and(tf.convert_to_tensor(nonfinite), tf.logical_not(taken[1]))
+                           if nonfinite is not None else tf.constant(False))
+        after = tf.stack([tf.constant(True), tf.logical_or(taken[1], first_nonfinite)])
+        wanted = tf.logical_or(first_nonfinite, self.requested.read_value())
+        if sampled is None:  # the lean step
+            return (wanted if nonfinite is not None else None), after
+        cadence = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
+        return tf.logical_or(tf.logical_or(cadence, wanted), tf.logical_not(taken[0])), after
 
     @staticmethod
     def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int) -> tf.Tensor:

@@ -231,7 +231,7 @@ class Recorder:
             flat = tf.concat([flat, clip_scale, clip_fired], axis=0)
             index = np.concatenate([index, end + np.arange(2 * len(present)).reshape(2, len(present))])
         probe_step = probes_lib.ProbeStep(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale,
-                                          self._compiler.branch)
+                                          self._compiler.branch, nonfinite_step)
         for probe in self._probes:
             probe.record(probe_step)
         return flat, index, nonfinite_step, clip_threshold
@@ -308,6 +308,12 @@ class Recorder:
             return False
         self._updates.snapshot_now()
         return True
+
+    def request_histogram(self) -> None:
+        """Host side: a gradient histogram on the next step (after a new warning or error)."""
+        for probe in self._probes:
+            if isinstance(probe, probes_lib.HistogramProbe):
+                probe.request()
 
     def update_pending(self) -> bool:
         """Returns whether a weight snapshot still waits for a step that moves the weights."""

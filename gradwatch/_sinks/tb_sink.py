@@ -307,6 +307,16 @@ def _all_zero(histogram: Mapping[str, Any]) -> bool:
     return zeros > 0 and not np.nansum(counts) > 0
 
 
+def _empty(histogram: Mapping[str, Any]) -> bool:
+    """Whether the histogram counts nothing finite: no bucket count and no exact zero."""
+    try:
+        counts = np.asarray(histogram.get("counts"), dtype=np.float64)
+        zeros = float(histogram.get("zeros") or 0)
+    except (TypeError, ValueError):
+        return False
+    return counts.size > 0 and not np.nansum(counts) > 0 and not zeros > 0
+
+
 def _zeros_tensor(zeros: Any) -> tensor_pb2.TensorProto:
     """A histogram of ``zeros`` entries all exactly 0: one bucket [0, 0] (as TensorBoard writes a
     histogram of equal values)."""
@@ -444,7 +454,9 @@ class TensorBoardSink:
             where = f"{kind} of {layer!r} at step {hist_step}"
             index = self.plan.index(layer)
             tag = layer_tag(prefix, index, len(self.plan.layers), layer)
-            if _all_zero(histogram):  # a dead layer: its zeros at 0, not an empty log10 axis
+            if _empty(histogram):  # every entry NaN/Inf: no bucket to draw (hist_nonfinite counts them)
+                tensor = None
+            elif _all_zero(histogram):  # a dead layer: its zeros at 0, not an empty log10 axis
                 if (hist_step, layer, "zero") not in counted:
                     counted.add((hist_step, layer, "zero"))
                     tag = layer_tag(HISTOGRAM_TAGS["signed"], index, len(self.plan.layers), layer)
