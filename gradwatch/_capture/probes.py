@@ -479,9 +479,7 @@ class HistogramProbe:
 
     def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor,
                 sampled: tf.Tensor | None = None, nonfinite: tf.Tensor | None = None) -> tf.Tensor:
-        """Counts the buckets when the step is a histogram step (see the class docstring);
-        ``sampled`` None is the lean step, where only the non-finite and requested
-        triggers apply."""
+        """Counts the buckets on a histogram step (class docstring); ``sampled`` None: the lean step."""
         if self.every <= 0:
             return tf.constant(0)
         due, taken = self._due(step, sampled, nonfinite)
