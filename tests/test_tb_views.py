@@ -250,3 +250,83 @@ def test_dead_and_diverged_runs_on_one_fixed_scale(views, tmp_path):
     WebDriverWait(driver, 60).until(lambda d: "late" in [
         o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#gw-run option")])
     assert driver.execute_script("return document.getElementById('gw-root').dataset.run") == "diverged"
+
+
+_DEEP_COUNT_JS = """
+let count = 0;
+const walk = (root) => root.querySelectorAll('*').forEach((el) => {
+  if (el.matches(arguments[0])) count += 1;
+  if (el.shadowRoot) walk(el.shadowRoot);
+});
+walk(document);
+return count;
+"""
+
+
+def drawn(driver: Any, url: str, selector: str, timeout: float = 60) -> int:
+    """Opens a TensorBoard dashboard and waits until it has ``selector`` elements (shadow roots
+    included) whose number held for 2 s; returns that number."""
+    driver.switch_to.default_content()
+    driver.get(url)
+    counts: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts.append(driver.execute_script(_DEEP_COUNT_JS, selector))
+        if len(counts) >= 3 and counts[-1] > 0 and len(set(counts[-3:])) == 1:
+            return counts[-1]
+        time.sleep(1)
+    raise AssertionError(f"{url} drew no stable {selector!r}: {counts[-5:]}")
+
+
+def _hist_buckets(server: Any, run: str, tag: str) -> list[tuple[int, np.ndarray]]:
+    data = server.json("/data/plugin/histograms/histograms", run=run, tag=tag)
+    return [(step, np.array(buckets)) for _, step, buckets in data]
+
+
+def test_scalars_histograms_distributions_text_and_custom_scalars(views, tmp_path):
+    server, driver, root = views["server"], views["driver"], views["root"]
+    # Scalars: at most 20 cards a run, per-layer cards in model order
+    tags = server.json("/data/plugin/scalars/tags")
+    for run in RUNS:
+        assert len(tags[run]) <= 20, (run, len(tags[run]))
+        model = [layer["name"] for layer in pd.read_json(os.path.join(root, run, "run.json"),
+                                                          typ="series")["layers"]]
+        norms = sorted(t for t in tags[run] if t.startswith("gradwatch/grad_norm/"))
+        assert [t.split("/")[2].split("_", 1)[1] for t in norms] == model  # the sort TensorBoard uses
+    drawn(driver, f"{server.url}/#scalars&tagFilter=grad_norm%2F", "path")
+    shot(driver, "scalars.png", tmp_path)
+
+    # Histograms: short runs have them from their first step; a dead layer's zeros sit at 0
+    hist_tags = server.json("/data/plugin/histograms/tags")
+    for run in ("diverged", "dead"):
+        steps = {step for tag in hist_tags[run] for step, _ in _hist_buckets(server, run, tag)}
+        assert 1 in steps, (run, steps)
+    assert 11 in {s for t in hist_tags["diverged"] for s, _ in _hist_buckets(server, "diverged", t)}
+    assert "gradwatch/grad_log10_abs/01_dead_relu" not in hist_tags["dead"]  # no empty log10 chart
+    for step, buckets in _hist_buckets(server, "dead", "gradwatch/grad_values/01_dead_relu"):
+        assert buckets[:, :2].min() == buckets[:, :2].max() == 0.0 and buckets[:, 2].sum() == 16 * 16 + 16  # every entry of its kernel and bias
+    drawn(driver, f"{server.url}/#histograms&regexInput=dead", "path")
+    shot(driver, "histograms.png", tmp_path)
+    drawn(driver, f"{server.url}/#distributions&regexInput=dead", "path")
+    shot(driver, "distributions.png", tmp_path)
+
+    # Text: one short table, the run's first problem first
+    text = server.json("/data/plugin/text/text", run="long", tag="gradwatch/alerts")
+    latest = max(text, key=lambda t: t["step"])["text"]
+    rows = [line for line in latest.split("<tr>")[2:]]
+    assert f"<td>{LONG_NAN_STEP}</td>" in rows[0] and "nonfinite gradient" in rows[0]
+    text = server.json("/data/plugin/text/text", run="diverged", tag="gradwatch/alerts")
+    latest = max(text, key=lambda t: t["step"])["text"]
+    assert latest.index("exploding gradient") < latest.index("nonfinite gradient")
+    assert "<th>first step</th>" in latest and latest.count("<th>") == 4
+    drawn(driver, f"{server.url}/#text&regexInput=diverged", "td")
+    shot(driver, "text_alerts.png", tmp_path)
+
+    # Custom Scalars: the layout of every run (per-layer charts in model order)
+    layout = server.json("/data/plugin/custom_scalars/layout")
+    titles = [c["title"] for c in layout["category"]]
+    assert titles[0] == "gradient norm" and titles[-1] == "per layer"
+    per_layer = [c["title"].split(":")[0] for c in layout["category"][-1]["chart"]]
+    assert per_layer[:4] == ["input_tanh", "dead_relu", "after_dead", "out"] or "hidden" in per_layer
+    drawn(driver, f"{server.url}/#custom_scalars", "path")
+    shot(driver, "custom_scalars.png", tmp_path)
