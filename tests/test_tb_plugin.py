@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _plugin import get_json as get_json_local
 from _plugin import plugin_over
 
 from gradwatch._io import tb_format
@@ -698,3 +699,67 @@ def test_default_sampling_drops_windows_and_the_page_says_so(default_servers, tm
             driver.switch_to.default_content()
     finally:
         driver.quit()
+
+
+def _window_payload(step: int, l2: dict[str, float], alerts: list[dict[str, Any]] = ()) -> bytes:
+    rows = [{"layer": n, "variable": "*", "l2": v, "nonfinite": 0.0} for n, v in l2.items()]
+    return tb_format.encode_window({"step": step, "steps": 10}, [], rows, list(alerts), step - 9)
+
+
+@pytest.mark.fast
+def test_flow_tells_exact_zero_norms_from_missing_ones_and_zooms_to_a_step_range():
+    from gradwatch.tb_plugin.plugin import SCALE_LOG10, build_run, flow_json
+
+    payloads = [(s, _window_payload(s, {"a": 0.5, "dead": 0.0} if s != 30 else {"a": 0.5}))
+                for s in (10, 20, 30, 40)]
+    data = build_run(_run_info(["a", "dead"]), payloads)
+    flow = flow_json("r", data, 1000)
+    assert flow["zeros"] == [[1, 0], [1, 1], [1, 3]]  # step 30 has no row for "dead": no data, not zero
+    assert flow["values"][1] == [None] * 4 and flow["values"][0] == [round(math.log10(0.5), 3)] * 4
+    assert flow["scale"] == {"min": SCALE_LOG10[0], "max": SCALE_LOG10[1]}  # the same for every run
+    wide = flow_json("r", data, 2)  # two columns: a column with any zero and no norm is zero
+    assert wide["zeros"] == [[1, 0], [1, 1]]
+    zoomed = flow_json("r", data, 1000, 15, 30)  # the windows holding a step of 15..30
+    assert zoomed["steps"] == [20, 30] and zoomed["first_steps"] == [11, 21] and zoomed["windows"] == 2
+    assert zoomed["zoom"] == {"start": 15, "end": 30} and zoomed["range"] == {"first": 1, "last": 40}
+    assert flow_json("r", data, 1000, 41, None)["windows"] == 0
+
+
+@pytest.mark.fast
+def test_alerts_come_whole_from_alerts_csv_when_tensorboard_kept_a_sample(tmp_path):
+    """TensorBoard keeps 3 of 40 windows; the tab still has each of the 40 alerts (from alerts.csv)."""
+    import csv
+
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+
+    from gradwatch._io.schema import ALERT_COLUMNS
+    from gradwatch._sinks.tb_sink import TensorBoardSink
+    from gradwatch.tb_plugin.plugin import GradientFlowPlugin
+
+    run_dir = tmp_path / "run"
+    sink = TensorBoardSink(str(run_dir), _run_info(["a"]), ["a"])
+    alerts = [{"step": s, "layer": "a", "variable": "*", "kind": "exploding_gradient", "severity": "warning",
+               "value": 1e5, "threshold": 1e4, "message": f"big at {s}", "hint": "clip"} for s in range(1, 41)]
+    for s in range(1, 41):
+        sink.write_window({"step": s, "steps": 1}, [], [_layer_row(s, "a", 0.5)], [alerts[s - 1]], s)
+    sink.close()
+    with open(run_dir / "alerts.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ALERT_COLUMNS))
+        writer.writeheader()
+        writer.writerows(alerts)
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"gradwatch": 3})
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    plugin = GradientFlowPlugin(base_plugin.TBContext(data_provider=provider, logdir=str(tmp_path)))
+    status, flow = get_json_local(plugin, "/flow", run="run")
+    assert status == 200 and flow["windows"] == 3  # the sample ...
+    assert flow["alerts"] == 40 and flow["alerts_source"] == "alerts.csv"  # ... and every alert
+    assert flow["dropped"]["kept_windows"] == 3 and flow["dropped"]["expected_windows"] == 40
+    status, table = get_json_local(plugin, "/alerts", run="run")
+    steps = [row[table["columns"].index("step")] for row in table["rows"]]
+    assert steps == list(range(1, 41))  # first one first
+    os.remove(run_dir / "alerts.csv")  # no CSV: gradwatch reads the event files whole itself
+    status, flow = get_json_local(plugin, "/flow", run="run")
+    assert flow["alerts"] == 40 and flow["alerts_source"] == "event files"
