@@ -168,8 +168,10 @@ def dashboards_layout(layers: Sequence[str], plan: ScalarPlan | None = None) -> 
         layout_pb2.Category(
             title="gradient norm",
             chart=[
-                _chart("gradient L2 norm per layer (last step of each window)", r"gradwatch/grad_norm/.*"),
-                _chart("largest gradient L2 norm per layer in each window", r"gradwatch/grad_norm_max/.*"),
+                _chart("gradient L2 norm per layer (last step of each window; spans decades: "
+                       "log y axis with the card's middle button)", r"gradwatch/grad_norm/.*"),
+                _chart("largest gradient L2 norm per layer in each window (log y axis: middle button)",
+                       r"gradwatch/grad_norm_max/.*"),
             ],
         ),
         layout_pb2.Category(

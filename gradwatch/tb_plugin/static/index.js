@@ -330,7 +330,7 @@ class GradientFlowTab {
       return;
     }
     this.fillRuns(runs);
-    if (grown) await this.loadRun(current);
+    if (grown) await this.loadRun(current, true);
   }
 
   chooseRun(run) {
@@ -344,10 +344,13 @@ class GradientFlowTab {
     return width > 0 ? Math.max(50, Math.min(1000, width)) : 1000;
   }
 
-  async loadRun(run) {
+  async loadRun(run, keepPointer = false) {
+    // keepPointer: the same run grew; the tooltip comes back on the redrawn map
+    const pointer = keepPointer ? this.pointer : null;
     this.setState("loading");
     this.root.dataset.run = run;
     this.hideTooltip();
+    this.pointer = pointer;
     try {
       runToUrl(run);
     } catch (error) {
@@ -392,6 +395,7 @@ class GradientFlowTab {
     this.status.textContent =
       `${flow.layers.length} layers × ${flow.windows} windows${shown}, ${flow.alerts} alerts`;
     this.setState("ready");
+    if (this.pointer) this.hover(this.pointer);
   }
 
   showNotices(flow) {
@@ -520,7 +524,7 @@ class GradientFlowTab {
 
     this.drawAxis(width);
     this.drawLegend();
-    if (this.pointer) this.hover(this.pointer);
+    if (this.pointer && this.root.dataset.state === "ready") this.hover(this.pointer); // a resize
   }
 
   cellSpan(c, minWidth) {
