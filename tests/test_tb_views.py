@@ -263,6 +263,20 @@ return count;
 """
 
 
+# The cards' "Toggle y-axis log scale" button, reached through their shadow roots (norm charts only).
+_LOG_SCALE_JS = """
+const cards = [];
+const walk = (root) => root.querySelectorAll('*').forEach((el) => {
+  if (typeof el._toggleLogScale === 'function') cards.push(el);
+  if (el.shadowRoot) walk(el.shadowRoot);
+});
+walk(document);
+const chosen = cards.filter((c) => /norm/.test(c.title || ''));
+chosen.forEach((c) => c._toggleLogScale());
+return chosen.length;
+"""
+
+
 def drawn(driver: Any, url: str, selector: str, timeout: float = 60) -> int:
     """Opens a TensorBoard dashboard and waits until it has ``selector`` elements (shadow roots
     included) whose number held for 2 s; returns that number."""
@@ -328,5 +342,8 @@ def test_scalars_histograms_distributions_text_and_custom_scalars(views, tmp_pat
     assert titles[0] == "gradient norm" and titles[-1] == "per layer"
     per_layer = [c["title"].split(":")[0] for c in layout["category"][-1]["chart"]]
     assert per_layer[:4] == ["input_tanh", "dead_relu", "after_dead", "out"] or "hidden" in per_layer
-    drawn(driver, f"{server.url}/#custom_scalars", "path")
+    drawn(driver, f"{server.url}/#custom_scalars&regexInput=long", "path")
+    toggled = driver.execute_script(_LOG_SCALE_JS)  # norms span decades: the card's log y axis
+    assert toggled >= 2
+    time.sleep(2)
     shot(driver, "custom_scalars.png", tmp_path)
