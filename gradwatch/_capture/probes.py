@@ -436,9 +436,10 @@ class HistogramProbe:
     """log10|g| (and optionally signed) bucket counts per variable on histogram steps.
 
     A histogram step is every ``every``-th step, the run's first step, its first
-    non-finite step (decided in-graph, the lean step included) and the step after the
-    host asked for one (:meth:`request`: after a new warning or error), so a short run
-    has histograms too.
+    non-finite step (decided in-graph, the lean step included) and the next full step
+    after the host asked for one (:meth:`request`: after a new warning or error; the
+    next step when the fit runs no lean step, else the next window's first step at the
+    latest), so a short run has histograms too.
     """
 
     name = "histograms"
@@ -545,9 +546,9 @@ class HistogramProbe:
         first_nonfinite = (tf.logical_and(tf.convert_to_tensor(nonfinite), tf.logical_not(taken[1]))
                            if nonfinite is not None else tf.constant(False))
         after = tf.stack([tf.constant(True), tf.logical_or(taken[1], first_nonfinite)])
+        if sampled is None:  # the lean step: the first non-finite step only (a request waits for a full one)
+            return (first_nonfinite if nonfinite is not None else None), after
         wanted = tf.logical_or(first_nonfinite, self.requested.read_value())
-        if sampled is None:  # the lean step
-            return (wanted if nonfinite is not None else None), after
         cadence = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
         return tf.logical_or(tf.logical_or(cadence, wanted), tf.logical_not(taken[0])), after
 
