@@ -36,6 +36,7 @@ BIG_LAYERS = [f"block{i}/dense" for i in range(8)]
 BIG_WINDOWS = 10_000
 BIG_SPIKES = [(2, 123), (5, 4321), (7, 9999)]  # (layer, window index) set to l2 = 1e3
 BIG_ALERT = (3, 7777)  # (layer, step)
+BIG_NAN = (6, 5000)  # (layer, window index): NaN/Inf entries in one window of 10,000
 GW_RUNS = {"big", "corrupt", "empty_gw", "gapped", "mlp"}
 
 
@@ -129,7 +130,8 @@ def write_big(log_dir: str) -> np.ndarray:
              "severity": "error", "value": 1e3, "threshold": 1e2, "message": "big", "hint": "clip"}
     for k in range(BIG_WINDOWS):
         step = k + 1
-        rows = [{"layer": n, "variable": "*", "l2": float(l2[i, k])} for i, n in enumerate(BIG_LAYERS)]
+        rows = [{"layer": n, "variable": "*", "l2": float(l2[i, k]),
+                 "nonfinite": 3.0 if (i, k) == BIG_NAN else 0.0} for i, n in enumerate(BIG_LAYERS)]
         alerts = [alert] if step == alert_step else []
         payload = tb_format.encode_window({"step": step}, [], rows, alerts, step)
         writer.add_event(_event(tb_format.WINDOW_TAG, step, payload))
@@ -562,6 +564,19 @@ def test_page_in_headless_chromium(server, logdir, tmp_path):
         assert 50 <= int(canvas.get_attribute("data-cols")) <= 1000
         notices = driver.find_element(By.ID, "gw-notices").text
         assert "10000 windows shown in" in notices
+        # the one NaN window of 10,000 shares a 1-px column with 9 others: still >= 3 px of magenta
+        cols = int(canvas.get_attribute("data-cols"))
+        flow = server.json("/data/plugin/gradwatch/flow", run="big", max_cols=cols)
+        (cell,) = flow["nonfinite"]
+        assert cell[0] == BIG_NAN[0]
+        magenta = driver.execute_script(
+            "const c = document.getElementById('gw-heatmap'); const h = +c.dataset.rowHeight;"
+            "const e = c.dataset.colEdges.split(',').map(Number); const [row, col] = arguments;"
+            "const d = c.getContext('2d').getImageData(e[col] - 4, row * h + (h >> 1), 9, 1).data;"
+            "let n = 0; for (let i = 0; i < d.length; i += 4)"
+            " if (d[i] === 213 && d[i + 1] === 0 && d[i + 2] === 249) n++;"
+            "return [n, e[col + 1] - e[col]];", *cell)
+        assert magenta[1] <= 2 and magenta[0] >= 3, magenta
 
         Select(driver.find_element(By.ID, "gw-run")).select_by_value("mlp")
         ready("mlp")
