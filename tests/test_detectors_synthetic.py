@@ -16,7 +16,14 @@ import pytest
 
 # The code under test, imported here only: when it moves module, these lines are the ones to change.
 from gradwatch._interpret.alerts import HINTS, nonfinite_alert
-from gradwatch._interpret.detectors import DetectorState, Thresholds, detect, track_alert
+from gradwatch._interpret.detectors import (
+    MIN_COS_MEASUREMENTS,
+    DetectorState,
+    Thresholds,
+    chi2_quantile,
+    detect,
+    track_alert,
+)
 from gradwatch._interpret.probe_layout import decode_units, unit_tracks
 from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 from gradwatch._topology import RELU_FAMILY, LayerInfo, Topology, VariableInfo
@@ -396,36 +403,57 @@ def _cosines(cosines, variable="hidden/kernel", ratio=HEALTHY_RATIO):
             for i, cos in enumerate(cosines, start=1)]
 
 
-@pytest.mark.parametrize("cos_factor", [0.0, 1 / NEAR, -1 / NEAR],
-                         ids=["zero", "just_inside_above", "just_inside_below"])
-def test_update_mismatch_unrelated_fires_after_update_cos_window_once_and_clears(cos_factor):
+def _null_bound(measurements: int, entries: int) -> float:
+    """The RMS cosine random directions stay above at 1%: sqrt(chi2_0.99(m) / (m n))."""
+    return math.sqrt(chi2_quantile(measurements) / (measurements * entries))
+
+
+def test_chi2_quantile_is_the_one_percent_bound():
+    # exact chi-square 0.99 quantiles (tables)
+    for dof, exact in ((1, 6.635), (3, 11.345), (8, 20.090), (16, 32.000)):
+        assert chi2_quantile(dof) == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize("factor", [0.0, 1 / NEAR], ids=["zero", "just_inside"])
+def test_update_mismatch_unrelated_fires_at_the_third_measurement_once_and_clears(factor):
     t = DEFAULTS
-    n, p = t.update_cos_window, t.patience
-    # one healthy cosine (1.0) moves the mean out of the band
-    assert (1 - (n - 1) * t.update_cos) / n > t.update_cos
-    sick = n + 3
-    found, alerts = run(_cosines([t.update_cos * cos_factor] * sick + [1.0] * p))
+    n, p, m = SIZES["hidden/kernel"], t.patience, MIN_COS_MEASUREMENTS
+    bound = _null_bound(m, n)
+    assert bound < t.update_cos  # 512 entries: 3 measurements tell random from healthy
+    sick = m + 2
+    cos = _null_bound(sick, n) * factor  # inside the bound at every count up to `sick` (it falls with m)
+    found, alerts = run(_cosines([cos] * sick + [1.0] * p))
     assert found == [
-        (step_of(n), "update_mismatch", "hidden", "hidden/kernel", "warning"),
+        (step_of(m), "update_mismatch", "hidden", "hidden/kernel", "warning"),
         (step_of(sick + p), "update_mismatch", "hidden", "hidden/kernel", "info"),
     ]
-    assert alerts[0].value == pytest.approx(t.update_cos * cos_factor) and alerts[0].threshold == t.update_cos
+    assert alerts[0].value == pytest.approx(cos) and alerts[0].threshold == pytest.approx(bound)
+    assert f"{alerts[0].value:.2g}" in alerts[0].message and f"{alerts[0].threshold:.2g}" in alerts[0].message
     assert "unrelated to" in alerts[0].message and alerts[0].hint == HINTS["update_mismatch"]
+
+
+def test_update_mismatch_random_level_cosines_just_above_the_bound_give_nothing():
+    n = SIZES["hidden/kernel"]
+    # a constant cosine just above the bound at every m stays above it (the bound falls with m)
+    assert run(_cosines([_null_bound(MIN_COS_MEASUREMENTS, n) * NEAR] * 20))[0] == []
 
 
 def test_update_mismatch_opposite_fires():
     t = DEFAULTS
     found, alerts = run(_cosines([-t.update_cos_spread * NEAR] * t.update_cos_window))
-    assert found == [(step_of(t.update_cos_window), "update_mismatch", "hidden", "hidden/kernel", "warning")]
-    assert "opposite to" in alerts[0].message
+    half = t.update_cos_window // 2
+    assert found == [(step_of(half), "update_mismatch", "hidden", "hidden/kernel", "warning")]
+    assert "against its gradient" in alerts[0].message
+    assert alerts[0].value == pytest.approx(-t.update_cos_spread * NEAR)
+    assert alerts[0].threshold == -t.update_cos_spread and f"{alerts[0].value:.2f}" in alerts[0].message
 
 
 @pytest.mark.parametrize(
     "cosines",
-    [[DEFAULTS.update_cos * NEAR],  # mean just outside the unrelated band
+    [[DEFAULTS.update_cos],  # the least healthy average
      [-DEFAULTS.update_cos_spread / NEAR],  # just short of "opposite"
-     [DEFAULTS.update_cos_spread * NEAR, -DEFAULTS.update_cos_spread * NEAR]],  # mean 0, but Adam-like swings
-    ids=["above_band", "short_of_opposite", "swinging"],
+     [0.9, -0.7]],  # Adam-like swings around a mean of 0.1
+    ids=["healthy_floor", "short_of_opposite", "swinging"],
 )
 def test_update_mismatch_healthy_cosines_give_nothing(cosines):
     sequence = cosines * (3 * DEFAULTS.update_cos_window)
@@ -434,13 +462,30 @@ def test_update_mismatch_healthy_cosines_give_nothing(cosines):
 
 def test_update_mismatch_does_not_judge_small_variables_or_rounding_noise():
     t = DEFAULTS
-    assert SIZES["out/kernel"] < t.update_min_size <= SIZES["squash/kernel"]
     unrelated = [0.0] * (2 * t.update_cos_window)
+    # 16 entries: even update_cos_window measurements cannot tell random from healthy
+    assert _null_bound(t.update_cos_window, SIZES["out/kernel"]) > t.update_cos
     assert run(_cosines(unrelated, variable="out/kernel"))[0] == []
     assert run(_cosines(unrelated, ratio=t.update_ratio_floor / NEAR))[0] == []
-    # the smallest judged size is judged
     found, _ = run(_cosines(unrelated, variable="squash/kernel"))
-    assert found == [(step_of(t.update_cos_window), "update_mismatch", "squash", "squash/kernel", "warning")]
+    assert found == [(step_of(MIN_COS_MEASUREMENTS), "update_mismatch", "squash", "squash/kernel", "warning")]
+
+
+@pytest.mark.parametrize("entries, needed", [(36, 5), (64, 3), (24, 13)])
+def test_update_mismatch_evidence_grows_with_size_and_measurements(entries, needed):
+    """A few dozen entries are judged after a handful of measurements (pooled within a window)."""
+    topology = Topology(
+        layers=[LayerInfo("h", 0, "Dense", "tanh", ["h/kernel"])],
+        variables=[VariableInfo("h/kernel", "h", [entries], "float32", 0)],
+    )
+    assert _null_bound(needed, entries) < DEFAULTS.update_cos
+    assert needed == MIN_COS_MEASUREMENTS or DEFAULTS.update_cos <= _null_bound(needed - 1, entries)
+    for count, fires in ((needed - 1, False), (needed, True)):
+        rows = [stats_row(10, "h", entries=entries)], [stats_row(10, "h", "h/kernel", entries=entries)]
+        state = DetectorState()
+        alerts = detect(*rows[:1], topology, state, DEFAULTS, rows[1],
+                        cos_evidence={"h/kernel": (count, 0.0, count * 0.01)})
+        assert [a.kind for a in alerts] == (["update_mismatch"] if fires else []), count
 
 
 # -- nonfinite_gradient -------------------------------------------------------------------------------
