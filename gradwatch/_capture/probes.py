@@ -59,6 +59,7 @@ from gradwatch._interpret.probe_layout import (
     NUM_LOG_BUCKETS,
     NUM_SIGNED_BUCKETS,
     PER_DECADE,
+    EARLY_SNAPSHOTS,
     UPDATE_EVERY,
     UPDATE_ROWS,
     unit_tracks,

@@ -2,10 +2,12 @@
 
 They see the model only through the topology (``run.json``), never the live
 model, and use per-layer rows (``layers.csv``). Each condition is tracked per
-(kind, layer): an alert fires when it has held for ``patience`` consecutive
-windows, a reminder at most every ``remind_every`` windows while it persists,
-and an ``info`` row of the same kind when it has been absent for ``patience``
-windows (so a value hovering at a bound cannot start and clear it over and over).
+(kind, layer): an alert fires when it has held for ``patience`` steps (over whole
+consecutive windows: with the default 30 that is 3 windows at ``log_every=10``, and
+the first window at ``log_every`` >= 30), a reminder at most every ``remind_every``
+steps while it persists, and an ``info`` row of the same kind when it has been absent
+for ``patience`` steps (so a value hovering at a bound cannot start and clear it over
+and over).  Counted in steps, the latency does not depend on ``log_every``.
 
 Rules and defaults (calibrated on the examples and scenarios in tests/; see
 NOTES.md for the published rules they are derived from):
@@ -16,7 +18,7 @@ NOTES.md for the published rules they are derived from):
   ``vanishing_ratio_rms`` (the AUTOTRAINER form: relative and absolute).
 * ``exploding_gradient``: a layer's largest L2 norm in the window exceeds
   ``exploding_l2``, or its mean L2 grew at least ``exploding_growth``-fold in
-  each of the last ``patience`` windows while above ``exploding_growth_floor``.
+  each of the last ``GROWTH_WINDOWS`` (3) windows while above ``exploding_growth_floor``.
 * ``dead_relu``: at least ``dead_fraction`` of a ReLU-family layer's units have
   had an exactly-zero gradient for ``dead_steps`` consecutive steps and fed
   zeros forward (see ``probes.UnitProbe``); no patience on top (the steps are it).
@@ -28,7 +30,7 @@ NOTES.md for the published rules they are derived from):
   gradient for ``dead_steps`` steps without being dead ReLUs.
 * ``update_ratio``: a layer's ||dw|| / ||w|| per step (its kernels) is above
   ``update_ratio_high`` or below ``update_ratio_low`` (TheDeepChecker's log10
-  bounds -1 and -4) on ``patience`` consecutive measured windows.  Layers with
+  bounds -1 and -4) over ``patience`` steps of measured windows.  Layers with
   only 1-D variables (biases, normalisation scales) are not judged: their norm
   starts near zero and their ratio means little.
 * ``update_mismatch``: a variable whose update is unrelated to its gradient, as a
@@ -56,6 +58,9 @@ from typing import Any
 from gradwatch._interpret.alerts import HINTS, Alert
 from gradwatch._topology import Topology
 
+#: Windows over which a mean norm must grow ``exploding_growth``-fold in each.
+GROWTH_WINDOWS = 3
+
 #: The largest count (steps, windows, entries) a threshold takes.
 MAX_COUNT = 10**9
 
@@ -73,8 +78,8 @@ class Thresholds:
         exploding_l2: a layer norm above this is exploding.
         exploding_growth: ... or a mean norm growing by this factor per window,
         exploding_growth_floor: ... while above this.
-        patience: windows a condition must hold before its alert (and be gone before it clears).
-        remind_every: windows between two reminders while a condition lasts.
+        patience: steps a condition must hold before its alert (and be gone before it clears).
+        remind_every: steps between two reminders while a condition lasts.
         dead_steps: consecutive steps of exactly-zero gradient after which a unit counts.
         dead_fraction: the fraction of a layer's units for ``dead_relu``/``no_learning_signal``.
         update_ratio_high: an update/weight ratio above this is too fast.
@@ -95,8 +100,8 @@ class Thresholds:
     exploding_l2: float = 1e4
     exploding_growth: float = 2.0
     exploding_growth_floor: float = 10.0
-    patience: int = 3
-    remind_every: int = 100
+    patience: int = 30
+    remind_every: int = 1000
     dead_steps: int = 50
     dead_fraction: float = 0.5
     update_ratio_high: float = 1e-1
@@ -126,9 +131,9 @@ class Thresholds:
 
 @dataclasses.dataclass
 class _Condition:
-    streak: int = 0  # consecutive windows the condition held
-    alerted_at: int | None = None  # window index of the last alert while it persists
-    clear_streak: int = 0  # consecutive windows without it since the alert
+    since: int | None = None  # first step of the windows it has held in, without a break
+    alerted_at: int | None = None  # step of the last alert while it persists
+    absent_since: int | None = None  # first step of the clean windows without it since the alert
 
 
 @dataclasses.dataclass
@@ -137,6 +142,7 @@ class DetectorState:
 
     window: int = 0
     last_step: int = 0
+    first_step: int = 1  # the window's first step
     # the window had no non-finite gradient step and no non-finite loss: only such a
     # window counts towards clearing a condition (NaN norms look small, not healed)
     clean: bool = True
@@ -184,6 +190,7 @@ def detect(
     state.clean = clean
     if layer_rows:
         state.last_step = int(layer_rows[0]["step"])
+        state.first_step = state.last_step - int(layer_rows[0].get("steps") or 1) + 1
     entries = _layer_entries(topology)
     rows = [row for row in layer_rows if row["grad_steps"]]
     if not rows:
@@ -202,11 +209,12 @@ def detect(
                                  thresholds, step)
         alerts += _exploding(row, state, thresholds, step)
     silent = _silent_kernels(stats_rows or [], topology)
-    alerts += _dead_units(rows, state, thresholds, step, silent)
+    if clean:  # NaN activations give zero ReLU gradients: a non-finite window tells no dead unit
+        alerts += _dead_units(rows, state, thresholds, step, silent)
     # a layer without gradient signal (or a vanishing one) has a tiny update for that
     # reason, not because of its learning rate: the root cause is alerted instead
     vanishing = {layer for (kind, layer), c in state.conditions.items()
-                 if kind == "vanishing_gradient" and c.streak > 0}
+                 if kind == "vanishing_gradient" and c.since is not None}
     quiet = silent | vanishing | {
         row["layer"] for row in rows
         if _finite_value(row, "l2_max") == 0.0
@@ -252,20 +260,20 @@ def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresho
         value, threshold = ratio, thresholds.vanishing_ratio
         said = (f"RMS gradient {ratio:.3g} x the output layer's ({rms:.3g} vs {output_rms:.3g}), "
                 f"below {threshold:g} x")
-    message = f"Layer {layer!r}: {said} for {thresholds.patience} windows, and {moved}: its weights barely move."
+    message = f"Layer {layer!r}: {said} for {thresholds.patience}+ steps, and {moved}: its weights barely move."
     return _track(state, thresholds, "vanishing_gradient", layer, (absolute or relative) and not moving, step,
                   value, threshold, message)
 
 
 def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> list[Alert]:
-    """A layer's norm over the bound, or growing by a factor in each of ``patience`` windows."""
+    """A layer's norm over the bound, or growing by a factor in each of ``GROWTH_WINDOWS`` windows."""
     layer = row["layer"]
     nonfinite = bool(row.get("nonfinite", 0))
     l2_max, l2_mean = row["l2_max"], row["l2_mean"]
     history = state.previous_l2.setdefault(layer, [])
     history.append(l2_mean)
-    del history[: -(thresholds.patience + 1)]
-    grew = len(history) == thresholds.patience + 1 and all(
+    del history[: -(GROWTH_WINDOWS + 1)]
+    grew = len(history) == GROWTH_WINDOWS + 1 and all(
         later >= thresholds.exploding_growth * earlier > 0
         for earlier, later in zip(history, history[1:])
     )
@@ -280,7 +288,7 @@ def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> 
         value = min(later / earlier for earlier, later in zip(history, history[1:]))
         threshold = thresholds.exploding_growth
         message = (f"Layer {layer!r}: mean gradient norm grew at least {value:.3g}x per window over the last "
-                   f"{thresholds.patience} windows (to {l2_mean:.3g}; alert at {threshold:g}x above "
+                   f"{GROWTH_WINDOWS} windows (to {l2_mean:.3g}; alert at {threshold:g}x above "
                    f"{thresholds.exploding_growth_floor:g}).")
     return _track(
         state, thresholds, "exploding_gradient", layer, big or growing, step, value,
@@ -479,9 +487,9 @@ def track_alert(state: DetectorState, thresholds: Thresholds, alert: Alert | Non
             return [Alert(state.last_step, "", "", key, "info", 0.0, 0.0,
                           f"{key.replace('_', ' ').capitalize()}: cleared (recovered).", "")]
         return []
-    if condition.alerted_at is None or state.window - condition.alerted_at >= thresholds.remind_every:
+    if condition.alerted_at is None or state.last_step - condition.alerted_at >= thresholds.remind_every:
         reminder = condition.alerted_at is not None
-        condition.alerted_at = state.window
+        condition.alerted_at = state.last_step
         if reminder:
             alert.message = "Still: " + alert.message
         return [alert]
@@ -504,26 +512,26 @@ def _track(
     key = layer if variable == "*" else f"{layer}\x00{variable}"
     condition = state.conditions.setdefault((kind, key), _Condition())
     if not active:
-        condition.streak = 0
+        condition.since = None
         if condition.alerted_at is not None:
-            # it clears after `patience` clean windows without it: a value hovering at a
-            # bound does not start and clear an alert over and over
-            condition.clear_streak = condition.clear_streak + 1 if state.clean else 0
-            if condition.clear_streak >= thresholds.patience:
-                condition.alerted_at = None
-                condition.clear_streak = 0
+            # it clears after `patience` steps of clean windows without it: a value hovering
+            # at a bound does not start and clear an alert over and over
+            condition.absent_since = (condition.absent_since or state.first_step) if state.clean else None
+            if condition.absent_since is not None and step - condition.absent_since + 1 >= thresholds.patience:
+                condition.alerted_at = condition.absent_since = None
                 return [Alert(step, layer, variable, kind, "info", value, threshold,
                               f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered): "
                               f"now {value:.3g} (threshold {threshold:.3g}).", "")]
         return []
-    condition.clear_streak = 0
-    condition.streak += 1
-    due = condition.streak >= thresholds.patience or immediate
+    condition.absent_since = None
+    if condition.since is None:
+        condition.since = state.first_step
+    due = step - condition.since + 1 >= thresholds.patience or immediate
     if not due:
         return []
-    if condition.alerted_at is None or state.window - condition.alerted_at >= thresholds.remind_every:
+    if condition.alerted_at is None or step - condition.alerted_at >= thresholds.remind_every:
         reminder = condition.alerted_at is not None
-        condition.alerted_at = state.window
+        condition.alerted_at = step
         text = ("Still: " if reminder else "") + message
         return [Alert(step, layer, variable, kind, "warning", value, threshold, text, HINTS.get(kind, ""))]
     return []
