@@ -65,29 +65,38 @@ def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def _noisy(y, seed):
+    """10% of the labels flipped, as in real data: a noise-free toy task is fit to a loss of
+    ~1e-4 within 2,000 steps, after which the gradients fall below Adam's epsilon and the
+    weights really do stop (an update_ratio / vanishing alert that is then right)."""
+    flip = _rng(seed + 100).random(len(y)) < 0.1
+    return np.where(flip[:, None], 1.0 - y, y).astype("float32")
+
+
 def _tabular(n, features=12, seed=0):
     rng = _rng(seed)
     x = rng.normal(size=(n, features)).astype("float32")
     y = (x @ rng.normal(size=(features, 1)) > 0).astype("float32")
-    return x, y
+    return x, _noisy(y, seed)
 
 
 def _tokens(n, length=8, vocab=40, seed=1):
     rng = _rng(seed)
     x = rng.integers(1, vocab, (n, length)).astype("int32")
-    return x, ((x % 2).sum(axis=1) > length // 2).astype("float32")[:, None]
+    return x, _noisy(((x % 2).sum(axis=1) > length // 2).astype("float32")[:, None], seed)
 
 
 def _images(n, seed=2):
     rng = _rng(seed)
     x = rng.normal(size=(n, 10, 10, 1)).astype("float32")
-    return x, (x[:, :5].mean(axis=(1, 2, 3)) > x[:, 5:].mean(axis=(1, 2, 3))).astype("float32")[:, None]
+    return x, _noisy((x[:, :5].mean(axis=(1, 2, 3)) > x[:, 5:].mean(axis=(1, 2, 3))).astype("float32")[:, None],
+                     seed)
 
 
 def _sequences(n, seed=3):
     rng = _rng(seed)
     x = rng.normal(size=(n, 8, 3)).astype("float32")
-    return x, (x[:, :, 0].sum(axis=1) > 0).astype("float32")[:, None]
+    return x, _noisy((x[:, :, 0].sum(axis=1) > 0).astype("float32")[:, None], seed)
 
 
 # ------------------------------------------------------------------------- models
@@ -252,8 +261,9 @@ def corpus(steps: int) -> list[Case]:
             gw, lambda: (ResidualMLP(activation="linear", init=keras.initializers.RandomNormal(stddev=3.0)),
                          _tabular), d, s, keras.optimizers.SGD(0.1)),
              {"exploding_gradient": ""}, explode_may),
+        # NaN weights make conv1's ReLU output 0 from then on: its units are dead, conv2 gets no signal
         Case("nan_input_cnn", lambda gw, d, s: _fit(gw, cnn, d, s, poison=_nan_rows),
-             {"nonfinite_gradient": ""}),
+             {"nonfinite_gradient": ""}, frozenset({"dead_relu", "no_learning_signal"})),
         Case("swapped_raw", _swapped_raw, {"update_mismatch": ""}),
         Case("lr_tiny_lstm", lambda gw, d, s: _fit(gw, lstm, d, s, keras.optimizers.SGD(1e-6)),
              {"update_ratio": ""}, frozenset({"vanishing_gradient"})),

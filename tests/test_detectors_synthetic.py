@@ -633,3 +633,16 @@ def test_patience_is_counted_in_steps_whatever_the_window_length(window_steps):
         if alerts and first is None:
             first = alerts[0].step
     assert first == window_steps * math.ceil(t.patience / window_steps)
+
+
+@pytest.mark.parametrize("factor, fires_at", [(NEAR, 1), (1 / NEAR, 3)])
+def test_an_update_larger_than_the_weights_is_alerted_at_once(factor, fires_at):
+    """A learning rate far too high: the first step moves the kernels by more than their norm
+    (10 x update_ratio_high), then the inflated weights bring the ratio back down."""
+    from gradwatch._interpret.detectors import UPDATE_RATIO_BLOWN
+
+    t = DEFAULTS
+    first = UPDATE_RATIO_BLOWN * t.update_ratio_high * factor
+    ratios = [first] + [t.update_ratio_high * 2] * 2 + [HEALTHY_RATIO] * 5
+    found, _ = run([window(i, layers={"hidden": {"update_ratio": r}}) for i, r in enumerate(ratios, start=1)])
+    assert found[0] == (step_of(fires_at), "update_ratio", "hidden", "*", "warning")

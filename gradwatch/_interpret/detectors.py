@@ -30,7 +30,8 @@ NOTES.md for the published rules they are derived from):
   gradient for ``dead_steps`` steps without being dead ReLUs.
 * ``update_ratio``: a layer's ||dw|| / ||w|| per step (its kernels) is above
   ``update_ratio_high`` or below ``update_ratio_low`` (TheDeepChecker's log10
-  bounds -1 and -4) over ``patience`` steps of measured windows.  Layers with
+  bounds -1 and -4) over ``patience`` steps of measured windows; at once when one
+  step moved a layer's kernels by more than their norm (10 x ``update_ratio_high``).  Layers with
   only 1-D variables (biases, normalisation scales) are not judged: their norm
   starts near zero and their ratio means little.
 * ``update_mismatch``: a variable whose update is unrelated to its gradient, as a
@@ -57,6 +58,9 @@ from typing import Any
 
 from gradwatch._interpret.alerts import HINTS, Alert
 from gradwatch._topology import Topology
+
+#: An update/weight ratio this many times ``update_ratio_high`` is alerted at once.
+UPDATE_RATIO_BLOWN = 10.0
 
 #: Windows over which a mean norm must grow ``exploding_growth``-fold in each.
 GROWTH_WINDOWS = 3
@@ -373,7 +377,12 @@ def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
             + ("(too fast: " if high else "(too slow: " if low else "(")
             + f"healthy is ~1e-3, bounds {thresholds.update_ratio_low:g}..{thresholds.update_ratio_high:g})."
         )
-        found = _track(state, thresholds, "update_ratio", layer, high or low, step, ratio, bound, message)
+        # one step that moves the weights by more than their own norm (10x the high bound)
+        # is never healthy: no patience (a huge learning rate soon inflates the weights and
+        # the ratio falls back)
+        blown = ratio > UPDATE_RATIO_BLOWN * thresholds.update_ratio_high
+        found = _track(state, thresholds, "update_ratio", layer, high or low, step, ratio, bound, message,
+                       immediate=blown)
         for alert in found:
             if alert.severity != "info":
                 alert.hint = HINTS["update_ratio_high" if high else "update_ratio_low"]
