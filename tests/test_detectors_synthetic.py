@@ -646,3 +646,12 @@ def test_an_update_larger_than_the_weights_is_alerted_at_once(factor, fires_at):
     ratios = [first] + [t.update_ratio_high * 2] * 2 + [HEALTHY_RATIO] * 5
     found, _ = run([window(i, layers={"hidden": {"update_ratio": r}}) for i, r in enumerate(ratios, start=1)])
     assert found[0] == (step_of(fires_at), "update_ratio", "hidden", "*", "warning")
+
+
+def test_a_vanishing_layer_without_a_measured_update_ratio_says_so():
+    """Several replicas measure no update ratio: the alert fires on the gradient alone, and its
+    message says the ratio is not measured instead of quoting one."""
+    low = {"hidden": {"rms": DEFAULTS.vanishing_rms / 2}}  # update_ratio NaN in every row
+    found, alerts = run([window(i, layers=low) for i in range(1, windows_of(DEFAULTS.patience) + 1)])
+    assert found == [(step_of(windows_of(DEFAULTS.patience)), "vanishing_gradient", "hidden", "*", "warning")]
+    assert "update/weight ratio is not measured (several replicas" in alerts[0].message
