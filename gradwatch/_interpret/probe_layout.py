@@ -132,9 +132,11 @@ def dead_after(dead_steps: int, steps_seen: int) -> int:
 
 
 def early_read_due(steps_seen: int, steps_since_read: int, dead_steps: int) -> bool:
-    """Whether the end of an epoch reads the window now: within the run's first
-    ``dead_steps`` steps, so a short first epoch reports what it found."""
-    return 0 < steps_since_read and steps_seen <= dead_steps
+    """Whether the end of an epoch reads the window now: once in a run, for the window in
+    which the early dead-unit rule became possible (``EARLY_DEAD_STEPS``), within the
+    first ``dead_steps`` steps, so a short first epoch reports what it found."""
+    return (0 < steps_since_read and EARLY_DEAD_STEPS <= steps_seen <= dead_steps
+            and steps_seen - steps_since_read < EARLY_DEAD_STEPS)
 
 
 def decode_units(tracks: list[Track], num_layers: int, fetched: tuple[np.ndarray, np.ndarray],
