@@ -89,8 +89,8 @@ def _tokens(n, length=8, vocab=40, seed=1):
 def _images(n, seed=2):
     rng = _rng(seed)
     x = rng.normal(size=(n, 10, 10, 1)).astype("float32")
-    return x, _noisy((x[:, :5].mean(axis=(1, 2, 3)) > x[:, 5:].mean(axis=(1, 2, 3))).astype("float32")[:, None],
-                     seed)
+    y = (x[:, :5].mean(axis=(1, 2, 3)) > x[:, 5:].mean(axis=(1, 2, 3))).astype("float32")[:, None]
+    return x, _noisy(y, seed)
 
 
 def _sequences(n, seed=3):
@@ -217,7 +217,8 @@ def _swapped_raw(gw, log_dir, steps):
     b2 = tf.Variable(np.zeros(6, np.float32), name="b2")
     k3 = tf.Variable(rng.normal(size=(6, 1)).astype("float32") * 0.4, name="k3")
     variables = [k1, b1, k2, b2, k3]
-    watch = gw.Watch(log_dir, log_every=10, names=["h1/kernel", "h1/bias", "h2/kernel", "h2/bias", "out/kernel"])
+    names = ["h1/kernel", "h1/bias", "h2/kernel", "h2/bias", "out/kernel"]
+    watch = gw.Watch(log_dir, log_every=10, names=names)
 
     @tf.function
     def step(xb, yb):

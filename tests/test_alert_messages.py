@@ -17,12 +17,10 @@ import pandas as pd
 import pytest
 from test_detectors_synthetic import (
     DEFAULTS,
-    NEAR,
     SIZES,
     TOPOLOGY,
     counts_at_first,
     run,
-    stats_row,
     window,
     window_row,
 )
@@ -94,7 +92,8 @@ def test_exploding_norm_and_growth_state_their_own_numbers():
     assert_states_its_numbers(alert)
 
 
-@pytest.mark.parametrize("column, kind", [("dead_frac", "dead_relu"), ("no_signal_frac", "no_learning_signal")])
+@pytest.mark.parametrize("column, kind",
+                         [("dead_frac", "dead_relu"), ("no_signal_frac", "no_learning_signal")])
 def test_unit_fractions_state_the_fraction(column, kind):
     layer = "hidden" if kind == "dead_relu" else "squash"
     alert = _first([window(1, layers={layer: {column: 0.75}})], kind)[0]

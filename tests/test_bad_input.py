@@ -29,8 +29,8 @@ import keras  # noqa: E402
 from conftest import np_stats, tape_gradients  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
-from gradwatch._interpret import probe_layout  # noqa: E402
 from gradwatch._internal_options import InternalOptions  # noqa: E402
+from gradwatch._interpret import probe_layout  # noqa: E402
 
 
 def _model(optimizer: str | keras.optimizers.Optimizer = "sgd", seed: int = 0) -> keras.Model:

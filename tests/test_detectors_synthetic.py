@@ -126,7 +126,8 @@ def test_healthy_rows_give_no_alert():
 # -- vanishing_gradient -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("thresholds", [DEFAULTS, Thresholds(patience=2 * STEPS)], ids=["default", "patience2"])
+@pytest.mark.parametrize("thresholds", [DEFAULTS, Thresholds(patience=2 * STEPS)],
+                         ids=["default", "patience2"])
 def test_vanishing_absolute_fires_after_patience_once_and_clears(thresholds):
     p = windows_of(thresholds.patience)
     assert thresholds.vanishing_ratio < 1 / NEAR**2  # layers at a ratio ~1 are not relatively vanishing
@@ -182,7 +183,8 @@ def test_a_small_gradient_that_moves_its_weights_is_not_vanishing(update_factor,
            "out": {"rms": t.vanishing_rms * NEAR}}
     # the ratio is measured in the first window only (every 50 steps): it is remembered
     first = {name: dict(rows, update_ratio=update) for name, rows in low.items()}
-    windows = [window(1, layers=first)] + [window(i, layers=low) for i in range(2, 2 * windows_of(t.patience) + 1)]
+    p = windows_of(t.patience)
+    windows = [window(1, layers=first)] + [window(i, layers=low) for i in range(2, 2 * p + 1)]
     found, alerts = run(windows)
     if fires:
         assert found == [(step_of(windows_of(t.patience)), "vanishing_gradient", "hidden", "*", "warning")]
@@ -385,7 +387,8 @@ def test_update_ratio_clears_only_a_factor_2_inside_the_bound():
     high = {"hidden": {"update_ratio": t.update_ratio_high * NEAR}}
     hovering = {"hidden": {"update_ratio": t.update_ratio_high / NEAR}}  # inside, but not by 2
     windows = [window(i, layers=high) for i in range(1, windows_of(t.patience) + 1)]
-    windows += [window(i, layers=hovering) for i in range(windows_of(t.patience) + 1, 4 * windows_of(t.patience))]
+    p = windows_of(t.patience)
+    windows += [window(i, layers=hovering) for i in range(p + 1, 4 * p)]
     found, _ = run(windows)
     assert found == [(step_of(windows_of(t.patience)), "update_ratio", "hidden", "*", "warning")]
 

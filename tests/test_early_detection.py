@@ -33,7 +33,8 @@ def _half_dead_model():
     bias = np.array([-40.0] * 10 + [0.1] * 6, np.float32)
     model = keras.Sequential([
         keras.Input((12,)),
-        keras.layers.Dense(16, activation="relu", name="hidden", bias_initializer=keras.initializers.Constant(bias)),
+        keras.layers.Dense(16, activation="relu", name="hidden",
+                           bias_initializer=keras.initializers.Constant(bias)),
         keras.layers.Dense(1, activation="sigmoid", name="out"),
     ])
     model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")

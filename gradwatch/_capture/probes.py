@@ -55,11 +55,11 @@ import tensorflow as tf
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.keras_internals import cond, replica_variable, run_function
 from gradwatch._interpret.probe_layout import (
+    EARLY_SNAPSHOTS,
     LOG10_LOW,
     NUM_LOG_BUCKETS,
     NUM_SIGNED_BUCKETS,
     PER_DECADE,
-    EARLY_SNAPSHOTS,
     UPDATE_EVERY,
     UPDATE_ROWS,
     unit_tracks,
@@ -368,7 +368,8 @@ class UpdateProbe:
         rows = self.result.read_value()
         # the window's direction measurements (count, sum of cosines, of squares) add up
         valid = (du > 0.0) & (g2 > 0.0)
-        cos = tf.where(valid, dot / (tf.sqrt(tf.where(valid, du, 1.0)) * tf.sqrt(tf.where(valid, g2, 1.0))), 0.0)
+        norms = tf.sqrt(tf.where(valid, du, 1.0)) * tf.sqrt(tf.where(valid, g2, 1.0))
+        cos = tf.where(valid, dot / norms, 0.0)
         count, total, squares = tf.unstack(tf.where(tf.math.is_nan(rows[5:]), 0.0, rows[5:]), num=3)
         # the rows the stats show are the window's first measurement's
         head = tf.stack([du, self._per_variable(tf.square(snap)), du, dot, g2])

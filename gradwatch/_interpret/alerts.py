@@ -119,7 +119,8 @@ def nonfinite_alert(
             f"Non-finite loss at step {step}: the forward pass produced NaN/Inf (from the input "
             "data, or from weights or activations that already overflowed: look for earlier "
             f"exploding_gradient alerts), so every gradient is non-finite ({int(count)} NaN/Inf entries at "
-            f"step {step}; {steps} such step(s) in this window). This is not a gradient problem of one layer.",
+            f"step {step}; {steps} such step(s) in this window). This is not a gradient problem of one "
+            "layer.",
             HINTS["nonfinite_loss"],
         )
     if loss_scale_optimizer and window_row["skipped_steps"] >= steps:

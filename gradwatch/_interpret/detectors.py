@@ -215,20 +215,24 @@ def detect(
     silent = _silent_kernels(stats_rows or [], topology)
     if clean:  # NaN activations give zero ReLU gradients: a non-finite window tells no dead unit
         alerts += _dead_units(rows, state, thresholds, step, silent)
-    # a layer without gradient signal (or a vanishing one) has a tiny update for that
-    # reason, not because of its learning rate: the root cause is alerted instead
+    quiet = _quiet_layers(rows, state, thresholds, silent)
+    alerts += _update_ratio([row for row in rows if row["layer"] not in quiet], topology, state,
+                            thresholds, step)
+    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step, quiet, cos_evidence)
+    return alerts
+
+
+def _quiet_layers(rows, state: DetectorState, thresholds: Thresholds, silent: set[str]) -> set[str]:
+    """A layer without gradient signal (or a vanishing one) has a tiny update for that
+    reason, not because of its learning rate: the root cause is alerted instead."""
     vanishing = {layer for (kind, layer), c in state.conditions.items()
                  if kind == "vanishing_gradient" and c.since is not None}
-    quiet = silent | vanishing | {
+    return silent | vanishing | {
         row["layer"] for row in rows
         if _finite_value(row, "l2_max") == 0.0
         or (_finite_value(row, "dead_frac") or 0.0) >= thresholds.dead_fraction
         or (_finite_value(row, "no_signal_frac") or 0.0) >= thresholds.dead_fraction
     }
-    alerts += _update_ratio([row for row in rows if row["layer"] not in quiet], topology, state,
-                            thresholds, step)
-    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step, quiet, cos_evidence)
-    return alerts
 
 
 def _layer_entries(topology: Topology) -> dict[str, int]:
@@ -264,7 +268,8 @@ def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresho
         value, threshold = ratio, thresholds.vanishing_ratio
         said = (f"RMS gradient {ratio:.3g} x the output layer's ({rms:.3g} vs {output_rms:.3g}), "
                 f"below {threshold:g} x")
-    message = f"Layer {layer!r}: {said} for {thresholds.patience}+ steps, and {moved}: its weights barely move."
+    message = (f"Layer {layer!r}: {said} for {thresholds.patience}+ steps, and {moved}: its weights "
+               "barely move.")
     return _track(state, thresholds, "vanishing_gradient", layer, (absolute or relative) and not moving, step,
                   value, threshold, message)
 
@@ -526,7 +531,8 @@ def _track(
             # it clears after `patience` steps of clean windows without it: a value hovering
             # at a bound does not start and clear an alert over and over
             condition.absent_since = (condition.absent_since or state.first_step) if state.clean else None
-            if condition.absent_since is not None and step - condition.absent_since + 1 >= thresholds.patience:
+            absent = step - condition.absent_since + 1 if condition.absent_since is not None else 0
+            if absent >= thresholds.patience:
                 condition.alerted_at = condition.absent_since = None
                 return [Alert(step, layer, variable, kind, "info", value, threshold,
                               f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered): "
