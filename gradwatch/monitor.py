@@ -15,7 +15,7 @@ from gradwatch._capture import keras_internals as internals
 from gradwatch._fit_parts import FitParts
 from gradwatch._internal_options import InternalOptions, as_internal
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
-from gradwatch._interpret.probe_layout import UPDATE_EVERY
+from gradwatch._interpret.probe_layout import early_read_due, next_snapshot
 from gradwatch._options import Options
 from gradwatch._topology import Topology
 
@@ -182,6 +182,11 @@ class GradientMonitor(keras.callbacks.Callback):
             # for the next window.
             self._read()
 
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._active and self._parts.bound and early_read_due(
+                self._host_steps, self._steps_since_read, self.options.thresholds.dead_steps):
+            self._read()
+
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         # validation inside fit: the activation probe does not count these batches
         if self._active and self._parts.bound:
@@ -212,9 +217,9 @@ class GradientMonitor(keras.callbacks.Callback):
             self._host_steps = self._next_snapshot = 0
 
     def _snapshot_if_due(self) -> None:
-        """Every UPDATE_EVERY steps: the weights before this step, for the update probe."""
+        """On the steps of probe_layout.snapshot_due: the weights before this step, for the update probe."""
         if self._host_steps >= self._next_snapshot and self._parts.recorder.snapshot_weights():
-            self._next_snapshot = self._host_steps + UPDATE_EVERY
+            self._next_snapshot = next_snapshot(self._host_steps + 1) - 1  # host steps count from 0
             self._update_pending = True
 
     def _read(self) -> None:

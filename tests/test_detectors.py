@@ -22,7 +22,7 @@ TOPOLOGY = Topology(
 
 def _rows(step, l2_means, l2_max=None):
     return [
-        {"step": step, "layer": name, "grad_steps": 10, "l2_mean": mean,
+        {"step": step, "steps": 10, "layer": name, "grad_steps": 10, "l2_mean": mean,
          "l2_max": (l2_max or {}).get(name, mean)}
         for name, mean in zip(("first", "middle", "out"), l2_means)
     ]
@@ -65,7 +65,7 @@ def test_a_value_hovering_at_a_bound_does_not_flap():
 @pytest.mark.fast
 def test_reminder_is_periodic():
     tiny = ([1e-7, 1e-2, 1.0], None)
-    result = _run([tiny] * 9, Thresholds(patience=2, remind_every=3))
+    result = _run([tiny] * 9, Thresholds(patience=20, remind_every=30))
     fired = [i for i, window in enumerate(result) if window]
     assert fired == [1, 4, 7]
     assert result[4][0].message.startswith("Still:")

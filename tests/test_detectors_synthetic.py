@@ -16,7 +16,15 @@ import pytest
 
 # The code under test, imported here only: when it moves module, these lines are the ones to change.
 from gradwatch._interpret.alerts import HINTS, nonfinite_alert
-from gradwatch._interpret.detectors import DetectorState, Thresholds, detect, track_alert
+from gradwatch._interpret.detectors import (
+    GROWTH_WINDOWS,
+    MIN_COS_MEASUREMENTS,
+    DetectorState,
+    Thresholds,
+    chi2_quantile,
+    detect,
+    track_alert,
+)
 from gradwatch._interpret.probe_layout import decode_units, unit_tracks
 from gradwatch._io.schema import STATS_COLUMNS, WINDOW_COLUMNS
 from gradwatch._topology import RELU_FAMILY, LayerInfo, Topology, VariableInfo
@@ -103,6 +111,11 @@ def step_of(window_index: int) -> int:
     return window_index * STEPS
 
 
+def windows_of(steps: int) -> int:
+    """The windows (of STEPS steps) that hold ``steps`` steps: patience is counted in steps."""
+    return math.ceil(steps / STEPS)
+
+
 def test_healthy_rows_give_no_alert():
     windows = [window(i, layers={"hidden": {"update_ratio": HEALTHY_RATIO}},
                       variables={"hidden/kernel": {"update_ratio": HEALTHY_RATIO, "update_cos": 0.5}})
@@ -113,9 +126,10 @@ def test_healthy_rows_give_no_alert():
 # -- vanishing_gradient -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("thresholds", [DEFAULTS, Thresholds(patience=2)], ids=["default", "patience2"])
+@pytest.mark.parametrize("thresholds", [DEFAULTS, Thresholds(patience=2 * STEPS)],
+                         ids=["default", "patience2"])
 def test_vanishing_absolute_fires_after_patience_once_and_clears(thresholds):
-    p = thresholds.patience
+    p = windows_of(thresholds.patience)
     assert thresholds.vanishing_ratio < 1 / NEAR**2  # layers at a ratio ~1 are not relatively vanishing
     # hidden just below the absolute bound; the others just above, at a ratio ~1 (not the relative rule)
     low = {"hidden": {"rms": thresholds.vanishing_rms / NEAR},
@@ -136,7 +150,7 @@ def test_vanishing_absolute_fires_after_patience_once_and_clears(thresholds):
 
 def test_vanishing_just_above_the_absolute_bound_gives_nothing():
     above = {name: {"rms": DEFAULTS.vanishing_rms * NEAR} for name in LAYERS}
-    assert run([window(i, layers=above) for i in range(1, 4 * DEFAULTS.patience)])[0] == []
+    assert run([window(i, layers=above) for i in range(1, 4 * windows_of(DEFAULTS.patience))])[0] == []
 
 
 @pytest.mark.parametrize(
@@ -151,9 +165,9 @@ def test_vanishing_relative_needs_both_the_ratio_and_the_rms(rms_factor, ratio_f
     assert rms > t.vanishing_rms  # not the absolute rule
     output_rms = rms / (t.vanishing_ratio * ratio_factor)
     layers = {"hidden": {"rms": rms}, "squash": {"rms": output_rms}, "out": {"rms": output_rms}}
-    found, alerts = run([window(i, layers=layers) for i in range(1, 2 * t.patience + 1)])
+    found, alerts = run([window(i, layers=layers) for i in range(1, 2 * windows_of(t.patience) + 1)])
     if fires:
-        assert found == [(step_of(t.patience), "vanishing_gradient", "hidden", "*", "warning")]
+        assert found == [(step_of(windows_of(t.patience)), "vanishing_gradient", "hidden", "*", "warning")]
         assert alerts[0].threshold == t.vanishing_ratio
     else:
         assert found == []
@@ -169,10 +183,11 @@ def test_a_small_gradient_that_moves_its_weights_is_not_vanishing(update_factor,
            "out": {"rms": t.vanishing_rms * NEAR}}
     # the ratio is measured in the first window only (every 50 steps): it is remembered
     first = {name: dict(rows, update_ratio=update) for name, rows in low.items()}
-    windows = [window(1, layers=first)] + [window(i, layers=low) for i in range(2, 2 * t.patience + 1)]
+    p = windows_of(t.patience)
+    windows = [window(1, layers=first)] + [window(i, layers=low) for i in range(2, 2 * p + 1)]
     found, alerts = run(windows)
     if fires:
-        assert found == [(step_of(t.patience), "vanishing_gradient", "hidden", "*", "warning")]
+        assert found == [(step_of(windows_of(t.patience)), "vanishing_gradient", "hidden", "*", "warning")]
         assert f"update/weight ratio is {update:.2g}" in alerts[0].message
     else:
         assert found == []
@@ -181,7 +196,7 @@ def test_a_small_gradient_that_moves_its_weights_is_not_vanishing(update_factor,
 def test_vanishing_spares_the_output_layer_and_exact_zeros():
     # the output layer is the reference; an exactly-zero gradient is no signal, not a small one
     layers = {"out": {"rms": DEFAULTS.vanishing_rms / 1e3}, "squash": {"rms": 0.0}}
-    found, _ = run([window(i, layers=layers) for i in range(1, 2 * DEFAULTS.patience + 1)])
+    found, _ = run([window(i, layers=layers) for i in range(1, 2 * windows_of(DEFAULTS.patience) + 1)])
     assert [f for f in found if f[1] == "vanishing_gradient"] == []
 
 
@@ -193,11 +208,11 @@ def test_exploding_on_a_huge_norm_fires_at_once_once_and_clears():
     sick = 3
     huge = {"squash": {"l2_max": t.exploding_l2 * NEAR}}
     windows = [window(i, layers=huge) for i in range(1, sick + 1)]
-    windows += [window(i) for i in range(sick + 1, sick + t.patience + 1)]
+    windows += [window(i) for i in range(sick + 1, sick + windows_of(t.patience) + 1)]
     found, alerts = run(windows)
     assert found == [
         (step_of(1), "exploding_gradient", "squash", "*", "warning"),
-        (step_of(sick + t.patience), "exploding_gradient", "squash", "*", "info"),
+        (step_of(sick + windows_of(t.patience)), "exploding_gradient", "squash", "*", "info"),
     ]
     assert alerts[0].value == t.exploding_l2 * NEAR and alerts[0].threshold == t.exploding_l2
     assert alerts[0].hint == HINTS["exploding_gradient"]
@@ -205,7 +220,7 @@ def test_exploding_on_a_huge_norm_fires_at_once_once_and_clears():
 
 def test_exploding_just_below_the_norm_bound_gives_nothing():
     below = {"squash": {"l2_max": DEFAULTS.exploding_l2 / NEAR}}
-    assert run([window(i, layers=below) for i in range(1, 4 * DEFAULTS.patience)])[0] == []
+    assert run([window(i, layers=below) for i in range(1, 4 * windows_of(DEFAULTS.patience))])[0] == []
 
 
 def _growing(growth: float, last_l2: float, windows: int):
@@ -224,7 +239,7 @@ def _growing(growth: float, last_l2: float, windows: int):
 def test_exploding_on_sustained_growth(growth_factor, last_factor, fires):
     t = DEFAULTS
     assert t.exploding_growth_floor * NEAR < t.exploding_l2  # not the huge-norm rule
-    windows = t.patience + 1  # patience growths need patience + 1 windows
+    windows = GROWTH_WINDOWS + 1  # GROWTH_WINDOWS growths need GROWTH_WINDOWS + 1 windows
     found, _ = run(_growing(t.exploding_growth * growth_factor, t.exploding_growth_floor * last_factor,
                             windows))
     expected = [(step_of(windows), "exploding_gradient", "hidden", "*", "warning")] if fires else []
@@ -240,11 +255,11 @@ def test_dead_relu_fires_at_once_at_dead_fraction_once_and_clears():
     # a dead layer's tiny update is not an update_ratio problem: the root cause is alerted
     dead = {"hidden": {"dead_frac": t.dead_fraction, "update_ratio": t.update_ratio_low / 10}}
     windows = [window(i, layers=dead) for i in range(1, sick + 1)]
-    windows += [window(i) for i in range(sick + 1, sick + t.patience + 1)]
+    windows += [window(i) for i in range(sick + 1, sick + windows_of(t.patience) + 1)]
     found, alerts = run(windows)
     assert found == [
         (step_of(1), "dead_relu", "hidden", "*", "warning"),
-        (step_of(sick + t.patience), "dead_relu", "hidden", "*", "info"),
+        (step_of(sick + windows_of(t.patience)), "dead_relu", "hidden", "*", "info"),
     ]
     assert alerts[0].value == t.dead_fraction and alerts[0].threshold == t.dead_fraction
     assert alerts[0].hint == HINTS["dead_relu"]
@@ -253,7 +268,7 @@ def test_dead_relu_fires_at_once_at_dead_fraction_once_and_clears():
 @pytest.mark.parametrize("column", ["dead_frac", "no_signal_frac"])
 def test_unit_fractions_just_below_dead_fraction_give_nothing(column):
     below = {"hidden": {column: DEFAULTS.dead_fraction / NEAR}}
-    assert run([window(i, layers=below) for i in range(1, 4 * DEFAULTS.patience)])[0] == []
+    assert run([window(i, layers=below) for i in range(1, 4 * windows_of(DEFAULTS.patience))])[0] == []
 
 
 def _unit_window(index: int, zero_run: dict[str, np.ndarray], silent: dict[str, np.ndarray],
@@ -323,7 +338,7 @@ def test_a_live_relu_unit_without_gradient_is_no_learning_signal():
 def test_a_kernel_with_zero_gradient_on_every_step_is_no_learning_signal(kernel_rms, bias_rms, fires):
     # its bias still gets a gradient (the units are live): its inputs are all zero; as a
     # window-level judgement (not dead_steps long) it waits for `patience` windows
-    p = DEFAULTS.patience
+    p = windows_of(DEFAULTS.patience)
     variables = {"squash/kernel": {"rms": kernel_rms}, "squash/bias": {"rms": bias_rms}}
     layers = {"squash": {"rms": 0.0}} if bias_rms == 0.0 else {}
     found, _ = run([window(i, layers=layers, variables=variables) for i in range(1, 2 * p + 1)])
@@ -334,19 +349,20 @@ def test_a_kernel_with_zero_gradient_on_every_step_is_no_learning_signal(kernel_
 
 
 @pytest.mark.parametrize("side", ["high", "low"])
-def test_update_ratio_fires_after_patience_measured_windows_once_and_clears(side):
+def test_update_ratio_fires_after_patience_steps_of_measured_windows_once_and_clears(side):
     t = DEFAULTS
-    p = t.patience
+    p = windows_of(t.patience)
     bound = t.update_ratio_high if side == "high" else t.update_ratio_low
     ratio = bound * NEAR if side == "high" else bound / NEAR
-    # measured windows alternate with unmeasured ones (NaN): the streak neither grows nor breaks
+    # measured windows alternate with unmeasured ones (NaN): those neither break the streak nor
+    # end it; it fires at the first measured window `patience` steps after its start
     windows, index = [], 0
     for _ in range(p + 2):
         index += 1
         windows.append(window(index, layers={"hidden": {"update_ratio": ratio}}))
         index += 1
         windows.append(window(index))
-    fired_at = 2 * p - 1  # the p-th measured window
+    fired_at = next(k for k in range(1, 2 * p + 2, 2) if step_of(k) >= t.patience)
     healthy_from = index + 1
     windows += [window(i, layers={"hidden": {"update_ratio": HEALTHY_RATIO}})
                 for i in range(healthy_from, healthy_from + p)]
@@ -363,17 +379,18 @@ def test_update_ratio_fires_after_patience_measured_windows_once_and_clears(side
                          ids=["below_high", "above_low"])
 def test_update_ratio_just_inside_the_bounds_gives_nothing(ratio):
     layers = {name: {"update_ratio": ratio} for name in LAYERS}
-    assert run([window(i, layers=layers) for i in range(1, 4 * DEFAULTS.patience)])[0] == []
+    assert run([window(i, layers=layers) for i in range(1, 4 * windows_of(DEFAULTS.patience))])[0] == []
 
 
 def test_update_ratio_clears_only_a_factor_2_inside_the_bound():
     t = DEFAULTS
     high = {"hidden": {"update_ratio": t.update_ratio_high * NEAR}}
     hovering = {"hidden": {"update_ratio": t.update_ratio_high / NEAR}}  # inside, but not by 2
-    windows = [window(i, layers=high) for i in range(1, t.patience + 1)]
-    windows += [window(i, layers=hovering) for i in range(t.patience + 1, 4 * t.patience)]
+    windows = [window(i, layers=high) for i in range(1, windows_of(t.patience) + 1)]
+    p = windows_of(t.patience)
+    windows += [window(i, layers=hovering) for i in range(p + 1, 4 * p)]
     found, _ = run(windows)
-    assert found == [(step_of(t.patience), "update_ratio", "hidden", "*", "warning")]
+    assert found == [(step_of(windows_of(t.patience)), "update_ratio", "hidden", "*", "warning")]
 
 
 def test_update_ratio_does_not_judge_a_layer_of_vectors_only():
@@ -384,7 +401,7 @@ def test_update_ratio_does_not_judge_a_layer_of_vectors_only():
     )
     too_fast = DEFAULTS.update_ratio_high * 10
     windows = [([stats_row(step_of(i), "norm", entries=2 * UNITS, update_ratio=too_fast)], [])
-               for i in range(1, 3 * DEFAULTS.patience)]
+               for i in range(1, 3 * windows_of(DEFAULTS.patience))]
     assert run(windows, topology=topology)[0] == []
 
 
@@ -396,36 +413,57 @@ def _cosines(cosines, variable="hidden/kernel", ratio=HEALTHY_RATIO):
             for i, cos in enumerate(cosines, start=1)]
 
 
-@pytest.mark.parametrize("cos_factor", [0.0, 1 / NEAR, -1 / NEAR],
-                         ids=["zero", "just_inside_above", "just_inside_below"])
-def test_update_mismatch_unrelated_fires_after_update_cos_window_once_and_clears(cos_factor):
+def _null_bound(measurements: int, entries: int) -> float:
+    """The RMS cosine random directions stay above at 1%: sqrt(chi2_0.99(m) / (m n))."""
+    return math.sqrt(chi2_quantile(measurements) / (measurements * entries))
+
+
+def test_chi2_quantile_is_the_one_percent_bound():
+    # exact chi-square 0.99 quantiles (tables)
+    for dof, exact in ((1, 6.635), (3, 11.345), (8, 20.090), (16, 32.000)):
+        assert chi2_quantile(dof) == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize("factor", [0.0, 1 / NEAR], ids=["zero", "just_inside"])
+def test_update_mismatch_unrelated_fires_at_the_third_measurement_once_and_clears(factor):
     t = DEFAULTS
-    n, p = t.update_cos_window, t.patience
-    # one healthy cosine (1.0) moves the mean out of the band
-    assert (1 - (n - 1) * t.update_cos) / n > t.update_cos
-    sick = n + 3
-    found, alerts = run(_cosines([t.update_cos * cos_factor] * sick + [1.0] * p))
+    n, p, m = SIZES["hidden/kernel"], windows_of(t.patience), MIN_COS_MEASUREMENTS
+    bound = _null_bound(m, n)
+    assert bound < t.update_cos  # 512 entries: 3 measurements tell random from healthy
+    sick = m + 2
+    cos = _null_bound(sick, n) * factor  # inside the bound at every count up to `sick` (it falls with m)
+    found, alerts = run(_cosines([cos] * sick + [1.0] * p))
     assert found == [
-        (step_of(n), "update_mismatch", "hidden", "hidden/kernel", "warning"),
+        (step_of(m), "update_mismatch", "hidden", "hidden/kernel", "warning"),
         (step_of(sick + p), "update_mismatch", "hidden", "hidden/kernel", "info"),
     ]
-    assert alerts[0].value == pytest.approx(t.update_cos * cos_factor) and alerts[0].threshold == t.update_cos
+    assert alerts[0].value == pytest.approx(cos) and alerts[0].threshold == pytest.approx(bound)
+    assert f"{alerts[0].value:.2g}" in alerts[0].message and f"{alerts[0].threshold:.2g}" in alerts[0].message
     assert "unrelated to" in alerts[0].message and alerts[0].hint == HINTS["update_mismatch"]
+
+
+def test_update_mismatch_random_level_cosines_just_above_the_bound_give_nothing():
+    n = SIZES["hidden/kernel"]
+    # a constant cosine just above the bound at every m stays above it (the bound falls with m)
+    assert run(_cosines([_null_bound(MIN_COS_MEASUREMENTS, n) * NEAR] * 20))[0] == []
 
 
 def test_update_mismatch_opposite_fires():
     t = DEFAULTS
     found, alerts = run(_cosines([-t.update_cos_spread * NEAR] * t.update_cos_window))
-    assert found == [(step_of(t.update_cos_window), "update_mismatch", "hidden", "hidden/kernel", "warning")]
-    assert "opposite to" in alerts[0].message
+    half = t.update_cos_window // 2
+    assert found == [(step_of(half), "update_mismatch", "hidden", "hidden/kernel", "warning")]
+    assert "against its gradient" in alerts[0].message
+    assert alerts[0].value == pytest.approx(-t.update_cos_spread * NEAR)
+    assert alerts[0].threshold == -t.update_cos_spread and f"{alerts[0].value:.2f}" in alerts[0].message
 
 
 @pytest.mark.parametrize(
     "cosines",
-    [[DEFAULTS.update_cos * NEAR],  # mean just outside the unrelated band
+    [[DEFAULTS.update_cos],  # the least healthy average
      [-DEFAULTS.update_cos_spread / NEAR],  # just short of "opposite"
-     [DEFAULTS.update_cos_spread * NEAR, -DEFAULTS.update_cos_spread * NEAR]],  # mean 0, but Adam-like swings
-    ids=["above_band", "short_of_opposite", "swinging"],
+     [0.9, -0.7]],  # Adam-like swings around a mean of 0.1
+    ids=["healthy_floor", "short_of_opposite", "swinging"],
 )
 def test_update_mismatch_healthy_cosines_give_nothing(cosines):
     sequence = cosines * (3 * DEFAULTS.update_cos_window)
@@ -434,13 +472,30 @@ def test_update_mismatch_healthy_cosines_give_nothing(cosines):
 
 def test_update_mismatch_does_not_judge_small_variables_or_rounding_noise():
     t = DEFAULTS
-    assert SIZES["out/kernel"] < t.update_min_size <= SIZES["squash/kernel"]
     unrelated = [0.0] * (2 * t.update_cos_window)
+    # 16 entries: even update_cos_window measurements cannot tell random from healthy
+    assert _null_bound(t.update_cos_window, SIZES["out/kernel"]) > t.update_cos
     assert run(_cosines(unrelated, variable="out/kernel"))[0] == []
     assert run(_cosines(unrelated, ratio=t.update_ratio_floor / NEAR))[0] == []
-    # the smallest judged size is judged
     found, _ = run(_cosines(unrelated, variable="squash/kernel"))
-    assert found == [(step_of(t.update_cos_window), "update_mismatch", "squash", "squash/kernel", "warning")]
+    assert found == [(step_of(MIN_COS_MEASUREMENTS), "update_mismatch", "squash", "squash/kernel", "warning")]
+
+
+@pytest.mark.parametrize("entries, needed", [(36, 5), (64, 3), (24, 13)])
+def test_update_mismatch_evidence_grows_with_size_and_measurements(entries, needed):
+    """A few dozen entries are judged after a handful of measurements (pooled within a window)."""
+    topology = Topology(
+        layers=[LayerInfo("h", 0, "Dense", "tanh", ["h/kernel"])],
+        variables=[VariableInfo("h/kernel", "h", [entries], "float32", 0)],
+    )
+    assert _null_bound(needed, entries) < DEFAULTS.update_cos
+    assert needed == MIN_COS_MEASUREMENTS or DEFAULTS.update_cos <= _null_bound(needed - 1, entries)
+    for count, fires in ((needed - 1, False), (needed, True)):
+        rows = [stats_row(10, "h", entries=entries)], [stats_row(10, "h", "h/kernel", entries=entries)]
+        state = DetectorState()
+        alerts = detect(*rows[:1], topology, state, DEFAULTS, rows[1],
+                        cos_evidence={"h/kernel": (count, 0.0, count * 0.01)})
+        assert [a.kind for a in alerts] == (["update_mismatch"] if fires else []), count
 
 
 # -- nonfinite_gradient -------------------------------------------------------------------------------
@@ -559,8 +614,47 @@ def test_nonfinite_no_storm_while_it_persists_and_info_when_it_clears():
 
 
 def test_nonfinite_reminder_every_remind_every_windows():
-    t = Thresholds(remind_every=2)
+    t = Thresholds(remind_every=2 * STEPS)
     found = _nonfinite_run(set(range(1, 6)), 5, t)
     assert [(row[0], row[3], row[4].startswith("Still:")) for row in found] == [
-        (step_of(w) - STEPS + 1, "error", w > 1) for w in range(1, 6, t.remind_every)
+        (step_of(w) - STEPS + 1, "error", w > 1) for w in range(1, 6, windows_of(t.remind_every))
     ]
+
+
+@pytest.mark.parametrize("window_steps", [1, 10, 30, 100])
+def test_patience_is_counted_in_steps_whatever_the_window_length(window_steps):
+    """The same vanishing layer from step 1, read every 1, 10, 30 or 100 steps: the alert
+    comes at the first read at least ``patience`` steps in."""
+    t = DEFAULTS
+    low = t.vanishing_rms / 2
+    state, first = DetectorState(), None
+    for k in range(1, 200 // window_steps + 1):
+        step = k * window_steps
+        layer_rows = [stats_row(step, name, rms=low if name == "hidden" else HEALTHY_RMS, steps=window_steps,
+                                grad_steps=window_steps) for name in LAYERS]
+        alerts = detect(layer_rows, TOPOLOGY, state, t, [])
+        if alerts and first is None:
+            first = alerts[0].step
+    assert first == window_steps * math.ceil(t.patience / window_steps)
+
+
+@pytest.mark.parametrize("factor, fires_at", [(NEAR, 1), (1 / NEAR, 3)])
+def test_an_update_larger_than_the_weights_is_alerted_at_once(factor, fires_at):
+    """A learning rate far too high: the first step moves the kernels by more than their norm
+    (10 x update_ratio_high), then the inflated weights bring the ratio back down."""
+    from gradwatch._interpret.detectors import UPDATE_RATIO_BLOWN
+
+    t = DEFAULTS
+    first = UPDATE_RATIO_BLOWN * t.update_ratio_high * factor
+    ratios = [first] + [t.update_ratio_high * 2] * 2 + [HEALTHY_RATIO] * 5
+    found, _ = run([window(i, layers={"hidden": {"update_ratio": r}}) for i, r in enumerate(ratios, start=1)])
+    assert found[0] == (step_of(fires_at), "update_ratio", "hidden", "*", "warning")
+
+
+def test_a_vanishing_layer_without_a_measured_update_ratio_says_so():
+    """Several replicas measure no update ratio: the alert fires on the gradient alone, and its
+    message says the ratio is not measured instead of quoting one."""
+    low = {"hidden": {"rms": DEFAULTS.vanishing_rms / 2}}  # update_ratio NaN in every row
+    found, alerts = run([window(i, layers=low) for i in range(1, windows_of(DEFAULTS.patience) + 1)])
+    assert found == [(step_of(windows_of(DEFAULTS.patience)), "vanishing_gradient", "hidden", "*", "warning")]
+    assert "update/weight ratio is not measured (several replicas" in alerts[0].message

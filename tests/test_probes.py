@@ -152,8 +152,9 @@ def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradi
                 np.linalg.norm(d) / np.linalg.norm(before[k]), rel=1e-4), name
     # Adam's first step is ~ -lr * sign(g): not parallel to -g, so the check has teeth
     assert min(cosines) < 0.95
-    # one measurement, in the first window only
-    assert stats[stats.step > 5].update_cos.isna().all()
+    # measured again in the next windows: snapshots are dense early in a run (steps 1, 3, 5, 7, 9, ...)
+    later = stats[(stats.step > 5) & (stats.step <= 10)]
+    assert len(later) and later.update_cos.notna().all()
 
 
 @pytest.mark.fast
@@ -324,9 +325,9 @@ def test_gradient_accumulation_does_not_make_update_ratio_storms(tmp_path):
               callbacks=[gw.GradientMonitor(log_dir, log_every=5, histogram_every=0)])
     stats = gw.read_stats(log_dir, level="layer")
     ratios = stats[stats.layer == "hidden"].update_ratio
-    # measured on a step that moved (snapshots at steps 1 and 51), never a zero "too slow"
+    # measured on a step that moved (snapshots dense early, then at 51), never a zero "too slow"
     measured = ratios.dropna()
-    assert len(measured) == 2 and (measured > 1e-4).all()
+    assert len(measured) >= 2 and (measured > 1e-4).all()
     assert "update_ratio" not in set(gw.read_alerts(log_dir).kind)
 
 

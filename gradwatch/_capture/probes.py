@@ -20,7 +20,8 @@ the read's ``tf.function``); the host decodes the fetched arrays
   unit of a layer not followed by a ReLU is silent only if its own kernel column has
   no gradient either: a zero bias gradient alone can hold by construction (a
   WGAN critic's output bias).
-* :class:`UpdateProbe` — every ``UPDATE_EVERY`` (50) steps it copies the weights, then,
+* :class:`UpdateProbe` — on the steps of ``probe_layout.snapshot_due`` (dense in the first
+  45 steps, then every ``UPDATE_EVERY`` = 50) it copies the weights, then,
   on the first following step that moved any weight (so gradient accumulation, where
   k-1 of k steps do not move the weights, and skipped steps are not "too slow"),
   measures ||w_after - w_before|| / ||w_before|| and the cosine between that weight
@@ -30,6 +31,8 @@ the read's ``tf.function``); the host decodes the fetched arrays
   happens after ``observe``, so the copy and the step's gradient are kept in-graph
   and the change is measured at the next ``observe`` (memory: two copies).  All
   in-graph work is under ``tf.cond``: steps outside the probe's interval run none of it.
+  The result holds the window's last measurement and, per variable, the count, sum and
+  sum of squares of every cosine measured in the window (the direction test's evidence).
 * :class:`HistogramProbe` — on steps that are a multiple of ``histogram_every``,
   per variable counts of log10|g| in fixed buckets (exact zeros and non-finite
   values counted apart), and optionally a signed-value histogram; never on other
@@ -52,6 +55,7 @@ import tensorflow as tf
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.keras_internals import cond, replica_variable, run_function
 from gradwatch._interpret.probe_layout import (
+    EARLY_SNAPSHOTS,
     LOG10_LOW,
     NUM_LOG_BUCKETS,
     NUM_SIGNED_BUCKETS,
@@ -247,8 +251,10 @@ class UpdateProbe:
         if self.host_snapshots:
             self._after_update_grads = step.grads_by_slot
         else:
-            # a weight snapshot every UPDATE_EVERY steps (steps 1, 51, 101, ...)
-            self.observe(step.grads_by_slot, tf.equal(tf.math.floormod(step.step - 1, UPDATE_EVERY), 0))
+            # a weight snapshot on the steps of probe_layout.snapshot_due (1, 3, 5, ..., 45, 51, 101, ...)
+            number = tf.cast(step.step, tf.int64)
+            early = tf.reduce_any(tf.equal(number, tf.constant(EARLY_SNAPSHOTS, tf.int64)))
+            self.observe(step.grads_by_slot, early | tf.equal(tf.math.floormod(number - 1, UPDATE_EVERY), 0))
 
     def after_update(self, compiled: Callable[..., Any]) -> None:
         """Host snapshots: measures the change the update just made."""
@@ -359,17 +365,23 @@ class UpdateProbe:
         since, pending = tf.unstack(state, num=2)
         delta = self._flat_weights() - snap
         du = self._per_variable(tf.square(delta))
-        new_rows = tf.stack([
-            du,
-            self._per_variable(tf.square(snap)),
-            du,
-            -self._per_variable(delta * grad),
-            self._per_variable(tf.square(grad)),
-        ])
+        dot = -self._per_variable(delta * grad)
+        g2 = self._per_variable(tf.square(grad))
+        rows = self.result.read_value()
+        # the window's direction measurements (count, sum of cosines, of squares) add up
+        valid = (du > 0.0) & (g2 > 0.0)
+        norms = tf.sqrt(tf.where(valid, du, 1.0)) * tf.sqrt(tf.where(valid, g2, 1.0))
+        cos = tf.where(valid, dot / norms, 0.0)
+        count, total, squares = tf.unstack(tf.where(tf.math.is_nan(rows[5:]), 0.0, rows[5:]), num=3)
+        # the rows the stats show are the window's first measurement's
+        head = tf.stack([du, self._per_variable(tf.square(snap)), du, dot, g2])
+        new_rows = tf.concat([
+            tf.where(tf.math.is_nan(rows[:5]), head, rows[:5]),
+            tf.stack([count + tf.cast(valid, tf.float32), total + cos, squares + tf.square(cos)]),
+        ], axis=0)
         # measured on the first step that moved a weight; if none moved for
         # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
         took = (tf.reduce_sum(du) > 0.0) | (since >= UPDATE_EVERY - 1)
-        rows = self.result.read_value()
         with tf.control_dependencies([self.result.assign(tf.where(took, new_rows, rows))]):
             zero = tf.constant(0, tf.int64)
             return tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending]))

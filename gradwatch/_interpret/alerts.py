@@ -118,15 +118,17 @@ def nonfinite_alert(
             step, "", "", "nonfinite_gradient", "error", count, 0.0,
             f"Non-finite loss at step {step}: the forward pass produced NaN/Inf (from the input "
             "data, or from weights or activations that already overflowed: look for earlier "
-            f"exploding_gradient alerts), so every gradient is non-finite ({steps} such step(s) "
-            "in this window). This is not a gradient problem of one layer.",
+            f"exploding_gradient alerts), so every gradient is non-finite ({int(count)} NaN/Inf entries at "
+            f"step {step}; {steps} such step(s) in this window). This is not a gradient problem of one "
+            "layer.",
             HINTS["nonfinite_loss"],
         )
     if loss_scale_optimizer and window_row["skipped_steps"] >= steps:
         return Alert(
             step, first_backprop, variable, "nonfinite_gradient", "info", count, 0.0,
             f"Loss-scale overflow at step {step}: the scaled gradient of layer {first_backprop!r} "
-            f"overflowed float16 and the update was skipped ({steps} step(s) in this window).",
+            f"overflowed float16 ({int(count)} NaN/Inf entries) and the update was skipped ({steps} step(s) "
+            "in this window).",
             HINTS["loss_scale_overflow"],
         )
     where = (
@@ -166,7 +168,7 @@ def diverged_alert(since: int, last_step: int) -> Alert:
     return Alert(
         last_step, "", "", "nonfinite_gradient", "error", float(last_step - since + 1), 0.0,
         f"Diverged at step {since}, never recovered: every step from {since} to the end of training "
-        f"(step {last_step}) had a non-finite gradient or loss.",
+        f"(step {last_step}), {last_step - since + 1} steps, had a non-finite gradient or loss.",
         "Restart from a checkpoint before the divergence with a lower learning rate or gradient clipping "
         "(gw.clip.GlobalNorm(1.0)), and look at the first alert before it for the cause.",
     )

@@ -2,10 +2,12 @@
 
 They see the model only through the topology (``run.json``), never the live
 model, and use per-layer rows (``layers.csv``). Each condition is tracked per
-(kind, layer): an alert fires when it has held for ``patience`` consecutive
-windows, a reminder at most every ``remind_every`` windows while it persists,
-and an ``info`` row of the same kind when it has been absent for ``patience``
-windows (so a value hovering at a bound cannot start and clear it over and over).
+(kind, layer): an alert fires when it has held for ``patience`` steps (over whole
+consecutive windows: with the default 30 that is 3 windows at ``log_every=10``, and
+the first window at ``log_every`` >= 30), a reminder at most every ``remind_every``
+steps while it persists, and an ``info`` row of the same kind when it has been absent
+for ``patience`` steps (so a value hovering at a bound cannot start and clear it over
+and over).  Counted in steps, the latency does not depend on ``log_every``.
 
 Rules and defaults (calibrated on the examples and scenarios in tests/; see
 NOTES.md for the published rules they are derived from):
@@ -16,30 +18,36 @@ NOTES.md for the published rules they are derived from):
   ``vanishing_ratio_rms`` (the AUTOTRAINER form: relative and absolute).
 * ``exploding_gradient``: a layer's largest L2 norm in the window exceeds
   ``exploding_l2``, or its mean L2 grew at least ``exploding_growth``-fold in
-  each of the last ``patience`` windows while above ``exploding_growth_floor``.
+  each of the last ``GROWTH_WINDOWS`` (3) windows while above ``exploding_growth_floor``.
 * ``dead_relu``: at least ``dead_fraction`` of a ReLU-family layer's units have
   had an exactly-zero gradient for ``dead_steps`` consecutive steps and fed
   zeros forward (see ``probes.UnitProbe``); no patience on top (the steps are it).
+  Early in a run, units zero on every step so far count once there are
+  ``probe_layout.EARLY_DEAD_STEPS`` (8) steps: a layer dead from step 1 is reported at
+  the first read after step 8 (and a fit reads at the end of an epoch within the
+  first ``dead_steps`` steps), so short runs report it.
 * ``no_learning_signal``: the same share of units of a layer get an all-zero
   gradient for ``dead_steps`` steps without being dead ReLUs.
 * ``update_ratio``: a layer's ||dw|| / ||w|| per step (its kernels) is above
   ``update_ratio_high`` or below ``update_ratio_low`` (TheDeepChecker's log10
-  bounds -1 and -4) on ``patience`` consecutive measured windows.  Layers with
+  bounds -1 and -4) over ``patience`` steps of measured windows; at once when one
+  step moved a layer's kernels by more than their norm (10 x ``update_ratio_high``).  Layers with
   only 1-D variables (biases, normalisation scales) are not judged: their norm
   starts near zero and their ratio means little.
-* ``update_mismatch``: a variable with at least ``update_min_size`` entries
-  whose update is consistently unrelated to its gradient — over the last
-  ``update_cos_window`` measurements the cosine of its weight change with minus
-  its gradient sum averages within +-``update_cos`` and its magnitude averages
-  below ``update_cos_spread`` (a swapped gradient of another variable: ~0 +- 0.05)
-  — or consistently opposite (mean below -``update_cos_spread``).  Healthy SGD
-  gives 1, momentum/Adam/RMSprop 0.3-0.8 on average, with single measurements of
-  Adam swinging from -0.7 to 0.9 (hence the average and the magnitude test).
-  Layers that vanish, are dead or silent, and updates below
-  ``update_ratio_floor`` x the weights (rounding noise) are not judged.  A scalar
-  or small vector updated with a gradient of the same sign
-  (``b2.assign_sub(lr * gb1)``) is not detectable by direction, nor is a variable
-  with fewer than ``update_min_size`` entries.
+* ``update_mismatch``: a variable whose update is unrelated to its gradient, as a
+  statistical test over its last ``update_cos_window`` measurements (dense early in a
+  run: see ``probe_layout.snapshot_due``).  For an update in a random direction the
+  cosine with minus the gradient is ~N(0, 1/n) in n entries, so n x the sum of m
+  squared cosines is ~chi-square(m); the variable is flagged when its RMS cosine is
+  below that distribution's 1% bound, and judged only once a healthy optimizer's
+  least average cosine (``update_cos``, 0.3: healthy SGD gives 1,
+  momentum/Adam/RMSprop 0.3-0.8 on average, single Adam measurements swinging from
+  -0.7 to 0.9) lies beyond the bound — the evidence grows with the variable's size and
+  the number of measurements (36 entries: 5 measurements; 1,000: 3).  Consistently
+  opposite (a significant mean below -``update_cos_spread``) is flagged too.  Layers
+  that vanish, are dead or silent, and updates below ``update_ratio_floor`` x the
+  weights (rounding noise) are not judged.  A scalar or small vector updated with a
+  gradient of the same sign (``b2.assign_sub(lr * gb1)``) is not detectable by direction.
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ from typing import Any
 
 from gradwatch._interpret.alerts import HINTS, Alert
 from gradwatch._topology import Topology
+
+#: An update/weight ratio this many times ``update_ratio_high`` is alerted at once.
+UPDATE_RATIO_BLOWN = 10.0
+
+#: Windows over which a mean norm must grow ``exploding_growth``-fold in each.
+GROWTH_WINDOWS = 3
 
 #: The largest count (steps, windows, entries) a threshold takes.
 MAX_COUNT = 10**9
@@ -68,17 +82,20 @@ class Thresholds:
         exploding_l2: a layer norm above this is exploding.
         exploding_growth: ... or a mean norm growing by this factor per window,
         exploding_growth_floor: ... while above this.
-        patience: windows a condition must hold before its alert (and be gone before it clears).
-        remind_every: windows between two reminders while a condition lasts.
+        patience: steps a condition must hold before its alert (and be gone before it clears).
+        remind_every: steps between two reminders while a condition lasts.
         dead_steps: consecutive steps of exactly-zero gradient after which a unit counts.
         dead_fraction: the fraction of a layer's units for ``dead_relu``/``no_learning_signal``.
         update_ratio_high: an update/weight ratio above this is too fast.
         update_ratio_low: ... below this, too slow.
-        update_cos: ``update_mismatch`` when the update's cosine with minus the gradient stays below this,
-        update_cos_spread: ... and varies less than this,
-        update_cos_window: ... over this many measurements.
+        update_cos: the least mean cosine between a healthy update and minus its gradient:
+            ``update_mismatch`` (unrelated) needs the measured cosines to be as small as a random
+            direction's, and is judged only once this healthy level lies beyond them,
+        update_cos_spread: ... (opposite) a mean cosine below minus this,
+        update_cos_window: ... over at most this many measurements (the latest).
         update_ratio_floor: a ratio below this is a frozen layer, not a slow one.
-        update_min_size: variables smaller than this are not judged for ``update_mismatch``.
+        update_min_size: variables smaller than this are not judged for ``update_mismatch``
+            (smaller ones are judged only once enough measurements are in, see above).
     """
 
     vanishing_rms: float = 1e-8
@@ -87,17 +104,17 @@ class Thresholds:
     exploding_l2: float = 1e4
     exploding_growth: float = 2.0
     exploding_growth_floor: float = 10.0
-    patience: int = 3
-    remind_every: int = 100
-    dead_steps: int = 200
+    patience: int = 30
+    remind_every: int = 1000
+    dead_steps: int = 50
     dead_fraction: float = 0.5
     update_ratio_high: float = 1e-1
     update_ratio_low: float = 1e-4
-    update_cos: float = 0.05
+    update_cos: float = 0.3
     update_cos_spread: float = 0.2
-    update_cos_window: int = 8
+    update_cos_window: int = 16
     update_ratio_floor: float = 1e-6
-    update_min_size: int = 256
+    update_min_size: int = 1
     vanishing_update_ratio: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -118,9 +135,9 @@ class Thresholds:
 
 @dataclasses.dataclass
 class _Condition:
-    streak: int = 0  # consecutive windows the condition held
-    alerted_at: int | None = None  # window index of the last alert while it persists
-    clear_streak: int = 0  # consecutive windows without it since the alert
+    since: int | None = None  # first step of the windows it has held in, without a break
+    alerted_at: int | None = None  # step of the last alert while it persists
+    absent_since: int | None = None  # first step of the clean windows without it since the alert
 
 
 @dataclasses.dataclass
@@ -129,13 +146,17 @@ class DetectorState:
 
     window: int = 0
     last_step: int = 0
+    first_step: int = 1  # the window's first step
     # the window had no non-finite gradient step and no non-finite loss: only such a
     # window counts towards clearing a condition (NaN norms look small, not healed)
     clean: bool = True
     conditions: dict[tuple[str, str], _Condition] = dataclasses.field(default_factory=dict)
     previous_l2: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    cosines: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    # per variable, the direction measurements (count, sum, sum of squares) of recent windows
+    cosines: dict[str, list[tuple[int, float, float]]] = dataclasses.field(default_factory=dict)
     update_ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # last measured, per layer
+    # the zero-gradient steps after which a unit counted in this window (probe_layout.dead_after)
+    dead_after: int | None = None
 
 
 def _rms(row: dict[str, Any], entries: int) -> float:
@@ -152,6 +173,7 @@ def detect(
     thresholds: Thresholds,
     stats_rows: list[dict[str, Any]] | None = None,
     clean: bool = True,
+    cos_evidence: dict[str, tuple[int, float, float]] | None = None,
 ) -> list[Alert]:
     """Runs every layer detector on one window; updates ``state`` in place.
 
@@ -162,6 +184,8 @@ def detect(
         thresholds: the detectors' thresholds.
         stats_rows: the window's per-variable rows (update mismatch, silent kernels).
         clean: the window had no non-finite gradient or loss step (see ``DetectorState.clean``).
+        cos_evidence: per variable, the window's direction measurements (count, sum of
+            cosines, sum of squares); None: each row's ``update_cos`` is one measurement.
 
     Returns:
         The window's alerts (raised, and cleared as ``info`` rows).
@@ -170,9 +194,8 @@ def detect(
     state.clean = clean
     if layer_rows:
         state.last_step = int(layer_rows[0]["step"])
-    entries = {layer.name: 0 for layer in topology.layers}
-    for variable, size in zip(topology.variables, topology.variable_sizes()):
-        entries[variable.layer] = entries.get(variable.layer, 0) + size
+        state.first_step = state.last_step - int(layer_rows[0].get("steps") or 1) + 1
+    entries = _layer_entries(topology)
     rows = [row for row in layer_rows if row["grad_steps"]]
     if not rows:
         return []
@@ -190,21 +213,33 @@ def detect(
                                  thresholds, step)
         alerts += _exploding(row, state, thresholds, step)
     silent = _silent_kernels(stats_rows or [], topology)
-    alerts += _dead_units(rows, state, thresholds, step, silent)
-    # a layer without gradient signal (or a vanishing one) has a tiny update for that
-    # reason, not because of its learning rate: the root cause is alerted instead
+    if clean:  # NaN activations give zero ReLU gradients: a non-finite window tells no dead unit
+        alerts += _dead_units(rows, state, thresholds, step, silent)
+    quiet = _quiet_layers(rows, state, thresholds, silent)
+    alerts += _update_ratio([row for row in rows if row["layer"] not in quiet], topology, state,
+                            thresholds, step)
+    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step, quiet, cos_evidence)
+    return alerts
+
+
+def _quiet_layers(rows, state: DetectorState, thresholds: Thresholds, silent: set[str]) -> set[str]:
+    """A layer without gradient signal (or a vanishing one) has a tiny update for that
+    reason, not because of its learning rate: the root cause is alerted instead."""
     vanishing = {layer for (kind, layer), c in state.conditions.items()
-                 if kind == "vanishing_gradient" and c.streak > 0}
-    quiet = silent | vanishing | {
+                 if kind == "vanishing_gradient" and c.since is not None}
+    return silent | vanishing | {
         row["layer"] for row in rows
         if _finite_value(row, "l2_max") == 0.0
         or (_finite_value(row, "dead_frac") or 0.0) >= thresholds.dead_fraction
         or (_finite_value(row, "no_signal_frac") or 0.0) >= thresholds.dead_fraction
     }
-    alerts += _update_ratio([row for row in rows if row["layer"] not in quiet], topology, state,
-                            thresholds, step)
-    alerts += _update_mismatch(stats_rows or [], topology, state, thresholds, step, quiet)
-    return alerts
+
+
+def _layer_entries(topology: Topology) -> dict[str, int]:
+    entries = {layer.name: 0 for layer in topology.layers}
+    for variable, size in zip(topology.variables, topology.variable_sizes()):
+        entries[variable.layer] = entries.get(variable.layer, 0) + size
+    return entries
 
 
 def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresholds: Thresholds,
@@ -222,28 +257,32 @@ def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresho
     # rescales it) is not a problem; one whose update is small too is
     update = state.update_ratios.get(layer)
     moving = update is not None and update >= thresholds.vanishing_update_ratio
-    moved = (f"its update/weight ratio is {update:.2g}" if update is not None
+    moved = (f"its update/weight ratio is {update:.2g} (below {thresholds.vanishing_update_ratio:g})"
+             if update is not None
              else "its update/weight ratio is not measured (several replicas, or not yet)")
-    message = (
-        f"Layer {layer!r}: RMS gradient {rms:.3g} "
-        f"({ratio:.2g} x the output layer's {output_rms:.3g}) since "
-        f"{thresholds.patience} windows, and {moved}: its weights barely move."
-    )
-    return _track(
-        state, thresholds, "vanishing_gradient", layer, (absolute or relative) and not moving, step,
-        rms, thresholds.vanishing_rms if absolute else thresholds.vanishing_ratio, message,
-    )
+    # the value and threshold are the rule that holds: absolute RMS, else RMS relative to the output's
+    if absolute:
+        value, threshold = rms, thresholds.vanishing_rms
+        said = f"RMS gradient {rms:.3g}, below {threshold:g}"
+    else:
+        value, threshold = ratio, thresholds.vanishing_ratio
+        said = (f"RMS gradient {ratio:.3g} x the output layer's ({rms:.3g} vs {output_rms:.3g}), "
+                f"below {threshold:g} x")
+    message = (f"Layer {layer!r}: {said} for {thresholds.patience}+ steps, and {moved}: its weights "
+               "barely move.")
+    return _track(state, thresholds, "vanishing_gradient", layer, (absolute or relative) and not moving, step,
+                  value, threshold, message)
 
 
 def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> list[Alert]:
-    """A layer's norm over the bound, or growing by a factor in each of ``patience`` windows."""
+    """A layer's norm over the bound, or growing by a factor in each of ``GROWTH_WINDOWS`` windows."""
     layer = row["layer"]
     nonfinite = bool(row.get("nonfinite", 0))
     l2_max, l2_mean = row["l2_max"], row["l2_mean"]
     history = state.previous_l2.setdefault(layer, [])
     history.append(l2_mean)
-    del history[: -(thresholds.patience + 1)]
-    grew = len(history) == thresholds.patience + 1 and all(
+    del history[: -(GROWTH_WINDOWS + 1)]
+    grew = len(history) == GROWTH_WINDOWS + 1 and all(
         later >= thresholds.exploding_growth * earlier > 0
         for earlier, later in zip(history, history[1:])
     )
@@ -251,14 +290,18 @@ def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> 
     # turns into NaN (the non-finite alert says where the NaN appeared)
     big = math.isfinite(l2_max) and l2_max > thresholds.exploding_l2
     growing = grew and l2_mean > thresholds.exploding_growth_floor and not nonfinite
-    message = (
-        f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window"
-        + (f", growing >= {thresholds.exploding_growth:g}x per window" if growing else "")
-        + "."
-    )
+    if big or not growing:
+        value, threshold = l2_max, thresholds.exploding_l2
+        message = f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window, above {threshold:g}."
+    else:
+        value = min(later / earlier for earlier, later in zip(history, history[1:]))
+        threshold = thresholds.exploding_growth
+        message = (f"Layer {layer!r}: mean gradient norm grew at least {value:.3g}x per window over the last "
+                   f"{GROWTH_WINDOWS} windows (to {l2_mean:.3g}; alert at {threshold:g}x above "
+                   f"{thresholds.exploding_growth_floor:g}).")
     return _track(
-        state, thresholds, "exploding_gradient", layer, big or growing, step, l2_max,
-        thresholds.exploding_l2, message, immediate=big or growing,  # growth has its own patience
+        state, thresholds, "exploding_gradient", layer, big or growing, step, value,
+        threshold, message, immediate=big or growing,  # growth has its own patience
     )
 
 
@@ -278,8 +321,8 @@ def _silent_kernels(stats_rows, topology: Topology) -> set[str]:
     seen: dict[str, bool] = {}
     signal: set[str] = set()  # layers whose bias still gets a gradient (the units are live)
     for row in stats_rows:
-        if not row["grad_steps"]:
-            continue
+        if not row["grad_steps"] or row.get("nonfinite"):
+            continue  # a NaN gradient's finite part can be empty: that is no silence
         l2_max = _finite_value(row, "l2_max")
         if row["variable"] in kernels:
             seen[row["layer"]] = seen.get(row["layer"], True) and l2_max == 0.0
@@ -294,11 +337,11 @@ def _dead_units(rows, state, thresholds, step, silent: set[str]) -> list[Alert]:
         layer = row["layer"]
         if layer in silent and not (_finite_value(row, "no_signal_frac") or 0.0) >= thresholds.dead_fraction:
             message = (
-                f"Layer {layer!r}: its kernel gradient is exactly zero on every step: its inputs are "
-                "all zero (e.g. it is fed by dead units) or nothing downstream uses it."
+                f"Layer {layer!r}: its kernel gradient is exactly zero on 100% of the window's steps: its "
+                "inputs are all zero (e.g. it is fed by dead units) or nothing downstream uses it."
             )
-            alerts += _track(state, thresholds, "no_learning_signal", layer, True, step, 1.0,
-                             thresholds.dead_fraction, message)
+            # value: the share of the window's steps with a zero kernel gradient (all of them)
+            alerts += _track(state, thresholds, "no_learning_signal", layer, True, step, 1.0, 1.0, message)
             continue
         for kind, column, what in (
             ("dead_relu", "dead_frac", "dead ReLU units (zero output and zero gradient)"),
@@ -307,10 +350,10 @@ def _dead_units(rows, state, thresholds, step, silent: set[str]) -> list[Alert]:
             value = _finite_value(row, column)
             if value is None:
                 continue
-            message = (
-                f"Layer {layer!r}: {value:.0%} {what} for at least {thresholds.dead_steps} "
-                "consecutive steps."
-            )
+            steps = state.dead_after or thresholds.dead_steps
+            since = (f"on every step so far ({steps} steps)" if steps < thresholds.dead_steps
+                     else f"for at least {steps} consecutive steps")
+            message = f"Layer {layer!r}: {value:.0%} {what} {since}."
             alerts += _track(state, thresholds, kind, layer, value >= thresholds.dead_fraction, step,
                              value, thresholds.dead_fraction, message, immediate=True)
     return alerts
@@ -339,7 +382,12 @@ def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
             + ("(too fast: " if high else "(too slow: " if low else "(")
             + f"healthy is ~1e-3, bounds {thresholds.update_ratio_low:g}..{thresholds.update_ratio_high:g})."
         )
-        found = _track(state, thresholds, "update_ratio", layer, high or low, step, ratio, bound, message)
+        # one step that moves the weights by more than their own norm (10x the high bound)
+        # is never healthy: no patience (a huge learning rate soon inflates the weights and
+        # the ratio falls back)
+        blown = ratio > UPDATE_RATIO_BLOWN * thresholds.update_ratio_high
+        found = _track(state, thresholds, "update_ratio", layer, high or low, step, ratio, bound, message,
+                       immediate=blown)
         for alert in found:
             if alert.severity != "info":
                 alert.hint = HINTS["update_ratio_high" if high else "update_ratio_low"]
@@ -347,40 +395,99 @@ def _update_ratio(rows, topology, state, thresholds, step) -> list[Alert]:
     return alerts
 
 
-def _update_mismatch(stats_rows, topology, state, thresholds, step, quiet: set[str]) -> list[Alert]:
+#: The one-sided normal quantile of the direction test (1%: a random direction looks
+#: related to the gradient by chance once in a hundred tests).
+_NULL_Z = 2.326
+#: The fewest direction measurements a verdict rests on.
+MIN_COS_MEASUREMENTS = 3
+
+
+def chi2_quantile(dof: int, z: float = _NULL_Z) -> float:
+    """The upper quantile of a chi-square with ``dof`` degrees of freedom at normal quantile
+    ``z`` (Wilson-Hilferty; within 1% of the exact value for dof >= 1 at z = 2.326)."""
+    a = 2.0 / (9.0 * dof)
+    return dof * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+@dataclasses.dataclass
+class CosEvidence:
+    """A variable's direction measurements (update vs. -gradient cosines), pooled."""
+
+    count: int = 0
+    total: float = 0.0  # sum of cosines
+    squares: float = 0.0  # sum of squared cosines
+
+    def verdict(self, entries: int, thresholds: Thresholds) -> tuple[str, float, float]:
+        """Returns ("unrelated" | "opposite" | "", value, threshold) for a variable of ``entries``.
+
+        For a direction unrelated to the gradient, each cosine is that of a random
+        direction in ``entries`` dimensions: entries x cos^2 is ~chi-square(1), and over
+        m measurements the sum ~chi-square(m).  A healthy optimizer's cosines average at
+        least ``update_cos`` (so the mean square is at least its square): a variable is
+        judged only when that healthy level lies beyond the random one's 1% bound, which
+        takes fewer measurements the larger the variable.
+        """
+        m = self.count
+        if m < MIN_COS_MEASUREMENTS or entries < thresholds.update_min_size:
+            return "", math.nan, math.nan
+        mean = self.total / m
+        rms = math.sqrt(max(self.squares, 0.0) / m)
+        bound = math.sqrt(chi2_quantile(m) / (m * entries))  # random directions' RMS cosine at 1%
+        significant = mean * math.sqrt(m * entries) < -_NULL_Z
+        if (mean < -thresholds.update_cos_spread and significant
+                and m >= max(MIN_COS_MEASUREMENTS, thresholds.update_cos_window // 2)):
+            return "opposite", mean, -thresholds.update_cos_spread
+        if bound < thresholds.update_cos and rms < bound:
+            return "unrelated", rms, bound
+        return "", rms, bound
+
+
+def _cos_measurements(row, cos_evidence) -> tuple[int, float, float] | None:
+    if cos_evidence is not None:
+        return cos_evidence.get(row["variable"])
+    cos = _finite_value(row, "update_cos")  # rows without the pooled evidence: one measurement each
+    return None if cos is None else (1, cos, cos * cos)
+
+
+def _pooled(history: list[tuple[int, float, float]], window: int) -> CosEvidence:
+    """The last windows' measurements, the oldest dropped while at least ``window`` remain."""
+    while len(history) > 1 and sum(h[0] for h in history[1:]) >= window:
+        del history[0]
+    return CosEvidence(sum(h[0] for h in history), sum(h[1] for h in history), sum(h[2] for h in history))
+
+
+def _update_mismatch(stats_rows, topology, state, thresholds, step, quiet: set[str],
+                     cos_evidence=None) -> list[Alert]:
     alerts = []
     sizes = dict(zip(topology.variable_names, topology.variable_sizes()))
-    window = thresholds.update_cos_window
     for row in stats_rows:
         name = row["variable"]
-        cos = _finite_value(row, "update_cos")
+        measured = _cos_measurements(row, cos_evidence)
         ratio = _finite_value(row, "update_ratio")
-        if cos is None or sizes.get(name, 0) < thresholds.update_min_size:
+        if not measured or measured[0] <= 0:
             continue
         if row["layer"] in quiet or (ratio is not None and ratio < thresholds.update_ratio_floor):
             # a vanishing/dead layer's update is rounding noise: its direction means nothing
             state.cosines.pop(name, None)
             continue
         history = state.cosines.setdefault(name, [])
-        history.append(cos)
-        del history[:-window]
-        if len(history) < window:
+        history.append(measured)
+        pooled = _pooled(history, thresholds.update_cos_window)
+        entries = sizes.get(name, 0)
+        verdict, value, bound = pooled.verdict(entries, thresholds)
+        if math.isnan(value):
             continue
-        mean = sum(history) / len(history)
-        spread = sum(abs(c) for c in history) / len(history)
-        # unrelated: consistently near-orthogonal; opposite: consistently against the gradient
-        unrelated = abs(mean) < thresholds.update_cos and spread < thresholds.update_cos_spread
-        opposite = mean < -thresholds.update_cos_spread
-        message = (
-            f"Variable {name!r} moved in a direction "
-            + ("opposite to" if opposite else "unrelated to")
-            + f" its gradient: mean cosine {mean:.2f} (mean |cosine| {spread:.2f}) between its update "
-            f"and -gradient over the last {window} measurements (healthy: SGD 1, Adam/momentum "
-            "~0.3-0.8 on average)."
-        )
-        found = _track(state, thresholds, "update_mismatch", row["layer"], unrelated or opposite,
-                       step, mean, thresholds.update_cos, message, immediate=True, variable=name)
-        alerts += found
+        if verdict == "opposite":
+            message = (f"Variable {name!r} moved against its gradient: mean cosine {value:.2f} between its "
+                       f"update and -gradient over its last {pooled.count} measurements (below {bound:.2f}; "
+                       "healthy: SGD 1, Adam/momentum ~0.3-0.8 on average).")
+        else:
+            message = (f"Variable {name!r} moved in a direction unrelated to its gradient: RMS cosine "
+                       f"{value:.2g} between its update and -gradient over its last {pooled.count} "
+                       f"measurements, below {bound:.2g}, what random directions reach for its {entries} "
+                       f"entries at 1% (healthy: at least {thresholds.update_cos:g} on average; SGD 1).")
+        alerts += _track(state, thresholds, "update_mismatch", row["layer"], bool(verdict), step, value,
+                         bound, message, immediate=True, variable=name)
     return alerts
 
 
@@ -394,9 +501,9 @@ def track_alert(state: DetectorState, thresholds: Thresholds, alert: Alert | Non
             return [Alert(state.last_step, "", "", key, "info", 0.0, 0.0,
                           f"{key.replace('_', ' ').capitalize()}: cleared (recovered).", "")]
         return []
-    if condition.alerted_at is None or state.window - condition.alerted_at >= thresholds.remind_every:
+    if condition.alerted_at is None or state.last_step - condition.alerted_at >= thresholds.remind_every:
         reminder = condition.alerted_at is not None
-        condition.alerted_at = state.window
+        condition.alerted_at = state.last_step
         if reminder:
             alert.message = "Still: " + alert.message
         return [alert]
@@ -419,25 +526,27 @@ def _track(
     key = layer if variable == "*" else f"{layer}\x00{variable}"
     condition = state.conditions.setdefault((kind, key), _Condition())
     if not active:
-        condition.streak = 0
+        condition.since = None
         if condition.alerted_at is not None:
-            # it clears after `patience` clean windows without it: a value hovering at a
-            # bound does not start and clear an alert over and over
-            condition.clear_streak = condition.clear_streak + 1 if state.clean else 0
-            if condition.clear_streak >= thresholds.patience:
-                condition.alerted_at = None
-                condition.clear_streak = 0
+            # it clears after `patience` steps of clean windows without it: a value hovering
+            # at a bound does not start and clear an alert over and over
+            condition.absent_since = (condition.absent_since or state.first_step) if state.clean else None
+            absent = step - condition.absent_since + 1 if condition.absent_since is not None else 0
+            if absent >= thresholds.patience:
+                condition.alerted_at = condition.absent_since = None
                 return [Alert(step, layer, variable, kind, "info", value, threshold,
-                              f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered).", "")]
+                              f"Layer {layer!r}: {kind.replace('_', ' ')} has cleared (recovered): "
+                              f"now {value:.3g} (threshold {threshold:.3g}).", "")]
         return []
-    condition.clear_streak = 0
-    condition.streak += 1
-    due = condition.streak >= thresholds.patience or immediate
+    condition.absent_since = None
+    if condition.since is None:
+        condition.since = state.first_step
+    due = step - condition.since + 1 >= thresholds.patience or immediate
     if not due:
         return []
-    if condition.alerted_at is None or state.window - condition.alerted_at >= thresholds.remind_every:
+    if condition.alerted_at is None or step - condition.alerted_at >= thresholds.remind_every:
         reminder = condition.alerted_at is not None
-        condition.alerted_at = state.window
+        condition.alerted_at = step
         text = ("Still: " if reminder else "") + message
         return [Alert(step, layer, variable, kind, "warning", value, threshold, text, HINTS.get(kind, ""))]
     return []

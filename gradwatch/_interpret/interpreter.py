@@ -10,7 +10,13 @@ import numpy as np
 from gradwatch._interpret import alerts as alerts_lib
 from gradwatch._interpret import detectors as detectors_lib
 from gradwatch._interpret import rows as rows_lib
-from gradwatch._interpret.probe_layout import UpdateDecoding, decode_histograms, decode_units, unit_tracks
+from gradwatch._interpret.probe_layout import (
+    UpdateDecoding,
+    dead_after,
+    decode_histograms,
+    decode_units,
+    unit_tracks,
+)
 from gradwatch._interpret.results import FetchedWindow, WindowResult
 from gradwatch._topology import Topology
 
@@ -41,6 +47,7 @@ class Interpreter:
         # the first step of the non-finite stretch that runs to the last window (None: none)
         self._unclean_since: int | None = None
         self._last_step = 0
+        self._steps_seen = 0  # steps of every window read so far (the unit probe's counters since bind)
 
     def interpret(self, fetched: FetchedWindow, fallback_loss: float | None = None) -> WindowResult:
         """Interprets one window.
@@ -52,6 +59,8 @@ class Interpreter:
         Returns:
             The window's rows, histograms and alerts.
         """
+        self._steps_seen += int(fetched.steps)
+        self._state.dead_after = dead_after(self._thresholds.dead_steps, self._steps_seen)
         columns = self._columns(fetched)
         window_row, stats_rows, layer_rows = rows_lib.build_rows(
             columns, fetched.globals, self._topology, clipping=self._clipping)
@@ -63,8 +72,10 @@ class Interpreter:
         clean = not glob["nonfinite_steps"] and not glob.get("loss_nonfinite_steps", 0.0)
         self._unclean_since = alerts_lib.divergence_since(self._unclean_since, window_row)
         self._last_step = fetched.last_step
+        evidence = (self._updates.evidence(fetched.updates, self._topology.variable_names)
+                    if fetched.updates is not None else {})
         detected = detectors_lib.detect(layer_rows, self._topology, self._state, self._thresholds, stats_rows,
-                                        clean=bool(clean))
+                                        clean=bool(clean), cos_evidence=evidence)
         alerts = self._nonfinite(window_row, columns) + self._no_gradient(window_row, stats_rows) + detected
         histograms = (decode_histograms(self._topology, fetched.histograms, self._signed)
                       if fetched.histograms is not None else [])
@@ -83,7 +94,7 @@ class Interpreter:
         columns = dict(fetched.columns)
         num_vars = len(self._topology.variables)
         dead, no_signal = decode_units(self._tracks, len(self._topology.layers), fetched.units,
-                                       self._thresholds.dead_steps)
+                                       self._state.dead_after)
         if fetched.dead_by_activation is not None:
             by_activation = fetched.dead_by_activation
             dead = np.where(np.isnan(by_activation), dead, by_activation)

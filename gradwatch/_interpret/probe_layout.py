@@ -21,9 +21,27 @@ LOG10_LOW, LOG10_HIGH, PER_DECADE = -16.0, 8.0, 4
 NUM_LOG_BUCKETS = int((LOG10_HIGH - LOG10_LOW) * PER_DECADE)
 NUM_SIGNED_BUCKETS = 30
 
-UPDATE_EVERY = 50  # steps between two update/weight snapshots
-# the update probe's result rows per measured variable
-UPDATE_ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g")
+UPDATE_EVERY = 50  # steps between two update/weight snapshots, after the early ones
+#: The update probe's first snapshots (steps from 1): dense early, so a direction test
+#: has evidence in short runs; after them one every UPDATE_EVERY steps (51, 101, ...).
+#: Two steps apart at least: a custom loop measures a snapshot at the next step.
+EARLY_SNAPSHOTS = (1, 3, 5, 7, 9, 12, 15, 18, 22, 26, 30, 35, 40, 45)
+# the update probe's result rows per measured variable: the last measurement's sums,
+# then the window's count of direction measurements, sum of cosines and of squares
+UPDATE_ROWS = ("ratio_du", "ratio_w", "cos_du", "cos_dot", "cos_g", "cos_count", "cos_sum", "cos_sq")
+
+
+def snapshot_due(step: int) -> bool:
+    """Whether the update probe takes a weight snapshot at ``step`` (counted from 1)."""
+    return step in EARLY_SNAPSHOTS or (step >= 1 and (step - 1) % UPDATE_EVERY == 0)
+
+
+def next_snapshot(step: int) -> int:
+    """The first step after ``step`` (counted from 1) at which a snapshot is due."""
+    later = [s for s in EARLY_SNAPSHOTS if s > step]
+    if later:
+        return later[0]
+    return step + 1 + (-step) % UPDATE_EVERY if step >= 1 else 1
 
 _FLOATING = ("float16", "bfloat16", "float32", "float64")
 
@@ -102,6 +120,25 @@ def unit_tracks(topology: Topology) -> list[Track]:
     return tracks
 
 
+#: Early in a run a unit whose gradient was exactly zero on every step since the first
+#: counts (dead, or silent) once there are this many steps, before ``dead_steps``.
+EARLY_DEAD_STEPS = 8
+
+
+def dead_after(dead_steps: int, steps_seen: int) -> int:
+    """The zero-gradient run after which a unit counts: ``dead_steps``, or, while fewer
+    steps have been seen (at least ``EARLY_DEAD_STEPS``), every step seen so far."""
+    return min(dead_steps, steps_seen) if steps_seen >= EARLY_DEAD_STEPS else dead_steps
+
+
+def early_read_due(steps_seen: int, steps_since_read: int, dead_steps: int) -> bool:
+    """Whether the end of an epoch reads the window now: once in a run, for the window in
+    which the early dead-unit rule became possible (``EARLY_DEAD_STEPS``), within the
+    first ``dead_steps`` steps, so a short first epoch reports what it found."""
+    return (0 < steps_since_read and EARLY_DEAD_STEPS <= steps_seen <= dead_steps
+            and steps_seen - steps_since_read < EARLY_DEAD_STEPS)
+
+
 def decode_units(tracks: list[Track], num_layers: int, fetched: tuple[np.ndarray, np.ndarray],
                  dead_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Reads the unit probe's counters as per-layer fractions.
@@ -158,11 +195,18 @@ class UpdateDecoding:
         self._slots = update_slots(topology)
         self._num_vars = num_vars
 
+    def evidence(self, measured: np.ndarray, names: list[str]) -> dict[str, tuple[int, float, float]]:
+        """Returns, per measured variable name, the window's direction measurements:
+        (count, sum of cosines, sum of squared cosines)."""
+        counts, sums, squares = np.nan_to_num(measured.astype(np.float64)[5:8, :len(self._slots)])
+        return {names[slot]: (int(counts[k]), float(sums[k]), float(squares[k]))
+                for k, slot in enumerate(self._slots) if counts[k] > 0}
+
     def decode(self, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Returns (update_ratio, update_cos) per column: the variables, then their layers."""
         rows = np.full((len(UPDATE_ROWS), self._num_vars), np.nan)
         rows[:, self._slots] = measured.astype(np.float64)[:, :len(self._slots)]
-        ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows
+        ratio_du, ratio_w, cos_du, cos_dot, cos_g = rows[:5]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             var_ratio = np.where(ratio_w > 0, np.sqrt(ratio_du / ratio_w), np.nan)
             var_cos = cos_dot / (np.sqrt(cos_du) * np.sqrt(cos_g))

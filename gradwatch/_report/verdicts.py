@@ -339,8 +339,9 @@ def _layer_evidence(problem: Problem, rows: pd.DataFrame, windows: pd.DataFrame)
         parts.append(f"max grad norm {_fmt(float(values.max()))} (window ending at step {at})")
     elif kind in ("dead_relu", "no_learning_signal"):
         column = "dead_frac" if kind == "dead_relu" else "no_signal_frac"
-        if len(finite(column)):
-            values = finite(column)
+        values = finite(column)
+        # only when the column is what the alert's rule read (not a kernel silent on every step)
+        if len(values) and values.max() >= problem.threshold:
             parts.append(f"{column} up to {values.max():.0%}, last {values.iloc[-1]:.0%}")
     elif kind == "nonfinite_gradient":
         if problem.layer and len(rows):
@@ -359,7 +360,8 @@ def _layer_evidence(problem: Problem, rows: pd.DataFrame, windows: pd.DataFrame)
         parts.append(f"median update/weight ratio {_fmt(float(finite('update_ratio').median()))}")
     elif kind == "update_mismatch" and len(finite("update_cos")):
         parts.append(f"median update/gradient cosine {float(finite('update_cos').median()):.2f}")
-    if math.isfinite(problem.value) or math.isfinite(problem.threshold):
+    # the non-finite and no-gradient rows' value is a count with no threshold: their message says it
+    if problem.threshold != 0 and (math.isfinite(problem.value) or math.isfinite(problem.threshold)):
         parts.append(f"alert value {_fmt(problem.value)} vs threshold {_fmt(problem.threshold)}")
     if problem.raised > 1:
         parts.append(f"raised {problem.raised} times")

@@ -258,7 +258,7 @@ def wrong_zip(log_dir, seed):
         return loss
 
     with gw.Watch(log_dir, log_every=10, model=model) as watch:
-        for _ in range(7):  # 448 steps: 9 update snapshots (one every 50 steps)
+        for _ in range(7):  # 448 steps (kept as it was for the before/after benchmark)
             for i in range(0, 2048, 32):
                 step(tf.constant(x[i:i + 32]), tf.constant(y[i:i + 32]))
                 watch.step_end()
