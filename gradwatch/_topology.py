@@ -27,6 +27,9 @@ class VariableInfo:
     shape: list[int]
     dtype: str
     layer_index: int  # position of the layer, input to output
+    # the optimizer that updates it, by its attribute on the model ("optimizer",
+    # "d_optimizer", ...); "" where none applied it (or runs before groups existed)
+    group: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +90,21 @@ class Topology:
         for slot, variable in enumerate(self.variables):
             members[positions[variable.layer]].append(slot)
         return members
+
+    @property
+    def groups(self) -> list[str]:
+        """Returns the variables' groups (one per optimizer that updates them), in order."""
+        return list(dict.fromkeys(v.group for v in self.variables if v.group))
+
+    def layer_groups(self) -> dict[str, str]:
+        """Returns each layer's group: its variables' group ("" if none; joined by "+"
+        if its variables are updated by several optimizers)."""
+        out: dict[str, list[str]] = {}
+        for v in self.variables:
+            groups = out.setdefault(v.layer, [])
+            if v.group and v.group not in groups:
+                groups.append(v.group)
+        return {layer: "+".join(groups) for layer, groups in out.items()}
 
     def variable_sizes(self) -> list[int]:
         """Returns the number of entries of each watched variable (1 for a scalar)."""

@@ -221,4 +221,9 @@ GLOBAL_ACCUMULATORS: tuple[str, ...] = (
     "clip_threshold_last",
     "loss_nonfinite_steps",  # steps whose loss was known and non-finite
     "loss_nonfinite_at_first",  # at the first non-finite step: 1 loss non-finite, 0 finite, -1 unknown
+    # the last step counted in nonfinite_steps, skipped_steps and clip_fired_steps: a step
+    # observed several times (several optimizers) counts once (-1: none yet)
+    "nonfinite_counted_step",
+    "skipped_counted_step",
+    "clip_counted_step",
 )
