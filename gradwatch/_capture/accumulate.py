@@ -202,7 +202,9 @@ class StepBuffer:
         at = tf.maximum(row, 0)
         index = tf.stack([tf.stack([at, tf.constant(block + STEP_SCALARS.index(name), tf.int64)])
                           for name in ("loss_a", "loss_b")])
-        value = tf.where(row >= 0, tf.cast(pair, tf.float32), self._rows.gather_nd(index))
+        columns = [block + STEP_SCALARS.index(name) for name in ("loss_a", "loss_b")]
+        old = tf.gather(self._rows.sparse_read(tf.reshape(at, [1]))[0], columns)  # XLA has no ResourceGatherNd
+        value = tf.where(row >= 0, tf.cast(pair, tf.float32), old)
         with tf.control_dependencies([self._rows.scatter_nd_update(index, value)]):
             return tf.constant(0, tf.int64)
 
