@@ -236,13 +236,42 @@ def test_gradwatch_adds_no_optimizer_variable(cls, tmp_path):
     assert counts[0][0] == 2  # the unused model.optimizer stays unbuilt (iterations, learning rate)
 
 
-def test_a_gan_loss_is_nan_and_run_json_says_why(tmp_path):
+def test_a_gan_loss_is_nan_and_run_json_says_why_and_the_report_shows_the_groups(tmp_path):
     real, noise = _data()
     model = _gan(DCGAN, keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
-    _fit(model, tmp_path, real, noise)
-    assert gw.read_windows(str(tmp_path)).loss.isna().all()
-    note = _run_json(tmp_path)["loss"]["note"]
+    _fit(model, tmp_path / "run", real, noise)
+    run = str(tmp_path / "run")
+    assert gw.read_windows(run).loss.isna().all()
+    note = _run_json(run)["loss"]["note"]
     assert "DCGAN.train_step" in note and "NaN" in note
+    layers = gw.read_stats(run, level="layer").drop_duplicates("layer").set_index("layer").group
+    assert layers.to_dict() == {"d_hidden": "d_optimizer", "d_out": "d_optimizer",
+                                "g_hidden": "g_optimizer", "g_out": "g_optimizer"}
+    from gradwatch._report.report import build_report
+
+    path, _ = build_report(run, str(tmp_path / "report.html"))
+    with open(path) as f:
+        html = f.read()
+    assert "d_hidden [d_optimizer]" in html and "g_out [g_optimizer]" in html
+    assert "optimizers d_optimizer (Adam), g_optimizer (Adam)" in html  # the unused model.optimizer is not
+
+
+def _run_info(groups):
+    return {"layers": [{"name": name} for name in groups],
+            "variables": [{"name": f"{name}/kernel", "layer": name, "group": group}
+                          for name, group in groups.items()]}
+
+
+@pytest.mark.fast
+def test_the_tab_labels_each_row_with_its_group_when_there_are_several():
+    from gradwatch.tb_plugin.plugin import build_run, flow_json
+
+    two = _run_info({"d_hidden": "d_optimizer", "g_out": "g_optimizer"})
+    assert flow_json("r", build_run(two, []), 10)["layers"] == ["d_hidden [d_optimizer]", "g_out [g_optimizer]"]
+    one = _run_info({"hidden": "optimizer", "out": "optimizer"})
+    assert flow_json("r", build_run(one, []), 10)["layers"] == ["hidden", "out"]
+    old = {"layers": [{"name": "hidden"}], "variables": [{"name": "hidden/kernel", "layer": "hidden"}]}
+    assert flow_json("r", build_run(old, []), 10)["layers"] == ["hidden"]  # a run before groups
 
 
 @pytest.mark.parametrize("tracks_loss", [False, True])

@@ -37,6 +37,7 @@ from gradwatch._io.schema import (
     WINDOWS_FILE,
     GradwatchDataError,
     check_schema_version,
+    groups_of,
     nan_norms_of_old_rows,
 )
 
@@ -451,7 +452,7 @@ def read_stats(
             frame = _dedupe_sort(loaded.frame(), ["step", key])
             run_info = loaded.run_info
         frame = nan_norms_of_old_rows(frame, check_schema_version(run_info, run_dir))
-        groups = _groups(run_info, level)
+        groups = groups_of(run_info, level)
         frame = frame.assign(group=[groups.get(name, "") for name in frame[key]])
         return _model_sorted(frame, _model_order(run_info, level), key)
 
@@ -574,20 +575,6 @@ def _run_json(run_dir: str) -> dict[str, Any] | None:
 def _model_order(run_info: dict[str, Any] | None, level: str) -> list[str]:
     entries = (run_info or {}).get("variables" if level == "variable" else "layers", [])
     return [entry["name"] for entry in entries]
-
-
-def _groups(run_info: dict[str, Any] | None, level: str) -> dict[str, str]:
-    """Each variable's (or layer's) group from ``run.json``: the optimizer that updates
-    it ("" before groups were written, or where none did)."""
-    variables = (run_info or {}).get("variables", [])
-    if level == "variable":
-        return {entry["name"]: entry.get("group", "") for entry in variables}
-    layers: dict[str, list[str]] = {}
-    for entry in variables:
-        groups = layers.setdefault(entry.get("layer", ""), [])
-        if entry.get("group") and entry["group"] not in groups:
-            groups.append(entry["group"])
-    return {layer: "+".join(groups) for layer, groups in layers.items()}
 
 
 def _model_sorted(frame: pd.DataFrame, model_order: list[str], key: str) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from gradwatch._io.schema import (
     TEXT_COLUMNS,
     GradwatchDataError,
     check_schema_version,
+    group_labels,
 )
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -73,6 +74,7 @@ class RunHeatmap:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     corrupt: int = 0
     divergence: dict[str, int] | None = None  # {"step", "last_step"}: NaN/Inf from step to the end
+    labels: list[str] | None = None  # the rows' labels (a layer's optimizer group, where several)
 
     def missing_before(self) -> np.ndarray:
         """Steps missing before each window: window k should start right after window k-1 ends.
@@ -260,7 +262,8 @@ def build_run(
                if isinstance(alert.get("layer"), str) else -1} for alert in alerts]
     alerts = _recoveries_kept(alerts, nonfinite_rows)
     divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
-    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence)
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence,
+                      group_labels(layers, run_info))
 
 
 def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
@@ -289,7 +292,7 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
     finite = reduced[np.isfinite(reduced)]
     return {
         "run": run,
-        "layers": data.layers,
+        "layers": data.labels or data.layers,
         "steps": data.steps[edges[1:] - 1].tolist() if cols else [],
         "first_steps": data.first_steps[edges[:-1]].tolist() if cols else [],
         "windows": width,
