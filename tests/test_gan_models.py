@@ -223,17 +223,28 @@ def test_both_networks_every_batch_true_numbers_one_step_per_batch(cls, tmp_path
     assert {v["group"] for v in info["variables"]} == {"d_optimizer", "g_optimizer"}
 
 
-@pytest.mark.parametrize("cls", [DCGAN, WGANGP])
-def test_gradwatch_adds_no_optimizer_variable(cls, tmp_path):
+class SharedDCGAN(DCGAN):
+    """The critic's optimizer is ``model.optimizer`` (given to ``Model.compile``)."""
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile(d_optimizer, g_optimizer)
+        keras.Model.compile(self, optimizer=d_optimizer)
+
+
+@pytest.mark.parametrize("cls,options", [(DCGAN, {}), (WGANGP, {}), (DCGAN, {"activation_probe": True}),
+                                         (SharedDCGAN, {})])
+def test_gradwatch_adds_no_optimizer_variable(cls, options, tmp_path):
     real, noise = _data()
     counts = []
     for monitored in (False, True):
         model = _gan(cls, keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
-        callbacks = [gw.GradientMonitor(str(tmp_path / str(monitored)), log_every=2)] if monitored else []
+        callbacks = [gw.GradientMonitor(str(tmp_path / str(monitored)), log_every=2, **options)
+                     ] if monitored else []
         model.fit(real, noise, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
         counts.append([len(o.variables) for o in (model.optimizer, model.d_optimizer, model.g_optimizer)])
     assert counts[1] == counts[0]
-    assert counts[0][0] == 2  # the unused model.optimizer stays unbuilt (iterations, learning rate)
+    if cls is not SharedDCGAN:
+        assert counts[0][0] == 2  # the unused model.optimizer stays unbuilt (iterations, learning rate)
 
 
 def test_a_gan_loss_is_nan_and_run_json_says_why_and_the_report_shows_the_groups(tmp_path):
