@@ -64,13 +64,19 @@ class FitParts:
         Raises:
             ValueError: no optimizer was found.
         """
+        named = self._named
         if strategy is not None:
+            # several replicas: one update per step, by model.optimizer (the single-optimizer path)
             found = [("optimizer", model.optimizer)] if getattr(model, "optimizer", None) is not None else []
+            if named:
+                warnings.warn("GradientMonitor(optimizers=...) is not supported under a tf.distribute "
+                              "strategy: only model.optimizer is tapped.", stacklevel=3)
+            named = []
         else:
             found = internals.find_optimizers(model)
         attribute = {id(optimizer): name for name, optimizer in found}
         tapped, seen = [], set()
-        for k, (name, optimizer) in enumerate(self._named + found):
+        for k, (name, optimizer) in enumerate(named + found):
             if id(optimizer) not in seen:
                 seen.add(id(optimizer))
                 tapped.append((name or attribute.get(id(optimizer), f"optimizer_{k}"), optimizer))
@@ -78,12 +84,13 @@ class FitParts:
             raise ValueError("GradientMonitor found no optimizer: model.optimizer is None and no attribute "
                              "of the model is a keras optimizer. Call model.compile(optimizer=...), pass "
                              "GradientMonitor(optimizers=[...]), or use gradwatch.Watch in the train step.")
-        for name, optimizer in tapped:
+        for _, optimizer in tapped:
             internals.refuse_double_clipping("GradientMonitor", self._options.clip, optimizer)
+        for name, optimizer in tapped:
             internals.install_apply_tap(optimizer, functools.partial(tap, optimizer, name))
         if strategy is None:
             internals.install_step_end_hook(model, step_end)
-        self.tapped, self._model, self._first_batch = tapped, model, True
+        self.tapped, self._model, self._first_batch, self.warned_idle = tapped, model, True, False
         return tapped
 
     def uninstall(self) -> None:
@@ -251,7 +258,10 @@ def check_optimizers(optimizers: Any) -> list[tuple[str, Any]]:
     """
     if optimizers is None:
         return []
-    items = list(optimizers.items()) if isinstance(optimizers, dict) else [(None, value) for value in optimizers]
+    if isinstance(optimizers, dict):
+        items = list(optimizers.items())
+    else:
+        items = [(None, value) for value in optimizers]
     import keras
 
     for name, value in items:

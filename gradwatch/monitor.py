@@ -222,9 +222,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _read(self) -> None:
         self._steps_since_read = 0
-        fallback = _float_or_none(self._last_logs.get("loss")) if self._parts.fallback_loss_allowed() else None
-        read = self._parts.pipeline.read(fallback_loss=fallback,
-                                   defer=self._internal.defer_reads)
+        loss = self._last_logs.get("loss")
+        fallback = _float_or_none(loss) if self._parts.fallback_loss_allowed() else None
+        read = self._parts.pipeline.read(fallback_loss=fallback, defer=self._internal.defer_reads)
         if read.steps and read.last_step is not None:
             self._next_step = read.last_step + 1
         self._react(read.result.alerts if read.result is not None else [])
@@ -315,8 +315,9 @@ class GradientMonitor(keras.callbacks.Callback):
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)
         self._parts.note_group(group, trainable_variables or internals.trainable_variables_of(optimizer))
-        return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model, self.options.on_nonfinite,
-                                         self._tracing_lean, original_apply, grads, trainable_variables,
+        return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model,
+                                         self.options.on_nonfinite, self._tracing_lean, original_apply,
+                                         grads, trainable_variables,
                                          numbers_steps=optimizer is self._optimizer)
 
 

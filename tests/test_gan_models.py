@@ -36,14 +36,16 @@ def _data(n=B * STEPS, seed=0):
 
 
 def _generator():
-    return keras.Sequential([keras.Input((LATENT,)), keras.layers.Dense(8, activation="relu", name="g_hidden"),
+    return keras.Sequential([keras.Input((LATENT,)),
+                             keras.layers.Dense(8, activation="relu", name="g_hidden"),
                              keras.layers.Dense(FEATURES, name="g_out")], name="generator")
 
 
 def _critic(activation="sigmoid"):
     return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(8, name="d_hidden"),
                              keras.layers.LeakyReLU(negative_slope=0.2, name="d_act"),
-                             keras.layers.Dense(1, activation=activation, name="d_out")], name="discriminator")
+                             keras.layers.Dense(1, activation=activation, name="d_out")],
+                            name="discriminator")
 
 
 class DCGAN(keras.Model):
@@ -171,9 +173,9 @@ def _fit(model, log_dir, real, noise, **monitor_options):
     return monitor
 
 
-def _expected_l2(loss_fn, variables):
+def _expected_l2(loss_fn, args, variables):
     with tf.GradientTape() as tape:
-        value = loss_fn()
+        value = loss_fn(*args)
     return [np_stats(tf.convert_to_tensor(g).numpy())["l2"] for g in tape.gradient(value, variables)]
 
 
@@ -209,11 +211,11 @@ def test_both_networks_every_batch_true_numbers_one_step_per_batch(cls, tmp_path
     for step in (1, 2):
         xb, nb = real[(step - 1) * B: step * B], noise[(step - 1) * B: step * B]
         if cls is DCGAN:
-            d_expected = _expected_l2(lambda: model.d_loss(xb, nb), critic)
-            g_expected = _expected_l2(lambda: model.g_loss(nb), generator)
+            d_expected = _expected_l2(model.d_loss, (xb, nb), critic)
+            g_expected = _expected_l2(model.g_loss, (nb,), generator)
         else:
-            d_expected = _expected_l2(lambda: model.critic_loss(xb, nb), critic)
-            g_expected = _expected_l2(lambda: model.generator_loss(nb), generator)
+            d_expected = _expected_l2(model.critic_loss, (xb, nb), critic)
+            g_expected = _expected_l2(model.generator_loss, (nb,), generator)
         rows = stats[stats.step == step].set_index("variable")
         for v, expected in zip(critic + generator, d_expected + g_expected):
             assert rows.loc[by_name[v.path], "l2"] == pytest.approx(expected, rel=2e-4, abs=1e-7), v.path
@@ -278,7 +280,8 @@ def test_the_tab_labels_each_row_with_its_group_when_there_are_several():
     from gradwatch.tb_plugin.plugin import build_run, flow_json
 
     two = _run_info({"d_hidden": "d_optimizer", "g_out": "g_optimizer"})
-    assert flow_json("r", build_run(two, []), 10)["layers"] == ["d_hidden [d_optimizer]", "g_out [g_optimizer]"]
+    labels = flow_json("r", build_run(two, []), 10)["layers"]
+    assert labels == ["d_hidden [d_optimizer]", "g_out [g_optimizer]"]
     one = _run_info({"hidden": "optimizer", "out": "optimizer"})
     assert flow_json("r", build_run(one, []), 10)["layers"] == ["hidden", "out"]
     old = {"layers": [{"name": "hidden"}], "variables": [{"name": "hidden/kernel", "layer": "hidden"}]}
@@ -298,7 +301,8 @@ def test_a_custom_train_step_loss_is_the_windows_mean_of_step_losses_or_nan(trac
         # the train_step's own "loss" is a running mean over the epoch: not used
         assert windows.loss.isna().all()
         return
-    per_step = [float(model.vae_loss(real[k * B:(k + 1) * B], noise[k * B:(k + 1) * B, :2])) for k in range(4)]
+    per_step = [float(model.vae_loss(real[k * B:(k + 1) * B], noise[k * B:(k + 1) * B, :2]))
+                for k in range(4)]
     assert list(windows.loss) == pytest.approx([np.mean(per_step[:2]), np.mean(per_step[2:])], rel=1e-5)
 
 

@@ -203,7 +203,8 @@ class StepBuffer:
         index = tf.stack([tf.stack([at, tf.constant(block + STEP_SCALARS.index(name), tf.int64)])
                           for name in ("loss_a", "loss_b")])
         columns = [block + STEP_SCALARS.index(name) for name in ("loss_a", "loss_b")]
-        old = tf.gather(self._rows.sparse_read(tf.reshape(at, [1]))[0], columns)  # XLA has no ResourceGatherNd
+        # a gather of the row, then of its entries: XLA has no ResourceGatherNd
+        old = tf.gather(self._rows.sparse_read(tf.reshape(at, [1]))[0], columns)
         value = tf.where(row >= 0, tf.cast(pair, tf.float32), old)
         with tf.control_dependencies([self._rows.scatter_nd_update(index, value)]):
             return tf.constant(0, tf.int64)

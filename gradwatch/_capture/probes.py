@@ -494,7 +494,8 @@ class HistogramProbe:
                     flat = flat[::stride]
                 flats[slot], weights[slot] = flat * inv_scale, weight
             keep = self._keep_other(step, flats)
-            counts = keep(self._log_counts(flats, weights, num), self.counts, [[s in flats] for s in range(num)])
+            measured = [[s in flats] for s in range(num)]
+            counts = keep(self._log_counts(flats, weights, num), self.counts, measured)
             ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64))]
             if self.signed:
                 bounds = []
@@ -517,9 +518,9 @@ class HistogramProbe:
                     ids = tf.where(finite, bucket, NUM_SIGNED_BUCKETS)
                     signed_rows.append(tf.math.unsorted_segment_sum(
                         tf.ones_like(flat) * weights[slot], ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
-                layers = [any(self.layer_ids[s] == layer for s in flats) for layer in range(len(self.topology.layers))]
-                ops += [self.signed_counts.assign(keep(tf.stack(signed_rows), self.signed_counts,
-                                                       [[s in flats] for s in range(num)])),
+                layers = [any(self.layer_ids[s] == layer for s in flats)
+                          for layer in range(len(self.topology.layers))]
+                ops += [self.signed_counts.assign(keep(tf.stack(signed_rows), self.signed_counts, measured)),
                         self.bounds.assign(keep(bounds, self.bounds, layers))]
             with tf.control_dependencies(ops):
                 return tf.constant(0)

@@ -109,7 +109,8 @@ class Recorder:
         initial = {name: 0 for name in STEP_STATE.names}
         initial.update(step=start_step, iterations_at_end=-1, step_row=-1)
         self._state = internals.replica_variable(
-            np.array([initial[name] for name in STEP_STATE.names], np.int64), "gradwatch_step_state", strategy)
+            np.array([initial[name] for name in STEP_STATE.names], np.int64), "gradwatch_step_state",
+            strategy)
         folder = StepFolder(topology, self.window, clipping=self._clip is not None)
         self.buffer = StepBuffer(folder, self.window, num_vars, buffer_capacity(self._options.log_every),
                                  self._compiler, strategy)

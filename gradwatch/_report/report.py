@@ -333,7 +333,8 @@ def _run_facts(run: RunFrames) -> str:
         if value:
             parts.append(f"{key} {value}")
     applied = set(groups_of(meta).values())
-    optimizers = [o for o in meta.get("optimizers", []) or [] if isinstance(o, dict) and o.get("group") in applied]
+    optimizers = [o for o in meta.get("optimizers", []) or []
+                  if isinstance(o, dict) and o.get("group") in applied]
     if len(optimizers) > 1:  # several optimizers applied: each one's variables are a group
         parts.append("optimizers " + ", ".join(f"{o.get('group')} ({o.get('class')})" for o in optimizers))
     if len(run.windows):
