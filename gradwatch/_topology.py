@@ -91,21 +91,6 @@ class Topology:
             members[positions[variable.layer]].append(slot)
         return members
 
-    @property
-    def groups(self) -> list[str]:
-        """Returns the variables' groups (one per optimizer that updates them), in order."""
-        return list(dict.fromkeys(v.group for v in self.variables if v.group))
-
-    def layer_groups(self) -> dict[str, str]:
-        """Returns each layer's group: its variables' group ("" if none; joined by "+"
-        if its variables are updated by several optimizers)."""
-        out: dict[str, list[str]] = {}
-        for v in self.variables:
-            groups = out.setdefault(v.layer, [])
-            if v.group and v.group not in groups:
-                groups.append(v.group)
-        return {layer: "+".join(groups) for layer, groups in out.items()}
-
     def variable_sizes(self) -> list[int]:
         """Returns the number of entries of each watched variable (1 for a scalar)."""
         return [math.prod(v.shape) for v in self.variables]
