@@ -27,6 +27,9 @@ class VariableInfo:
     shape: list[int]
     dtype: str
     layer_index: int  # position of the layer, input to output
+    # the optimizer that updates it, by its attribute on the model ("optimizer",
+    # "d_optimizer", ...); "" where none applied it (or runs before groups existed)
+    group: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

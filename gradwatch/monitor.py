@@ -46,6 +46,10 @@ class GradientMonitor(keras.callbacks.Callback):
         activation_probe: also count dead units from ReLU-family layers' activations
             (zero on every sample of the batch); off by default (it wraps those
             layers' ``call`` during fit, one reduction per layer).
+        optimizers: optimizers the model's ``train_step`` applies besides those the
+            monitor finds itself (``model.optimizer`` and every optimizer among the
+            model's attributes, e.g. a GAN's ``self.d_optimizer``): a list, or a dict of
+            group name to optimizer. Each optimizer's variables are a group of their own.
         on_alert: called with every alert row. With a ``log_dir``, a window with no
             non-finite step is interpreted (rows, detectors, alerts) on gradwatch's
             writer thread while training goes on (``on_alert`` is called there;
@@ -71,6 +75,7 @@ class GradientMonitor(keras.callbacks.Callback):
         activation_probe: bool = False,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
         internal: InternalOptions | None = None,
+        optimizers: Any = None,
     ):
         super().__init__()
         self._internal = as_internal(internal)
@@ -88,7 +93,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if on_alert is not None and not callable(on_alert):
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self.on_alert = on_alert
-        self._parts = FitParts(self.options, self._internal, on_alert)
+        self._parts = FitParts(self.options, self._internal, on_alert, optimizers)
         self._single_replica = True
         self._optimizer: Any = None
         self._iterations_at_end = -1
@@ -129,22 +134,18 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError("GradientMonitor needs a compiled model with an optimizer; model.optimizer is "
-                             "None. Call model.compile(optimizer=...) before fit, or use gradwatch.Watch "
-                             "in a custom training loop.")
-        internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)
+        tapped = self._parts.install(model, strategy, self._tap, self._parts.end_step)
+        optimizer = getattr(model, "optimizer", None) or tapped[0][1]  # numbers the steps
         if not self._parts.begin_fit(model, optimizer, strategy, self._iterations_at_end):
+            self._parts.uninstall()
             warnings.warn("GradientMonitor: the model has no trainable variables; there is nothing to "
                           "watch and the monitor stays idle.", stacklevel=2)
             return
         self._single_replica = strategy is None or strategy.num_replicas_in_sync <= 1
         self._optimizer = optimizer
         self._after_bind()
-        internals.install_apply_tap(optimizer, self._tap)
         internals.retrace_train_function(model)
         full_function = model.train_function
         self._lean_function = None
@@ -164,6 +165,8 @@ class GradientMonitor(keras.callbacks.Callback):
             self._snapshot_if_due()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._active and (idle := self._parts.first_batch_warning()):
+            warnings.warn(idle, stacklevel=2)
         if not self._active or not self._parts.bound:
             return
         self._last_logs = logs or {}
@@ -200,7 +203,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if not self._active:
             return
         self._finish()
-        if self.steps_seen == 0:
+        if self.steps_seen == 0 and not self._parts.warned_idle:
             warnings.warn(
                 "GradientMonitor observed no training step: the optimizer's apply() was never "
                 "called through model.fit (a custom train_step that updates weights without "
@@ -224,8 +227,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _read(self) -> None:
         self._steps_since_read = 0
-        read = self._parts.pipeline.read(fallback_loss=_float_or_none(self._last_logs.get("loss")),
-                                   defer=self._internal.defer_reads)
+        loss = self._last_logs.get("loss")
+        fallback = _float_or_none(loss) if self._parts.fallback_loss_allowed() else None
+        read = self._parts.pipeline.read(fallback_loss=fallback, defer=self._internal.defer_reads)
         if read.steps and read.last_step is not None:
             self._next_step = read.last_step + 1
         self._react(read.result.alerts if read.result is not None else [])
@@ -271,7 +275,6 @@ class GradientMonitor(keras.callbacks.Callback):
                 self._read()
         finally:
             if self._optimizer is not None:
-                internals.remove_apply_tap(self._optimizer)
                 self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
             if self.model is not None:
                 internals.forget_train_function(self.model)
@@ -307,7 +310,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
         model.train_function = guarded_train_function
 
-    def _tap(self, original_apply, grads, trainable_variables):
+    def _tap(self, optimizer, group, original_apply, grads, trainable_variables):
         if self._active and self._parts.waiting:
             self._parts.bind_in_trace()  # the first traced step: the variables exist now
             with tf.init_scope():
@@ -316,9 +319,11 @@ class GradientMonitor(keras.callbacks.Callback):
         if not self._active or not self._parts.bound:
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)
-        return fit_tap.observe_and_apply(self._parts.recorder, self._optimizer, self.model,
+        self._parts.note_group(group, trainable_variables or internals.trainable_variables_of(optimizer))
+        return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
-                                         grads, trainable_variables)
+                                         grads, trainable_variables,
+                                         numbers_steps=optimizer is self._optimizer)
 
 
 def _float_or_none(value: Any) -> float | None:

@@ -55,10 +55,21 @@ def test_example_runs_and_writes_a_run(tmp_path, name):
     assert gw.read_alerts(str(out)).empty
 
 
+def test_gan_example_watches_both_networks_as_two_groups(tmp_path):
+    out = tmp_path / "gan_fit"
+    _run([sys.executable, "examples/gan_fit.py", "--out", str(out)], ROOT)
+    stats = gw.read_stats(str(out), level="layer")
+    assert set(stats.group) == {"d_optimizer", "g_optimizer"}
+    assert stats.l2.notna().all() and (stats.l2 > 0).all()
+    windows = gw.read_windows(str(out))
+    assert windows.step.iloc[-1] == 96 and windows.steps.sum() == 96  # 3 epochs of 32 batches
+    assert gw.read_alerts(str(out)).empty
+
+
 def test_cli_demo_and_module_entry(tmp_path):
     stdout = _run([sys.executable, "-m", "gradwatch", "demo", "--out", str(tmp_path / "demo")], str(tmp_path))
-    assert "gradwatch demo: 5 runs written under" in stdout
-    for name in ("worked_example", "keras_fit", "custom_loop", "raw_variables"):
+    assert "gradwatch demo: 6 runs written under" in stdout
+    for name in ("worked_example", "keras_fit", "gan_fit", "custom_loop", "raw_variables"):
         assert os.path.exists(tmp_path / "demo" / name / "stats.csv")
     broken = tmp_path / "demo" / "broken_nets"
     kinds = {name: set(gw.read_alerts(str(broken / name)).kind)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.compiled import Compiler
-from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
+from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, STEP_SCALARS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import StepGlobals, StepValues, Window
 from gradwatch._topology import Topology
@@ -103,7 +103,7 @@ class StepFolder:
                         skipped=scalars["skipped"] > 0.5, loss=loss, learning_rate=scalars["learning_rate"],
                         loss_scale=loss_scale, clip_l2=clip["global_l2"], clip_scale=clip["global_scale"],
                         clip_fired=clip["any"], clip_threshold=scalars["clip_threshold"],
-                        loss_state=loss_state),
+                        loss_state=loss_state, new_step=scalars["new_step"] > 0.5),
         )
         return new_var, new_global, loss_prev
 
@@ -161,7 +161,7 @@ class StepBuffer:
         self._folder, self._window, self._compiler = folder, window, compiler
         self.buffered = strategy is None or strategy.num_replicas_in_sync <= 1
         self.capacity = capacity
-        width = StepRow(num_vars).width
+        width = self._width = StepRow(num_vars).width
         self._rows = self._steps = None
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
@@ -192,6 +192,22 @@ class StepBuffer:
             done = internals.cond(full, lambda: fold(tf.constant(self.capacity, tf.int64)),
                                   lambda: tf.constant(0, tf.int64))
         return tf.where(full, tf.constant(0, tf.int64), buffered + 1), done
+
+    def set_loss(self, row: tf.Tensor, pair: tf.Tensor) -> tf.Tensor:
+        """Writes a step's ``loss_pair`` into buffered row ``row`` (nothing when ``row`` < 0,
+        or when nothing is buffered); returns an op to wait for."""
+        if not self.buffered:
+            return tf.constant(0, tf.int64)
+        block = self._width - len(STEP_SCALARS)
+        at = tf.maximum(row, 0)
+        index = tf.stack([tf.stack([at, tf.constant(block + STEP_SCALARS.index(name), tf.int64)])
+                          for name in ("loss_a", "loss_b")])
+        columns = [block + STEP_SCALARS.index(name) for name in ("loss_a", "loss_b")]
+        # a gather of the row, then of its entries: XLA has no ResourceGatherNd
+        old = tf.gather(self._rows.sparse_read(tf.reshape(at, [1]))[0], columns)
+        value = tf.where(row >= 0, tf.cast(pair, tf.float32), old)
+        with tf.control_dependencies([self._rows.scatter_nd_update(index, value)]):
+            return tf.constant(0, tf.int64)
 
     def flush(self, count: tf.Tensor) -> Any:
         """Folds the ``count`` buffered rows (the host read); returns an op to wait for."""

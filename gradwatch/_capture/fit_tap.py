@@ -12,18 +12,21 @@ from gradwatch._capture.recorder import Recorder, StepContext
 
 
 def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfinite: str, lean: bool,
-                      original_apply: Any, grads: Any, trainable_variables: Any) -> Any:
+                      original_apply: Any, grads: Any, trainable_variables: Any, numbers_steps: bool = True
+                      ) -> Any:
     """Records the step's watched gradients, then applies what the optimizer gets.
 
     Args:
         recorder: the bound recorder.
-        optimizer: the tapped optimizer.
+        optimizer: the tapped optimizer (one of several: its ``apply`` observes its variables).
         model: the model being fitted (its loss tracker gives the step's loss).
         on_nonfinite: the monitor's mode; other than "warn", a non-finite step is not applied.
         lean: trace the lean step.
         original_apply: the optimizer's own ``apply``.
         grads: the gradients ``apply`` was called with.
         trainable_variables: their variables (None: the optimizer's own list).
+        numbers_steps: its iterations number the steps on a resync (``model.optimizer``;
+            another optimizer may apply several times a step).
 
     Returns:
         What ``original_apply`` returned.
@@ -32,13 +35,14 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
     if trainable_variables is None:
         trainable_variables = internals.trainable_variables_of(optimizer)
     trainable_variables = list(trainable_variables)
+    internals.build_for_apply(optimizer, trainable_variables)
     watched = [i for i, v in enumerate(trainable_variables) if recorder.watches(v)]
     loss_scaled = internals.is_loss_scale_optimizer(optimizer)
     guard = on_nonfinite != "warn"
     context = StepContext(
         learning_rate=internals.learning_rate(optimizer),
         loss_scale=internals.loss_scale(optimizer),
-        iterations=internals.iterations(optimizer),
+        iterations=internals.iterations(optimizer) if numbers_steps else None,
         loss_totals=internals.loss_tracker_totals(model),
         overflow_skips=loss_scaled or guard,
     )
@@ -64,22 +68,31 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
 
 
 def lean_eligible(params: dict[str, Any], model: Any, buffered: bool, min_steps: int) -> bool:
-    """Returns whether a fit traces a lean step beside the full one: one step per
+    """Returns whether a fit traces a lean step beside the full one: Keras's own
+    ``train_step`` (one observation per step: a custom one may apply several
+    optimizers, or one several times, and fill the step buffer faster than the host
+    counts), one step per
     train-function call (the host then knows every step's place in its window), one
     replica (rows are buffered), and a fit not known to be shorter than ``min_steps``
     (the lean trace is a second trace of the whole train step)."""
     steps, epochs = params.get("steps"), params.get("epochs")
     planned = steps * (epochs - int(params.get("initial_epoch", 0) or 0)) if steps and epochs else None
     return (buffered
+            and not internals.has_custom_train_step(model)
             and int(getattr(model, "steps_per_execution", 1) or 1) == 1
             and not getattr(model, "run_eagerly", False)
             and (planned is None or planned >= min_steps))
 
 
-def fit_run_info(model: Any, optimizer: Any, strategy: Any) -> dict[str, Any]:
-    """Returns the ``run.json`` entries a fit adds: optimizer, precision, strategy, compile options."""
+def fit_run_info(model: Any, optimizer: Any, strategy: Any,
+                 tapped: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """Returns the ``run.json`` entries a fit adds: optimizer(s), precision, strategy,
+    compile options, and where the ``loss`` column comes from."""
     policy = keras.mixed_precision.dtype_policy()
     return {
+        "optimizers": [{"group": name, "class": type(internals.base_optimizer(opt)).__name__}
+                       for name, opt in tapped or []],
+        "loss": loss_source(model),
         "front": "GradientMonitor",
         "optimizer": {
             "class": type(internals.base_optimizer(optimizer)).__name__,
@@ -93,3 +106,18 @@ def fit_run_info(model: Any, optimizer: Any, strategy: Any) -> dict[str, Any]:
         "jit_compile": bool(getattr(model, "jit_compile", False)),
         "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
     }
+
+
+def loss_source(model: Any) -> dict[str, str]:
+    """Returns the ``run.json`` ``loss`` entry: where the ``loss`` column comes from, and
+    why it may be NaN."""
+    if not internals.has_custom_train_step(model):
+        return {"source": "keras_loss_tracker",
+                "note": "the mean over each window's steps of the step's loss (Keras's loss tracker)"}
+    return {"source": "keras_loss_tracker",
+            "note": (f"{type(model).__name__}.train_step is the model's own: the loss column is the mean "
+                     "over each window's steps of the loss the step adds to Keras's loss tracker (as "
+                     "Keras's default train_step does, or a train_step that updates the metric named "
+                     "'loss' of model.metrics). Where the train_step does not update it, the loss is NaN: "
+                     "what a train_step returns (e.g. its own Mean tracker's result) is a running mean "
+                     "over the epoch, not the step's loss, and is not used.")}

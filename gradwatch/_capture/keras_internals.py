@@ -197,9 +197,65 @@ def forget_train_function(model: Any) -> None:
 # --------------------------------------------------------------- optimizer
 
 
+def find_optimizers(model: Any) -> list[tuple[str, Any]]:
+    """The optimizers a model holds: ``model.optimizer`` and every optimizer among its
+    attributes (``self.d_optimizer`` set in a subclassed model's ``compile``), as
+    (attribute name, optimizer), each once. Keras does not track a model's own
+    optimizers; a train_step that applies them reads them from these attributes."""
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    candidates = [("optimizer", getattr(model, "optimizer", None))] + list(vars(model).items())
+    for name, value in candidates:
+        if isinstance(value, keras.optimizers.Optimizer) and id(value) not in seen:
+            seen.add(id(value))
+            found.append((name.lstrip("_") or name, value))
+    return found
+
+
+def build_for_apply(optimizer: Any, variables: Sequence[Any]) -> None:
+    """In the tap, before reading a ``LossScaleOptimizer``'s scale: builds it with the
+    variables its ``apply`` was called with, as that ``apply`` would first do itself
+    (so gradwatch builds nothing the user's step would not)."""
+    if is_loss_scale_optimizer(optimizer) and not getattr(optimizer, "built", True):
+        optimizer.build(list(variables))
+        optimizer.built = True
+
+
+_STEP_HOOK = "train_step"
+
+
+def install_step_end_hook(model: Any, hook: Callable[[], None]) -> None:
+    """Runs ``hook()`` (in the traced train function) after each ``model.train_step``:
+    ``fit`` calls ``self.train_step`` inside its step function, so an instance
+    attribute wraps the user's own (or Keras's) step; removed by ``remove_step_end_hook``."""
+    remove_step_end_hook(model)
+    original = model.train_step
+
+    def train_step(data):
+        logs = original(data)
+        hook()
+        return logs
+
+    setattr(train_step, _TAP_MARK, True)
+    model.__dict__[_STEP_HOOK] = train_step
+
+
+def remove_step_end_hook(model: Any) -> None:
+    """Removes a gradwatch step-end hook, restoring the model's own ``train_step``."""
+    current = model.__dict__.get(_STEP_HOOK)
+    if current is not None and getattr(current, _TAP_MARK, False):
+        del model.__dict__[_STEP_HOOK]
+
+
+def has_custom_train_step(model: Any) -> bool:
+    """Whether the model's class overrides ``train_step`` (a GAN, a VAE, ...)."""
+    return type(model).train_step is not keras.Model.train_step
+
+
 def ensure_built(optimizer: Any, variables: Sequence[Any], strategy: Any = None) -> None:
     """Builds the optimizer now (as its first ``apply`` would) so the tap can
-    read its loss scale and iterations while the train function is traced."""
+    read its loss scale and iterations while the train function is traced (only
+    under a multi-replica strategy, where it cannot be built in the replica step)."""
     if getattr(optimizer, "built", True):
         return
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()

@@ -52,8 +52,12 @@ class Layout:
 #: The recorder's int64 step state: the last step number, a pending resync with the
 #: optimizer's iterations (and their value at the last fit's end), the rows waiting
 #: in the step buffer, the steps of the current window, and whether one of them
-#: was non-finite.
-STEP_STATE = Layout(("step", "resync", "iterations_at_end", "buffered", "window_steps", "nonfinite"))
+#: was non-finite. Where a front ends its steps itself (``Recorder.end_step``: a
+#: fit step may apply several optimizers, or one several times), ``in_step`` is 1
+#: once the step has a row (the next observation continues it) and ``step_row`` is
+#: the buffer row of its first observation (-1: none, or already folded).
+STEP_STATE = Layout(("step", "resync", "iterations_at_end", "buffered", "window_steps", "nonfinite",
+                     "in_step", "step_row"))
 
 #: Per variable, what a step measures (a buffer row holds these as a [rows, V] block):
 #: the raw statistics (sum of squares, then the full pass's values, zeros on a step
@@ -64,7 +68,10 @@ STEP_VALUES = Layout(RAW_STATS.names + ("clip_scale", "clip_fired", "present"))
 #: A step's scalars, after its per-variable block. The loss is two values: the
 #: step's mean loss and LOSS_GIVEN, a loss tracker's (total, count), or (NaN,
 #: LOSS_UNKNOWN); the step's loss is worked out when the step is folded.
-STEP_SCALARS = Layout(("loss_a", "loss_b", "learning_rate", "loss_scale", "clip_threshold", "skipped"))
+#: ``new_step`` is 1 for a row that starts a step, 0 for a further observation in
+#: the same step (another optimizer, or the same one applied again).
+STEP_SCALARS = Layout(("loss_a", "loss_b", "learning_rate", "loss_scale", "clip_threshold", "skipped",
+                       "new_step"))
 LOSS_GIVEN, LOSS_UNKNOWN = -1.0, -2.0
 
 #: Window accumulators: per column (variables, then layers), and globals.

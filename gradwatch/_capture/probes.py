@@ -358,10 +358,13 @@ class UpdateProbe:
         with tf.control_dependencies([stored]):
             return self.state.assign(new_state)
 
-    def _measure(self, snap: tf.Tensor, grad: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
+    def _measure(self, snap: tf.Tensor, grad: tf.Tensor, state: tf.Tensor,
+                 applied: Sequence[bool] | None = None) -> tf.Tensor:
         """A measuring step: writes the result rows of the change since ``snap`` with
         minus ``grad`` if a weight moved; returns the probe's next state (idle once
-        written, else one more step since the snapshot)."""
+        written, else one more step since the snapshot). ``applied`` (per measured
+        variable): only these were updated (one optimizer of several); the others'
+        rows stay unmeasured."""
         since, pending = tf.unstack(state, num=2)
         delta = self._flat_weights() - snap
         du = self._per_variable(tf.square(delta))
@@ -382,7 +385,8 @@ class UpdateProbe:
         # measured on the first step that moved a weight; if none moved for
         # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
         took = (tf.reduce_sum(du) > 0.0) | (since >= UPDATE_EVERY - 1)
-        with tf.control_dependencies([self.result.assign(tf.where(took, new_rows, rows))]):
+        write = took if applied is None or all(applied) else took & tf.constant([list(applied)])
+        with tf.control_dependencies([self.result.assign(tf.where(write, new_rows, rows))]):
             zero = tf.constant(0, tf.int64)
             return tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending]))
 
@@ -430,7 +434,8 @@ class UpdateProbe:
         def measure(state, *present_grads):
             given = iter(present_grads)
             full = [None if g is None else next(given) for g in grads]
-            return self._measure(self.snap.read_value(), self._flat_grads(full), state)
+            return self._measure(self.snap.read_value(), self._flat_grads(full), state,
+                                 [g is not None for g in grads])
 
         if compiled is not None:
             measure = compiled(("update", tuple(g is None for g in grads)), measure)
@@ -520,7 +525,9 @@ class HistogramProbe:
                         weight = float(stride)
                     flat = flat[::stride]
                 flats[slot], weights[slot] = flat * inv_scale, weight
-            counts = self._log_counts(flats, weights, num)
+            keep = self._keep_other(step, flats)
+            measured = [[s in flats] for s in range(num)]
+            counts = keep(self._log_counts(flats, weights, num), self.counts, measured)
             ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64)),
                    self.taken.assign(taken), self.requested.assign(False)]
             if self.signed:
@@ -544,7 +551,10 @@ class HistogramProbe:
                     ids = tf.where(finite, bucket, NUM_SIGNED_BUCKETS)
                     signed_rows.append(tf.math.unsorted_segment_sum(
                         tf.ones_like(flat) * weights[slot], ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
-                ops += [self.signed_counts.assign(tf.stack(signed_rows)), self.bounds.assign(bounds)]
+                layers = [any(self.layer_ids[s] == layer for s in flats)
+                          for layer in range(len(self.topology.layers))]
+                ops += [self.signed_counts.assign(keep(tf.stack(signed_rows), self.signed_counts, measured)),
+                        self.bounds.assign(keep(bounds, self.bounds, layers))]
             with tf.control_dependencies(ops):
                 return tf.constant(0)
 
@@ -562,7 +572,21 @@ class HistogramProbe:
             return (first_nonfinite if nonfinite is not None else None), after
         wanted = tf.logical_or(first_nonfinite, self.requested.read_value())
         cadence = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
+        # a step observed again (another optimizer's variables) whose histogram was taken
+        again = tf.logical_and(taken[0], tf.equal(self.step.read_value(), tf.cast(step, tf.int64)))
+        wanted = tf.logical_or(wanted, again)
         return tf.logical_or(tf.logical_or(cadence, wanted), tf.logical_not(taken[0])), after
+
+    def _keep_other(self, step: tf.Tensor, flats: dict[int, Any]) -> Callable[..., tf.Tensor]:
+        """Returns ``keep(new, variable, measured)``: ``new`` where ``measured``, else,
+        when this step was already measured (a step observed several times: several
+        optimizers), the variable's value for the entries another observation measured."""
+        same_step = tf.equal(self.step.read_value(), tf.cast(step, tf.int64))
+
+        def keep(new: tf.Tensor, variable: Any, measured: list) -> tf.Tensor:
+            return tf.where(tf.constant(measured) | tf.logical_not(same_step), new, variable.read_value())
+
+        return keep
 
     @staticmethod
     def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int) -> tf.Tensor:

@@ -57,11 +57,16 @@ class Recorder:
         host_update_snapshots: the front takes the update probe's weight snapshots on
             the host (``snapshot_weights``) and calls ``after_update`` after the update.
         xla_branch_min_variables: see ``InternalOptions``.
+        front_ends_steps: the front calls ``end_step`` after each step (one replica):
+            every ``observe`` until then belongs to the same step (a fit step that
+            applies several optimizers, or one several times), and the step's loss
+            is the one ``end_step`` is given. False: each ``observe`` is a step.
     """
 
     def __init__(self, options: Options, host_update_snapshots: bool = False,
-                 xla_branch_min_variables: int | None = None):
+                 xla_branch_min_variables: int | None = None, front_ends_steps: bool = False):
         self._options = options
+        self._ends_steps = bool(front_ends_steps)
         self._branch_min = xla_branch_min_variables
         self._clip = options.clip  # already a Clip (Options validated it)
         self._host_snapshots = bool(host_update_snapshots)
@@ -101,8 +106,11 @@ class Recorder:
         self._row = StepRow(num_vars)
         self._compiler = Compiler(num_vars, self._branch_min)
         self.window = Window(num_vars + len(topology.layers), strategy)
+        initial = {name: 0 for name in STEP_STATE.names}
+        initial.update(step=start_step, iterations_at_end=-1, step_row=-1)
         self._state = internals.replica_variable(
-            np.array([start_step, 0, -1, 0, 0, 0], np.int64), "gradwatch_step_state", strategy)
+            np.array([initial[name] for name in STEP_STATE.names], np.int64), "gradwatch_step_state",
+            strategy)
         folder = StepFolder(topology, self.window, clipping=self._clip is not None)
         self.buffer = StepBuffer(folder, self.window, num_vars, buffer_capacity(self._options.log_every),
                                  self._compiler, strategy)
@@ -159,9 +167,10 @@ class Recorder:
                 none of that, and reads at least every ``capacity`` steps.
         """
         context = context or StepContext()
-        grads = [self._with_static_shape(g, slot) for g, slot in zip(grads, slots)]
+        grads = [_with_static_shape(g, self._variables[slot]) for g, slot in zip(grads, slots)]
         present = [i for i, g in enumerate(grads) if g is not None]
-        pair = loss_pair(context.loss, context.loss_totals)
+        # where the front ends its steps, their loss comes with end_step
+        pair = loss_pair(context.loss, None if self._ends_steps else context.loss_totals)
         replica_context = internals.replicas_to_reduce()
         stat_grads = [grads[i] for i in present]
         if replica_context is not None:
@@ -171,8 +180,11 @@ class Recorder:
             if context.loss is None and context.loss_totals is not None:
                 pair = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, pair)
         state = STEP_STATE.unpack(self._state.read_value())
-        step = self._step_number(state, context.iterations)
-        sampled = None if lean else tf.equal(state["window_steps"], 0)
+        # a further observation in a step the front has not ended keeps its number
+        new_step = tf.equal(state["in_step"], 0) if self._ends_steps else tf.constant(True)
+        step = tf.where(new_step, self._step_number(state, context.iterations), state["step"])
+        window_steps = state["window_steps"] + tf.cast(new_step, tf.int64)
+        sampled = None if lean else tf.equal(window_steps, 1)
         measured = self._measure(grads, stat_grads, [slots[i] for i in present], present, step, sampled,
                                  context, replica_context)
         flat, index, nonfinite_step, clip_threshold = measured
@@ -184,29 +196,37 @@ class Recorder:
                    "loss_scale": nan if context.loss_scale is None
                    else tf.cast(context.loss_scale, tf.float32),
                    "clip_threshold": tf.cast(clip_threshold, tf.float32),
-                   "skipped": tf.cast(skipped, tf.float32)}
+                   "skipped": tf.cast(skipped, tf.float32), "new_step": tf.cast(new_step, tf.float32)}
         row = self._row.build(flat, index, [slots[i] for i in present], scalars)
         buffered, done = self.buffer.add(row, step, state["buffered"], fold_if_full=not lean)
+        # the buffer row that takes the step's loss at end_step (-1: folded already)
+        step_row = tf.where(tf.equal(buffered, 0), tf.constant(-1, tf.int64),
+                            tf.where(new_step, state["buffered"], state["step_row"]))
         with tf.control_dependencies([done]):
             self._state.assign(STEP_STATE.pack({
                 "step": step, "resync": tf.constant(0, tf.int64),
                 "iterations_at_end": state["iterations_at_end"], "buffered": buffered,
-                "window_steps": state["window_steps"] + 1,
-                "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64))}))
+                "window_steps": window_steps,
+                "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64)),
+                "in_step": tf.constant(int(self._ends_steps), tf.int64), "step_row": step_row}))
         return StepResult(grads, tf.logical_not(nonfinite_step))
 
-    def _with_static_shape(self, grad: Any, slot: int) -> Any:
-        """A sparse gradient whose dense shape is a tensor (an ``IndexedSlices`` passed
-        into a ``tf.function``) takes its variable's static shape."""
-        if not isinstance(grad, tf.IndexedSlices):
-            return grad
-        if grad.dense_shape is not None and tf.get_static_value(grad.dense_shape) is not None:
-            return grad
-        shape = self._variables[slot].shape
-        if not shape.is_fully_defined():
-            return grad
-        dtype = grad.dense_shape.dtype if grad.dense_shape is not None else tf.int64
-        return tf.IndexedSlices(grad.values, grad.indices, tf.constant(shape.as_list(), dtype))
+    @tf.autograph.experimental.do_not_convert
+    def end_step(self, loss_totals: tuple[tf.Tensor, tf.Tensor] | None) -> None:
+        """In-graph, after a step (``front_ends_steps``): the next ``observe`` starts
+        a new step, and this step's row takes the loss tracker's totals, read now that
+        the step has updated them.
+
+        Args:
+            loss_totals: (total, count) of the model's loss tracker, if it has one.
+        """
+        state = STEP_STATE.unpack(self._state.read_value())
+        written = tf.constant(0, tf.int64)
+        if loss_totals is not None:
+            written = self.buffer.set_loss(state["step_row"], loss_pair(None, loss_totals))
+        with tf.control_dependencies([written]):
+            self._state.assign(STEP_STATE.pack({**state, "in_step": tf.constant(0, tf.int64),
+                                                "step_row": tf.constant(-1, tf.int64)}))
 
     def _measure(self, grads, stat_grads, present_slots, present, step, sampled, context, replica_context):
         """Measures the present gradients (and clips ``grads`` in place); returns the
@@ -284,7 +304,7 @@ class Recorder:
         """The next step takes its number from the optimizer's iterations, unless they
         still equal ``iterations_at_end`` (then the count continues)."""
         state = STEP_STATE.unpack_numpy(self._state.numpy())
-        state.update(resync=1, iterations_at_end=iterations_at_end)
+        state.update(resync=1, iterations_at_end=iterations_at_end, in_step=0, step_row=-1)
         self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
 
     def next_step(self, iterations: int | None) -> int:
@@ -296,6 +316,10 @@ class Recorder:
     def capacity(self) -> int:
         """Returns the steps the buffer holds between two reads before a step folds it."""
         return self.buffer.capacity
+
+    def observed_steps(self) -> int:
+        """Returns the steps observed since the last read (one small read)."""
+        return int(self._state.numpy()[STEP_STATE.index("window_steps")])
 
     def has_nonfinite(self) -> bool:
         """Returns whether a step of the current window was non-finite (one small read)."""
@@ -328,3 +352,17 @@ class Recorder:
         """Pauses the activation probe's counting (validation batches inside ``fit``)."""
         if self._activations is not None:
             self._activations.training.assign(not paused)
+
+
+def _with_static_shape(grad: Any, variable: Any) -> Any:
+    """A sparse gradient whose dense shape is a tensor (an ``IndexedSlices`` passed
+    into a ``tf.function``) takes its variable's static shape."""
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    if grad.dense_shape is not None and tf.get_static_value(grad.dense_shape) is not None:
+        return grad
+    shape = variable.shape
+    if not shape.is_fully_defined():
+        return grad
+    dtype = grad.dense_shape.dtype if grad.dense_shape is not None else tf.int64
+    return tf.IndexedSlices(grad.values, grad.indices, tf.constant(shape.as_list(), dtype))

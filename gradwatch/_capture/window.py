@@ -49,7 +49,8 @@ def _global_reset_values() -> np.ndarray:
         values[WINDOW_GLOBALS.index(name)] = -np.inf
     for name in ("global_l2_min", "clip_scale_min"):
         values[WINDOW_GLOBALS.index(name)] = np.inf
-    for name in ("first_nonfinite_step", "loss_nonfinite_at_first"):
+    for name in ("first_nonfinite_step", "loss_nonfinite_at_first", "nonfinite_counted_step",
+                 "skipped_counted_step", "clip_counted_step"):
         values[WINDOW_GLOBALS.index(name)] = -1.0
     for name in (
         "global_l2_last", "learning_rate_last", "loss_scale_last", "clip_l2_last", "clip_threshold_last"
@@ -86,6 +87,7 @@ class StepGlobals(NamedTuple):
     clip_fired: tf.Tensor  # bool
     clip_threshold: tf.Tensor
     loss_state: tf.Tensor  # 1.0 loss non-finite, 0.0 finite, -1.0 unknown
+    new_step: tf.Tensor  # bool: the row starts a step (False: a further observation in it)
 
 
 class Window:
@@ -114,11 +116,13 @@ class Window:
     def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues,
                     scalars: StepGlobals) -> tuple[tf.Tensor, tf.Tensor]:
         """The window accumulators ``(var_acc, global_acc)`` with one more step folded in
-        (pure). The window's first step is its sampled step (max, mean, zero fraction)."""
+        (pure). The window's first step is its sampled step (max, mean, zero fraction);
+        every observation in it (several optimizers, or one applied several times) is."""
         old_globals = WINDOW_GLOBALS.unpack(old)
         first_event = tf.cast(scalars.nonfinite_step, tf.bool) & (old_globals["first_nonfinite_step"] < 0.0)
+        steps_now = old_globals["steps"] + tf.cast(scalars.new_step, tf.float64)
         new_var = self._fold_columns(WINDOW_COLUMNS.unpack(acc), values,
-                                     tf.equal(old_globals["steps"], 0.0), first_event)
+                                     tf.equal(steps_now, 1.0), first_event)
         return new_var, self._fold_globals(old, old_globals, scalars, first_event)
 
     @staticmethod
@@ -161,12 +165,20 @@ class Window:
         step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
         gl2_nan = tf.math.is_nan(gl2)
-        nonfinite = tf.cast(scalars.nonfinite_step, f64)
         loss = tf.cast(scalars.loss, f64)
         loss_known = tf.math.is_finite(loss)
         clip_l2 = tf.cast(scalars.clip_l2, f64)
+
+        def once_per_step(flag, counted: str) -> tuple[tf.Tensor, tf.Tensor]:
+            """(1.0 if ``flag`` and the step is not counted yet, the step last counted)."""
+            fresh = tf.cast(flag, tf.bool) & tf.not_equal(old_globals[counted], step)
+            return tf.cast(fresh, f64), tf.where(fresh, step, old_globals[counted])
+
+        nonfinite, nonfinite_counted = once_per_step(scalars.nonfinite_step, "nonfinite_counted_step")
+        skipped, skipped_counted = once_per_step(scalars.skipped, "skipped_counted_step")
+        clip_fired, clip_counted = once_per_step(scalars.clip_fired, "clip_counted_step")
         candidate = WINDOW_GLOBALS.pack({
-            "steps": tf.constant(1.0, f64),
+            "steps": tf.cast(scalars.new_step, f64),
             "last_step": step,
             "global_l2_last": gl2,
             "global_l2_max": tf.where(gl2_nan, tf.constant(-np.inf, f64), gl2),
@@ -175,7 +187,7 @@ class Window:
             "nonfinite_steps": nonfinite,
             "first_nonfinite_step": tf.where(no_event_yet & (nonfinite > 0.0), step,
                                              old_globals["first_nonfinite_step"]),
-            "skipped_steps": tf.cast(scalars.skipped, f64),
+            "skipped_steps": skipped,
             "loss_sum": tf.where(loss_known, loss, tf.constant(0.0, f64)),
             "loss_count": tf.cast(loss_known, f64),
             "learning_rate_last": tf.cast(scalars.learning_rate, f64),
@@ -183,11 +195,14 @@ class Window:
             "clip_l2_last": clip_l2,
             "clip_l2_max": clip_l2,
             "clip_scale_min": tf.cast(scalars.clip_scale, f64),
-            "clip_fired_steps": tf.cast(scalars.clip_fired, f64),
+            "clip_fired_steps": clip_fired,
             "clip_threshold_last": tf.cast(scalars.clip_threshold, f64),
             "loss_nonfinite_steps": tf.cast(tf.equal(tf.cast(scalars.loss_state, f64), 1.0), f64),
             "loss_nonfinite_at_first": tf.where(first_event, tf.cast(scalars.loss_state, f64),
                                                 old_globals["loss_nonfinite_at_first"]),
+            "nonfinite_counted_step": nonfinite_counted,
+            "skipped_counted_step": skipped_counted,
+            "clip_counted_step": clip_counted,
         })
         return tf.where(
             _mask(_G_SUM),

@@ -37,6 +37,7 @@ from gradwatch._io.schema import (
     WINDOWS_FILE,
     GradwatchDataError,
     check_schema_version,
+    groups_of,
     nan_norms_of_old_rows,
 )
 
@@ -425,7 +426,10 @@ def read_stats(
             ``"csv"`` or ``"events"``.
 
     Returns:
-        A DataFrame with the ``stats.csv`` columns, sorted by step and model order.
+        A DataFrame with the ``stats.csv`` columns, then ``group`` (from ``run.json``: the
+        optimizer that updates the variable, e.g. ``"d_optimizer"``; a layer's is its
+        variables', joined by ``+`` if several; ``""`` where unknown), sorted by step
+        and model order.
 
     Raises:
         GradwatchDataError: no gradwatch data in ``log_dir``, or data that is not gradwatch's.
@@ -448,6 +452,8 @@ def read_stats(
             frame = _dedupe_sort(loaded.frame(), ["step", key])
             run_info = loaded.run_info
         frame = nan_norms_of_old_rows(frame, check_schema_version(run_info, run_dir))
+        groups = groups_of(run_info, level)
+        frame = frame.assign(group=[groups.get(name, "") for name in frame[key]])
         return _model_sorted(frame, _model_order(run_info, level), key)
 
     return _per_run(log_dir, source, read_one)

@@ -98,6 +98,31 @@ def nan_norms_of_old_rows(frame: Any, version: int) -> Any:
     return frame
 
 
+def groups_of(run_info: Mapping[str, Any] | None, level: str = "variable") -> dict[str, str]:
+    """Each variable's (``level="variable"``) or layer's group from ``run.json``: the
+    optimizer that updates it (its attribute on the model, e.g. ``"d_optimizer"``); a
+    layer's is its variables', joined by ``+`` if several; ``""`` where unknown (runs
+    before groups, or a variable no optimizer applied)."""
+    variables = [v for v in (run_info or {}).get("variables", []) or [] if isinstance(v, Mapping)]
+    if level == "variable":
+        return {v.get("name", ""): v.get("group", "") or "" for v in variables}
+    layers: dict[str, list[str]] = {}
+    for v in variables:
+        groups = layers.setdefault(v.get("layer", ""), [])
+        if v.get("group") and v["group"] not in groups:
+            groups.append(v["group"])
+    return {layer: "+".join(groups) for layer, groups in layers.items()}
+
+
+def group_labels(names: list[str], run_info: Mapping[str, Any] | None) -> list[str]:
+    """Layer names as a report or the tab shows them: ``"d_hidden [d_optimizer]"`` when
+    the run's layers belong to more than one group (several optimizers), else as they are."""
+    groups = groups_of(run_info, "layer")
+    if len({g for g in groups.values() if g}) <= 1:
+        return list(names)
+    return [f"{name} [{groups[name]}]" if groups.get(name) else name for name in names]
+
+
 RUN_FILE = "run.json"
 WINDOWS_FILE = "windows.csv"
 STATS_FILE = "stats.csv"
@@ -221,4 +246,9 @@ GLOBAL_ACCUMULATORS: tuple[str, ...] = (
     "clip_threshold_last",
     "loss_nonfinite_steps",  # steps whose loss was known and non-finite
     "loss_nonfinite_at_first",  # at the first non-finite step: 1 loss non-finite, 0 finite, -1 unknown
+    # the last step counted in nonfinite_steps, skipped_steps and clip_fired_steps: a step
+    # observed several times (several optimizers) counts once (-1: none yet)
+    "nonfinite_counted_step",
+    "skipped_counted_step",
+    "clip_counted_step",
 )

@@ -1,4 +1,5 @@
-"""``gradwatch demo``: the worked example and the example networks, on synthetic data."""
+"""``gradwatch demo``: the worked example and the example networks (a GAN trained with its own
+optimizers among them), on synthetic data."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 DEMOS: tuple[tuple[str, str, dict], ...] = (
     ("worked_example", "gradwatch.examples.worked_example", {}),
     ("keras_fit", "gradwatch.examples.keras_fit", {}),
+    ("gan_fit", "gradwatch.examples.gan_fit", {}),
     ("custom_loop", "gradwatch.examples.custom_loop", {}),
     ("raw_variables", "gradwatch.examples.raw_variables", {}),
     ("broken_nets", "gradwatch.examples.broken_nets", {}),

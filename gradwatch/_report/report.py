@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import __version__
-from gradwatch._io.schema import ALERT_KINDS, LAYERS_FILE
+from gradwatch._io.schema import ALERT_KINDS, LAYERS_FILE, group_labels, groups_of
 from gradwatch._report import svg
 from gradwatch._report.verdicts import (
     RunFrames,
@@ -166,7 +166,8 @@ def _heatmap(verdicts: RunVerdicts) -> FigureOut:
     position = {layer: i for i, layer in enumerate(layers)}
     crosses = [(position[p.layer], float(p.first_step), _SEVERITY_COLOURS.get(p.severity, "red"))
                for p in verdicts.problems if p.layer in position]
-    chart = svg.heatmap(logs, nonfinite > 0, layers, steps, crosses, title, "log10 grad norm")
+    chart = svg.heatmap(logs, nonfinite > 0, group_labels(layers, run.meta), steps, crosses, title,
+                        "log10 grad norm")
     note = "Grey: zero or missing gradient; magenta: NaN/Inf gradient entries in the window."
     if crosses:
         note += " Crosses mark where an alert was first raised on a layer."
@@ -183,9 +184,9 @@ def _layer_lines(
     shown = interesting_layers(verdicts, max_lines)
     matrix, steps = _layer_matrix(run, column, shown)
     steps = steps.astype(np.float64)
-    series = [svg.Series(layer, steps, matrix[i].astype(np.float64), _PALETTE[i % len(_PALETTE)],
+    series = [svg.Series(label, steps, matrix[i].astype(np.float64), _PALETTE[i % len(_PALETTE)],
                          dashed=i >= len(_PALETTE))
-              for i, layer in enumerate(shown)]
+              for i, label in enumerate(group_labels(shown, run.meta))]
     chart = svg.line_chart(series, title, ylabel, log=log, height=300)
     total = len(run.layer_order)
     note = (
@@ -331,6 +332,11 @@ def _run_facts(run: RunFrames) -> str:
             value = value.get("class_name") or value.get("name")
         if value:
             parts.append(f"{key} {value}")
+    applied = set(groups_of(meta).values())
+    optimizers = [o for o in meta.get("optimizers", []) or []
+                  if isinstance(o, dict) and o.get("group") in applied]
+    if len(optimizers) > 1:  # several optimizers applied: each one's variables are a group
+        parts.append("optimizers " + ", ".join(f"{o.get('group')} ({o.get('class')})" for o in optimizers))
     if len(run.windows):
         parts.append(f"{int(run.windows['step'].iloc[-1])} steps in {len(run.windows)} windows")
     parts.append(f"{len(run.layer_order)} layers")

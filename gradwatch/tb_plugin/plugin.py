@@ -34,6 +34,7 @@ from gradwatch._io.schema import (
     TEXT_COLUMNS,
     GradwatchDataError,
     check_schema_version,
+    group_labels,
 )
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -77,6 +78,7 @@ class RunHeatmap:
     divergence: dict[str, int] | None = None  # {"step", "last_step"}: NaN/Inf from step to the end
     zero: np.ndarray | None = None  # bool [L, W]; the norm was exactly zero (a dead layer)
     alerts_source: str = "windows"  # "alerts.csv", "event files" (read whole) or "windows" (sampled)
+    labels: list[str] | None = None  # the rows' labels (a layer's optimizer group, where several)
 
     def zeros(self) -> np.ndarray:
         """bool [L, W]: the layer's gradient norm was exactly zero in the window."""
@@ -278,7 +280,8 @@ def build_run(
                if isinstance(alert.get("layer"), str) else -1} for alert in alerts]
     alerts = _recoveries_kept(alerts, nonfinite_rows)
     divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
-    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence, zero)
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence, zero,
+                      labels=group_labels(layers, run_info))
 
 
 def with_alerts(data: RunHeatmap, rows: list[dict[str, Any]], source: str) -> RunHeatmap:
@@ -290,7 +293,7 @@ def with_alerts(data: RunHeatmap, rows: list[dict[str, Any]], source: str) -> Ru
         key=lambda a: a.get("step", 0),
     )
     return RunHeatmap(data.layers, data.steps, data.first_steps, data.log_l2, data.nonfinite, alerts,
-                      data.corrupt, data.divergence, data.zero, source)
+                      data.corrupt, data.divergence, data.zero, source, data.labels)
 
 
 def read_run_alerts(run_dir: str) -> tuple[list[dict[str, Any]], str] | None:
@@ -384,7 +387,7 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int, start: int | None = Non
     steps, first_steps = data.steps[cols_kept], data.first_steps[cols_kept]
     return {
         "run": run,
-        "layers": data.layers,
+        "layers": data.labels or data.layers,
         "steps": steps[edges[1:] - 1].tolist() if cols else [],
         "first_steps": first_steps[edges[:-1]].tolist() if cols else [],
         "windows": width,
