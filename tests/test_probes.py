@@ -454,8 +454,8 @@ class _Results:
 def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an_alert(tmp_path):
     from gradwatch._internal_options import InternalOptions
 
-    x, y = _data(n=12 * 32)
-    x[6 * 32, 0] = np.nan  # step 7's batch: a NaN loss, every gradient entry NaN; the step is skipped
+    x, y = _data(n=16 * 32)
+    x[10 * 32, 0] = np.nan  # step 11's batch: a NaN loss, every gradient entry NaN; the step is skipped
     reference = _model()
     _, grads = _replay(reference, x, y, 32, 0.1, 1)
     kinds = []
@@ -465,28 +465,30 @@ def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an
     model = _model()
     _fit(model, str(tmp_path / "run"), x, y, log_every=4, histogram_every=100, on_nonfinite="skip_step",
          internal=internal)
-    assert kinds[6] is True  # step 7 ran the lean step: the non-finite trigger is in it too
+    # step 11 ran the lean step (not a window's first step, nor an early update snapshot or
+    # the step measuring it): the non-finite trigger is in the lean step too
+    assert kinds[10] is True
     by_step = {}
     for result in results.results:
         for h in result.histograms or []:
             if h["kind"] == "log10_abs":
                 by_step.setdefault(h["step"], {})[h["layer"]] = h
     errors = [a for r in results.results for a in r.alerts if a.severity == "error"]
-    assert errors and errors[0].step == 7
-    # step 1 (the first), step 7 (the first non-finite), step 9 (after the error read at step 8)
-    assert sorted(by_step) == [1, 7, 9]
+    assert errors and errors[0].step == 11
+    # step 1 (the first), step 11 (the first non-finite), step 13 (after the error read at step 12)
+    assert sorted(by_step) == [1, 11, 13]
     sizes = {layer.name: sum(int(np.prod(v.shape)) for v in layer.trainable_variables) for layer in model.layers}
-    # step 7's histogram holds the step's NaN entries: as many as the window's statistics counted
+    # step 11's histogram holds the step's NaN entries: as many as the window's statistics counted
     # (its only non-finite step; a separate in-graph pass), every entry in a bucket, a zero or NaN/Inf
-    window = next(r for r in results.results if r.window_row["step"] == 8)
+    window = next(r for r in results.results if r.window_row["step"] == 12)
     nonfinite = {row["layer"]: row["nonfinite"] for row in window.layer_rows}
-    assert sum(h["nonfinite"] for h in by_step[7].values()) > 0
-    for layer, h in by_step[7].items():
+    assert sum(h["nonfinite"] for h in by_step[11].values()) > 0
+    for layer, h in by_step[11].items():
         assert h["nonfinite"] == nonfinite[layer]
         assert h["counts"].sum() + h["zeros"] + h["nonfinite"] == sizes[layer]
     g1 = np.concatenate([g.ravel() for g in grads[0][:2]])  # hidden: kernel, bias
     nonzero = np.abs(g1[g1 != 0])
     expected = np.histogram(np.log10(nonzero), bins=by_step[1]["hidden"]["edges"])[0]
     np.testing.assert_array_equal(by_step[1]["hidden"]["counts"], expected)
-    for layer, h in by_step[9].items():
+    for layer, h in by_step[13].items():
         assert h["nonfinite"] == 0 and h["counts"].sum() + h["zeros"] == sizes[layer]
