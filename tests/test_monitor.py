@@ -746,7 +746,12 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
     pd.testing.assert_frame_equal(gw.read_alerts(dirs[True]), gw.read_alerts(dirs[False]))
     lean_hists, full_hists = histograms[dirs[True]], histograms[dirs[False]]
     assert [first for first, _ in lean_hists] == [first for first, _ in full_hists]
-    assert sum(1 for _, h in lean_hists if h) == len([s for s in range(1, steps + 1) if s % 6 == 0])
+    taken = {row["step"] for _, h in lean_hists for row in (h or [])}
+    cadence = {s for s in range(1, steps + 1) if s % 6 == 0}
+    # the cadence and the run's first step; the histogram asked for after the read that raised
+    # the dead-unit warnings (step 9, the next full step) is replaced by step 12's in the same
+    # window (a window keeps one histogram)
+    assert taken == cadence | {1}
     for (_, lean_h), (_, full_h) in zip(lean_hists, full_hists):
         assert len(lean_h or []) == len(full_h or [])
         for lean_row, full_row in zip(lean_h or [], full_h or []):
