@@ -18,6 +18,7 @@ from gradwatch._capture.recorder import Recorder
 from gradwatch._internal_options import InternalOptions
 from gradwatch._options import Options
 from gradwatch._pipeline import Pipeline
+from gradwatch._segments import RunHistory
 
 logger = logging.getLogger("gradwatch")
 
@@ -41,7 +42,10 @@ class FitParts:
         self.pipeline: Pipeline | None = None
         self._variables: list[Any] = []
         self._trace: CallTrace | None = None
-        self._pending: tuple[Any, Any, Any, int] | None = None
+        self._pending: tuple[Any, Any, Any] | None = None
+        self.history = RunHistory()  # the run's segments, over every fit and recorder
+        self._start: tuple[Any, int] | None = None  # (optimizer, iterations at the last fit's end)
+        self._fresh = True  # the recorder has counted no fit yet
 
     @property
     def bound(self) -> bool:
@@ -56,10 +60,11 @@ class FitParts:
     def begin_fit(self, model: Any, optimizer: Any, strategy: Any, iterations_at_end: int) -> bool:
         """Binds now, or prepares to bind at the first traced step. Returns False when
         there is nothing to watch (no variables, and no first step to wait for)."""
+        self._start = (optimizer, iterations_at_end)  # placed at the first step: start_steps
         variables = list(model.trainable_variables)
         same = self.recorder is not None and [id(v) for v in variables] == [id(v) for v in self._variables]
         if same:
-            self._open(optimizer, variables, strategy, iterations_at_end, in_trace=True)
+            self._open(optimizer, variables, strategy, in_trace=True)
             return True
         if not variables and internals.is_built(model):
             return False  # built, and nothing trainable: no step will create variables
@@ -69,17 +74,17 @@ class FitParts:
             # bind in the first trace: the call order and a built subclassed model are known then
             self._trace = CallTrace(model)
             self._trace.install()
-            self._pending = (model, optimizer, strategy, iterations_at_end)
+            self._pending = (model, optimizer, strategy)
             return True
         if not variables:
             return False
         self._bind(model, optimizer, variables, strategy, None)
-        self._open(optimizer, variables, strategy, iterations_at_end)
+        self._open(optimizer, variables, strategy)
         return True
 
     def bind_in_trace(self) -> None:
         """In the first traced step (the tap): binds to the variables the forward pass built."""
-        model, optimizer, strategy, iterations_at_end = self._pending
+        model, optimizer, strategy = self._pending
         self._pending = None
         trace, self._trace = self._trace, None
         trace.remove()
@@ -93,7 +98,21 @@ class FitParts:
                 return
             if [id(v) for v in variables] != [id(v) for v in self._variables] or self.recorder is None:
                 self._bind(model, optimizer, variables, strategy, trace)
-            self._open(optimizer, variables, strategy, iterations_at_end)
+            self._open(optimizer, variables, strategy)
+            self.start_steps()
+
+    def start_steps(self) -> None:
+        """Before the fit's first step (other callbacks' ``on_train_begin`` may have moved the
+        optimizer's iterations): places the fit's steps in the run, as a resume or a new segment."""
+        if self._start is None or not self.bound:
+            return
+        optimizer, iterations_at_end = self._start
+        self._start = None
+        with tf.init_scope():
+            iterations = int(internals.iterations(optimizer).numpy())
+        continuing = not self._fresh and iterations == iterations_at_end
+        self._fresh = False
+        self.pipeline.start(iterations, continuing)
 
     def _bind(self, model: Any, optimizer: Any, variables: list[Any], strategy: Any,
               trace: CallTrace | None) -> None:
@@ -108,12 +127,11 @@ class FitParts:
         self.recorder.bind(topology, variables, strategy=strategy, activation_layers=activation_layers)
         run_info = fit_tap.fit_run_info(model, optimizer, strategy)
         self.pipeline = Pipeline(self._options, self.recorder, run_info, on_alert=self._on_alert,
-                                 extra_sinks=self._internal.extra_sinks)
+                                 extra_sinks=self._internal.extra_sinks, history=self.history)
         self._variables = variables
+        self._fresh = True
 
-    def _open(self, optimizer: Any, variables: list[Any], strategy: Any, iterations_at_end: int,
-              in_trace: bool = False) -> None:
-        self.recorder.request_resync(iterations_at_end)
+    def _open(self, optimizer: Any, variables: list[Any], strategy: Any, in_trace: bool = False) -> None:
         self.pipeline.open()
         internals.ensure_built(optimizer, variables, strategy)
         if in_trace and self._options.activation_probe:
@@ -129,6 +147,7 @@ class FitParts:
             self._trace.remove()
             self._trace = None
         self._pending = None
+        self._start = None
         if self.recorder is not None:
             self.recorder.count_activations(False)
         if self.pipeline is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,22 @@ from gradwatch._options import Options
 from gradwatch._topology import Topology
 
 logger = logging.getLogger("gradwatch")
+
+
+def _cleans_up(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A callback method after which the monitor cleans up at once if it raises (Keras's
+    ``fit`` has no ``finally``: its ``on_train_end`` would never run)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            if self._active:
+                self._finish(failed=True)
+            raise
+
+    return wrapper
 
 
 class GradientMonitor(keras.callbacks.Callback):
@@ -103,6 +120,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._next_step: int | None = None  # the in-graph number of the next step
         self._update_pending = False
         self._tracing_lean = False  # read by the tap while a train function traces
+        self._in_batch = False  # on_train_batch_begin ran since the last train-function call
+        self._stepped = False  # a train-function call ran since on_train_begin
 
     # ------------------------------------------------------------------ API
 
@@ -127,13 +146,18 @@ class GradientMonitor(keras.callbacks.Callback):
         internals.check_backend()
         super().set_model(model)
 
+    @_cleans_up
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._active:  # the last fit ended where the monitor could not see it
+            self._finish(failed=True)
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError("GradientMonitor needs a compiled model with an optimizer; model.optimizer is "
                              "None. Call model.compile(optimizer=...) before fit, or use gradwatch.Watch "
                              "in a custom training loop.")
+        _claim(optimizer, self)
+        self._stepped = False
         internals.refuse_double_clipping("GradientMonitor", self.options.clip, optimizer)
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)
@@ -152,17 +176,20 @@ class GradientMonitor(keras.callbacks.Callback):
             # a second trace of the same step, traced with the lean flag set
             internals.retrace_train_function(model)
             self._lean_function = model.train_function
-        self._guard_train_function(model, full_function)
+        _guard_train_function(self, model, full_function)
         self._steps_since_read = 0
         self._next_step = None  # taken at the first step (other callbacks may move iterations)
         self._update_pending = False
         self._active = True
 
+    @_cleans_up
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch_begin = batch
+        self._in_batch = True
         if self._active and self._parts.bound:
             self._snapshot_if_due()
 
+    @_cleans_up
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if not self._active or not self._parts.bound:
             return
@@ -182,15 +209,18 @@ class GradientMonitor(keras.callbacks.Callback):
             # for the next window.
             self._read()
 
+    @_cleans_up
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         # validation inside fit: the activation probe does not count these batches
         if self._active and self._parts.bound:
             self._parts.recorder.pause_activations(True)
 
+    @_cleans_up
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._active and self._parts.bound:
             self._parts.recorder.pause_activations(False)
 
+    @_cleans_up
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
             return
@@ -258,49 +288,20 @@ class GradientMonitor(keras.callbacks.Callback):
             self.model.stop_training = True
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _finish(self) -> None:
-        """Final read, tap removed, files closed: the model is left as it was found."""
+    def _finish(self, failed: bool = False) -> None:
+        """Final read, tap removed, writer stopped, files closed: the model is left as it was
+        found. Every part runs; after a failure (``failed``) their errors are logged, not raised."""
         self._active = False
-        try:
-            if self._parts.bound:
-                self._read()
-        finally:
-            if self._optimizer is not None:
+        run_all([lambda: self._parts.bound and self._read(), self._restore, self._parts.end_fit],
+                quiet=failed)
+
+    def _restore(self) -> None:
+        if self._optimizer is not None:
+            if internals.apply_tap_owner(self._optimizer) is self:
                 internals.remove_apply_tap(self._optimizer)
-                self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
-            if self.model is not None:
-                internals.forget_train_function(self.model)
-            self._parts.end_fit()
-
-    def _guard_train_function(self, model: Any, train_function: Any) -> None:
-        # Keras's fit has no try/finally: if a step raises (or is interrupted),
-        # on_train_end never runs, so the tap is removed here instead.
-        monitor = self
-
-        def guarded_train_function(iterator):
-            lean_function = monitor._lean_function
-            # the flag only matters when a call traces (the first, or a retrace)
-            lean = monitor._active and lean_function is not None and not monitor._full_step_due()
-            monitor._tracing_lean = lean
-            if monitor._internal.on_step_kind is not None and monitor._active:
-                monitor._internal.on_step_kind(lean)
-            try:
-                return (lean_function if lean else train_function)(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                # The end of the data: Keras ends the epoch (and may start the next);
-                # training goes on, so the monitor stays on.
-                raise
-            except BaseException:
-                if monitor._active:
-                    try:
-                        monitor._finish()
-                    except Exception:  # never mask the user's error
-                        logger.exception("gradwatch: cleanup after a failed step failed")
-                raise
-            finally:
-                monitor._tracing_lean = False
-
-        model.train_function = guarded_train_function
+            self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
+        if self.model is not None:
+            internals.forget_train_function(self.model)
 
     def _tap(self, original_apply, grads, trainable_variables):
         if self._active and self._parts.waiting:
@@ -314,6 +315,72 @@ class GradientMonitor(keras.callbacks.Callback):
         return fit_tap.observe_and_apply(self._parts.recorder, self._optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
                                          grads, trainable_variables)
+
+
+def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: Any) -> None:
+    """Sets ``model.train_function`` to ``train_function`` (or the lean one) behind the monitor's guard."""
+    # Keras's fit has no try/finally: if a step raises (or is interrupted),
+    # on_train_end never runs, so the tap is removed here instead.
+    def guarded_train_function(iterator):
+        if not (monitor._active and monitor._in_batch):
+            # a call outside the monitor's fit (that fit ended where the monitor could
+            # not see it, or a plain fit reuses this function): clean up, run untapped
+            if monitor._active:
+                monitor._finish(failed=True)
+            return internals.plain_train_function(model)(iterator)
+        monitor._in_batch, monitor._stepped = False, True
+        monitor._parts.start_steps()
+        lean_function = monitor._lean_function
+        # the flag only matters when a call traces (the first, or a retrace)
+        lean = monitor._active and lean_function is not None and not monitor._full_step_due()
+        monitor._tracing_lean = lean
+        if monitor._internal.on_step_kind is not None and monitor._active:
+            monitor._internal.on_step_kind(lean)
+        try:
+            return (lean_function if lean else train_function)(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            # The end of the data: Keras ends the epoch (and may start the next);
+            # training goes on, so the monitor stays on.
+            raise
+        except BaseException:
+            if monitor._active:
+                monitor._finish(failed=True)  # never masks the user's error
+            raise
+        finally:
+            monitor._tracing_lean = False
+
+    model.train_function = guarded_train_function
+
+
+def _claim(optimizer: Any, monitor: GradientMonitor) -> None:
+    """Refuses a second monitor in the fit of a model another one watches (both are left
+    clean); a monitor whose fit ended unseen (it stepped, then nothing told it) is cleaned up."""
+    owner = internals.apply_tap_owner(optimizer)
+    if not isinstance(owner, GradientMonitor) or owner is monitor or not owner._active:
+        return
+    stepped = owner._stepped
+    owner._finish(failed=True)  # an abandoned fit's monitor, or the first of two: the model as it was
+    if stepped:
+        return
+    raise ValueError(
+        "Two GradientMonitors watch this model's optimizer in one fit; one monitor records every "
+        f"step of the model (log_dir {owner.options.log_dir!r} and {monitor.options.log_dir!r}). "
+        "Pass one GradientMonitor in callbacks=[...]; for two outputs, read the first one's files.")
+
+
+def run_all(steps: list[Callable[[], Any]], quiet: bool) -> None:
+    """Runs every step; the first error is raised after all ran, or logged (``quiet``) with the others."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as error:  # noqa: BLE001 - the other steps still run
+            if quiet:
+                logger.warning("gradwatch: cleanup after a failed fit: %r", error)
+            elif first is None:
+                first = error
+    if first is not None:
+        raise first
 
 
 def _float_or_none(value: Any) -> float | None:

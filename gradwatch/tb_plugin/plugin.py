@@ -34,6 +34,7 @@ from gradwatch._io.schema import (
     TEXT_COLUMNS,
     GradwatchDataError,
     check_schema_version,
+    segments_of_run,
 )
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -73,6 +74,7 @@ class RunHeatmap:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     corrupt: int = 0
     divergence: dict[str, int] | None = None  # {"step", "last_step"}: NaN/Inf from step to the end
+    segments: list[dict[str, Any]] = field(default_factory=list)  # run.json's, schema 4 on
 
     def missing_before(self) -> np.ndarray:
         """Steps missing before each window: window k should start right after window k-1 ends.
@@ -260,7 +262,9 @@ def build_run(
                if isinstance(alert.get("layer"), str) else -1} for alert in alerts]
     alerts = _recoveries_kept(alerts, nonfinite_rows)
     divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
-    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence)
+    segments = [{"segment": s.get("segment"), "first_step": s.get("first_step"), "reason": s.get("reason")}
+                for s in segments_of_run(run_info)]
+    return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence, segments)
 
 
 def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
@@ -284,6 +288,13 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
                 marker[4].append(alert.get("kind"))
     holes = np.flatnonzero(data.missing_before()[1:]) + 1  # windows that follow dropped ones
     gap_columns = sorted(set(bucket_of(edges, holes).tolist()))
+    boundaries = []  # the column where each segment after the first begins
+    for segment in data.segments[1:] if width else []:
+        window = int(np.searchsorted(data.steps, int(segment.get("first_step") or 0), side="left"))
+        if window < width:
+            boundaries.append({"column": int(bucket_of(edges, np.array([window]))[0]),
+                               "segment": segment.get("segment"), "first_step": segment.get("first_step"),
+                               "reason": segment.get("reason")})
     rounded = np.round(reduced, 3)
     values = [[None if x != x else x for x in row] for row in rounded.tolist()]
     finite = reduced[np.isfinite(reduced)]
@@ -298,6 +309,7 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int) -> dict[str, Any]:
         "vmax": float(finite.max()) if finite.size else None,
         "nonfinite": np.argwhere(nonfinite).tolist(),
         "gap_columns": gap_columns,
+        "segments": boundaries,
         "markers": sorted(markers.values()),
         "severities": list(SEVERITIES),
         "alerts": len(data.alerts),
