@@ -14,7 +14,7 @@ import pytest
 from conftest import tape_gradients
 
 import gradwatch as gw
-from gradwatch._io.schema import SCHEMA_VERSION, segment_ranges
+from gradwatch._io import schema
 
 pytestmark = pytest.mark.fast
 
@@ -56,7 +56,7 @@ def reference_l2(model, variable):
 def segments(log_dir):
     with open(os.path.join(log_dir, "run.json"), encoding="utf-8") as f:
         run = json.load(f)
-    assert run["schema_version"] == SCHEMA_VERSION == 4
+    assert run["schema_version"] == schema.SCHEMA_VERSION == 4
     return run["segments"]
 
 
@@ -156,10 +156,10 @@ def test_segment_ranges_fill_a_crashed_segment_from_its_rows():
     run = {"schema_version": 4, "segments": [
         {"segment": 1, "first_step": 1, "last_step": None, "reason": "start"},
         {"segment": 2, "first_step": 9, "last_step": None, "reason": "optimizer_restart"}]}
-    got = [(s["first_step"], s["last_step"]) for s in segment_ranges(run, [2, 4, 6, 10, 12])]
+    got = [(s["first_step"], s["last_step"]) for s in schema.segment_ranges(run, [2, 4, 6, 10, 12])]
     assert got == [(1, 6), (9, 12)]
     old = {"schema_version": 3, "variables": [{"name": "w", "layer": "l", "shape": [2], "dtype": "float32"}]}
-    assert [(s["first_step"], s["last_step"], s["reason"]) for s in segment_ranges(old, [5, 10])] == [
+    assert [(s["first_step"], s["last_step"], s["reason"]) for s in schema.segment_ranges(old, [5, 10])] == [
         (1, 10, "start")]
 
 
@@ -186,3 +186,25 @@ def test_report_and_tab_show_the_segments(tmp_path):
     assert [(s["column"], s["first_step"], s["reason"]) for s in flow["segments"]] == [
         (2, 5, "variables_changed"), (4, 9, "variables_changed")]
     assert sorted(flow["layers"]) == ["a_h", "a_o", "b_h", "b_o"]
+
+
+def test_runs_of_version_1_and_3_read_as_one_segment_and_a_v3_run_continues(tmp_path):
+    data_dir = os.path.join(os.path.dirname(__file__), "data", "run_v1")
+    table = gw.read_segments(data_dir)
+    windows = gw.read_windows(data_dir)
+    assert table[["segment", "first_step", "last_step", "reason"]].values.tolist() == [
+        [1, 1, int(windows.step.max()), "start"]]
+    log_dir = str(tmp_path)
+    fit(model_named("a"), gw.GradientMonitor(log_dir=log_dir, log_every=2))
+    path = os.path.join(log_dir, "run.json")
+    with open(path, encoding="utf-8") as f:
+        run = json.load(f)
+    run.pop("segments")
+    run["schema_version"] = 3  # as gradwatch wrote it before segments
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(run, f)
+    assert gw.read_segments(log_dir)[["first_step", "last_step"]].values.tolist() == [[1, 4]]
+    fit(model_named("a", seed=1), gw.GradientMonitor(log_dir=log_dir, log_every=2, append=True))
+    assert gw.read_windows(log_dir).step.tolist() == [2, 4, 6, 8]
+    assert [(s["first_step"], s["last_step"], s["reason"]) for s in segments(log_dir)] == [
+        (1, 4, "start"), (5, 8, "optimizer_restart")]
