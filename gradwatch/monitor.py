@@ -122,6 +122,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._tracing_lean = False  # read by the tap while a train function traces
         self._in_batch = False  # on_train_batch_begin ran since the last train-function call
         self._stepped = False  # a train-function call ran since on_train_begin
+        self._in_call = False  # the guard runs the monitor's train function now
 
     # ------------------------------------------------------------------ API
 
@@ -304,6 +305,8 @@ class GradientMonitor(keras.callbacks.Callback):
             internals.forget_train_function(self.model)
 
     def _tap(self, original_apply, grads, trainable_variables):
+        if not self._in_call:  # traced outside the monitor's fit (a recompile after an unseen exit)
+            return original_apply(grads, trainable_variables)
         if self._active and self._parts.waiting:
             self._parts.bind_in_trace()  # the first traced step: the variables exist now
             with tf.init_scope():
@@ -337,6 +340,7 @@ def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: 
         if monitor._internal.on_step_kind is not None and monitor._active:
             monitor._internal.on_step_kind(lean)
         try:
+            monitor._in_call = True  # the tap records only in the monitor's own calls
             return (lean_function if lean else train_function)(iterator)
         except (StopIteration, tf.errors.OutOfRangeError):
             # The end of the data: Keras ends the epoch (and may start the next);
@@ -347,7 +351,7 @@ def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: 
                 monitor._finish(failed=True)  # never masks the user's error
             raise
         finally:
-            monitor._tracing_lean = False
+            monitor._tracing_lean = monitor._in_call = False
 
     model.train_function = guarded_train_function
 

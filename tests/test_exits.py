@@ -65,7 +65,7 @@ def check_windows_complete(log_dir, log_every, last):
     assert all(steps == log_every for _, steps in rows[:-1])
 
 
-@pytest.mark.fast
+@pytest.mark.slow
 def test_on_alert_that_raises_cleans_up_at_once(tmp_path):
     log_dir = str(tmp_path)
     seen = []
@@ -95,7 +95,7 @@ class Failing(keras.callbacks.Callback):
             raise ValueError("another callback failed")
 
 
-@pytest.mark.fast
+@pytest.mark.slow
 def test_error_in_another_callback_cleans_up_at_the_next_train_call(tmp_path):
     log_dir = str(tmp_path)
     model = make_model()
@@ -113,7 +113,7 @@ def test_error_in_another_callback_cleans_up_at_the_next_train_call(tmp_path):
     check_plain_fit_records_nothing(model, log_dir)
 
 
-@pytest.mark.fast
+@pytest.mark.slow
 def test_reused_monitor_after_an_unseen_exit_starts_clean(tmp_path):
     log_dir = str(tmp_path)
     model = make_model()
@@ -145,7 +145,7 @@ class FullDisk:
         pass
 
 
-@pytest.mark.fast
+@pytest.mark.slow
 def test_write_error_on_the_writer_thread_cleans_up(tmp_path):
     log_dir = str(tmp_path)
     model = make_model()
@@ -233,3 +233,18 @@ def test_watch_raise_when_closing_after_the_files_are_closed(tmp_path):
             watch.observe(tape.gradient(loss, [variable]), [variable], loss=loss)
     assert gradwatch_threads() == []
     assert windows_of(str(tmp_path)) == [[1, 1]]
+
+
+@pytest.mark.slow
+def test_tap_left_by_an_unseen_exit_is_pass_through_after_a_recompile(tmp_path):
+    log_dir = str(tmp_path)
+    model = make_model()
+    x, y = data()
+    with pytest.raises(ValueError):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=3), Failing()])
+    model.compile(model.optimizer, "mse")  # the same (still tapped) optimizer, a fresh train function
+    before = windows_of(log_dir)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert windows_of(log_dir) == before == [[3, 3]]
+    assert int(model.optimizer.iterations.numpy()) == 5 + 16

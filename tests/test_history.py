@@ -16,8 +16,6 @@ from conftest import tape_gradients
 import gradwatch as gw
 from gradwatch._io import schema
 
-pytestmark = pytest.mark.fast
-
 BATCH = 4
 
 
@@ -60,6 +58,7 @@ def segments(log_dir):
     return run["segments"]
 
 
+@pytest.mark.slow  # several small fits
 def test_recompiled_model_opens_a_segment_and_keeps_the_first_fit(tmp_path):
     log_dir = str(tmp_path)
     monitor = gw.GradientMonitor(log_dir=log_dir, log_every=1)
@@ -79,6 +78,7 @@ def test_recompiled_model_opens_a_segment_and_keeps_the_first_fit(tmp_path):
     assert table.optimizer.tolist() == ["SGD", "SGD"]
 
 
+@pytest.mark.slow  # several small fits
 def test_one_monitor_on_a_then_b_then_a_keeps_all_three_fits(tmp_path):
     log_dir = str(tmp_path)
     monitor = gw.GradientMonitor(log_dir=log_dir, log_every=2)
@@ -104,6 +104,7 @@ def test_one_monitor_on_a_then_b_then_a_keeps_all_three_fits(tmp_path):
                                                                      "a_o/bias"]
 
 
+@pytest.mark.slow  # several small fits
 def test_new_monitor_with_append_opens_a_segment(tmp_path):
     log_dir = str(tmp_path)
     fit(model_named("a"), gw.GradientMonitor(log_dir=log_dir, log_every=2))
@@ -112,6 +113,7 @@ def test_new_monitor_with_append_opens_a_segment(tmp_path):
     assert [s["reason"] for s in segments(log_dir)] == ["start", "optimizer_restart"]
 
 
+@pytest.mark.slow  # several small fits
 def test_resume_replaces_rows_from_its_first_step(tmp_path):
     """BackupAndRestore: the optimizer continues at 2 iterations; steps 3 and 4 are written again."""
     log_dir = str(tmp_path)
@@ -126,6 +128,7 @@ def test_resume_replaces_rows_from_its_first_step(tmp_path):
     assert [(s["first_step"], s["last_step"]) for s in segments(log_dir)] == [(1, 4)]
 
 
+@pytest.mark.slow  # several small fits
 def test_append_refuses_same_names_with_other_shapes(tmp_path):
     log_dir = str(tmp_path)
     fit(model_named("a", units=3), gw.GradientMonitor(log_dir=log_dir, log_every=2))
@@ -137,6 +140,7 @@ def test_append_refuses_same_names_with_other_shapes(tmp_path):
     assert not [t.name for t in threading.enumerate() if t.name.startswith("gradwatch")]
 
 
+@pytest.mark.slow  # several small fits
 def test_two_monitors_on_one_model_are_refused_at_once(tmp_path):
     model = model_named("a")
     first = gw.GradientMonitor(log_dir=str(tmp_path / "one"), log_every=2)
@@ -152,6 +156,7 @@ def test_two_monitors_on_one_model_are_refused_at_once(tmp_path):
     assert gw.read_windows(str(tmp_path / "one")).steps.sum() == 4
 
 
+@pytest.mark.fast
 def test_segment_ranges_fill_a_crashed_segment_from_its_rows():
     run = {"schema_version": 4, "segments": [
         {"segment": 1, "first_step": 1, "last_step": None, "reason": "start"},
@@ -163,6 +168,7 @@ def test_segment_ranges_fill_a_crashed_segment_from_its_rows():
         (1, 10, "start")]
 
 
+@pytest.mark.slow  # several small fits
 def test_report_and_tab_show_the_segments(tmp_path):
     from _plugin import get_json, plugin_over
 
@@ -188,6 +194,7 @@ def test_report_and_tab_show_the_segments(tmp_path):
     assert sorted(flow["layers"]) == ["a_h", "a_o", "b_h", "b_o"]
 
 
+@pytest.mark.slow  # several small fits
 def test_runs_of_version_1_and_3_read_as_one_segment_and_a_v3_run_continues(tmp_path):
     data_dir = os.path.join(os.path.dirname(__file__), "data", "run_v1")
     table = gw.read_segments(data_dir)
