@@ -288,10 +288,12 @@ class Recorder:
         self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
 
     def start_at(self, step: int) -> None:
-        """The next observed step is ``step + 1`` (host side, before a fit's first step)."""
-        state = STEP_STATE.unpack_numpy(self._state.numpy())
-        state.update(step=int(step), resync=0)
-        self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
+        """The next observed step is ``step + 1`` (host side, before a fit's first step; also
+        from inside a trace, as ``Watch`` binds in its first ``observe``)."""
+        with tf.init_scope():
+            state = STEP_STATE.unpack_numpy(self._state.numpy())
+            state.update(step=int(step), resync=0)
+            self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
 
     def next_step(self, iterations: int | None) -> int:
         """Returns the number the next observed step takes."""
