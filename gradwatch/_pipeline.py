@@ -142,7 +142,11 @@ class Pipeline:
         logger.log(_LEVELS.get(alert.severity, logging.ERROR), "gradwatch %s at step %d: %s",
                    alert.kind, alert.step, alert.message)
         if self._on_alert is not None:
-            self._on_alert(alert.to_row())
+            try:
+                self._on_alert(alert.to_row())
+            except BaseException:
+                self._on_alert = None  # raised once; the fit ends, its last windows are still written
+                raise
 
     def close(self) -> None:
         """Writes what is queued and the run's last word (``Interpreter.finish``), and closes the files."""

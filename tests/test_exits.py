@@ -82,10 +82,11 @@ def test_on_alert_that_raises_cleans_up_at_once(tmp_path):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor])
     assert not internals.has_apply_tap(model.optimizer)
     assert gradwatch_threads() == []
-    # the window whose alert raised was written before on_alert saw it; the writer stopped there
+    # on_alert saw the first alert and was not called again; every step trained is written
     assert seen == [2]
-    check_windows_complete(log_dir, 2, 2)
-    assert int(model.optimizer.iterations.numpy()) < 16
+    trained = int(model.optimizer.iterations.numpy())
+    assert 2 < trained < 16
+    check_windows_complete(log_dir, 2, trained)
     check_plain_fit_records_nothing(model, log_dir)
 
 

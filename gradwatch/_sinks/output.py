@@ -128,19 +128,26 @@ class Output:
         """Runs ``produce`` on the writer thread, writes the result it returns, then calls
         ``after`` with it (so a window is on disk before an ``on_alert`` that raises sees it)."""
         if self._pool is None:
-            self._produce_and_write(produce, after)
+            _raise_after_error(self._produce_and_write(produce, after))
             return
-        self._settle(keep=self.MAX_PENDING - 1)
+        # handed over before an earlier window's error is raised: this window is not lost
         self._pending.append(self._pool.submit(self._produce_and_write, produce, after))
+        self._settle(keep=self.MAX_PENDING)
 
     def _produce_and_write(self, produce: Callable[[], WindowResult | None],
-                           after: Callable[[WindowResult], Any] | None = None) -> None:
+                           after: Callable[[WindowResult], Any] | None = None) -> _AfterError | None:
+        """An error of ``produce`` or of a sink stops the writer; one of ``after`` (the user's
+        ``on_alert``) does not: the window is written, and the error reaches the training thread."""
         result = produce()
         if result is not None:
             for sink in self._sinks:
                 sink.write(result)
             if after is not None:
-                after(result)
+                try:
+                    after(result)
+                except Exception as error:  # noqa: BLE001 - raised by the training thread
+                    return _AfterError(error)
+        return None
 
     def write_alerts(self, alert_rows: list[dict[str, Any]]) -> None:
         """Writes alert rows that belong to no window (the run's last word) to the sinks that take
@@ -166,12 +173,12 @@ class Output:
         if self._pool is None:
             describe()
             return
-        self._settle(keep=self.MAX_PENDING - 1)
         self._pending.append(self._pool.submit(describe))
+        self._settle(keep=self.MAX_PENDING)
 
     def _settle(self, keep: int) -> None:
         while len(self._pending) > keep or (self._pending and self._pending[0].done()):
-            self._pending.pop(0).result()
+            _raise_after_error(self._pending.pop(0).result())
 
     def flush(self) -> None:
         """Waits until everything handed over is written; raises a write's error."""
@@ -198,6 +205,18 @@ class Output:
                 sink.close()
             except Exception:  # noqa: BLE001 - close the others
                 logger.exception("gradwatch: closing %s failed", type(sink).__name__)
+
+
+class _AfterError:
+    """An error of the work done after a window was written (the writer goes on)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _raise_after_error(outcome: Any) -> None:
+    if isinstance(outcome, _AfterError):
+        raise outcome.error
 
 
 class Latest:
