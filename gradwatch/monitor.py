@@ -332,14 +332,14 @@ def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: 
                 monitor._finish(failed=True)
             return internals.plain_train_function(model)(iterator)
         monitor._in_batch, monitor._stepped = False, True
-        monitor._parts.start_steps()
-        lean_function = monitor._lean_function
-        # the flag only matters when a call traces (the first, or a retrace)
-        lean = monitor._active and lean_function is not None and not monitor._full_step_due()
-        monitor._tracing_lean = lean
-        if monitor._internal.on_step_kind is not None and monitor._active:
-            monitor._internal.on_step_kind(lean)
         try:
+            monitor._parts.start_steps()
+            lean_function = monitor._lean_function
+            # the flag only matters when a call traces (the first, or a retrace)
+            lean = monitor._active and lean_function is not None and not monitor._full_step_due()
+            monitor._tracing_lean = lean
+            if monitor._internal.on_step_kind is not None and monitor._active:
+                monitor._internal.on_step_kind(lean)
             monitor._in_call = True  # the tap records only in the monitor's own calls
             return (lean_function if lean else train_function)(iterator)
         except (StopIteration, tf.errors.OutOfRangeError):
