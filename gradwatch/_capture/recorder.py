@@ -280,13 +280,6 @@ class Recorder:
 
     # ------------------------------------------------------------------ host queries
 
-    def request_resync(self, iterations_at_end: int) -> None:
-        """The next step takes its number from the optimizer's iterations, unless they
-        still equal ``iterations_at_end`` (then the count continues)."""
-        state = STEP_STATE.unpack_numpy(self._state.numpy())
-        state.update(resync=1, iterations_at_end=iterations_at_end)
-        self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
-
     def start_at(self, step: int) -> None:
         """The next observed step is ``step + 1`` (host side, before a fit's first step; also
         from inside a trace, as ``Watch`` binds in its first ``observe``)."""
