@@ -123,7 +123,8 @@ class Pipeline:
         self.steps_seen += fetched.steps
         self._history.note(fetched.last_step)
         if defer and self._output.threaded and not fetched.nonfinite:
-            self._output.defer(lambda: self._interpreter.interpret(fetched, fallback_loss), after=self._report)
+            self._output.defer(lambda: self._interpreter.interpret(fetched, fallback_loss),
+                               after=self._report)
             return Read(fetched.steps, fetched.last_step, None)
         self._output.flush()  # the detectors' state follows the windows in order
         result = self._interpreter.interpret(fetched, fallback_loss)

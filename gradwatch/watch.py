@@ -295,4 +295,5 @@ class Watch:
         try:  # the block's own error goes on: closing never replaces it
             self.close()
         except Exception as error:  # noqa: BLE001
-            logger.warning("gradwatch: Watch closed after %s; the last window said: %s", exc_type.__name__, error)
+            logger.warning("gradwatch: Watch closed after %s; the last window said: %s",
+                           exc_type.__name__, error)

@@ -150,7 +150,8 @@ class FullDisk:
 def test_write_error_on_the_writer_thread_cleans_up(tmp_path):
     log_dir = str(tmp_path)
     model = make_model()
-    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=2, internal=InternalOptions(extra_sinks=[FullDisk(3)]))
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=2,
+                                 internal=InternalOptions(extra_sinks=[FullDisk(3)]))
     x, y = data()
     with pytest.raises(OSError, match="No space left"):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor])

@@ -545,7 +545,8 @@ def read_segments(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.D
     def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
         info = _run_json(run_dir) if csv else _load_events(run_dir, None).run_info
         steps = read_windows(run_dir, source="csv" if csv else "events")["step"].tolist()
-        rows = [{"segment": s.get("segment"), "first_step": s.get("first_step"), "last_step": s.get("last_step"),
+        rows = [{"segment": s.get("segment"), "first_step": s.get("first_step"),
+                 "last_step": s.get("last_step"),
                  "reason": s.get("reason"), "iterations_at_start": s.get("iterations_at_start"),
                  "optimizer": (s.get("optimizer") or {}).get("class") if isinstance(s.get("optimizer"), dict)
                  else None, "variables": len(s.get("variables") or [])}

@@ -46,7 +46,8 @@ class _Writer:
                 return
             work, future = item
             if self.failed is not None:
-                future.set_exception(RuntimeError(f"gradwatch's writer stopped after an error: {self.failed!r}"))
+                stopped = RuntimeError(f"gradwatch's writer stopped after an error: {self.failed!r}")
+                future.set_exception(stopped)
                 continue
             try:
                 future.set_result(work())
