@@ -242,11 +242,15 @@ def test_tap_left_by_an_unseen_exit_is_pass_through_after_a_recompile(tmp_path):
     log_dir = str(tmp_path)
     model = make_model()
     x, y = data()
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=3)
     with pytest.raises(ValueError):
-        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
-                  callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=3), Failing()])
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[monitor, Failing()])
     model.compile(model.optimizer, "mse")  # the same (still tapped) optimizer, a fresh train function
     before = windows_of(log_dir)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert windows_of(log_dir) == before == [[3, 3]]
     assert int(model.optimizer.iterations.numpy()) == 5 + 16
+    # its writer waits for the process's end, or for the monitor's next fit, which cleans up first
+    model.fit(x[:12], y[:12], batch_size=4, epochs=1, verbose=0, callbacks=[monitor])
+    assert not internals.has_apply_tap(model.optimizer) and gradwatch_threads() == []
+    assert windows_of(log_dir)[:2] == [[3, 3], [5, 2]]
