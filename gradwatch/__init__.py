@@ -20,6 +20,7 @@ _LAZY = {
     "read_windows": "gradwatch._io.readers",
     "read_alerts": "gradwatch._io.readers",
     "read_run": "gradwatch._io.readers",
+    "read_segments": "gradwatch._io.readers",
     "list_runs": "gradwatch._io.readers",
     "GradwatchDataError": "gradwatch._io.readers",
     "NonFiniteGradientError": "gradwatch._interpret.alerts",
@@ -38,6 +39,7 @@ __all__ = [
     "read_alerts",
     "list_runs",
     "read_run",
+    "read_segments",
     "GradwatchDataError",
     "NonFiniteGradientError",
     "Thresholds",
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
         list_runs,
         read_alerts,
         read_run,
+        read_segments,
         read_stats,
         read_windows,
     )

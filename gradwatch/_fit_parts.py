@@ -19,6 +19,7 @@ from gradwatch._capture.recorder import Recorder
 from gradwatch._internal_options import InternalOptions
 from gradwatch._options import Options
 from gradwatch._pipeline import Pipeline
+from gradwatch._segments import RunHistory
 
 logger = logging.getLogger("gradwatch")
 
@@ -43,8 +44,12 @@ class FitParts:
         self.pipeline: Pipeline | None = None
         self._variables: list[Any] = []
         self._trace: CallTrace | None = None
-        self._pending: tuple[Any, Any, Any, int] | None = None
+        self._pending: tuple[Any, Any, Any] | None = None
+        self.history = RunHistory()  # the run's segments, over every fit and recorder
+        self._start: tuple[Any, int] | None = None  # (optimizer, iterations at the last fit's end)
+        self._fresh = True  # the recorder has counted no fit yet
         self.tapped: list[tuple[str, Any]] = []  # (group, optimizer) of this fit
+        self._tap: Callable[..., Any] | None = None  # the monitor's tap method
         self._model: Any = None
         self._groups: dict[int, str] = {}  # variable key -> the group of the optimizer applying it
         self._open_at_step_end = False
@@ -53,11 +58,12 @@ class FitParts:
 
     # ---------------------------------------------------------------- optimizers and hooks
 
-    def install(self, model: Any, strategy: Any, tap: Callable[..., Any], step_end: Callable[[], None]
-                ) -> list[tuple[str, Any]]:
+    def install(self, model: Any, strategy: Any, tap: Callable[..., Any], step_end: Callable[[], None],
+                claim: Callable[[Any], None] = lambda optimizer: None) -> list[tuple[str, Any]]:
         """Taps every optimizer of this fit and, on one replica, hooks the end of
         ``train_step``: ``tap(optimizer, group, original_apply, grads, variables)``,
-        ``step_end()`` after each step. Returns the (group, optimizer) pairs tapped:
+        ``step_end()`` after each step; ``claim(optimizer)`` first, for each (it may refuse
+        an optimizer another monitor taps). Returns the (group, optimizer) pairs tapped:
         the ``optimizers`` argument's, then the model's (``model.optimizer`` and any
         optimizer among its attributes); under several replicas ``model.optimizer`` only.
 
@@ -86,17 +92,22 @@ class FitParts:
                              "GradientMonitor(optimizers=[...]), or use gradwatch.Watch in the train step.")
         for _, optimizer in tapped:
             internals.refuse_double_clipping("GradientMonitor", self._options.clip, optimizer)
+        for _, optimizer in tapped:
+            claim(optimizer)
         for name, optimizer in tapped:
             internals.install_apply_tap(optimizer, functools.partial(tap, optimizer, name))
         if strategy is None:
             internals.install_step_end_hook(model, step_end)
         self.tapped, self._model, self._first_batch, self.warned_idle = tapped, model, True, False
+        self._tap = tap
         return tapped
 
     def uninstall(self) -> None:
         """Removes the taps and the step-end hook (the model is left as it was found)."""
+        owner = getattr(self._tap, "__self__", None)
         for _, optimizer in self.tapped:
-            internals.remove_apply_tap(optimizer)
+            if internals.apply_tap_owner(optimizer) is owner:  # not a tap another monitor installed since
+                internals.remove_apply_tap(optimizer)
         if self._model is not None:
             internals.remove_step_end_hook(self._model)
 
@@ -118,6 +129,7 @@ class FitParts:
             with tf.init_scope():
                 self._set_groups()
                 self.pipeline.open()
+                self.start_steps()  # still in the first step's trace: before it runs
 
     def first_batch_warning(self) -> str | None:
         """After a fit's first batch (once): the warning when no tapped optimizer applied
@@ -159,10 +171,11 @@ class FitParts:
         """Binds now, or prepares to bind at the first traced step. Returns False when
         there is nothing to watch (no variables, and no first step to wait for)."""
         self._model = model
+        self._start = (optimizer, iterations_at_end)  # placed at the first step: start_steps
         variables = list(model.trainable_variables)
         same = self.recorder is not None and [id(v) for v in variables] == [id(v) for v in self._variables]
         if same:
-            self._open(optimizer, variables, strategy, iterations_at_end, in_trace=True)
+            self._open(optimizer, variables, strategy, in_trace=True)
             return True
         if not variables and internals.is_built(model):
             return False  # built, and nothing trainable: no step will create variables
@@ -172,19 +185,19 @@ class FitParts:
             # bind in the first trace: the call order and a built subclassed model are known then
             self._trace = CallTrace(model)
             self._trace.install()
-            self._pending = (model, optimizer, strategy, iterations_at_end)
+            self._pending = (model, optimizer, strategy)
             return True
         if not variables:
             return False
         self._bind(model, optimizer, variables, strategy, None)
         self.note_group("optimizer", variables)  # bound before any step: one optimizer
         self._set_groups()
-        self._open(optimizer, variables, strategy, iterations_at_end)
+        self._open(optimizer, variables, strategy)
         return True
 
     def bind_in_trace(self) -> None:
         """In the first traced step (the tap): binds to the variables the forward pass built."""
-        model, optimizer, strategy, iterations_at_end = self._pending
+        model, optimizer, strategy = self._pending
         self._pending = None
         trace, self._trace = self._trace, None
         trace.remove()
@@ -199,8 +212,21 @@ class FitParts:
             if [id(v) for v in variables] != [id(v) for v in self._variables] or self.recorder is None:
                 self._bind(model, optimizer, variables, strategy, trace)
             # the files open at the end of this step, once every optimizer it applies is known
-            self._open(optimizer, variables, strategy, iterations_at_end, open_files=False)
+            self._open(optimizer, variables, strategy, open_files=False)
             self._open_at_step_end = True
+
+    def start_steps(self) -> None:
+        """Before the fit's first step (other callbacks' ``on_train_begin`` may have moved the
+        optimizer's iterations): places the fit's steps in the run, as a resume or a new segment."""
+        if self._start is None or not self.bound:
+            return
+        optimizer, iterations_at_end = self._start
+        self._start = None
+        with tf.init_scope():
+            iterations = int(internals.iterations(optimizer).numpy())
+        continuing = not self._fresh and iterations == iterations_at_end
+        self._fresh = False
+        self.pipeline.start(iterations, continuing)
 
     def _bind(self, model: Any, optimizer: Any, variables: list[Any], strategy: Any,
               trace: CallTrace | None) -> None:
@@ -216,12 +242,12 @@ class FitParts:
         self.recorder.bind(topology, variables, strategy=strategy, activation_layers=activation_layers)
         run_info = fit_tap.fit_run_info(model, optimizer, strategy, self.tapped)
         self.pipeline = Pipeline(self._options, self.recorder, run_info, on_alert=self._on_alert,
-                                 extra_sinks=self._internal.extra_sinks)
+                                 extra_sinks=self._internal.extra_sinks, history=self.history)
         self._variables = variables
+        self._fresh = True
 
-    def _open(self, optimizer: Any, variables: list[Any], strategy: Any, iterations_at_end: int,
-              in_trace: bool = False, open_files: bool = True) -> None:
-        self.recorder.request_resync(iterations_at_end)
+    def _open(self, optimizer: Any, variables: list[Any], strategy: Any, in_trace: bool = False,
+              open_files: bool = True) -> None:
         if open_files:
             self.pipeline.open()
         if strategy is not None:
@@ -242,6 +268,7 @@ class FitParts:
             self._trace = None
         self._pending = None
         self._open_at_step_end = False
+        self._start = None
         if self.recorder is not None:
             self.recorder.count_activations(False)
         if self.pipeline is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,22 @@ from gradwatch._options import Options
 from gradwatch._topology import Topology
 
 logger = logging.getLogger("gradwatch")
+
+
+def _cleans_up(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A callback method after which the monitor cleans up at once if it raises (Keras's
+    ``fit`` has no ``finally``: its ``on_train_end`` would never run)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            if self._active:
+                self._finish(failed=True)
+            raise
+
+    return wrapper
 
 
 class GradientMonitor(keras.callbacks.Callback):
@@ -108,6 +125,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._next_step: int | None = None  # the in-graph number of the next step
         self._update_pending = False
         self._tracing_lean = False  # read by the tap while a train function traces
+        self._in_batch = False  # on_train_batch_begin ran since the last train-function call
+        self._stepped = False  # a train-function call ran since on_train_begin
+        self._in_call = False  # the guard runs the monitor's train function now
 
     # ------------------------------------------------------------------ API
 
@@ -132,11 +152,16 @@ class GradientMonitor(keras.callbacks.Callback):
         internals.check_backend()
         super().set_model(model)
 
+    @_cleans_up
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._active:  # the last fit ended where the monitor could not see it
+            self._finish(failed=True)
         model = self.model
+        self._stepped = False
         strategy = internals.model_strategy(model)
         internals.check_strategy(strategy)
-        tapped = self._parts.install(model, strategy, self._tap, self._parts.end_step)
+        tapped = self._parts.install(model, strategy, self._tap, self._parts.end_step,
+                                     claim=lambda optimizer: _claim(optimizer, self))
         optimizer = getattr(model, "optimizer", None) or tapped[0][1]  # numbers the steps
         if not self._parts.begin_fit(model, optimizer, strategy, self._iterations_at_end):
             self._parts.uninstall()
@@ -153,17 +178,20 @@ class GradientMonitor(keras.callbacks.Callback):
             # a second trace of the same step, traced with the lean flag set
             internals.retrace_train_function(model)
             self._lean_function = model.train_function
-        self._guard_train_function(model, full_function)
+        _guard_train_function(self, model, full_function)
         self._steps_since_read = 0
         self._next_step = None  # taken at the first step (other callbacks may move iterations)
         self._update_pending = False
         self._active = True
 
+    @_cleans_up
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch_begin = batch
+        self._in_batch = True
         if self._active and self._parts.bound:
             self._snapshot_if_due()
 
+    @_cleans_up
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._active and (idle := self._parts.first_batch_warning()):
             warnings.warn(idle, stacklevel=2)
@@ -185,20 +213,24 @@ class GradientMonitor(keras.callbacks.Callback):
             # for the next window.
             self._read()
 
+    @_cleans_up
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._active and self._parts.bound and early_read_due(
                 self._host_steps, self._steps_since_read, self.options.thresholds.dead_steps):
             self._read()
 
+    @_cleans_up
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         # validation inside fit: the activation probe does not count these batches
         if self._active and self._parts.bound:
             self._parts.recorder.pause_activations(True)
 
+    @_cleans_up
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._active and self._parts.bound:
             self._parts.recorder.pause_activations(False)
 
+    @_cleans_up
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._active:
             return
@@ -246,8 +278,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if not self._parts.bound:
             return True
         if self._next_step is None:
-            iterations = int(internals.iterations(self._optimizer).numpy())
-            self._next_step = self._parts.recorder.next_step(iterations)
+            self._next_step = self._parts.recorder.next_step()
         return (self._steps_since_read == 0
                 or self._update_pending
                 or (every > 0 and self._next_step % every == 0)
@@ -267,50 +298,23 @@ class GradientMonitor(keras.callbacks.Callback):
             self.model.stop_training = True
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _finish(self) -> None:
-        """Final read, tap removed, files closed: the model is left as it was found."""
+    def _finish(self, failed: bool = False) -> None:
+        """Final read, tap removed, writer stopped, files closed: the model is left as it was
+        found. Every part runs; after a failure (``failed``) their errors are logged, not raised."""
         self._active = False
-        try:
-            if self._parts.bound:
-                self._read()
-        finally:
-            if self._optimizer is not None:
-                self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
-            if self.model is not None:
-                internals.forget_train_function(self.model)
-            self._parts.end_fit()
+        run_all([lambda: self._parts.bound and self._read(), self._restore, self._parts.end_fit],
+                quiet=failed)
 
-    def _guard_train_function(self, model: Any, train_function: Any) -> None:
-        # Keras's fit has no try/finally: if a step raises (or is interrupted),
-        # on_train_end never runs, so the tap is removed here instead.
-        monitor = self
-
-        def guarded_train_function(iterator):
-            lean_function = monitor._lean_function
-            # the flag only matters when a call traces (the first, or a retrace)
-            lean = monitor._active and lean_function is not None and not monitor._full_step_due()
-            monitor._tracing_lean = lean
-            if monitor._internal.on_step_kind is not None and monitor._active:
-                monitor._internal.on_step_kind(lean)
-            try:
-                return (lean_function if lean else train_function)(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                # The end of the data: Keras ends the epoch (and may start the next);
-                # training goes on, so the monitor stays on.
-                raise
-            except BaseException:
-                if monitor._active:
-                    try:
-                        monitor._finish()
-                    except Exception:  # never mask the user's error
-                        logger.exception("gradwatch: cleanup after a failed step failed")
-                raise
-            finally:
-                monitor._tracing_lean = False
-
-        model.train_function = guarded_train_function
+    def _restore(self) -> None:
+        # the taps and the step-end hook go in end_fit (only those this monitor installed)
+        if self._optimizer is not None:
+            self._iterations_at_end = int(internals.iterations(self._optimizer).numpy())
+        if self.model is not None:
+            internals.forget_train_function(self.model)
 
     def _tap(self, optimizer, group, original_apply, grads, trainable_variables):
+        if not self._in_call:  # traced outside the monitor's fit (a recompile after an unseen exit)
+            return original_apply(grads, trainable_variables)
         if self._active and self._parts.waiting:
             self._parts.bind_in_trace()  # the first traced step: the variables exist now
             with tf.init_scope():
@@ -322,8 +326,74 @@ class GradientMonitor(keras.callbacks.Callback):
         self._parts.note_group(group, trainable_variables or internals.trainable_variables_of(optimizer))
         return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
-                                         grads, trainable_variables,
-                                         numbers_steps=optimizer is self._optimizer)
+                                         grads, trainable_variables)
+
+
+def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: Any) -> None:
+    """Sets ``model.train_function`` to ``train_function`` (or the lean one) behind the monitor's guard."""
+    # Keras's fit has no try/finally: if a step raises (or is interrupted),
+    # on_train_end never runs, so the tap is removed here instead.
+    def guarded_train_function(iterator):
+        if not (monitor._active and monitor._in_batch):
+            # a call outside the monitor's fit (that fit ended where the monitor could
+            # not see it, or a plain fit reuses this function): clean up, run untapped
+            if monitor._active:
+                monitor._finish(failed=True)
+            return internals.plain_train_function(model)(iterator)
+        monitor._in_batch, monitor._stepped = False, True
+        try:
+            monitor._parts.start_steps()
+            lean_function = monitor._lean_function
+            # the flag only matters when a call traces (the first, or a retrace)
+            lean = monitor._active and lean_function is not None and not monitor._full_step_due()
+            monitor._tracing_lean = lean
+            if monitor._internal.on_step_kind is not None and monitor._active:
+                monitor._internal.on_step_kind(lean)
+            monitor._in_call = True  # the tap records only in the monitor's own calls
+            return (lean_function if lean else train_function)(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            # The end of the data: Keras ends the epoch (and may start the next);
+            # training goes on, so the monitor stays on.
+            raise
+        except BaseException:
+            if monitor._active:
+                monitor._finish(failed=True)  # never masks the user's error
+            raise
+        finally:
+            monitor._tracing_lean = monitor._in_call = False
+
+    model.train_function = guarded_train_function
+
+
+def _claim(optimizer: Any, monitor: GradientMonitor) -> None:
+    """Refuses a second monitor in the fit of a model another one watches (both are left
+    clean); a monitor whose fit ended unseen (it stepped, then nothing told it) is cleaned up."""
+    owner = internals.apply_tap_owner(optimizer)
+    if not isinstance(owner, GradientMonitor) or owner is monitor or not owner._active:
+        return
+    stepped = owner._stepped
+    owner._finish(failed=True)  # an abandoned fit's monitor, or the first of two: the model as it was
+    if stepped:
+        return
+    raise ValueError(
+        "Two GradientMonitors watch this model's optimizer in one fit; one monitor records every "
+        f"step of the model (log_dir {owner.options.log_dir!r} and {monitor.options.log_dir!r}). "
+        "Pass one GradientMonitor in callbacks=[...]; for two outputs, read the first one's files.")
+
+
+def run_all(steps: list[Callable[[], Any]], quiet: bool) -> None:
+    """Runs every step; the first error is raised after all ran, or logged (``quiet``) with the others."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as error:  # noqa: BLE001 - the other steps still run
+            if quiet:
+                logger.warning("gradwatch: cleanup after a failed fit: %r", error)
+            elif first is None:
+                first = error
+    if first is not None:
+        raise first
 
 
 def _float_or_none(value: Any) -> float | None:

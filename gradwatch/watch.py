@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,11 +16,11 @@ from gradwatch._capture.call_trace import CallTrace
 from gradwatch._capture.recorder import Recorder, StepContext
 from gradwatch._internal_options import InternalOptions, as_internal
 from gradwatch._interpret.alerts import NonFiniteGradientError, nonfinite_action
-from gradwatch._io.schema import WINDOWS_FILE
 from gradwatch._options import Options
 from gradwatch._pipeline import Pipeline
-from gradwatch._sinks.csv_sink import last_step
 from gradwatch._topology import Topology
+
+logger = logging.getLogger("gradwatch")
 
 
 class Watch:
@@ -208,17 +208,13 @@ class Watch:
             topology = topology_lib.from_model(self._model, variables, trace)
         else:
             topology = topology_lib.from_variables(variables, names)
-        start = 0
-        if self.options.append and self.options.log_dir is not None:
-            path = os.path.join(self.options.log_dir, WINDOWS_FILE)
-            if os.path.exists(path):
-                start = last_step(path) or 0
         strategy = internals.current_strategy()
         internals.check_strategy(strategy)
-        self._recorder.bind(topology, variables, strategy=strategy, start_step=start)
+        self._recorder.bind(topology, variables, strategy=strategy)
         self._pipeline = Pipeline(self.options, self._recorder, {"front": "Watch"}, on_alert=self._on_alert,
                                   extra_sinks=self._internal.extra_sinks)
         self._pipeline.open()
+        self._pipeline.start(None, continuing=False)  # with append: a new segment after the last step
 
     def step_end(self, loss: float | None = None) -> dict[str, Any] | None:
         """Ends a step on the host: reads and writes the window every ``log_every`` steps.
@@ -270,7 +266,12 @@ class Watch:
         return self._read()
 
     def close(self) -> None:
-        """Writes what is left and closes the files. Idempotent."""
+        """Writes what is left and closes the files (also when the last read raises). Idempotent.
+
+        Raises:
+            NonFiniteGradientError: the last window had a non-finite gradient and
+                ``on_nonfinite="raise"``; raised once the files are closed.
+        """
         if self._closed:
             return
         if self._trace is not None:
@@ -287,5 +288,12 @@ class Watch:
     def __enter__(self) -> Watch:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the block's own error goes on: closing never replaces it
+            self.close()
+        except Exception as error:  # noqa: BLE001
+            logger.warning("gradwatch: Watch closed after %s; the last window said: %s",
+                           exc_type.__name__, error)

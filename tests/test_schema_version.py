@@ -39,7 +39,7 @@ REFUSAL = (
 
 
 def test_check_schema_version():
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert check_schema_version(None, "x") == check_schema_version({"layers": []}, "x") == 1
     assert check_schema_version({SCHEMA_VERSION_KEY: 1}, "x") == 1
     assert check_schema_version({SCHEMA_VERSION_KEY: SCHEMA_VERSION}, "x") == SCHEMA_VERSION

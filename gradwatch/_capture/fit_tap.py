@@ -12,8 +12,7 @@ from gradwatch._capture.recorder import Recorder, StepContext
 
 
 def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfinite: str, lean: bool,
-                      original_apply: Any, grads: Any, trainable_variables: Any, numbers_steps: bool = True
-                      ) -> Any:
+                      original_apply: Any, grads: Any, trainable_variables: Any) -> Any:
     """Records the step's watched gradients, then applies what the optimizer gets.
 
     Args:
@@ -25,8 +24,6 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
         original_apply: the optimizer's own ``apply``.
         grads: the gradients ``apply`` was called with.
         trainable_variables: their variables (None: the optimizer's own list).
-        numbers_steps: its iterations number the steps on a resync (``model.optimizer``;
-            another optimizer may apply several times a step).
 
     Returns:
         What ``original_apply`` returned.
@@ -42,7 +39,6 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
     context = StepContext(
         learning_rate=internals.learning_rate(optimizer),
         loss_scale=internals.loss_scale(optimizer),
-        iterations=internals.iterations(optimizer) if numbers_steps else None,
         loss_totals=internals.loss_tracker_totals(model),
         overflow_skips=loss_scaled or guard,
     )

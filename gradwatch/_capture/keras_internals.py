@@ -78,6 +78,9 @@ def install_apply_tap(optimizer: Any, tap: Callable[..., Any]) -> None:
         return tap(original, grads, trainable_variables)
 
     setattr(tapped_apply, _TAP_MARK, True)
+    # the object whose method taps (through a functools.partial too): apply_tap_owner
+    tapped_apply.gradwatch_owner = getattr(tap, "__self__", None) or getattr(getattr(tap, "func", None),
+                                                                             "__self__", None)
     optimizer.__dict__[TAP_ATTRIBUTE] = tapped_apply
 
 
@@ -88,6 +91,12 @@ def remove_apply_tap(optimizer: Any) -> bool:
         del optimizer.__dict__[TAP_ATTRIBUTE]
         return True
     return False
+
+
+def apply_tap_owner(optimizer: Any) -> Any:
+    """Returns the object whose method the optimizer's gradwatch tap calls (None: no tap)."""
+    current = optimizer.__dict__.get(TAP_ATTRIBUTE)
+    return getattr(current, "gradwatch_owner", None) if getattr(current, _TAP_MARK, False) else None
 
 
 def has_apply_tap(optimizer: Any) -> bool:
@@ -192,6 +201,12 @@ def retrace_train_function(model: Any) -> None:
 def forget_train_function(model: Any) -> None:
     """Drops the traced train function so the next ``fit`` traces a clean one."""
     model.train_function = None
+
+
+def plain_train_function(model: Any) -> Any:
+    """Traces and returns an untapped train function (set as ``model.train_function``)."""
+    model.make_train_function(force=True)
+    return model.train_function
 
 
 # --------------------------------------------------------------- optimizer

@@ -506,7 +506,7 @@ class HistogramProbe:
 
         def measure():
             num = len(self.topology.variables)
-            signed_rows, flats, weights = [], {}, {}
+            flats, weights = {}, {}
             for slot in range(num):
                 g = grads_by_slot.get(slot)
                 if g is None:
@@ -531,34 +531,40 @@ class HistogramProbe:
             ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64)),
                    self.taken.assign(taken), self.requested.assign(False)]
             if self.signed:
-                bounds = []
-                for layer in range(len(self.topology.layers)):
-                    members = [s for s in flats if self.layer_ids[s] == layer]
-                    peaks = [tf.reduce_max(tf.where(tf.math.is_finite(flats[s]), tf.abs(flats[s]), 0.0))
-                             for s in members]
-                    bounds.append(tf.reduce_max(tf.stack(peaks)) if peaks else tf.constant(0.0))
-                bounds = tf.stack(bounds)
-                for slot in range(num):
-                    flat = flats.get(slot)
-                    if flat is None:
-                        signed_rows.append(tf.zeros([NUM_SIGNED_BUCKETS]))
-                        continue
-                    bound = tf.maximum(bounds[self.layer_ids[slot]], 1e-30)
-                    finite = tf.math.is_finite(flat)
-                    position = (tf.where(finite, flat, 0.0) + bound) / (2.0 * bound) * NUM_SIGNED_BUCKETS
-                    bucket = tf.clip_by_value(
-                        tf.cast(tf.floor(position), tf.int32), 0, NUM_SIGNED_BUCKETS - 1)
-                    ids = tf.where(finite, bucket, NUM_SIGNED_BUCKETS)
-                    signed_rows.append(tf.math.unsorted_segment_sum(
-                        tf.ones_like(flat) * weights[slot], ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
-                layers = [any(self.layer_ids[s] == layer for s in flats)
-                          for layer in range(len(self.topology.layers))]
-                ops += [self.signed_counts.assign(keep(tf.stack(signed_rows), self.signed_counts, measured)),
-                        self.bounds.assign(keep(bounds, self.bounds, layers))]
+                ops += self._signed_ops(flats, weights, keep, measured)
             with tf.control_dependencies(ops):
                 return tf.constant(0)
 
         return cond(due, measure, lambda: tf.constant(0))
+
+    def _signed_ops(self, flats: dict[int, tf.Tensor], weights: dict[int, Any],
+                    keep: Callable[..., tf.Tensor], measured: list) -> list[Any]:
+        """The signed-value histogram's assignments: per layer, buckets over [-peak, peak]."""
+        num = len(self.topology.variables)
+        signed_rows, bounds = [], []
+        for layer in range(len(self.topology.layers)):
+            members = [s for s in flats if self.layer_ids[s] == layer]
+            peaks = [tf.reduce_max(tf.where(tf.math.is_finite(flats[s]), tf.abs(flats[s]), 0.0))
+                     for s in members]
+            bounds.append(tf.reduce_max(tf.stack(peaks)) if peaks else tf.constant(0.0))
+        bounds = tf.stack(bounds)
+        for slot in range(num):
+            flat = flats.get(slot)
+            if flat is None:
+                signed_rows.append(tf.zeros([NUM_SIGNED_BUCKETS]))
+                continue
+            bound = tf.maximum(bounds[self.layer_ids[slot]], 1e-30)
+            finite = tf.math.is_finite(flat)
+            position = (tf.where(finite, flat, 0.0) + bound) / (2.0 * bound) * NUM_SIGNED_BUCKETS
+            bucket = tf.clip_by_value(
+                tf.cast(tf.floor(position), tf.int32), 0, NUM_SIGNED_BUCKETS - 1)
+            ids = tf.where(finite, bucket, NUM_SIGNED_BUCKETS)
+            signed_rows.append(tf.math.unsorted_segment_sum(
+                tf.ones_like(flat) * weights[slot], ids, NUM_SIGNED_BUCKETS + 1)[:NUM_SIGNED_BUCKETS])
+        layers = [any(self.layer_ids[s] == layer for s in flats)
+                  for layer in range(len(self.topology.layers))]
+        return [self.signed_counts.assign(keep(tf.stack(signed_rows), self.signed_counts, measured)),
+                self.bounds.assign(keep(bounds, self.bounds, layers))]
 
     def _due(self, step: tf.Tensor, sampled: tf.Tensor | None, nonfinite: tf.Tensor | None
              ) -> tuple[tf.Tensor | None, tf.Tensor]:

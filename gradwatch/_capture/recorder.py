@@ -29,7 +29,6 @@ class StepContext(NamedTuple):
         loss: the step's loss.
         learning_rate: the optimizer's learning rate.
         loss_scale: a ``LossScaleOptimizer``'s scale (gradients arrive scaled by it).
-        iterations: the optimizer's iterations (step numbers resync with them).
         loss_totals: (total, count) of a running loss tracker; the step's loss is the delta.
         overflow_skips: True when a non-finite gradient makes the optimizer skip the update.
     """
@@ -37,7 +36,6 @@ class StepContext(NamedTuple):
     loss: tf.Tensor | None = None
     learning_rate: tf.Tensor | None = None
     loss_scale: tf.Tensor | None = None
-    iterations: tf.Tensor | None = None
     loss_totals: tuple[tf.Tensor, tf.Tensor] | None = None
     overflow_skips: bool = False
 
@@ -182,7 +180,7 @@ class Recorder:
         state = STEP_STATE.unpack(self._state.read_value())
         # a further observation in a step the front has not ended keeps its number
         new_step = tf.equal(state["in_step"], 0) if self._ends_steps else tf.constant(True)
-        step = tf.where(new_step, self._step_number(state, context.iterations), state["step"])
+        step = tf.where(new_step, state["step"] + 1, state["step"])
         window_steps = state["window_steps"] + tf.cast(new_step, tf.int64)
         sampled = None if lean else tf.equal(window_steps, 1)
         measured = self._measure(grads, stat_grads, [slots[i] for i in present], present, step, sampled,
@@ -262,17 +260,6 @@ class Recorder:
         for probe in self._probes:
             probe.after_update(self._compiler.branch)
 
-    @staticmethod
-    def _step_number(state: dict[str, tf.Tensor], iterations: tf.Tensor | None) -> tf.Tensor:
-        """Returns this step's number: one after the last, or after the optimizer's
-        iterations when a resync is pending and they moved since the last fit."""
-        current = state["step"]
-        if iterations is not None:
-            iterations = tf.cast(iterations, tf.int64)
-            moved = tf.not_equal(iterations, state["iterations_at_end"])
-            current = tf.where((state["resync"] > 0) & moved, iterations, current)
-        return current + 1
-
     def _read_all(self) -> dict[str, Any]:
         """In-graph host read: the buffered rows folded, then every accumulator and probe state."""
         state = STEP_STATE.unpack(self._state.read_value())
@@ -300,17 +287,17 @@ class Recorder:
 
     # ------------------------------------------------------------------ host queries
 
-    def request_resync(self, iterations_at_end: int) -> None:
-        """The next step takes its number from the optimizer's iterations, unless they
-        still equal ``iterations_at_end`` (then the count continues)."""
-        state = STEP_STATE.unpack_numpy(self._state.numpy())
-        state.update(resync=1, iterations_at_end=iterations_at_end, in_step=0, step_row=-1)
-        self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
+    def start_at(self, step: int) -> None:
+        """The next observed step is ``step + 1`` (host side, before a fit's first step; also
+        from inside a trace, as ``Watch`` binds in its first ``observe``)."""
+        with tf.init_scope():
+            state = STEP_STATE.unpack_numpy(self._state.numpy())
+            state.update(step=int(step), resync=0, in_step=0, step_row=-1)
+            self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
 
-    def next_step(self, iterations: int | None) -> int:
-        """Returns the number the next observed step takes."""
-        state = STEP_STATE.unpack(self._state.read_value())
-        return int(self._step_number(state, None if iterations is None else tf.constant(iterations)))
+    def next_step(self) -> int:
+        """Returns the number the next observed step takes (``start_at`` places a fit's first)."""
+        return int(self._state.numpy()[STEP_STATE.index("step")]) + 1
 
     @property
     def capacity(self) -> int:

@@ -39,6 +39,8 @@ from gradwatch._io.schema import (
     check_schema_version,
     groups_of,
     nan_norms_of_old_rows,
+    segment_ranges,
+    segments_of_run,
 )
 
 logger = logging.getLogger("gradwatch")
@@ -523,6 +525,43 @@ def read_alerts(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.Dat
     return _per_run(log_dir, source, read_one)
 
 
+#: The columns of ``read_segments``.
+SEGMENT_COLUMNS: tuple[str, ...] = ("segment", "first_step", "last_step", "reason", "iterations_at_start",
+                                    "optimizer", "variables")
+
+
+def read_segments(log_dir: str | os.PathLike[str], source: str = "auto") -> pd.DataFrame:
+    """Reads the segments of a run: each fit whose optimizer restarted at iteration 0, or whose
+    watched variables changed, began a new one (a run written before schema 4 is one segment).
+
+    Args:
+        log_dir: a run's ``log_dir`` (or a directory above several runs: then a
+            leading ``run`` column says which).
+        source: ``"auto"``, ``"csv"`` or ``"events"``.
+
+    Returns:
+        One row per segment: its number, first and last step, why it began ("start",
+        "optimizer_restart", "variables_changed", "append"), the optimizer's iterations at
+        its start, the optimizer's class and the number of watched variables.
+
+    Raises:
+        GradwatchDataError: no run there, or one written by a newer gradwatch.
+    """
+
+    def read_one(run_dir: str, csv: bool) -> pd.DataFrame:
+        info = _run_json(run_dir) if csv else _load_events(run_dir, None).run_info
+        steps = read_windows(run_dir, source="csv" if csv else "events")["step"].tolist()
+        rows = [{"segment": s.get("segment"), "first_step": s.get("first_step"),
+                 "last_step": s.get("last_step"),
+                 "reason": s.get("reason"), "iterations_at_start": s.get("iterations_at_start"),
+                 "optimizer": (s.get("optimizer") or {}).get("class") if isinstance(s.get("optimizer"), dict)
+                 else None, "variables": len(s.get("variables") or [])}
+                for s in segment_ranges(info, steps)]
+        return pd.DataFrame(rows, columns=list(SEGMENT_COLUMNS))
+
+    return _per_run(log_dir, source, read_one)
+
+
 def read_run(log_dir: str | os.PathLike[str], source: str = "auto") -> dict[str, Any]:
     """Reads a run's ``run.json`` metadata (from the ``gradwatch/run`` summary without CSV files).
 
@@ -573,8 +612,15 @@ def _run_json(run_dir: str) -> dict[str, Any] | None:
 
 
 def _model_order(run_info: dict[str, Any] | None, level: str) -> list[str]:
+    """The last segment's names in model order, then those only earlier segments watched."""
     entries = (run_info or {}).get("variables" if level == "variable" else "layers", [])
-    return [entry["name"] for entry in entries]
+    order = [entry["name"] for entry in entries]
+    for segment in segments_of_run(run_info):
+        for variable in segment.get("variables", []):
+            name = variable.get("name") if level == "variable" else variable.get("layer")
+            if name and name not in order:
+                order.append(name)
+    return order
 
 
 def _model_sorted(frame: pd.DataFrame, model_order: list[str], key: str) -> pd.DataFrame:

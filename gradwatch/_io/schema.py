@@ -14,6 +14,11 @@ version of the files wrote it, under :data:`SCHEMA_VERSION_KEY`:
   wrote 0.0 (``l2``, ``l2_max``, ``l2_min``, ``l2_mean``, ``max_abs``, ``mean_abs``,
   ``global_l2``, ``global_l2_max``); a global norm past float32 is Inf, not NaN. The
   readers give older runs the same meaning (:func:`nan_norms_of_old_rows`).
+* 4: ``run.json`` lists the run's *segments* (:data:`SEGMENTS_KEY`): a fit whose optimizer
+  restarts at iteration 0, or whose watched variables changed, opens a new segment
+  numbered after the last step written, so no fit's rows are erased. The top-level
+  ``layers``/``variables`` describe the last segment; each segment lists its own
+  variables. An older run is one segment (:func:`segments_of_run`).
 
 Every reader checks it with :func:`check_schema_version`: each version up to
 :data:`SCHEMA_VERSION` is read, a newer one is refused.
@@ -25,11 +30,13 @@ from collections.abc import Mapping
 from typing import Any
 
 #: The version of the files this gradwatch writes (see the module docstring for the history).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The first version whose norms over no finite entry are NaN (before: 0.0).
 NAN_NORMS_VERSION = 3
 #: The ``run.json`` key that holds it; a run.json without it is version 1.
 SCHEMA_VERSION_KEY = "schema_version"
+#: The ``run.json`` key that lists the run's segments (version 4 on).
+SEGMENTS_KEY = "segments"
 
 
 class GradwatchDataError(ValueError):
@@ -77,6 +84,44 @@ def check_schema_version(run_info: Mapping[str, Any] | None, where: str) -> int:
             f"{__version__} reads versions 1 to {SCHEMA_VERSION}); upgrade gradwatch to read it."
         )
     return version
+
+
+def segments_of_run(run_info: Mapping[str, Any] | None, last_step: int | None = None) -> list[dict[str, Any]]:
+    """The segments of a run's metadata: those ``run.json`` lists, or one segment for a run
+    written before version 4 (its ``last_step`` is ``last_step``: the last row's).
+
+    Each segment: ``segment`` (1, 2, ...), ``first_step``, ``last_step`` (None while the
+    fit runs, or after a crash), ``reason`` ("start", "optimizer_restart",
+    "variables_changed", "append"), ``iterations_at_start`` (the optimizer's, None for a
+    ``Watch``), ``step_offset`` (step minus iterations), ``front``, ``optimizer``,
+    ``model_name`` and ``variables`` (name, layer, shape, dtype).
+    """
+    if not isinstance(run_info, Mapping):
+        return []
+    listed = run_info.get(SEGMENTS_KEY)
+    if isinstance(listed, list) and listed:
+        return [dict(segment) for segment in listed if isinstance(segment, Mapping)]
+    variables = [{k: v[k] for k in ("name", "layer", "shape", "dtype") if k in v}
+                 for v in run_info.get("variables", []) if isinstance(v, Mapping)]
+    return [{"segment": 1, "first_step": 1, "last_step": last_step, "reason": "start",
+             "iterations_at_start": None, "step_offset": 0, "front": run_info.get("front"),
+             "optimizer": run_info.get("optimizer"), "model_name": run_info.get("model_name", ""),
+             "variables": variables}]
+
+
+def segment_ranges(run_info: Mapping[str, Any] | None, steps: Any = ()) -> list[dict[str, Any]]:
+    """The run's segments (:func:`segments_of_run`) with every ``last_step`` known: a segment
+    whose fit did not say (it runs, or crashed) ends before the next one, or at the last of
+    ``steps`` (the windows' steps) in its range."""
+    known = sorted(int(step) for step in steps)
+    segments = segments_of_run(run_info, known[-1] if known else None)
+    for i, segment in enumerate(segments):
+        if segment.get("last_step") is not None:
+            continue
+        end = segments[i + 1]["first_step"] - 1 if i + 1 < len(segments) else None
+        inside = [step for step in known if step >= segment["first_step"] and (end is None or step <= end)]
+        segment["last_step"] = inside[-1] if inside else end
+    return segments
 
 
 def nan_norms_of_old_rows(frame: Any, version: int) -> Any:

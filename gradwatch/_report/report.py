@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch import __version__
-from gradwatch._io.schema import ALERT_KINDS, LAYERS_FILE, group_labels, groups_of
+from gradwatch._io.schema import ALERT_KINDS, LAYERS_FILE, group_labels, groups_of, segment_ranges
 from gradwatch._report import svg
 from gradwatch._report.verdicts import (
     RunFrames,
@@ -340,6 +340,11 @@ def _run_facts(run: RunFrames) -> str:
     if len(run.windows):
         parts.append(f"{int(run.windows['step'].iloc[-1])} steps in {len(run.windows)} windows")
     parts.append(f"{len(run.layer_order)} layers")
+    segments = segment_ranges(meta, run.windows["step"].tolist() if len(run.windows) else [])
+    if len(segments) > 1:  # fits that restarted the optimizer or changed the variables
+        parts.append(f"{len(segments)} segments: " + "; ".join(
+            f"steps {s['first_step']}-{s['last_step'] if s['last_step'] is not None else '?'} "
+            f"({str(s.get('reason', '')).replace('_', ' ')})" for s in segments))
     return ", ".join(str(p) for p in parts)
 
 

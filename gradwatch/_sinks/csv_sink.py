@@ -180,9 +180,10 @@ def _quote(text: str) -> str:
 class CsvSink:
     """Writes a run's rows as CSV files under ``log_dir``."""
 
-    def __init__(self, log_dir: str, append: bool = False):
+    def __init__(self, log_dir: str, append: bool = False, check_variables: bool = True):
         self.log_dir = log_dir
         self.append = append
+        self._check_variables = check_variables  # False: a later fit of the same run (a new segment)
         self._files: dict[str, _CsvFile] = {}
         self._first_write = True
 
@@ -198,7 +199,7 @@ class CsvSink:
             raise ValueError(f"log_dir {self.log_dir!r} is not writable; pass a writable directory.")
         run_path = os.path.join(self.log_dir, RUN_FILE)
         run_json = with_schema_version(run_json)
-        if self.append and os.path.exists(run_path):
+        if self.append and self._check_variables and os.path.exists(run_path):
             self._check_same_variables(run_path, run_json)
         write_json_atomic(run_path, run_json)
         self._files = {
@@ -228,6 +229,22 @@ class CsvSink:
                 "...) change between processes: give your layers explicit name=... arguments, "
                 "or use a new log_dir."
             )
+        shapes_before = {v["name"]: list(v.get("shape") or []) for v in previous.get("variables", [])}
+        changed = [(v["name"], shapes_before[v["name"]], list(v.get("shape") or []))
+                   for v in run_json.get("variables", [])
+                   if v["name"] in shapes_before and shapes_before[v["name"]] != list(v.get("shape") or [])]
+        if changed:
+            name, before_shape, now_shape = changed[0]
+            raise ValueError(
+                f"Cannot append to the run in {os.path.dirname(run_path)!r}: {len(changed)} watched "
+                f"variable(s) have the same names but other shapes (e.g. {name!r}: {before_shape} in the "
+                f"run, {now_shape} now), so its rows would be described with the wrong shapes. "
+                "Use a new log_dir for the changed model."
+            )
+
+    def describe(self, run_json: dict[str, Any]) -> None:
+        """Rewrites ``run.json`` with the run's updated description (its segments)."""
+        write_json_atomic(os.path.join(self.log_dir, RUN_FILE), with_schema_version(run_json))
 
     def write(self, result: Any) -> None:
         """Writes one window result (a ``WindowResult``): its rows, then its alerts."""

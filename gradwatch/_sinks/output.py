@@ -2,12 +2,77 @@
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import functools
+import logging
+import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from gradwatch._interpret.results import WindowResult
+
+logger = logging.getLogger("gradwatch")
+#: How long the interpreter's exit waits for a writer to write what it was handed.
+EXIT_FLUSH_SECONDS = 30.0
+
+
+class _Writer:
+    """One daemon thread running the work handed to it, in order. After a failure (a
+    full disk, an ``on_alert`` that raised) it runs ``on_failure`` at once (the sinks are
+    closed) and refuses the rest; the failure is raised to the training thread by the
+    work's future. The interpreter's exit waits (at most ``EXIT_FLUSH_SECONDS``) for what
+    was handed over, then the daemon thread cannot hold the process."""
+
+    def __init__(self, on_failure: Callable[[], None]):
+        self._queue: queue.Queue = queue.Queue()
+        self._on_failure = on_failure
+        self.failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
+        self._thread.start()
+        _LIVE_WRITERS.add(self)
+
+    def submit(self, work: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((functools.partial(work, *args), future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            work, future = item
+            if self.failed is not None:
+                stopped = RuntimeError(f"gradwatch's writer stopped after an error: {self.failed!r}")
+                future.set_exception(stopped)
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread
+                self.failed = error
+                future.set_exception(error)
+                try:
+                    self._on_failure()
+                except Exception:  # noqa: BLE001
+                    logger.exception("gradwatch: closing the files after a write error failed")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Lets the thread finish what it was handed, then ends it."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        _LIVE_WRITERS.discard(self)
+
+
+_LIVE_WRITERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_writers_at_exit() -> None:
+    for writer in list(_LIVE_WRITERS):
+        writer.stop(timeout=EXIT_FLUSH_SECONDS)
 
 
 class Sink(Protocol):
@@ -36,15 +101,19 @@ class Output:
 
     def __init__(self, sinks: Sequence[Sink]):
         self._sinks = list(sinks)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: _Writer | None = None
         self._pending: list[concurrent.futures.Future] = []
+        self._sinks_lock = threading.Lock()
 
     def open(self, run_info: dict[str, Any]) -> None:
         """Opens every sink with the run's description and starts the writer thread."""
-        for sink in self._sinks:
-            sink.open(run_info)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                           thread_name_prefix="gradwatch-writer")
+        try:
+            for sink in self._sinks:
+                sink.open(run_info)
+        except BaseException:
+            self._close_sinks()
+            raise
+        self._pool = _Writer(self._close_sinks)
 
     @property
     def threaded(self) -> bool:
@@ -55,19 +124,31 @@ class Output:
         """Hands one window result to the writer thread."""
         self.defer(lambda: result)
 
-    def defer(self, produce: Callable[[], WindowResult | None]) -> None:
-        """Runs ``produce`` on the writer thread, then writes the result it returns."""
+    def defer(self, produce: Callable[[], WindowResult | None],
+              after: Callable[[WindowResult], Any] | None = None) -> None:
+        """Runs ``produce`` on the writer thread, writes the result it returns, then calls
+        ``after`` with it (so a window is on disk before an ``on_alert`` that raises sees it)."""
         if self._pool is None:
-            produce()
+            _raise_after_error(self._produce_and_write(produce, after))
             return
-        self._settle(keep=self.MAX_PENDING - 1)
-        self._pending.append(self._pool.submit(self._produce_and_write, produce))
+        # handed over before an earlier window's error is raised: this window is not lost
+        self._pending.append(self._pool.submit(self._produce_and_write, produce, after))
+        self._settle(keep=self.MAX_PENDING)
 
-    def _produce_and_write(self, produce: Callable[[], WindowResult | None]) -> None:
+    def _produce_and_write(self, produce: Callable[[], WindowResult | None],
+                           after: Callable[[WindowResult], Any] | None = None) -> _AfterError | None:
+        """An error of ``produce`` or of a sink stops the writer; one of ``after`` (the user's
+        ``on_alert``) does not: the window is written, and the error reaches the training thread."""
         result = produce()
         if result is not None:
             for sink in self._sinks:
                 sink.write(result)
+            if after is not None:
+                try:
+                    after(result)
+                except Exception as error:  # noqa: BLE001 - raised by the training thread
+                    return _AfterError(error)
+        return None
 
     def write_alerts(self, alert_rows: list[dict[str, Any]]) -> None:
         """Writes alert rows that belong to no window (the run's last word) to the sinks that take
@@ -82,25 +163,61 @@ class Output:
             return
         self._pending.append(self._pool.submit(write))
 
+    def describe(self, run_info: dict[str, Any]) -> None:
+        """Hands the run's updated description (its segments) to the sinks that take it
+        (``describe``), in order with the writes."""
+        def describe() -> None:
+            for sink in self._sinks:
+                if hasattr(sink, "describe"):
+                    sink.describe(run_info)
+
+        if self._pool is None:
+            describe()
+            return
+        self._pending.append(self._pool.submit(describe))
+        self._settle(keep=self.MAX_PENDING)
+
     def _settle(self, keep: int) -> None:
         while len(self._pending) > keep or (self._pending and self._pending[0].done()):
-            self._pending.pop(0).result()
+            _raise_after_error(self._pending.pop(0).result())
 
     def flush(self) -> None:
         """Waits until everything handed over is written; raises a write's error."""
         self._settle(keep=0)
 
     def close(self) -> None:
-        """Writes what is queued, then closes the sinks (also when a write failed)."""
+        """Writes what is queued, then ends the writer thread and closes the sinks (also when
+        a write failed: then the first error is raised once everything is closed)."""
         try:
             self.flush()
         finally:
+            self._pending = []
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.stop()
                 self._pool = None
-            for sink in self._sinks:
+            self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        """Closes every sink once (the training thread, or the writer after a failed write)."""
+        with self._sinks_lock:
+            sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            try:
                 sink.close()
-            self._sinks = []
+            except Exception:  # noqa: BLE001 - close the others
+                logger.exception("gradwatch: closing %s failed", type(sink).__name__)
+
+
+class _AfterError:
+    """An error of the work done after a window was written (the writer goes on)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _raise_after_error(outcome: Any) -> None:
+    if isinstance(outcome, _AfterError):
+        raise outcome.error
 
 
 class Latest:

@@ -350,6 +350,13 @@ class TensorBoardSink:
         self.layers = [layer["name"] for layer in run_info.get("layers", [])]
         self.plan = ScalarPlan(self.layers, len(WINDOW_SCALARS), self.max_cards)
 
+    def describe(self, run_info: dict[str, Any]) -> None:
+        """Takes the run's updated description (its segments), written with the first window.
+        Once the file is open it is not written again: an event at step 0 after later steps
+        could make a loader purge them (a segment's last step is read from its windows)."""
+        if self._writer is None:
+            self.run_info = with_schema_version(run_info)
+
     def write(self, result: Any) -> None:
         """Writes one window result (a ``WindowResult``)."""
         self.write_window(result.window_row, result.stats_rows, result.layer_rows, result.alert_rows,

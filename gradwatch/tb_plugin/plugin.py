@@ -35,6 +35,7 @@ from gradwatch._io.schema import (
     GradwatchDataError,
     check_schema_version,
     group_labels,
+    segments_of_run,
 )
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -79,6 +80,7 @@ class RunHeatmap:
     zero: np.ndarray | None = None  # bool [L, W]; the norm was exactly zero (a dead layer)
     alerts_source: str = "windows"  # "alerts.csv", "event files" (read whole) or "windows" (sampled)
     labels: list[str] | None = None  # the rows' labels (a layer's optimizer group, where several)
+    segments: list[dict[str, Any]] = field(default_factory=list)  # run.json's, schema 4 on
 
     def zeros(self) -> np.ndarray:
         """bool [L, W]: the layer's gradient norm was exactly zero in the window."""
@@ -265,8 +267,7 @@ def build_run(
                 layers.append(name)
     steps = np.array(sorted(windows), dtype=np.int64)
     log_l2 = np.full((len(layers), len(steps)), np.nan)
-    nonfinite = np.zeros((len(layers), len(steps)), dtype=bool)
-    zero = np.zeros((len(layers), len(steps)), dtype=bool)
+    nonfinite, zero = (np.zeros((len(layers), len(steps)), dtype=bool) for _ in range(2))
     first_steps = np.zeros(len(steps), dtype=np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         for col, step in enumerate(steps.tolist()):
@@ -281,7 +282,13 @@ def build_run(
     alerts = _recoveries_kept(alerts, nonfinite_rows)
     divergence = _divergence([nonfinite_rows[step] for step in steps.tolist()])
     return RunHeatmap(layers, steps, first_steps, log_l2, nonfinite, alerts, corrupt, divergence, zero,
-                      labels=group_labels(layers, run_info))
+                      labels=group_labels(layers, run_info), segments=_segments(run_info))
+
+
+def _segments(run_info: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The run's segments as the tab marks them: number, first step, why it began."""
+    return [{"segment": s.get("segment"), "first_step": s.get("first_step"), "reason": s.get("reason")}
+            for s in segments_of_run(run_info)]
 
 
 def with_alerts(data: RunHeatmap, rows: list[dict[str, Any]], source: str) -> RunHeatmap:
@@ -293,7 +300,7 @@ def with_alerts(data: RunHeatmap, rows: list[dict[str, Any]], source: str) -> Ru
         key=lambda a: a.get("step", 0),
     )
     return RunHeatmap(data.layers, data.steps, data.first_steps, data.log_l2, data.nonfinite, alerts,
-                      data.corrupt, data.divergence, data.zero, source, data.labels)
+                      data.corrupt, data.divergence, data.zero, source, data.labels, data.segments)
 
 
 def read_run_alerts(run_dir: str) -> tuple[list[dict[str, Any]], str] | None:
@@ -381,6 +388,15 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int, start: int | None = Non
     zero &= np.isnan(reduced)  # a bucket with any non-zero norm shows it
     holes = np.flatnonzero(missing[1:]) + 1  # windows that follow dropped ones
     gap_columns = sorted(set(bucket_of(edges, holes).tolist()))
+    boundaries = []  # the column where each segment after the first begins
+    shown = data.steps[cols_kept]
+    for segment in data.segments[1:] if width else []:
+        first = int(segment.get("first_step") or 0)
+        window = int(np.searchsorted(shown, first, side="left"))
+        if window < width and (start is None or first >= start):
+            boundaries.append({"column": int(bucket_of(edges, np.array([window]))[0]),
+                               "segment": segment.get("segment"), "first_step": segment.get("first_step"),
+                               "reason": segment.get("reason")})
     rounded = np.round(reduced, 3)
     values = [[None if x != x else x for x in row] for row in rounded.tolist()]
     finite = reduced[np.isfinite(reduced)]
@@ -401,6 +417,7 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int, start: int | None = Non
         "nonfinite": np.argwhere(nonfinite).tolist(),
         "zeros": np.argwhere(zero).tolist(),
         "gap_columns": gap_columns,
+        "segments": boundaries,
         "markers": _markers(data, cols_kept, edges),
         "severities": list(SEVERITIES),
         "alerts": len(data.alerts),

@@ -13,6 +13,7 @@ const TICK_MIN_GAP = 60; // px between two step labels
 const GAP_LINES_MAX_SHARE = 0.25; // more columns after dropped windows than this: the banner says it, no lines
 const URL_RUN_KEY = "gw_run"; // the chosen run, kept in the page's URL (#gradwatch&gw_run=...)
 const GAP_COLOUR = "#ff1744";
+const SEGMENT_COLOUR = "#2962ff";
 const MAX_TABLE_ROWS = 1000;
 const LABELS_ALLOWANCE = 300; // px kept for the row labels and a scroll bar when asking for columns
 // Viridis, sampled at 10 stops: dark = small gradient norm, yellow = large.
@@ -494,6 +495,8 @@ class GradientFlowTab {
     ctx.fillStyle = GAP_COLOUR;
     this.gapLines = flow.gap_columns.length <= GAP_LINES_MAX_SHARE * cols;
     if (this.gapLines) for (const c of flow.gap_columns) ctx.fillRect(this.edges[c], 0, 1, height);
+    ctx.fillStyle = SEGMENT_COLOUR; // a new segment: the optimizer restarted or the variables changed
+    for (const s of flow.segments || []) ctx.fillRect(this.edges[s.column], 0, 2, height);
 
     this.markerAt = new Map();
     for (const marker of flow.markers) {
@@ -613,6 +616,9 @@ class GradientFlowTab {
     if (this.flow.gap_columns.length && this.gapLines) {
       this.legend.append(item(swatch({ background: GAP_COLOUR, width: "2px" }), "windows dropped before"));
     }
+    if ((this.flow.segments || []).length) {
+      this.legend.append(item(swatch({ background: SEGMENT_COLOUR, width: "2px" }), "new segment (fit restarted)"));
+    }
     for (const severity of this.flow.severities) {
       const outline = swatch({ borderColor: SEVERITY_COLOURS[severity] }, "gw-swatch gw-outline");
       this.legend.append(item(outline, `${severity} alert`));
@@ -661,6 +667,9 @@ class GradientFlowTab {
     ];
     if (this.nonfiniteAt.has(row * cols + col)) lines.push("non-finite (NaN/Inf) gradient entries");
     if (flow.gap_columns.includes(col)) lines.push("windows were dropped just before this column");
+    for (const s of (flow.segments || []).filter((s) => s.column === col)) {
+      lines.push(`segment ${s.segment} begins at step ${s.first_step} (${String(s.reason).replace(/_/g, " ")})`);
+    }
     for (const marker of [this.markerAt.get(row * cols + col), this.markerAt.get(-cols + col)]) {
       if (marker) {
         const scope = marker[0] < 0 ? " (whole model)" : "";
