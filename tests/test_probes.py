@@ -477,7 +477,8 @@ def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an
     assert errors and errors[0].step == 11
     # step 1 (the first), step 11 (the first non-finite), step 13 (after the error read at step 12)
     assert sorted(by_step) == [1, 11, 13]
-    sizes = {layer.name: sum(int(np.prod(v.shape)) for v in layer.trainable_variables) for layer in model.layers}
+    sizes = {layer.name: sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+             for layer in model.layers}
     # step 11's histogram holds the step's NaN entries: as many as the window's statistics counted
     # (its only non-finite step; a separate in-graph pass), every entry in a bucket, a zero or NaN/Inf
     window = next(r for r in results.results if r.window_row["step"] == 12)

@@ -755,7 +755,8 @@ def test_alerts_come_whole_from_alerts_csv_when_tensorboard_kept_a_sample(tmp_pa
     run_dir = tmp_path / "run"
     sink = TensorBoardSink(str(run_dir), _run_info(["a"]), ["a"])
     alerts = [{"step": s, "layer": "a", "variable": "*", "kind": "exploding_gradient", "severity": "warning",
-               "value": 1e5, "threshold": 1e4, "message": f"big at {s}", "hint": "clip"} for s in range(1, 41)]
+               "value": 1e5, "threshold": 1e4, "message": f"big at {s}", "hint": "clip"}
+              for s in range(1, 41)]
     for s in range(1, 41):
         sink.write_window({"step": s, "steps": 1}, [], [_layer_row(s, "a", 0.5)], [alerts[s - 1]], s)
     sink.close()

@@ -259,7 +259,8 @@ def test_plugin_names_and_data_classes(run):
     kinds = {
         "gradwatch/loss": ("scalars", summary_pb2.DATA_CLASS_SCALAR),
         tagged("grad_norm", run["layers"], run["layers"][0]): ("scalars", summary_pb2.DATA_CLASS_SCALAR),
-        tagged("grad_log10_abs", run["layers"], run["layers"][0]): ("histograms", summary_pb2.DATA_CLASS_TENSOR),
+        tagged("grad_log10_abs", run["layers"], run["layers"][0]): ("histograms",
+                                                                    summary_pb2.DATA_CLASS_TENSOR),
         "gradwatch/alerts": ("text", summary_pb2.DATA_CLASS_TENSOR),
         "gradwatch/window": ("gradwatch", summary_pb2.DATA_CLASS_TENSOR),
         "gradwatch/run": ("gradwatch", summary_pb2.DATA_CLASS_TENSOR),
@@ -284,6 +285,8 @@ def test_structured_summary_holds_the_csv_rows(run):
         assert decoded["first_step"] == w["first_step"]
         for got, want in zip(decoded["stats"] + decoded["layers"], w["stats_rows"] + w["layer_rows"]):
             for column, value in want.items():
+                if column == "group":
+                    continue  # the readers add it from run.json (the optimizer of the variable)
                 assert got[column] == value or (
                     isinstance(value, float) and math.isnan(value) and math.isnan(got[column])
                 ), column
@@ -421,6 +424,7 @@ def test_a_dead_layer_histogram_is_its_zeros_at_zero(tmp_path):
     values = {v.tag: v for _, v in events_of(str(tmp_path))}
     assert "gradwatch/grad_log10_abs/01_dead" not in values  # no empty chart on a log10 axis near -16
     dead = values["gradwatch/grad_values/01_dead"].tensor
-    np.testing.assert_array_equal(np.frombuffer(dead.tensor_content, "<f8").reshape(-1, 3), [[0.0, 0.0, 12.0]])
+    np.testing.assert_array_equal(np.frombuffer(dead.tensor_content, "<f8").reshape(-1, 3),
+                                  [[0.0, 0.0, 12.0]])
     live = values["gradwatch/grad_log10_abs/00_live"].tensor
     np.testing.assert_array_equal(np.frombuffer(live.tensor_content, "<f8").reshape(-1, 3)[:, 2], [3.0, 4.0])

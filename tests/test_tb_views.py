@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from _view_runs import LONG_LOG_EVERY, LONG_NAN_STEP, LONG_STEPS, TensorBoard, dead_run, diverged_run, long_run
+from _view_runs import (
+    LONG_LOG_EVERY,
+    LONG_NAN_STEP,
+    LONG_STEPS,
+    TensorBoard,
+    dead_run,
+    diverged_run,
+    long_run,
+)
 
 RUNS = {"diverged": diverged_run, "dead": dead_run, "long": long_run}
 SHOTS = os.path.join(os.path.dirname(__file__), "..", "dashboards", "screenshots")
@@ -220,7 +228,8 @@ def test_dead_and_diverged_runs_on_one_fixed_scale(views, tmp_path):
     legend = driver.find_element(By.ID, "gw-legend").text
     assert "exactly 0 (dead)" in legend and "no data" in legend
     labels = driver.find_element(By.ID, "gw-scale").text.split()
-    assert labels[0] == f"≤1e{int(scale['min'])}" and "1" in labels and labels[-1] == f"≥1e{int(scale['max'])}"
+    assert labels[0] == f"≤1e{int(scale['min'])}" and "1" in labels
+    assert labels[-1] == f"≥1e{int(scale['max'])}"
     shot(driver, "gradient_flow_dead.png", tmp_path)
 
     choose(driver, "diverged")  # the pointer is still over the map: no tooltip of the dead run's layers
@@ -317,8 +326,9 @@ def test_scalars_histograms_distributions_text_and_custom_scalars(views, tmp_pat
         assert 1 in steps, (run, steps)
     assert 11 in {s for t in hist_tags["diverged"] for s, _ in _hist_buckets(server, "diverged", t)}
     assert "gradwatch/grad_log10_abs/01_dead_relu" not in hist_tags["dead"]  # no empty log10 chart
-    for step, buckets in _hist_buckets(server, "dead", "gradwatch/grad_values/01_dead_relu"):
-        assert buckets[:, :2].min() == buckets[:, :2].max() == 0.0 and buckets[:, 2].sum() == 16 * 16 + 16  # every entry of its kernel and bias
+    for _, buckets in _hist_buckets(server, "dead", "gradwatch/grad_values/01_dead_relu"):
+        # every entry of its kernel and bias, in one bucket at exactly 0
+        assert buckets[:, :2].min() == buckets[:, :2].max() == 0.0 and buckets[:, 2].sum() == 16 * 16 + 16
     drawn(driver, f"{server.url}/#histograms&regexInput=dead", "path")
     shot(driver, "histograms.png", tmp_path)
     drawn(driver, f"{server.url}/#distributions&regexInput=dead", "path")

@@ -325,7 +325,8 @@ def _zeros_tensor(zeros: Any) -> tensor_pb2.TensorProto:
     shape = tensor_shape_pb2.TensorShapeProto(
         dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1), tensor_shape_pb2.TensorShapeProto.Dim(size=3)])
     buckets = np.array([[0.0, 0.0, float(zeros)]], dtype="<f8")
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape, tensor_content=buckets.tobytes())
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_DOUBLE, tensor_shape=shape,
+                                  tensor_content=buckets.tobytes())
 
 
 class TensorBoardSink:

@@ -160,7 +160,8 @@ class ProblemTable:
             lines.append(f"| {markdown_cell(p['step'])} | {markdown_cell(p['layer'] or 'whole model')} | "
                          f"{problem} | {now} |")
         if len(rows) > len(shown):
-            lines.append(f"\n{len(rows) - len(shown)} more problems: see alerts.csv or the Gradient Flow tab.")
+            more = len(rows) - len(shown)
+            lines.append(f"\n{more} more problems: see alerts.csv or the Gradient Flow tab.")
         lines.append("\n**What to try**\n")
         for number, p in enumerate(shown, 1):
             text = markdown_cell(p.get("message"))

@@ -408,7 +408,8 @@ def flow_json(run: str, data: RunHeatmap, max_cols: int, start: int | None = Non
         "first_steps": first_steps[edges[:-1]].tolist() if cols else [],
         "windows": width,
         "all_windows": len(data.steps),
-        "range": {"first": int(data.first_steps[0]), "last": int(data.steps[-1])} if len(data.steps) else None,
+        "range": ({"first": int(data.first_steps[0]), "last": int(data.steps[-1])} if len(data.steps)
+                  else None),
         "zoom": {"start": start, "end": end} if start is not None or end is not None else None,
         "values": values,
         "vmin": float(finite.min()) if finite.size else None,
