@@ -12,8 +12,11 @@ loaded by ``benchmarks/baseline.py`` as ``gradwatch_base``):
   ``tests/scenarios/scenarios.py``.  Every run is short (a few epochs of a few dozen
   steps).  Prints per-kind precision and recall and each broken run's first step of
   the kind it must raise (its steps-to-detect).
-* ``--mode healthy-long``: each of the five healthy architectures for ``--steps`` steps
-  (2,000); any warning or error is a false alarm.
+  Part 2's models with their own optimizers are in it too: a DCGAN, a WGAN-GP (critic
+  applied 3 times a batch, gradient penalty) and the WGAN-GP with NaN input rows.
+* ``--mode healthy-long``: each of the five healthy architectures and the two GANs for
+  ``--steps`` steps (2,000); any warning or error is a false alarm.  ``--only NAME``
+  runs the runs whose name holds NAME.
 
 Results go to ``benchmarks/results/corpus-<mode>-<label>.json``.
 
@@ -207,6 +210,82 @@ def _fit(gw, build, log_dir, steps, optimizer=None, epochs=3, poison=None, **mon
                   callbacks=[gw.GradientMonitor(log_dir, **monitor)])
 
 
+# --------------------------------------------------------------------------- GANs
+
+
+class WGANGP(keras.Model):
+    """keras-io's WGAN-GP on vectors: a linear-output critic applied ``critic_steps`` times a
+    batch with its own optimizer, a gradient penalty from a nested tape, then the generator."""
+
+    def __init__(self, critic_steps=3, latent=4):
+        super().__init__()
+        self.critic = keras.Sequential([
+            keras.Input((2,)), keras.layers.Dense(32, name="c_hidden"),
+            keras.layers.LeakyReLU(negative_slope=0.2, name="c_act"), keras.layers.Dense(1, name="c_out")],
+            name="critic")
+        self.generator = keras.Sequential([
+            keras.Input((latent,)), keras.layers.Dense(32, activation="relu", name="g_hidden"),
+            keras.layers.Dense(2, name="g_out")], name="generator")
+        self.critic_steps, self.latent = critic_steps, latent
+
+    def compile(self, c_optimizer, g_optimizer):
+        super().compile()
+        self.c_optimizer, self.g_optimizer = c_optimizer, g_optimizer
+
+    def _penalty(self, real, fake):
+        alpha = tf.random.uniform([tf.shape(real)[0], 1])
+        mixed = real + alpha * (fake - real)
+        with tf.GradientTape() as tape:
+            tape.watch(mixed)
+            score = self.critic(mixed)
+        norm = tf.norm(tape.gradient(score, mixed), axis=1)
+        return tf.reduce_mean(tf.square(norm - 1.0))
+
+    def train_step(self, data):
+        real, noise = data
+        for _ in range(self.critic_steps):
+            with tf.GradientTape() as tape:
+                fake = self.generator(noise)
+                c_loss = (tf.reduce_mean(self.critic(fake)) - tf.reduce_mean(self.critic(real))
+                          + 10.0 * self._penalty(real, fake))
+            grads = tape.gradient(c_loss, self.critic.trainable_weights)
+            self.c_optimizer.apply_gradients(zip(grads, self.critic.trainable_weights))
+        with tf.GradientTape() as tape:
+            g_loss = -tf.reduce_mean(self.critic(self.generator(noise)))
+        grads = tape.gradient(g_loss, self.generator.trainable_weights)
+        self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_weights))
+        return {"c_loss": c_loss, "g_loss": g_loss}
+
+
+def _ring(n, seed=5, latent=4):
+    rng = _rng(seed)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    real = np.stack([np.cos(angle), np.sin(angle)], axis=1).astype("float32")
+    return real, rng.normal(size=(n, latent)).astype("float32")
+
+
+def _fit_gan(gw, kind, log_dir, steps, epochs=3, poison=None):
+    """A DCGAN (``examples/gan_fit.py``) or a WGAN-GP fitted with ``GradientMonitor`` (the
+    monitor finds both optimizers among the model's attributes)."""
+    from examples.gan_fit import GAN
+
+    keras.utils.set_random_seed(0)
+    real, noise = _ring(B * max(1, steps // epochs))
+    if poison is not None:
+        poison(real)
+    if kind == "dcgan":
+        model = GAN()
+        model.compile(d_optimizer=keras.optimizers.Adam(1e-3), g_optimizer=keras.optimizers.Adam(1e-3))
+    else:
+        model = WGANGP()
+        model.compile(keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9),
+                      keras.optimizers.Adam(1e-3, beta_1=0.5, beta_2=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(real, noise, batch_size=B, epochs=epochs, verbose=0, shuffle=False,
+                  callbacks=[gw.GradientMonitor(log_dir, log_every=10)])
+
+
 def _swapped_raw(gw, log_dir, steps):
     """A raw-variable loop whose two 6x6 kernels get each other's gradient (Watch)."""
     rng = _rng(4)
@@ -270,6 +349,11 @@ def corpus(steps: int) -> list[Case]:
              {"update_ratio": ""}, frozenset({"vanishing_gradient"})),
         Case("lr_huge_transformer", lambda gw, d, s: _fit(gw, transformer, d, s, keras.optimizers.Adam(1.0)),
              {"update_ratio": ""}, explode_may | {"exploding_gradient", "vanishing_gradient"}),
+        # part 2's models with their own optimizers (a model.fit batch applies two or four times)
+        Case("dcgan", lambda gw, d, s: _fit_gan(gw, "dcgan", d, s), {}),
+        Case("wgan_gp", lambda gw, d, s: _fit_gan(gw, "wgan_gp", d, s), {}),
+        Case("nan_input_wgan_gp", lambda gw, d, s: _fit_gan(gw, "wgan_gp", d, s, poison=_nan_rows),
+             {"nonfinite_gradient": ""}, frozenset({"dead_relu", "no_learning_signal"})),
     ]
 
 
@@ -330,9 +414,11 @@ def _scenario_results(gw, root) -> list[dict]:
     return out
 
 
-def detect(gw, root, steps, scenarios=True) -> dict:
+def detect(gw, root, steps, scenarios=True, only=None) -> dict:
     results = []
     for case in corpus(steps):
+        if only and only not in case.name:
+            continue
         log_dir = os.path.join(root, case.name)
         began = time.perf_counter()
         case.run(gw, log_dir, steps)
@@ -345,12 +431,18 @@ def detect(gw, root, steps, scenarios=True) -> dict:
             "scenarios": scenario_results, "scenario_score": score(scenario_results)}
 
 
-def healthy_long(gw, root, steps) -> dict:
+def healthy_long(gw, root, steps, only=None) -> dict:
     out = {}
-    for name, build in HEALTHY.items():
+    runs = {**{name: (lambda d, build=build: _fit(gw, build, d, steps, epochs=10))
+               for name, build in HEALTHY.items()},
+            **{name: (lambda d, name=name: _fit_gan(gw, name, d, steps, epochs=10))
+               for name in ("dcgan", "wgan_gp")}}
+    for name, run in runs.items():
+        if only and only not in name:
+            continue
         log_dir = os.path.join(root, "long_" + name)
         began = time.perf_counter()
-        _fit(gw, build, log_dir, steps, epochs=10)
+        run(log_dir)
         alerts = _alerts(gw, log_dir)
         out[name] = {"steps": steps, "seconds": round(time.perf_counter() - began, 1),
                      "alerts": [f"{r.step} {r.kind} {r.layer}: {r.message}" for r in alerts.itertuples()]}
@@ -365,6 +457,7 @@ def main() -> None:
     parser.add_argument("--label", default="after")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (detect 60, long 2000)")
     parser.add_argument("--no-scenarios", action="store_true")
+    parser.add_argument("--only", default=None, help="only the runs whose name holds this")
     args = parser.parse_args()
     if args.baseline:
         import baseline
@@ -375,14 +468,14 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="gradwatch_corpus_")
     began = time.perf_counter()
     if args.mode == "detect":
-        result = detect(gw, root, args.steps or 60, scenarios=not args.no_scenarios)
+        result = detect(gw, root, args.steps or 60, scenarios=not args.no_scenarios, only=args.only)
         for part in ("corpus_score", "scenario_score"):
             print(part)
             for kind, row in result[part].items():
                 print(f"  {kind:22s} precision {row['precision']}  recall {row['recall']}  "
                       f"tp {row['tp']} fp {row['fp']} fn {row['fn']}")
     else:
-        result = healthy_long(gw, root, args.steps or 2000)
+        result = healthy_long(gw, root, args.steps or 2000, only=args.only)
     result = {"mode": args.mode, "revision": args.baseline or "working tree", "label": args.label,
               "seconds": round(time.perf_counter() - began, 1), "tf": tf.__version__,
               "keras": keras.__version__, **result}

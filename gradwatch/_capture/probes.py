@@ -186,6 +186,10 @@ class UnitProbe:
             key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
             measure = measure_silent if compiled is None else compiled(key, measure_silent)
             silent = cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
+            if not all(present_mask):
+                # units this observation has no gradient for (another optimizer's, applied in
+                # the same step) keep what their own observation measured
+                silent = tf.where(tf.constant(present_mask), silent, self.silent.read_value())
             ops.append(self.silent.assign(silent))
         return ops
 
