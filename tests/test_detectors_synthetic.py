@@ -17,7 +17,8 @@ import pytest
 # The code under test, imported here only: when it moves module, these lines are the ones to change.
 from gradwatch._interpret.alerts import HINTS, nonfinite_alert
 from gradwatch._interpret.detectors import (
-    GROWTH_WINDOWS,
+    GROWTH_SPAN,
+    GROWTH_STEPS,
     MIN_COS_MEASUREMENTS,
     DetectorState,
     Thresholds,
@@ -239,11 +240,44 @@ def _growing(growth: float, last_l2: float, windows: int):
 def test_exploding_on_sustained_growth(growth_factor, last_factor, fires):
     t = DEFAULTS
     assert t.exploding_growth_floor * NEAR < t.exploding_l2  # not the huge-norm rule
-    windows = GROWTH_WINDOWS + 1  # GROWTH_WINDOWS growths need GROWTH_WINDOWS + 1 windows
+    windows = GROWTH_SPAN // STEPS + 1  # growth over GROWTH_SPAN steps: one window more than it holds
     found, _ = run(_growing(t.exploding_growth * growth_factor, t.exploding_growth_floor * last_factor,
                             windows))
     expected = [(step_of(windows), "exploding_gradient", "hidden", "*", "warning")] if fires else []
     assert found == expected
+
+
+def _growing_windows(per_window_steps: int, rate: float, span_steps: int):
+    """Windows of ``per_window_steps`` steps whose hidden-layer mean norm grows at ``rate``
+    per GROWTH_STEPS steps, ending at 2x the floor after ``span_steps`` steps of growth."""
+    count = span_steps // per_window_steps + 1
+    last = DEFAULTS.exploding_growth_floor * 2
+    out = []
+    for k in range(count):
+        norm = last * rate ** ((k - count + 1) * per_window_steps / GROWTH_STEPS)
+        layer_rows, variable_rows = window(k + 1, layers={"hidden": {"l2_mean": norm, "l2_max": norm}})
+        for row in layer_rows + variable_rows:
+            row["step"], row["steps"] = (k + 1) * per_window_steps, per_window_steps
+        out.append((layer_rows, variable_rows))
+    return out
+
+
+@pytest.mark.parametrize("per_window_steps", [1, 10, 15, 100])
+def test_exploding_growth_is_counted_in_steps_whatever_the_window_length(per_window_steps):
+    # the same growth rate per step is judged alike at every log_every, once it lasted
+    # GROWTH_SPAN steps (a window of 100 steps: one window after the first)
+    span = max(GROWTH_SPAN, per_window_steps)
+    fast = _growing_windows(per_window_steps, DEFAULTS.exploding_growth * NEAR, span)
+    found, alerts = run(fast)
+    assert [(kind, layer) for _, kind, layer, _, _ in found] == [("exploding_gradient", "hidden")]
+    assert found[0][0] == len(fast) * per_window_steps  # at the window that completes the span
+    assert alerts[0].value == pytest.approx(DEFAULTS.exploding_growth * NEAR, rel=1e-9)
+    assert alerts[0].threshold == DEFAULTS.exploding_growth
+    assert f"{alerts[0].value:.3g}x per {GROWTH_STEPS} steps" in alerts[0].message
+    # just slower, or not yet GROWTH_SPAN steps of growth: nothing
+    assert run(_growing_windows(per_window_steps, DEFAULTS.exploding_growth / NEAR, span))[0] == []
+    if per_window_steps < GROWTH_SPAN:
+        assert run(fast[:-1])[0] == []
 
 
 # -- dead_relu and no_learning_signal -----------------------------------------------------------------

@@ -17,8 +17,9 @@ NOTES.md for the published rules they are derived from):
   ``vanishing_ratio`` times the output-most layer's RMS while also below
   ``vanishing_ratio_rms`` (the AUTOTRAINER form: relative and absolute).
 * ``exploding_gradient``: a layer's largest L2 norm in the window exceeds
-  ``exploding_l2``, or its mean L2 grew at least ``exploding_growth``-fold in
-  each of the last ``GROWTH_WINDOWS`` (3) windows while above ``exploding_growth_floor``.
+  ``exploding_l2``, or its mean L2 grew at the rate of ``exploding_growth``-fold per
+  ``GROWTH_STEPS`` (10) steps in each window over the last ``GROWTH_SPAN`` (30) steps
+  while above ``exploding_growth_floor`` (counted in steps, whatever ``log_every``).
 * ``dead_relu``: at least ``dead_fraction`` of a ReLU-family layer's units have
   had an exactly-zero gradient for ``dead_steps`` consecutive steps and fed
   zeros forward (see ``probes.UnitProbe``); no patience on top (the steps are it).
@@ -62,8 +63,12 @@ from gradwatch._topology import Topology
 #: An update/weight ratio this many times ``update_ratio_high`` is alerted at once.
 UPDATE_RATIO_BLOWN = 10.0
 
-#: Windows over which a mean norm must grow ``exploding_growth``-fold in each.
-GROWTH_WINDOWS = 3
+#: A mean norm growing ``exploding_growth``-fold every GROWTH_STEPS steps, in each window
+#: over at least GROWTH_SPAN steps, is exploding (at ``log_every=10``: 2x in each of the
+#: last 3 windows; at ``log_every=100``: 1024x in each of the last 2; at 1: 1.07x in each
+#: of the last 30 steps).
+GROWTH_STEPS = 10
+GROWTH_SPAN = 30
 
 #: The largest count (steps, windows, entries) a threshold takes.
 MAX_COUNT = 10**9
@@ -151,7 +156,7 @@ class DetectorState:
     # window counts towards clearing a condition (NaN norms look small, not healed)
     clean: bool = True
     conditions: dict[tuple[str, str], _Condition] = dataclasses.field(default_factory=dict)
-    previous_l2: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    previous_l2: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # (steps, mean)
     # per variable, the direction measurements (count, sum, sum of squares) of recent windows
     cosines: dict[str, list[tuple[int, float, float]]] = dataclasses.field(default_factory=dict)
     update_ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # last measured, per layer
@@ -275,17 +280,13 @@ def _vanishing(row, rms: float, output_rms: float, state: DetectorState, thresho
 
 
 def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> list[Alert]:
-    """A layer's norm over the bound, or growing by a factor in each of ``GROWTH_WINDOWS`` windows."""
+    """A layer's norm over the bound, or its mean norm growing at ``exploding_growth``-fold
+    per ``GROWTH_STEPS`` steps in each window over the last ``GROWTH_SPAN`` steps."""
     layer = row["layer"]
     nonfinite = bool(row.get("nonfinite", 0))
     l2_max, l2_mean = row["l2_max"], row["l2_mean"]
-    history = state.previous_l2.setdefault(layer, [])
-    history.append(l2_mean)
-    del history[: -(GROWTH_WINDOWS + 1)]
-    grew = len(history) == GROWTH_WINDOWS + 1 and all(
-        later >= thresholds.exploding_growth * earlier > 0
-        for earlier, later in zip(history, history[1:])
-    )
+    rates = _growth_rates(state.previous_l2.setdefault(layer, []), int(row.get("steps") or 1), l2_mean)
+    grew = rates is not None and min(rates) >= thresholds.exploding_growth
     # l2_max is of the finite entries: a blow-up is named even in the window it
     # turns into NaN (the non-finite alert says where the NaN appeared)
     big = math.isfinite(l2_max) and l2_max > thresholds.exploding_l2
@@ -294,15 +295,34 @@ def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> 
         value, threshold = l2_max, thresholds.exploding_l2
         message = f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window, above {threshold:g}."
     else:
-        value = min(later / earlier for earlier, later in zip(history, history[1:]))
-        threshold = thresholds.exploding_growth
-        message = (f"Layer {layer!r}: mean gradient norm grew at least {value:.3g}x per window over the last "
-                   f"{GROWTH_WINDOWS} windows (to {l2_mean:.3g}; alert at {threshold:g}x above "
-                   f"{thresholds.exploding_growth_floor:g}).")
+        value, threshold = min(rates), thresholds.exploding_growth
+        message = (f"Layer {layer!r}: mean gradient norm grew at least {value:.3g}x per {GROWTH_STEPS} steps "
+                   f"in each window of the last {GROWTH_SPAN}+ steps (to {l2_mean:.3g}; alert at {threshold:g}x "
+                   f"above {thresholds.exploding_growth_floor:g}).")
     return _track(
         state, thresholds, "exploding_gradient", layer, big or growing, step, value,
         threshold, message, immediate=big or growing,  # growth has its own patience
     )
+
+
+def _growth_rates(history: list[tuple[int, float]], steps: int, mean: float) -> list[float] | None:
+    """Adds the window (``steps`` steps, mean norm ``mean``) to ``history`` and returns each
+    window's growth over the one before, as a factor per ``GROWTH_STEPS`` steps, for the
+    windows that cover the last ``GROWTH_SPAN`` steps (None: fewer steps seen so far)."""
+    history.append((steps, mean))
+    rates, span = [], 0
+    for (_, earlier), (later_steps, later) in zip(reversed(history[:-1]), reversed(history)):
+        if span >= GROWTH_SPAN:
+            break
+        if not (earlier > 0 and math.isfinite(earlier) and math.isfinite(later)):
+            return None
+        log_rate = (math.log(later) - math.log(earlier)) * GROWTH_STEPS / max(later_steps, 1)
+        rates.append(math.exp(min(log_rate, 700.0)))  # an overflow's jump is just "huge"
+        span += later_steps
+    # keep just the windows the next rule needs: one before the span's
+    while len(history) > 2 and sum(n for n, _ in history[2:]) >= GROWTH_SPAN:
+        del history[0]
+    return rates if span >= GROWTH_SPAN else None
 
 
 def _finite_value(row: dict[str, Any], column: str) -> float | None:
