@@ -357,3 +357,105 @@ def test_scalars_histograms_distributions_text_and_custom_scalars(views, tmp_pat
     assert toggled >= 2
     time.sleep(2)
     shot(driver, "custom_scalars.png", tmp_path)
+
+
+# The layer-norm chart: each layer's colour as RGB, how many of its pixels are in the chart and in
+# the zero band, the decade labels and their y.
+_LINES_JS = """
+const c = document.getElementById('gw-lines');
+const probe = document.createElement('canvas').getContext('2d');
+const rgb = JSON.parse(c.dataset.colours).map((col) => {
+  probe.fillStyle = col; const h = probe.fillStyle;
+  return [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16));
+});
+const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+const counts = rgb.map(() => [0, 0]);
+for (let y = 0; y < c.height; y++) for (let x = 0; x < c.width; x++) {
+  const o = (y * c.width + x) * 4;
+  rgb.forEach((k, i) => {
+    const d = Math.abs(data[o] - k[0]) + Math.abs(data[o + 1] - k[1]) + Math.abs(data[o + 2] - k[2]);
+    if (d <= 12) counts[i][y >= c.height - +c.dataset.zeroBand ? 1 : 0] += 1;
+  });
+}
+const ticks = [...document.querySelectorAll('#gw-lines-yaxis .gw-ytick[data-decade]')];
+return {rgb, counts, lines: +c.dataset.lines, ticks: c.dataset.yTicks,
+  labels: ticks.map((t) => t.textContent), tops: ticks.map((t) => parseFloat(t.style.top)),
+  legend: [...document.querySelectorAll('#gw-lines-legend .gw-line-key')].map((e) => e.textContent)};
+"""
+
+_NEAR_JS = """
+const c = document.getElementById('gw-lines'); const [x, y] = arguments;
+return Array.from(c.getContext('2d').getImageData(x - 2, y - 2, 5, 5).data);
+"""
+
+
+def test_layer_norms_chart_one_colour_per_layer_on_decades(views, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, driver, root = views["server"], views["driver"], views["root"]
+    driver.switch_to.default_content()
+    driver.get("about:blank")  # a fresh page: the run named in the URL is the one shown
+    open_tab(driver, f"{server.url}/#gradwatch&gw_run=dead")
+    ready(driver, "dead")
+    flow = server.json("/data/plugin/gradwatch/flow", run="dead")
+    layers = pd.read_csv(os.path.join(root, "dead", "layers.csv"))
+    if "variable" in layers:
+        layers = layers[layers.variable == "*"]
+    got = driver.execute_script(_LINES_JS)
+    assert got["legend"] == flow["layers"] == ["input_tanh", "dead_relu", "after_dead", "out"]  # model order
+    rgb = [tuple(c) for c in got["rgb"]]
+    assert all(sum(abs(a - b) for a, b in zip(p, q)) > 60 for i, p in enumerate(rgb) for q in rgb[i + 1:])
+    by_layer = {name: layers[layers.layer == name].l2.to_numpy() for name in flow["layers"]}
+    finite = [name for name, l2 in by_layer.items() if (l2 > 0).any()]
+    dead = [name for name, l2 in by_layer.items() if (l2 == 0).all()]
+    assert "dead_relu" in dead and "out" in finite and set(finite) | set(dead) == set(flow["layers"])
+    assert got["lines"] == len(finite)
+    for i, name in enumerate(flow["layers"]):  # a line in its own colour, or its marks at "= 0"
+        chart, zero_band = got["counts"][i]
+        assert (chart > 50) if name in finite else (zero_band > 10 and chart == 0), (name, got["counts"][i])
+
+    # y ticks: every decade the norms span, labelled 1e-k, evenly spaced (a log axis)
+    nonzero = layers.l2[layers.l2 > 0]
+    lo, hi = math.floor(math.log10(nonzero.min())), math.ceil(math.log10(nonzero.max()))
+    decades = [int(t) for t in got["ticks"].split(",")]
+    assert decades == list(range(lo, hi + 1)) and len(decades) >= 3
+    assert got["labels"] == ["1" if d == 0 else "10" if d == 1 else f"1e{d}" for d in decades]
+    gaps = np.diff(got["tops"])
+    assert (gaps < 0).all() and np.ptp(gaps) <= 1.01  # higher decades higher up, equal spacing
+
+    # the out layer's norm at column 3 is drawn where the decades put it, in its colour
+    col = 3
+    l2 = float(layers[(layers.step == flow["steps"][col]) & (layers.layer == "out")].l2.iloc[0])
+    edges = [int(e) for e in driver.execute_script(
+        "return document.getElementById('gw-heatmap').dataset.colEdges").split(",")]
+    x = (edges[col] + edges[col + 1]) // 2
+    y = int(round(np.interp(math.log10(l2), decades, got["tops"])))
+    near = np.array(driver.execute_script(_NEAR_JS, x, y)).reshape(-1, 4)[:, :3]
+    out = np.array(rgb[flow["layers"].index("out")])
+    assert np.abs(near - out).sum(axis=1).min() <= 40, (l2, near.tolist())
+
+    canvas = driver.find_element(By.ID, "gw-lines")
+    rect = canvas.rect
+    ActionChains(driver).move_to_element_with_offset(
+        canvas, int(x - rect["width"] / 2), int(y - rect["height"] / 2)).perform()
+    tooltip = driver.find_element(By.ID, "gw-tooltip")
+    WebDriverWait(driver, 10).until(lambda d: tooltip.is_displayed())
+    assert "layer: out" in tooltip.text
+    assert f"steps: {flow['first_steps'][col]}–{flow['steps'][col]}" in tooltip.text
+    shown = float(tooltip.text.split("gradient norm: ")[1].split()[0])
+    assert shown == pytest.approx(l2, rel=0.01)
+    driver.execute_script("document.getElementById('gw-lines-section').scrollIntoView({block: 'center'})")
+    shot(driver, "layer_norms.png", tmp_path)
+
+    choose(driver, "diverged")  # NaN/Inf windows: magenta in the top band, no point on a line
+    flow = server.json("/data/plugin/gradwatch/flow", run="diverged")
+    cols = sorted({c for _, c in flow["nonfinite"]})
+    assert cols and all(v is None for row in flow["values"] for v in (row[c] for c in cols))
+    edges = [int(e) for e in driver.execute_script(
+        "return document.getElementById('gw-heatmap').dataset.colEdges").split(",")]
+    for c in cols:
+        x = (edges[c] + edges[c + 1]) // 2
+        top = np.array(driver.execute_script(_NEAR_JS, x, 7)).reshape(-1, 4)
+        assert (top[:, :3] == [213, 0, 249]).all(axis=1).any(), c

@@ -16,6 +16,16 @@ const GAP_COLOUR = "#ff1744";
 const SEGMENT_COLOUR = "#2962ff";
 const MAX_TABLE_ROWS = 1000;
 const LABELS_ALLOWANCE = 300; // px kept for the row labels and a scroll bar when asking for columns
+// The layer-norm chart: one categorical colour a layer (none is the NaN/Inf magenta); past these,
+// hues a golden angle apart.
+const LAYER_COLOURS = [
+  "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#8c564b", "#17becf", "#bcbd22", "#7f7f7f",
+  "#393b79", "#e377c2", "#637939", "#843c39",
+];
+const LINES_HEIGHT = 260; // px of the layer-norm chart's canvas
+const LINES_BAND = 14; // px of its NaN/Inf band (top), and the least of its exactly-zero band (bottom)
+const ZERO_LANE = 6; // px of one layer's lane in the zero band (the band grows to at most 60 px)
+const LINES_HOVER_PX = 10; // a line this close to the pointer is the one the tooltip names
 // Viridis, sampled at 10 stops: dark = small gradient norm, yellow = large.
 const RAMP = [
   [68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
@@ -55,6 +65,27 @@ function decadeTicks(scale) {
   const ticks = [];
   for (let d = Math.ceil(scale.min); d <= Math.floor(scale.max); d++) ticks.push(d);
   return ticks;
+}
+
+function layerColour(i) {
+  if (i < LAYER_COLOURS.length) return LAYER_COLOURS[i];
+  const hue = Math.round((i * 137.508) % 360);
+  return `hsl(${hue}, 70%, ${i % 2 ? 35 : 50}%)`;
+}
+
+function decadeSpan(values) {
+  // [lo, hi]: whole decades around every finite log10 norm shown, at least one decade apart
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const row of values) {
+    for (const v of row) {
+      if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    }
+  }
+  if (lo === Infinity) return [-1, 0];
+  lo = Math.floor(lo);
+  hi = Math.max(Math.ceil(hi), lo + 1);
+  return [lo, hi];
 }
 
 function fmtDecade(d) {
@@ -158,7 +189,7 @@ class GradientFlowTab {
         "Colour: the layer's gradient L2 norm at the window's last step, on one fixed scale for every run. " +
         "Drag across the map to zoom into those steps.",
     );
-    this.section.append(help, plot, this.legend);
+    this.section.append(help, plot, this.legend, this.buildLines());
     this.alertsTitle = el("h2", { class: "gw-h2" }, "Alerts");
     this.alertsNote = el("div", { class: "gw-status", id: "gw-alerts-note" });
     this.table = el("table", { class: "gw-alerts", id: "gw-alerts" });
@@ -175,6 +206,31 @@ class GradientFlowTab {
     window.addEventListener("mousemove", (event) => this.dragMove(event));
     window.addEventListener("mouseup", (event) => this.dragEnd(event));
     window.addEventListener("resize", () => { if (this.flow) this.draw(); });
+  }
+
+  buildLines() {
+    // The "Layer norms" chart: one line a layer on a log10 axis, columns aligned with the heatmap's.
+    const box = el("div", { id: "gw-lines-section" });
+    const help = el(
+      "div",
+      { class: "gw-status" },
+      "One line per layer (its colour in the legend, layers in model order): the gradient L2 norm per " +
+        "column of the map above, on a log axis in decades. Exactly-zero norms are bars in the layer's colour " +
+        "in the bottom band (a lane a layer), NaN/Inf gradients magenta bars in the top band.",
+    );
+    const plot = el("div", { class: "gw-plot gw-lines-plot" });
+    this.linesPlot = plot;
+    this.yAxis = el("div", { class: "gw-yaxis", id: "gw-lines-yaxis" });
+    const wrap = el("div", { class: "gw-canvas-wrap" });
+    this.linesCanvas = el("canvas", { id: "gw-lines", width: 10, height: LINES_HEIGHT });
+    this.linesAxis = el("div", { class: "gw-axis", id: "gw-lines-axis" });
+    wrap.append(this.linesCanvas, this.linesAxis);
+    plot.append(this.yAxis, wrap);
+    this.linesLegend = el("div", { class: "gw-legend", id: "gw-lines-legend" });
+    box.append(el("h2", { class: "gw-h2" }, "Layer norms"), help, plot, this.linesLegend);
+    this.linesCanvas.addEventListener("mousemove", (event) => this.hoverLines(event));
+    this.linesCanvas.addEventListener("mouseleave", () => this.hideTooltip());
+    return box;
   }
 
   // -- zoom into a step range ---------------------------------------------------------------------------
@@ -525,8 +581,9 @@ class GradientFlowTab {
       ctx.fillRect(x, r * rowH + 2, w, rowH - 4);
     }
 
-    this.drawAxis(width);
+    this.drawAxis(this.axis, width);
     this.drawLegend();
+    this.drawLines(width);
     if (this.pointer && this.root.dataset.state === "ready") this.hover(this.pointer); // a resize
   }
 
@@ -539,12 +596,12 @@ class GradientFlowTab {
     return [x, minWidth];
   }
 
-  drawAxis(width) {
+  drawAxis(axis, width) {
     // Tick marks at round step numbers, placed on the column that holds the step.
     const flow = this.flow;
     const cols = flow.steps.length;
-    this.axis.replaceChildren();
-    this.axis.style.width = `${width}px`;
+    axis.replaceChildren();
+    axis.style.width = `${width}px`;
     const first = flow.first_steps[0];
     const last = flow.steps[cols - 1];
     const ticks = stepTicks(first, last, Math.max(2, Math.floor(width / 90)));
@@ -568,10 +625,180 @@ class GradientFlowTab {
       shown.push(step);
       const tick = el("span", { class: "gw-tick", "data-step": step }, step.toLocaleString("en-US"));
       tick.style.left = `${x}px`;
-      this.axis.append(tick);
+      axis.append(tick);
     }
-    this.axis.append(el("span", { class: "gw-axis-title" }, "training step →"));
-    this.axis.dataset.ticks = shown.join(",");
+    axis.append(el("span", { class: "gw-axis-title" }, "training step →"));
+    axis.dataset.ticks = shown.join(",");
+  }
+
+  // -- the layer-norm chart ------------------------------------------------------------------------------
+
+  linesY(v) {
+    // canvas y of a log10 norm: the decades between the NaN/Inf band and the zero band
+    const [lo, hi] = this.linesSpan;
+    const top = LINES_BAND + 6;
+    const bottom = LINES_HEIGHT - this.zeroBand - 12;
+    return bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  }
+
+  colX(c) {
+    return (this.edges[c] + this.edges[c + 1]) / 2;
+  }
+
+  drawLines(width) {
+    const flow = this.flow;
+    const canvas = this.linesCanvas;
+    canvas.width = width;
+    canvas.style.width = `${width}px`;
+    canvas.style.height = `${LINES_HEIGHT}px`;
+    this.yAxis.style.width = `${this.labels.offsetWidth}px`;
+    this.linesSpan = decadeSpan(flow.values);
+    this.lineColours = flow.layers.map((_, i) => layerColour(i));
+    // each layer with an exactly-zero norm gets its own lane in the bottom band, in model order
+    this.zeroLanes = [...new Set(flow.zeros.map(([r]) => r))].sort((a, b) => a - b);
+    this.zeroBand = Math.min(60, Math.max(LINES_BAND, this.zeroLanes.length * ZERO_LANE));
+    canvas.dataset.zeroBand = String(this.zeroBand);
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, width, LINES_HEIGHT);
+    this.drawDecades(ctx, width);
+    let drawn = 0;
+    flow.values.forEach((row, r) => { if (this.drawLine(ctx, row, this.lineColours[r])) drawn += 1; });
+    this.drawLineBands(ctx);
+    canvas.dataset.lines = String(drawn);
+    canvas.dataset.colours = JSON.stringify(this.lineColours);
+    this.drawAxis(this.linesAxis, width);
+    this.drawLinesLegend();
+  }
+
+  drawDecades(ctx, width) {
+    // a grid line and a label at every decade; labels thinned when the decades are close
+    const [lo, hi] = this.linesSpan;
+    const every = Math.max(1, Math.ceil((hi - lo) / 10));
+    this.yAxis.replaceChildren();
+    const labelled = [];
+    ctx.lineWidth = 1;
+    for (let d = lo; d <= hi; d++) {
+      const y = Math.round(this.linesY(d)) + 0.5;
+      ctx.strokeStyle = (d - lo) % every === 0 ? "#e0e0e0" : "#f3f3f3";
+      ctx.beginPath(); ctx.moveTo(0, y); ctx.lineTo(width, y); ctx.stroke();
+      if ((d - lo) % every !== 0) continue;
+      labelled.push(d);
+      const label = el("span", { class: "gw-ytick", "data-decade": d }, fmtDecade(d));
+      label.style.top = `${y}px`;
+      this.yAxis.append(label);
+    }
+    const band = (text, y) => {
+      const label = el("span", { class: "gw-ytick gw-yband" }, text);
+      label.style.top = `${y}px`;
+      this.yAxis.append(label);
+    };
+    band("NaN/Inf", LINES_BAND / 2);
+    band("= 0", LINES_HEIGHT - this.zeroBand / 2);
+    ctx.fillStyle = "#fafafa";
+    ctx.fillRect(0, 0, width, LINES_BAND);
+    ctx.fillRect(0, LINES_HEIGHT - this.zeroBand, width, this.zeroBand);
+    this.linesCanvas.dataset.yTicks = labelled.join(",");
+  }
+
+  drawLine(ctx, row, colour) {
+    // one layer's line; it breaks where a column has no finite norm; a lone point is a dot
+    ctx.strokeStyle = colour;
+    ctx.fillStyle = colour;
+    ctx.lineWidth = 2;
+    ctx.lineJoin = "round";
+    let any = false;
+    ctx.beginPath();
+    for (let c = 0; c < row.length; c++) {
+      const v = row[c];
+      if (v === null) continue;
+      any = true;
+      const [x, y] = [this.colX(c), this.linesY(v)];
+      const prevGone = c === 0 || row[c - 1] === null;
+      if (prevGone) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+      if (prevGone && (c === row.length - 1 || row[c + 1] === null)) ctx.fillRect(x - 2, y - 2, 4, 4);
+    }
+    ctx.stroke();
+    return any;
+  }
+
+  drawLineBands(ctx) {
+    // exactly-zero norms: a bar in the layer's colour in its lane of the bottom band; NaN/Inf: magenta
+    // at the top
+    const flow = this.flow;
+    const lane = this.zeroBand / Math.max(1, this.zeroLanes.length);
+    for (const [r, c] of flow.zeros) {
+      const w = Math.max(NONFINITE_MIN_WIDTH, this.edges[c + 1] - this.edges[c] - 1);
+      const y = LINES_HEIGHT - this.zeroBand + this.zeroLanes.indexOf(r) * lane;
+      ctx.fillStyle = this.lineColours[r];
+      ctx.fillRect(Math.round(this.colX(c) - w / 2), Math.round(y + 1), w, Math.max(1, Math.round(lane) - 2));
+    }
+    ctx.fillStyle = NONFINITE_COLOUR;
+    for (const [, c] of flow.nonfinite) {
+      const w = Math.max(NONFINITE_MIN_WIDTH, this.edges[c + 1] - this.edges[c]);
+      ctx.fillRect(Math.round(this.colX(c) - w / 2), 1, w, LINES_BAND - 2);
+    }
+  }
+
+  drawLinesLegend() {
+    const flow = this.flow;
+    this.linesLegend.replaceChildren();
+    flow.layers.forEach((name, i) => {
+      const span = el("span", { class: "gw-line-key", "data-layer": i });
+      const swatch = el("span", { class: "gw-swatch gw-line-swatch" });
+      swatch.style.background = this.lineColours[i];
+      span.append(swatch, document.createTextNode(name));
+      this.linesLegend.append(span);
+    });
+    const zero = el("span", {}, "bars in the bottom band (a lane a layer): exactly 0");
+    const nonfinite = el("span");
+    const swatch = el("span", { class: "gw-swatch" });
+    swatch.style.background = NONFINITE_COLOUR;
+    nonfinite.append(swatch, document.createTextNode("NaN/Inf gradient"));
+    this.linesLegend.append(zero, nonfinite);
+  }
+
+  hoverLines(event) {
+    // the layer whose line (or band mark) is nearest the pointer in the pointer's column
+    const flow = this.flow;
+    if (!flow || this.root.dataset.state === "loading") return;
+    const rect = this.linesCanvas.getBoundingClientRect();
+    const col = this.colAtX(((event.clientX - rect.left) * this.linesCanvas.width) / rect.width);
+    this.pointer = null; // a redraw brings back the heatmap's tooltip only
+    const y = ((event.clientY - rect.top) * LINES_HEIGHT) / rect.height;
+    const first = flow.first_steps[col];
+    const last = flow.steps[col];
+    const where = first === last ? `step: ${last}` : `steps: ${first}–${last}`;
+    let lines = [];
+    if (y < LINES_BAND + 3) {
+      const names = flow.nonfinite.filter(([, c]) => c === col).map(([r]) => flow.layers[r]);
+      if (names.length) lines = [`NaN/Inf gradient: ${names.join(", ")}`, where];
+    } else if (y > LINES_HEIGHT - this.zeroBand) {
+      const lane = this.zeroBand / Math.max(1, this.zeroLanes.length);
+      const r = this.zeroLanes[Math.floor((y - (LINES_HEIGHT - this.zeroBand)) / lane)];
+      if (flow.zeros.some(([zr, c]) => zr === r && c === col)) {
+        lines = [`layer: ${flow.layers[r]}`, where, "gradient norm: exactly 0 (no gradient reaches this layer)"];
+      }
+    } else {
+      let best = null;
+      flow.values.forEach((row, r) => {
+        const v = row[col];
+        const dist = v === null ? Infinity : Math.abs(this.linesY(v) - y);
+        if (dist <= LINES_HOVER_PX && (!best || dist < best.dist)) best = { r, v, dist };
+      });
+      if (best) {
+        lines = [`layer: ${flow.layers[best.r]}`, where,
+          `gradient norm: ${fmtNorm(best.v)} (log10 ${best.v.toFixed(3)})`];
+      }
+    }
+    if (!lines.length) {
+      this.tooltip.style.display = "none";
+      return;
+    }
+    this.tooltip.textContent = lines.join("\n");
+    this.tooltip.dataset.run = flow.run;
+    this.tooltip.style.display = "block";
+    this.tooltip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - 320)}px`;
+    this.tooltip.style.top = `${event.clientY + 14}px`;
   }
 
   drawLegend() {
@@ -629,14 +856,18 @@ class GradientFlowTab {
     const rect = this.canvas.getBoundingClientRect();
     const x = ((event.clientX - rect.left) * this.canvas.width) / rect.width;
     const y = ((event.clientY - rect.top) * this.canvas.height) / rect.height;
-    const row = Math.floor(y / this.rowH);
+    return { row: Math.floor(y / this.rowH), col: this.colAtX(x) };
+  }
+
+  colAtX(x) {
+    // the column under canvas x (the heatmap and the layer-norm chart share the column edges)
     let lo = 0;
     let hi = this.edges.length - 2;
     while (lo < hi) {
       const mid = (lo + hi + 1) >> 1;
       if (this.edges[mid] <= x) lo = mid; else hi = mid - 1;
     }
-    return { row, col: lo };
+    return lo;
   }
 
   hideTooltip() {
