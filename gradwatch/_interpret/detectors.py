@@ -85,7 +85,8 @@ class Thresholds:
         vanishing_update_ratio: a layer whose measured update/weight ratio is at
             least this moves its weights: a small gradient there is not vanishing.
         exploding_l2: a layer norm above this is exploding.
-        exploding_growth: ... or a mean norm growing by this factor per window,
+        exploding_growth: ... or a mean norm growing by this factor per 10 steps (in each window
+            of the last 30 steps),
         exploding_growth_floor: ... while above this.
         patience: steps a condition must hold before its alert (and be gone before it clears).
         remind_every: steps between two reminders while a condition lasts.
