@@ -280,6 +280,16 @@ def test_exploding_growth_is_counted_in_steps_whatever_the_window_length(per_win
         assert run(fast[:-1])[0] == []
 
 
+def test_exploding_growth_after_a_norm_that_fell_to_zero_is_no_growth():
+    # a layer whose mean norm falls to exactly zero (it died) and comes back
+    norms = [20.0, 0.0, 40.0, 80.0, 160.0, 320.0]
+    windows = [window(k + 1, layers={"hidden": {"l2_mean": n, "l2_max": n}}) for k, n in enumerate(norms)]
+    found, _ = run(windows)
+    # from zero is no growth rate: 30 steps of doubling counted from 40 only (40 -> 320)
+    assert found == [(step_of(6), "exploding_gradient", "hidden", "*", "warning")]
+    assert run(windows[:5])[0] == []
+
+
 # -- dead_relu and no_learning_signal -----------------------------------------------------------------
 
 

@@ -317,8 +317,10 @@ def _growth_rates(history: list[tuple[int, float]], steps: int, mean: float) -> 
             break
         if not (earlier > 0 and math.isfinite(earlier) and math.isfinite(later)):
             return None
-        log_rate = (math.log(later) - math.log(earlier)) * GROWTH_STEPS / max(later_steps, 1)
-        rates.append(math.exp(min(log_rate, 700.0)))  # an overflow's jump is just "huge"
+        try:
+            rates.append((later / earlier) ** (GROWTH_STEPS / max(later_steps, 1)))  # 0: fell to zero
+        except OverflowError:
+            rates.append(math.inf)  # an overflow's jump is just "huge"
         span += later_steps
     # keep just the windows the next rule needs: one before the span's
     while len(history) > 2 and sum(n for n, _ in history[2:]) >= GROWTH_SPAN:
