@@ -49,15 +49,14 @@ class Layout:
         return {name: packed[i] for i, name in enumerate(self.names)}
 
 
-#: The recorder's int64 step state: the last step number, a pending resync with the
-#: optimizer's iterations (and their value at the last fit's end), the rows waiting
-#: in the step buffer, the steps of the current window, and whether one of them
-#: was non-finite. Where a front ends its steps itself (``Recorder.end_step``: a
-#: fit step may apply several optimizers, or one several times), ``in_step`` is 1
+#: The recorder's int64 step state: the last step number (a front places a fit's
+#: first step with ``Recorder.start_at``), the rows waiting in the step buffer, the
+#: steps of the current window, and whether one of them was non-finite. Where a front
+#: ends its steps itself (``Recorder.end_step``: a fit step may apply several
+#: optimizers, or one several times), ``in_step`` is 1
 #: once the step has a row (the next observation continues it) and ``step_row`` is
 #: the buffer row of its first observation (-1: none, or already folded).
-STEP_STATE = Layout(("step", "resync", "iterations_at_end", "buffered", "window_steps", "nonfinite",
-                     "in_step", "step_row"))
+STEP_STATE = Layout(("step", "buffered", "window_steps", "nonfinite", "in_step", "step_row"))
 
 #: Per variable, what a step measures (a buffer row holds these as a [rows, V] block):
 #: the raw statistics (sum of squares, then the full pass's values, zeros on a step

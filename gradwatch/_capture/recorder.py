@@ -105,7 +105,7 @@ class Recorder:
         self._compiler = Compiler(num_vars, self._branch_min)
         self.window = Window(num_vars + len(topology.layers), strategy)
         initial = {name: 0 for name in STEP_STATE.names}
-        initial.update(step=start_step, iterations_at_end=-1, step_row=-1)
+        initial.update(step=start_step, step_row=-1)
         self._state = internals.replica_variable(
             np.array([initial[name] for name in STEP_STATE.names], np.int64), "gradwatch_step_state",
             strategy)
@@ -202,8 +202,7 @@ class Recorder:
                             tf.where(new_step, state["buffered"], state["step_row"]))
         with tf.control_dependencies([done]):
             self._state.assign(STEP_STATE.pack({
-                "step": step, "resync": tf.constant(0, tf.int64),
-                "iterations_at_end": state["iterations_at_end"], "buffered": buffered,
+                "step": step, "buffered": buffered,
                 "window_steps": window_steps,
                 "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64)),
                 "in_step": tf.constant(int(self._ends_steps), tf.int64), "step_row": step_row}))
@@ -292,7 +291,7 @@ class Recorder:
         from inside a trace, as ``Watch`` binds in its first ``observe``)."""
         with tf.init_scope():
             state = STEP_STATE.unpack_numpy(self._state.numpy())
-            state.update(step=int(step), resync=0, in_step=0, step_row=-1)
+            state.update(step=int(step), in_step=0, step_row=-1)
             self._state.assign(np.array([state[name] for name in STEP_STATE.names], np.int64))
 
     def next_step(self) -> int:
