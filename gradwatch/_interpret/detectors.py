@@ -297,9 +297,9 @@ def _exploding(row, state: DetectorState, thresholds: Thresholds, step: int) -> 
         message = f"Layer {layer!r}: gradient norm up to {l2_max:.3g} in this window, above {threshold:g}."
     else:
         value, threshold = min(rates), thresholds.exploding_growth
-        message = (f"Layer {layer!r}: mean gradient norm grew at least {value:.3g}x per {GROWTH_STEPS} steps "
-                   f"in each window of the last {GROWTH_SPAN}+ steps (to {l2_mean:.3g}; alert at {threshold:g}x "
-                   f"above {thresholds.exploding_growth_floor:g}).")
+        message = (f"Layer {layer!r}: mean gradient norm grew at least {value:.3g}x per {GROWTH_STEPS} "
+                   f"steps in each window of the last {GROWTH_SPAN}+ steps (to {l2_mean:.3g}; alert at "
+                   f"{threshold:g}x above {thresholds.exploding_growth_floor:g}).")
     return _track(
         state, thresholds, "exploding_gradient", layer, big or growing, step, value,
         threshold, message, immediate=big or growing,  # growth has its own patience

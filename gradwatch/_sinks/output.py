@@ -153,29 +153,27 @@ class Output:
     def write_alerts(self, alert_rows: list[dict[str, Any]]) -> None:
         """Writes alert rows that belong to no window (the run's last word) to the sinks that take
         them (``write_alerts``), on the writer thread."""
-        def write() -> None:
-            for sink in self._sinks:
-                if hasattr(sink, "write_alerts"):
-                    sink.write_alerts(alert_rows)
-
-        if self._pool is None:
-            write()
-            return
-        self._pending.append(self._pool.submit(write))
+        self._to_sinks("write_alerts", alert_rows)
 
     def describe(self, run_info: dict[str, Any]) -> None:
         """Hands the run's updated description (its segments) to the sinks that take it
         (``describe``), in order with the writes."""
-        def describe() -> None:
+        self._to_sinks("describe", run_info)
+        if self._pool is not None:
+            self._settle(keep=self.MAX_PENDING)
+
+    def _to_sinks(self, method: str, argument: Any) -> None:
+        """Calls ``method(argument)`` of every sink that has it, on the writer thread (in order
+        with the writes), or at once without one."""
+        def call() -> None:
             for sink in self._sinks:
-                if hasattr(sink, "describe"):
-                    sink.describe(run_info)
+                if hasattr(sink, method):
+                    getattr(sink, method)(argument)
 
         if self._pool is None:
-            describe()
-            return
-        self._pending.append(self._pool.submit(describe))
-        self._settle(keep=self.MAX_PENDING)
+            call()
+        else:
+            self._pending.append(self._pool.submit(call))
 
     def _settle(self, keep: int) -> None:
         while len(self._pending) > keep or (self._pending and self._pending[0].done()):

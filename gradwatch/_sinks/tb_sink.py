@@ -299,24 +299,26 @@ def _histogram_tensor(edges: Any, counts: Any, where: str) -> tensor_pb2.TensorP
     )
 
 
-def _all_zero(histogram: Mapping[str, Any]) -> bool:
-    """Whether every finite entry of the histogram's layer was exactly zero (a dead layer)."""
+def _finite_counts(histogram: Mapping[str, Any]) -> tuple[int, float, float] | None:
+    """(number of buckets, their counts' sum, exact zeros) of a histogram; None when unreadable."""
     try:
         counts = np.asarray(histogram.get("counts"), dtype=np.float64)
         zeros = float(histogram.get("zeros") or 0)
     except (TypeError, ValueError):
-        return False
-    return zeros > 0 and not np.nansum(counts) > 0
+        return None
+    return counts.size, float(np.nansum(counts)), zeros
+
+
+def _all_zero(histogram: Mapping[str, Any]) -> bool:
+    """Whether every finite entry of the histogram's layer was exactly zero (a dead layer)."""
+    read = _finite_counts(histogram)
+    return read is not None and read[2] > 0 and not read[1] > 0
 
 
 def _empty(histogram: Mapping[str, Any]) -> bool:
     """Whether the histogram counts nothing finite: no bucket count and no exact zero."""
-    try:
-        counts = np.asarray(histogram.get("counts"), dtype=np.float64)
-        zeros = float(histogram.get("zeros") or 0)
-    except (TypeError, ValueError):
-        return False
-    return counts.size > 0 and not np.nansum(counts) > 0 and not zeros > 0
+    read = _finite_counts(histogram)
+    return read is not None and read[0] > 0 and not read[1] > 0 and not read[2] > 0
 
 
 def _zeros_tensor(zeros: Any) -> tensor_pb2.TensorProto:
