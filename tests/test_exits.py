@@ -39,8 +39,21 @@ def make_model():
     return model
 
 
+_BEFORE: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _threads_before():
+    """The threads alive when a test starts: another test file run earlier in this worker may
+    leave a writer of a Watch it never closed; each test checks the threads it started."""
+    _BEFORE.clear()
+    _BEFORE.update(threading.enumerate())
+    yield
+
+
 def gradwatch_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith("gradwatch")]
+    """The gradwatch threads this test started that are still alive."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("gradwatch") and t not in _BEFORE]
 
 
 def windows_of(log_dir):
