@@ -1,22 +1,29 @@
-"""Overhead of gradwatch vs plain ``model.fit``, measured side by side in one process.
+"""What a whole ``fit`` costs with gradwatch, against plain ``model.fit``: the gate of ``make bench``.
 
-For every model, configurations are run interleaved for ``--reps`` repetitions,
-each repetition starting one configuration later than the last (plain, gradwatch,
-clip, ...; then gradwatch, clip, ..., plain), so no configuration always runs first
-or right after the same neighbour; after each run the model is dropped
-(``keras.backend.clear_session``, ``gc.collect``). Each run times every training
-step with a callback and keeps the median step time and the mean step time. The
-table shows each configuration's median-of-medians as a ratio to plain ``fit``
-of the same model (the issue's gate), and the ratio of the mean step times,
-which also carries the steps that are not typical: gradwatch's host read every
-``log_every`` steps and the window's sampled step. The mean skips the first
-``MEAN_SKIP`` steps of a run (tracing, and the XLA compile of the fold at the
-first read, paid once per run). Results go to ``benchmarks/results/<date>.json``.
+The gate (issue 29): every configuration trains the same model in one long ``fit``
+(``--steps`` timed steps after ``--warmup`` untimed ones, 1,000 and 50 by default);
+a step's time runs from one batch end to the next, so it holds everything a
+callback does around the step (gradwatch's host read, its weight snapshots). Per
+fit, steps over 20x the fit's median step are left out of its mean and counted as
+one-off seconds, with the warm-up's excess and the time ``fit`` spends outside its
+steps (traces, XLA compiles, the first and last reads, closing the files):
+
+    one_off = fit wall time - steps x (mean of the kept steps)
+
+Configurations run interleaved in one process for ``--reps`` repetitions (5), each
+repetition starting one configuration later, the model dropped after each fit. Per
+repetition, a configuration's mean step over plain's mean step of the same
+repetition is its ratio; the table shows the median over repetitions. A second plain
+model (``plain:control``) gives the floor, plain against plain; a table is valid when
+the floor is 1.00 +- 0.02. Beside the mean: the ratio of median steps ("typical":
+the lean steps that make most of a long fit) and the extra one-off seconds against
+plain's. Results go to ``benchmarks/results/bench-<date>-<time>.json``.
 
 Usage:
-    python benchmarks/overhead.py            # all models
-    python benchmarks/overhead.py --quick    # MLP only, fewer steps, jit off
-    python benchmarks/overhead.py --jit off --configs gradwatch --models mlp,cnn
+    python benchmarks/overhead.py                 # the whole table, jit off and on (make bench)
+    python benchmarks/overhead.py --quick         # MLP, jit off, 3 repetitions of 300 steps
+    python benchmarks/overhead.py --models mlp,transformer --jit on --reps 5
+    python benchmarks/overhead.py --print FILE    # the table of an earlier results file
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ from long_run import rss_mib  # noqa: E402
 import gradwatch as gw  # noqa: E402
 from gradwatch._internal_options import InternalOptions  # noqa: E402
 
-# Each timed fit is a short stand-in for a long training run, whose steady state is
-# what the table reports: a fit of fewer than lean_min_steps planned steps would not
-# trace the lean step (its start-up cost is refit_memory.py's subject, not this table's).
+# step_ab.py's short runs stand in for a long training run: a fit of fewer than
+# lean_min_steps planned steps would not trace the lean step.
 LONG_RUN = InternalOptions(lean_min_steps=0)
+CONTROL = "plain:control"  # a second plain model: the floor
+WARMUP = 50  # untimed steps at the start of a fit (traces, compiles: one-off seconds)
+OUTLIER = 20.0  # a step over this many times the fit's median is a one-off
 
 logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the nets raise alerts: keep the table readable
 
@@ -100,7 +109,23 @@ def res100():
     return keras.Model(inputs, outputs), (64,), 10
 
 
-MEAN_SKIP = 20
+VOCAB, SEQUENCE = 2000, 64
+
+
+def transformer():
+    """A transformer encoder block, the kind of model most users train now: token and
+    position embeddings, multi-head self-attention, a feed-forward block, LayerNorms."""
+    tokens = keras.Input((SEQUENCE,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB, 128)(tokens)
+    positions = keras.layers.Embedding(SEQUENCE, 128)(keras.ops.arange(SEQUENCE))
+    h = h + positions
+    attended = keras.layers.MultiHeadAttention(num_heads=4, key_dim=32)(h, h)
+    h = keras.layers.LayerNormalization()(h + attended)
+    fed = keras.layers.Dense(256, activation="relu")(h)
+    h = keras.layers.LayerNormalization()(h + keras.layers.Dense(128)(fed))
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(tokens, outputs), (SEQUENCE,), 10
+
 
 def mlp_dead():
     """The MLP with its second hidden layer dead from the start (every unit's bias
@@ -109,22 +134,40 @@ def mlp_dead():
     return mlp(second_bias=keras.initializers.Constant(-1e4))
 
 
-# the issue's five models make the default table
-TABLE_MODELS = ("mlp", "cnn", "deep24", "lstm", "res100")
-MODELS = {"mlp": mlp, "cnn": cnn, "deep24": deep24, "lstm": lstm, "res100": res100, "mlp_dead": mlp_dead}
+# the issue's six models make the default table
+TABLE_MODELS = ("mlp", "cnn", "deep24", "lstm", "res100", "transformer")
+MODELS = {"mlp": mlp, "cnn": cnn, "deep24": deep24, "lstm": lstm, "res100": res100,
+          "transformer": transformer, "mlp_dead": mlp_dead}
+
+
+def make_data(name, n, seed=0):
+    """Returns (x, y) of ``n`` examples for model ``name``: tokens for the transformer,
+    normal floats for the others, integer labels."""
+    _, shape, classes = MODELS[name]()
+    rng = np.random.default_rng(seed)
+    if name == "transformer":
+        x = rng.integers(0, VOCAB, size=(n, *shape)).astype("int32")
+    else:
+        x = rng.normal(size=(n, *shape)).astype("float32")
+    return x, rng.integers(0, classes, size=n)
 
 
 class StepTimer(keras.callbacks.Callback):
+    """The last callback: each step's time runs from the last batch end to this one, so
+    it holds what every other callback does around the step."""
+
     def __init__(self):
         super().__init__()
         self.times = []
-        self._start = 0.0
+        self._last = 0.0
 
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
 
 
 class NaiveRecompute(keras.callbacks.Callback):
@@ -151,24 +194,28 @@ class NaiveRecompute(keras.callbacks.Callback):
         [n.numpy() for n in self._fn(self.x, self.y)]
 
 
-def configurations(log_root, sample):
+def configurations(log_root, sample, internal=None):
+    """Returns {name: a function that makes the fit's callbacks}. ``internal``: the
+    monitors' ``InternalOptions`` (``LONG_RUN`` for step_ab.py's short runs; the
+    gate's fits are long enough for the defaults)."""
+
     def plain():
         return []
 
     def gradwatch_default():
-        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), internal=LONG_RUN)]
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), internal=internal)]
 
     def gradwatch_clip():
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), clip=gw.clip.GlobalNorm(1.0),
-                                   internal=LONG_RUN)]
+                                   internal=internal)]
 
     def gradwatch_hist_every_step():
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), histogram_every=1,
-                                   internal=LONG_RUN)]
+                                   internal=internal)]
 
     def gradwatch_activations():
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), activation_probe=True,
-                                   internal=LONG_RUN)]
+                                   internal=internal)]
 
     def naive_recompute():
         return [NaiveRecompute(*sample)]
@@ -179,6 +226,7 @@ def configurations(log_root, sample):
 
     return {
         "plain": plain,
+        CONTROL: plain,
         "gradwatch": gradwatch_default,
         "gradwatch+clip": gradwatch_clip,
         "gradwatch+hist_every_step": gradwatch_hist_every_step,
@@ -188,7 +236,8 @@ def configurations(log_root, sample):
     }
 
 
-def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile):
+def run_once(model_name, make_callbacks, data, steps, batch_size, jit_compile):
+    """One fit of ``WARMUP + steps`` steps. Returns its summary (see ``summarise``)."""
     keras.utils.set_random_seed(0)
     model, _, _ = MODELS[model_name]()
     model.compile(
@@ -197,112 +246,126 @@ def run_once(model_name, config_callbacks, x, y, steps, batch_size, jit_compile)
         jit_compile=jit_compile,
     )
     timer = StepTimer()
-    callbacks = config_callbacks() + [timer]
-    # One epoch of `steps` batches; the first 5 steps (tracing) are dropped.
-    model.fit(
-        x[: steps * batch_size], y[: steps * batch_size], batch_size=batch_size,
-        epochs=1, shuffle=False, verbose=0, callbacks=callbacks,
-    )
+    callbacks = make_callbacks() + [timer]
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=WARMUP + steps, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+    wall = time.perf_counter() - start
     del model, callbacks
     keras.backend.clear_session()
     gc.collect()
-    return statistics.median(timer.times[5:]), statistics.mean(timer.times[MEAN_SKIP:])
+    return summarise(timer.times, wall)
+
+
+def summarise(times, wall):
+    """Returns a fit's figures: the mean and median of its steps after the warm-up
+    (steps over ``OUTLIER`` x the median left out of the mean), and its one-off seconds."""
+    steady = times[WARMUP:]
+    median = statistics.median(steady)
+    kept = [t for t in steady if t <= OUTLIER * median]
+    mean = statistics.mean(kept)
+    return {"mean_ms": mean * 1e3, "median_ms": median * 1e3, "outliers": len(steady) - len(kept),
+            "one_off_s": wall - len(times) * mean, "wall_s": wall,
+            "warmup_s": sum(times[:WARMUP])}
+
+
+def dataset(name, batch_size):
+    """32 distinct batches, repeated: the fit reads from a pipeline, as training does."""
+    x, y = make_data(name, 32 * batch_size)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat().prefetch(2)
+
+
+def cell(runs, config):
+    """Returns a configuration's table cell: per repetition, its mean and median over
+    plain's of the same repetition, and its one-off seconds less plain's; medians
+    over the repetitions."""
+    base, mine = runs["plain"], runs[config]
+    return {
+        "mean_ratio": statistics.median(m["mean_ms"] / b["mean_ms"] for m, b in zip(mine, base)),
+        "median_ratio": statistics.median(m["median_ms"] / b["median_ms"] for m, b in zip(mine, base)),
+        "extra_one_off_s": statistics.median(m["one_off_s"] - b["one_off_s"] for m, b in zip(mine, base)),
+        "mean_ms": statistics.median(m["mean_ms"] for m in mine),
+        "per_rep_mean_ratio": [m["mean_ms"] / b["mean_ms"] for m, b in zip(mine, base)],
+    }
+
+
+def print_table(results, header=True):
+    """Prints the gate's table: one line per model, jit setting and configuration."""
+    if header:
+        print(f"{'model':12s} {'jit':4s} {'configuration':26s} {'mean':>6s} {'typical':>8s} "
+              f"{'floor':>6s} {'one-off+s':>9s} {'plain ms':>9s}")
+    for r in results:
+        print(f"{r['model']:12s} {('on' if r['jit_compile'] else 'off'):4s} {r['config']:26s} "
+              f"{r['mean_ratio']:6.3f} {r['median_ratio']:8.3f} {r['floor']:6.3f} "
+              f"{r['extra_one_off_s']:9.2f} {r['plain_mean_ms']:9.2f}", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="MLP, jit off, 3 repetitions of 300 steps")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per fit (1000)")
     parser.add_argument("--jit", choices=["off", "on", "both"], default=None,
                         help="jit_compile of the model (default: both; off with --quick)")
-    parser.add_argument("--configs", default=None,
-                        help="comma-separated subset of the configurations (plain is always run)")
+    parser.add_argument("--configs", default="gradwatch,gradwatch+hist_every_step",
+                        help="comma-separated configurations beside plain and plain:control")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--print", metavar="FILE", help="print the table of a results file and exit")
     args = parser.parse_args()
+    if args.print:
+        with open(args.print) as f:
+            print_table(json.load(f)["results"])
+        return
     names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(TABLE_MODELS))
     reps = args.reps or (3 if args.quick else 5)
-    steps = args.steps or (60 if args.quick else 120)
+    steps = args.steps or (300 if args.quick else 1000)
     batch_size = 128
     jit = args.jit or ("off" if args.quick else "both")
     jits = {"off": [False], "on": [True], "both": [False, True]}[jit]
     log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
-    results = []
-    rss_after = []  # (jit, model, MiB): what the process holds after a model's runs
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    path = os.path.join(args.out, f"{stamp}.json")
+    path = os.path.join(args.out, f"bench-{stamp}.json")
+    results, rss_after = [], []
 
     def write():
-        """(Re)writes the results file; called after every model, so a stopped run keeps them."""
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        """(Re)writes the results file after every model, so a stopped run keeps them."""
         with open(path, "w") as f:
-            json.dump(
-                {
-                    "date": stamp,
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                    "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                                 "gradwatch": gw.__version__},
-                    "batch_size": batch_size, "steps": steps, "reps": reps, "mean_skips_steps": MEAN_SKIP,
-                    "peak_rss_mb": peak_rss_mb,
-                    "rss_after_each_model_mib": rss_after,
-                    "results": results,
-                },
-                f, indent=2,
-            )
-        return peak_rss_mb
+            json.dump({"date": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                       "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                                    "gradwatch": gw.__version__},
+                       "command": "python benchmarks/overhead.py " + " ".join(os.sys.argv[1:]),
+                       "batch_size": batch_size, "steps": steps, "warmup": WARMUP, "reps": reps,
+                       "outlier_factor": OUTLIER,
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       "rss_after_each_model_mib": rss_after, "results": results}, f, indent=2)
 
+    print_table([])  # the header
     for jit_compile in jits:
         for name in names:
-            _, shape, classes = MODELS[name]()
-            rng = np.random.default_rng(0)
-            x = rng.normal(size=(steps * batch_size, *shape)).astype("float32")
-            y = rng.integers(0, classes, size=steps * batch_size)
-            configs = configurations(log_root, (x[:batch_size], y[:batch_size]))
-            if args.configs:
-                wanted = {"plain", *args.configs.split(",")}
-                unknown = wanted - set(configs)
-                if unknown:
-                    parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
-                configs = {k: v for k, v in configs.items() if k in wanted}
-            medians = {c: [] for c in configs}
-            means = {c: [] for c in configs}
-            order = list(configs)
+            configs = configurations(log_root, make_data(name, batch_size))
+            wanted = ["plain", CONTROL, *[c for c in args.configs.split(",") if c]]
+            unknown = set(wanted) - set(configs)
+            if unknown:
+                parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
+            data = dataset(name, batch_size)
+            runs = {c: [] for c in wanted}
             for rep in range(reps):
-                shift = rep % len(order)
-                for config_name in order[shift:] + order[:shift]:
-                    median, mean = run_once(name, configs[config_name], x, y, steps, batch_size, jit_compile)
-                    medians[config_name].append(median)
-                    means[config_name].append(mean)
-            plain = statistics.median(medians["plain"])
-            plain_mean = statistics.median(means["plain"])
-            for config_name, values in medians.items():
-                ratio = statistics.median(values) / plain
-                mean_ratio = statistics.median(means[config_name]) / plain_mean
-                results.append(
-                    {
-                        "model": name,
-                        "jit_compile": jit_compile,
-                        "config": config_name,
-                        "median_step_ms": statistics.median(values) * 1e3,
-                        "ratio_to_plain": ratio,
-                        "mean_step_ms": statistics.median(means[config_name]) * 1e3,
-                        "mean_ratio_to_plain": mean_ratio,
-                        "per_rep_ms": [v * 1e3 for v in values],
-                        "per_rep_mean_ms": [v * 1e3 for v in means[config_name]],
-                    }
-                )
-                print(
-                    f"{name:8s} jit={str(jit_compile):5s} {config_name:26s} "
-                    f"{statistics.median(values) * 1e3:8.2f} ms/step  ratio {ratio:.3f}  "
-                    f"(mean {statistics.median(means[config_name]) * 1e3:8.2f} ms, ratio {mean_ratio:.3f})",
-                    flush=True,
-                )
+                shift = rep % len(wanted)
+                for config in wanted[shift:] + wanted[:shift]:
+                    runs[config].append(run_once(name, configs[config], data, steps, batch_size, jit_compile))
+            floor = cell(runs, CONTROL)["mean_ratio"]
+            plain_mean = statistics.median(r["mean_ms"] for r in runs["plain"])
+            rows = []
+            for config in wanted[1:]:
+                rows.append({"model": name, "jit_compile": jit_compile, "config": config, "floor": floor,
+                             "plain_mean_ms": plain_mean, **cell(runs, config), "runs": runs[config]})
+            rows[0]["plain_runs"] = runs["plain"]
+            print_table(rows, header=False)
+            results.extend(rows)
             rss_after.append([jit_compile, name, rss_mib()])
             write()
-    peak_rss_mb = write()
-    print(f"peak RSS {peak_rss_mb:.0f} MB")
+    write()
     print(f"wrote {path}")
 
 

@@ -47,11 +47,8 @@ from typing import Any, NamedTuple
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from overhead import MODELS, configurations  # noqa: E402
-
-CONTROL = "plain:control"
+from overhead import CONTROL, LONG_RUN, MODELS, configurations, make_data  # noqa: E402
 
 
 class Run(NamedTuple):
@@ -81,13 +78,9 @@ def main():
                         help="also run gradwatch's defaults as of git revision REV ('baseline')")
     args = parser.parse_args()
     batch_size = 128
-    _, shape, classes = MODELS[args.model]()
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64 * batch_size, *shape)).astype("float32")
-    y = rng.integers(0, classes, size=64 * batch_size)
+    x, y = make_data(args.model, 64 * batch_size)
     log_root = tempfile.mkdtemp(prefix="gradwatch-ab-")
-    available = configurations(log_root, (x[:batch_size], y[:batch_size]))
-    available[CONTROL] = available["plain"]
+    available = configurations(log_root, (x[:batch_size], y[:batch_size]), internal=LONG_RUN)
     if args.baseline:
         available["baseline"] = baseline_configuration(args.baseline, log_root)
     names = ["plain"] + ([CONTROL] if args.control else []) + (["baseline"] if args.baseline else []) + [

@@ -58,7 +58,9 @@ class Recorder:
         front_ends_steps: the front calls ``end_step`` after each step (one replica):
             every ``observe`` until then belongs to the same step (a fit step that
             applies several optimizers, or one several times), and the step's loss
-            is the one ``end_step`` is given. False: each ``observe`` is a step.
+            is the one ``end_step`` is given. False: each ``observe`` is a step, and
+            ``end_step`` adds nothing to the step (Keras's own ``train_step`` applies
+            one optimizer once, after its loss tracker took the step's loss).
     """
 
     def __init__(self, options: Options, host_update_snapshots: bool = False,
@@ -197,9 +199,11 @@ class Recorder:
                    "skipped": tf.cast(skipped, tf.float32), "new_step": tf.cast(new_step, tf.float32)}
         row = self._row.build(flat, index, [slots[i] for i in present], scalars)
         buffered, done = self.buffer.add(row, step, state["buffered"], fold_if_full=not lean)
-        # the buffer row that takes the step's loss at end_step (-1: folded already)
-        step_row = tf.where(tf.equal(buffered, 0), tf.constant(-1, tf.int64),
-                            tf.where(new_step, state["buffered"], state["step_row"]))
+        step_row = state["step_row"]
+        if self._ends_steps:
+            # the buffer row that takes the step's loss at end_step (-1: folded already)
+            step_row = tf.where(tf.equal(buffered, 0), tf.constant(-1, tf.int64),
+                                tf.where(new_step, state["buffered"], step_row))
         with tf.control_dependencies([done]):
             self._state.assign(STEP_STATE.pack({
                 "step": step, "buffered": buffered,
@@ -217,6 +221,8 @@ class Recorder:
         Args:
             loss_totals: (total, count) of the model's loss tracker, if it has one.
         """
+        if not self._ends_steps:
+            return  # each observe is a step, with the loss its context gave
         state = STEP_STATE.unpack(self._state.read_value())
         written = tf.constant(0, tf.int64)
         if loss_totals is not None:
