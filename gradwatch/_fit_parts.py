@@ -45,6 +45,7 @@ class FitParts:
         self._variables: list[Any] = []
         self._trace: CallTrace | None = None
         self._pending: tuple[Any, Any, Any] | None = None
+        self.discard_trace = False  # the current trace bound the recorder: TensorFlow traces the step again
         self.history = RunHistory()  # the run's segments, over every fit and recorder
         self._start: tuple[Any, int] | None = None  # (optimizer, iterations at the last fit's end)
         self._fresh = True  # the recorder has counted no fit yet
@@ -121,6 +122,7 @@ class FitParts:
         """In the traced step, after ``train_step``: ends the recorder's step with the
         step's loss and, after the first traced step, opens the files (every optimizer
         the step applies is known by then: its group is in ``run.json``)."""
+        self.discard_trace = False  # the next trace of the step is the one that runs
         if not self.bound:
             return
         self.recorder.end_step(internals.loss_tracker_totals(self._model))
@@ -201,6 +203,7 @@ class FitParts:
         self._pending = None
         trace, self._trace = self._trace, None
         trace.remove()
+        tracing = tf.inside_function()
         with tf.init_scope():
             variables = list(model.trainable_variables)
             if not variables:
@@ -211,6 +214,9 @@ class FitParts:
                 return
             if [id(v) for v in variables] != [id(v) for v in self._variables] or self.recorder is None:
                 self._bind(model, optimizer, variables, strategy, trace)
+                # A trace that creates variables is traced again before it runs (tf.function
+                # keeps only a trace that creates none): this one need not record.
+                self.discard_trace = tracing
             # the files open at the end of this step, once every optimizer it applies is known
             self._open(optimizer, variables, strategy, open_files=False)
             self._open_at_step_end = True

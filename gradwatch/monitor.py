@@ -324,6 +324,8 @@ class GradientMonitor(keras.callbacks.Callback):
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)
         self._parts.note_group(group, trainable_variables or internals.trainable_variables_of(optimizer))
+        if self._parts.discard_trace:  # bound in this trace, which TensorFlow traces again
+            return original_apply(grads, trainable_variables)
         return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
                                          grads, trainable_variables)
