@@ -4,6 +4,8 @@ single replica buffered (``StepBuffer``) or in the step under several replicas."
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,8 @@ from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, STEP
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import StepGlobals, StepValues, Window
 from gradwatch._topology import Topology
+
+logger = logging.getLogger("gradwatch")
 
 
 def loss_pair(loss: tf.Tensor | None, loss_totals: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
@@ -162,7 +166,7 @@ class StepBuffer:
         self.buffered = strategy is None or strategy.num_replicas_in_sync <= 1
         self.capacity = capacity
         width = self._width = StepRow(num_vars).width
-        self._rows = self._steps = None
+        self._rows = self._steps = self._fold_fn = self._warming = None
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
                                                     "gradwatch_step_rows", strategy)
@@ -188,8 +192,7 @@ class StepBuffer:
                 return buffered + 1, tf.constant(0, tf.int64)
         full = buffered + 1 >= self.capacity
         with tf.control_dependencies(writes):
-            fold = self._compiler.compiled(("rows",), self.fold_rows)
-            done = internals.cond(full, lambda: fold(tf.constant(self.capacity, tf.int64)),
+            done = internals.cond(full, lambda: self.fold_rows(tf.constant(self.capacity, tf.int64)),
                                   lambda: tf.constant(0, tf.int64))
         return tf.where(full, tf.constant(0, tf.int64), buffered + 1), done
 
@@ -209,29 +212,78 @@ class StepBuffer:
         with tf.control_dependencies([self._rows.scatter_nd_update(index, value)]):
             return tf.constant(0, tf.int64)
 
-    def flush(self, count: tf.Tensor) -> Any:
-        """Folds the ``count`` buffered rows (the host read); returns an op to wait for."""
-        if not self.buffered:
-            return tf.constant(0, tf.int64)
-        return self._compiler.compiled(("rows",), self.fold_rows)(count)
-
     def fold_rows(self, count: tf.Tensor) -> tf.Tensor:
-        """Folds the first ``count`` buffered rows into the window, in step order."""
-        rows = self._rows.read_value()
-        steps = self._steps.read_value()
-
-        def body(k, var_acc, global_acc, loss_prev):
-            return (k + 1, *self._folder.fold(var_acc, global_acc, rows[k], steps[k], loss_prev))
+        """In-graph: folds the first ``count`` buffered rows into the window, in step order."""
+        rows, steps = self._rows.read_value(), self._steps.read_value()
 
         def fold(var_acc, global_acc):
-            _, var_acc, global_acc, loss_prev = tf.while_loop(
-                lambda k, *_: k < count, body,
-                (tf.constant(0, tf.int64), var_acc, global_acc, self._loss_prev.read_value()))
+            var_acc, global_acc, loss_prev = self._folded()(var_acc, global_acc, rows, steps, count,
+                                                            self._loss_prev.read_value())
             self._loss_prev.assign(loss_prev)
             return var_acc, global_acc
 
         self._window.update(fold)
         return count
+
+    def fetch(self) -> dict[str, tf.Tensor]:
+        """In-graph, for the recorder's single read: the buffered rows, their step numbers
+        and the loss totals they follow (``fold_fetched`` folds them on the host side)."""
+        if not self.buffered:
+            return {}
+        return {"rows": self._rows.read_value(), "steps": self._steps.read_value(),
+                "loss_prev": self._loss_prev.read_value()}
+
+    def fold_fetched(self, var_acc: tf.Tensor, global_acc: tf.Tensor, fetched: dict[str, tf.Tensor],
+                     count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Host side, after a read: the fetched window accumulators with the ``count``
+        fetched rows folded in (one call; the loss totals are kept for the next rows)."""
+        if not self.buffered:
+            return var_acc, global_acc
+        if self._warming is not None:  # the compile started at bind ends before the first fold
+            self._warming.join()
+            self._warming = None
+        var_acc, global_acc, loss_prev = self._folded()(var_acc, global_acc, fetched["rows"],
+                                                        fetched["steps"], count, fetched["loss_prev"])
+        self._loss_prev.assign(loss_prev)
+        return var_acc, global_acc
+
+    def _folded(self) -> Any:
+        """The fold of buffered rows as one call: an XLA call, or a graph function with
+        ``GRADWATCH_JIT=0`` (the same object each time: its compile is cached)."""
+        if self._fold_fn is None:
+            compiled = self._compiler.compiled(("rows",), self._fold_rows_pure)
+            self._fold_fn = (compiled if compiled is not self._fold_rows_pure
+                             else internals.run_function(self._fold_rows_pure, autograph=False))
+        return self._fold_fn
+
+    def _fold_rows_pure(self, var_acc, global_acc, rows, steps, count, loss_prev):
+        """The window accumulators and loss totals with rows ``0..count-1`` folded in."""
+        def body(k, var_acc, global_acc, loss_prev):
+            return (k + 1, *self._folder.fold(var_acc, global_acc, rows[k], steps[k], loss_prev))
+
+        _, var_acc, global_acc, loss_prev = tf.while_loop(
+            lambda k, *_: k < count, body, (tf.constant(0, tf.int64), var_acc, global_acc, loss_prev))
+        return var_acc, global_acc, loss_prev
+
+    def warm_up(self) -> None:
+        """Host side, after the recorder's variables exist: traces and compiles the host
+        read's fold on a background thread, with zeros of its inputs' shapes (it writes
+        nothing), so that the first read does not wait for it (~0.8 s on the MLP)."""
+        if not self.buffered:
+            return
+        folded = self._folded()
+        inputs = [tf.zeros(v.shape, v.dtype) for v in (self._window.var_acc, self._window.global_acc,
+                                                        self._rows, self._steps)]
+        inputs += [tf.constant(0, tf.int64), tf.zeros([2], tf.float64)]
+
+        def compile_now():
+            try:
+                folded(*inputs)
+            except Exception:  # noqa: BLE001 - the first read compiles it then
+                logger.debug("gradwatch: compiling the fold ahead of the first read failed", exc_info=True)
+
+        self._warming = threading.Thread(target=compile_now, name="gradwatch-warm-up", daemon=True)
+        self._warming.start()
 
     def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         def fold(var_acc, global_acc):

@@ -126,6 +126,7 @@ class Recorder:
                     topology, self._options.histogram_every, self._options.signed_histograms, strategy))
         if activation_layers is not None:
             self._activations = probes_lib.ActivationProbe(topology, activation_layers, strategy)
+        self.buffer.warm_up()
 
     def slots_of(self, grads: Sequence[Any], variables: Sequence[Any]) -> tuple[int, ...]:
         """Returns the accumulator column of each variable (host side, before any trace).
@@ -266,22 +267,27 @@ class Recorder:
             probe.after_update(self._compiler.branch)
 
     def _read_all(self) -> dict[str, Any]:
-        """In-graph host read: the buffered rows folded, then every accumulator and probe state."""
+        """In-graph host read: the step state's window counters, the buffered rows, every
+        accumulator and probe state, each reset for the next window (the rows are folded
+        after, by ``read``: that fold is one XLA call compiled ahead, see ``StepBuffer.warm_up``)."""
         state = STEP_STATE.unpack(self._state.read_value())
-        done = self.buffer.flush(state["buffered"])
-        with tf.control_dependencies([done]):
+        fetched = {"count": state["buffered"], "buffer": self.buffer.fetch()}
+        with tf.control_dependencies(tf.nest.flatten(fetched)):
             zero = tf.constant(0, tf.int64)
             reset = self._state.assign(STEP_STATE.pack({**state, "buffered": zero, "window_steps": zero,
                                                         "nonfinite": zero}))
         with tf.control_dependencies([reset]):
-            fetched = {"window": self.window.fetch()}
+            fetched["window"] = self.window.fetch()
             fetched.update({probe.name: probe.fetch() for probe in self._probes})
         return fetched
 
     def read(self) -> FetchedWindow | None:
         """Host side: reads and resets the window in one call. Returns None if it holds no step."""
-        fetched = tf.nest.map_structure(lambda t: t.numpy(), self._read_fn())
-        columns, glob = self.window.unpack(fetched["window"])
+        fetched = self._read_fn()
+        var_acc, global_acc = self.buffer.fold_fetched(*fetched.pop("window"), fetched.pop("buffer"),
+                                                       fetched.pop("count"))
+        fetched = tf.nest.map_structure(lambda t: t.numpy(), fetched)
+        columns, glob = self.window.unpack(var_acc.numpy(), global_acc.numpy())
         if glob["steps"] <= 0:
             return None
         dead_steps = self._options.thresholds.dead_steps

@@ -214,19 +214,18 @@ class Window:
             ),
         )
 
-    def fetch(self) -> tf.Tensor:
-        """In-graph, for the recorder's single read: the flat accumulators, then reset."""
-        snapshot = tf.concat(
-            [tf.reshape(self.var_acc.read_value(), [-1]), self.global_acc.read_value()], axis=0
-        )
-        with tf.control_dependencies([snapshot]):
+    def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """In-graph, for the recorder's single read: the accumulators ``(var_acc,
+        global_acc)``, then reset."""
+        fetched = (self.var_acc.read_value(), self.global_acc.read_value())
+        with tf.control_dependencies(list(fetched)):
             self.var_acc.assign(self._var_reset)
             self.global_acc.assign(self._global_reset)
-        return snapshot
+        return fetched
 
-    def unpack(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Returns (per-column accumulators, global accumulators) of ``fetch``'s flat values."""
-        split = len(WINDOW_COLUMNS) * self.num_columns
-        per_column = WINDOW_COLUMNS.unpack_numpy(flat[:split].reshape(len(WINDOW_COLUMNS), self.num_columns))
-        glob = {name: float(value) for name, value in WINDOW_GLOBALS.unpack_numpy(flat[split:]).items()}
+    def unpack(self, var_acc: np.ndarray, global_acc: np.ndarray
+               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Returns (per-column accumulators, global accumulators) of ``fetch``'s values."""
+        per_column = WINDOW_COLUMNS.unpack_numpy(var_acc.reshape(len(WINDOW_COLUMNS), self.num_columns))
+        glob = {name: float(value) for name, value in WINDOW_GLOBALS.unpack_numpy(global_acc).items()}
         return per_column, glob
