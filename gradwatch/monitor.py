@@ -272,7 +272,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _full_step_due(self) -> bool:
         """Host side, before a step: whether it may hold work only the full step does:
-        the window's sampled step (its first), a histogram step, an update measure
+        the window's sampled step (its first), a histogram step (unless every step is
+        one: the lean step then takes it), an update measure
         still waiting, or a full buffer (every ``capacity``-th step since the read)."""
         every = self.options.histogram_every
         if not self._parts.bound:
@@ -281,7 +282,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._next_step = self._parts.recorder.next_step()
         return (self._steps_since_read == 0
                 or self._update_pending
-                or (every > 0 and self._next_step % every == 0)
+                or (every > 1 and self._next_step % every == 0)  # every step: the lean step takes them
                 or (self._steps_since_read + 1) % self._parts.recorder.capacity == 0)
 
     def _react(self, alerts) -> None:

@@ -763,6 +763,58 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
                     np.testing.assert_allclose(value, full_row[key], rtol=1e-6)
 
 
+def test_histograms_on_every_step_run_the_lean_step(tmp_path):
+    """histogram_every=1: every step is a histogram step, known when the step is traced,
+    so the lean step takes the histograms itself (they no longer make every step a full
+    one) and writes what the full step writes."""
+    histograms, kinds, dirs = {}, {}, {}
+
+    class Histograms:
+        def __init__(self, lean):
+            self.lean = lean
+
+        def open(self, run_info):
+            pass
+
+        def write(self, result):
+            histograms.setdefault(self.lean, []).append((result.first_step, result.histograms))
+
+        def close(self):
+            pass
+
+    x, y = make_data(n=64)
+    for lean in (True, False):
+        model = make_dead_layer_mlp()
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        dirs[lean] = str(tmp_path / f"lean_{lean}")
+        internal = InternalOptions(lean_steps=lean, lean_min_steps=8, extra_sinks=[Histograms(lean)],
+                                   on_step_kind=kinds.setdefault(lean, []).append)
+        monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=1,
+                                     thresholds=Thresholds(dead_steps=10), internal=internal)
+        model.fit(x, y, batch_size=8, epochs=8, shuffle=False, verbose=0, callbacks=[monitor])
+    steps = 64
+    assert len(kinds[True]) == steps and not any(kinds[False])
+    # full: the window starts and the update snapshot steps only
+    allowed = {s for s in range(1, steps + 1) if (s - 1) % 4 == 0 or probe_layout.snapshot_due(s)}
+    full = {k + 1 for k, is_lean in enumerate(kinds[True]) if not is_lean}
+    assert full <= allowed and steps - len(allowed) > steps // 4
+    for level in ("variable", "layer"):
+        pd.testing.assert_frame_equal(gw.read_stats(dirs[True], level=level),
+                                      gw.read_stats(dirs[False], level=level), check_exact=False, rtol=1e-6)
+    lean_hists, full_hists = histograms[True], histograms[False]
+    assert len(lean_hists) == len(full_hists) == steps // 4
+    for (first, lean_h), (_, full_h) in zip(lean_hists, full_hists):
+        # each window keeps its last step's histogram: a lean step's (every 4th step is lean)
+        assert {row["step"] for row in lean_h} == {first + 3}
+        assert len(lean_h) == len(full_h) > 0
+        for lean_row, full_row in zip(lean_h, full_h):
+            for key, value in lean_row.items():
+                if isinstance(value, str):
+                    assert value == full_row[key]
+                else:
+                    np.testing.assert_allclose(value, full_row[key], rtol=1e-6)
+
+
 def test_a_short_fit_traces_no_lean_step(log_dir):
     # the lean step is a second trace of the train step: not worth it for a short fit
     kinds = []

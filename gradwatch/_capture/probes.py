@@ -539,6 +539,8 @@ class HistogramProbe:
             with tf.control_dependencies(ops):
                 return tf.constant(0)
 
+        if due is True:  # every step is a histogram step: no conditional
+            return measure()
         return cond(due, measure, lambda: tf.constant(0))
 
     def _signed_ops(self, flats: dict[int, tf.Tensor], weights: dict[int, Any],
@@ -571,13 +573,16 @@ class HistogramProbe:
                 self.bounds.assign(keep(bounds, self.bounds, layers))]
 
     def _due(self, step: tf.Tensor, sampled: tf.Tensor | None, nonfinite: tf.Tensor | None
-             ) -> tuple[tf.Tensor | None, tf.Tensor]:
+             ) -> tuple[tf.Tensor | bool | None, tf.Tensor]:
         """(whether this step is a histogram step, the ``taken`` flags after it); None: never
-        (a lean step of a run that cannot tell a non-finite one)."""
+        (a lean step of a run that cannot tell a non-finite one); True: always (every step
+        a histogram step, known at trace time)."""
         taken = self.taken.read_value()
         first_nonfinite = (tf.logical_and(tf.convert_to_tensor(nonfinite), tf.logical_not(taken[1]))
                            if nonfinite is not None else tf.constant(False))
         after = tf.stack([tf.constant(True), tf.logical_or(taken[1], first_nonfinite)])
+        if sampled is None and self.every == 1:
+            return True, after  # histograms on every step: the lean step takes them too
         if sampled is None:  # the lean step: the first non-finite step only (a request waits for a full one)
             return (first_nonfinite if nonfinite is not None else None), after
         wanted = tf.logical_or(first_nonfinite, self.requested.read_value())
