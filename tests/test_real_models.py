@@ -295,6 +295,32 @@ def test_every_variable_every_step_true_numbers_and_order(name, tmp_path):
         assert following[names[_position(names, wanted)]] == activation, (name, wanted, following)
 
 
+def test_a_transformer_fed_by_a_dataset_of_unknown_batch_size(tmp_path):
+    """A ``tf.data`` pipeline's batch size is unknown when the step is traced, and a Dense
+    layer on a sequence then has a kernel gradient of static shape (None, units): the
+    fit raised "gradwatch needs gradients of static shape". The gradient takes its
+    variable's shape, and the norms equal a plain GradientTape."""
+    keras.utils.set_random_seed(0)
+    x, y = _token_data()
+    model = transformer()
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(B)
+    assert dataset.element_spec[0].shape[0] is None
+    log_dir = str(tmp_path / "run")
+    monitor = gw.GradientMonitor(log_dir, log_every=1, histogram_every=0)
+    model.fit(dataset, epochs=1, verbose=0, callbacks=[monitor])
+    stats = gw.read_stats(log_dir)
+    assert sorted(set(stats.step)) == list(range(1, STEPS + 1))
+    with tf.GradientTape() as tape:
+        value = _classes(model, x[:B], y[:B])
+    grads = tape.gradient(value, model.trainable_variables)
+    rows = stats[stats.step == 1].set_index("variable")
+    assert len(rows) == len(grads) > 0
+    for info, grad in zip(monitor.topology.variables, grads):
+        expected = np_stats(tf.convert_to_tensor(grad).numpy())["l2"]
+        assert rows.loc[info.name, "l2"] == pytest.approx(expected, rel=2e-4, abs=1e-7), info.name
+
+
 def test_nested_dead_units_are_read_from_the_layer_that_really_follows(tmp_path):
     """12 of 16 ReLU units of the middle layer of a Sequential wrapped in a subclassed
     model are dead: the evidence comes from the next layer in the forward pass."""

@@ -353,10 +353,16 @@ class Recorder:
 
 
 def _with_static_shape(grad: Any, variable: Any) -> Any:
-    """A sparse gradient whose dense shape is a tensor (an ``IndexedSlices`` passed
-    into a ``tf.function``) takes its variable's static shape."""
+    """A gradient takes its variable's static shape where tracing lost it: a sparse one
+    whose dense shape is a tensor (an ``IndexedSlices`` passed into a ``tf.function``),
+    or a dense one of partly unknown shape (a Dense layer's kernel on a sequence whose
+    batch size is unknown, as a ``tf.data`` pipeline's is: static shape (None, units))."""
+    if grad is None:
+        return None
     if not isinstance(grad, tf.IndexedSlices):
-        return grad
+        if grad.shape.is_fully_defined() or not variable.shape.is_fully_defined():
+            return grad
+        return tf.ensure_shape(grad, variable.shape)
     if grad.dense_shape is not None and tf.get_static_value(grad.dense_shape) is not None:
         return grad
     shape = variable.shape
