@@ -24,6 +24,7 @@ Usage:
     python benchmarks/overhead.py --quick         # MLP, jit off, 3 repetitions of 300 steps
     python benchmarks/overhead.py --models mlp,transformer --jit on --reps 5
     python benchmarks/overhead.py --print FILE    # the table of an earlier results file
+    python benchmarks/overhead.py --models lstm --jit off --baseline 21a37f1   # before against after
 """
 
 from __future__ import annotations
@@ -236,6 +237,14 @@ def configurations(log_root, sample, internal=None):
     }
 
 
+def baseline_configuration(revision, log_root):
+    """The default ``GradientMonitor`` of git revision ``revision`` (see baseline.py)."""
+    import baseline
+
+    base = baseline.load(revision)
+    return lambda: [base.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
+
+
 def run_once(model_name, make_callbacks, data, steps, batch_size, jit_compile):
     """One fit of ``WARMUP + steps`` steps. Returns its summary (see ``summarise``)."""
     keras.utils.set_random_seed(0)
@@ -311,6 +320,8 @@ def main():
                         help="comma-separated configurations beside plain and plain:control")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--print", metavar="FILE", help="print the table of a results file and exit")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the default monitor of git revision REV (configuration 'baseline')")
     args = parser.parse_args()
     if args.print:
         with open(args.print) as f:
@@ -344,7 +355,10 @@ def main():
     for jit_compile in jits:
         for name in names:
             configs = configurations(log_root, make_data(name, batch_size))
+            if args.baseline:
+                configs["baseline"] = baseline_configuration(args.baseline, log_root)
             wanted = ["plain", CONTROL, *[c for c in args.configs.split(",") if c]]
+            wanted += ["baseline"] if args.baseline else []
             unknown = set(wanted) - set(configs)
             if unknown:
                 parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
