@@ -10,7 +10,10 @@ steps (traces, XLA compiles, the first and last reads, closing the files):
 
     one_off = fit wall time - steps x (mean of the kept steps)
 
-Configurations run interleaved in one process for ``--reps`` repetitions (5), each
+Each (model, jit) cell runs in a fresh process (a process that traced many models
+before, as this script's earlier cells did, times later ones differently: TensorFlow
+keeps every function and XLA program). Within it, configurations run interleaved for
+``--reps`` repetitions (5), each
 repetition starting one configuration later, the model dropped after each fit. Per
 repetition, a configuration's mean step over plain's mean step of the same
 repetition is its ratio; the table shows the median over repetitions. A second plain
@@ -23,6 +26,7 @@ Usage:
     python benchmarks/overhead.py                 # the whole table, jit off and on (make bench)
     python benchmarks/overhead.py --quick         # MLP, jit off, 3 repetitions of 300 steps
     python benchmarks/overhead.py --models mlp,transformer --jit on --reps 5
+    python benchmarks/overhead.py --cells mlp:off,mlp:on,lstm:off   # these cells, in this order
     python benchmarks/overhead.py --print FILE    # the table of an earlier results file
     python benchmarks/overhead.py --models lstm --jit off --baseline 21a37f1   # before against after
 """
@@ -38,6 +42,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -308,6 +314,36 @@ def print_table(results, header=True):
               f"{r['extra_one_off_s']:9.2f} {r['plain_mean_ms']:9.2f}", flush=True)
 
 
+def measure_cell(name, jit_compile, args, log_root):
+    """Runs one model's configurations interleaved for ``args.reps`` repetitions (in
+    this process). Returns the table rows of that cell."""
+    steps, batch_size = args.steps, BATCH_SIZE
+    configs = configurations(log_root, make_data(name, batch_size))
+    if args.baseline:
+        configs["baseline"] = baseline_configuration(args.baseline, log_root)
+    wanted = ["plain", CONTROL, *[c for c in args.configs.split(",") if c]]
+    wanted += ["baseline"] if args.baseline else []
+    unknown = set(wanted) - set(configs)
+    if unknown:
+        raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
+    data = dataset(name, batch_size)
+    runs = {c: [] for c in wanted}
+    for rep in range(args.reps):
+        shift = rep % len(wanted)
+        for config in wanted[shift:] + wanted[:shift]:
+            runs[config].append(run_once(name, configs[config], data, steps, batch_size, jit_compile))
+    floor = cell(runs, CONTROL)["mean_ratio"]
+    plain_mean = statistics.median(r["mean_ms"] for r in runs["plain"])
+    rows = [{"model": name, "jit_compile": jit_compile, "config": config, "floor": floor,
+             "plain_mean_ms": plain_mean, **cell(runs, config), "runs": runs[config]}
+            for config in wanted[1:]]
+    rows[0]["plain_runs"] = runs["plain"]
+    return rows
+
+
+BATCH_SIZE = 128
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MLP, jit off, 3 repetitions of 300 steps")
@@ -316,70 +352,67 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps per fit (1000)")
     parser.add_argument("--jit", choices=["off", "on", "both"], default=None,
                         help="jit_compile of the model (default: both; off with --quick)")
+    parser.add_argument("--cells", default=None,
+                        help="model:jit pairs in this order (mlp:off,mlp:on,...), instead of --models/--jit")
     parser.add_argument("--configs", default="gradwatch,gradwatch+hist_every_step",
                         help="comma-separated configurations beside plain and plain:control")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--print", metavar="FILE", help="print the table of a results file and exit")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run the default monitor of git revision REV (configuration 'baseline')")
+    parser.add_argument("--cell-json", metavar="FILE", help=argparse.SUPPRESS)  # one cell, in this process
     args = parser.parse_args()
     if args.print:
         with open(args.print) as f:
             print_table(json.load(f)["results"])
         return
-    names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(TABLE_MODELS))
-    reps = args.reps or (3 if args.quick else 5)
-    steps = args.steps or (300 if args.quick else 1000)
-    batch_size = 128
-    jit = args.jit or ("off" if args.quick else "both")
-    jits = {"off": [False], "on": [True], "both": [False, True]}[jit]
-    log_root = tempfile.mkdtemp(prefix="gradwatch-bench-")
+    args.reps = args.reps or (3 if args.quick else 5)
+    args.steps = args.steps or (300 if args.quick else 1000)
+    if args.cell_json:
+        name, jit = args.cells.split(":")
+        rows = measure_cell(name, jit == "on", args, tempfile.mkdtemp(prefix="gradwatch-bench-"))
+        with open(args.cell_json, "w") as f:
+            json.dump({"rows": rows, "rss_mib": rss_mib(),
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+        return
+    if args.cells:
+        cells = [tuple(c.split(":")) for c in args.cells.split(",")]
+    else:
+        names = args.models.split(",") if args.models else (["mlp"] if args.quick else list(TABLE_MODELS))
+        jit = args.jit or ("off" if args.quick else "both")
+        cells = [(n, j) for j in {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[jit] for n in names]
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     path = os.path.join(args.out, f"bench-{stamp}.json")
     results, rss_after = [], []
 
     def write():
-        """(Re)writes the results file after every model, so a stopped run keeps them."""
+        """(Re)writes the results file after every cell, so a stopped run keeps them."""
         with open(path, "w") as f:
             json.dump({"date": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                                     "gradwatch": gw.__version__},
-                       "command": "python benchmarks/overhead.py " + " ".join(os.sys.argv[1:]),
-                       "batch_size": batch_size, "steps": steps, "warmup": WARMUP, "reps": reps,
-                       "outlier_factor": OUTLIER,
-                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       "rss_after_each_model_mib": rss_after, "results": results}, f, indent=2)
+                       "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
+                       "batch_size": BATCH_SIZE, "steps": args.steps, "warmup": WARMUP, "reps": args.reps,
+                       "outlier_factor": OUTLIER, "one_process_per_cell": True,
+                       "rss_after_each_cell_mib": rss_after, "results": results}, f, indent=2)
 
     print_table([])  # the header
-    for jit_compile in jits:
-        for name in names:
-            configs = configurations(log_root, make_data(name, batch_size))
-            if args.baseline:
-                configs["baseline"] = baseline_configuration(args.baseline, log_root)
-            wanted = ["plain", CONTROL, *[c for c in args.configs.split(",") if c]]
-            wanted += ["baseline"] if args.baseline else []
-            unknown = set(wanted) - set(configs)
-            if unknown:
-                parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
-            data = dataset(name, batch_size)
-            runs = {c: [] for c in wanted}
-            for rep in range(reps):
-                shift = rep % len(wanted)
-                for config in wanted[shift:] + wanted[:shift]:
-                    runs[config].append(run_once(name, configs[config], data, steps, batch_size, jit_compile))
-            floor = cell(runs, CONTROL)["mean_ratio"]
-            plain_mean = statistics.median(r["mean_ms"] for r in runs["plain"])
-            rows = []
-            for config in wanted[1:]:
-                rows.append({"model": name, "jit_compile": jit_compile, "config": config, "floor": floor,
-                             "plain_mean_ms": plain_mean, **cell(runs, config), "runs": runs[config]})
-            rows[0]["plain_runs"] = runs["plain"]
-            print_table(rows, header=False)
-            results.extend(rows)
-            rss_after.append([jit_compile, name, rss_mib()])
-            write()
-    write()
+    for name, jit in cells:
+        # each cell in a fresh process, as a user's training runs: a process that has
+        # traced many models before (TensorFlow keeps every function and XLA program)
+        # times later cells differently
+        cell_json = os.path.join(tempfile.mkdtemp(prefix="gradwatch-cell-"), "cell.json")
+        command = [sys.executable, os.path.abspath(__file__), "--cells", f"{name}:{jit}", "--cell-json",
+                   cell_json, "--reps", str(args.reps), "--steps", str(args.steps), "--configs", args.configs]
+        command += ["--baseline", args.baseline] if args.baseline else []
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        with open(cell_json) as f:
+            measured = json.load(f)
+        print_table(measured["rows"], header=False)
+        results.extend(measured["rows"])
+        rss_after.append([jit == "on", name, measured["rss_mib"]])
+        write()
     print(f"wrote {path}")
 
 
