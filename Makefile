@@ -36,7 +36,7 @@ browser-deps:
 	fi
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures run once):
-# 692 tests in 9 min 13 s here (clean clone, 2026-12-06, 2 cores; 13 min in one process on 2026-12-03).
+# 694 tests in 9 min 25 s here (clean clone, 2026-12-06, 2 cores; 13 min in one process on 2026-12-03).
 test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
@@ -50,6 +50,8 @@ check: $(STAMP_DEV)
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gradwatch tests examples benchmarks
 
+# Issue 29's gate: every model, jit_compile off and on, 5 repetitions of 1,050-step fits
+# per cell, each cell in a fresh process (well over an hour on 2 cores; --quick: the MLP).
 bench: $(STAMP_DEV)
 	$(PY) benchmarks/overhead.py
 
