@@ -58,9 +58,8 @@ class Recorder:
         front_ends_steps: the front calls ``end_step`` after each step (one replica):
             every ``observe`` until then belongs to the same step (a fit step that
             applies several optimizers, or one several times), and the step's loss
-            is the one ``end_step`` is given. False: each ``observe`` is a step, and
-            ``end_step`` adds nothing to the step (Keras's own ``train_step`` applies
-            one optimizer once, after its loss tracker took the step's loss).
+            is the one ``end_step`` is given. False: each ``observe`` is a step
+            (Keras's own ``train_step``: one apply, after the tracker took the loss).
     """
 
     def __init__(self, options: Options, host_update_snapshots: bool = False,
@@ -201,8 +200,7 @@ class Recorder:
         row = self._row.build(flat, index, [slots[i] for i in present], scalars)
         buffered, done = self.buffer.add(row, step, state["buffered"], fold_if_full=not lean)
         step_row = state["step_row"]
-        if self._ends_steps:
-            # the buffer row that takes the step's loss at end_step (-1: folded already)
+        if self._ends_steps:  # the buffer row that takes the step's loss at end_step (-1: folded)
             step_row = tf.where(tf.equal(buffered, 0), tf.constant(-1, tf.int64),
                                 tf.where(new_step, state["buffered"], step_row))
         with tf.control_dependencies([done]):
@@ -222,8 +220,8 @@ class Recorder:
         Args:
             loss_totals: (total, count) of the model's loss tracker, if it has one.
         """
-        if not self._ends_steps:
-            return  # each observe is a step, with the loss its context gave
+        if not self._ends_steps:  # each observe is a step, with its context's loss
+            return
         state = STEP_STATE.unpack(self._state.read_value())
         written = tf.constant(0, tf.int64)
         if loss_totals is not None:
@@ -267,9 +265,8 @@ class Recorder:
             probe.after_update(self._compiler.branch)
 
     def _read_all(self) -> dict[str, Any]:
-        """In-graph host read: the step state's window counters, the buffered rows, every
-        accumulator and probe state, each reset for the next window (the rows are folded
-        after, by ``read``: that fold is one XLA call compiled ahead, see ``StepBuffer.warm_up``)."""
+        """In-graph host read: the buffered rows, every accumulator and probe state, each
+        reset for the next window (``read`` folds the rows after: ``StepBuffer.warm_up``)."""
         state = STEP_STATE.unpack(self._state.read_value())
         fetched = {"count": state["buffered"], "buffer": self.buffer.fetch()}
         with tf.control_dependencies(tf.nest.flatten(fetched)):
