@@ -63,6 +63,7 @@ LONG_RUN = InternalOptions(lean_min_steps=0)
 CONTROL = "plain:control"  # a second plain model: the floor
 WARMUP = 50  # untimed steps at the start of a fit (traces, compiles: one-off seconds)
 OUTLIER = 20.0  # a step over this many times the fit's median is a one-off
+BATCH_SIZE = 128
 
 logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the nets raise alerts: keep the table readable
 
@@ -339,9 +340,6 @@ def measure_cell(name, jit_compile, args, log_root):
             for config in wanted[1:]]
     rows[0]["plain_runs"] = runs["plain"]
     return rows
-
-
-BATCH_SIZE = 128
 
 
 def main():

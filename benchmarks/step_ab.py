@@ -49,6 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from overhead import CONTROL, LONG_RUN, MODELS, configurations, make_data  # noqa: E402
+from overhead import baseline_configuration as overhead_baseline  # noqa: E402
 
 
 class Run(NamedTuple):
@@ -144,14 +145,13 @@ def main():
 
 
 def baseline_configuration(revision: str, log_root: str):
-    """The default GradientMonitor of an earlier revision (see baseline.py)."""
-    import baseline
-
-    base = baseline.load(revision)
+    """The default GradientMonitor of an earlier revision (overhead.py's), whose lean
+    step is traced for short runs too (as LONG_RUN does for the current code)."""
+    configure = overhead_baseline(revision, log_root)
     monitor_module = importlib.import_module("gradwatch_base.monitor")
     if hasattr(monitor_module, "LEAN_MIN_STEPS"):
-        monitor_module.LEAN_MIN_STEPS = 0  # as overhead.py does for the current code
-    return lambda: [base.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
+        monitor_module.LEAN_MIN_STEPS = 0
+    return configure
 
 
 def step_kind(monitor) -> str | None:

@@ -681,6 +681,22 @@ def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(t
     assert len(gw.read_windows(lazy_dir)) == 6
 
 
+class HistogramsOfEachWindow:
+    """A sink that keeps (first step, histograms or None) of each window in ``store[key]``."""
+
+    def __init__(self, store, key):
+        self.store, self.key = store, key
+
+    def open(self, run_info):
+        pass
+
+    def write(self, result):
+        self.store.setdefault(self.key, []).append((result.first_step, result.histograms or None))
+
+    def close(self):
+        pass
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
     """fit runs a lean trace of the step (no conditional work) on the steps the host
@@ -688,19 +704,6 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
     columns, alerts and histograms equal a fit that runs the full step throughout."""
     histograms = {}
     lean_steps = []
-
-    class HistogramsOfEachWindow:
-        def __init__(self, log_dir):
-            self.log_dir = log_dir
-
-        def open(self, run_info):
-            pass
-
-        def write(self, result):
-            histograms.setdefault(self.log_dir, []).append((result.first_step, result.histograms or None))
-
-        def close(self):
-            pass
 
     x, y = make_data(n=64)
     dirs = {}
@@ -710,7 +713,7 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
         dirs[lean] = str(tmp_path / f"lean_{lean}")
         internal = InternalOptions(
             lean_steps=lean, lean_min_steps=8,  # the second fit's length
-            extra_sinks=[HistogramsOfEachWindow(dirs[lean])],
+            extra_sinks=[HistogramsOfEachWindow(histograms, dirs[lean])],
             on_step_kind=lambda is_lean, log_dir=dirs[lean]: lean_steps.append((log_dir, is_lean)))
         monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=6,
                                      thresholds=Thresholds(dead_steps=10), internal=internal)
@@ -768,26 +771,13 @@ def test_histograms_on_every_step_run_the_lean_step(tmp_path):
     so the lean step takes the histograms itself (they no longer make every step a full
     one) and writes what the full step writes."""
     histograms, kinds, dirs = {}, {}, {}
-
-    class Histograms:
-        def __init__(self, lean):
-            self.lean = lean
-
-        def open(self, run_info):
-            pass
-
-        def write(self, result):
-            histograms.setdefault(self.lean, []).append((result.first_step, result.histograms))
-
-        def close(self):
-            pass
-
     x, y = make_data(n=64)
     for lean in (True, False):
         model = make_dead_layer_mlp()
         model.compile(keras.optimizers.Adam(0.01), "mse")
         dirs[lean] = str(tmp_path / f"lean_{lean}")
-        internal = InternalOptions(lean_steps=lean, lean_min_steps=8, extra_sinks=[Histograms(lean)],
+        internal = InternalOptions(lean_steps=lean, lean_min_steps=8,
+                                   extra_sinks=[HistogramsOfEachWindow(histograms, lean)],
                                    on_step_kind=kinds.setdefault(lean, []).append)
         monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=1,
                                      thresholds=Thresholds(dead_steps=10), internal=internal)
