@@ -117,20 +117,21 @@ class Pipeline:
         Returns:
             The read's steps and last step, and its result (None when deferred).
         """
-        fetched = self._recorder.read()
-        if fetched is None:
+        pending = self._recorder.read_pending()
+        if pending is None:
             return Read(0, None, None)
-        self.steps_seen += fetched.steps
-        self._history.note(fetched.last_step)
-        if defer and self._output.threaded and not fetched.nonfinite:
-            self._output.defer(lambda: self._interpreter.interpret(fetched, fallback_loss),
+        self.steps_seen += pending.steps
+        self._history.note(pending.last_step)
+        if defer and self._output.threaded and not pending.nonfinite:
+            # the fold, interpretation and writes: all on the writer thread
+            self._output.defer(lambda: self._interpreter.interpret(pending.finish(), fallback_loss),
                                after=self._report)
-            return Read(fetched.steps, fetched.last_step, None)
+            return Read(pending.steps, pending.last_step, None)
         self._output.flush()  # the detectors' state follows the windows in order
-        result = self._interpreter.interpret(fetched, fallback_loss)
+        result = self._interpreter.interpret(pending.finish(), fallback_loss)
         self._output.write(result)  # written before on_alert sees it (an on_alert may raise)
         self._report(result)
-        return Read(fetched.steps, fetched.last_step, result)
+        return Read(pending.steps, pending.last_step, result)
 
     def _report(self, result: WindowResult) -> WindowResult:
         """Logs the alerts, calls ``on_alert`` and keeps the result as the latest."""

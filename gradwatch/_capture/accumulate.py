@@ -225,26 +225,39 @@ class StepBuffer:
         self._window.update(fold)
         return count
 
-    def fetch(self) -> dict[str, tf.Tensor]:
+    def fetch(self, count: tf.Tensor) -> dict[str, tf.Tensor]:
         """In-graph, for the recorder's single read: the buffered rows, their step numbers
-        and the loss totals they follow (``fold_fetched`` folds them on the host side)."""
+        and the loss totals they follow (``fold_fetched`` folds them on the host side,
+        at any later time: the totals that follow the rows are written here, at the read)."""
         if not self.buffered:
             return {}
-        return {"rows": self._rows.read_value(), "steps": self._steps.read_value(),
-                "loss_prev": self._loss_prev.read_value()}
+        fetched = {"rows": self._rows.read_value(), "steps": self._steps.read_value(),
+                   "loss_prev": self._loss_prev.read_value()}
+        with tf.control_dependencies(list(fetched.values())):
+            self._loss_prev.assign(self._totals_after(fetched["rows"], count, fetched["loss_prev"]))
+        return fetched
+
+    def _totals_after(self, rows: tf.Tensor, count: tf.Tensor, loss_prev: tf.Tensor) -> tf.Tensor:
+        """The loss tracker's totals after the first ``count`` rows, as their fold leaves
+        them (``step_loss``): the last row with a tracker's totals, else ``loss_prev``."""
+        block = self._width - len(STEP_SCALARS)
+        columns = [block + STEP_SCALARS.index(name) for name in ("loss_a", "loss_b")]
+        index = tf.range(self.capacity, dtype=tf.int64)
+        tracked = (index < count) & (rows[:, columns[1]] >= 0.0)
+        last = tf.reduce_max(tf.where(tracked, index, tf.constant(-1, tf.int64)))
+        totals = tf.cast(tf.gather(tf.gather(rows, tf.maximum(last, 0)), columns), tf.float64)
+        return tf.where(last >= 0, totals, loss_prev)
 
     def fold_fetched(self, var_acc: tf.Tensor, global_acc: tf.Tensor, fetched: dict[str, tf.Tensor],
                      count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Host side, after a read: the fetched window accumulators with the ``count``
-        fetched rows folded in (one call; the loss totals are kept for the next rows)."""
+        """Host side, any time after a read (on the writer thread, while training goes
+        on): the fetched window accumulators with the ``count`` fetched rows folded in
+        (one call; it reads and writes no variable)."""
         if not self.buffered:
             return var_acc, global_acc
-        if self._warming is not None:  # the compile started at bind ends before the first fold
-            self._warming.join()
-            self._warming = None
-        var_acc, global_acc, loss_prev = self._folded()(var_acc, global_acc, fetched["rows"],
-                                                        fetched["steps"], count, fetched["loss_prev"])
-        self._loss_prev.assign(loss_prev)
+        self.settle()  # the compile started at bind ends before the first fold
+        var_acc, global_acc, _ = self._folded()(var_acc, global_acc, fetched["rows"], fetched["steps"],
+                                                count, fetched["loss_prev"])
         return var_acc, global_acc
 
     def _folded(self) -> Any:
@@ -284,6 +297,13 @@ class StepBuffer:
 
         self._warming = threading.Thread(target=compile_now, name="gradwatch-warm-up", daemon=True)
         self._warming.start()
+
+    def settle(self) -> None:
+        """Waits for the fold's compile started at bind, if it still runs (the fold, and
+        the end of a fit or loop: no gradwatch thread outlives it)."""
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.join()
 
     def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         def fold(var_acc, global_acc):

@@ -1,5 +1,5 @@
 """The recorder: every step's gradients measured in-graph into the window, and one
-host read per window that returns it as numpy values (a ``FetchedWindow``)."""
+host read per window (a ``PendingRead``, folded into a ``FetchedWindow`` of numpy values)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,9 @@ class Recorder:
         host_update_snapshots: the front takes the update probe's weight snapshots on
             the host (``snapshot_weights``) and calls ``after_update`` after the update.
         xla_branch_min_variables: see ``InternalOptions``.
-        front_ends_steps: the front calls ``end_step`` after each step (one replica):
-            every ``observe`` until then belongs to the same step (a fit step that
-            applies several optimizers, or one several times), and the step's loss
-            is the one ``end_step`` is given. False: each ``observe`` is a step
-            (Keras's own ``train_step``: one apply, after the tracker took the loss).
+        front_ends_steps: the front calls ``end_step`` after each step (one replica): every
+            ``observe`` until then is the same step (several optimizers, or one applied several
+            times), with ``end_step``'s loss. False: each ``observe`` is a step (Keras's own).
     """
 
     def __init__(self, options: Options, host_update_snapshots: bool = False,
@@ -265,10 +263,10 @@ class Recorder:
             probe.after_update(self._compiler.branch)
 
     def _read_all(self) -> dict[str, Any]:
-        """In-graph host read: the buffered rows, every accumulator and probe state, each
-        reset for the next window (``read`` folds the rows after: ``StepBuffer.warm_up``)."""
-        state = STEP_STATE.unpack(self._state.read_value())
-        fetched = {"count": state["buffered"], "buffer": self.buffer.fetch()}
+        """In-graph host read: state, buffered rows, accumulators, probes; each reset after."""
+        state_vector = self._state.read_value()
+        state = STEP_STATE.unpack(state_vector)
+        fetched = {"state": state_vector, "buffer": self.buffer.fetch(state["buffered"])}
         with tf.control_dependencies(tf.nest.flatten(fetched)):
             zero = tf.constant(0, tf.int64)
             reset = self._state.assign(STEP_STATE.pack({**state, "buffered": zero, "window_steps": zero,
@@ -278,20 +276,17 @@ class Recorder:
             fetched.update({probe.name: probe.fetch() for probe in self._probes})
         return fetched
 
-    def read(self) -> FetchedWindow | None:
-        """Host side: reads and resets the window in one call. Returns None if it holds no step."""
+    def read_pending(self) -> PendingRead | None:
+        """Host side: reads and resets the window in one call (``PendingRead.finish`` folds
+        it, later, on any thread). Returns None if the window holds no step."""
         fetched = self._read_fn()
-        var_acc, global_acc = self.buffer.fold_fetched(*fetched.pop("window"), fetched.pop("buffer"),
-                                                       fetched.pop("count"))
-        fetched = tf.nest.map_structure(lambda t: t.numpy(), fetched)
-        columns, glob = self.window.unpack(var_acc.numpy(), global_acc.numpy())
-        if glob["steps"] <= 0:
+        state = STEP_STATE.unpack_numpy(fetched.pop("state").numpy())
+        if state["window_steps"] <= 0:
             return None
-        dead_steps = self._options.thresholds.dead_steps
-        return FetchedWindow(
-            columns=columns, globals=glob, units=tuple(fetched["units"]),
-            updates=fetched.get("updates"), histograms=fetched.get("histograms"),
-            dead_by_activation=self._activations.read(dead_steps) if self._activations is not None else None)
+        dead = (self._activations.read(self._options.thresholds.dead_steps)
+                if self._activations is not None else None)
+        return PendingRead(self, fetched, dead, rows=int(state["buffered"]), steps=int(state["window_steps"]),
+                           last_step=int(state["step"]), nonfinite=bool(state["nonfinite"] > 0))
 
     # ------------------------------------------------------------------ host queries
 
@@ -343,10 +338,48 @@ class Recorder:
         if self._activations is not None:
             self._activations.install() if on else self._activations.remove()
 
+    def settle(self) -> None:
+        """Host side, at the end of a fit or loop: waits for the fold's compile started at bind."""
+        if self.bound:
+            self.buffer.settle()
+
     def pause_activations(self, paused: bool) -> None:
         """Pauses the activation probe's counting (validation batches inside ``fit``)."""
         if self._activations is not None:
             self._activations.training.assign(not paused)
+
+
+class PendingRead:
+    """A read's values before its rows are folded: what the front needs at once
+    (its steps, last step, whether one was non-finite), and ``finish``.
+
+    Args:
+        recorder: the recorder that read.
+        fetched: the read's tensors (immutable: later steps do not change them).
+        dead_by_activation: the activation probe's result, read with the rest.
+        rows: the buffered rows the read fetched.
+        steps: the window's steps.
+        last_step: its last step.
+        nonfinite: whether a step of the window had a non-finite gradient.
+    """
+
+    def __init__(self, recorder: Recorder, fetched: dict[str, Any], dead_by_activation: Any, rows: int,
+                 steps: int, last_step: int, nonfinite: bool):
+        self._recorder, self._fetched, self._dead, self._rows = recorder, fetched, dead_by_activation, rows
+        self.steps, self.last_step, self.nonfinite = steps, last_step, nonfinite
+
+    def finish(self) -> FetchedWindow:
+        """Folds the fetched rows into the window (one XLA call) and returns it as numpy
+        values; reads no variable, so it may run while training goes on."""
+        fetched = dict(self._fetched)
+        buffer = fetched.pop("buffer")
+        var_acc, global_acc = self._recorder.buffer.fold_fetched(*fetched.pop("window"), buffer,
+                                                                 tf.constant(self._rows, tf.int64))
+        fetched = tf.nest.map_structure(lambda t: t.numpy(), fetched)
+        columns, glob = self._recorder.window.unpack(var_acc.numpy(), global_acc.numpy())
+        return FetchedWindow(columns=columns, globals=glob, units=tuple(fetched["units"]),
+                             updates=fetched.get("updates"), histograms=fetched.get("histograms"),
+                             dead_by_activation=self._dead)
 
 
 def _with_static_shape(grad: Any, variable: Any) -> Any:
