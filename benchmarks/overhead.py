@@ -13,8 +13,11 @@ steps (traces, XLA compiles, the first and last reads, closing the files):
 Each (model, jit) cell runs in a fresh process (a process that traced many models
 before, as this script's earlier cells did, times later ones differently: TensorFlow
 keeps every function and XLA program). Within it, configurations run interleaved for
-``--reps`` repetitions (5), each
-repetition starting one configuration later, the model dropped after each fit. Per
+``--reps`` repetitions (8), the model dropped after each fit, in the orders of a
+balanced Latin square (``balanced_orders``): every configuration runs at every place
+in a repetition, and after every other configuration, equally often. (A rotation
+put ``plain`` right after a gradwatch fit in most repetitions, and the fit after a
+gradwatch fit ran slower here: the floor came out at 0.92-0.94.) Per
 repetition, a configuration's mean step over plain's mean step of the same
 repetition is its ratio; the table shows the median over repetitions. A second plain
 model (``plain:control``) gives the floor, plain against plain; a table is valid when
@@ -25,7 +28,7 @@ plain's. Results go to ``benchmarks/results/bench-<date>-<time>.json``.
 Usage:
     python benchmarks/overhead.py                 # the whole table, jit off and on (make bench)
     python benchmarks/overhead.py --quick         # MLP, jit off, 3 repetitions of 300 steps
-    python benchmarks/overhead.py --models mlp,transformer --jit on --reps 5
+    python benchmarks/overhead.py --models mlp,transformer --jit on --reps 4
     python benchmarks/overhead.py --cells mlp:off,mlp:on,lstm:off   # these cells, in this order
     python benchmarks/overhead.py --print FILE    # the table of an earlier results file
     python benchmarks/overhead.py --models lstm --jit off --baseline 21a37f1   # before against after
@@ -315,6 +318,21 @@ def print_table(results, header=True):
               f"{r['extra_one_off_s']:9.2f} {r['plain_mean_ms']:9.2f}", flush=True)
 
 
+def balanced_orders(n):
+    """Returns orders of ``range(n)`` (n for even n, 2n for odd) in which each item takes
+    each place equally often and follows each other item equally often (a Williams
+    design): a fit's slowdown from the fit before it falls evenly on every configuration."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(item + shift) % n for item in first] for shift in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
 def measure_cell(name, jit_compile, args, log_root):
     """Runs one model's configurations interleaved for ``args.reps`` repetitions (in
     this process). Returns the table rows of that cell."""
@@ -329,9 +347,10 @@ def measure_cell(name, jit_compile, args, log_root):
         raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
     data = dataset(name, batch_size)
     runs = {c: [] for c in wanted}
+    orders = balanced_orders(len(wanted))
     for rep in range(args.reps):
-        shift = rep % len(wanted)
-        for config in wanted[shift:] + wanted[:shift]:
+        for k in orders[rep % len(orders)]:
+            config = wanted[k]
             runs[config].append(run_once(name, configs[config], data, steps, batch_size, jit_compile))
     floor = cell(runs, CONTROL)["mean_ratio"]
     plain_mean = statistics.median(r["mean_ms"] for r in runs["plain"])
@@ -364,7 +383,7 @@ def main():
         with open(args.print) as f:
             print_table(json.load(f)["results"])
         return
-    args.reps = args.reps or (3 if args.quick else 5)
+    args.reps = args.reps or (3 if args.quick else 8)
     args.steps = args.steps or (300 if args.quick else 1000)
     if args.cell_json:
         name, jit = args.cells.split(":")
@@ -393,6 +412,7 @@ def main():
                        "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
                        "batch_size": BATCH_SIZE, "steps": args.steps, "warmup": WARMUP, "reps": args.reps,
                        "outlier_factor": OUTLIER, "one_process_per_cell": True,
+                       "order": "balanced Latin square (balanced_orders)",
                        "rss_after_each_cell_mib": rss_after, "results": results}, f, indent=2)
 
     print_table([])  # the header
