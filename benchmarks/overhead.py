@@ -25,7 +25,8 @@ the floor is 1.00 +- 0.02. Beside the mean: the ratio of median steps ("typical"
 the lean steps that make most of a long fit) and the extra one-off seconds against
 plain's: the median of the per-repetition differences, and the difference of each
 configuration's least one-off ("least": some fits, plain ones too, spend ~4 s more
-outside their steps than others, which the median does not always filter). Results go to ``benchmarks/results/bench-<date>-<time>.json``.
+outside their steps than others, which the median does not always filter). Results go
+to ``benchmarks/results/bench-<date>-<time>.json``.
 
 Usage:
     python benchmarks/overhead.py                 # the whole table, jit off and on (make bench)

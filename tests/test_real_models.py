@@ -321,6 +321,47 @@ def test_a_transformer_fed_by_a_dataset_of_unknown_batch_size(tmp_path):
         assert rows.loc[info.name, "l2"] == pytest.approx(expected, rel=2e-4, abs=1e-7), info.name
 
 
+def test_a_custom_loop_over_a_dataset_of_unknown_batch_size(tmp_path):
+    """The same transformer in a custom loop: a ``tf.function`` step traced with the
+    dataset's element spec (batch size None) hands ``Watch.observe`` kernel gradients
+    of partly unknown shape. They take their variables' shapes; the norms equal the
+    step's own ``tf.norm`` of each gradient. The model is called once eagerly after the
+    ``Watch`` exists (its call trace then holds eager tensors, which have no consumers:
+    ``observe`` raised NotImplementedError before)."""
+    keras.utils.set_random_seed(0)
+    x, y = _token_data()
+    model = transformer()
+    optimizer = keras.optimizers.SGD(0.01)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(B)
+    log_dir = str(tmp_path / "loop")
+    watch = gw.Watch(log_dir=log_dir, log_every=1, histogram_every=0, model=model)
+
+    @tf.function(input_signature=dataset.element_spec)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        assert any(not g.shape.is_fully_defined() for g in grads if not isinstance(g, tf.IndexedSlices))
+        observed = watch.observe(grads, model.trainable_variables, loss=loss)
+        optimizer.apply_gradients(zip(observed, model.trainable_variables))
+        return [tf.norm(tf.convert_to_tensor(g)) for g in grads]
+
+    model(x[:B])  # built before the step is traced
+    norms = []
+    for xb, yb in dataset:
+        norms.append([float(n) for n in step(xb, yb)])
+        watch.step_end()
+    watch.close()
+    stats = gw.read_stats(log_dir)
+    assert sorted(set(stats.step)) == list(range(1, STEPS + 1))
+    for number, step_norms in enumerate(norms, start=1):
+        rows = stats[stats.step == number]
+        assert len(rows) == len(step_norms)
+        for row, expected in zip(rows.itertuples(), step_norms):
+            assert row.l2 == pytest.approx(expected, rel=2e-4, abs=1e-7), (number, row.variable)
+
+
 def test_nested_dead_units_are_read_from_the_layer_that_really_follows(tmp_path):
     """12 of 16 ReLU units of the middle layer of a Sequential wrapped in a subclassed
     model are dead: the evidence comes from the next layer in the forward pass."""
@@ -463,3 +504,4 @@ def test_a_critic_output_bias_without_gradient_is_not_silent_when_its_kernel_lea
     layers = gw.read_stats(log_dir, level="layer").set_index(["step", "layer"])
     assert layers.loc[(last, "critic_out"), "no_signal_frac"] == 0.0
     assert "no_learning_signal" not in set(gw.read_alerts(log_dir).kind)
+

@@ -127,7 +127,9 @@ def _consumers(tensor: Any) -> list[Any]:
         return []
     try:
         ops = list(tensor.consumers())
-    except (AttributeError, ValueError):
+    except (AttributeError, ValueError, NotImplementedError):
+        # an eager tensor, from a call recorded outside a trace (a functional model
+        # called once eagerly after ``Watch(model=...)``, before its traced step)
         return []
     out = []
     for op in ops:  # look through autocasts and identities
