@@ -277,7 +277,6 @@ class FitParts:
         self._start = None
         if self.recorder is not None:
             self.recorder.count_activations(False)
-            self.recorder.settle()
         if self.pipeline is not None:
             self.pipeline.close()
 

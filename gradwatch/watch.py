@@ -283,7 +283,6 @@ class Watch:
                 if self._pipeline.steps_seen == 0:
                     warnings.warn("Watch closed without observing any step.", stacklevel=2)
             finally:
-                self._recorder.settle()
                 self._pipeline.close()
 
     def __enter__(self) -> Watch:

@@ -14,7 +14,7 @@ import tensorflow as tf
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.compiled import Compiler
-from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, STEP_SCALARS, StepRow
+from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import StepGlobals, StepValues, Window
 from gradwatch._topology import Topology
@@ -165,7 +165,10 @@ class StepBuffer:
         self._folder, self._window, self._compiler = folder, window, compiler
         self.buffered = strategy is None or strategy.num_replicas_in_sync <= 1
         self.capacity = capacity
-        width = self._width = StepRow(num_vars).width
+        layout = StepRow(num_vars)
+        width = layout.width
+        # where a row holds its loss_pair (set_loss writes it, the read settles the totals)
+        self._loss_columns = [layout.scalar_column(name) for name in ("loss_a", "loss_b")]
         self._rows = self._steps = self._fold_fn = self._warming = None
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
@@ -201,13 +204,10 @@ class StepBuffer:
         or when nothing is buffered); returns an op to wait for."""
         if not self.buffered:
             return tf.constant(0, tf.int64)
-        block = self._width - len(STEP_SCALARS)
         at = tf.maximum(row, 0)
-        index = tf.stack([tf.stack([at, tf.constant(block + STEP_SCALARS.index(name), tf.int64)])
-                          for name in ("loss_a", "loss_b")])
-        columns = [block + STEP_SCALARS.index(name) for name in ("loss_a", "loss_b")]
+        index = tf.stack([tf.stack([at, tf.constant(column, tf.int64)]) for column in self._loss_columns])
         # a gather of the row, then of its entries: XLA has no ResourceGatherNd
-        old = tf.gather(self._rows.sparse_read(tf.reshape(at, [1]))[0], columns)
+        old = tf.gather(self._rows.sparse_read(tf.reshape(at, [1]))[0], self._loss_columns)
         value = tf.where(row >= 0, tf.cast(pair, tf.float32), old)
         with tf.control_dependencies([self._rows.scatter_nd_update(index, value)]):
             return tf.constant(0, tf.int64)
@@ -240,12 +240,10 @@ class StepBuffer:
     def _totals_after(self, rows: tf.Tensor, count: tf.Tensor, loss_prev: tf.Tensor) -> tf.Tensor:
         """The loss tracker's totals after the first ``count`` rows, as their fold leaves
         them (``step_loss``): the last row with a tracker's totals, else ``loss_prev``."""
-        block = self._width - len(STEP_SCALARS)
-        columns = [block + STEP_SCALARS.index(name) for name in ("loss_a", "loss_b")]
         index = tf.range(self.capacity, dtype=tf.int64)
-        tracked = (index < count) & (rows[:, columns[1]] >= 0.0)
+        tracked = (index < count) & (rows[:, self._loss_columns[1]] >= 0.0)
         last = tf.reduce_max(tf.where(tracked, index, tf.constant(-1, tf.int64)))
-        totals = tf.cast(tf.gather(tf.gather(rows, tf.maximum(last, 0)), columns), tf.float64)
+        totals = tf.cast(tf.gather(tf.gather(rows, tf.maximum(last, 0)), self._loss_columns), tf.float64)
         return tf.where(last >= 0, totals, loss_prev)
 
     def fold_fetched(self, var_acc: tf.Tensor, global_acc: tf.Tensor, fetched: dict[str, tf.Tensor],

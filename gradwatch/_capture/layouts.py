@@ -117,6 +117,10 @@ class StepRow:
         gather = self.gather_index(index, present_slots, int(measured.shape[0]))
         return tf.gather(source, tf.constant(gather, tf.int32))
 
+    def scalar_column(self, name: str) -> int:
+        """Returns the position of scalar ``name`` (``STEP_SCALARS``) in a row."""
+        return len(STEP_VALUES) * self.num_vars + STEP_SCALARS.index(name)
+
     def split(self, row: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
         """Returns (per-variable value rows by name, scalars by name) of a row."""
         block = len(STEP_VALUES) * self.num_vars

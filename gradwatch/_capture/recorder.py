@@ -339,7 +339,7 @@ class Recorder:
             self._activations.install() if on else self._activations.remove()
 
     def settle(self) -> None:
-        """Host side, at the end of a fit or loop: waits for the fold's compile started at bind."""
+        """Host side, when its pipeline closes: waits for the fold's compile started at bind."""
         if self.bound:
             self.buffer.settle()
 
