@@ -4,8 +4,7 @@ single replica buffered (``StepBuffer``) or in the step under several replicas."
 
 from __future__ import annotations
 
-import logging
-import threading
+import os
 from typing import Any
 
 import numpy as np
@@ -16,10 +15,8 @@ from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
-from gradwatch._capture.window import StepGlobals, StepValues, Window
+from gradwatch._capture.window import Rows, StepGlobals, StepValues, Window
 from gradwatch._topology import Topology
-
-logger = logging.getLogger("gradwatch")
 
 
 def loss_pair(loss: tf.Tensor | None, loss_totals: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
@@ -33,15 +30,20 @@ def loss_pair(loss: tf.Tensor | None, loss_totals: tuple[tf.Tensor, tf.Tensor] |
     return tf.constant([float("nan"), LOSS_UNKNOWN])
 
 
-def step_loss(loss_a: tf.Tensor, loss_b: tf.Tensor, loss_prev: tf.Tensor
-              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Returns (loss, state, totals) of a folded step from its ``loss_pair`` and the
-    tracker's totals at the step before: the step's mean loss (NaN when unknown), its
-    state (1.0 known and non-finite, 0.0 finite, -1.0 unknown), and the new totals."""
+def step_losses(rows: Rows, loss_a: tf.Tensor, loss_b: tf.Tensor, live: tf.Tensor, loss_prev: tf.Tensor
+                ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Returns (loss, state, totals) of R folded steps ([R] each but the totals) from
+    their ``loss_pair``s and the tracker's totals before the first: each step's mean
+    loss (NaN when unknown), its state (1.0 known and non-finite, 0.0 finite, -1.0
+    unknown), and the totals after the last (the rows where ``live`` is False left out).
+    A step's loss is its totals less those of the last tracked step before it."""
     f64 = tf.float64
     a, b = tf.cast(loss_a, f64), tf.cast(loss_b, f64)
-    previous_total, previous_count = tf.unstack(loss_prev, num=2)
-    tracked = b >= 0.0
+    tracked = live & (b >= 0.0)
+    before = rows.last_before(tracked)
+    at = tf.maximum(before, 0)
+    previous_total = tf.where(before >= 0, tf.gather(a, at), loss_prev[0])
+    previous_count = tf.where(before >= 0, tf.gather(b, at), loss_prev[1])
     # The tracker is reset at every epoch start and its count grows with every
     # step (by the batch size): a count that did not grow is a fresh start.
     was_reset = b <= previous_count
@@ -56,12 +58,20 @@ def step_loss(loss_a: tf.Tensor, loss_b: tf.Tensor, loss_prev: tf.Tensor
                     tf.where(tf.equal(b, LOSS_GIVEN), a, nan))
     known = counted | tf.equal(b, LOSS_GIVEN)
     state = tf.where(known, tf.where(tf.math.is_finite(loss), 0.0, 1.0), -1.0)
-    totals = tf.where(tracked, tf.stack([a, b]), loss_prev)
-    return loss, tf.cast(state, f64), totals
+    return loss, tf.cast(state, f64), tracker_totals(rows, a, b, tracked, loss_prev)
+
+
+def tracker_totals(rows: Rows, loss_a: tf.Tensor, loss_b: tf.Tensor, tracked: tf.Tensor,
+                   loss_prev: tf.Tensor) -> tf.Tensor:
+    """The loss tracker's (total, count) after R rows: the last ``tracked`` row's
+    ``loss_pair``, else ``loss_prev`` (float64 [2])."""
+    last = rows.last(tracked)
+    totals = tf.cast(tf.stack([rows.pick(last, loss_a, 0.0), rows.pick(last, loss_b, 0.0)]), tf.float64)
+    return tf.where(last >= 0, totals, loss_prev)
 
 
 class StepFolder:
-    """Folds one step's buffer row into the window accumulators (pure, in-graph).
+    """Folds steps' buffer rows into the window accumulators (pure, in-graph).
 
     Args:
         topology: the run's topology (variables, then their layers, are the columns).
@@ -78,10 +88,16 @@ class StepFolder:
         self._window = window
         self._clipping = clipping
 
-    def fold(self, var_acc, global_acc, row, step, loss_prev):
-        """Returns the window accumulators and the loss totals with one step folded in."""
-        values, scalars = self._row.split(row)
-        loss, loss_state, loss_prev = step_loss(scalars["loss_a"], scalars["loss_b"], loss_prev)
+    def fold(self, var_acc, global_acc, rows, steps, count, loss_prev):
+        """Returns the window accumulators and the loss totals with rows ``0..count-1`` of
+        ``rows`` ([R, width]; their step numbers ``steps``, [R]) folded in, in order, all
+        at once: every statistic is a [columns, R] block."""
+        num_rows = int(rows.shape[0])
+        row_index = Rows(num_rows)
+        live = row_index.index < tf.cast(count, tf.int64)
+        values, scalars = self._row.split_rows(rows)
+        loss, loss_state, loss_prev = step_losses(row_index, scalars["loss_a"], scalars["loss_b"], live,
+                                                  loss_prev)
         loss_scale = scalars["loss_scale"]
         inv_scale = tf.where(tf.math.is_nan(loss_scale), 1.0, 1.0 / loss_scale)
         raw = tf.stack([values[name] for name in RAW_STATS.names])
@@ -103,11 +119,13 @@ class StepFolder:
                        mean_abs=columns.mean_abs, zero_frac=columns.zero_frac,
                        present=tf.concat([var_present, layer_present], axis=0),
                        clip_scale=clip["scale"], clip_fired=clip["fired"]),
-            StepGlobals(step=step, global_l2=global_l2, nonfinite_step=tf.reduce_any(var_nonfinite > 0.0),
+            StepGlobals(step=steps, global_l2=global_l2,
+                        nonfinite_step=tf.reduce_any(var_nonfinite > 0.0, axis=0),
                         skipped=scalars["skipped"] > 0.5, loss=loss, learning_rate=scalars["learning_rate"],
                         loss_scale=loss_scale, clip_l2=clip["global_l2"], clip_scale=clip["global_scale"],
                         clip_fired=clip["any"], clip_threshold=scalars["clip_threshold"],
                         loss_state=loss_state, new_step=scalars["new_step"] > 0.5),
+            live,
         )
         return new_var, new_global, loss_prev
 
@@ -115,10 +133,10 @@ class StepFolder:
         """Returns the clip values per column (variables, then layers) and for the step."""
         var_scale, var_fired = values["clip_scale"], values["clip_fired"]
         if not self._clipping:
-            nan = tf.constant(float("nan"))
-            return {"scale": tf.concat([var_scale, tf.ones([self._num_layers])], axis=0),
-                    "fired": tf.concat([var_fired, tf.zeros([self._num_layers])], axis=0),
-                    "global_l2": nan, "global_scale": nan, "any": tf.constant(False)}
+            nan = tf.fill(tf.shape(global_l2), float("nan"))
+            return {"scale": tf.concat([var_scale, tf.ones_like(layer_l2)], axis=0),
+                    "fired": tf.concat([var_fired, tf.zeros_like(layer_l2)], axis=0),
+                    "global_l2": nan, "global_scale": nan, "any": tf.zeros_like(global_l2, tf.bool)}
         post_l2 = var_l2 * var_scale
         layer_post = stats_lib.segment_norm(post_l2, segment_ids, self._num_layers)
         safe_layer = tf.where(layer_l2 > 0.0, layer_l2, 1.0)
@@ -130,7 +148,7 @@ class StepFolder:
                 "fired": tf.concat([var_fired, layer_fired], axis=0),
                 "global_l2": clip_global,
                 "global_scale": tf.where(global_l2 > 0.0, clip_global / safe_global, 1.0),
-                "any": tf.reduce_any(var_fired > 0.0)}
+                "any": tf.reduce_any(var_fired > 0.0, axis=0)}
 
 
 #: The most rows a step buffer holds: beyond, a step folds it, so memory does not grow with log_every.
@@ -169,7 +187,7 @@ class StepBuffer:
         width = layout.width
         # where a row holds its loss_pair (set_loss writes it, the read settles the totals)
         self._loss_columns = [layout.scalar_column(name) for name in ("loss_a", "loss_b")]
-        self._rows = self._steps = self._fold_fn = self._warming = None
+        self._rows = self._steps = self._fold_fn = None
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
                                                     "gradwatch_step_rows", strategy)
@@ -239,12 +257,10 @@ class StepBuffer:
 
     def _totals_after(self, rows: tf.Tensor, count: tf.Tensor, loss_prev: tf.Tensor) -> tf.Tensor:
         """The loss tracker's totals after the first ``count`` rows, as their fold leaves
-        them (``step_loss``): the last row with a tracker's totals, else ``loss_prev``."""
-        index = tf.range(self.capacity, dtype=tf.int64)
-        tracked = (index < count) & (rows[:, self._loss_columns[1]] >= 0.0)
-        last = tf.reduce_max(tf.where(tracked, index, tf.constant(-1, tf.int64)))
-        totals = tf.cast(tf.gather(tf.gather(rows, tf.maximum(last, 0)), self._loss_columns), tf.float64)
-        return tf.where(last >= 0, totals, loss_prev)
+        them (``step_losses``)."""
+        index = Rows(self.capacity)
+        loss_a, loss_b = rows[:, self._loss_columns[0]], rows[:, self._loss_columns[1]]
+        return tracker_totals(index, loss_a, loss_b, (index.index < count) & (loss_b >= 0.0), loss_prev)
 
     def fold_fetched(self, var_acc: tf.Tensor, global_acc: tf.Tensor, fetched: dict[str, tf.Tensor],
                      count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -253,60 +269,26 @@ class StepBuffer:
         (one call; it reads and writes no variable)."""
         if not self.buffered:
             return var_acc, global_acc
-        self.settle()  # the compile started at bind ends before the first fold
         var_acc, global_acc, _ = self._folded()(var_acc, global_acc, fetched["rows"], fetched["steps"],
                                                 count, fetched["loss_prev"])
         return var_acc, global_acc
 
     def _folded(self) -> Any:
-        """The fold of buffered rows as one call: an XLA call, or a graph function with
-        ``GRADWATCH_JIT=0`` (the same object each time: its compile is cached)."""
+        """The fold of buffered rows as one graph function (the same object each time:
+        its trace is cached). A fixed few hundred ops whatever the rows: no XLA compile
+        (it took ~1.4 s and ran 0.4 ms faster a window), where the GRADWATCH_FOLD_JIT=1
+        environment variable asks for one."""
         if self._fold_fn is None:
-            compiled = self._compiler.compiled(("rows",), self._fold_rows_pure)
-            self._fold_fn = (compiled if compiled is not self._fold_rows_pure
-                             else internals.run_function(self._fold_rows_pure, autograph=False))
+            jit = os.environ.get("GRADWATCH_FOLD_JIT", "0") == "1"
+            self._fold_fn = internals.run_function(self._folder.fold, autograph=False,
+                                                   jit_compile=jit or None)
         return self._fold_fn
-
-    def _fold_rows_pure(self, var_acc, global_acc, rows, steps, count, loss_prev):
-        """The window accumulators and loss totals with rows ``0..count-1`` folded in."""
-        def body(k, var_acc, global_acc, loss_prev):
-            return (k + 1, *self._folder.fold(var_acc, global_acc, rows[k], steps[k], loss_prev))
-
-        _, var_acc, global_acc, loss_prev = tf.while_loop(
-            lambda k, *_: k < count, body, (tf.constant(0, tf.int64), var_acc, global_acc, loss_prev))
-        return var_acc, global_acc, loss_prev
-
-    def warm_up(self) -> None:
-        """Host side, after the recorder's variables exist: traces and compiles the host
-        read's fold on a background thread, with zeros of its inputs' shapes (it writes
-        nothing), so that the first read does not wait for it (~0.8 s on the MLP)."""
-        if not self.buffered:
-            return
-        folded = self._folded()
-        inputs = [tf.zeros(v.shape, v.dtype) for v in (self._window.var_acc, self._window.global_acc,
-                                                        self._rows, self._steps)]
-        inputs += [tf.constant(0, tf.int64), tf.zeros([2], tf.float64)]
-
-        def compile_now():
-            try:
-                folded(*inputs)
-            except Exception:  # noqa: BLE001 - the first read compiles it then
-                logger.debug("gradwatch: compiling the fold ahead of the first read failed", exc_info=True)
-
-        self._warming = threading.Thread(target=compile_now, name="gradwatch-warm-up", daemon=True)
-        self._warming.start()
-
-    def settle(self) -> None:
-        """Waits for the fold's compile started at bind, if it still runs (the fold, and
-        the end of a fit or loop: no gradwatch thread outlives it)."""
-        warming, self._warming = self._warming, None
-        if warming is not None:
-            warming.join()
 
     def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         def fold(var_acc, global_acc):
             var_acc, global_acc, loss_prev = self._folder.fold(
-                var_acc, global_acc, row, step, self._loss_prev.read_value())
+                var_acc, global_acc, row[None], tf.reshape(step, [1]), tf.constant(1, tf.int64),
+                self._loss_prev.read_value())
             self._loss_prev.assign(loss_prev)
             return var_acc, global_acc
 

@@ -121,8 +121,9 @@ class StepRow:
         """Returns the position of scalar ``name`` (``STEP_SCALARS``) in a row."""
         return len(STEP_VALUES) * self.num_vars + STEP_SCALARS.index(name)
 
-    def split(self, row: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
-        """Returns (per-variable value rows by name, scalars by name) of a row."""
+    def split_rows(self, rows: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+        """Returns (per-variable value blocks [V, R] by name, scalars [R] by name) of
+        R rows ([R, width])."""
         block = len(STEP_VALUES) * self.num_vars
-        values = STEP_VALUES.unpack(tf.reshape(row[:block], [len(STEP_VALUES), self.num_vars]))
-        return values, STEP_SCALARS.unpack(row[block:])
+        values = tf.transpose(tf.reshape(rows[:, :block], [-1, len(STEP_VALUES), self.num_vars]), [1, 2, 0])
+        return STEP_VALUES.unpack(values), STEP_SCALARS.unpack(rows[:, block:], axis=1)

@@ -123,7 +123,6 @@ class Recorder:
                     topology, self._options.histogram_every, self._options.signed_histograms, strategy))
         if activation_layers is not None:
             self._activations = probes_lib.ActivationProbe(topology, activation_layers, strategy)
-        self.buffer.warm_up()
 
     def slots_of(self, grads: Sequence[Any], variables: Sequence[Any]) -> tuple[int, ...]:
         """Returns the accumulator column of each variable (host side, before any trace).
@@ -337,11 +336,6 @@ class Recorder:
         """Installs (True) or removes (False) the activation probe's wrappers, if any."""
         if self._activations is not None:
             self._activations.install() if on else self._activations.remove()
-
-    def settle(self) -> None:
-        """Host side, when its pipeline closes: waits for the fold's compile started at bind."""
-        if self.bound:
-            self.buffer.settle()
 
     def pause_activations(self, paused: bool) -> None:
         """Pauses the activation probe's counting (validation batches inside ``fit``)."""

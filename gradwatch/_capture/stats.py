@@ -45,12 +45,13 @@ def summed_rows(grad: tf.IndexedSlices) -> tf.Tensor:
     return tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_rows)[0])
 
 
-def safe_norm(values: tf.Tensor) -> tf.Tensor:
-    """Returns the L2 norm of ``values`` (any shape), scaled by the largest entry so
-    that squaring neither overflows nor underflows float32."""
-    largest = tf.reduce_max(tf.abs(values))
+def safe_norm(values: tf.Tensor, axis: int | None = None) -> tf.Tensor:
+    """Returns the L2 norm of ``values`` (any shape; along ``axis`` only if given),
+    scaled by the largest entry so that squaring neither overflows nor underflows float32."""
+    largest = tf.reduce_max(tf.abs(values), axis=axis, keepdims=axis is not None)
     scale = tf.where(largest > 0.0, largest, 1.0)
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale)))
+    norm = scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale), axis=axis, keepdims=axis is not None))
+    return norm if axis is None else tf.squeeze(norm, axis)
 
 
 def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
@@ -289,7 +290,8 @@ def exact_norms(groups: Groups) -> tf.Tensor:
 
 def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int,
                  present: tf.Tensor | None = None) -> tf.Tensor:
-    """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe).
+    """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe;
+    along the first axis: a [V, R] block gives [num_segments, R]).
 
     NaN parts (no finite entry) are left out; a segment whose present parts are all NaN
     is NaN, one with an infinite part is Inf (a part overflowed float32)."""
@@ -314,15 +316,16 @@ def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
 
 
 def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
-    """Returns the global norm of per-variable norms (overflow-safe; 0 for none; NaN when
-    every present norm is NaN; Inf when one is)."""
-    if l2.shape.num_elements() == 0:
-        return tf.zeros([], tf.float32)
+    """Returns the global norm of per-variable norms [V] (overflow-safe; 0 for none; NaN
+    when every present norm is NaN; Inf when one is); of each column of a [V, R] block."""
+    if l2.shape[0] == 0:
+        return tf.zeros(l2.shape[1:], tf.float32)
     present = tf.ones_like(l2, tf.bool) if present is None else present
-    norm = safe_norm(tf.where(tf.math.is_finite(l2) & present, l2, 0.0))
+    norm = safe_norm(tf.where(tf.math.is_finite(l2) & present, l2, 0.0), axis=0)
     nan = tf.math.is_nan(l2)
-    norm = tf.where(tf.reduce_any(tf.math.is_inf(l2) & present), float("inf"), norm)
-    nan_only = tf.reduce_any(nan & present) & tf.logical_not(tf.reduce_any(tf.logical_not(nan) & present))
+    norm = tf.where(tf.reduce_any(tf.math.is_inf(l2) & present, axis=0), float("inf"), norm)
+    nan_only = (tf.reduce_any(nan & present, axis=0)
+                & tf.logical_not(tf.reduce_any(tf.logical_not(nan) & present, axis=0)))
     return tf.where(nan_only, float("nan"), norm)
 
 
@@ -336,15 +339,17 @@ def layer_stats(
     """Aggregates per-variable statistics into per-layer ones (in-graph, few ops).
 
     Args:
-        var_stats: statistics of every watched variable (absent ones are zeros).
-        present: bool [V], which variables had a gradient this step.
+        var_stats: statistics of every watched variable (absent ones are zeros): [V],
+            or [V, R] for R steps at once.
+        present: bool, shaped as the statistics: which variables had a gradient.
         segment_ids: int32 [V], the layer of each variable.
         sizes: float32 [V], number of entries of each variable.
         num_layers: number of layers.
 
     Returns:
-        The layer statistics and a bool [L] of layers with any gradient.
+        The layer statistics ([L] or [L, R]) and a bool of layers with any gradient.
     """
+    sizes = tf.reshape(sizes, [-1] + [1] * (present.shape.rank - 1))
     weight = sizes * tf.cast(present, tf.float32)
     layer_size = tf.math.unsorted_segment_sum(weight, segment_ids, num_layers)
     safe_size = tf.where(layer_size > 0.0, layer_size, 1.0)

@@ -20,17 +20,8 @@ import tensorflow as tf
 from gradwatch._capture.keras_internals import replica_variable
 from gradwatch._capture.layouts import WINDOW_COLUMNS, WINDOW_GLOBALS
 
-# How each global folds: old + x for these, max/min for those, x for the rest.
-_G_SUM = (
-    "steps", "global_l2_sum", "nonfinite_steps", "skipped_steps", "loss_sum", "loss_count",
-    "clip_fired_steps", "loss_nonfinite_steps",
-)
-_G_MAX = ("global_l2_max", "clip_l2_max")
-_G_MIN = ("global_l2_min", "clip_scale_min")
-
-
-def _mask(names: tuple[str, ...]) -> np.ndarray:
-    return np.array([name in names for name in WINDOW_GLOBALS.names])
+# the globals that hold the step last counted in a count of steps (once per step)
+_COUNTED = ("nonfinite_counted_step", "skipped_counted_step", "clip_counted_step")
 
 
 def _var_reset_values(num_columns: int) -> np.ndarray:
@@ -60,20 +51,20 @@ def _global_reset_values() -> np.ndarray:
 
 
 class StepValues(NamedTuple):
-    """One step's values, per column (variables then layers), float32 [C] each."""
+    """R steps' values per column (variables then layers): float32 [C, R] each."""
 
     l2: tf.Tensor
     nonfinite: tf.Tensor
     max_abs: tf.Tensor  # meaningful on sampled steps only
     mean_abs: tf.Tensor
     zero_frac: tf.Tensor
-    present: tf.Tensor  # bool [C]: had a gradient this step
+    present: tf.Tensor  # bool: had a gradient in that step
     clip_scale: tf.Tensor  # post/pre-clip norm ratio (1 when no clip)
     clip_fired: tf.Tensor  # float 0/1: clipping changed the gradient
 
 
 class StepGlobals(NamedTuple):
-    """One step's scalars."""
+    """R steps' scalars: [R] each."""
 
     step: tf.Tensor
     global_l2: tf.Tensor
@@ -88,6 +79,45 @@ class StepGlobals(NamedTuple):
     clip_threshold: tf.Tensor
     loss_state: tf.Tensor  # 1.0 loss non-finite, 0.0 finite, -1.0 unknown
     new_step: tf.Tensor  # bool: the row starts a step (False: a further observation in it)
+
+
+class Rows:
+    """Index arithmetic over R rows folded at once (R static), along the last axis:
+    the last row where a mask holds, the last one before each row, a row's value."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.index = tf.range(count, dtype=tf.int64)
+        self._earlier = np.arange(count)[None, :] < np.arange(count)[:, None]  # [k, j]: j < k
+        self._none = tf.constant(-1, tf.int64)
+
+    def last(self, mask: tf.Tensor) -> tf.Tensor:
+        """The last row where ``mask`` ([..., R]) holds; -1 for none."""
+        return tf.reduce_max(tf.where(mask, self.index, self._none), axis=-1)
+
+    def first(self, mask: tf.Tensor) -> tf.Tensor:
+        """The first row where ``mask`` ([R]) holds; -1 for none."""
+        first = tf.reduce_min(tf.where(mask, self.index, tf.constant(self.count, tf.int64)))
+        return tf.where(first < self.count, first, self._none)
+
+    def last_before(self, mask: tf.Tensor) -> tf.Tensor:
+        """[..., R]: for each row, the last earlier row where ``mask`` ([..., R]) holds; -1 for none."""
+        earlier = self._earlier & tf.expand_dims(mask, -2)
+        return tf.reduce_max(tf.where(earlier, self.index, self._none), axis=-1)
+
+    def pick(self, row: tf.Tensor, values: tf.Tensor, fallback: tf.Tensor) -> tf.Tensor:
+        """``values[..., row]``: ``row`` [] or one per entry of ``values``' trailing
+        leading axes; ``fallback`` (shaped as the result) where ``row`` is -1."""
+        hit = tf.equal(self.index, tf.expand_dims(row, -1))
+        picked = tf.reduce_sum(tf.where(hit, values, tf.zeros_like(values)), axis=-1)
+        return tf.where(row >= 0, picked, fallback)
+
+
+def _masked(reduce, masks: list[tf.Tensor], values: list[tf.Tensor], empty: float) -> tf.Tensor:
+    """``reduce`` along the rows of each value where its mask holds (``empty`` elsewhere):
+    one stacked reduction, [len(values), ...]."""
+    stacked = tf.stack([tf.cast(value, tf.float64) for value in values])
+    return reduce(tf.where(tf.stack(masks), stacked, tf.constant(empty, tf.float64)), axis=-1)
 
 
 class Window:
@@ -113,106 +143,113 @@ class Window:
         self.var_acc.assign(new_var)
         self.global_acc.assign(new_global)
 
-    def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues,
-                    scalars: StepGlobals) -> tuple[tf.Tensor, tf.Tensor]:
-        """The window accumulators ``(var_acc, global_acc)`` with one more step folded in
-        (pure). The window's first step is its sampled step (max, mean, zero fraction);
-        every observation in it (several optimizers, or one applied several times) is."""
+    def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues, scalars: StepGlobals,
+                    live: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The window accumulators ``(var_acc, global_acc)`` with R steps' rows folded in
+        at once, in row order, the rows where ``live`` ([R] bool) is False left out (pure,
+        a fixed number of ops whatever R). The window's first step is its sampled step
+        (max, mean, zero fraction); every observation in it (several optimizers, or one
+        applied several times) is."""
+        rows = Rows(int(live.shape[0]))
         old_globals = WINDOW_GLOBALS.unpack(old)
-        first_event = tf.cast(scalars.nonfinite_step, tf.bool) & (old_globals["first_nonfinite_step"] < 0.0)
-        steps_now = old_globals["steps"] + tf.cast(scalars.new_step, tf.float64)
-        new_var = self._fold_columns(WINDOW_COLUMNS.unpack(acc), values,
-                                     tf.equal(steps_now, 1.0), first_event)
-        return new_var, self._fold_globals(old, old_globals, scalars, first_event)
+        f64 = tf.float64
+        new_step = tf.cast(scalars.new_step, tf.bool) & live
+        # the row is in the window's first step: the steps counted up to it make 1
+        sampled = tf.equal(old_globals["steps"] + tf.cumsum(tf.cast(new_step, f64)), 1.0)
+        step = tf.cast(scalars.step, f64)
+        # a step observed several times counts once: after a flagged row its step is the one counted
+        flags = tf.stack([tf.cast(flag, tf.bool) for flag in (scalars.nonfinite_step, scalars.skipped,
+                                                               scalars.clip_fired)]) & live
+        counted = tf.stack([old_globals[name] for name in _COUNTED])
+        before = rows.last_before(flags)
+        counted_before = tf.where(before >= 0, tf.gather(step, tf.maximum(before, 0)), counted[:, None])
+        fresh = flags & tf.not_equal(counted_before, step)
+        fresh_nonfinite = fresh[0]
+        # the window's first non-finite step: rows of a non-finite step before any counted one
+        no_event_yet = old_globals["first_nonfinite_step"] < 0.0
+        event = rows.last(flags[0] & no_event_yet & (rows.last_before(fresh_nonfinite) < 0))
+        first = rows.first(fresh_nonfinite)
+        new_var = self._fold_columns(rows, WINDOW_COLUMNS.unpack(acc), values, live, sampled, event)
+        firsts = {
+            "first_nonfinite_step": tf.where(
+                no_event_yet, rows.pick(first, step, old_globals["first_nonfinite_step"]),
+                old_globals["first_nonfinite_step"]),
+            "loss_nonfinite_at_first": rows.pick(event, tf.cast(scalars.loss_state, f64),
+                                                 old_globals["loss_nonfinite_at_first"]),
+        }
+        now_counted = rows.pick(rows.last(flags), step, counted)
+        return new_var, self._fold_globals(rows, old_globals, scalars, live, {
+            **firsts, **dict(zip(_COUNTED, tf.unstack(now_counted, num=len(_COUNTED)))),
+        }, [new_step, *tf.unstack(fresh, num=len(_COUNTED))])
 
     @staticmethod
-    def _fold_columns(acc: dict[str, tf.Tensor], values: StepValues, sampled: tf.Tensor,
-                      first_event: tf.Tensor) -> tf.Tensor:
-        """Returns the per-column accumulators with one step folded in."""
+    def _fold_columns(rows: Rows, acc: dict[str, tf.Tensor], values: StepValues, live: tf.Tensor,
+                      sampled: tf.Tensor, event: tf.Tensor) -> tf.Tensor:
+        """Returns the per-column accumulators with the rows folded in."""
         f64 = tf.float64
-        has = values.present
-        present = tf.cast(has, f64)
+        has = tf.cast(values.present, tf.bool) & live[None, :]
         l2 = tf.cast(values.l2, f64)
         # a NaN norm (no finite entry) is the last value if last, but no max, min or mean
         measured = has & tf.logical_not(tf.math.is_nan(l2))
-        sample_now = has & sampled
-        clip_scale = tf.cast(values.clip_scale, f64)
+        ones = tf.ones_like(l2)
+        summed = dict(zip(("l2_sum", "l2_steps", "grad_steps", "nonfinite_sum", "clip_fired_sum"), tf.unstack(
+            _masked(tf.reduce_sum, [measured, measured, has, has, has],
+                    [l2, ones, ones, values.nonfinite, values.clip_fired], 0.0))))
+        sampled_names = ("max_abs", "mean_abs", "zero_frac")
+        # the window's first step is its sampled step
+        sample = rows.pick(rows.last(has & sampled[None, :]),
+                           tf.cast(tf.stack([values.max_abs, values.mean_abs, values.zero_frac]), f64),
+                           tf.stack([acc[name] for name in sampled_names]))
+        largest = _masked(tf.reduce_max, [measured], [l2], -np.inf)[0]
+        least = _masked(tf.reduce_min, [measured, has], [l2, values.clip_scale], np.inf)
         return WINDOW_COLUMNS.pack({
-            "l2_last": tf.where(has, l2, acc["l2_last"]),
-            "l2_max": tf.where(measured, tf.maximum(acc["l2_max"], l2), acc["l2_max"]),
-            "l2_min": tf.where(measured, tf.minimum(acc["l2_min"], l2), acc["l2_min"]),
-            "l2_sum": acc["l2_sum"] + tf.where(measured, l2, tf.zeros_like(l2)),
-            "l2_steps": acc["l2_steps"] + tf.cast(measured, f64),
-            "grad_steps": acc["grad_steps"] + present,
-            "nonfinite_sum": acc["nonfinite_sum"] + tf.cast(values.nonfinite, f64) * present,
-            # the window's first step is its sampled step
-            "max_abs": tf.where(sample_now, tf.cast(values.max_abs, f64), acc["max_abs"]),
-            "mean_abs": tf.where(sample_now, tf.cast(values.mean_abs, f64), acc["mean_abs"]),
-            "zero_frac": tf.where(sample_now, tf.cast(values.zero_frac, f64), acc["zero_frac"]),
-            "clip_scale_min": tf.where(has, tf.minimum(acc["clip_scale_min"], clip_scale),
-                                       acc["clip_scale_min"]),
-            "clip_fired_sum": acc["clip_fired_sum"] + tf.cast(values.clip_fired, f64) * present,
-            "nonfinite_at_first": tf.where(first_event, tf.cast(values.nonfinite, f64),
-                                           acc["nonfinite_at_first"]),
+            **{name: acc[name] + total for name, total in summed.items()},
+            **dict(zip(sampled_names, tf.unstack(sample, num=3))),
+            "l2_last": rows.pick(rows.last(has), l2, acc["l2_last"]),
+            "l2_max": tf.maximum(acc["l2_max"], largest),
+            "l2_min": tf.minimum(acc["l2_min"], least[0]),
+            "clip_scale_min": tf.minimum(acc["clip_scale_min"], least[1]),
+            "nonfinite_at_first": rows.pick(event, tf.cast(values.nonfinite, f64), acc["nonfinite_at_first"]),
         })
 
     @staticmethod
-    def _fold_globals(old: tf.Tensor, old_globals: dict[str, tf.Tensor], scalars: StepGlobals,
-                      first_event: tf.Tensor) -> tf.Tensor:
-        """Returns the global accumulators with one step folded in."""
+    def _fold_globals(rows: Rows, old: dict[str, tf.Tensor], scalars: StepGlobals, live: tf.Tensor,
+                      settled: dict[str, tf.Tensor], counts: list[tf.Tensor]) -> tf.Tensor:
+        """Returns the global accumulators with the rows folded in (``settled``: those
+        worked out by the caller; ``counts``: [R] bool masks of the rows that count a
+        new step, a non-finite, a skipped and a clipped one)."""
         f64 = tf.float64
-        no_event_yet = old_globals["first_nonfinite_step"] < 0.0
-        step = tf.cast(scalars.step, f64)
         gl2 = tf.cast(scalars.global_l2, f64)
-        gl2_nan = tf.math.is_nan(gl2)
+        measured = live & tf.logical_not(tf.math.is_nan(gl2))
         loss = tf.cast(scalars.loss, f64)
-        loss_known = tf.math.is_finite(loss)
-        clip_l2 = tf.cast(scalars.clip_l2, f64)
-
-        def once_per_step(flag, counted: str) -> tuple[tf.Tensor, tf.Tensor]:
-            """(1.0 if ``flag`` and the step is not counted yet, the step last counted)."""
-            fresh = tf.cast(flag, tf.bool) & tf.not_equal(old_globals[counted], step)
-            return tf.cast(fresh, f64), tf.where(fresh, step, old_globals[counted])
-
-        nonfinite, nonfinite_counted = once_per_step(scalars.nonfinite_step, "nonfinite_counted_step")
-        skipped, skipped_counted = once_per_step(scalars.skipped, "skipped_counted_step")
-        clip_fired, clip_counted = once_per_step(scalars.clip_fired, "clip_counted_step")
-        candidate = WINDOW_GLOBALS.pack({
-            "steps": tf.cast(scalars.new_step, f64),
-            "last_step": step,
-            "global_l2_last": gl2,
-            "global_l2_max": tf.where(gl2_nan, tf.constant(-np.inf, f64), gl2),
-            "global_l2_min": tf.where(gl2_nan, tf.constant(np.inf, f64), gl2),
-            "global_l2_sum": tf.where(gl2_nan, tf.constant(0.0, f64), gl2),
-            "nonfinite_steps": nonfinite,
-            "first_nonfinite_step": tf.where(no_event_yet & (nonfinite > 0.0), step,
-                                             old_globals["first_nonfinite_step"]),
-            "skipped_steps": skipped,
-            "loss_sum": tf.where(loss_known, loss, tf.constant(0.0, f64)),
-            "loss_count": tf.cast(loss_known, f64),
-            "learning_rate_last": tf.cast(scalars.learning_rate, f64),
-            "loss_scale_last": tf.cast(scalars.loss_scale, f64),
-            "clip_l2_last": clip_l2,
-            "clip_l2_max": clip_l2,
-            "clip_scale_min": tf.cast(scalars.clip_scale, f64),
-            "clip_fired_steps": clip_fired,
-            "clip_threshold_last": tf.cast(scalars.clip_threshold, f64),
-            "loss_nonfinite_steps": tf.cast(tf.equal(tf.cast(scalars.loss_state, f64), 1.0), f64),
-            "loss_nonfinite_at_first": tf.where(first_event, tf.cast(scalars.loss_state, f64),
-                                                old_globals["loss_nonfinite_at_first"]),
-            "nonfinite_counted_step": nonfinite_counted,
-            "skipped_counted_step": skipped_counted,
-            "clip_counted_step": clip_counted,
+        loss_known = live & tf.math.is_finite(loss)
+        ones = tf.ones_like(gl2)
+        loss_nonfinite = live & tf.equal(tf.cast(scalars.loss_state, f64), 1.0)
+        summed = ("global_l2_sum", "loss_sum", "loss_count", "loss_nonfinite_steps", "steps",
+                  "nonfinite_steps", "skipped_steps", "clip_fired_steps")
+        totals = _masked(tf.reduce_sum, [measured, loss_known, loss_known, loss_nonfinite, *counts],
+                         [gl2, loss, ones, ones, *[ones] * len(counts)], 0.0)
+        lasts = ("last_step", "global_l2_last", "learning_rate_last", "loss_scale_last", "clip_l2_last",
+                 "clip_threshold_last")
+        last_values = (scalars.step, gl2, scalars.learning_rate, scalars.loss_scale, scalars.clip_l2,
+                       scalars.clip_threshold)
+        at_last = rows.pick(rows.last(live), tf.stack([tf.cast(value, f64) for value in last_values]),
+                            tf.stack([old[name] for name in lasts]))
+        # a NaN (no clip) is no maximum or minimum: the reset value stays, and is read as none
+        clip_l2, clip_scale = tf.cast(scalars.clip_l2, f64), tf.cast(scalars.clip_scale, f64)
+        largest = _masked(tf.reduce_max, [measured, live & tf.logical_not(tf.math.is_nan(clip_l2))],
+                          [gl2, clip_l2], -np.inf)
+        least = _masked(tf.reduce_min, [measured, live & tf.logical_not(tf.math.is_nan(clip_scale))],
+                        [gl2, clip_scale], np.inf)
+        return WINDOW_GLOBALS.pack({
+            **settled,
+            **{name: old[name] + total for name, total in zip(summed, tf.unstack(totals, num=len(summed)))},
+            **dict(zip(lasts, tf.unstack(at_last, num=len(lasts)))),
+            "global_l2_max": tf.maximum(old["global_l2_max"], largest[0]),
+            "clip_l2_max": tf.maximum(old["clip_l2_max"], largest[1]),
+            "global_l2_min": tf.minimum(old["global_l2_min"], least[0]),
+            "clip_scale_min": tf.minimum(old["clip_scale_min"], least[1]),
         })
-        return tf.where(
-            _mask(_G_SUM),
-            old + candidate,
-            tf.where(
-                _mask(_G_MAX),
-                tf.maximum(old, candidate),
-                tf.where(_mask(_G_MIN), tf.minimum(old, candidate), candidate),
-            ),
-        )
 
     def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
         """In-graph, for the recorder's single read: the accumulators ``(var_acc,
