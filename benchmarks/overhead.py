@@ -24,8 +24,9 @@ model (``plain:control``) gives the floor, plain against plain; a table is valid
 the floor is 1.00 +- 0.02. Beside the mean: the ratio of median steps ("typical":
 the lean steps that make most of a long fit) and the extra one-off seconds against
 plain's: the median of the per-repetition differences, and the difference of each
-configuration's least one-off ("least": some fits, plain ones too, spend ~4 s more
-outside their steps than others, which the median does not always filter). Results go
+configuration's least one-off ("least": a slow neighbour minute lands on one fit's
+one-off; the ~2.4 s that tf.data's autotuning added after some fits is gone, see
+``dataset``). Results go
 to ``benchmarks/results/bench-<date>-<time>.json``.
 
 Usage:
@@ -291,9 +292,17 @@ def summarise(times, wall):
 
 
 def dataset(name, batch_size):
-    """32 distinct batches, repeated: the fit reads from a pipeline, as training does."""
+    """32 distinct batches, repeated: the fit reads from a pipeline, as training does.
+
+    tf.data's autotuning is off: with it, deleting the fit's iterator after the last
+    callback took ~2.4 s in about a third of the fits here (plain ones as much), at
+    random, which made the one-off seconds bimodal (2 of 8 plain MLP fits, 8 of 8 with
+    it off gave none). A fixed prefetch of 2 has nothing to tune."""
     x, y = make_data(name, 32 * batch_size)
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat().prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return (tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat().prefetch(2)
+            .with_options(options))
 
 
 def cell(runs, config):
@@ -305,8 +314,8 @@ def cell(runs, config):
         "mean_ratio": statistics.median(m["mean_ms"] / b["mean_ms"] for m, b in zip(mine, base)),
         "median_ratio": statistics.median(m["median_ms"] / b["median_ms"] for m, b in zip(mine, base)),
         "extra_one_off_s": statistics.median(m["one_off_s"] - b["one_off_s"] for m, b in zip(mine, base)),
-        # some fits (plain ones too) spend ~4 s more outside their steps than others: the
-        # least one-off of each configuration is the fairer comparison of what it adds
+        # a slow minute of this shared machine can land on one fit's one-off: the least
+        # one-off of each configuration is the fairer comparison of what it adds
         "extra_least_one_off_s": min(m["one_off_s"] for m in mine) - min(b["one_off_s"] for b in base),
         "mean_ms": statistics.median(m["mean_ms"] for m in mine),
         "per_rep_mean_ratio": [m["mean_ms"] / b["mean_ms"] for m, b in zip(mine, base)],
