@@ -41,6 +41,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -232,6 +233,11 @@ def configurations(log_root, sample, internal=None):
         return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), activation_probe=True,
                                    internal=internal)]
 
+    def gradwatch_no_lean():
+        # every step a full step: what the lean step's second trace saves at run time
+        no_lean = dataclasses.replace(internal or InternalOptions(), lean_steps=False)
+        return [gw.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), internal=no_lean)]
+
     def naive_recompute():
         return [NaiveRecompute(*sample)]
 
@@ -246,6 +252,7 @@ def configurations(log_root, sample, internal=None):
         "gradwatch+clip": gradwatch_clip,
         "gradwatch+hist_every_step": gradwatch_hist_every_step,
         "gradwatch+activation_probe": gradwatch_activations,
+        "gradwatch+no_lean": gradwatch_no_lean,
         "naive_recompute": naive_recompute,
         "keras_tensorboard_hist": keras_tensorboard,
     }

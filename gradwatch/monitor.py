@@ -327,9 +327,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._parts.note_group(group, trainable_variables or internals.trainable_variables_of(optimizer))
         if self._parts.discard_trace:  # bound in this trace, which TensorFlow traces again
             return original_apply(grads, trainable_variables)
+        # a fit with a lean step takes one row a step and reads every log_every steps
+        reads_in_time = (self._lean_function is not None
+                         and self._parts.recorder.capacity > self.options.log_every)
         return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
-                                         grads, trainable_variables)
+                                         grads, trainable_variables, reads_in_time=reads_in_time)
 
 
 def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: Any) -> None:

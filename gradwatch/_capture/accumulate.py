@@ -200,12 +200,16 @@ class StepBuffer:
             ) -> tuple[tf.Tensor, tf.Tensor]:
         """Adds one step's row. Returns the new number of buffered rows and an op to wait for.
 
-        ``fold_if_full`` False (the lean step) leaves a full buffer to the next full step.
+        ``fold_if_full`` False (the lean step, or a front that reads in time) leaves a
+        full buffer to the next full step, or to the read.
         """
         if not self.buffered:
             fold = self._compiler.compiled(("fold",), self._fold_now)
             return buffered, fold(row, step)
-        index = tf.reshape(buffered, [1, 1])
+        # a step that does not fold never writes past the last row (a front that reads
+        # in time never gets there; the row's values are then lost, not the fit)
+        at = buffered if fold_if_full else tf.minimum(buffered, self.capacity - 1)
+        index = tf.reshape(at, [1, 1])
         writes = [self._rows.scatter_nd_update(index, tf.reshape(row, [1, -1])),
                   self._steps.scatter_nd_update(index, tf.reshape(step, [1]))]
         if not fold_if_full:

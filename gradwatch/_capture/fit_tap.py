@@ -12,7 +12,8 @@ from gradwatch._capture.recorder import Recorder, StepContext
 
 
 def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfinite: str, lean: bool,
-                      original_apply: Any, grads: Any, trainable_variables: Any) -> Any:
+                      original_apply: Any, grads: Any, trainable_variables: Any,
+                      reads_in_time: bool = False) -> Any:
     """Records the step's watched gradients, then applies what the optimizer gets.
 
     Args:
@@ -24,6 +25,7 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
         original_apply: the optimizer's own ``apply``.
         grads: the gradients ``apply`` was called with.
         trainable_variables: their variables (None: the optimizer's own list).
+        reads_in_time: the host reads before the step buffer fills (``Recorder.observe``).
 
     Returns:
         What ``original_apply`` returned.
@@ -44,7 +46,7 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
     )
     watched_grads = [grads[i] for i in watched]
     slots = recorder.slots_of(watched_grads, [trainable_variables[i] for i in watched])
-    observed = recorder.observe(watched_grads, slots, context, lean=lean)
+    observed = recorder.observe(watched_grads, slots, context, lean=lean, fold_when_full=not reads_in_time)
     for k, i in enumerate(watched):
         grads[i] = observed.grads[k]
     if loss_scaled:

@@ -151,7 +151,7 @@ class Recorder:
 
     @tf.autograph.experimental.do_not_convert
     def observe(self, grads: Sequence[Any], slots: Sequence[int], context: StepContext | None = None,
-                lean: bool = False) -> StepResult:
+                lean: bool = False, fold_when_full: bool = True) -> StepResult:
         """Records one step's gradients, in-graph; returns the gradients to apply.
 
         Args:
@@ -162,6 +162,8 @@ class Recorder:
                 sampled step (the window's first step, histogram steps, the update
                 measure, a full buffer); a front runs it only on steps it knows hold
                 none of that, and reads at least every ``capacity`` steps.
+            fold_when_full: False: the front reads before the buffer fills, so no step
+                holds the fold of a full buffer (a smaller trace and XLA compile).
         """
         context = context or StepContext()
         grads = [_with_static_shape(g, self._variables[slot]) for g, slot in zip(grads, slots)]
@@ -195,7 +197,8 @@ class Recorder:
                    "clip_threshold": tf.cast(clip_threshold, tf.float32),
                    "skipped": tf.cast(skipped, tf.float32), "new_step": tf.cast(new_step, tf.float32)}
         row = self._row.build(flat, index, [slots[i] for i in present], scalars)
-        buffered, done = self.buffer.add(row, step, state["buffered"], fold_if_full=not lean)
+        buffered, done = self.buffer.add(row, step, state["buffered"],
+                                         fold_if_full=fold_when_full and not lean)
         step_row = state["step_row"]
         if self._ends_steps:  # the buffer row that takes the step's loss at end_step (-1: folded)
             step_row = tf.where(tf.equal(buffered, 0), tf.constant(-1, tf.int64),
