@@ -206,10 +206,7 @@ class StepBuffer:
         if not self.buffered:
             fold = self._compiler.compiled(("fold",), self._fold_now)
             return buffered, fold(row, step)
-        # a step that does not fold never writes past the last row (a front that reads
-        # in time never gets there; the row's values are then lost, not the fit)
-        at = buffered if fold_if_full else tf.minimum(buffered, self.capacity - 1)
-        index = tf.reshape(at, [1, 1])
+        index = tf.reshape(buffered, [1, 1])
         writes = [self._rows.scatter_nd_update(index, tf.reshape(row, [1, -1])),
                   self._steps.scatter_nd_update(index, tf.reshape(step, [1]))]
         if not fold_if_full:
