@@ -162,8 +162,7 @@ class Recorder:
                 sampled step (the window's first step, histogram steps, the update
                 measure, a full buffer); a front runs it only on steps it knows hold
                 none of that, and reads at least every ``capacity`` steps.
-            fold_when_full: False: the front reads before the buffer fills, so no step
-                holds the fold of a full buffer (a smaller trace and XLA compile).
+            fold_when_full: False: the front reads before the buffer fills (no fold traced).
         """
         context = context or StepContext()
         grads = [_with_static_shape(g, self._variables[slot]) for g, slot in zip(grads, slots)]
@@ -339,6 +338,10 @@ class Recorder:
         """Installs (True) or removes (False) the activation probe's wrappers, if any."""
         if self._activations is not None:
             self._activations.install() if on else self._activations.remove()
+
+    def settle(self) -> None:
+        """Host side, when its pipeline closes: waits for the fold's XLA compile, if any."""
+        self.bound and self.buffer.settle()
 
     def pause_activations(self, paused: bool) -> None:
         """Pauses the activation probe's counting (validation batches inside ``fit``)."""
