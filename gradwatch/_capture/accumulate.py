@@ -154,6 +154,9 @@ class StepFolder:
                 "any": tf.reduce_any(var_fired > 0.0, axis=0)}
 
 
+#: The host folds this many windows with the graph function before it compiles the XLA fold.
+FOLDS_BEFORE_COMPILE = 10
+
 #: The most rows a step buffer holds: beyond, a step folds it, so memory does not grow with log_every.
 MAX_BUFFER_ROWS = 256
 
@@ -191,6 +194,7 @@ class StepBuffer:
         # where a row holds its loss_pair (set_loss writes it, the read settles the totals)
         self._loss_columns = [layout.scalar_column(name) for name in ("loss_a", "loss_b")]
         self._rows = self._steps = self._fold_fn = self._fold_xla = self._compiling = None
+        self._host_folds = 0
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
                                                     "gradwatch_step_rows", strategy)
@@ -286,13 +290,15 @@ class StepBuffer:
 
     def _host_fold(self) -> Any:
         """The host's fold: the graph function until the same fold as one XLA call is
-        compiled, on a thread started at the first host fold (~1.5 s of compile that
-        no step waits for); then the XLA call. Its few hundred small ops would otherwise
-        share the inter-op thread pool with the training step's: the MLP's typical step
-        measured 1.069 of plain's with the graph function, 1.034 with the XLA call."""
+        compiled, on a thread started at the ``FOLDS_BEFORE_COMPILE``-th host fold
+        (~1.5 s of compile that no step waits for, and that a short run never pays);
+        then the XLA call. Its few hundred small ops would otherwise share the inter-op
+        thread pool with the training step's: the MLP's typical step measured 1.069 of
+        plain's with the graph function, 1.034 with the XLA call."""
         if self._fold_xla is not None:
             return self._fold_xla
-        if self._compiling is None and self._compiler.enabled:
+        self._host_folds += 1
+        if self._compiling is None and self._compiler.enabled and self._host_folds >= FOLDS_BEFORE_COMPILE:
             compiled = internals.run_function(self._folder.fold, autograph=False, jit_compile=True)
             inputs = [tf.zeros(v.shape, v.dtype) for v in (self._window.var_acc, self._window.global_acc,
                                                             self._rows, self._steps)]
