@@ -8,6 +8,11 @@ between two plain fits here). Per repetition: each configuration's median and me
 step (steps over 20x the median left out) over the 1,000 steps after the 50 untimed
 ones; printed: the median over repetitions of each ratio to plain's.
 
+Caution: in its three runs on 2026-12-06 (``results/fit_ab-2026-12-06-*.txt``) it put
+the working tree's monitor behind the other revision's whichever was older, while
+the same comparison within one package put them the other way round; until that is
+understood, judge a change with ``step_ab.py``.
+
 Usage:
     python benchmarks/fit_ab.py --baseline 8e68954 --jit --reps 6
 """
