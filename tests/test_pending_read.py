@@ -81,11 +81,13 @@ def test_windows_folded_after_later_steps_and_out_of_order_equal_a_tape():
     assert recorder.read_pending() is None  # nothing observed since
 
 
-def test_windows_after_the_fold_switches_to_its_xla_call_equal_a_tape():
+def test_windows_after_the_fold_switches_to_its_xla_call_equal_a_tape(monkeypatch):
     """The host folds with the graph function, then (from FOLDS_BEFORE_COMPILE reads on,
     once compiled on its own thread) with one XLA call: every window equals a tape."""
-    from gradwatch._capture.accumulate import FOLDS_BEFORE_COMPILE
+    from gradwatch._capture import accumulate
 
+    monkeypatch.setattr(accumulate, "FOLDS_BEFORE_COMPILE", 4)  # 500 in a run
+    FOLDS_BEFORE_COMPILE = accumulate.FOLDS_BEFORE_COMPILE
     rng = np.random.default_rng(3)
     w = tf.Variable(rng.normal(size=(3, 2)).astype("float32"))
     b = tf.Variable(np.zeros(2, np.float32))
