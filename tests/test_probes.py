@@ -316,6 +316,40 @@ def test_dead_and_no_signal_units_of_layers_measured_together(tmp_path):
         assert last.no_signal_frac == pytest.approx(silent_out.mean()), name
 
 
+def test_silent_units_behind_a_tanh_and_a_linear_layer_come_from_their_own_kernel_columns(tmp_path):
+    # Units not followed by a ReLU are measured by their own kernel's columns (12 x 8 and
+    # 8 x 5 kernels: not square, so a column read as a row would not fit). Pruned units
+    # get no gradient on their column: their outgoing rows are held at zero.
+    pruned = {"squash": [1, 5], "linear": [0, 3]}
+    following = {"squash": "linear", "linear": "out"}
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(8, activation="tanh", name="squash"),
+        keras.layers.Dense(5, name="linear", kernel_constraint=_PrunedRows(pruned["squash"])),
+        keras.layers.Dense(1, activation="sigmoid", name="out",
+                           kernel_constraint=_PrunedRows(pruned["linear"])),
+    ])
+    for name, rows in pruned.items():
+        kernel = model.get_layer(following[name]).kernel
+        kernel.assign(_PrunedRows(rows)(kernel.numpy()))
+    x, y = _data(n=320)
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0,
+         thresholds=gw.detectors.Thresholds(dead_steps=10))
+    # independent: the last step's own-kernel gradient columns by a plain tape
+    xb, yb = x[-32:], y[-32:]
+    with tf.GradientTape() as tape:
+        loss = keras.losses.BinaryCrossentropy()(yb, model(xb))
+    kernels = [model.get_layer(name).kernel for name in pruned]
+    stats = gw.read_stats(log_dir, level="layer")
+    for name, grad in zip(pruned, tape.gradient(loss, kernels)):
+        silent = (grad.numpy() == 0).all(axis=0)
+        assert list(np.flatnonzero(silent)) == pruned[name], name
+        last = stats[stats.layer == name].iloc[-1]
+        assert last.no_signal_frac == pytest.approx(silent.mean()), name
+
+
 def test_gradient_accumulation_does_not_make_update_ratio_storms(tmp_path):
     x, y = _data(n=1280)
     model = _model()
