@@ -132,3 +132,20 @@ def _assert_counts_once_per_step(globals_, folded, num_vars, clipping):
         assert globals_[name] == len(steps), name
     first = min(flagged["nonfinite_steps"], default=-1)
     assert globals_["first_nonfinite_step"] == first
+
+
+@pytest.mark.parametrize("num_vars,num_rows", [(3, 4), (40, 60)])
+def test_split_rows_gives_each_value_block_as_numpy_does(num_vars, num_rows):
+    # a small block is split with a gather, a large one (over SMALL_TRANSPOSE) with a transpose
+    from gradwatch._capture.layouts import SMALL_TRANSPOSE, StepRow
+
+    layout = StepRow(num_vars)
+    block = len(STEP_VALUES) * num_vars
+    assert (num_rows * block <= SMALL_TRANSPOSE) == (num_vars == 3)
+    rows = np.random.default_rng(num_vars).normal(size=(num_rows, layout.width)).astype(np.float32)
+    values, scalars = layout.split_rows(tf.constant(rows))
+    expected = rows[:, :block].reshape(num_rows, len(STEP_VALUES), num_vars).transpose(1, 2, 0)
+    for s, name in enumerate(STEP_VALUES.names):
+        np.testing.assert_array_equal(values[name].numpy(), expected[s])
+    for j, name in enumerate(STEP_SCALARS.names):
+        np.testing.assert_array_equal(scalars[name].numpy(), rows[:, block + j])
