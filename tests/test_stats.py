@@ -175,6 +175,47 @@ def test_watch_zero_fraction_of_an_embedding_gradient(tmp_path, indices):
         assert row[field] == pytest.approx(expected[field], rel=1e-6), field
 
 
+def test_watch_embedding_windows_hold_every_steps_norm_and_their_first_steps_statistics(tmp_path):
+    # A window of 3 steps: the sparse gradient's norm on every step (repeated rows, a
+    # NaN on step 5, which is no window's first), its max, mean and zero fraction from
+    # the window's first step (the sampled one), as for a dense gradient.
+    import gradwatch as gw
+
+    values = np.reshape(np.arange(400, dtype=np.float32), [100, 4]) / 400.0
+    values[50, 2] = np.nan
+    table = tf.Variable(values, name="table")
+    log_dir = str(tmp_path / "run")
+    watch = gw.Watch(log_dir=log_dir, log_every=3, histogram_every=0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def step(rows):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(tf.gather(table, rows)))
+        return watch.observe(tape.gradient(loss, [table]), [table])
+
+    dense = []
+    with pytest.warns(RuntimeWarning, match="Non-finite gradient at step 5"):
+        for rows in ([1, 2, 2, 7], [3], [5, 5, 5, 9, 9], [0, 1], [99, 50, 1, 1], [4]):
+            (grad,) = step(tf.constant(rows))
+            watch.step_end()
+            assert isinstance(grad, tf.IndexedSlices)
+            dense.append(np_stats(tf.convert_to_tensor(grad).numpy()))
+        watch.close()
+    stats = gw.read_stats(log_dir)
+    assert list(stats.step) == [3, 6]
+    for w, row in enumerate(stats.to_dict("records")):
+        steps = dense[3 * w:3 * w + 3]
+        norms = [s["l2"] for s in steps]
+        assert row["l2"] == pytest.approx(norms[-1], rel=1e-6)
+        assert row["l2_max"] == pytest.approx(max(norms), rel=1e-6)
+        assert row["l2_min"] == pytest.approx(min(norms), rel=1e-6)
+        assert row["l2_mean"] == pytest.approx(np.mean(norms), rel=1e-6)
+        for field in ("max_abs", "mean_abs", "zero_frac"):
+            assert row[field] == pytest.approx(steps[0][field], rel=1e-6), (w, field)
+        assert row["nonfinite"] == sum(s["nonfinite"] for s in steps)
+    assert list(stats.nonfinite) == [0, 1]
+
+
 def test_eager_watch_takes_an_embeddings_sparse_gradient(log_dir):
     # eager observe runs a tf.function that receives the IndexedSlices: its dense
     # shape is then a tensor, and the variable's static shape stands in for it
