@@ -66,8 +66,9 @@ import gradwatch as gw  # noqa: E402
 from gradwatch._internal_options import InternalOptions  # noqa: E402
 
 # step_ab.py's short runs stand in for a long training run: a fit of fewer than
-# lean_min_steps planned steps would not trace the lean step.
-LONG_RUN = InternalOptions(lean_min_steps=0)
+# lean_min_steps planned steps would not trace the lean step, nor one shorter than the
+# lean step's break-even (fit_tap.LeanDecision).
+LONG_RUN = InternalOptions(lean_min_steps=0, lean_break_even=False)
 CONTROL = "plain:control"  # a second plain model: the floor
 WARMUP = 50  # untimed steps at the start of a fit (traces, compiles: one-off seconds)
 OUTLIER = 20.0  # a step over this many times the fit's median is a one-off

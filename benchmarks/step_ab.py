@@ -36,6 +36,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import random
@@ -151,7 +152,15 @@ def baseline_configuration(revision: str, log_root: str):
     monitor_module = importlib.import_module("gradwatch_base.monitor")
     if hasattr(monitor_module, "LEAN_MIN_STEPS"):
         monitor_module.LEAN_MIN_STEPS = 0
-    return configure
+    try:
+        options = importlib.import_module("gradwatch_base._internal_options")
+    except ImportError:
+        return configure
+    fields = {f.name for f in dataclasses.fields(options.InternalOptions)}
+    internal = options.InternalOptions(**{name: value for name, value in
+                                          (("lean_min_steps", 0), ("lean_break_even", False))
+                                          if name in fields})
+    return lambda: [monitor_module.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), internal=internal)]
 
 
 def step_kind(monitor) -> str | None:

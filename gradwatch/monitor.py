@@ -122,6 +122,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._last_logs: dict[str, Any] = {}
         self._active = False
         self._lean_function: Any = None  # this fit's lean train function, if any
+        self._lean = fit_tap.LeanDecision()  # whether it runs yet
         self._next_step: int | None = None  # the in-graph number of the next step
         self._update_pending = False
         self._tracing_lean = False  # read by the tap while a train function traces
@@ -174,6 +175,7 @@ class GradientMonitor(keras.callbacks.Callback):
         internals.retrace_train_function(model)
         full_function = model.train_function
         self._lean_function = None
+        self._lean = fit_tap.LeanDecision(always=not self._internal.lean_break_even)
         if self._lean_eligible(model):
             # a second trace of the same step, traced with the lean flag set
             internals.retrace_train_function(model)
@@ -201,6 +203,8 @@ class GradientMonitor(keras.callbacks.Callback):
         steps = max(1, batch - self._batch_begin + 1)
         self._steps_since_read += steps
         self._host_steps += steps
+        if self._lean_function is not None:
+            self._lean.decide(steps, self.params or {})
         if self._next_step is not None:
             self._next_step += steps
         if self._update_pending and self._lean_function is not None:
@@ -351,12 +355,15 @@ def _guard_train_function(monitor: GradientMonitor, model: Any, train_function: 
             monitor._parts.start_steps()
             lean_function = monitor._lean_function
             # the flag only matters when a call traces (the first, or a retrace)
-            lean = monitor._active and lean_function is not None and not monitor._full_step_due()
+            lean = (monitor._active and lean_function is not None and monitor._lean.lean
+                    and not monitor._full_step_due())
             monitor._tracing_lean = lean
             if monitor._internal.on_step_kind is not None and monitor._active:
                 monitor._internal.on_step_kind(lean)
             monitor._in_call = True  # the tap records only in the monitor's own calls
-            return (lean_function if lean else train_function)(iterator)
+            if lean:
+                return lean_function(iterator)
+            return monitor._lean.time(lambda: train_function(iterator))
         except (StopIteration, tf.errors.OutOfRangeError):
             # The end of the data: Keras ends the epoch (and may start the next);
             # training goes on, so the monitor stays on.

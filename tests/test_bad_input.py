@@ -294,7 +294,8 @@ def test_lean_fit_with_a_window_longer_than_the_buffer(log_dir):
     expected = _sgd_replay(reference, batches, 0.1)
     kinds = []
     monitor = gw.GradientMonitor(log_dir=log_dir, log_every=1000, histogram_every=0,
-                                 internal=InternalOptions(lean_min_steps=0, on_step_kind=kinds.append))
+                                 internal=InternalOptions(lean_min_steps=0, lean_break_even=False,
+                                                          on_step_kind=kinds.append))
     model.fit(x, y, batch_size=batch, shuffle=False, verbose=0, callbacks=[monitor])
     assert len(kinds) == steps
     full = [k + 1 for k, lean in enumerate(kinds) if not lean]

@@ -712,7 +712,7 @@ def test_lean_steps_write_what_the_full_step_writes(tmp_path, jit_compile):
         model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
         dirs[lean] = str(tmp_path / f"lean_{lean}")
         internal = InternalOptions(
-            lean_steps=lean, lean_min_steps=8,  # the second fit's length
+            lean_steps=lean, lean_min_steps=8, lean_break_even=False,  # the second fit's length
             # the histogram asked for after a warning is taken at a step that depends on
             # when the writer thread interprets the window: the fits are compared step
             # for step, so each window is interpreted at its read
@@ -780,7 +780,7 @@ def test_histograms_on_every_step_run_the_lean_step(tmp_path):
         model = make_dead_layer_mlp()
         model.compile(keras.optimizers.Adam(0.01), "mse")
         dirs[lean] = str(tmp_path / f"lean_{lean}")
-        internal = InternalOptions(lean_steps=lean, lean_min_steps=8,
+        internal = InternalOptions(lean_steps=lean, lean_min_steps=8, lean_break_even=False,
                                    extra_sinks=[HistogramsOfEachWindow(histograms, lean)],
                                    on_step_kind=kinds.setdefault(lean, []).append)
         monitor = gw.GradientMonitor(log_dir=dirs[lean], log_every=4, histogram_every=1,
@@ -816,7 +816,56 @@ def test_a_short_fit_traces_no_lean_step(log_dir):
     model = make_mlp()
     model.compile(keras.optimizers.SGD(LR), "mse")
     monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4,
-                                 internal=InternalOptions(lean_min_steps=65, on_step_kind=kinds.append))
+                                 internal=InternalOptions(lean_min_steps=65, lean_break_even=False,
+                                                          on_step_kind=kinds.append))
     model.fit(x, y, batch_size=8, epochs=8, shuffle=False, verbose=0, callbacks=[monitor])
     assert len(kinds) == 64 and not any(kinds)
     assert int(gw.read_windows(log_dir).steps.sum()) == 64
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 >= self.steps:
+            self.model.stop_training = True
+
+
+@pytest.mark.parametrize("planned,lean_from", [(1000, None), (10**6, 9)])
+def test_the_lean_step_is_traced_once_it_pays_for_its_trace(log_dir, planned, lean_from):
+    # A small net's first step (its trace) takes ~0.5-1 s and a step a few ms: 1,000
+    # planned steps are far short of what the lean step's trace would cost them
+    # (LEAN_TRACE_SHARE, LEAN_SAVING), a million are not. The decision is taken from
+    # the fit's own first call and LEAN_TIMED_STEPS full steps; both fits stop at 40.
+    kinds = []
+    x, y = make_data(n=64)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4,
+                                 internal=InternalOptions(on_step_kind=kinds.append))
+    model.fit(data, steps_per_epoch=planned, epochs=1, verbose=0, callbacks=[monitor, _StopAfter(40)])
+    assert len(kinds) == 40
+    first_lean = kinds.index(True) if True in kinds else None
+    assert first_lean == lean_from
+    assert int(gw.read_windows(log_dir).steps.sum()) == 40
+
+
+def test_lean_pays_once_its_saving_reaches_its_trace():
+    from gradwatch._capture import fit_tap
+
+    # trace ~0.45 x (1.0 - 0.01) s = 0.4455 s; saving 0.03 x 0.01 s = 0.3 ms a step: 1,485 steps
+    assert fit_tap.lean_pays(1.0, 0.01, steps_done=10, steps_left=1500)
+    assert not fit_tap.lean_pays(1.0, 0.01, steps_done=10, steps_left=1480)
+    # unknown length: once the full steps so far have cost as much as the trace
+    assert not fit_tap.lean_pays(1.0, 0.01, steps_done=1480, steps_left=None)
+    assert fit_tap.lean_pays(1.0, 0.01, steps_done=1490, steps_left=None)
+    decision = fit_tap.LeanDecision()
+    for _ in range(fit_tap.LEAN_TIMED_STEPS):  # not decided before the first call and the timed steps
+        decision.time(lambda: None)
+        assert not decision.decide(1, {"steps": 10**9, "epochs": 1})
+    decision.time(lambda: None)
+    assert decision.decide(1, {"steps": 10**9, "epochs": 1})
+    assert fit_tap.LeanDecision(always=True).lean

@@ -494,8 +494,8 @@ def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an
     _, grads = _replay(reference, x, y, 32, 0.1, 1)
     kinds = []
     results = _Results()
-    internal = InternalOptions(defer_reads=False, lean_min_steps=0, extra_sinks=[results],
-                               on_step_kind=kinds.append)
+    internal = InternalOptions(defer_reads=False, lean_min_steps=0, lean_break_even=False,
+                               extra_sinks=[results], on_step_kind=kinds.append)
     model = _model()
     _fit(model, str(tmp_path / "run"), x, y, log_every=4, histogram_every=100, on_nonfinite="skip_step",
          internal=internal)
