@@ -36,7 +36,7 @@ browser-deps:
 	fi
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures run once):
-# 703 tests in 7 min 28 s here (clean clone of 66ce369, 2026-12-06, 2 cores; 13 min in one process on 2026-12-03).
+# 710 tests in 6 min 47 s here (clean clone of 98ee7dc, 2026-12-06, 2 cores; 13 min in one process on 2026-12-03).
 test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
@@ -50,7 +50,7 @@ check: $(STAMP_DEV)
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gradwatch tests examples benchmarks
 
-# Issue 29's gate: every model, jit_compile off and on, 5 repetitions of 1,050-step fits
+# Issue 29's gate: every model, jit_compile off and on, 8 repetitions of 1,050-step fits
 # per cell, each cell in a fresh process (well over an hour on 2 cores; --quick: the MLP).
 bench: $(STAMP_DEV)
 	$(PY) benchmarks/overhead.py
