@@ -163,5 +163,4 @@ class Pipeline:
             for alert in final or []:
                 self._report_alert(alert)
         finally:
-            self._recorder.settle()  # no gradwatch thread outlives the files
             self._output.close()

@@ -87,30 +87,3 @@ def test_windows_folded_after_later_steps_and_out_of_order_equal_a_tape():
     assert third.last_step == 9
     assert third.globals["loss_sum"] / 3 == pytest.approx(np.mean([s[1] for s in reference[6:]]), rel=1e-4)
     assert recorder.read_pending() is None  # nothing observed since
-
-
-def test_windows_after_the_fold_switches_to_its_xla_call_equal_a_tape(monkeypatch):
-    """The host folds with the graph function, then (from FOLDS_BEFORE_COMPILE reads on,
-    once compiled on its own thread) with one XLA call: every window equals a tape."""
-    from gradwatch._capture import accumulate
-
-    monkeypatch.setattr(accumulate, "FOLDS_BEFORE_COMPILE", 4)  # 500 in a run
-    FOLDS_BEFORE_COMPILE = accumulate.FOLDS_BEFORE_COMPILE
-    rng = np.random.default_rng(3)
-    recorder, step = _linear_loop(rng, 2, lambda loss: StepContext(loss=loss))
-    num_vars = 2
-
-    for window in range(FOLDS_BEFORE_COMPILE + 4):
-        if window == FOLDS_BEFORE_COMPILE + 1:
-            recorder.settle()  # the compile started at the last read is done: XLA folds from here
-            assert recorder.buffer._fold_xla is not None
-        norms = []
-        for _ in range(2):
-            grads, _ = step(tf.constant(rng.normal(size=(4, 3)).astype("float32")),
-                            tf.constant(rng.normal(size=(4, 2)).astype("float32")))
-            norms.append([np.linalg.norm(g.numpy().astype(np.float64)) for g in grads])
-        result = recorder.read_pending().finish()
-        for k in range(num_vars):
-            assert result.columns["l2_last"][k] == pytest.approx(norms[-1][k], rel=1e-5)
-            assert result.columns["l2_max"][k] == pytest.approx(max(n[k] for n in norms), rel=1e-5)
-            assert result.columns["l2_sum"][k] == pytest.approx(sum(n[k] for n in norms), rel=1e-5)

@@ -4,8 +4,6 @@ single replica buffered (``StepBuffer``) or in the step under several replicas."
 
 from __future__ import annotations
 
-import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -18,8 +16,6 @@ from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, Step
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import Rows, StepGlobals, StepValues, Window
 from gradwatch._topology import Topology
-
-logger = logging.getLogger("gradwatch")
 
 
 def loss_pair(loss: tf.Tensor | None, loss_totals: tuple[tf.Tensor, tf.Tensor] | None) -> tf.Tensor:
@@ -154,12 +150,6 @@ class StepFolder:
                 "any": tf.reduce_any(var_fired > 0.0, axis=0)}
 
 
-#: The host folds this many windows with the graph function before it compiles the XLA
-#: fold: ~1.5 s of compile CPU against ~0.2 ms a step saved (the MLP) pays back only
-#: over thousands of steps; compiled from the 10th read, it raised a 1,050-step fit's
-#: mean to 1.37 of plain's (bench-2026-12-06-151312.json).
-FOLDS_BEFORE_COMPILE = 500
-
 #: The most rows a step buffer holds: beyond, a step folds it, so memory does not grow with log_every.
 MAX_BUFFER_ROWS = 256
 
@@ -196,8 +186,7 @@ class StepBuffer:
         width = layout.width
         # where a row holds its loss_pair (set_loss writes it, the read settles the totals)
         self._loss_columns = [layout.scalar_column(name) for name in ("loss_a", "loss_b")]
-        self._rows = self._steps = self._fold_fn = self._fold_xla = self._compiling = None
-        self._host_folds = 0
+        self._rows = self._steps = self._fold_fn = None
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
                                                     "gradwatch_step_rows", strategy)
@@ -280,49 +269,19 @@ class StepBuffer:
         (one call; it reads and writes no variable)."""
         if not self.buffered:
             return var_acc, global_acc
-        var_acc, global_acc, _ = self._host_fold()(var_acc, global_acc, fetched["rows"], fetched["steps"],
-                                                   count, fetched["loss_prev"])
+        var_acc, global_acc, _ = self._folded()(var_acc, global_acc, fetched["rows"], fetched["steps"],
+                                                count, fetched["loss_prev"])
         return var_acc, global_acc
 
     def _folded(self) -> Any:
         """The fold of buffered rows as one graph function (the same object each time:
-        its trace is cached): a fixed few hundred ops whatever the rows."""
+        its trace is cached): a fixed few hundred ops whatever the rows. Not an XLA
+        call: that ran ~0.4 ms faster a window (+0.9% of the MLP's training time on the
+        writer thread against +1.7%), but its compile cost ~1.5 s of CPU and left the
+        process 85 MiB larger for good (benchmarks/README.md, sixth session)."""
         if self._fold_fn is None:
             self._fold_fn = internals.run_function(self._folder.fold, autograph=False)
         return self._fold_fn
-
-    def _host_fold(self) -> Any:
-        """The host's fold: the graph function until the same fold as one XLA call is
-        compiled, on a thread started at the ``FOLDS_BEFORE_COMPILE``-th host fold
-        (~1.5 s of compile that no step waits for, and that a short run never pays);
-        then the XLA call. Its few hundred small ops would otherwise share the inter-op
-        thread pool with the training step's: the MLP's typical step measured 1.069 of
-        plain's with the graph function, 1.034 with the XLA call."""
-        if self._fold_xla is not None:
-            return self._fold_xla
-        self._host_folds += 1
-        if self._compiling is None and self._compiler.enabled and self._host_folds >= FOLDS_BEFORE_COMPILE:
-            compiled = internals.run_function(self._folder.fold, autograph=False, jit_compile=True)
-            inputs = [tf.zeros(v.shape, v.dtype) for v in (self._window.var_acc, self._window.global_acc,
-                                                            self._rows, self._steps)]
-            inputs += [tf.constant(0, tf.int64), tf.zeros([2], tf.float64)]
-
-            def compile_now():
-                try:
-                    compiled(*inputs)  # zeros: it writes nothing
-                    self._fold_xla = compiled
-                except Exception:  # noqa: BLE001 - the graph function goes on folding
-                    logger.debug("gradwatch: compiling the fold as one XLA call failed", exc_info=True)
-
-            self._compiling = threading.Thread(target=compile_now, name="gradwatch-fold-compile", daemon=True)
-            self._compiling.start()
-        return self._folded()
-
-    def settle(self) -> None:
-        """Waits for the fold's XLA compile, if it still runs (when the pipeline closes:
-        no gradwatch thread outlives a fit or loop)."""
-        if self._compiling is not None:
-            self._compiling.join()
 
     def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         def fold(var_acc, global_acc):

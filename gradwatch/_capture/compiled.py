@@ -31,11 +31,6 @@ class Compiler:
         self._jit = os.environ.get("GRADWATCH_JIT", "1") != "0"
         self._cache: dict[Hashable, Any] = {}
 
-    @property
-    def enabled(self) -> bool:
-        """Whether XLA calls are made at all (not with ``GRADWATCH_JIT=0``)."""
-        return self._jit
-
     def compiled(self, key: Hashable, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Returns ``fn`` as one XLA cluster, or ``fn`` itself under several replicas
         (a mirrored write is a merge_call, which a nested function cannot hold) or

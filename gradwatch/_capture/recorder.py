@@ -339,10 +339,6 @@ class Recorder:
         if self._activations is not None:
             self._activations.install() if on else self._activations.remove()
 
-    def settle(self) -> None:
-        """Host side, when its pipeline closes: waits for the fold's XLA compile, if any."""
-        self.bound and self.buffer.settle()
-
     def pause_activations(self, paused: bool) -> None:
         """Pauses the activation probe's counting (validation batches inside ``fit``)."""
         if self._activations is not None:
