@@ -17,42 +17,34 @@ pytestmark = pytest.mark.fast
 BATCH = 4.0
 
 
-def _linear_loop(rng, log_every, context_of):
-    """A bound recorder and a traced SGD step of a linear model, ``step(x, y) -> (grads,
-    loss)``, that observes its gradients with ``context_of(loss)`` (called in the step)."""
+def _bound_recorder(variables, log_every):
+    recorder = Recorder(Options(log_dir=None, log_every=log_every, histogram_every=0))
+    recorder.bind(model_topology.from_variables(variables, ["w", "b"]), variables)
+    return recorder
+
+
+def test_windows_folded_after_later_steps_and_out_of_order_equal_a_tape():
+    rng = np.random.default_rng(7)
     w = tf.Variable(rng.normal(size=(3, 2)).astype("float32"))
     b = tf.Variable(np.zeros(2, np.float32))
     variables = [w, b]
-    recorder = Recorder(Options(log_dir=None, log_every=log_every, histogram_every=0))
-    recorder.bind(model_topology.from_variables(variables, ["w", "b"]), variables)
+    recorder = _bound_recorder(variables, log_every=3)
     slots = recorder.slots_of(variables, variables)
+    # a loss tracker as Keras keeps one: (total, count), never reset in this run
+    total = tf.Variable(0.0)
+    count = tf.Variable(0.0)
 
     @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(tf.matmul(x, w) + b - y))
         grads = tape.gradient(loss, variables)
-        recorder.observe(grads, slots, context_of(loss))
+        total.assign_add(loss * BATCH)
+        count.assign_add(BATCH)
+        recorder.observe(grads, slots, StepContext(loss_totals=(total.read_value(), count.read_value())))
         for variable, grad in zip(variables, grads):
             variable.assign_sub(0.1 * grad)
         return grads, loss
-
-    return recorder, step
-
-
-def test_windows_folded_after_later_steps_and_out_of_order_equal_a_tape():
-    rng = np.random.default_rng(7)
-    # a loss tracker as Keras keeps one: (total, count), never reset in this run
-    total = tf.Variable(0.0)
-    count = tf.Variable(0.0)
-
-    def tracked(loss):
-        total.assign_add(loss * BATCH)
-        count.assign_add(BATCH)
-        return StepContext(loss_totals=(total.read_value(), count.read_value()))
-
-    recorder, step = _linear_loop(rng, 3, tracked)
-    num_vars = 2
 
     reference = []
 
@@ -75,7 +67,7 @@ def test_windows_folded_after_later_steps_and_out_of_order_equal_a_tape():
     for last, window in windows.items():
         steps = reference[last - 3:last]
         assert window.steps == 3 and window.last_step == last
-        for k in range(num_vars):
+        for k in range(len(variables)):
             norms = [s[0][k] for s in steps]
             assert window.columns["l2_last"][k] == pytest.approx(norms[-1], rel=1e-5)
             assert window.columns["l2_max"][k] == pytest.approx(max(norms), rel=1e-5)
