@@ -272,6 +272,20 @@ class _PrunedRows(keras.constraints.Constraint):
         return w * mask
 
 
+def _fit_pruned(model, pruned, following, tmp_path, n):
+    """Holds the outgoing rows ``pruned[name]`` (in the kernel of ``following[name]``) at
+    zero from the first step (their kernels' constraints keep them there), then fits ``n``
+    examples with windows of 5 steps and dead units counted after 10. Returns x, y, log_dir."""
+    for name, rows in pruned.items():
+        kernel = model.get_layer(following[name]).kernel
+        kernel.assign(_PrunedRows(rows)(kernel.numpy()))
+    x, y = _data(n=n)
+    log_dir = str(tmp_path / "run")
+    _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0,
+         thresholds=gw.detectors.Thresholds(dead_steps=10))
+    return x, y, log_dir
+
+
 def test_dead_and_no_signal_units_of_layers_measured_together(tmp_path):
     # Three ReLU layers of 8 units whose next kernels have one shape (h2, h3) or not
     # (out): the silent-unit measure stacks equal shapes, so each layer's units must
@@ -292,13 +306,7 @@ def test_dead_and_no_signal_units_of_layers_measured_together(tmp_path):
             bias_initializer=keras.initializers.Constant(bias),
             kernel_constraint=_PrunedRows(pruned[before[0]]) if before else None))
     model = keras.Sequential(layers)
-    for name, rows in pruned.items():  # the constraint holds them at zero from the first step
-        kernel = model.get_layer(following[name]).kernel
-        kernel.assign(_PrunedRows(rows)(kernel.numpy()))
-    x, y = _data(n=640)
-    log_dir = str(tmp_path / "run")
-    _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0,
-         thresholds=gw.detectors.Thresholds(dead_steps=10))
+    x, y, log_dir = _fit_pruned(model, pruned, following, tmp_path, n=640)
     # independent: forward pass in numpy over the last 10 batches (batch 32)
     h = x[-320:]
     stats = gw.read_stats(log_dir, level="layer")
@@ -330,13 +338,7 @@ def test_silent_units_behind_a_tanh_and_a_linear_layer_come_from_their_own_kerne
         keras.layers.Dense(1, activation="sigmoid", name="out",
                            kernel_constraint=_PrunedRows(pruned["linear"])),
     ])
-    for name, rows in pruned.items():
-        kernel = model.get_layer(following[name]).kernel
-        kernel.assign(_PrunedRows(rows)(kernel.numpy()))
-    x, y = _data(n=320)
-    log_dir = str(tmp_path / "run")
-    _fit(model, log_dir, x, y, lr=0.05, log_every=5, histogram_every=0,
-         thresholds=gw.detectors.Thresholds(dead_steps=10))
+    x, y, log_dir = _fit_pruned(model, pruned, following, tmp_path, n=320)
     # independent: the last step's own-kernel gradient columns by a plain tape
     xb, yb = x[-32:], y[-32:]
     with tf.GradientTape() as tape:
