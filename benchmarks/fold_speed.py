@@ -1,7 +1,7 @@
-"""The host read's fold of a window's buffered rows, alone, as the graph function and
-as the XLA call the host switches to once compiled: its first call (trace; and the
-XLA compile) and its time a call, for a small and a large net (6 and 300 variables,
-20 rows of which 10 are folded).
+"""The host read's fold of a window's buffered rows, alone, as the graph function the
+host uses and as one XLA call (which the host no longer uses: its compile left the
+process 85 MiB larger): its first call (trace; and the XLA compile) and its time a
+call, for a small and a large net (6 and 300 variables, 20 rows of which 10 are folded).
 
 Usage:
     python benchmarks/fold_speed.py
