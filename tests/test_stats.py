@@ -101,6 +101,28 @@ def test_large_gradients_are_not_stacked_and_their_norms_are_exact():
     _check(grads, stats_lib.gradient_stats(grads))
 
 
+
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_the_careful_pass_merges_groups_of_one_width_and_keeps_each_gradients_numbers(mode):
+    # Large gradients of one size are groups of their own (no stack each step); the
+    # careful pass reduces them as one matrix, whose rows go back to list order.
+    rng = np.random.default_rng(6)
+    big = stats_lib.STACK_LIMIT + 1
+    first = rng.normal(size=big).astype("float32")
+    first[[5, 70]] = [np.nan, np.inf]
+    tiny = (rng.normal(size=big) * 1e-30).astype("float32")  # squares underflow
+    third = rng.normal(size=big).astype("float32") * 1e3
+    third[:100] = 0.0
+    small = rng.normal(size=3).astype("float32")
+    grads = [tf.constant(x) for x in (small, first, np.zeros(3, "float32"), tiny, third)]
+    groups = stats_lib.group_gradients(grads)
+    assert len(groups.groups) == 4  # the three large ones apart, the small ones stacked
+    blocks, row_of = stats_lib._width_blocks(groups)
+    assert sorted(len(members) for _, members in blocks) == [1, 3]
+    assert row_of is not None  # list order differs from the merged rows'
+    fn = tf.function(stats_lib.gradient_stats, jit_compile=mode == "xla")
+    _check(grads, fn(grads))
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_low_precision_and_huge_values_do_not_overflow(dtype):
     big = {"float16": 60000.0, "bfloat16": 1e38, "float32": 1e30, "float64": 1e30}[dtype]
@@ -331,3 +353,59 @@ def test_subnormal_gradients_read_as_zero_as_the_readme_says():
     with open(readme, encoding="utf-8") as f:
         text = " ".join(f.read().split())
     assert "Subnormal gradient entries (below ~1.2e-38 in float32) read as zero" in text
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_steps_careful_pass_places_each_gradient_where_its_list_puts_it(sampled):
+    # measure_gradients hands the careful pass the dense groups and each sparse one
+    # with their places in the step's list (an embedding after a dense layer): a step
+    # with a NaN in each kind takes that pass, and every column holds its own numbers.
+    from gradwatch._capture.compiled import Compiler
+    from gradwatch._capture.layouts import RAW_STATS
+    from gradwatch._capture.measure import finish_stats, measure_gradients
+
+    rng = np.random.default_rng(7)
+    first = rng.normal(size=(4, 3)).astype("float32")
+    table = np.zeros((6, 3), "float32")
+    rows = rng.normal(size=(2, 3)).astype("float32")
+    rows[1, 2] = np.nan
+    last = rng.normal(size=(5,)).astype("float32") * 1e-20  # its square underflows
+    sparse = tf.IndexedSlices(tf.constant(rows), tf.constant([4, 1]), tf.constant([6, 3]))
+    table[[4, 1]] = rows
+
+    @tf.function(autograph=False)
+    def step():
+        flat, index, nonfinite = measure_gradients(
+            [tf.constant(first), sparse, tf.constant(last)], tf.constant(sampled), Compiler(3))
+        raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)), [len(RAW_STATS), 3])
+        return finish_stats(raw, tf.constant(1.0)), nonfinite
+
+    finished, nonfinite = step()
+    assert bool(nonfinite)
+    for k, dense in enumerate((first, table, last)):
+        expected = np_stats(np.asarray(dense, np.float64))
+        assert float(finished[0, k]) == pytest.approx(expected["l2"], rel=1e-5, abs=1e-30), k
+        assert float(finished[1, k]) == expected["nonfinite"], k
+        for row, field in ((2, "max_abs"), (3, "mean_abs"), (4, "zero_frac")):  # the careful pass's
+            assert float(finished[row, k]) == pytest.approx(expected[field], rel=1e-5, abs=1e-30), (k, field)
+
+
+def test_a_full_step_traces_each_pass_once(monkeypatch):
+    # The window's sampled step and a settled inexact step share one finite pass, and
+    # the careful pass is traced once too: a trace's length is part of a fit's start.
+    from gradwatch._capture.compiled import Compiler
+    from gradwatch._capture.measure import measure_gradients
+
+    traced = {"finite_stats": 0, "full_stats": 0, "settled_by_zeros": 0}
+    for name in traced:
+        original = getattr(stats_lib, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            traced[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(stats_lib, name, counted)
+    grads = [tf.zeros([3, 2]), tf.ones([5])]
+    tf.function(lambda s: measure_gradients(grads, s, Compiler(2))[0], autograph=False
+                ).get_concrete_function(tf.TensorSpec([], tf.bool))
+    assert traced == {"finite_stats": 1, "full_stats": 1, "settled_by_zeros": 1}

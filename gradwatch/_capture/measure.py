@@ -45,18 +45,22 @@ class _DensePasses:
         return (tf.concat([tf.sqrt(sums), tf.zeros([4 * self.count], tf.float32)], axis=0),
                 tf.constant(False))
 
-    def inexact(self, squares, sampled: tf.Tensor | None):
-        """An inexact norm is mostly a zero one (a dead layer and every layer below it):
-        two reductions tell it from a non-finite entry or an underflow, which need
-        the full pass (about fourteen passes over every gradient)."""
+    def rare(self, squares, inexact: tf.Tensor, sampled: tf.Tensor | None):
+        """A step that is sampled or has an inexact norm. An inexact norm is mostly a
+        zero one (a dead layer and every layer below it): two reductions tell it from
+        a non-finite entry or an underflow, which need the full pass (about fourteen
+        passes over every gradient). Each pass is traced once: the sampled step's
+        finite pass serves an exact step and a settled one alike."""
+        settled = internals.cond(inexact, lambda: self.settled(squares, *self.matrices),
+                                 lambda: tf.constant(True))
+
         def exact():
             if sampled is None:  # the lean step
                 return self.norms_only(squares)
             return internals.cond(sampled, lambda: self.finite(squares, *self.matrices),
                                   lambda: self.norms_only(squares))
 
-        return internals.cond(self.settled(squares, *self.matrices), exact,
-                              lambda: self.full(*self.matrices))
+        return internals.cond(settled, exact, lambda: self.full(*self.matrices))
 
 
 def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, compiler: Compiler,
@@ -75,14 +79,8 @@ def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, comp
     # XLA cluster: a conditional there would take every gradient on every step.
     inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
     skipped = lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False))  # noqa: E731
-    if sampled is None:  # the lean step: never sampled
-        full, nonfinite = internals.cond(inexact, lambda: passes.inexact(squares, None), skipped)
-    else:
-        full, nonfinite = internals.cond(
-            sampled | inexact,
-            lambda: internals.cond(inexact, lambda: passes.inexact(squares, sampled),
-                                   lambda: passes.finite(squares, *passes.matrices)),
-            skipped)
+    rare = inexact if sampled is None else sampled | inexact  # the lean step is never sampled
+    full, nonfinite = internals.cond(rare, lambda: passes.rare(squares, inexact, sampled), skipped)
     columns = [p for _, pos in passes.info for p in pos]
     for j, position in enumerate(columns):
         index[0, position] = j

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from gradwatch._capture.keras_internals import cond, in_xla_context
@@ -192,43 +193,74 @@ def needs_full_stats(sum_sq: tf.Tensor) -> tf.Tensor:
     return tf.logical_not(tf.math.is_finite(sum_sq)) | (sum_sq < SAFE_MIN_SQ)
 
 
-def _rows_stats(values: tf.Tensor, dense_size: int) -> GradStats:
-    """Statistics of each row of a [n, k] float32 matrix whose rows stand for
-    gradients of ``dense_size`` entries (k < dense_size for sparse gradients)."""
-    finite = tf.math.is_finite(values)
-    magnitudes = tf.where(finite, tf.abs(values), tf.zeros_like(values))
-    max_abs = tf.reduce_max(magnitudes, axis=1)
-    finite_count = tf.reduce_sum(tf.cast(finite, tf.float32), axis=1)
-    nonzero_count = tf.reduce_sum(tf.cast(tf.not_equal(values, 0.0), tf.float32), axis=1)
-    stored = tf.cast(tf.shape(values)[1], tf.float32)
-    implicit_zeros = float(dense_size) - stored
-    # Sums of magnitudes scaled by their maximum neither overflow (a row of
-    # 1e37s) nor underflow (squares of 1e-25s); this path runs on sampled steps
-    # and on steps whose cheap norm is inexact, so the extra pass is affordable.
-    scale = tf.where(max_abs > 0.0, max_abs, tf.ones_like(max_abs))
-    scaled = magnitudes / scale[:, None]
-    l2 = scale * tf.sqrt(tf.reduce_sum(tf.square(scaled), axis=1))
-    size = float(dense_size)
-    # a norm over no finite entries is NaN, never 0: an all-NaN gradient is not a tiny one
-    none_finite = tf.equal(finite_count, 0.0) & (stored > 0.0)
-    nan = tf.fill(tf.shape(l2), float("nan"))
-    return GradStats(
-        l2=tf.where(none_finite, nan, l2),
-        max_abs=tf.where(none_finite, nan, max_abs),
-        mean_abs=tf.where(none_finite, nan, scale * (tf.reduce_sum(scaled, axis=1) / size)),
-        zero_frac=(stored - nonzero_count + implicit_zeros) / size,
-        nonfinite=stored - finite_count,
-    )
+def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], list[int] | None]:
+    """The groups' rows merged by width for the careful pass: the dense groups of one
+    width as one matrix (a deep net's equal kernels are one reduction each, not one per
+    kernel: the pass is traced, and under XLA compiled, with a few ops per width), a
+    sparse group (its width is data-dependent) alone. Returns the blocks and, per
+    gradient in list order, its row among the blocks' rows (None: already in order)."""
+    by_width: dict[object, list[int]] = {}
+    for k, group in enumerate(groups.groups):
+        width = group.matrix.shape[1]
+        dense = width is not None and int(width) == group.dense_size
+        by_width.setdefault(int(width) if dense else ("alone", k), []).append(k)
+    starts = np.cumsum([0] + [len(g.positions) for g in groups.groups])
+    blocks, merged = [], []  # merged: the joined row (groups in order) of each merged row
+    for members in by_width.values():
+        matrices = [groups.groups[k].matrix for k in members]
+        blocks.append((tf.concat(matrices, axis=0) if len(matrices) > 1 else matrices[0],
+                       [groups.groups[k] for k in members]))
+        merged += [j for k in members for j in range(starts[k], starts[k + 1])]
+    row_of = np.argsort(merged)  # the merged row of each joined row
+    if groups.inverse is not None:
+        row_of = row_of[list(groups.inverse)]
+    return blocks, None if list(row_of) == list(range(groups.count)) else [int(r) for r in row_of]
 
 
 def full_stats(groups: Groups) -> GradStats:
-    """Every statistic, exact for any input (NaN/Inf masked, no over/underflow)."""
+    """Every statistic, exact for any input (NaN/Inf masked, no over/underflow).
+
+    Sums of magnitudes scaled by their maximum neither overflow (a row of 1e37s) nor
+    underflow (squares of 1e-25s); this runs on steps whose cheap norm is inexact."""
     if not groups.count:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
-    parts = [_rows_stats(g.matrix, g.dense_size) for g in groups.groups]
+    blocks, row_of = _width_blocks(groups)
+    reduced, sizes, stored = [], [], []
+    for matrix, members in blocks:
+        finite = tf.math.is_finite(matrix)
+        magnitudes = tf.where(finite, tf.abs(matrix), 0.0)
+        largest = tf.reduce_max(magnitudes, axis=1)
+        scale = tf.where(largest > 0.0, largest, 1.0)
+        scaled = magnitudes / scale[:, None]
+        reduced.append(tf.stack([
+            largest, scale, tf.reduce_sum(tf.square(scaled), axis=1), tf.reduce_sum(scaled, axis=1),
+            tf.reduce_sum(tf.cast(finite, tf.float32), axis=1),
+            tf.reduce_sum(tf.cast(tf.not_equal(matrix, 0.0), tf.float32), axis=1)]))
+        sizes += [float(g.dense_size) for g in members for _ in g.positions]
+        rows = sum(len(g.positions) for g in members)
+        width = matrix.shape[1]
+        stored.append(tf.fill([rows], float(width)) if width is not None
+                      else tf.fill([rows], tf.cast(tf.shape(matrix)[1], tf.float32)))
+    joined = tf.concat(reduced, axis=1) if len(reduced) > 1 else reduced[0]
+    entries = tf.concat(stored, axis=0) if len(stored) > 1 else stored[0]
+    if row_of is not None:
+        joined = tf.gather(joined, tf.constant(row_of, tf.int32), axis=1)
+        entries = tf.gather(entries, tf.constant(row_of, tf.int32))
+        sizes = [sizes[r] for r in row_of]
+    largest, scale, squares, magnitudes, finite_count, nonzero = tf.unstack(joined, num=6)
+    size = tf.constant(sizes, tf.float32)
+    # a norm over no finite entry is NaN, never 0: an all-NaN gradient is not a tiny one
+    none_finite = tf.equal(finite_count, 0.0) & (entries > 0.0)
+    nan = tf.constant(float("nan"))
     return GradStats(
-        *[_in_list_order(groups, [p[i] for p in parts]) for i in range(len(GradStats._fields))]
+        l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
+        max_abs=tf.where(none_finite, nan, largest),
+        mean_abs=tf.where(none_finite, nan, scale * magnitudes / size),
+        # the stored entries not zero are all that is not zero: a sparse gradient's
+        # untouched rows are zeros its matrix does not hold
+        zero_frac=(size - nonzero) / size,
+        nonfinite=entries - finite_count,
     )
 
 
