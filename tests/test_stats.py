@@ -411,11 +411,13 @@ def test_a_full_step_traces_each_pass_once(monkeypatch):
     assert traced == {"finite_stats": 1, "full_stats": 1, "settled_by_zeros": 1}
 
 
-@pytest.mark.parametrize("rows", [6, 400])
-def test_an_embeddings_gradient_under_xla_has_the_dense_gradients_statistics(rows):
+@pytest.mark.parametrize(("rows", "known_slices"), [(6, True), (6, False), (350_000, True)])
+def test_an_embeddings_gradient_under_xla_has_the_dense_gradients_statistics(rows, known_slices):
     # Under XLA a small table's sparse gradient is measured as the dense one it stands
-    # for (XLA's unique is a sort: slow); a table over XLA_DENSE_RATIO times its slices
-    # stays sparse. Either way every statistic is the dense gradient's, repeated rows summed.
+    # for (XLA's unique is a sort: slow), also when the slices' count is unknown when
+    # traced (a tf.data batch); a table over XLA_DENSE_LIMIT entries and XLA_DENSE_RATIO
+    # times its slices stays sparse. Either way every statistic is the dense gradient's,
+    # repeated rows summed.
     from gradwatch._capture import measure
     from gradwatch._capture.compiled import Compiler
     from gradwatch._capture.layouts import RAW_STATS
@@ -426,21 +428,21 @@ def test_an_embeddings_gradient_under_xla_has_the_dense_gradients_statistics(row
     values[3] = 0.0
     table = np.zeros((rows, 3), np.float64)
     np.add.at(table, indices, values.astype(np.float64))
-    sparse = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([rows, 3]))
-    assert (rows * 3 <= measure.XLA_DENSE_RATIO * values.size) == (rows == 6)
-
+    assert (rows * 3 > measure.XLA_DENSE_LIMIT) == (rows == 350_000)
     kept_sparse = []
 
-    @tf.function(jit_compile=True, autograph=False)
-    def step(sampled):
+    @tf.function(jit_compile=True, autograph=False, input_signature=[
+        tf.TensorSpec([], tf.bool), tf.TensorSpec([5 if known_slices else None, 3], tf.float32)])
+    def step(sampled, slices):
+        sparse = tf.IndexedSlices(slices, tf.constant(indices), tf.constant([rows, 3]))
         kept_sparse.append(isinstance(measure._dense_under_xla(sparse), tf.IndexedSlices))
         flat, index, _ = measure.measure_gradients([tf.ones([2, 2]), sparse], sampled, Compiler(2))
         raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)), [len(RAW_STATS), 2])
         return measure.finish_stats(raw, tf.constant(1.0))
 
     expected = np_stats(table)
-    not_sampled, sampled = step(tf.constant(False)), step(tf.constant(True))
-    assert set(kept_sparse) == {rows == 400}
+    not_sampled, sampled = step(tf.constant(False), values), step(tf.constant(True), values)
+    assert set(kept_sparse) == {rows == 350_000}
     assert float(not_sampled[0, 1]) == pytest.approx(expected["l2"], rel=1e-5)
     for row, field in enumerate(("l2", "nonfinite", "max_abs", "mean_abs", "zero_frac")):
         assert float(sampled[row, 1]) == pytest.approx(expected[field], rel=1e-5, abs=1e-12), field

@@ -117,10 +117,12 @@ def _measure_sparse(group: stats_lib.Group, sampled: tf.Tensor | None) -> tuple[
 
 
 #: Under XLA a sparse gradient (an embedding's) is measured as the dense gradient it
-#: stands for when that holds at most this many times its slices' values: XLA's
-#: ``unique`` (a sort) and segment sum cost the transformer benchmark's embedding
-#: (4,096 slices of a 2,000 x 64 table) ~2.2 ms a step on this CPU, a scatter into the
-#: dense gradient and its sum of squares ~0.2 ms. A large table stays sparse.
+#: stands for when that holds at most XLA_DENSE_LIMIT entries (4 MiB of float32), or
+#: at most XLA_DENSE_RATIO times its slices' values: XLA's ``unique`` (a sort) and
+#: segment sum cost the transformer benchmark's embedding (4,096 slices of a 2,000 x 64
+#: table) ~2.2 ms a step on this CPU, a scatter into the dense table and its sum of
+#: squares ~0.17 ms. A larger table stays sparse.
+XLA_DENSE_LIMIT = 1 << 20
 XLA_DENSE_RATIO = 4
 
 
@@ -130,9 +132,12 @@ def _dense_under_xla(grad):
     if not isinstance(grad, tf.IndexedSlices) or not internals.in_xla_context():
         return grad
     shape = tf.get_static_value(grad.dense_shape) if grad.dense_shape is not None else None
-    if shape is None or not grad.values.shape.is_fully_defined():
+    if shape is None:
         return grad
-    if int(np.prod(shape)) > XLA_DENSE_RATIO * grad.values.shape.num_elements():
+    # the slices' count is often unknown when traced (a tf.data batch of unknown size)
+    sliced = grad.values.shape.num_elements()
+    limit = max(XLA_DENSE_LIMIT, XLA_DENSE_RATIO * sliced) if sliced is not None else XLA_DENSE_LIMIT
+    if int(np.prod(shape)) > limit:
         return grad
     return tf.math.unsorted_segment_sum(grad.values, grad.indices, int(shape[0]))
 
