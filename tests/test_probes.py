@@ -124,11 +124,12 @@ def test_update_ratio_and_direction_match_a_replay(tmp_path):
     assert hidden.update_ratio == pytest.approx(kernel_ratio, rel=1e-4)  # the layer's kernels
 
 
+@pytest.mark.parametrize("features", [12, 2100])  # 2100 x 8: a kernel over STACK_LIMIT, measured alone
 @pytest.mark.parametrize("jit", [False, True])
-def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradient(tmp_path, jit):
-    x, y = _data()
+def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradient(tmp_path, jit, features):
+    x, y = _data(features=features)
     # replay: the gradient of step 1 and Adam's first weight change, by a plain tape
-    model = _model()
+    model = _model(features=features)
     optimizer = keras.optimizers.Adam(0.01)
     with tf.GradientTape() as tape:
         loss = keras.losses.BinaryCrossentropy()(y[:32], model(x[:32], training=True))
@@ -137,8 +138,8 @@ def test_update_direction_under_adam_is_the_cosine_with_the_snapshot_steps_gradi
     optimizer.apply(grads, model.trainable_variables)
     deltas = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
     log_dir = str(tmp_path / "run")
-    _fit(_model(), log_dir, x, y, optimizer=keras.optimizers.Adam(0.01), compile_args={"jit_compile": jit},
-         log_every=5, histogram_every=0)
+    _fit(_model(features=features), log_dir, x, y, optimizer=keras.optimizers.Adam(0.01),
+         compile_args={"jit_compile": jit}, log_every=5, histogram_every=0)
     stats = gw.read_stats(log_dir)
     cosines = []
     for k, name in enumerate(("hidden/kernel", "hidden/bias", "out/kernel", "out/bias")):
@@ -172,11 +173,12 @@ def test_update_probe_under_steps_per_execution_measures_the_first_step(tmp_path
 
 
 @pytest.mark.fast
-def test_watch_sees_a_manual_assign_sub_update(tmp_path):
+@pytest.mark.parametrize("features", [12, 4200])  # 4200 x 4: over STACK_LIMIT, measured alone
+def test_watch_sees_a_manual_assign_sub_update(tmp_path, features):
     rng = np.random.default_rng(1)
-    w = tf.Variable(rng.normal(size=(12, 4)).astype("float32"), name="w")
+    w = tf.Variable(rng.normal(size=(features, 4)).astype("float32"), name="w")
     v = tf.Variable(rng.normal(size=(4, 1)).astype("float32"), name="v")
-    x, y = _data()
+    x, y = _data(features=features)
     lr = 0.05
     before = w.numpy().copy()
     with gw.Watch(str(tmp_path / "loop"), log_every=4, histogram_every=0) as watch:
