@@ -36,12 +36,12 @@ browser-deps:
 	fi
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures run once):
-# 709 tests in 6 min 30 s here (clean clone of 0b5be00, 2026-12-06, 2 cores; 13 min in one process on 2026-12-03).
+# 720 tests in 6 min 15 s here (clean clone of 204fdf1, 2026-12-06, 2 cores; 13 min in one process on 2026-12-03).
 test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The fast tier: tests marked `fast` (unit tests and synthetic-row detector tests; no
-# subprocess, no browser, no fit beyond a trivial one): 470 tests, 40 s wall here
+# subprocess, no browser, no fit beyond a trivial one): 489 tests, 36-40 s wall here
 # with two workers (136 of them: 24-28 s, against 33-39 s in one process; 2026-12-06, 2 cores, TensorFlow
 # import and collection included; each worker pays them, which -n 2 still wins back).
 check: $(STAMP_DEV)
