@@ -5,8 +5,9 @@ A fit of ``log_every=10`` has steps of a few kinds: most steps only measure thei
 gradients (typical); the window's first step is also its sampled step (the finite pass,
 the unit probe); the window's last step ends with the host read (and, at the end of
 its call, hands the fold and interpretation to the writer thread); every
-``UPDATE_EVERY`` = 50 steps the update probe snapshots the weights before the step and
-measures after it; every ``histogram_every`` = 100 steps a histogram is taken. The
+``UPDATE_EVERY`` = 50 steps (51, 101, ...) the update probe snapshots the weights
+before the step and measures after it; every ``histogram_every`` = 100 steps (100,
+200, ...: a window's last step) a histogram is taken. The
 table gives each kind's median and mean excess over the typical step, in ms, and
 what it adds per step of the fit (its mean excess times its share of the steps): the
 budget a target such as "mean <= 1.05 x plain" has to fit in. The excesses are
@@ -50,18 +51,19 @@ HISTOGRAM_EVERY = 100
 def kinds(steps: np.ndarray) -> dict[str, np.ndarray]:
     """Masks of the step kinds over steps numbered from 1 (``log_every=10``, the
     defaults' update and histogram schedules after the early ones). The update step
-    (51, 101, ...) is also a window's first step, and step 101 (201, ...) takes the
-    histogram too; a kind's mask leaves out the steps of a costlier kind."""
+    (51, 101, ...) is also a window's first step; the histogram step (100, 200, ...,
+    ``HistogramProbe``'s cadence) is also a window's last, whose batch end reads. A kind's
+    mask leaves out the steps of a costlier kind."""
     update = steps % UPDATE_EVERY == 1
-    histogram_and_update = update & (steps % HISTOGRAM_EVERY == 1)
+    histogram = steps % HISTOGRAM_EVERY == 0
     first = (steps % LOG_EVERY == 1) & ~update
-    read = steps % LOG_EVERY == 0
+    read = (steps % LOG_EVERY == 0) & ~histogram
     return {
-        "typical": ~(first | read | update),
+        "typical": ~(first | read | update | histogram),
         "window's first (sampled)": first,
         "read (window's last)": read,
-        "update measure (+ sampled)": update & ~histogram_and_update,
-        "update + histogram (+ sampled)": histogram_and_update,
+        "update measure (+ sampled)": update,
+        "histogram (+ read)": histogram,
     }
 
 
