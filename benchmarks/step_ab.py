@@ -31,6 +31,7 @@ Usage:
     python benchmarks/step_ab.py res100 --configs gradwatch,gradwatch+hist_every_step
     python benchmarks/step_ab.py mlp --jit --steps 600
     python benchmarks/step_ab.py mlp --control      # plus plain against plain
+    python benchmarks/step_ab.py deep24 --full --baseline HEAD~1   # full steps only, as the gate
 """
 
 from __future__ import annotations
@@ -78,13 +79,16 @@ def main():
                         help="also run a second plain model: the instrument's floor")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run gradwatch's defaults as of git revision REV ('baseline')")
+    parser.add_argument("--full", action="store_true",
+                        help="no lean step in any configuration (as in overhead.py's 1,050-step fits)")
     args = parser.parse_args()
     batch_size = 128
     x, y = make_data(args.model, 64 * batch_size)
     log_root = tempfile.mkdtemp(prefix="gradwatch-ab-")
-    available = configurations(log_root, (x[:batch_size], y[:batch_size]), internal=LONG_RUN)
+    internal = dataclasses.replace(LONG_RUN, lean_steps=False) if args.full else LONG_RUN
+    available = configurations(log_root, (x[:batch_size], y[:batch_size]), internal=internal)
     if args.baseline:
-        available["baseline"] = baseline_configuration(args.baseline, log_root)
+        available["baseline"] = baseline_configuration(args.baseline, log_root, lean=not args.full)
     names = ["plain"] + ([CONTROL] if args.control else []) + (["baseline"] if args.baseline else []) + [
         c for c in args.configs.split(",") if c not in ("plain", CONTROL)]
     unknown = set(names) - set(available)
@@ -145,9 +149,10 @@ def main():
                       f"paired {statistics.median(t / b for t, b in chosen):.3f}")
 
 
-def baseline_configuration(revision: str, log_root: str):
+def baseline_configuration(revision: str, log_root: str, lean: bool = True):
     """The default GradientMonitor of an earlier revision (overhead.py's), whose lean
-    step is traced for short runs too (as LONG_RUN does for the current code)."""
+    step is traced for short runs too (as LONG_RUN does for the current code), or
+    never (``lean`` False, where the revision has the switch)."""
     configure = overhead_baseline(revision, log_root)
     monitor_module = importlib.import_module("gradwatch_base.monitor")
     if hasattr(monitor_module, "LEAN_MIN_STEPS"):
@@ -158,7 +163,8 @@ def baseline_configuration(revision: str, log_root: str):
         return configure
     fields = {f.name for f in dataclasses.fields(options.InternalOptions)}
     internal = options.InternalOptions(**{name: value for name, value in
-                                          (("lean_min_steps", 0), ("lean_break_even", False))
+                                          (("lean_min_steps", 0), ("lean_break_even", False),
+                                           ("lean_steps", lean))
                                           if name in fields})
     return lambda: [monitor_module.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root), internal=internal)]
 
