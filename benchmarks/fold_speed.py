@@ -19,7 +19,6 @@ import tensorflow as tf  # noqa: E402
 
 from gradwatch._capture import model_topology  # noqa: E402
 from gradwatch._capture.accumulate import StepBuffer, StepFolder  # noqa: E402
-from gradwatch._capture.compiled import Compiler  # noqa: E402
 from gradwatch._capture.layouts import StepRow  # noqa: E402
 from gradwatch._capture.window import Window  # noqa: E402
 
@@ -31,7 +30,7 @@ def main() -> None:
         variables = [tf.Variable(np.zeros((2, 3), np.float32)) for _ in range(num_vars)]
         topology = model_topology.from_variables(variables, [f"layer{i // 2}/v{i}" for i in range(num_vars)])
         window = Window(num_vars + len(topology.layers))
-        buffer = StepBuffer(StepFolder(topology, window, False), window, num_vars, ROWS, Compiler(num_vars))
+        buffer = StepBuffer(StepFolder(topology, window, False), window, num_vars, ROWS)
         width = StepRow(num_vars).width
         rows = np.abs(np.random.default_rng(0).normal(size=(ROWS, width))).astype(np.float32)
         args = (tf.constant(window._var_reset), tf.constant(window._global_reset), tf.constant(rows),

@@ -9,9 +9,9 @@ the median fit time and the RSS kept per fit: the least-squares slope of RSS ove
 the fits after the first three.
 
 TensorFlow keeps every XLA executable it compiles for the life of the process (its
-device compilation cache has no eviction), so the gradwatch parts compiled with XLA
-are paid again, in seconds and in memory, by every new model; ``GRADWATCH_JIT=0``
-runs them as plain graph.
+device compilation cache has no eviction). With ``jit_compile`` off, gradwatch
+compiles nothing with XLA (its rarely taken branches were XLA calls on nets of 32
+variables or more until the eighth session, and ``GRADWATCH_JIT=0`` turned them off).
 
 Writes ``benchmarks/results/refit_memory.json``. Run:
 ``.venv/bin/python benchmarks/refit_memory.py [--model mlp] [--fits 16]``
@@ -38,7 +38,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "r
 CONFIGS = {
     "plain": (False, {}),
     "gradwatch": (True, {}),
-    "gradwatch GRADWATCH_JIT=0": (True, {"GRADWATCH_JIT": "0"}),
 }
 
 

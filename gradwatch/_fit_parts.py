@@ -241,7 +241,6 @@ class FitParts:
             self.pipeline.close()
         # update/weight snapshots from the host, measured in the tap after the update
         self.recorder = Recorder(self._options, host_update_snapshots=True,
-                                 xla_branch_min_variables=self._internal.xla_branch_min_variables,
                                  front_ends_steps=strategy is None and internals.has_custom_train_step(model))
         activation_layers = (topology_lib.relu_layers(model, topology) if self._options.activation_probe
                              else None)

@@ -19,8 +19,6 @@ class InternalOptions:
         lean_min_steps: a fit planned shorter than this traces no lean step.
         lean_break_even: the lean step is traced only once it pays for its trace
             (``fit_tap.LeanDecision``); False: from the fit's first steps on.
-        xla_branch_min_variables: overrides the variable count from which branches
-            taken on some steps only run as one XLA call.
         extra_sinks: sinks that get every window result too (opened and closed with the files).
         on_step_kind: called before each ``fit`` step with True when it runs the lean step.
     """
@@ -29,7 +27,6 @@ class InternalOptions:
     lean_steps: bool = True
     lean_min_steps: int = 1000
     lean_break_even: bool = True
-    xla_branch_min_variables: int | None = None
     extra_sinks: Sequence[Any] = ()
     on_step_kind: Callable[[bool], None] | None = None
 

@@ -96,8 +96,7 @@ class Watch:
             raise TypeError(f"on_alert must be callable or None; received {on_alert!r}.")
         self._on_alert = on_alert
         self._internal = as_internal(internal)
-        self._recorder = Recorder(self.options,
-                                  xla_branch_min_variables=self._internal.xla_branch_min_variables)
+        self._recorder = Recorder(self.options)
         self._pipeline: Pipeline | None = None
         self._last_finite: Any = None
         #: Set when a non-finite gradient was seen with on_nonfinite="stop": end your loop.

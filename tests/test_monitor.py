@@ -85,11 +85,7 @@ def check_against_reference(log_dir, ref_steps, ref_losses, rel=1e-4):
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("steps_per_execution", [1, 4])
-@pytest.mark.parametrize("xla_branches", [False, True])
-def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution, xla_branches):
-    # xla_branches: the sampled steps' full pass and the probes' measures as XLA calls,
-    # as on a net of many variables (this one has few)
-    internal = InternalOptions(xla_branch_min_variables=0 if xla_branches else 10**6)
+def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution):
     x, y = make_data()
     ref_steps, ref_losses = reference_run(make_mlp, x, y, batch_size=8)
     model = make_mlp()
@@ -99,7 +95,7 @@ def test_fit_stats_equal_tape_replay(log_dir, jit_compile, steps_per_execution, 
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
-    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=3, internal=internal)
+    monitor = gw.GradientMonitor(log_dir=log_dir, log_every=3)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     check_against_reference(log_dir, ref_steps, ref_losses)
     windows = gw.read_windows(log_dir)

@@ -360,7 +360,6 @@ def test_a_steps_careful_pass_places_each_gradient_where_its_list_puts_it(sample
     # measure_gradients hands the careful pass the dense groups and each sparse one
     # with their places in the step's list (an embedding after a dense layer): a step
     # with a NaN in each kind takes that pass, and every column holds its own numbers.
-    from gradwatch._capture.compiled import Compiler
     from gradwatch._capture.layouts import RAW_STATS
     from gradwatch._capture.measure import finish_stats, measure_gradients
 
@@ -376,7 +375,7 @@ def test_a_steps_careful_pass_places_each_gradient_where_its_list_puts_it(sample
     @tf.function(autograph=False)
     def step():
         flat, index, nonfinite = measure_gradients(
-            [tf.constant(first), sparse, tf.constant(last)], tf.constant(sampled), Compiler(3))
+            [tf.constant(first), sparse, tf.constant(last)], tf.constant(sampled))
         raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)), [len(RAW_STATS), 3])
         return finish_stats(raw, tf.constant(1.0)), nonfinite
 
@@ -393,7 +392,6 @@ def test_a_steps_careful_pass_places_each_gradient_where_its_list_puts_it(sample
 def test_a_full_step_traces_each_pass_once(monkeypatch):
     # The window's sampled step and a settled inexact step share one finite pass, and
     # the careful pass is traced once too: a trace's length is part of a fit's start.
-    from gradwatch._capture.compiled import Compiler
     from gradwatch._capture.measure import measure_gradients
 
     traced = {"finite_stats": 0, "full_stats": 0, "settled_by_zeros": 0}
@@ -406,7 +404,7 @@ def test_a_full_step_traces_each_pass_once(monkeypatch):
 
         monkeypatch.setattr(stats_lib, name, counted)
     grads = [tf.zeros([3, 2]), tf.ones([5])]
-    tf.function(lambda s: measure_gradients(grads, s, Compiler(2))[0], autograph=False
+    tf.function(lambda s: measure_gradients(grads, s)[0], autograph=False
                 ).get_concrete_function(tf.TensorSpec([], tf.bool))
     assert traced == {"finite_stats": 1, "full_stats": 1, "settled_by_zeros": 1}
 
@@ -419,7 +417,6 @@ def test_an_embeddings_gradient_under_xla_has_the_dense_gradients_statistics(row
     # times its slices stays sparse. Either way every statistic is the dense gradient's,
     # repeated rows summed.
     from gradwatch._capture import measure
-    from gradwatch._capture.compiled import Compiler
     from gradwatch._capture.layouts import RAW_STATS
 
     rng = np.random.default_rng(8)
@@ -436,7 +433,7 @@ def test_an_embeddings_gradient_under_xla_has_the_dense_gradients_statistics(row
     def step(sampled, slices):
         sparse = tf.IndexedSlices(slices, tf.constant(indices), tf.constant([rows, 3]))
         kept_sparse.append(isinstance(measure._dense_under_xla(sparse), tf.IndexedSlices))
-        flat, index, _ = measure.measure_gradients([tf.ones([2, 2]), sparse], sampled, Compiler(2))
+        flat, index, _ = measure.measure_gradients([tf.ones([2, 2]), sparse], sampled)
         raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)), [len(RAW_STATS), 2])
         return measure.finish_stats(raw, tf.constant(1.0))
 

@@ -14,7 +14,6 @@ import tensorflow as tf
 from conftest import np_stats
 
 import gradwatch as gw
-from gradwatch._internal_options import InternalOptions
 
 
 def _model(seed=0):
@@ -285,14 +284,13 @@ def test_inexact_cheap_norms_take_the_full_path_on_any_step(log_dir):
     assert window.nonfinite_steps == 1 and window.first_nonfinite_step == 2
 
 
-@pytest.mark.parametrize("xla_branches", [False, True])
-def test_zero_gradients_are_exact_without_the_full_pass_and_tiny_ones_still_take_it(
-        log_dir, xla_branches):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_zero_gradients_are_exact_without_the_full_pass_and_tiny_ones_still_take_it(log_dir, jit_compile):
     """An all-zero gradient (a dead layer) has an inexact-looking sum of squares of 0;
     two reductions settle it, but a gradient whose squares underflow to 0 (1e-30, also
     a lone negative one, which the max alone would call zero) still gets the careful
-    norm. Every window's l2 columns and its sampled step's statistics against numpy."""
-    internal = InternalOptions(xla_branch_min_variables=0 if xla_branches else 10**6)
+    norm. Every window's l2 columns and its sampled step's statistics against numpy,
+    in a graph step and in an XLA one (the careful passes compiled with the step)."""
     zero = np.zeros(4, "float32")
     normal = np.array([1.0, -2.0, 2.0, 0.0], "float32")
     underflow = np.array([-1e-30, 0.0, 0.0, 0.0], "float32")
@@ -306,11 +304,11 @@ def test_zero_gradients_are_exact_without_the_full_pass_and_tiny_ones_still_take
     names = ["a/a", "b/b", "c/c"]
     variables = [tf.Variable(zero) for _ in names]
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(grads):
         return watch.observe(grads, variables)
 
-    with gw.Watch(log_dir=log_dir, log_every=3, names=names, internal=internal) as watch:
+    with gw.Watch(log_dir=log_dir, log_every=3, names=names) as watch:
         for grads in steps:
             step([tf.constant(g) for g in grads])
             watch.step_end()

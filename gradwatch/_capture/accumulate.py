@@ -11,7 +11,6 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
-from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import Rows, StepGlobals, StepValues, Window
@@ -173,13 +172,12 @@ class StepBuffer:
         window: the window the rows fold into.
         num_vars: the number of watched variables.
         capacity: the rows the buffer holds.
-        compiler: makes the fold one XLA call.
         strategy: the ``tf.distribute`` strategy, if any.
     """
 
     def __init__(self, folder: StepFolder, window: Window, num_vars: int, capacity: int,
-                 compiler: Compiler, strategy: Any = None):
-        self._folder, self._window, self._compiler = folder, window, compiler
+                 strategy: Any = None):
+        self._folder, self._window = folder, window
         self.buffered = strategy is None or strategy.num_replicas_in_sync <= 1
         self.capacity = capacity
         layout = StepRow(num_vars)
@@ -203,8 +201,7 @@ class StepBuffer:
         full buffer to the next full step, or to the read.
         """
         if not self.buffered:
-            fold = self._compiler.compiled(("fold",), self._fold_now)
-            return buffered, fold(row, step)
+            return buffered, self._fold_now(row, step)
         index = tf.reshape(buffered, [1, 1])
         writes = [self._rows.scatter_nd_update(index, tf.reshape(row, [1, -1])),
                   self._steps.scatter_nd_update(index, tf.reshape(step, [1]))]

@@ -8,37 +8,30 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
-from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import RAW_STATS
 
 
 class _DensePasses:
-    """The passes over a step's dense gradients, each one node (an XLA call) on a
-    large net: the finite pass (the window's sampled step), the full pass (an
-    inexact sum of squares), and the zero check that settles an all-zero gradient."""
+    """The passes over a step's dense gradients, each in a branch of the step that
+    costs nothing when not taken (``internals.cond``): the finite pass (the window's
+    sampled step), the full pass (an inexact sum of squares), and the zero check that
+    settles an all-zero gradient. Plain graph, not XLA calls (see ``rare``)."""
 
-    def __init__(self, dense: list[stats_lib.Group], compiler: Compiler):
+    def __init__(self, dense: list[stats_lib.Group]):
+        self.groups = stats_lib.Groups(tuple(dense), None, sum(len(g.positions) for g in dense))
         self.info = tuple((g.dense_size, g.positions) for g in dense)
-        self.count = sum(len(pos) for _, pos in self.info)
-        self.matrices = [g.matrix for g in dense]
-        self.full = compiler.branch(("full", self.info), self._full)
-        self.finite = compiler.branch(("finite", self.info), self._finite)
-        self.settled = compiler.branch(("settled", self.info), self._settled)
+        self.count = self.groups.count
 
-    def _regroup(self, matrices):
-        groups = tuple(stats_lib.Group(m, size, pos) for m, (size, pos) in zip(matrices, self.info))
-        return stats_lib.Groups(groups, None, self.count)
-
-    def _full(self, *matrices):
-        full = tf.stack(list(stats_lib.full_stats(self._regroup(matrices))))
+    def full(self):
+        full = tf.stack(list(stats_lib.full_stats(self.groups)))
         return tf.reshape(full, [-1]), tf.reduce_any(full[4] > 0.0)
 
-    def _finite(self, sums, *matrices):
-        finite = tf.stack(list(stats_lib.finite_stats(self._regroup(matrices), sums)))
+    def finite(self, sums):
+        finite = tf.stack(list(stats_lib.finite_stats(self.groups, sums)))
         return tf.reshape(finite, [-1]), tf.constant(False)
 
-    def _settled(self, sums, *matrices):
-        return stats_lib.settled_by_zeros(self._regroup(matrices), sums)
+    def settled(self, sums):
+        return stats_lib.settled_by_zeros(self.groups, sums)
 
     def norms_only(self, sums):
         """A step not sampled keeps the l2 and the non-finite count only."""
@@ -50,28 +43,34 @@ class _DensePasses:
         zero one (a dead layer and every layer below it): two reductions tell it from
         a non-finite entry or an underflow, which need the full pass (about fourteen
         passes over every gradient). Each pass is traced once: the sampled step's
-        finite pass serves an exact step and a settled one alike."""
-        settled = internals.cond(inexact, lambda: self.settled(squares, *self.matrices),
-                                 lambda: tf.constant(True))
+        finite pass serves an exact step and a settled one alike.
+
+        The passes were XLA calls on nets of 32 variables or more, when a branch not
+        taken still cost a visit to each of its nodes. As plain graph in a functional
+        ``If`` they cost nothing when not taken, the taken ones ran as fast or faster
+        (step A/B, full steps: the 100-layer net's sampled step 1.175 against 1.257 of
+        plain's, the 24-layer net's 1.192 against 1.213), and the first call no longer
+        pays their XLA compiles (the 100-layer net 10.0 s against 14.4 s over plain's,
+        the 24-layer net 3.3 s against 4.2 s; benchmarks/README.md, eighth session)."""
+        settled = internals.cond(inexact, lambda: self.settled(squares), lambda: tf.constant(True))
 
         def exact():
             if sampled is None:  # the lean step
                 return self.norms_only(squares)
-            return internals.cond(sampled, lambda: self.finite(squares, *self.matrices),
-                                  lambda: self.norms_only(squares))
+            return internals.cond(sampled, lambda: self.finite(squares), lambda: self.norms_only(squares))
 
-        return internals.cond(settled, exact, lambda: self.full(*self.matrices))
+        return internals.cond(settled, exact, self.full)
 
 
-def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, compiler: Compiler,
-                   index: np.ndarray) -> tuple[list[tf.Tensor], tf.Tensor, int]:
+def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, index: np.ndarray
+                   ) -> tuple[list[tf.Tensor], tf.Tensor, int]:
     """Measures the dense gradients; fills their columns of ``index``. Returns the
     pieces, whether one was non-finite, and the pieces' length."""
     # one pass per gradient: an L2Loss for a large one, a row reduction per group
     # of stacked small ones
     sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
     squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
-    passes = _DensePasses(dense, compiler)
+    passes = _DensePasses(dense)
     count = passes.count
     # The full pass runs on a step whose cheap norm is not exact and not only zeros;
     # the window's sampled step otherwise runs the finite pass (a third of the work);
@@ -142,14 +141,12 @@ def _dense_under_xla(grad):
     return tf.math.unsorted_segment_sum(grad.values, grad.indices, int(shape[0]))
 
 
-def measure_gradients(stat_grads, sampled: tf.Tensor | None, compiler: Compiler
-                      ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
+def measure_gradients(stat_grads, sampled: tf.Tensor | None) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
     """Measures a step's gradients: all a step does with their values.
 
     Args:
         stat_grads: the gradients (loss-scaled, global under several replicas).
         sampled: whether this is the window's sampled step; None on the lean step.
-        compiler: makes the passes taken on some steps only one node each.
 
     Returns:
         (flat, index, nonfinite): the raw statistics as one float32 vector, where
@@ -164,7 +161,7 @@ def measure_gradients(stat_grads, sampled: tf.Tensor | None, compiler: Compiler
     pieces, flags, offset = [], [], 0
     index = np.zeros((len(RAW_STATS), groups.count), np.int64)
     if dense:
-        dense_pieces, nonfinite, offset = _measure_dense(dense, sampled, compiler, index)
+        dense_pieces, nonfinite, offset = _measure_dense(dense, sampled, index)
         pieces += dense_pieces
         flags.append(nonfinite)
     for g in sparse:

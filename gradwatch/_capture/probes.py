@@ -85,7 +85,6 @@ class ProbeStep(NamedTuple):
         sampled: whether it is the window's sampled step; None on the lean step,
             which runs no probe work but the unit counters.
         inv_scale: 1 / the loss scale (1 without one).
-        compiled: ``Compiler.branch``: makes a branch taken on some steps one node.
         nonfinite: whether a gradient of the step had a NaN/Inf entry (None: not known).
     """
 
@@ -93,7 +92,6 @@ class ProbeStep(NamedTuple):
     step: tf.Tensor
     sampled: tf.Tensor | None
     inv_scale: tf.Tensor
-    compiled: Callable[..., Any]
     nonfinite: tf.Tensor | None = None
 
 
@@ -105,7 +103,7 @@ class Probe(Protocol):
 
     def record(self, step: ProbeStep) -> None: ...
 
-    def after_update(self, compiled: Callable[..., Any]) -> None: ...
+    def after_update(self) -> None: ...
 
     def fetch(self) -> Any: ...
 
@@ -125,9 +123,9 @@ class UnitProbe:
 
     def record(self, step: ProbeStep) -> None:
         """Counts on every step, the lean one included."""
-        self.observe(step.grads_by_slot, step.sampled, step.compiled)
+        self.observe(step.grads_by_slot, step.sampled)
 
-    def after_update(self, compiled: Callable[..., Any]) -> None:
+    def after_update(self) -> None:
         """Nothing to do after the update."""
 
     def __init__(self, topology: Topology, strategy: Any = None):
@@ -140,13 +138,10 @@ class UnitProbe:
         self.silent = replica_variable(np.ones(max(total, 1), np.float32), "gradwatch_unit_silent",
                                        strategy)
 
-    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor | None,
-                compiled: Any = None) -> list[tf.Operation]:
+    def observe(self, grads_by_slot: dict[int, Any], sampled: tf.Tensor | None) -> list[tf.Operation]:
         """Counts this step's zero-gradient units; on sampled steps measures which
         units are silent (``sampled`` None: a step known not to be sampled, which only
-        counts). ``compiled(key, fn)``, if given, turns the measuring into one
-        node (an XLA call): a branch not taken still costs the executor a visit to each
-        of its nodes on every step, a few hundred on a deep net."""
+        counts)."""
         if not self.tracks:
             return []
         # One op per step for all the bias-mode tracks: their gradients are vectors,
@@ -183,9 +178,7 @@ class UnitProbe:
         if sampled is not None and any(part is not None for part in silent_parts):
             # the write stays outside the cond: under several replicas a mirrored
             # write is a merge_call, which a cond branch cannot hold
-            key = ("silent", tuple(None if p is None else tuple(p.shape) for p in silent_parts))
-            measure = measure_silent if compiled is None else compiled(key, measure_silent)
-            silent = cond(sampled, lambda: measure(*present_parts), lambda: self.silent.read_value())
+            silent = cond(sampled, lambda: measure_silent(*present_parts), lambda: self.silent.read_value())
             if not all(present_mask):
                 # units this observation has no gradient for (another optimizer's, applied in
                 # the same step) keep what their own observation measured
@@ -198,8 +191,7 @@ class UnitProbe:
         tracked unit, whether its outgoing kernel rows are all zero (1.0: silent)."""
         # Tracks whose next kernels have one shape (and unit count) are measured as
         # stacks (of at most stats.GROUP_LIMIT entries): a deep net's hundred tracks
-        # are a few dozen reductions, not a few hundred ops (which also made the XLA
-        # compile of this measure slow).
+        # are a few dozen reductions, not a few hundred ops.
         by_shape: dict[tuple, list[int]] = {}
         for k, (track, nxt) in enumerate(zip(self.tracks, silent_parts)):
             if nxt is not None:
@@ -262,10 +254,10 @@ class UpdateProbe:
             early = tf.reduce_any(tf.equal(number, tf.constant(EARLY_SNAPSHOTS, tf.int64)))
             self.observe(step.grads_by_slot, early | tf.equal(tf.math.floormod(number - 1, UPDATE_EVERY), 0))
 
-    def after_update(self, compiled: Callable[..., Any]) -> None:
+    def after_update(self) -> None:
         """Host snapshots: measures the change the update just made."""
         if self.host_snapshots and self._after_update_grads:
-            self.measure_after_update(self._after_update_grads, compiled)
+            self.measure_after_update(self._after_update_grads)
         self._after_update_grads = {}
 
     def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
@@ -450,21 +442,14 @@ class UpdateProbe:
         """Host side: whether a snapshot still waits for a step that moves the weights."""
         return bool(self.slots) and bool(self.state.numpy()[1] > 0)
 
-    def measure_after_update(self, grads_by_slot: dict[int, Any], compiled: Any = None) -> tf.Tensor:
+    def measure_after_update(self, grads_by_slot: dict[int, Any]) -> tf.Tensor:
         """In-graph, after the optimizer's update: while a host snapshot is pending,
-        the change since it and its cosine with minus this step's gradient.
-
-        ``compiled(key, fn)``, if given, makes the measuring one node (an XLA call):
-        a branch not taken still costs the executor a visit to each of its nodes on
-        every step, and this one has several per variable.
-        """
+        the change since it and its cosine with minus this step's gradient."""
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
         grads = [grads_by_slot.get(i) for i in self.slots]
         present = [g for g in grads if g is not None]
-        if any(isinstance(g, tf.IndexedSlices) for g in present):
-            compiled = None  # IndexedSlices are not XLA operands: measure in the graph
 
         def measure(state, *present_grads):
             given = iter(present_grads)
@@ -472,8 +457,6 @@ class UpdateProbe:
             return self._measure(self.snap.read_value(), full, state,
                                  [g is not None for g in grads])
 
-        if compiled is not None:
-            measure = compiled(("update", tuple(g is None for g in grads)), measure)
         return self.state.assign(cond(state[1] > 0, lambda: measure(state, *present),
                                       lambda: state))
 
@@ -504,7 +487,7 @@ class HistogramProbe:
         """Host side: a histogram on the next step (a new warning or error was raised)."""
         self.requested.assign(True)
 
-    def after_update(self, compiled: Callable[..., Any]) -> None:
+    def after_update(self) -> None:
         """Nothing to do after the update."""
 
     def __init__(self, topology: Topology, every: int, signed: bool, strategy: Any = None):

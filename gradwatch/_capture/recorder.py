@@ -13,7 +13,6 @@ from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import probes as probes_lib
 from gradwatch._capture.accumulate import StepBuffer, StepFolder, buffer_capacity, loss_pair
 from gradwatch._capture.clipping import clip_measured
-from gradwatch._capture.compiled import Compiler
 from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
 from gradwatch._capture.measure import finish_stats, measure_gradients
 from gradwatch._capture.window import Window
@@ -54,17 +53,14 @@ class Recorder:
         options: the front's validated options.
         host_update_snapshots: the front takes the update probe's weight snapshots on
             the host (``snapshot_weights``) and calls ``after_update`` after the update.
-        xla_branch_min_variables: see ``InternalOptions``.
         front_ends_steps: the front calls ``end_step`` after each step (one replica): every
             ``observe`` until then is the same step (several optimizers, or one applied several
             times), with ``end_step``'s loss. False: each ``observe`` is a step (Keras's own).
     """
 
-    def __init__(self, options: Options, host_update_snapshots: bool = False,
-                 xla_branch_min_variables: int | None = None, front_ends_steps: bool = False):
+    def __init__(self, options: Options, host_update_snapshots: bool = False, front_ends_steps: bool = False):
         self._options = options
         self._ends_steps = bool(front_ends_steps)
-        self._branch_min = xla_branch_min_variables
         self._clip = options.clip  # already a Clip (Options validated it)
         self._host_snapshots = bool(host_update_snapshots)
         self.topology: Topology | None = None
@@ -101,7 +97,6 @@ class Recorder:
             self._clip.build(strategy)
         num_vars = len(variables)
         self._row = StepRow(num_vars)
-        self._compiler = Compiler(num_vars, self._branch_min)
         self.window = Window(num_vars + len(topology.layers), strategy)
         initial = {name: 0 for name in STEP_STATE.names}
         initial.update(step=start_step, step_row=-1)
@@ -110,7 +105,7 @@ class Recorder:
             strategy)
         folder = StepFolder(topology, self.window, clipping=self._clip is not None)
         self.buffer = StepBuffer(folder, self.window, num_vars, buffer_capacity(self._options.log_every),
-                                 self._compiler, strategy)
+                                 strategy)
         self._read_fn = internals.run_function(self._read_all, autograph=False)
         self._probes: list[probes_lib.Probe] = [probes_lib.UnitProbe(topology, strategy)]
         self._updates = None
@@ -238,7 +233,7 @@ class Recorder:
                 tf.constant(False), clip_threshold
         inv_scale = (1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
                      else tf.constant(1.0))
-        flat, index, nonfinite_step = measure_gradients(stat_grads, sampled, self._compiler)
+        flat, index, nonfinite_step = measure_gradients(stat_grads, sampled)
         if self._clip is not None:
             raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)),
                              [len(RAW_STATS), len(present)])
@@ -252,7 +247,7 @@ class Recorder:
             flat = tf.concat([flat, clip_scale, clip_fired], axis=0)
             index = np.concatenate([index, end + np.arange(2 * len(present)).reshape(2, len(present))])
         probe_step = probes_lib.ProbeStep(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale,
-                                          self._compiler.branch, nonfinite_step)
+                                          nonfinite_step)
         for probe in self._probes:
             probe.record(probe_step)
         return flat, index, nonfinite_step, clip_threshold
@@ -261,7 +256,7 @@ class Recorder:
     def after_update(self) -> None:
         """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
         for probe in self._probes:
-            probe.after_update(self._compiler.branch)
+            probe.after_update()
 
     def _read_all(self) -> dict[str, Any]:
         """In-graph host read: state, buffered rows, accumulators, probes; each reset after."""
