@@ -173,29 +173,39 @@ def test_update_probe_under_steps_per_execution_measures_the_first_step(tmp_path
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("features", [12, 4200])  # 4200 x 4: over STACK_LIMIT, measured alone
-def test_watch_sees_a_manual_assign_sub_update(tmp_path, features):
+@pytest.mark.parametrize(("features", "width"), [
+    (12, 1), (4200, 1),  # w 4200 x 4: over STACK_LIMIT, measured alone
+    (4200, 5000),  # and v 4 x 5000 too: two large variables of different sizes, from one split
+])
+def test_watch_sees_a_manual_assign_sub_update(tmp_path, features, width):
     rng = np.random.default_rng(1)
     w = tf.Variable(rng.normal(size=(features, 4)).astype("float32"), name="w")
-    v = tf.Variable(rng.normal(size=(4, 1)).astype("float32"), name="v")
+    v = tf.Variable((rng.normal(size=(4, width)) / np.sqrt(width)).astype("float32"), name="v")
     x, y = _data(features=features)
-    lr = 0.05
-    before = w.numpy().copy()
+    # each variable moves by 1% of its norm along -g (manual SGD with its own step size):
+    # a relative change well above float32's resolution for every shape here
+    lr = 0.01
+    before = [w.numpy().copy(), v.numpy().copy()]
     with gw.Watch(str(tmp_path / "loop"), log_every=4, histogram_every=0) as watch:
         for i in range(8):
             with tf.GradientTape() as tape:
-                out = tf.sigmoid(tf.nn.relu(x[i * 32:(i + 1) * 32] @ w) @ v)
+                hidden = tf.nn.relu(x[i * 32:(i + 1) * 32] @ w)
+                out = tf.sigmoid(tf.reduce_sum(hidden @ v, axis=1, keepdims=True))
                 loss = tf.reduce_mean((out - y[i * 32:(i + 1) * 32]) ** 2)
             gw_, gv = watch.observe(tape.gradient(loss, [w, v]), [w, v])
+            steps = [lr * np.linalg.norm(var.numpy()) / np.linalg.norm(g.numpy())
+                     for var, g in ((w, gw_), (v, gv))]
             if i == 0:
-                expected = lr * np.linalg.norm(gw_.numpy()) / np.linalg.norm(before)
-            w.assign_sub(lr * gw_)
-            v.assign_sub(lr * gv)
+                expected = [step * np.linalg.norm(g.numpy()) / np.linalg.norm(b)
+                            for step, g, b in zip(steps, (gw_, gv), before)]
+            w.assign_sub(steps[0] * gw_)
+            v.assign_sub(steps[1] * gv)
             watch.step_end(float(loss))
     stats = gw.read_stats(str(tmp_path / "loop"))
-    row = stats[(stats.step == 4) & (stats.variable == "w")].iloc[0]
-    assert row.update_ratio == pytest.approx(expected, rel=1e-4)
-    assert row.update_cos == pytest.approx(1.0, abs=1e-5)
+    for name, ratio in zip(("w", "v"), expected):
+        row = stats[(stats.step == 4) & (stats.variable == name)].iloc[0]
+        assert row.update_ratio == pytest.approx(ratio, rel=1e-4), name
+        assert row.update_cos == pytest.approx(1.0, abs=1e-5), name
 
 
 def _half_dead(*middle):
