@@ -865,3 +865,14 @@ def test_lean_pays_once_its_saving_reaches_its_trace():
     decision.time(lambda: None)
     assert decision.decide(1, {"steps": 10**9, "epochs": 1})
     assert fit_tap.LeanDecision(always=True).lean
+    # the fit's length known: decided once the steps are timed, and a no stays a no
+    short = fit_tap.LeanDecision()
+    short._times = [1.0] + [0.01] * fit_tap.LEAN_TIMED_STEPS
+    assert not short.decide(10, {"steps": 1480, "epochs": 1})
+    short._times[0] = 0.0  # a free trace would pay, were it asked again
+    assert not short.decide(1, {"steps": 1480, "epochs": 1})
+    # unknown length: asked again each batch until the steps so far pay for the trace
+    open_ended = fit_tap.LeanDecision()
+    open_ended._times = [1.0] + [0.01] * fit_tap.LEAN_TIMED_STEPS
+    assert not open_ended.decide(1480, {"steps": None, "epochs": 1})
+    assert open_ended.decide(10, {"steps": None, "epochs": 1})
