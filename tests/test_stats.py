@@ -134,6 +134,20 @@ def test_low_precision_and_huge_values_do_not_overflow(dtype):
     assert float(result.l2[0]) == pytest.approx(reference["l2"], rel=1e-3 if dtype != "float32" else 1e-5)
 
 
+
+def test_a_mean_magnitude_whose_sum_overflows_float32_stays_exact():
+    # 64 entries of 1e37 sum to 6.4e38, past float32's 3.4e38; their mean is 1e37, in a
+    # variable (the careful pass) and in a layer of two such variables (hypothesis found
+    # the first: mean_abs was inf)
+    values = np.full((8, 8), 1e37, np.float32)
+    values[0, 0] = -1e37
+    var_stats = stats_lib.gradient_stats([tf.constant(values), tf.constant(values)])
+    assert float(var_stats.mean_abs[0]) == pytest.approx(1e37, rel=1e-5)
+    layer, _ = stats_lib.layer_stats(var_stats, tf.constant([True, True]), tf.constant([0, 0]),
+                                     tf.constant([64.0, 64.0]), 1)
+    assert float(layer.mean_abs[0]) == pytest.approx(1e37, rel=1e-5)
+    assert float(layer.max_abs[0]) == pytest.approx(1e37, rel=1e-6)
+
 def test_tiny_values_do_not_underflow():
     grad = tf.constant(np.full(1000, 1e-25, np.float32))
     result = stats_lib.gradient_stats([grad])

@@ -256,7 +256,8 @@ def full_stats(groups: Groups) -> GradStats:
     return GradStats(
         l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
         max_abs=tf.where(none_finite, nan, largest),
-        mean_abs=tf.where(none_finite, nan, scale * magnitudes / size),
+        # divided before scaled: 64 entries of 1e37 sum past float32's range
+        mean_abs=tf.where(none_finite, nan, scale * (magnitudes / size)),
         # the stored entries not zero are all that is not zero: a sparse gradient's
         # untouched rows are zeros its matrix does not hold
         zero_frac=(size - nonzero) / size,
@@ -385,6 +386,9 @@ def layer_stats(
     weight = sizes * tf.cast(present, tf.float32)
     layer_size = tf.math.unsorted_segment_sum(weight, segment_ids, num_layers)
     safe_size = tf.where(layer_size > 0.0, layer_size, 1.0)
+    # each variable's share of its layer's entries: a layer's mean is the sum of its
+    # variables' means by share, which cannot overflow where the means do not
+    share = weight / tf.gather(safe_size, segment_ids)
     l2 = segment_norm(var_stats.l2, segment_ids, num_layers, present)
     # a layer with no finite entry (every present norm NaN) has NaN statistics too
     none_finite = tf.math.is_nan(l2)
@@ -392,13 +396,8 @@ def layer_stats(
         tf.where(tf.math.is_nan(var_stats.max_abs), 0.0, var_stats.max_abs), segment_ids, num_layers), 0.0)
     max_abs = tf.where(none_finite, float("nan"), max_abs)
     var_mean_abs = tf.where(tf.math.is_nan(var_stats.mean_abs), 0.0, var_stats.mean_abs)
-    mean_abs = tf.where(none_finite, float("nan"), (
-        tf.math.unsorted_segment_sum(var_mean_abs * weight, segment_ids, num_layers)
-        / safe_size
-    ))
-    zero_frac = (
-        tf.math.unsorted_segment_sum(var_stats.zero_frac * weight, segment_ids, num_layers)
-        / safe_size
-    )
+    mean_abs = tf.where(none_finite, float("nan"),
+                        tf.math.unsorted_segment_sum(var_mean_abs * share, segment_ids, num_layers))
+    zero_frac = tf.math.unsorted_segment_sum(var_stats.zero_frac * share, segment_ids, num_layers)
     nonfinite = tf.math.unsorted_segment_sum(var_stats.nonfinite, segment_ids, num_layers)
     return GradStats(l2, max_abs, mean_abs, zero_frac, nonfinite), layer_size > 0.0
