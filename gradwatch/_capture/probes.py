@@ -347,9 +347,8 @@ class UpdateProbe:
             # and four stacked sums were ~75 ops a variable, 1,842 of the 24-layer net's
             # trace (eighth session)
             sizes = [int(self._offsets[p + 1] - self._offsets[p]) for p in large]
-            starts = tf.split(snap[small_total:], sizes) if len(large) > 1 else [snap[small_total:]]
-            flat_grads = (tf.split(grads[small_total:], sizes) if len(large) > 1 else [grads[small_total:]]
-                          ) if flat else None
+            starts = tf.split(snap[small_total:], sizes)
+            flat_grads = tf.split(grads[small_total:], sizes) if flat else None
             halves, dots = [], []
             for j, position in enumerate(large):
                 k = self._order[position]
@@ -460,15 +459,9 @@ class UpdateProbe:
             return tf.constant(0)
         state = self.state.read_value()
         grads = [grads_by_slot.get(i) for i in self.slots]
-        present = [g for g in grads if g is not None]
-
-        def measure(state, *present_grads):
-            given = iter(present_grads)
-            full = [None if g is None else next(given) for g in grads]
-            return self._measure(self.snap.read_value(), full, state,
-                                 [g is not None for g in grads])
-
-        return self.state.assign(cond(state[1] > 0, lambda: measure(state, *present),
+        applied = [g is not None for g in grads]
+        return self.state.assign(cond(state[1] > 0,
+                                      lambda: self._measure(self.snap.read_value(), grads, state, applied),
                                       lambda: state))
 
     def fetch(self) -> tf.Tensor:
