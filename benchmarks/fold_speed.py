@@ -1,7 +1,10 @@
-"""The host read's fold of a window's buffered rows, alone, as the graph function the
-host uses and as one XLA call (which the host no longer uses: its compile left the
-process 85 MiB larger): its first call (trace; and the XLA compile) and its time a
-call, for a small and a large net (6 and 300 variables, 20 rows of which 10 are folded).
+"""The host read's fold of a window's buffered rows, alone: in numpy (what the host
+runs since the ninth session), as a graph function (what it ran before) and as one
+XLA call (before the sixth session: its compile left the process 85 MiB larger): its
+first call (trace; and the XLA compile) and its time a call, for a small and a large
+net (6 and 300 variables, 20 rows of which 10 are folded). The numpy fold's time is
+also given as the time it holds the GIL (thread CPU time: numpy's small arrays do
+not release it), which the training thread may wait on between two steps.
 
 Usage:
     python benchmarks/fold_speed.py
@@ -19,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from gradwatch._capture import model_topology  # noqa: E402
 from gradwatch._capture.accumulate import StepBuffer, StepFolder  # noqa: E402
+from gradwatch._capture.array_ops import NP  # noqa: E402
 from gradwatch._capture.layouts import StepRow  # noqa: E402
 from gradwatch._capture.window import Window  # noqa: E402
 
@@ -36,20 +40,28 @@ def main() -> None:
         args = (tf.constant(window._var_reset), tf.constant(window._global_reset), tf.constant(rows),
                 tf.range(1, ROWS + 1, dtype=tf.int64), tf.constant(ROWS // 2, tf.int64),
                 tf.zeros([2], tf.float64))
-        for kind, fold in (("graph", buffer._folded()),
+        host_args = [np.asarray(a) for a in args]
+        fetched = {"rows": host_args[2], "steps": host_args[3], "loss_prev": host_args[5]}
+
+        def numpy_fold(*_):
+            return buffer.fold_fetched(host_args[0], host_args[1], fetched, ROWS // 2)
+
+        for kind, fold in (("numpy", numpy_fold),
+                           ("graph", tf.function(buffer._folder.fold, autograph=False)),
                            ("xla", tf.function(buffer._folder.fold, autograph=False, jit_compile=True))):
             start = time.perf_counter()
-            fold(*args)[0].numpy()
+            np.asarray(fold(*args)[0])
             first = time.perf_counter() - start
             for _ in range(20):
                 fold(*args)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             for _ in range(CALLS):
                 result = fold(*args)
-            result[0].numpy()
+            np.asarray(result[0])
             per_call = (time.perf_counter() - start) / CALLS
+            cpu = (time.thread_time() - cpu) / CALLS
             print(f"variables {num_vars:4d}  {kind:5s}  first call {first:.3f} s  "
-                  f"a call {per_call * 1e3:.3f} ms")
+                  f"a call {per_call * 1e3:.3f} ms  (this thread's CPU {cpu * 1e3:.3f} ms)")
 
 
 if __name__ == "__main__":

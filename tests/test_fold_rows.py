@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from gradwatch._capture import model_topology
 from gradwatch._capture.accumulate import StepFolder
+from gradwatch._capture.array_ops import NP
 from gradwatch._capture.layouts import (
     LOSS_GIVEN,
     LOSS_UNKNOWN,
@@ -66,16 +67,29 @@ def _rows(rng, num_vars, first_step):
     return np.concatenate([values.reshape(CAPACITY, -1), scalars], axis=1), steps
 
 
+def _numpy_fold(folder):
+    """The host's fold: the same fold in numpy (what a read's rows go through)."""
+    def fold(var_acc, global_acc, rows, steps, count, loss_prev):
+        with NP.errors_ignored():
+            args = [np.asarray(a) for a in (var_acc, global_acc, rows, steps, count, loss_prev)]
+            return tuple(tf.constant(v) for v in folder.fold(*args, xp=NP))
+    return fold
+
+
+@pytest.mark.parametrize("host", [False, True], ids=["graph", "numpy"])
 @pytest.mark.parametrize("clipping", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rows_folded_at_once_equal_rows_folded_one_at_a_time(seed, clipping):
+def test_rows_folded_at_once_equal_rows_folded_one_at_a_time(seed, clipping, host):
+    # numpy: the host's fold of the rows at once against the graph's, one row at a time
     rng = np.random.default_rng(seed)
     num_vars = int(rng.integers(2, 7))
     variables = [tf.Variable(np.zeros((2, 3), np.float32)) for _ in range(num_vars)]
     names = [f"layer{rng.integers(0, 3)}/v{i}" for i in range(num_vars)]
     topology = model_topology.from_variables(variables, names)
     window = Window(num_vars + len(topology.layers))
-    fold = tf.function(StepFolder(topology, window, clipping).fold, autograph=False)
+    folder = StepFolder(topology, window, clipping)
+    fold = tf.function(folder.fold, autograph=False)
+    fold_at_once = _numpy_fold(folder) if host else fold
 
     at_once = (tf.constant(window._var_reset), tf.constant(window._global_reset), tf.zeros([2], tf.float64))
     one_by_one = at_once
@@ -91,8 +105,8 @@ def test_rows_folded_at_once_equal_rows_folded_one_at_a_time(seed, clipping):
         first_step = int(steps[count - 1])
         folded += [(rows[r], int(steps[r])) for r in range(count)]
         # the rows past count are stale: the fold at once must leave them out
-        at_once = fold(at_once[0], at_once[1], tf.constant(rows), tf.constant(steps),
-                       tf.constant(count, tf.int64), at_once[2])
+        at_once = fold_at_once(at_once[0], at_once[1], tf.constant(rows), tf.constant(steps),
+                               tf.constant(count, tf.int64), at_once[2])
         for r in range(count):
             one_by_one = fold(one_by_one[0], one_by_one[1], tf.constant(rows[r:r + 1]),
                               tf.constant(steps[r:r + 1]), tf.constant(1, tf.int64), one_by_one[2])
@@ -137,7 +151,8 @@ def _assert_counts_once_per_step(globals_, folded, num_vars, clipping):
 @pytest.mark.parametrize("num_vars,num_rows", [(3, 4), (40, 60)])
 def test_split_rows_gives_each_value_block_as_numpy_does(num_vars, num_rows):
     # a small block is split with a gather, a large one (over SMALL_TRANSPOSE) with a transpose
-    from gradwatch._capture.layouts import SMALL_TRANSPOSE, StepRow
+    from gradwatch._capture.array_ops import SMALL_TRANSPOSE
+    from gradwatch._capture.layouts import StepRow
 
     layout = StepRow(num_vars)
     block = len(STEP_VALUES) * num_vars

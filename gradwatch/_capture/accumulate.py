@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
+from gradwatch._capture.array_ops import NP, TF, TensorOps
 from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import Rows, StepGlobals, StepValues, Window
@@ -35,37 +36,39 @@ def step_losses(rows: Rows, loss_a: tf.Tensor, loss_b: tf.Tensor, live: tf.Tenso
     loss (NaN when unknown), its state (1.0 known and non-finite, 0.0 finite, -1.0
     unknown), and the totals after the last (the rows where ``live`` is False left out).
     A step's loss is its totals less those of the last tracked step before it."""
-    f64 = tf.float64
-    a, b = tf.cast(loss_a, f64), tf.cast(loss_b, f64)
+    xp = rows.xp
+    f64 = xp.float64
+    a, b = xp.cast(loss_a, f64), xp.cast(loss_b, f64)
     tracked = live & (b >= 0.0)
     before = rows.last_before(tracked)
-    at = tf.maximum(before, 0)
-    previous_total = tf.where(before >= 0, tf.gather(a, at), loss_prev[0])
-    previous_count = tf.where(before >= 0, tf.gather(b, at), loss_prev[1])
+    at = xp.maximum(before, 0)
+    previous_total = xp.where(before >= 0, xp.gather(a, at), loss_prev[0])
+    previous_count = xp.where(before >= 0, xp.gather(b, at), loss_prev[1])
     # The tracker is reset at every epoch start and its count grows with every
     # step (by the batch size): a count that did not grow is a fresh start.
     was_reset = b <= previous_count
-    delta_total = tf.where(was_reset, a, a - previous_total)
-    delta_count = tf.where(was_reset, b, b - previous_count)
+    delta_total = xp.where(was_reset, a, a - previous_total)
+    delta_count = xp.where(was_reset, b, b - previous_count)
     # a tracker whose total went non-finite stays so until its reset: the later steps'
     # own losses are unknown, not non-finite (a skipped NaN batch is not a divergence)
-    stuck = tf.logical_not(was_reset) & tf.logical_not(tf.math.is_finite(previous_total))
-    counted = tracked & (delta_count > 0.0) & tf.logical_not(stuck)
-    nan = tf.constant(float("nan"), f64)
-    loss = tf.where(counted, delta_total / tf.where(counted, delta_count, 1.0),
-                    tf.where(tf.equal(b, LOSS_GIVEN), a, nan))
-    known = counted | tf.equal(b, LOSS_GIVEN)
-    state = tf.where(known, tf.where(tf.math.is_finite(loss), 0.0, 1.0), -1.0)
-    return loss, tf.cast(state, f64), tracker_totals(rows, a, b, tracked, loss_prev)
+    stuck = xp.logical_not(was_reset) & xp.logical_not(xp.is_finite(previous_total))
+    counted = tracked & (delta_count > 0.0) & xp.logical_not(stuck)
+    nan = xp.constant(float("nan"), f64)
+    loss = xp.where(counted, delta_total / xp.where(counted, delta_count, 1.0),
+                    xp.where(xp.equal(b, LOSS_GIVEN), a, nan))
+    known = counted | xp.equal(b, LOSS_GIVEN)
+    state = xp.where(known, xp.where(xp.is_finite(loss), 0.0, 1.0), -1.0)
+    return loss, xp.cast(state, f64), tracker_totals(rows, a, b, tracked, loss_prev)
 
 
 def tracker_totals(rows: Rows, loss_a: tf.Tensor, loss_b: tf.Tensor, tracked: tf.Tensor,
                    loss_prev: tf.Tensor) -> tf.Tensor:
     """The loss tracker's (total, count) after R rows: the last ``tracked`` row's
     ``loss_pair``, else ``loss_prev`` (float64 [2])."""
+    xp = rows.xp
     last = rows.last(tracked)
-    totals = tf.cast(tf.stack([rows.pick(last, loss_a, 0.0), rows.pick(last, loss_b, 0.0)]), tf.float64)
-    return tf.where(last >= 0, totals, loss_prev)
+    totals = xp.cast(xp.stack([rows.pick(last, loss_a, 0.0), rows.pick(last, loss_b, 0.0)]), xp.float64)
+    return xp.where(last >= 0, totals, loss_prev)
 
 
 class StepFolder:
@@ -86,67 +89,67 @@ class StepFolder:
         self._window = window
         self._clipping = clipping
 
-    def fold(self, var_acc, global_acc, rows, steps, count, loss_prev):
+    def fold(self, var_acc, global_acc, rows, steps, count, loss_prev, xp: TensorOps = TF):
         """Returns the window accumulators and the loss totals with rows ``0..count-1`` of
         ``rows`` ([R, width]; their step numbers ``steps``, [R]) folded in, in order, all
-        at once: every statistic is a [columns, R] block."""
-        num_rows = int(rows.shape[0])
-        row_index = Rows(num_rows)
-        live = row_index.index < tf.cast(count, tf.int64)
-        values, scalars = self._row.split_rows(rows)
+        at once: every statistic is a [columns, R] block. ``xp``: the array operations
+        (``array_ops``): in-graph, or numpy on the host."""
+        row_index = Rows(xp.length(rows), xp)
+        live = row_index.index < xp.cast(count, xp.int64)
+        values, scalars = self._row.split_rows(rows, xp)
         loss, loss_state, loss_prev = step_losses(row_index, scalars["loss_a"], scalars["loss_b"], live,
                                                   loss_prev)
         loss_scale = scalars["loss_scale"]
-        inv_scale = tf.where(tf.math.is_nan(loss_scale), 1.0, 1.0 / loss_scale)
-        raw = tf.stack([values[name] for name in RAW_STATS.names])
-        var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = tf.unstack(
-            finish_stats(raw, inv_scale), num=5)
+        inv_scale = xp.where(xp.is_nan(loss_scale), 1.0, 1.0 / loss_scale)
+        raw = xp.stack([values[name] for name in RAW_STATS.names])
+        var_l2, var_nonfinite, var_max_abs, var_mean_abs, var_zero_frac = xp.unstack(
+            finish_stats(raw, inv_scale, xp), num=5)
         var_present = values["present"] > 0.5
         var_stats = stats_lib.GradStats(var_l2, var_max_abs, var_mean_abs, var_zero_frac, var_nonfinite)
-        segment_ids = tf.constant(self._segment_ids, tf.int32)
+        segment_ids = xp.constant(self._segment_ids, xp.int32)
         layer_stats, layer_present = stats_lib.layer_stats(
-            var_stats, var_present, segment_ids, tf.constant(self._sizes, tf.float32), self._num_layers
-        )
+            var_stats, var_present, segment_ids, xp.constant(self._sizes, xp.float32), self._num_layers, xp)
         columns = stats_lib.GradStats(
-            *[tf.concat([v, lay], axis=0) for v, lay in zip(var_stats, layer_stats)])
-        global_l2 = stats_lib.global_norm(var_l2, var_present)
-        clip = self._clip_columns(var_l2, layer_stats.l2, values, global_l2, segment_ids)
+            *[xp.concat([v, lay], axis=0) for v, lay in zip(var_stats, layer_stats)])
+        global_l2 = stats_lib.global_norm(var_l2, var_present, xp)
+        clip = self._clip_columns(var_l2, layer_stats.l2, values, global_l2, segment_ids, xp)
         new_var, new_global = self._window.fold_values(
             var_acc, global_acc,
             StepValues(l2=columns.l2, nonfinite=columns.nonfinite, max_abs=columns.max_abs,
                        mean_abs=columns.mean_abs, zero_frac=columns.zero_frac,
-                       present=tf.concat([var_present, layer_present], axis=0),
+                       present=xp.concat([var_present, layer_present], axis=0),
                        clip_scale=clip["scale"], clip_fired=clip["fired"]),
             StepGlobals(step=steps, global_l2=global_l2,
-                        nonfinite_step=tf.reduce_any(var_nonfinite > 0.0, axis=0),
+                        nonfinite_step=xp.reduce_any(var_nonfinite > 0.0, axis=0),
                         skipped=scalars["skipped"] > 0.5, loss=loss, learning_rate=scalars["learning_rate"],
                         loss_scale=loss_scale, clip_l2=clip["global_l2"], clip_scale=clip["global_scale"],
                         clip_fired=clip["any"], clip_threshold=scalars["clip_threshold"],
                         loss_state=loss_state, new_step=scalars["new_step"] > 0.5),
-            live,
+            live, xp,
         )
         return new_var, new_global, loss_prev
 
-    def _clip_columns(self, var_l2, layer_l2, values, global_l2, segment_ids) -> dict[str, tf.Tensor]:
+    def _clip_columns(self, var_l2, layer_l2, values, global_l2, segment_ids, xp: TensorOps
+                      ) -> dict[str, tf.Tensor]:
         """Returns the clip values per column (variables, then layers) and for the step."""
         var_scale, var_fired = values["clip_scale"], values["clip_fired"]
         if not self._clipping:
-            nan = tf.fill(tf.shape(global_l2), float("nan"))
-            return {"scale": tf.concat([var_scale, tf.ones_like(layer_l2)], axis=0),
-                    "fired": tf.concat([var_fired, tf.zeros_like(layer_l2)], axis=0),
-                    "global_l2": nan, "global_scale": nan, "any": tf.zeros_like(global_l2, tf.bool)}
+            nan = xp.full_like(global_l2, float("nan"))
+            return {"scale": xp.concat([var_scale, xp.ones_like(layer_l2)], axis=0),
+                    "fired": xp.concat([var_fired, xp.zeros_like(layer_l2)], axis=0),
+                    "global_l2": nan, "global_scale": nan, "any": xp.zeros_like(global_l2, xp.bool)}
         post_l2 = var_l2 * var_scale
-        layer_post = stats_lib.segment_norm(post_l2, segment_ids, self._num_layers)
-        safe_layer = tf.where(layer_l2 > 0.0, layer_l2, 1.0)
-        layer_scale = tf.where(layer_l2 > 0.0, layer_post / safe_layer, 1.0)
-        layer_fired = tf.math.unsorted_segment_max(var_fired, segment_ids, self._num_layers)
-        clip_global = stats_lib.global_norm(post_l2)
-        safe_global = tf.where(global_l2 > 0.0, global_l2, 1.0)
-        return {"scale": tf.concat([var_scale, layer_scale], axis=0),
-                "fired": tf.concat([var_fired, layer_fired], axis=0),
+        layer_post = stats_lib.segment_norm(post_l2, segment_ids, self._num_layers, xp=xp)
+        safe_layer = xp.where(layer_l2 > 0.0, layer_l2, 1.0)
+        layer_scale = xp.where(layer_l2 > 0.0, layer_post / safe_layer, 1.0)
+        layer_fired = xp.segment_max(var_fired, segment_ids, self._num_layers)
+        clip_global = stats_lib.global_norm(post_l2, xp=xp)
+        safe_global = xp.where(global_l2 > 0.0, global_l2, 1.0)
+        return {"scale": xp.concat([var_scale, layer_scale], axis=0),
+                "fired": xp.concat([var_fired, layer_fired], axis=0),
                 "global_l2": clip_global,
-                "global_scale": tf.where(global_l2 > 0.0, clip_global / safe_global, 1.0),
-                "any": tf.reduce_any(var_fired > 0.0, axis=0)}
+                "global_scale": xp.where(global_l2 > 0.0, clip_global / safe_global, 1.0),
+                "any": xp.reduce_any(var_fired > 0.0, axis=0)}
 
 
 #: The most rows a step buffer holds: beyond, a step folds it, so memory does not grow with log_every.
@@ -184,7 +187,7 @@ class StepBuffer:
         width = layout.width
         # where a row holds its loss_pair (set_loss writes it, the read settles the totals)
         self._loss_columns = [layout.scalar_column(name) for name in ("loss_a", "loss_b")]
-        self._rows = self._steps = self._fold_fn = None
+        self._rows = self._steps = None
         if self.buffered:
             self._rows = internals.replica_variable(np.zeros((capacity, width), np.float32),
                                                     "gradwatch_step_rows", strategy)
@@ -232,8 +235,8 @@ class StepBuffer:
         rows, steps = self._rows.read_value(), self._steps.read_value()
 
         def fold(var_acc, global_acc):
-            var_acc, global_acc, loss_prev = self._folded()(var_acc, global_acc, rows, steps, count,
-                                                            self._loss_prev.read_value())
+            var_acc, global_acc, loss_prev = self._folder.fold(var_acc, global_acc, rows, steps, count,
+                                                               self._loss_prev.read_value())
             self._loss_prev.assign(loss_prev)
             return var_acc, global_acc
 
@@ -259,26 +262,22 @@ class StepBuffer:
         loss_a, loss_b = rows[:, self._loss_columns[0]], rows[:, self._loss_columns[1]]
         return tracker_totals(index, loss_a, loss_b, (index.index < count) & (loss_b >= 0.0), loss_prev)
 
-    def fold_fetched(self, var_acc: tf.Tensor, global_acc: tf.Tensor, fetched: dict[str, tf.Tensor],
-                     count: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def fold_fetched(self, var_acc: np.ndarray, global_acc: np.ndarray, fetched: dict[str, np.ndarray],
+                     count: int) -> tuple[np.ndarray, np.ndarray]:
         """Host side, any time after a read (on the writer thread, while training goes
-        on): the fetched window accumulators with the ``count`` fetched rows folded in
-        (one call; it reads and writes no variable)."""
+        on): the fetched window accumulators (numpy values) with the ``count`` fetched
+        rows folded in.
+
+        The fold runs in numpy: the same fold as a step's (``StepFolder.fold``), with no
+        graph to trace. As a graph function its first call cost 0.29 s (0.43 s in a fit,
+        most of the MLP's one-off after its first step), then 1.08 ms a call; as an
+        XLA call ~1.5 s of compile and 85 MiB for good (benchmarks/README.md)."""
         if not self.buffered:
             return var_acc, global_acc
-        var_acc, global_acc, _ = self._folded()(var_acc, global_acc, fetched["rows"], fetched["steps"],
-                                                count, fetched["loss_prev"])
+        with NP.errors_ignored():
+            var_acc, global_acc, _ = self._folder.fold(var_acc, global_acc, fetched["rows"], fetched["steps"],
+                                                       count, fetched["loss_prev"], NP)
         return var_acc, global_acc
-
-    def _folded(self) -> Any:
-        """The fold of buffered rows as one graph function (the same object each time:
-        its trace is cached): a fixed few hundred ops whatever the rows. Not an XLA
-        call: that ran ~0.4 ms faster a window (+0.9% of the MLP's training time on the
-        writer thread against +1.7%), but its compile cost ~1.5 s of CPU and left the
-        process 85 MiB larger for good (benchmarks/README.md, sixth session)."""
-        if self._fold_fn is None:
-            self._fold_fn = internals.run_function(self._folder.fold, autograph=False)
-        return self._fold_fn
 
     def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         def fold(var_acc, global_acc):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradwatch._capture.array_ops import TF, TensorOps
 from gradwatch._io.schema import GLOBAL_ACCUMULATORS, VAR_ACCUMULATORS
 
 
@@ -33,16 +34,16 @@ class Layout:
         """Returns the position of entry ``name``."""
         return self._index[name]
 
-    def pack(self, values: Mapping[str, Any], axis: int = 0) -> tf.Tensor:
+    def pack(self, values: Mapping[str, Any], axis: int = 0, xp: TensorOps = TF) -> tf.Tensor:
         """Returns the entries stacked along ``axis`` in layout order (every name required)."""
         missing = set(self.names) - set(values)
         if missing:
             raise KeyError(f"pack() misses entries {sorted(missing)}")
-        return tf.stack([values[name] for name in self.names], axis=axis)
+        return xp.stack([values[name] for name in self.names], axis=axis)
 
-    def unpack(self, packed: tf.Tensor, axis: int = 0) -> dict[str, tf.Tensor]:
+    def unpack(self, packed: tf.Tensor, axis: int = 0, xp: TensorOps = TF) -> dict[str, tf.Tensor]:
         """Returns the entries of a packed tensor by name (one unstack)."""
-        return dict(zip(self.names, tf.unstack(packed, num=len(self.names), axis=axis)))
+        return dict(zip(self.names, xp.unstack(packed, num=len(self.names), axis=axis)))
 
     def unpack_numpy(self, packed: np.ndarray) -> dict[str, Any]:
         """Returns the entries of a fetched packed array by name (rows for a matrix)."""
@@ -76,10 +77,6 @@ LOSS_GIVEN, LOSS_UNKNOWN = -1.0, -2.0
 #: Window accumulators: per column (variables, then layers), and globals.
 WINDOW_COLUMNS = Layout(VAR_ACCUMULATORS)
 WINDOW_GLOBALS = Layout(GLOBAL_ACCUMULATORS)
-
-
-#: Up to this many values, a step block's transpose is a gather (``StepRow.split_rows``).
-SMALL_TRANSPOSE = 16384
 
 
 class StepRow:
@@ -125,17 +122,11 @@ class StepRow:
         """Returns the position of scalar ``name`` (``STEP_SCALARS``) in a row."""
         return len(STEP_VALUES) * self.num_vars + STEP_SCALARS.index(name)
 
-    def split_rows(self, rows: tf.Tensor) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+    def split_rows(self, rows: tf.Tensor, xp: TensorOps = TF
+                   ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
         """Returns (per-variable value blocks [V, R] by name, scalars [R] by name) of
         R rows ([R, width])."""
         block = len(STEP_VALUES) * self.num_vars
-        num_rows = rows.shape[0]
-        if num_rows is not None and num_rows * block <= SMALL_TRANSPOSE:
-            # [S, V, R] as one gather: oneDNN's transpose of a few hundred values took
-            # ~0.15 ms more (a third of a small net's fold); of large blocks, far less
-            at = tf.range(num_rows)[None, :] * tf.shape(rows)[1] + tf.range(block)[:, None]
-            values = tf.reshape(tf.gather(tf.reshape(rows, [-1]), at), [len(STEP_VALUES), self.num_vars, -1])
-        else:
-            stacked = tf.reshape(rows[:, :block], [-1, len(STEP_VALUES), self.num_vars])
-            values = tf.transpose(stacked, [1, 2, 0])
-        return STEP_VALUES.unpack(values), STEP_SCALARS.unpack(rows[:, block:], axis=1)
+        stacked = xp.reshape(rows[:, :block], [-1, len(STEP_VALUES), self.num_vars])
+        values = xp.rows_to_columns(stacked)
+        return STEP_VALUES.unpack(values, xp=xp), STEP_SCALARS.unpack(rows[:, block:], axis=1, xp=xp)

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
+from gradwatch._capture.array_ops import TF, TensorOps
 from gradwatch._capture.layouts import RAW_STATS
 
 
@@ -177,9 +178,9 @@ def measure_gradients(stat_grads, sampled: tf.Tensor | None) -> tuple[tf.Tensor,
     return flat, index, nonfinite_step
 
 
-def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor) -> tf.Tensor:
+def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor, xp: TensorOps = TF) -> tf.Tensor:
     """Returns [5, n]: l2, nonfinite, max_abs, mean_abs, zero_frac from ``RAW_STATS`` rows
     (norms divided by the loss scale through ``inv_scale``)."""
-    squares, full_l2, max_abs, mean_abs, zero_frac, nonfinite = tf.unstack(raw, num=6)
-    l2 = tf.where(stats_lib.needs_full_stats(squares), full_l2, tf.sqrt(squares))
-    return tf.stack([l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac])
+    squares, full_l2, max_abs, mean_abs, zero_frac, nonfinite = xp.unstack(raw, num=6)
+    l2 = xp.where(stats_lib.needs_full_stats(squares, xp), full_l2, xp.sqrt(squares))
+    return xp.stack([l2 * inv_scale, nonfinite, max_abs * inv_scale, mean_abs * inv_scale, zero_frac])

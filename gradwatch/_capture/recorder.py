@@ -360,14 +360,12 @@ class PendingRead:
         self.steps, self.last_step, self.nonfinite = steps, last_step, nonfinite
 
     def finish(self) -> FetchedWindow:
-        """Folds the fetched rows into the window (one XLA call) and returns it as numpy
+        """Folds the fetched rows into the window (in numpy) and returns it as numpy
         values; reads no variable, so it may run while training goes on."""
-        fetched = dict(self._fetched)
+        fetched = tf.nest.map_structure(lambda t: t.numpy(), self._fetched)
         buffer = fetched.pop("buffer")
-        var_acc, global_acc = self._recorder.buffer.fold_fetched(*fetched.pop("window"), buffer,
-                                                                 tf.constant(self._rows, tf.int64))
-        fetched = tf.nest.map_structure(lambda t: t.numpy(), fetched)
-        columns, glob = self._recorder.window.unpack(var_acc.numpy(), global_acc.numpy())
+        var_acc, global_acc = self._recorder.buffer.fold_fetched(*fetched.pop("window"), buffer, self._rows)
+        columns, glob = self._recorder.window.unpack(var_acc, global_acc)
         return FetchedWindow(columns=columns, globals=glob, units=tuple(fetched["units"]),
                              updates=fetched.get("updates"), histograms=fetched.get("histograms"),
                              dead_by_activation=self._dead)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from gradwatch._capture.array_ops import TF, TensorOps
 from gradwatch._capture.keras_internals import cond, in_xla_context
 
 # Above this sum of squares (max |g| > ~1e-12) no square that matters has
@@ -46,13 +47,13 @@ def summed_rows(grad: tf.IndexedSlices) -> tf.Tensor:
     return tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_rows)[0])
 
 
-def safe_norm(values: tf.Tensor, axis: int | None = None) -> tf.Tensor:
+def safe_norm(values: tf.Tensor, axis: int | None = None, xp: TensorOps = TF) -> tf.Tensor:
     """Returns the L2 norm of ``values`` (any shape; along ``axis`` only if given),
     scaled by the largest entry so that squaring neither overflows nor underflows float32."""
-    largest = tf.reduce_max(tf.abs(values), axis=axis, keepdims=axis is not None)
-    scale = tf.where(largest > 0.0, largest, 1.0)
-    norm = scale * tf.sqrt(tf.reduce_sum(tf.square(values / scale), axis=axis, keepdims=axis is not None))
-    return norm if axis is None else tf.squeeze(norm, axis)
+    largest = xp.reduce_max(xp.abs(values), axis=axis, keepdims=axis is not None)
+    scale = xp.where(largest > 0.0, largest, 1.0)
+    norm = scale * xp.sqrt(xp.reduce_sum(xp.square(values / scale), axis=axis, keepdims=axis is not None))
+    return norm if axis is None else xp.squeeze(norm, axis)
 
 
 def dense_values(grad: tf.Tensor | tf.IndexedSlices) -> tuple[tf.Tensor, int]:
@@ -188,9 +189,9 @@ def sum_of_squares(groups: Groups) -> tf.Tensor:
     return _in_list_order(groups, [group_sum_of_squares(g) for g in groups.groups])
 
 
-def needs_full_stats(sum_sq: tf.Tensor) -> tf.Tensor:
+def needs_full_stats(sum_sq: tf.Tensor, xp: TensorOps = TF) -> tf.Tensor:
     """Per gradient: True where ``sqrt(sum_sq)`` is not the exact norm."""
-    return tf.logical_not(tf.math.is_finite(sum_sq)) | (sum_sq < SAFE_MIN_SQ)
+    return xp.logical_not(xp.is_finite(sum_sq)) | (sum_sq < SAFE_MIN_SQ)
 
 
 def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], list[int] | None]:
@@ -322,25 +323,25 @@ def exact_norms(groups: Groups) -> tf.Tensor:
 
 
 def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int,
-                 present: tf.Tensor | None = None) -> tf.Tensor:
+                 present: tf.Tensor | None = None, xp: TensorOps = TF) -> tf.Tensor:
     """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe;
     along the first axis: a [V, R] block gives [num_segments, R]).
 
     NaN parts (no finite entry) are left out; a segment whose present parts are all NaN
     is NaN, one with an infinite part is Inf (a part overflowed float32)."""
-    present = tf.ones_like(l2, tf.bool) if present is None else present
-    values = tf.where(tf.math.is_finite(l2) & present, l2, 0.0)
-    largest = tf.math.unsorted_segment_max(values, segment_ids, num_segments)
-    largest = tf.where(largest > 0.0, largest, 1.0)
-    scaled = values / tf.gather(largest, segment_ids)
-    norm = largest * tf.sqrt(tf.math.unsorted_segment_sum(tf.square(scaled), segment_ids, num_segments))
+    present = xp.ones_like(l2, xp.bool) if present is None else present
+    values = xp.where(xp.is_finite(l2) & present, l2, 0.0)
+    largest = xp.segment_max(values, segment_ids, num_segments)
+    largest = xp.where(largest > 0.0, largest, 1.0)
+    scaled = values / xp.gather(largest, segment_ids)
+    norm = largest * xp.sqrt(xp.segment_sum(xp.square(scaled), segment_ids, num_segments))
     # per segment, in one reduction: has an Inf part, a NaN part, a part with a number
-    nan = tf.math.is_nan(l2)
-    flags = tf.cast(tf.stack([tf.math.is_inf(l2), nan, tf.logical_not(nan)], axis=1)
-                    & present[:, None], tf.float32)
-    has = tf.math.unsorted_segment_max(flags, segment_ids, num_segments) > 0.0
-    norm = tf.where(has[:, 0], float("inf"), norm)
-    return tf.where(has[:, 1] & tf.logical_not(has[:, 2]), float("nan"), norm)
+    nan = xp.is_nan(l2)
+    flags = xp.cast(xp.stack([xp.is_inf(l2), nan, xp.logical_not(nan)], axis=1)
+                    & present[:, None], xp.float32)
+    has = xp.segment_max(flags, segment_ids, num_segments) > 0.0
+    norm = xp.where(has[:, 0], float("inf"), norm)
+    return xp.where(has[:, 1] & xp.logical_not(has[:, 2]), float("nan"), norm)
 
 
 def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
@@ -348,18 +349,18 @@ def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
     return full_stats(group_gradients(grads))
 
 
-def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None) -> tf.Tensor:
+def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None, xp: TensorOps = TF) -> tf.Tensor:
     """Returns the global norm of per-variable norms [V] (overflow-safe; 0 for none; NaN
     when every present norm is NaN; Inf when one is); of each column of a [V, R] block."""
     if l2.shape[0] == 0:
-        return tf.zeros(l2.shape[1:], tf.float32)
-    present = tf.ones_like(l2, tf.bool) if present is None else present
-    norm = safe_norm(tf.where(tf.math.is_finite(l2) & present, l2, 0.0), axis=0)
-    nan = tf.math.is_nan(l2)
-    norm = tf.where(tf.reduce_any(tf.math.is_inf(l2) & present, axis=0), float("inf"), norm)
-    nan_only = (tf.reduce_any(nan & present, axis=0)
-                & tf.logical_not(tf.reduce_any(tf.logical_not(nan) & present, axis=0)))
-    return tf.where(nan_only, float("nan"), norm)
+        return xp.zeros(l2.shape[1:], xp.float32)
+    present = xp.ones_like(l2, xp.bool) if present is None else present
+    norm = safe_norm(xp.where(xp.is_finite(l2) & present, l2, 0.0), axis=0, xp=xp)
+    nan = xp.is_nan(l2)
+    norm = xp.where(xp.reduce_any(xp.is_inf(l2) & present, axis=0), float("inf"), norm)
+    nan_only = (xp.reduce_any(nan & present, axis=0)
+                & xp.logical_not(xp.reduce_any(xp.logical_not(nan) & present, axis=0)))
+    return xp.where(nan_only, float("nan"), norm)
 
 
 def layer_stats(
@@ -368,6 +369,7 @@ def layer_stats(
     segment_ids: tf.Tensor,
     sizes: tf.Tensor,
     num_layers: int,
+    xp: TensorOps = TF,
 ) -> tuple[GradStats, tf.Tensor]:
     """Aggregates per-variable statistics into per-layer ones (in-graph, few ops).
 
@@ -378,26 +380,27 @@ def layer_stats(
         segment_ids: int32 [V], the layer of each variable.
         sizes: float32 [V], number of entries of each variable.
         num_layers: number of layers.
+        xp: the array operations (``array_ops``: in-graph, or numpy on the host).
 
     Returns:
         The layer statistics ([L] or [L, R]) and a bool of layers with any gradient.
     """
-    sizes = tf.reshape(sizes, [-1] + [1] * (present.shape.rank - 1))
-    weight = sizes * tf.cast(present, tf.float32)
-    layer_size = tf.math.unsorted_segment_sum(weight, segment_ids, num_layers)
-    safe_size = tf.where(layer_size > 0.0, layer_size, 1.0)
+    sizes = xp.reshape(sizes, [-1] + [1] * (xp.rank(present) - 1))
+    weight = sizes * xp.cast(present, xp.float32)
+    layer_size = xp.segment_sum(weight, segment_ids, num_layers)
+    safe_size = xp.where(layer_size > 0.0, layer_size, 1.0)
     # each variable's share of its layer's entries: a layer's mean is the sum of its
     # variables' means by share, which cannot overflow where the means do not
-    share = weight / tf.gather(safe_size, segment_ids)
-    l2 = segment_norm(var_stats.l2, segment_ids, num_layers, present)
+    share = weight / xp.gather(safe_size, segment_ids)
+    l2 = segment_norm(var_stats.l2, segment_ids, num_layers, present, xp=xp)
     # a layer with no finite entry (every present norm NaN) has NaN statistics too
-    none_finite = tf.math.is_nan(l2)
-    max_abs = tf.maximum(tf.math.unsorted_segment_max(
-        tf.where(tf.math.is_nan(var_stats.max_abs), 0.0, var_stats.max_abs), segment_ids, num_layers), 0.0)
-    max_abs = tf.where(none_finite, float("nan"), max_abs)
-    var_mean_abs = tf.where(tf.math.is_nan(var_stats.mean_abs), 0.0, var_stats.mean_abs)
-    mean_abs = tf.where(none_finite, float("nan"),
-                        tf.math.unsorted_segment_sum(var_mean_abs * share, segment_ids, num_layers))
-    zero_frac = tf.math.unsorted_segment_sum(var_stats.zero_frac * share, segment_ids, num_layers)
-    nonfinite = tf.math.unsorted_segment_sum(var_stats.nonfinite, segment_ids, num_layers)
+    none_finite = xp.is_nan(l2)
+    max_abs = xp.maximum(xp.segment_max(
+        xp.where(xp.is_nan(var_stats.max_abs), 0.0, var_stats.max_abs), segment_ids, num_layers), 0.0)
+    max_abs = xp.where(none_finite, float("nan"), max_abs)
+    var_mean_abs = xp.where(xp.is_nan(var_stats.mean_abs), 0.0, var_stats.mean_abs)
+    mean_abs = xp.where(none_finite, float("nan"),
+                        xp.segment_sum(var_mean_abs * share, segment_ids, num_layers))
+    zero_frac = xp.segment_sum(var_stats.zero_frac * share, segment_ids, num_layers)
+    nonfinite = xp.segment_sum(var_stats.nonfinite, segment_ids, num_layers)
     return GradStats(l2, max_abs, mean_abs, zero_frac, nonfinite), layer_size > 0.0

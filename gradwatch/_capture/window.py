@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from gradwatch._capture.array_ops import TF, TensorOps
 from gradwatch._capture.keras_internals import replica_variable
 from gradwatch._capture.layouts import WINDOW_COLUMNS, WINDOW_GLOBALS
 
@@ -85,39 +86,41 @@ class Rows:
     """Index arithmetic over R rows folded at once (R static), along the last axis:
     the last row where a mask holds, the last one before each row, a row's value."""
 
-    def __init__(self, count: int):
-        self.count = count
-        self.index = tf.range(count, dtype=tf.int64)
+    def __init__(self, count: int, xp: TensorOps = TF):
+        self.count, self.xp = count, xp
+        self.index = xp.arange(count, xp.int64)
         self._earlier = np.arange(count)[None, :] < np.arange(count)[:, None]  # [k, j]: j < k
-        self._none = tf.constant(-1, tf.int64)
+        self._none = xp.constant(-1, xp.int64)
 
     def last(self, mask: tf.Tensor) -> tf.Tensor:
         """The last row where ``mask`` ([..., R]) holds; -1 for none."""
-        return tf.reduce_max(tf.where(mask, self.index, self._none), axis=-1)
+        return self.xp.reduce_max(self.xp.where(mask, self.index, self._none), axis=-1)
 
     def first(self, mask: tf.Tensor) -> tf.Tensor:
         """The first row where ``mask`` ([R]) holds; -1 for none."""
-        first = tf.reduce_min(tf.where(mask, self.index, tf.constant(self.count, tf.int64)))
-        return tf.where(first < self.count, first, self._none)
+        xp = self.xp
+        first = xp.reduce_min(xp.where(mask, self.index, xp.constant(self.count, xp.int64)))
+        return xp.where(first < self.count, first, self._none)
 
     def last_before(self, mask: tf.Tensor) -> tf.Tensor:
         """[..., R]: for each row, the last earlier row where ``mask`` ([..., R]) holds; -1 for none."""
-        earlier = self._earlier & tf.expand_dims(mask, -2)
-        return tf.reduce_max(tf.where(earlier, self.index, self._none), axis=-1)
+        earlier = self._earlier & self.xp.expand_dims(mask, -2)
+        return self.xp.reduce_max(self.xp.where(earlier, self.index, self._none), axis=-1)
 
     def pick(self, row: tf.Tensor, values: tf.Tensor, fallback: tf.Tensor) -> tf.Tensor:
         """``values[..., row]``: ``row`` [] or one per entry of ``values``' trailing
         leading axes; ``fallback`` (shaped as the result) where ``row`` is -1."""
-        hit = tf.equal(self.index, tf.expand_dims(row, -1))
-        picked = tf.reduce_sum(tf.where(hit, values, tf.zeros_like(values)), axis=-1)
-        return tf.where(row >= 0, picked, fallback)
+        xp = self.xp
+        hit = xp.equal(self.index, xp.expand_dims(row, -1))
+        picked = xp.reduce_sum(xp.where(hit, values, xp.zeros_like(values)), axis=-1)
+        return xp.where(row >= 0, picked, fallback)
 
-
-def _masked(reduce, masks: list[tf.Tensor], values: list[tf.Tensor], empty: float) -> tf.Tensor:
-    """``reduce`` along the rows of each value where its mask holds (``empty`` elsewhere):
-    one stacked reduction, [len(values), ...]."""
-    stacked = tf.stack([tf.cast(value, tf.float64) for value in values])
-    return reduce(tf.where(tf.stack(masks), stacked, tf.constant(empty, tf.float64)), axis=-1)
+    def masked(self, reduce, masks: list[tf.Tensor], values: list[tf.Tensor], empty: float) -> tf.Tensor:
+        """``reduce`` along the rows of each value where its mask holds (``empty`` elsewhere):
+        one stacked reduction, [len(values), ...]."""
+        xp = self.xp
+        stacked = xp.stack([xp.cast(value, xp.float64) for value in values])
+        return reduce(xp.where(xp.stack(masks), stacked, xp.constant(empty, xp.float64)), axis=-1)
 
 
 class Window:
@@ -144,72 +147,73 @@ class Window:
         self.global_acc.assign(new_global)
 
     def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues, scalars: StepGlobals,
-                    live: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                    live: tf.Tensor, xp: TensorOps = TF) -> tuple[tf.Tensor, tf.Tensor]:
         """The window accumulators ``(var_acc, global_acc)`` with R steps' rows folded in
         at once, in row order, the rows where ``live`` ([R] bool) is False left out (pure,
         a fixed number of ops whatever R). The window's first step is its sampled step
         (max, mean, zero fraction); every observation in it (several optimizers, or one
-        applied several times) is."""
-        rows = Rows(int(live.shape[0]))
-        old_globals = WINDOW_GLOBALS.unpack(old)
-        f64 = tf.float64
-        new_step = tf.cast(scalars.new_step, tf.bool) & live
+        applied several times) is (``xp``: the array operations, ``array_ops``)."""
+        rows = Rows(xp.length(live), xp)
+        old_globals = WINDOW_GLOBALS.unpack(old, xp=xp)
+        f64 = xp.float64
+        new_step = xp.cast(scalars.new_step, xp.bool) & live
         # the row is in the window's first step: the steps counted up to it make 1
-        sampled = tf.equal(old_globals["steps"] + tf.cumsum(tf.cast(new_step, f64)), 1.0)
-        step = tf.cast(scalars.step, f64)
+        sampled = xp.equal(old_globals["steps"] + xp.cumsum(xp.cast(new_step, f64)), 1.0)
+        step = xp.cast(scalars.step, f64)
         # a step observed several times counts once: after a flagged row its step is the one counted
-        flags = tf.stack([tf.cast(flag, tf.bool) for flag in (scalars.nonfinite_step, scalars.skipped,
+        flags = xp.stack([xp.cast(flag, xp.bool) for flag in (scalars.nonfinite_step, scalars.skipped,
                                                                scalars.clip_fired)]) & live
-        counted = tf.stack([old_globals[name] for name in _COUNTED])
+        counted = xp.stack([old_globals[name] for name in _COUNTED])
         before = rows.last_before(flags)
-        counted_before = tf.where(before >= 0, tf.gather(step, tf.maximum(before, 0)), counted[:, None])
-        fresh = flags & tf.not_equal(counted_before, step)
+        counted_before = xp.where(before >= 0, xp.gather(step, xp.maximum(before, 0)), counted[:, None])
+        fresh = flags & xp.not_equal(counted_before, step)
         fresh_nonfinite = fresh[0]
         # the window's first non-finite step: rows of a non-finite step before any counted one
         no_event_yet = old_globals["first_nonfinite_step"] < 0.0
         event = rows.last(flags[0] & no_event_yet & (rows.last_before(fresh_nonfinite) < 0))
         first = rows.first(fresh_nonfinite)
-        new_var = self._fold_columns(rows, WINDOW_COLUMNS.unpack(acc), values, live, sampled, event)
+        new_var = self._fold_columns(rows, WINDOW_COLUMNS.unpack(acc, xp=xp), values, live, sampled, event)
         firsts = {
-            "first_nonfinite_step": tf.where(
+            "first_nonfinite_step": xp.where(
                 no_event_yet, rows.pick(first, step, old_globals["first_nonfinite_step"]),
                 old_globals["first_nonfinite_step"]),
-            "loss_nonfinite_at_first": rows.pick(event, tf.cast(scalars.loss_state, f64),
+            "loss_nonfinite_at_first": rows.pick(event, xp.cast(scalars.loss_state, f64),
                                                  old_globals["loss_nonfinite_at_first"]),
         }
         now_counted = rows.pick(rows.last(flags), step, counted)
         return new_var, self._fold_globals(rows, old_globals, scalars, live, {
-            **firsts, **dict(zip(_COUNTED, tf.unstack(now_counted, num=len(_COUNTED)))),
-        }, [new_step, *tf.unstack(fresh, num=len(_COUNTED))])
+            **firsts, **dict(zip(_COUNTED, xp.unstack(now_counted, num=len(_COUNTED)))),
+        }, [new_step, *xp.unstack(fresh, num=len(_COUNTED))])
 
     @staticmethod
     def _fold_columns(rows: Rows, acc: dict[str, tf.Tensor], values: StepValues, live: tf.Tensor,
                       sampled: tf.Tensor, event: tf.Tensor) -> tf.Tensor:
         """Returns the per-column accumulators with the rows folded in."""
-        f64 = tf.float64
-        has = tf.cast(values.present, tf.bool) & live[None, :]
-        l2 = tf.cast(values.l2, f64)
+        xp = rows.xp
+        f64 = xp.float64
+        has = xp.cast(values.present, xp.bool) & live[None, :]
+        l2 = xp.cast(values.l2, f64)
         # a NaN norm (no finite entry) is the last value if last, but no max, min or mean
-        measured = has & tf.logical_not(tf.math.is_nan(l2))
-        ones = tf.ones_like(l2)
-        summed = dict(zip(("l2_sum", "l2_steps", "grad_steps", "nonfinite_sum", "clip_fired_sum"), tf.unstack(
-            _masked(tf.reduce_sum, [measured, measured, has, has, has],
-                    [l2, ones, ones, values.nonfinite, values.clip_fired], 0.0))))
+        measured = has & xp.logical_not(xp.is_nan(l2))
+        ones = xp.ones_like(l2)
+        summed = dict(zip(("l2_sum", "l2_steps", "grad_steps", "nonfinite_sum", "clip_fired_sum"), xp.unstack(
+            rows.masked(xp.reduce_sum, [measured, measured, has, has, has],
+                        [l2, ones, ones, values.nonfinite, values.clip_fired], 0.0))))
         sampled_names = ("max_abs", "mean_abs", "zero_frac")
         # the window's first step is its sampled step
         sample = rows.pick(rows.last(has & sampled[None, :]),
-                           tf.cast(tf.stack([values.max_abs, values.mean_abs, values.zero_frac]), f64),
-                           tf.stack([acc[name] for name in sampled_names]))
-        largest = _masked(tf.reduce_max, [measured], [l2], -np.inf)[0]
-        least = _masked(tf.reduce_min, [measured, has], [l2, values.clip_scale], np.inf)
-        return WINDOW_COLUMNS.pack({
+                           xp.cast(xp.stack([values.max_abs, values.mean_abs, values.zero_frac]), f64),
+                           xp.stack([acc[name] for name in sampled_names]))
+        largest = rows.masked(xp.reduce_max, [measured], [l2], -np.inf)[0]
+        least = rows.masked(xp.reduce_min, [measured, has], [l2, values.clip_scale], np.inf)
+        return WINDOW_COLUMNS.pack(xp=xp, values={
             **{name: acc[name] + total for name, total in summed.items()},
-            **dict(zip(sampled_names, tf.unstack(sample, num=3))),
+            **dict(zip(sampled_names, xp.unstack(sample, num=3))),
             "l2_last": rows.pick(rows.last(has), l2, acc["l2_last"]),
-            "l2_max": tf.maximum(acc["l2_max"], largest),
-            "l2_min": tf.minimum(acc["l2_min"], least[0]),
-            "clip_scale_min": tf.minimum(acc["clip_scale_min"], least[1]),
-            "nonfinite_at_first": rows.pick(event, tf.cast(values.nonfinite, f64), acc["nonfinite_at_first"]),
+            "l2_max": xp.maximum(acc["l2_max"], largest),
+            "l2_min": xp.minimum(acc["l2_min"], least[0]),
+            "clip_scale_min": xp.minimum(acc["clip_scale_min"], least[1]),
+            "nonfinite_at_first": rows.pick(event, xp.cast(values.nonfinite, f64), acc["nonfinite_at_first"]),
         })
 
     @staticmethod
@@ -218,37 +222,38 @@ class Window:
         """Returns the global accumulators with the rows folded in (``settled``: those
         worked out by the caller; ``counts``: [R] bool masks of the rows that count a
         new step, a non-finite, a skipped and a clipped one)."""
-        f64 = tf.float64
-        gl2 = tf.cast(scalars.global_l2, f64)
-        measured = live & tf.logical_not(tf.math.is_nan(gl2))
-        loss = tf.cast(scalars.loss, f64)
-        loss_known = live & tf.math.is_finite(loss)
-        ones = tf.ones_like(gl2)
-        loss_nonfinite = live & tf.equal(tf.cast(scalars.loss_state, f64), 1.0)
+        xp = rows.xp
+        f64 = xp.float64
+        gl2 = xp.cast(scalars.global_l2, f64)
+        measured = live & xp.logical_not(xp.is_nan(gl2))
+        loss = xp.cast(scalars.loss, f64)
+        loss_known = live & xp.is_finite(loss)
+        ones = xp.ones_like(gl2)
+        loss_nonfinite = live & xp.equal(xp.cast(scalars.loss_state, f64), 1.0)
         summed = ("global_l2_sum", "loss_sum", "loss_count", "loss_nonfinite_steps", "steps",
                   "nonfinite_steps", "skipped_steps", "clip_fired_steps")
-        totals = _masked(tf.reduce_sum, [measured, loss_known, loss_known, loss_nonfinite, *counts],
-                         [gl2, loss, ones, ones, *[ones] * len(counts)], 0.0)
+        totals = rows.masked(xp.reduce_sum, [measured, loss_known, loss_known, loss_nonfinite, *counts],
+                             [gl2, loss, ones, ones, *[ones] * len(counts)], 0.0)
         lasts = ("last_step", "global_l2_last", "learning_rate_last", "loss_scale_last", "clip_l2_last",
                  "clip_threshold_last")
         last_values = (scalars.step, gl2, scalars.learning_rate, scalars.loss_scale, scalars.clip_l2,
                        scalars.clip_threshold)
-        at_last = rows.pick(rows.last(live), tf.stack([tf.cast(value, f64) for value in last_values]),
-                            tf.stack([old[name] for name in lasts]))
+        at_last = rows.pick(rows.last(live), xp.stack([xp.cast(value, f64) for value in last_values]),
+                            xp.stack([old[name] for name in lasts]))
         # a NaN (no clip) is no maximum or minimum: the reset value stays, and is read as none
-        clip_l2, clip_scale = tf.cast(scalars.clip_l2, f64), tf.cast(scalars.clip_scale, f64)
-        largest = _masked(tf.reduce_max, [measured, live & tf.logical_not(tf.math.is_nan(clip_l2))],
-                          [gl2, clip_l2], -np.inf)
-        least = _masked(tf.reduce_min, [measured, live & tf.logical_not(tf.math.is_nan(clip_scale))],
-                        [gl2, clip_scale], np.inf)
-        return WINDOW_GLOBALS.pack({
+        clip_l2, clip_scale = xp.cast(scalars.clip_l2, f64), xp.cast(scalars.clip_scale, f64)
+        largest = rows.masked(xp.reduce_max, [measured, live & xp.logical_not(xp.is_nan(clip_l2))],
+                              [gl2, clip_l2], -np.inf)
+        least = rows.masked(xp.reduce_min, [measured, live & xp.logical_not(xp.is_nan(clip_scale))],
+                            [gl2, clip_scale], np.inf)
+        return WINDOW_GLOBALS.pack(xp=xp, values={
             **settled,
-            **{name: old[name] + total for name, total in zip(summed, tf.unstack(totals, num=len(summed)))},
-            **dict(zip(lasts, tf.unstack(at_last, num=len(lasts)))),
-            "global_l2_max": tf.maximum(old["global_l2_max"], largest[0]),
-            "clip_l2_max": tf.maximum(old["clip_l2_max"], largest[1]),
-            "global_l2_min": tf.minimum(old["global_l2_min"], least[0]),
-            "clip_scale_min": tf.minimum(old["clip_scale_min"], least[1]),
+            **{name: old[name] + total for name, total in zip(summed, xp.unstack(totals, num=len(summed)))},
+            **dict(zip(lasts, xp.unstack(at_last, num=len(lasts)))),
+            "global_l2_max": xp.maximum(old["global_l2_max"], largest[0]),
+            "clip_l2_max": xp.maximum(old["clip_l2_max"], largest[1]),
+            "global_l2_min": xp.minimum(old["global_l2_min"], least[0]),
+            "clip_scale_min": xp.minimum(old["clip_scale_min"], least[1]),
         })
 
     def fetch(self) -> tuple[tf.Tensor, tf.Tensor]:
