@@ -199,3 +199,15 @@ def test_log_dir_that_is_a_file(tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="which is a file"):
         gw.GradientMonitor(log_dir=str(path))
+
+
+@pytest.mark.fast
+def test_names_with_commas_quotes_and_newlines_read_back_as_written(log_dir):
+    # csv quoting: a cell holding a comma, a quote or a newline is quoted, the rest is not
+    names = ('enc,1/kernel', 'say "hi"/bias', 'two\nlines/w')
+    _run(log_dir, 4, names=names)
+    stats = gw.read_stats(log_dir)
+    assert set(stats["variable"]) == set(names)
+    for name in names:
+        rows = stats[stats["variable"] == name]
+        np.testing.assert_allclose(rows["l2"].to_numpy(), np.sqrt(3.0) * np.array([2.0, 4.0]), rtol=1e-6)

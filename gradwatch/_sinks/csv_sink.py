@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,16 +33,6 @@ from gradwatch._io.schema import (
 )
 
 logger = logging.getLogger("gradwatch")
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return repr(value)
-    return str(value)
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
@@ -158,10 +147,10 @@ class _CsvFile:
         return dropped
 
     def write_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        # csv's writer: None as an empty cell, a float as its repr (nan, inf), quotes where needed
         buffer = io.StringIO()
-        for row in rows:
-            buffer.write(",".join(_quote(format_value(row[c])) for c in self.columns))
-            buffer.write("\n")
+        columns = self.columns
+        csv.writer(buffer, lineterminator="\n").writerows([row[c] for c in columns] for row in rows)
         self._file.write(buffer.getvalue())
         self._file.flush()
 
@@ -169,12 +158,6 @@ class _CsvFile:
         if not self._file.closed:
             self._file.flush()
             self._file.close()
-
-
-def _quote(text: str) -> str:
-    if any(ch in text for ch in ',"\n\r'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
 
 
 class CsvSink:
