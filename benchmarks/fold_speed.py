@@ -22,7 +22,6 @@ import tensorflow as tf  # noqa: E402
 
 from gradwatch._capture import model_topology  # noqa: E402
 from gradwatch._capture.accumulate import StepBuffer, StepFolder  # noqa: E402
-from gradwatch._capture.array_ops import NP  # noqa: E402
 from gradwatch._capture.layouts import StepRow  # noqa: E402
 from gradwatch._capture.window import Window  # noqa: E402
 
@@ -43,7 +42,7 @@ def main() -> None:
         host_args = [np.asarray(a) for a in args]
         fetched = {"rows": host_args[2], "steps": host_args[3], "loss_prev": host_args[5]}
 
-        def numpy_fold(*_):
+        def numpy_fold(*_, buffer=buffer, host_args=host_args, fetched=fetched):
             return buffer.fold_fetched(host_args[0], host_args[1], fetched, ROWS // 2)
 
         for kind, fold in (("numpy", numpy_fold),
