@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
-from gradwatch._capture.array_ops import NP, TF, TensorOps
+from gradwatch._capture.array_ops import NP, TF, ArrayOps
 from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import Rows, StepGlobals, StepValues, Window
@@ -72,7 +72,8 @@ def tracker_totals(rows: Rows, loss_a: tf.Tensor, loss_b: tf.Tensor, tracked: tf
 
 
 class StepFolder:
-    """Folds steps' buffer rows into the window accumulators (pure, in-graph).
+    """Folds steps' buffer rows into the window accumulators (pure: in-graph, or in
+    numpy on the host, ``array_ops``).
 
     Args:
         topology: the run's topology (variables, then their layers, are the columns).
@@ -89,7 +90,7 @@ class StepFolder:
         self._window = window
         self._clipping = clipping
 
-    def fold(self, var_acc, global_acc, rows, steps, count, loss_prev, xp: TensorOps = TF):
+    def fold(self, var_acc, global_acc, rows, steps, count, loss_prev, xp: ArrayOps = TF):
         """Returns the window accumulators and the loss totals with rows ``0..count-1`` of
         ``rows`` ([R, width]; their step numbers ``steps``, [R]) folded in, in order, all
         at once: every statistic is a [columns, R] block. ``xp``: the array operations
@@ -129,7 +130,7 @@ class StepFolder:
         )
         return new_var, new_global, loss_prev
 
-    def _clip_columns(self, var_l2, layer_l2, values, global_l2, segment_ids, xp: TensorOps
+    def _clip_columns(self, var_l2, layer_l2, values, global_l2, segment_ids, xp: ArrayOps
                       ) -> dict[str, tf.Tensor]:
         """Returns the clip values per column (variables, then layers) and for the step."""
         var_scale, var_fired = values["clip_scale"], values["clip_fired"]

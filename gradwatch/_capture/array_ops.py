@@ -299,5 +299,8 @@ def _highest(dtype: np.dtype) -> Any:
     return np.iinfo(dtype).max
 
 
+#: Either namespace: what a fold function's ``xp`` is.
+ArrayOps = TensorOps | NumpyOps
+
 TF = TensorOps()
 NP = NumpyOps()

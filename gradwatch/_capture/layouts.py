@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._capture.array_ops import TF, TensorOps
+from gradwatch._capture.array_ops import TF, ArrayOps
 from gradwatch._io.schema import GLOBAL_ACCUMULATORS, VAR_ACCUMULATORS
 
 
@@ -34,14 +34,14 @@ class Layout:
         """Returns the position of entry ``name``."""
         return self._index[name]
 
-    def pack(self, values: Mapping[str, Any], axis: int = 0, xp: TensorOps = TF) -> tf.Tensor:
+    def pack(self, values: Mapping[str, Any], axis: int = 0, xp: ArrayOps = TF) -> tf.Tensor:
         """Returns the entries stacked along ``axis`` in layout order (every name required)."""
         missing = set(self.names) - set(values)
         if missing:
             raise KeyError(f"pack() misses entries {sorted(missing)}")
         return xp.stack([values[name] for name in self.names], axis=axis)
 
-    def unpack(self, packed: tf.Tensor, axis: int = 0, xp: TensorOps = TF) -> dict[str, tf.Tensor]:
+    def unpack(self, packed: tf.Tensor, axis: int = 0, xp: ArrayOps = TF) -> dict[str, tf.Tensor]:
         """Returns the entries of a packed tensor by name (one unstack)."""
         return dict(zip(self.names, xp.unstack(packed, num=len(self.names), axis=axis)))
 
@@ -122,7 +122,7 @@ class StepRow:
         """Returns the position of scalar ``name`` (``STEP_SCALARS``) in a row."""
         return len(STEP_VALUES) * self.num_vars + STEP_SCALARS.index(name)
 
-    def split_rows(self, rows: tf.Tensor, xp: TensorOps = TF
+    def split_rows(self, rows: tf.Tensor, xp: ArrayOps = TF
                    ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
         """Returns (per-variable value blocks [V, R] by name, scalars [R] by name) of
         R rows ([R, width])."""

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
-from gradwatch._capture.array_ops import TF, TensorOps
+from gradwatch._capture.array_ops import TF, ArrayOps
 from gradwatch._capture.layouts import RAW_STATS
 
 
@@ -178,7 +178,7 @@ def measure_gradients(stat_grads, sampled: tf.Tensor | None) -> tuple[tf.Tensor,
     return flat, index, nonfinite_step
 
 
-def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor, xp: TensorOps = TF) -> tf.Tensor:
+def finish_stats(raw: tf.Tensor, inv_scale: tf.Tensor, xp: ArrayOps = TF) -> tf.Tensor:
     """Returns [5, n]: l2, nonfinite, max_abs, mean_abs, zero_frac from ``RAW_STATS`` rows
     (norms divided by the loss scale through ``inv_scale``)."""
     squares, full_l2, max_abs, mean_abs, zero_frac, nonfinite = xp.unstack(raw, num=6)

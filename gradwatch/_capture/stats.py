@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._capture.array_ops import TF, TensorOps
+from gradwatch._capture.array_ops import TF, ArrayOps
 from gradwatch._capture.keras_internals import cond, in_xla_context
 
 # Above this sum of squares (max |g| > ~1e-12) no square that matters has
@@ -47,7 +47,7 @@ def summed_rows(grad: tf.IndexedSlices) -> tf.Tensor:
     return tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_rows)[0])
 
 
-def safe_norm(values: tf.Tensor, axis: int | None = None, xp: TensorOps = TF) -> tf.Tensor:
+def safe_norm(values: tf.Tensor, axis: int | None = None, xp: ArrayOps = TF) -> tf.Tensor:
     """Returns the L2 norm of ``values`` (any shape; along ``axis`` only if given),
     scaled by the largest entry so that squaring neither overflows nor underflows float32."""
     largest = xp.reduce_max(xp.abs(values), axis=axis, keepdims=axis is not None)
@@ -189,7 +189,7 @@ def sum_of_squares(groups: Groups) -> tf.Tensor:
     return _in_list_order(groups, [group_sum_of_squares(g) for g in groups.groups])
 
 
-def needs_full_stats(sum_sq: tf.Tensor, xp: TensorOps = TF) -> tf.Tensor:
+def needs_full_stats(sum_sq: tf.Tensor, xp: ArrayOps = TF) -> tf.Tensor:
     """Per gradient: True where ``sqrt(sum_sq)`` is not the exact norm."""
     return xp.logical_not(xp.is_finite(sum_sq)) | (sum_sq < SAFE_MIN_SQ)
 
@@ -323,7 +323,7 @@ def exact_norms(groups: Groups) -> tf.Tensor:
 
 
 def segment_norm(l2: tf.Tensor, segment_ids: tf.Tensor, num_segments: int,
-                 present: tf.Tensor | None = None, xp: TensorOps = TF) -> tf.Tensor:
+                 present: tf.Tensor | None = None, xp: ArrayOps = TF) -> tf.Tensor:
     """Norm of each segment's concatenated parts, from the parts' norms (overflow-safe;
     along the first axis: a [V, R] block gives [num_segments, R]).
 
@@ -349,7 +349,7 @@ def gradient_stats(grads: list[tf.Tensor | tf.IndexedSlices]) -> GradStats:
     return full_stats(group_gradients(grads))
 
 
-def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None, xp: TensorOps = TF) -> tf.Tensor:
+def global_norm(l2: tf.Tensor, present: tf.Tensor | None = None, xp: ArrayOps = TF) -> tf.Tensor:
     """Returns the global norm of per-variable norms [V] (overflow-safe; 0 for none; NaN
     when every present norm is NaN; Inf when one is); of each column of a [V, R] block."""
     if l2.shape[0] == 0:
@@ -369,7 +369,7 @@ def layer_stats(
     segment_ids: tf.Tensor,
     sizes: tf.Tensor,
     num_layers: int,
-    xp: TensorOps = TF,
+    xp: ArrayOps = TF,
 ) -> tuple[GradStats, tf.Tensor]:
     """Aggregates per-variable statistics into per-layer ones (in-graph, few ops).
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._capture.array_ops import TF, TensorOps
+from gradwatch._capture.array_ops import TF, ArrayOps
 from gradwatch._capture.keras_internals import replica_variable
 from gradwatch._capture.layouts import WINDOW_COLUMNS, WINDOW_GLOBALS
 
@@ -86,7 +86,7 @@ class Rows:
     """Index arithmetic over R rows folded at once (R static), along the last axis:
     the last row where a mask holds, the last one before each row, a row's value."""
 
-    def __init__(self, count: int, xp: TensorOps = TF):
+    def __init__(self, count: int, xp: ArrayOps = TF):
         self.count, self.xp = count, xp
         self.index = xp.arange(count, xp.int64)
         self._earlier = np.arange(count)[None, :] < np.arange(count)[:, None]  # [k, j]: j < k
@@ -147,7 +147,7 @@ class Window:
         self.global_acc.assign(new_global)
 
     def fold_values(self, acc: tf.Tensor, old: tf.Tensor, values: StepValues, scalars: StepGlobals,
-                    live: tf.Tensor, xp: TensorOps = TF) -> tuple[tf.Tensor, tf.Tensor]:
+                    live: tf.Tensor, xp: ArrayOps = TF) -> tuple[tf.Tensor, tf.Tensor]:
         """The window accumulators ``(var_acc, global_acc)`` with R steps' rows folded in
         at once, in row order, the rows where ``live`` ([R] bool) is False left out (pure,
         a fixed number of ops whatever R). The window's first step is its sampled step
