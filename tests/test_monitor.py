@@ -657,9 +657,13 @@ def test_reads_interpreted_on_the_writer_thread_write_what_reads_at_once_write(t
             reported_on[defer].append((row["kind"], threading.current_thread().name))
 
         monitor = gw.GradientMonitor(log_dir=log_dir, log_every=4, on_nonfinite="skip_step",
-                                     thresholds=Thresholds(dead_steps=10), on_alert=on_alert,
+                                     thresholds=Thresholds(dead_steps=5), on_alert=on_alert,
                                      internal=InternalOptions(defer_reads=defer))
-        with pytest.warns(RuntimeWarning, match="Non-finite gradient"):
+        # Where TensorFlow's ReLU passes a NaN on (an AMD EPYC here: relu(nan) is nan), the
+        # NaN rows reach the loss, and the dead layer's gradient is NaN on those steps: its
+        # zero runs last 7 steps between them, so the dead units are counted over 5, not 10.
+        # Where ReLU gives 0 for a NaN, the loss stays finite and the gradient is non-finite.
+        with pytest.warns(RuntimeWarning, match="Non-finite (gradient|loss) at step 6"):
             model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[monitor])
         results[defer] = (log_dir, received, monitor.last_window)
     # NaN windows at once (the training thread), the others deferred to the writer thread
