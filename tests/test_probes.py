@@ -541,3 +541,43 @@ def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an
     np.testing.assert_array_equal(by_step[1]["hidden"]["counts"], expected)
     for layer, h in by_step[13].items():
         assert h["nonfinite"] == 0 and h["counts"].sum() + h["zeros"] == sizes[layer]
+
+
+def test_histograms_count_a_sparse_gradient_of_unknown_length_beside_a_dense_one(tmp_path):
+    # one joined count: the embedding's slices (their number known only at run time,
+    # sampled with a stride worked out in-graph) and a dense kernel in the same segment sum
+    rng = np.random.default_rng(0)
+    table = tf.Variable(rng.normal(size=(60, 8)).astype("float32"), name="table")
+    kernel = tf.Variable(rng.normal(size=(8, 3)).astype("float32"), name="kernel")
+    log_dir = str(tmp_path / "run")
+    watch = gw.Watch(log_dir=log_dir, log_every=1, histogram_every=1, names=["emb/table", "dense/kernel"])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def step(rows):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(tf.gather(table, rows) @ kernel))
+        return watch.observe(tape.gradient(loss, [table, kernel]), [table, kernel])
+
+    rows = rng.integers(0, 60, size=1100).astype(np.int32)  # 8,800 slice entries
+    sparse, dense = step(tf.constant(rows))
+    watch.step_end()
+    watch.close()
+    assert isinstance(sparse, tf.IndexedSlices)
+    per_variable = probes.SAMPLE_BUDGET // 2
+    sample = min(probes.SAMPLE_ENTRIES, max(probes.MIN_SAMPLE_ENTRIES, per_variable))
+    stride = -(-sparse.values.numpy().size // sample)
+    assert stride == 3
+    histograms = _histograms(log_dir, "gradwatch/grad_log10_abs/")
+    for layer, values, weight in (("emb", sparse.values.numpy().ravel()[::stride], stride),
+                                  ("dense", dense.numpy().ravel(), 1)):
+        nonzero = np.abs(values[values != 0]).astype(np.float64)
+        bucket = np.clip(np.floor((np.log10(nonzero) - probes.LOG10_LOW) * probes.PER_DECADE), 0,
+                         probes.NUM_LOG_BUCKETS - 1).astype(int)
+        expected = weight * np.bincount(bucket, minlength=probes.NUM_LOG_BUCKETS)
+        tensor = histograms[(1, layer)]
+        left = np.round((tensor[:, 0] - probes.LOG10_LOW) * probes.PER_DECADE).astype(int)
+        got = np.zeros(probes.NUM_LOG_BUCKETS)
+        got[left] = tensor[:, 2]
+        # float32 vs float64 log10 may move a value sitting on a bucket edge by one bucket
+        assert np.abs(got - expected).sum() <= 2 * weight, layer
+        assert got.sum() == nonzero.size * weight, layer

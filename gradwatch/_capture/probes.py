@@ -625,39 +625,42 @@ class HistogramProbe:
     def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int) -> tf.Tensor:
         """[num, NUM_LOG_BUCKETS + 2] log10|g| bucket counts (then zeros, non-finite).
 
-        Vectors of the same static length are stacked and counted with one segment
-        sum (a 100-layer net costs a few ops per histogram, not a few per variable);
-        a vector of data-dependent length (a sparse gradient) is counted alone.
+        Every measured vector is counted at once: their entries joined into one vector,
+        each entry's bucket offset by its vector's row (found by a search of the rows'
+        ends), then one segment sum. A histogram is ~30 ops whatever the variables;
+        counted per vector length it was ~45 ops a length, ~0.8 ms of trace an op here
+        (the MLP's histogram 368 ops, the transformer's 523).
         """
         width = NUM_LOG_BUCKETS + 2
-        by_length: dict[Any, list[int]] = {}
-        for slot, flat in flats.items():
-            length = flat.shape[0]
-            by_length.setdefault(length if length is not None else ("dynamic", slot), []).append(slot)
-        parts, order = [], []
-        for slots in by_length.values():
-            matrix = tf.stack([flats[s] for s in slots]) if len(slots) > 1 else flats[slots[0]][None, :]
-            magnitude = tf.abs(matrix)
-            finite = tf.math.is_finite(matrix)
-            nonzero = finite & (magnitude > 0.0)
-            log = tf.math.log(tf.where(nonzero, magnitude, 1.0)) / np.log(10.0)
-            bucket = tf.clip_by_value(
-                tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
-            ids = tf.where(nonzero, bucket, tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
-            # row r's buckets are segments r * width ... r * width + width - 1
-            ids += tf.range(len(slots), dtype=tf.int32)[:, None] * width
-            if all(isinstance(weights[s], float) for s in slots):
-                weight = tf.constant([[weights[s]] for s in slots], tf.float32)
-            else:
-                weight = tf.reshape(tf.stack([tf.cast(weights[s], tf.float32) for s in slots]), [-1, 1])
-            counted = tf.math.unsorted_segment_sum(
-                tf.reshape(tf.ones_like(matrix) * weight, [-1]), tf.reshape(ids, [-1]), len(slots) * width)
-            parts.append(tf.reshape(counted, [len(slots), width]))
-            order += slots
-        parts.append(tf.zeros([1, width]))  # the row of a variable without a gradient
+        order = list(flats)
+        if not order:
+            return tf.zeros([num, width])
+        joined = tf.concat([flats[s] for s in order], axis=0) if len(order) > 1 else flats[order[0]]
+        static = [flats[s].shape[0] for s in order]
+        lengths = (tf.constant(static, tf.int64) if all(n is not None for n in static)
+                   else tf.stack([tf.shape(flats[s], out_type=tf.int64)[0] for s in order]))
+        magnitude = tf.abs(joined)
+        finite = tf.math.is_finite(joined)
+        nonzero = finite & (magnitude > 0.0)
+        log = tf.math.log(tf.where(nonzero, magnitude, 1.0)) / np.log(10.0)
+        bucket = tf.clip_by_value(
+            tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int64), 0, NUM_LOG_BUCKETS - 1)
+        ids = tf.where(nonzero, bucket, tf.where(finite, tf.constant(NUM_LOG_BUCKETS, tf.int64),
+                                                 tf.constant(NUM_LOG_BUCKETS + 1, tf.int64)))
+        # entry i belongs to the first vector whose end is past i: its row's buckets are
+        # segments row * width ... row * width + width - 1
+        positions = tf.range(tf.size(joined, out_type=tf.int64), dtype=tf.int64)
+        row = tf.searchsorted(tf.cumsum(lengths), positions, side="right", out_type=tf.int64)
+        if all(isinstance(weights[s], float) and weights[s] == 1.0 for s in order):
+            weight = tf.ones_like(joined)
+        else:  # each sampled entry stands for its vector's stride
+            weight = tf.gather(tf.stack([tf.cast(weights[s], tf.float32) for s in order]), row)
+        counted = tf.math.unsorted_segment_sum(weight, ids + row * width, len(order) * width)
         row_of = {slot: k for k, slot in enumerate(order)}
         index = [row_of.get(slot, len(order)) for slot in range(num)]
-        return tf.gather(tf.concat(parts, axis=0), tf.constant(index, tf.int32))
+        # the last row: a variable without a gradient
+        rows = tf.concat([tf.reshape(counted, [len(order), width]), tf.zeros([1, width])], axis=0)
+        return tf.gather(rows, tf.constant(index, tf.int32))
 
     def fetch(self) -> tuple[tf.Tensor, ...]:
         """In-graph, for the recorder's single read: (step, counts, signed counts,
