@@ -5,7 +5,8 @@ the rows a read fetched, folded on the writer thread with no graph to trace).
 The fold is one implementation: its functions take one of these namespaces and call
 only what it names. ``NP`` mirrors TensorFlow's semantics where numpy's differ
 (a reduction over nothing, a segment with no entry, a division by zero is no error),
-so that both give the same values (``tests/test_fold_numpy.py`` checks it).
+so that both give the same values (``tests/test_fold_rows.py`` checks it: numpy
+against the graph).
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ class NumpyOps:
 
     @staticmethod
     def segment_max(values: Any, ids: np.ndarray, count: int) -> np.ndarray:
-        """A segment with no entry holds the dtype's lowest value, as TensorFlow's."""
+        """A segment with no entry holds the dtype's lowest value, as TensorFlow's. A
+        NaN entry is outside what the two agree on (TensorFlow's result then depends on
+        the entries' order; numpy's is NaN): the fold masks NaN before every maximum."""
         values = np.asarray(values)
         return _segment_reduce(np.maximum, values, ids, count, _least_value(values.dtype))
 
@@ -248,8 +251,7 @@ def _segment_reduce(ufunc: np.ufunc, values: Any, ids: Any, count: int, empty: A
         ufunc.at(out, ids, values)
         return out
     identity = ufunc.identity if ufunc.identity is not None else _lowest(values.dtype)
-    pad = np.full((1,) + values.shape[1:], identity,
-                  values.dtype)
+    pad = np.full((1,) + values.shape[1:], identity, values.dtype)
     out = ufunc.reduce(np.concatenate([values, pad])[index], axis=0)
     if missing is not None:
         out[missing] = empty
