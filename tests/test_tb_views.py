@@ -256,8 +256,10 @@ def test_dead_and_diverged_runs_on_one_fixed_scale(views, tmp_path):
     sink = TensorBoardSink(os.path.join(root, "late"), {"layers": [{"name": "a"}]}, ["a"])
     sink.write_window({"step": 5, "steps": 5}, [], [{"layer": "a", "variable": "*", "l2": 0.5}], [], 1)
     sink.close()
-    WebDriverWait(driver, 60).until(lambda d: "late" in [
-        o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#gw-run option")])
+    # the options read in one script: the tab rebuilds the list when a run appears, and an
+    # option found before that and read after it was a stale element (a failed CI run)
+    WebDriverWait(driver, 60).until(lambda d: "late" in d.execute_script(
+        "return Array.from(document.querySelectorAll('#gw-run option'), o => o.value)"))
     assert driver.execute_script("return document.getElementById('gw-root').dataset.run") == "diverged"
 
 
