@@ -233,15 +233,7 @@ class StepBuffer:
 
     def fold_rows(self, count: tf.Tensor) -> tf.Tensor:
         """In-graph: folds the first ``count`` buffered rows into the window, in step order."""
-        rows, steps = self._rows.read_value(), self._steps.read_value()
-
-        def fold(var_acc, global_acc):
-            var_acc, global_acc, loss_prev = self._folder.fold(var_acc, global_acc, rows, steps, count,
-                                                               self._loss_prev.read_value())
-            self._loss_prev.assign(loss_prev)
-            return var_acc, global_acc
-
-        self._window.update(fold)
+        self._fold_in_step(self._rows.read_value(), self._steps.read_value(), count)
         return count
 
     def fetch(self, count: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -281,14 +273,17 @@ class StepBuffer:
         return var_acc, global_acc
 
     def _fold_now(self, row: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        self._fold_in_step(row[None], tf.reshape(step, [1]), tf.constant(1, tf.int64))
+        return tf.constant(0, tf.int64)
+
+    def _fold_in_step(self, rows: tf.Tensor, steps: tf.Tensor, count: tf.Tensor) -> None:
+        """In-graph: folds ``count`` of ``rows`` into the window and moves the loss totals on."""
         def fold(var_acc, global_acc):
-            var_acc, global_acc, loss_prev = self._folder.fold(
-                var_acc, global_acc, row[None], tf.reshape(step, [1]), tf.constant(1, tf.int64),
-                self._loss_prev.read_value())
+            var_acc, global_acc, loss_prev = self._folder.fold(var_acc, global_acc, rows, steps, count,
+                                                               self._loss_prev.read_value())
             self._loss_prev.assign(loss_prev)
             return var_acc, global_acc
 
         self._window.update(fold)
-        return tf.constant(0, tf.int64)
 
 
