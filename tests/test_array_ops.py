@@ -1,15 +1,19 @@
-"""The host fold's numpy operations (``array_ops.NP``) give TensorFlow's values
-(``array_ops.TF``) where the two libraries differ: segments with no entry, segments of
-very unequal sizes (the padded gather's fallback), reductions over nothing, non-finite
-entries."""
+"""``graph_constant``: one node per constant and graph. The host fold's numpy operations
+(``array_ops.NP``) give TensorFlow's values (``array_ops.TF``) where the two libraries
+differ: segments with no entry, segments of very unequal sizes (the padded gather's
+fallback), reductions over nothing, non-finite entries."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradwatch._capture.array_ops import NP, TF
+from gradwatch._capture import array_ops
+from gradwatch._capture.array_ops import NP, TF, graph_constant
 
 pytestmark = pytest.mark.fast
 
@@ -65,3 +69,54 @@ def test_stacks_unstacks_and_the_block_transpose_equal_tensorflows():
         np.testing.assert_array_equal(NP.expand_dims(blocks, axis), TF.expand_dims(blocks, axis).numpy())
     with pytest.raises(ValueError):
         NP.unstack(blocks, num=4)
+
+
+def test_a_graph_constant_is_one_node_per_graph_and_branch_and_carries_no_dependency():
+    v = tf.Variable(1.0)
+    graphs = {}
+
+    @tf.function(autograph=False)
+    def step(x, flag):
+        first = graph_constant(0.0)
+        with tf.control_dependencies([v.assign_add(first)]):
+            # made first under a dependency: the next uses must not carry it
+            axis = graph_constant(1, tf.int32)
+        again = graph_constant(0, tf.float32)  # 0 and 0.0 of one dtype: one node
+        summed = tf.reduce_sum(x, axis=graph_constant(1, tf.int32))
+
+        def branch():
+            graphs["branch"] = tf.compat.v1.get_default_graph()
+            return tf.reduce_max(x, axis=graph_constant(1, tf.int32)) + graph_constant(0.0)
+
+        taken = tf.cond(flag, branch, lambda: summed)
+        graphs["step"] = tf.compat.v1.get_default_graph()
+        return first + again, axis, summed, taken, graph_constant([2, 3], tf.int32), graph_constant(
+            float("nan")), graph_constant(float("nan"))
+
+    x = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+    zero, axis, summed, taken, pair, nan_a, nan_b = step(x, tf.constant(True))
+    assert float(zero) == 0.0 and int(axis) == 1 and list(pair.numpy()) == [2, 3]
+    np.testing.assert_array_equal(summed.numpy(), [3.0, 7.0])
+    np.testing.assert_array_equal(taken.numpy(), [2.0, 4.0])
+    assert np.isnan(float(nan_a)) and np.isnan(float(nan_b))
+    operations = graphs["step"].get_operations()
+    constants = [op for op in operations if op.type == "Const"]
+    # 0.0, 1 (made under the dependency, without it), [2, 3], NaN: four constants
+    assert len(constants) == 4, [op.name for op in constants]
+    assert all(not op.control_inputs for op in constants)
+    # the branch made its own constants (no capture of the step's)
+    branch_constants = [op for op in graphs["branch"].get_operations() if op.type == "Const"]
+    assert len(branch_constants) == 2
+    # eager: a plain constant
+    assert float(graph_constant(2.5)) == 2.5
+
+
+def test_graph_constants_do_not_keep_a_graph_alive():
+    graph = tf.Graph()
+    with graph.as_default():
+        graph_constant(1.0)
+    assert graph in array_ops._CONSTANTS
+    ref = weakref.ref(graph)
+    del graph
+    gc.collect()
+    assert ref() is None

@@ -581,3 +581,43 @@ def test_histograms_count_a_sparse_gradient_of_unknown_length_beside_a_dense_one
         # float32 vs float64 log10 may move a value sitting on a bucket edge by one bucket
         assert np.abs(got - expected).sum() <= 2 * weight, layer
         assert got.sum() == nonzero.size * weight, layer
+
+
+def _numpy_log_counts(vectors, weights, scale):
+    """Reference: per vector, log10|g| buckets, then zeros, then non-finite entries (weighted)."""
+    rows = []
+    for values, weight in zip(vectors, weights):
+        values = values.astype(np.float64) * scale
+        finite = np.isfinite(values)
+        nonzero = finite & (values != 0)
+        bucket = np.clip(np.floor((np.log10(np.abs(values[nonzero])) - probes.LOG10_LOW) * probes.PER_DECADE),
+                         0, probes.NUM_LOG_BUCKETS - 1).astype(int)
+        row = np.bincount(bucket, minlength=probes.NUM_LOG_BUCKETS).astype(np.float64)
+        rows.append(weight * np.concatenate([row, [np.sum(finite & ~nonzero), np.sum(~finite)]]))
+    return np.stack(rows)
+
+
+@pytest.mark.fast
+def test_histogram_rows_offset_alike_with_lengths_known_or_not():
+    # every length known when traced: each row's offset is a running sum of marks at its
+    # vectors' first entries; a length unknown: a fill per vector. Both against numpy,
+    # with an empty vector between two others and at the end, sampled vectors' weights
+    # and the loss scale
+    rng = np.random.default_rng(3)
+    vectors = [rng.normal(0, 1e-3, 700).astype(np.float32), np.zeros(0, np.float32),
+               np.concatenate([rng.normal(0, 10, 90), [0, 0, np.nan, np.inf]]).astype(np.float32),
+               rng.normal(0, 1e-9, 33).astype(np.float32), np.zeros(0, np.float32)]
+    weights = [3.0, 1.0, 1.0, 2.0, 1.0]
+    slots = [0, 2, 3, 5, 6]  # slots 1 and 4 without a gradient: rows of zeros
+    expected = np.zeros((8, probes.NUM_LOG_BUCKETS + 2))
+    expected[slots] = _numpy_log_counts(vectors, weights, 0.5)
+
+    def count(*flats):
+        return probes.HistogramProbe._log_counts(dict(zip(slots, flats)), dict(zip(slots, weights)), 8,
+                                                 tf.constant(0.5))
+
+    known = tf.function(count)(*[tf.constant(v) for v in vectors])
+    unknown = tf.function(count, input_signature=[tf.TensorSpec([None], tf.float32)] * len(vectors))(
+        *[tf.constant(v) for v in vectors])
+    np.testing.assert_array_equal(known.numpy(), expected)
+    np.testing.assert_array_equal(unknown.numpy(), expected)

@@ -12,6 +12,7 @@ against the graph).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,36 @@ import tensorflow as tf
 
 #: Up to this many values, a step block's transpose is a gather (``TensorOps.rows_to_columns``).
 SMALL_TRANSPOSE = 16384
+
+
+_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> {key: tensor name}
+
+
+def graph_constant(value: Any, dtype: Any = tf.float32) -> tf.Tensor:
+    """A constant of the graph being traced, made once per graph (and per cond branch,
+    which is a graph of its own): pass it where TensorFlow would otherwise add a
+    ``Const`` node for a Python number or list at each use (a reduction's axis, the 0 of
+    a ``where``, a gather's indices).
+
+    A graph's every node costs its first call here ~0.3-0.5 ms of trace and of
+    optimization; about 40% of the nodes gradwatch added to a train step were such
+    constants, one per use (``benchmarks/first_call_parts.py``). Made outside every
+    control dependency, so that a constant first made under one does not carry it
+    to its other uses. Eager: a plain constant."""
+    if tf.executing_eagerly():
+        return tf.constant(value, dtype)
+    graph = tf.compat.v1.get_default_graph()
+    cache = _CONSTANTS.setdefault(graph, {})
+    dtype = tf.as_dtype(dtype)
+    array = np.asarray(value, dtype.as_numpy_dtype)
+    key = (array.tobytes(), array.shape, dtype.name)  # 0 and 0.0 alike, NaN found
+    name = cache.get(key)
+    if name is not None:
+        return graph.get_tensor_by_name(name)
+    with graph.control_dependencies(None):
+        found = tf.constant(array, dtype)
+    cache[key] = found.name  # a name, not the tensor: the tensor would keep its graph alive
+    return found
 
 
 class TensorOps:

@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch._capture import stats as stats_lib
+from gradwatch._capture.array_ops import graph_constant
 from gradwatch._capture.keras_internals import cond, replica_variable, run_function
 from gradwatch._interpret.probe_layout import (
     EARLY_SNAPSHOTS,
@@ -533,7 +534,7 @@ class HistogramProbe:
                 g = grads_by_slot.get(slot)
                 if g is None:
                     continue
-                flat = tf.reshape(tf.cast(_dense(g), tf.float32), [-1])
+                flat = tf.reshape(tf.cast(_dense(g), tf.float32), graph_constant([-1], tf.int32))
                 weight = 1.0
                 size = flat.shape[0]
                 if self.sample is not None and (size is None or size > self.sample):
@@ -546,14 +547,15 @@ class HistogramProbe:
                         stride = -(-size // self.sample)
                         weight = float(stride)
                     flat = flat[::stride]
-                flats[slot], weights[slot] = flat * inv_scale, weight
+                flats[slot], weights[slot] = flat, weight
             keep = self._keep_other(step, flats)
             measured = [[s in flats] for s in range(num)]
-            counts = keep(self._log_counts(flats, weights, num), self.counts, measured)
+            counts = keep(self._log_counts(flats, weights, num, inv_scale), self.counts, measured)
             ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64)),
                    self.taken.assign(taken), self.requested.assign(False)]
             if self.signed:
-                ops += self._signed_ops(flats, weights, keep, measured)
+                scaled = {slot: flat * inv_scale for slot, flat in flats.items()}
+                ops += self._signed_ops(scaled, weights, keep, measured)
             with tf.control_dependencies(ops):
                 return tf.constant(0)
 
@@ -622,31 +624,46 @@ class HistogramProbe:
         return keep
 
     @staticmethod
-    def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int) -> tf.Tensor:
-        """[num, NUM_LOG_BUCKETS + 2] log10|g| bucket counts (then zeros, non-finite).
+    def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int,
+                    inv_scale: Any = 1.0) -> tf.Tensor:
+        """[num, NUM_LOG_BUCKETS + 2] log10|g| bucket counts (then zeros, non-finite) of
+        ``flats`` times ``inv_scale``.
 
         Every measured vector is counted at once: their entries joined into one vector,
         each entry's bucket offset by its vector's row, then one segment sum. A histogram
         is ~30 ops and a few per vector, whatever the variables; counted per vector
         length it was ~45 ops a length, ~0.8 ms of trace an op here (the MLP's histogram
-        368 ops, the transformer's 523). The rows' offsets are filled per vector (a
-        search of the vectors' ends took ~1.5 ms more on the MLP's 670k entries).
+        368 ops, the transformer's 523). The rows' offsets are a running sum of each
+        vector's step over the one before, placed at its first entry, when every length
+        is known when traced (5 ops for any number of vectors), else filled per vector
+        (a search of the vectors' ends took ~1.5 ms more on the MLP's 670k entries).
         """
         width = NUM_LOG_BUCKETS + 2
         order = list(flats)
         if not order:
             return tf.zeros([num, width])
+        lengths = [flats[s].shape[0] for s in order]
+        static = all(length is not None for length in lengths)
+        axis = graph_constant(0, tf.int32)
 
         def per_entry(values: list[Any], dtype: tf.DType) -> tf.Tensor:
             """Each vector's value repeated over its entries, joined."""
+            if static and all(isinstance(v, (int, float)) for v in values):
+                # the value's change at each vector's first entry, summed along the entries
+                starts = np.cumsum([0] + [int(n) for n in lengths])
+                keep = [k for k in range(len(order)) if lengths[k] > 0]
+                steps = np.diff([0] + [values[k] for k in keep])
+                marks = tf.scatter_nd(graph_constant(starts[keep][:, None], tf.int32),
+                                      graph_constant(steps, dtype), graph_constant([starts[-1]], tf.int32))
+                return tf.cumsum(marks, axis=axis)
             filled = [tf.fill(tf.shape(flats[s]), tf.cast(v, dtype)) for s, v in zip(order, values)]
-            return tf.concat(filled, axis=0) if len(filled) > 1 else filled[0]
+            return tf.concat(filled, axis=axis) if len(filled) > 1 else filled[0]
 
-        joined = tf.concat([flats[s] for s in order], axis=0) if len(order) > 1 else flats[order[0]]
-        magnitude = tf.abs(joined)
-        finite = tf.math.is_finite(joined)
-        nonzero = finite & (magnitude > 0.0)
-        log = tf.math.log(tf.where(nonzero, magnitude, 1.0)) / np.log(10.0)
+        joined = tf.concat([flats[s] for s in order], axis=axis) if len(order) > 1 else flats[order[0]]
+        magnitude = tf.abs(joined) * inv_scale
+        finite = tf.math.is_finite(magnitude)
+        nonzero = finite & (magnitude > graph_constant(0.0))
+        log = tf.math.log(tf.where(nonzero, magnitude, graph_constant(1.0))) / np.log(10.0)
         bucket = tf.clip_by_value(
             tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
         ids = tf.where(nonzero, bucket, tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
@@ -661,8 +678,8 @@ class HistogramProbe:
         row_of = {slot: k for k, slot in enumerate(order)}
         index = [row_of.get(slot, len(order)) for slot in range(num)]
         # the last row: a variable without a gradient
-        rows = tf.concat([tf.reshape(counted, [len(order), width]), tf.zeros([1, width])], axis=0)
-        return tf.gather(rows, tf.constant(index, tf.int32))
+        rows = tf.concat([tf.reshape(counted, [len(order), width]), tf.zeros([1, width])], axis=axis)
+        return tf.gather(rows, graph_constant(index, tf.int32), axis=axis)
 
     def fetch(self) -> tuple[tf.Tensor, ...]:
         """In-graph, for the recorder's single read: (step, counts, signed counts,

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._capture.array_ops import TF, ArrayOps
+from gradwatch._capture.array_ops import TF, ArrayOps, graph_constant
 from gradwatch._capture.keras_internals import cond, in_xla_context
 
 # Above this sum of squares (max |g| > ~1e-12) no square that matters has
@@ -159,10 +159,10 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
 
 
 def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
-    joined = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+    joined = tf.concat(parts, axis=graph_constant(0, tf.int32)) if len(parts) > 1 else parts[0]
     if groups.inverse is None:
         return joined
-    return tf.gather(joined, tf.constant(groups.inverse, tf.int32))
+    return tf.gather(joined, graph_constant(groups.inverse, tf.int32), axis=graph_constant(0, tf.int32))
 
 
 def group_sum_of_squares(group: Group) -> tf.Tensor:
@@ -227,33 +227,43 @@ def full_stats(groups: Groups) -> GradStats:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
     blocks, row_of = _width_blocks(groups)
+    axis, zero, one = graph_constant(1, tf.int32), graph_constant(0.0), graph_constant(1.0)
     reduced, sizes, stored = [], [], []
     for matrix, members in blocks:
         finite = tf.math.is_finite(matrix)
-        magnitudes = tf.where(finite, tf.abs(matrix), 0.0)
-        largest = tf.reduce_max(magnitudes, axis=1)
-        scale = tf.where(largest > 0.0, largest, 1.0)
-        scaled = magnitudes / scale[:, None]
+        magnitudes = tf.where(finite, tf.abs(matrix), zero)
+        largest = tf.reduce_max(magnitudes, axis=axis)
+        scale = tf.where(largest > zero, largest, one)
+        scaled = magnitudes / tf.expand_dims(scale, axis)
         reduced.append(tf.stack([
-            largest, scale, tf.reduce_sum(tf.square(scaled), axis=1), tf.reduce_sum(scaled, axis=1),
-            tf.reduce_sum(tf.cast(finite, tf.float32), axis=1),
-            tf.reduce_sum(tf.cast(tf.not_equal(matrix, 0.0), tf.float32), axis=1)]))
+            largest, scale, tf.reduce_sum(tf.square(scaled), axis=axis), tf.reduce_sum(scaled, axis=axis),
+            tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
+            tf.reduce_sum(tf.cast(tf.not_equal(matrix, zero), tf.float32), axis=axis)]))
         sizes += [float(g.dense_size) for g in members for _ in g.positions]
         rows = sum(len(g.positions) for g in members)
         width = matrix.shape[1]
-        stored.append(tf.fill([rows], float(width)) if width is not None
+        # the entries each row stores: static but for a sparse gradient's
+        stored.append([float(width)] * rows if width is not None
                       else tf.fill([rows], tf.cast(tf.shape(matrix)[1], tf.float32)))
-    joined = tf.concat(reduced, axis=1) if len(reduced) > 1 else reduced[0]
-    entries = tf.concat(stored, axis=0) if len(stored) > 1 else stored[0]
+    joined = tf.concat(reduced, axis=axis) if len(reduced) > 1 else reduced[0]
+    if all(isinstance(part, list) for part in stored):
+        entries = np.concatenate(stored).astype(np.float32)
+        if row_of is not None:
+            entries = entries[row_of]
+        entries = tf.constant(entries)
+    else:
+        entries = tf.concat([tf.constant(part, tf.float32) if isinstance(part, list) else part
+                             for part in stored], axis=0) if len(stored) > 1 else stored[0]
+        if row_of is not None:
+            entries = tf.gather(entries, graph_constant(row_of, tf.int32))
     if row_of is not None:
-        joined = tf.gather(joined, tf.constant(row_of, tf.int32), axis=1)
-        entries = tf.gather(entries, tf.constant(row_of, tf.int32))
+        joined = tf.gather(joined, graph_constant(row_of, tf.int32), axis=axis)
         sizes = [sizes[r] for r in row_of]
     largest, scale, squares, magnitudes, finite_count, nonzero = tf.unstack(joined, num=6)
     size = tf.constant(sizes, tf.float32)
     # a norm over no finite entry is NaN, never 0: an all-NaN gradient is not a tiny one
-    none_finite = tf.equal(finite_count, 0.0) & (entries > 0.0)
-    nan = tf.constant(float("nan"))
+    none_finite = tf.equal(finite_count, zero) & (entries > zero)
+    nan = graph_constant(float("nan"))
     return GradStats(
         l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
         max_abs=tf.where(none_finite, nan, largest),
@@ -272,25 +282,38 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor) -> GradStats:
     (one NaN or Inf makes its sum non-finite) and no square underflowed, so there is
     nothing to mask or rescale. The l2 is ``sqrt(sum_sq)`` and the rest takes one
     ``abs`` and three reductions per group, against about fourteen passes over the
-    entries in ``full_stats`` (the window's sampled step runs this one)."""
+    entries in ``full_stats`` (the window's sampled step runs this one). The divisions
+    by each gradient's size are one, after the groups are joined."""
     if not groups.count:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
-    max_abs, mean_abs, zero_frac = [], [], []
+    axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
+    max_abs, sum_abs, zeros, implicit = [], [], [], []
     for group in groups.groups:
         magnitudes = tf.abs(group.matrix)
-        size = float(group.dense_size)
-        max_abs.append(tf.reduce_max(magnitudes, axis=1))
-        mean_abs.append(tf.reduce_sum(magnitudes, axis=1) / size)
-        zeros = tf.reduce_sum(tf.cast(tf.equal(group.matrix, 0.0), tf.float32), axis=1)
+        max_abs.append(tf.reduce_max(magnitudes, axis=axis))
+        sum_abs.append(tf.reduce_sum(magnitudes, axis=axis))
+        zeros.append(tf.reduce_sum(tf.cast(tf.equal(group.matrix, zero), tf.float32), axis=axis))
         # a sparse gradient's untouched rows are zeros its matrix does not hold
-        implicit_zeros = size - tf.cast(tf.shape(group.matrix)[1], tf.float32)
-        zero_frac.append((zeros + implicit_zeros) / size)
+        width = group.matrix.shape[1]
+        if width is None or int(width) != group.dense_size:
+            stored = tf.cast(tf.shape(group.matrix)[1], tf.float32)
+            implicit.append(tf.fill([len(group.positions)], float(group.dense_size) - stored))
+        else:
+            implicit.append(None)
+    size = tf.constant([float(g.dense_size) for g in groups.groups for _ in g.positions], tf.float32)
+    size = size if groups.inverse is None else tf.gather(size, tf.constant(groups.inverse, tf.int32))
+    zeros_in_order = _in_list_order(groups, zeros)
+    if any(part is not None for part in implicit):
+        implicit_in_order = _in_list_order(groups, [
+            tf.zeros([len(g.positions)], tf.float32) if part is None else part
+            for g, part in zip(groups.groups, implicit)])
+        zeros_in_order = zeros_in_order + implicit_in_order
     return GradStats(
         l2=tf.sqrt(sum_sq),
         max_abs=_in_list_order(groups, max_abs),
-        mean_abs=_in_list_order(groups, mean_abs),
-        zero_frac=_in_list_order(groups, zero_frac),
+        mean_abs=_in_list_order(groups, sum_abs) / size,
+        zero_frac=zeros_in_order / size,
         nonfinite=tf.zeros_like(sum_sq),
     )
 
@@ -303,10 +326,11 @@ def settled_by_zeros(groups: Groups, sum_sq: tf.Tensor) -> tf.Tensor:
     exact too. False: ``full_stats`` is needed (a non-finite entry, or an underflow)."""
     if not groups.count:
         return tf.constant(True)
-    high = _in_list_order(groups, [tf.reduce_max(g.matrix, axis=1) for g in groups.groups])
-    low = _in_list_order(groups, [tf.reduce_min(g.matrix, axis=1) for g in groups.groups])
+    axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
+    high = _in_list_order(groups, [tf.reduce_max(g.matrix, axis=axis) for g in groups.groups])
+    low = _in_list_order(groups, [tf.reduce_min(g.matrix, axis=axis) for g in groups.groups])
     # a NaN has a NaN sum of squares, so an all-zero row here is one of zeros only
-    zeros = tf.equal(sum_sq, 0.0) & tf.equal(high, 0.0) & tf.equal(low, 0.0)
+    zeros = tf.equal(sum_sq, zero) & tf.equal(high, zero) & tf.equal(low, zero)
     return tf.reduce_all(zeros | tf.logical_not(needs_full_stats(sum_sq)))
 
 
