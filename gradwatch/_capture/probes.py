@@ -296,12 +296,15 @@ class UpdateProbe:
         self._snapshot_fn = None
 
     def _flat_weights(self) -> tf.Tensor:
-        return tf.concat(
-            [tf.reshape(_weights(self.variables[self.slots[k]]), [-1]) for k in self._order], axis=0)
+        return tf.concat([self._weight_vector(k) for k in self._order], axis=graph_constant(0, tf.int32))
+
+    def _weight_vector(self, k: int) -> tf.Tensor:
+        """Measured variable k's weights as a float32 vector."""
+        return tf.reshape(_weights(self.variables[self.slots[k]]), graph_constant([-1], tf.int32))
 
     def _flat_grads(self, grads: Sequence[Any]) -> tf.Tensor:
         """``grads`` (slot order) as one vector in the flat layout."""
-        return tf.concat([self._grad_vector(grads, k) for k in self._order], axis=0)
+        return tf.concat([self._grad_vector(grads, k) for k in self._order], axis=graph_constant(0, tf.int32))
 
     def _grad_vector(self, grads: Sequence[Any], k: int) -> tf.Tensor:
         """Measured variable k's gradient as a float32 vector (zeros for none)."""
@@ -310,7 +313,7 @@ class UpdateProbe:
             return tf.zeros([self.sizes[k]], tf.float32)
         if isinstance(g, tf.IndexedSlices):
             g = tf.convert_to_tensor(g)  # dense only on the few steps that use it
-        return tf.reshape(tf.cast(g, tf.float32), [-1])
+        return tf.reshape(tf.cast(g, tf.float32), graph_constant([-1], tf.int32))
 
     def _reset(self) -> np.ndarray:
         return np.full((len(UPDATE_ROWS), max(len(self.slots), 1)), np.nan, np.float32)
@@ -327,40 +330,46 @@ class UpdateProbe:
         flat = isinstance(grads, tf.Tensor)
         parts = []
         small_total = int(self._offsets[self._small])
+        row_axis, entry_axis = graph_constant(0, tf.int32), graph_constant(1, tf.int32)
         if self._small:
             order = self._order[:self._small]
-            weights = tf.concat([tf.reshape(_weights(self.variables[self.slots[k]]), [-1]) for k in order], 0)
-            grad = grads[:small_total] if flat else tf.concat([self._grad_vector(grads, k) for k in order], 0)
+            weights = tf.concat([self._weight_vector(k) for k in order], row_axis)
+            grad = grads[:small_total] if flat else tf.concat([self._grad_vector(grads, k) for k in order],
+                                                              row_axis)
             start = snap[:small_total]
             delta = weights - start
             stacked = tf.stack([tf.square(delta), delta * grad, tf.square(grad), tf.square(start)])
-            offset = 0
-            for size, count in self._blocks:
-                if size > stats_lib.STACK_LIMIT:
-                    break
-                block = stacked[:, offset: offset + size * count]
-                parts.append(tf.reduce_sum(tf.reshape(block, [4, count, size]), axis=2))
-                offset += size * count
+            # one split into the sizes' blocks, each summed as [4, count, size] rows
+            blocks = [(size, count) for size, count in self._blocks if size <= stats_lib.STACK_LIMIT]
+            pieces = (tf.split(stacked, graph_constant([size * count for size, count in blocks], tf.int32),
+                               axis=entry_axis) if len(blocks) > 1 else [stacked])
+            last = graph_constant(2, tf.int32)
+            for (size, count), piece in zip(blocks, pieces):
+                parts.append(tf.reduce_sum(tf.reshape(piece, graph_constant([4, count, size], tf.int32)),
+                                           axis=last))
         large = list(range(self._small, len(self._order)))
         if large:
             # one split of the snapshot (and of a flat gradient), then per variable a few
             # ops: L2Loss (half a sum of squares, one op) and a dot product. Its slices
             # and four stacked sums were ~75 ops a variable, 1,842 of the 24-layer net's
             # trace (eighth session)
-            sizes = [int(self._offsets[p + 1] - self._offsets[p]) for p in large]
-            starts = tf.split(snap[small_total:], sizes)
-            flat_grads = tf.split(grads[small_total:], sizes) if flat else None
+            sizes = graph_constant([int(self._offsets[p + 1] - self._offsets[p]) for p in large], tf.int32)
+            def split(vector):
+                return tf.split(vector, sizes, num=len(large)) if len(large) > 1 else [vector]
+
+            starts = split(snap[small_total:])
+            flat_grads = split(grads[small_total:]) if flat else None
             halves, dots = [], []
             for j, position in enumerate(large):
                 k = self._order[position]
                 grad = flat_grads[j] if flat else self._grad_vector(grads, k)
-                delta = tf.reshape(_weights(self.variables[self.slots[k]]), [-1]) - starts[j]
+                delta = self._weight_vector(k) - starts[j]
                 halves.append(tf.stack([tf.nn.l2_loss(delta), tf.nn.l2_loss(grad), tf.nn.l2_loss(starts[j])]))
                 dots.append(tf.reduce_sum(delta * grad))
-            du, g2, w2 = tf.unstack(2.0 * tf.stack(halves, axis=1), num=3)
+            du, g2, w2 = tf.unstack(graph_constant(2.0) * tf.stack(halves, axis=1), num=3)
             parts.append(tf.stack([du, tf.stack(dots), g2, w2]))
-        joined = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-        return tf.gather(joined, tf.constant(self._unorder), axis=1)
+        joined = tf.concat(parts, axis=entry_axis) if len(parts) > 1 else parts[0]
+        return tf.gather(joined, graph_constant(self._unorder, tf.int32), axis=entry_axis)
 
     def observe(self, grads_by_slot: dict[int, Any], due: tf.Tensor) -> tf.Tensor:
         if not self.slots:

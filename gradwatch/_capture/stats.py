@@ -145,10 +145,11 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
         positions = keys[key]
         chunks += stack_chunks(positions, flat[positions[0]][1])
     for positions in chunks:
+        shape = graph_constant([len(positions), -1], tf.int32)
         if len(positions) == 1:
-            matrix = tf.reshape(flat[positions[0]][0], [1, -1])
+            matrix = tf.reshape(flat[positions[0]][0], shape)
         else:
-            matrix = tf.reshape(tf.stack([flat[p][0] for p in positions]), [len(positions), -1])
+            matrix = tf.reshape(tf.stack([flat[p][0] for p in positions]), shape)
         groups.append(Group(matrix, flat[positions[0]][1], tuple(positions)))
         order.extend(positions)
     inverse = [0] * len(order)
@@ -173,8 +174,8 @@ def group_sum_of_squares(group: Group) -> tf.Tensor:
     Under XLA the square and the sum fuse into one loop instead.
     """
     if group.matrix.shape[0] == 1 and not in_xla_context():
-        return tf.reshape(2.0 * tf.nn.l2_loss(group.matrix), [1])
-    return tf.reduce_sum(tf.square(group.matrix), axis=1)
+        return tf.reshape(graph_constant(2.0) * tf.nn.l2_loss(group.matrix), graph_constant([1], tf.int32))
+    return tf.reduce_sum(tf.square(group.matrix), axis=graph_constant(1, tf.int32))
 
 
 def sum_of_squares(groups: Groups) -> tf.Tensor:
