@@ -12,6 +12,7 @@ import tensorflow as tf
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.array_ops import NP, TF, ArrayOps
+from gradwatch._capture.array_ops import graph_constant as const
 from gradwatch._capture.layouts import LOSS_GIVEN, LOSS_UNKNOWN, RAW_STATS, StepRow
 from gradwatch._capture.measure import finish_stats
 from gradwatch._capture.window import Rows, StepGlobals, StepValues, Window
@@ -206,12 +207,12 @@ class StepBuffer:
         """
         if not self.buffered:
             return buffered, self._fold_now(row, step)
-        index = tf.reshape(buffered, [1, 1])
-        writes = [self._rows.scatter_nd_update(index, tf.reshape(row, [1, -1])),
-                  self._steps.scatter_nd_update(index, tf.reshape(step, [1]))]
+        index = tf.reshape(buffered, const([1, 1], tf.int32))
+        writes = [self._rows.scatter_nd_update(index, tf.reshape(row, const([1, -1], tf.int32))),
+                  self._steps.scatter_nd_update(index, tf.reshape(step, const([1], tf.int32)))]
         if not fold_if_full:
             with tf.control_dependencies(writes):
-                return buffered + 1, tf.constant(0, tf.int64)
+                return buffered + const(1, tf.int64), const(0, tf.int64)
         full = buffered + 1 >= self.capacity
         with tf.control_dependencies(writes):
             done = internals.cond(full, lambda: self.fold_rows(tf.constant(self.capacity, tf.int64)),

@@ -9,6 +9,7 @@ import tensorflow as tf
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.array_ops import TF, ArrayOps
+from gradwatch._capture.array_ops import graph_constant as const
 from gradwatch._capture.layouts import RAW_STATS
 
 
@@ -25,19 +26,19 @@ class _DensePasses:
 
     def full(self):
         full = tf.stack(list(stats_lib.full_stats(self.groups)))
-        return tf.reshape(full, [-1]), tf.reduce_any(full[4] > 0.0)
+        return tf.reshape(full, const([-1], tf.int32)), tf.reduce_any(full[4] > const(0.0))
 
     def finite(self, sums):
         finite = tf.stack(list(stats_lib.finite_stats(self.groups, sums)))
-        return tf.reshape(finite, [-1]), tf.constant(False)
+        return tf.reshape(finite, const([-1], tf.int32)), const(False, tf.bool)
 
     def settled(self, sums):
         return stats_lib.settled_by_zeros(self.groups, sums)
 
     def norms_only(self, sums):
         """A step not sampled keeps the l2 and the non-finite count only."""
-        return (tf.concat([tf.sqrt(sums), tf.zeros([4 * self.count], tf.float32)], axis=0),
-                tf.constant(False))
+        zeros = const(np.zeros(4 * self.count, np.float32))
+        return tf.concat([tf.sqrt(sums), zeros], axis=const(0, tf.int32)), const(False, tf.bool)
 
     def rare(self, squares, inexact: tf.Tensor, sampled: tf.Tensor | None):
         """A step that is sampled or has an inexact norm. An inexact norm is mostly a
@@ -53,7 +54,7 @@ class _DensePasses:
         plain's, the 24-layer net's 1.192 against 1.213), and the first call no longer
         pays their XLA compiles (the 100-layer net 10.0 s against 14.4 s over plain's,
         the 24-layer net 3.3 s against 4.2 s; benchmarks/README.md, eighth session)."""
-        settled = internals.cond(inexact, lambda: self.settled(squares), lambda: tf.constant(True))
+        settled = internals.cond(inexact, lambda: self.settled(squares), lambda: const(True, tf.bool))
 
         def exact():
             if sampled is None:  # the lean step
@@ -70,7 +71,7 @@ def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, inde
     # one pass per gradient: an L2Loss for a large one, a row reduction per group
     # of stacked small ones
     sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
-    squares = tf.concat(sum_sq, axis=0) if len(sum_sq) > 1 else sum_sq[0]
+    squares = tf.concat(sum_sq, axis=const(0, tf.int32)) if len(sum_sq) > 1 else sum_sq[0]
     passes = _DensePasses(dense)
     count = passes.count
     # The full pass runs on a step whose cheap norm is not exact and not only zeros;
@@ -78,7 +79,7 @@ def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, inde
     # the other steps keep the sums of squares. The conds are in the graph, not in an
     # XLA cluster: a conditional there would take every gradient on every step.
     inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
-    skipped = lambda: (tf.zeros([5 * count], tf.float32), tf.constant(False))  # noqa: E731
+    skipped = lambda: (const(np.zeros(5 * count, np.float32)), const(False, tf.bool))  # noqa: E731
     rare = inexact if sampled is None else sampled | inexact  # the lean step is never sampled
     full, nonfinite = internals.cond(rare, lambda: passes.rare(squares, inexact, sampled), skipped)
     columns = [p for _, pos in passes.info for p in pos]
@@ -98,18 +99,19 @@ def _measure_sparse(group: stats_lib.Group, sampled: tf.Tensor | None) -> tuple[
     embedding ~0.6 ms a step."""
     m = len(group.positions)
     groups = stats_lib.Groups((group,), None, m)
-    squares = tf.reduce_sum(tf.square(group.matrix), axis=1)
+    squares = tf.reduce_sum(tf.square(group.matrix), axis=const(1, tf.int32))
     inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
 
     def full():
         stats = tf.stack(list(stats_lib.full_stats(groups)))
-        return tf.reshape(stats, [-1]), tf.reduce_any(stats[4] > 0.0)
+        return tf.reshape(stats, const([-1], tf.int32)), tf.reduce_any(stats[4] > const(0.0))
 
     def finite():
-        return tf.reshape(tf.stack(list(stats_lib.finite_stats(groups, squares))), [-1]), tf.constant(False)
+        finite = tf.stack(list(stats_lib.finite_stats(groups, squares)))
+        return tf.reshape(finite, const([-1], tf.int32)), const(False, tf.bool)
 
     def skipped():
-        return tf.zeros([5 * m], tf.float32), tf.constant(False)
+        return const(np.zeros(5 * m, np.float32)), const(False, tf.bool)
 
     exact = skipped if sampled is None else (lambda: internals.cond(sampled, finite, skipped))
     stats, nonfinite = internals.cond(inexact, full, exact)
@@ -173,7 +175,7 @@ def measure_gradients(stat_grads, sampled: tf.Tensor | None) -> tuple[tf.Tensor,
         for t, position in enumerate(g.positions):
             index[:, position] = offset + np.arange(len(RAW_STATS)) * m + t
         offset += len(RAW_STATS) * m
-    flat = tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    flat = tf.concat(pieces, axis=const(0, tf.int32)) if len(pieces) > 1 else pieces[0]
     nonfinite_step = flags[0] if len(flags) == 1 else tf.reduce_any(tf.stack(flags))
     return flat, index, nonfinite_step
 

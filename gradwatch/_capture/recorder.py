@@ -12,6 +12,7 @@ import tensorflow as tf
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import probes as probes_lib
 from gradwatch._capture.accumulate import StepBuffer, StepFolder, buffer_capacity, loss_pair
+from gradwatch._capture.array_ops import graph_constant as const
 from gradwatch._capture.clipping import clip_measured
 from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
 from gradwatch._capture.measure import finish_stats, measure_gradients
@@ -174,15 +175,16 @@ class Recorder:
                 pair = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, pair)
         state = STEP_STATE.unpack(self._state.read_value())
         # a further observation in a step the front has not ended keeps its number
-        new_step = tf.equal(state["in_step"], 0) if self._ends_steps else tf.constant(True)
-        step = tf.where(new_step, state["step"] + 1, state["step"])
+        new_step = (tf.equal(state["in_step"], const(0, tf.int64)) if self._ends_steps
+                    else const(True, tf.bool))
+        step = tf.where(new_step, state["step"] + const(1, tf.int64), state["step"])
         window_steps = state["window_steps"] + tf.cast(new_step, tf.int64)
         sampled = None if lean else tf.equal(window_steps, 1)
         measured = self._measure(grads, stat_grads, [slots[i] for i in present], present, step, sampled,
                                  context, replica_context)
         flat, index, nonfinite_step, clip_threshold = measured
-        skipped = nonfinite_step if context.overflow_skips else tf.constant(False)
-        nan = tf.constant(float("nan"))
+        skipped = nonfinite_step if context.overflow_skips else const(False, tf.bool)
+        nan = const(float("nan"))
         scalars = {"loss_a": pair[0], "loss_b": pair[1],
                    "learning_rate": nan if context.learning_rate is None
                    else tf.cast(context.learning_rate, tf.float32),
@@ -195,14 +197,14 @@ class Recorder:
                                          fold_if_full=fold_when_full and not lean)
         step_row = state["step_row"]
         if self._ends_steps:  # the buffer row that takes the step's loss at end_step (-1: folded)
-            step_row = tf.where(tf.equal(buffered, 0), tf.constant(-1, tf.int64),
+            step_row = tf.where(tf.equal(buffered, const(0, tf.int64)), const(-1, tf.int64),
                                 tf.where(new_step, state["buffered"], step_row))
         with tf.control_dependencies([done]):
             self._state.assign(STEP_STATE.pack({
                 "step": step, "buffered": buffered,
                 "window_steps": window_steps,
                 "nonfinite": tf.maximum(state["nonfinite"], tf.cast(nonfinite_step, tf.int64)),
-                "in_step": tf.constant(int(self._ends_steps), tf.int64), "step_row": step_row}))
+                "in_step": const(int(self._ends_steps), tf.int64), "step_row": step_row}))
         return StepResult(grads, tf.logical_not(nonfinite_step))
 
     @tf.autograph.experimental.do_not_convert
@@ -227,12 +229,12 @@ class Recorder:
     def _measure(self, grads, stat_grads, present_slots, present, step, sampled, context, replica_context):
         """Measures the present gradients (and clips ``grads`` in place); returns the
         measured values, their index, whether the step was non-finite, and the clip bound."""
-        clip_threshold = tf.constant(float("nan"))
+        clip_threshold = const(float("nan"))
         if not present:
             return tf.zeros([0], tf.float32), np.zeros([len(RAW_STATS), 0], np.int64), \
                 tf.constant(False), clip_threshold
         inv_scale = (1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
-                     else tf.constant(1.0))
+                     else const(1.0))
         flat, index, nonfinite_step = measure_gradients(stat_grads, sampled)
         if self._clip is not None:
             raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)),
