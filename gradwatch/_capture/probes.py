@@ -419,10 +419,11 @@ class UpdateProbe:
         dot = -dot
         rows = self.result.read_value()
         # the window's direction measurements (count, sum of cosines, of squares) add up
-        valid = (du > 0.0) & (g2 > 0.0)
-        norms = tf.sqrt(tf.where(valid, du, 1.0)) * tf.sqrt(tf.where(valid, g2, 1.0))
-        cos = tf.where(valid, dot / norms, 0.0)
-        count, total, squares = tf.unstack(tf.where(tf.math.is_nan(rows[5:]), 0.0, rows[5:]), num=3)
+        zero, one = graph_constant(0.0), graph_constant(1.0)
+        valid = (du > zero) & (g2 > zero)
+        norms = tf.sqrt(tf.where(valid, du, one)) * tf.sqrt(tf.where(valid, g2, one))
+        cos = tf.where(valid, dot / norms, zero)
+        count, total, squares = tf.unstack(tf.where(tf.math.is_nan(rows[5:]), zero, rows[5:]), num=3)
         # the rows the stats show are the window's first measurement's
         head = tf.stack([du, w2, du, dot, g2])
         new_rows = tf.concat([
@@ -431,11 +432,11 @@ class UpdateProbe:
         ], axis=0)
         # measured on the first step that moved a weight; if none moved for
         # UPDATE_EVERY steps the update ratio is 0 (frozen, or a zero learning rate)
-        took = (tf.reduce_sum(du) > 0.0) | (since >= UPDATE_EVERY - 1)
+        took = (tf.reduce_sum(du) > zero) | (since >= graph_constant(UPDATE_EVERY - 1, tf.int64))
         write = took if applied is None or all(applied) else took & tf.constant([list(applied)])
         with tf.control_dependencies([self.result.assign(tf.where(write, new_rows, rows))]):
-            zero = tf.constant(0, tf.int64)
-            return tf.where(took, tf.stack([zero, zero]), tf.stack([since + 1, pending]))
+            idle = graph_constant([0, 0], tf.int64)
+            return tf.where(took, idle, tf.stack([since + graph_constant(1, tf.int64), pending]))
 
     # ------------------------------------------------ host snapshots (model.fit)
 
