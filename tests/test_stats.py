@@ -47,7 +47,8 @@ def test_stats_match_numpy(mode):
 @pytest.mark.parametrize("mode", ["graph", "xla"])
 def test_finite_stats_equal_full_stats_when_every_cheap_norm_is_exact(mode):
     # the window's sampled step takes finite_stats when no sum of squares needs the
-    # careful path: stacked small gradients, a zero row, a large single gradient
+    # careful path: stacked small gradients, a zero row, a large single gradient, and
+    # gradients of one shape apart in the list
     rng = np.random.default_rng(5)
     a = rng.normal(size=(7, 5)).astype("float32")
     a[:, 2] = 0.0
@@ -55,7 +56,9 @@ def test_finite_stats_equal_full_stats_when_every_cheap_norm_is_exact(mode):
     b[3] = -2.5
     c = (rng.normal(size=(300, 70)) * 1e-3).astype("float32")  # above STACK_LIMIT: alone
     d = rng.normal(size=(3,)).astype("float32") * 1e4
-    grads = [tf.constant(x) for x in (a, b, c, d)]
+    e = rng.normal(size=(7, 5)).astype("float32")  # stacked with a: the groups are not in list order
+    grads = [tf.constant(x) for x in (a, b, c, d, e)]
+    assert stats_lib.group_gradients(grads).inverse is not None
 
     def both(grads):
         groups = stats_lib.group_gradients(grads)

@@ -289,32 +289,24 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor) -> GradStats:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
     axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
-    max_abs, sum_abs, zeros, implicit = [], [], [], []
+    max_abs, sum_abs, zeros = [], [], []
     for group in groups.groups:
         magnitudes = tf.abs(group.matrix)
         max_abs.append(tf.reduce_max(magnitudes, axis=axis))
         sum_abs.append(tf.reduce_sum(magnitudes, axis=axis))
-        zeros.append(tf.reduce_sum(tf.cast(tf.equal(group.matrix, zero), tf.float32), axis=axis))
-        # a sparse gradient's untouched rows are zeros its matrix does not hold
+        counted = tf.reduce_sum(tf.cast(tf.equal(group.matrix, zero), tf.float32), axis=axis)
         width = group.matrix.shape[1]
         if width is None or int(width) != group.dense_size:
-            stored = tf.cast(tf.shape(group.matrix)[1], tf.float32)
-            implicit.append(tf.fill([len(group.positions)], float(group.dense_size) - stored))
-        else:
-            implicit.append(None)
-    size = tf.constant([float(g.dense_size) for g in groups.groups for _ in g.positions], tf.float32)
-    size = size if groups.inverse is None else tf.gather(size, tf.constant(groups.inverse, tf.int32))
-    zeros_in_order = _in_list_order(groups, zeros)
-    if any(part is not None for part in implicit):
-        implicit_in_order = _in_list_order(groups, [
-            tf.zeros([len(g.positions)], tf.float32) if part is None else part
-            for g, part in zip(groups.groups, implicit)])
-        zeros_in_order = zeros_in_order + implicit_in_order
+            # a sparse gradient's untouched rows are zeros its matrix does not hold
+            counted += float(group.dense_size) - tf.cast(tf.shape(group.matrix)[1], tf.float32)
+        zeros.append(counted)
+    size = np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
+    size = tf.constant(size if groups.inverse is None else size[list(groups.inverse)])
     return GradStats(
         l2=tf.sqrt(sum_sq),
         max_abs=_in_list_order(groups, max_abs),
         mean_abs=_in_list_order(groups, sum_abs) / size,
-        zero_frac=zeros_in_order / size,
+        zero_frac=_in_list_order(groups, zeros) / size,
         nonfinite=tf.zeros_like(sum_sq),
     )
 
