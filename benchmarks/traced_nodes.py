@@ -4,10 +4,10 @@ optimization at the first call, so a part's nodes are its share of the one-off s
 (``first_call_parts.py`` times them; this counts them, which does not depend on the
 machine's speed).
 
-A fit of 1,050 planned steps (as the gate's) stops after 3 steps; every node created
-while a labelled part runs is counted to it (a part inside another counts to the inner
-one), the rest to "step" (Keras's own, and the parts not labelled). The plain fit of
-the same model gives Keras's own count. Run it on another revision by putting that
+A fit of 1,050 planned steps from the gate's pipeline (``overhead.dataset``) stops after
+3 steps; every node created while a labelled part runs is counted to it (a part inside
+another counts to the inner one), the rest to "step" (Keras's own, and the parts not
+labelled). The plain fit of the same model gives Keras's own count. Run it on another revision by putting that
 revision first on ``PYTHONPATH``.
 
 Usage:
@@ -27,8 +27,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from overhead import BATCH_SIZE, MODELS  # noqa: E402
+from overhead import BATCH_SIZE, MODELS, dataset  # noqa: E402
 from tensorflow.python.framework import ops  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
@@ -96,19 +95,13 @@ class StopAfter(keras.callbacks.Callback):
 
 def fit(name: str, counter: Counter, monitored: bool) -> collections.Counter:
     keras.utils.set_random_seed(0)
-    model, shape, classes = MODELS[name]()
+    model, _, _ = MODELS[name]()
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
-    rng = np.random.default_rng(0)
-    n = BATCH_SIZE * 1050
-    if name == "transformer":
-        x = rng.integers(0, 2000, (n,) + shape).astype("int32")
-    else:
-        x = rng.random((n,) + shape, dtype=np.float32)
-    y = rng.integers(0, classes, n)
     callbacks = [StopAfter(3)] + ([gw.GradientMonitor(log_dir=tempfile.mkdtemp())] if monitored else [])
+    data = dataset(name, BATCH_SIZE)
     counter.nodes.clear()
     counter.branches.clear()
-    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0, callbacks=callbacks)
+    model.fit(data, steps_per_epoch=1050, epochs=1, verbose=0, callbacks=callbacks)
     return collections.Counter(counter.nodes), collections.Counter(counter.branches)
 
 
