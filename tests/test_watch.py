@@ -101,6 +101,38 @@ def test_raw_variables_none_gradients_and_names(log_dir):
 
 
 @pytest.mark.fast
+def test_every_op_observe_adds_is_named_under_gradwatch(log_dir):
+    # a profile, a graph view or an XLA dump tells gradwatch's ops from the model's
+    model = _model()
+    x, y = _data()
+
+    def graph_of(watch):
+        optimizer = keras.optimizers.SGD(0.05)
+
+        @tf.function
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+            grads = tape.gradient(loss, model.trainable_variables)
+            if watch is not None:
+                grads = watch.observe(grads, model.trainable_variables, loss=loss)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        graph = step.get_concrete_function(x[:8], y[:8]).graph
+        return {op.name for op in graph.get_operations()}
+
+    plain = graph_of(None)
+    with gw.Watch(log_dir=log_dir, log_every=2, model=model) as watch:
+        watched = graph_of(watch)
+    added = watched - plain
+    assert len(added) > 50
+    assert [name for name in added if not name.startswith("gradwatch/")] == []
+    scopes = {name.split("/")[1] for name in added}
+    assert {"measure", "units", "updates", "histograms"} <= scopes
+
+
+@pytest.mark.fast
 def test_names_argument_groups_layers(log_dir):
     a = tf.Variable(np.ones((2, 2), "float32"))
     b = tf.Variable(np.ones(2, "float32"))

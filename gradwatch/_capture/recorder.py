@@ -159,7 +159,15 @@ class Recorder:
                 measure, a full buffer); a front runs it only on steps it knows hold
                 none of that, and reads at least every ``capacity`` steps.
             fold_when_full: False: the front reads before the buffer fills (no fold traced).
+
+        Its ops are named under ``gradwatch/`` (a profile or an XLA dump tells them from
+        the model's), each probe's under ``gradwatch/<probe>/``.
         """
+        with tf.name_scope("gradwatch"):
+            return self._observe(grads, slots, context, lean, fold_when_full)
+
+    def _observe(self, grads: Sequence[Any], slots: Sequence[int], context: StepContext | None = None,
+                lean: bool = False, fold_when_full: bool = True) -> StepResult:
         context = context or StepContext()
         grads = [_with_static_shape(g, self._variables[slot]) for g, slot in zip(grads, slots)]
         present = [i for i, g in enumerate(grads) if g is not None]
@@ -235,7 +243,8 @@ class Recorder:
                 tf.constant(False), clip_threshold
         inv_scale = (1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
                      else const(1.0))
-        flat, index, nonfinite_step = measure_gradients(stat_grads, sampled)
+        with tf.name_scope("measure"):
+            flat, index, nonfinite_step = measure_gradients(stat_grads, sampled)
         if self._clip is not None:
             raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)),
                              [len(RAW_STATS), len(present)])
@@ -251,14 +260,16 @@ class Recorder:
         probe_step = probes_lib.ProbeStep(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale,
                                           nonfinite_step)
         for probe in self._probes:
-            probe.record(probe_step)
+            with tf.name_scope(probe.name):
+                probe.record(probe_step)
         return flat, index, nonfinite_step, clip_threshold
 
     @tf.autograph.experimental.do_not_convert
     def after_update(self) -> None:
         """In-graph, after the optimizer applied this step's update (host-snapshot fronts)."""
         for probe in self._probes:
-            probe.after_update()
+            with tf.name_scope(f"gradwatch/{probe.name}"):
+                probe.after_update()
 
     def _read_all(self) -> dict[str, Any]:
         """In-graph host read: state, buffered rows, accumulators, probes; each reset after."""
