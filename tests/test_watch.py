@@ -104,11 +104,11 @@ def test_raw_variables_none_gradients_and_names(log_dir):
 def test_every_op_observe_adds_is_named_under_gradwatch(log_dir):
     # a profile, a graph view or an XLA dump tells gradwatch's ops from the model's
     model = _model()
+    optimizer = keras.optimizers.SGD(0.05)  # one, built: both steps name its ops alike
+    optimizer.build(model.trainable_variables)
     x, y = _data()
 
     def graph_of(watch):
-        optimizer = keras.optimizers.SGD(0.05)
-
         @tf.function
         def step(xb, yb):
             with tf.GradientTape() as tape:
