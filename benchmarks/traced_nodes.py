@@ -31,7 +31,7 @@ from overhead import BATCH_SIZE, MODELS, dataset  # noqa: E402
 from tensorflow.python.framework import ops  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
-from gradwatch._capture import measure, probes, recorder  # noqa: E402
+from gradwatch._capture import measure, probes, recorder, stats  # noqa: E402
 
 logging.getLogger("gradwatch").setLevel(logging.ERROR)
 
@@ -40,7 +40,8 @@ PARTS = [
     ("observe (sums of squares, buffer row)", recorder.Recorder, "observe"),
     ("read function", recorder.Recorder, "_read_all"),
     ("careful pass: branches", measure._DensePasses, "rare"),
-    ("careful pass: zero check", measure._DensePasses, "settled"),
+    ("careful pass: zero check", measure._DensePasses, "settled"),  # before 2026-12-07's eleventh session
+    ("careful pass: largest magnitudes (zero check)", stats, "group_max_abs"),  # since
     ("careful pass: finite pass (sampled step)", measure._DensePasses, "finite"),
     ("careful pass: full pass", measure._DensePasses, "full"),
     ("sparse gradients", measure, "_measure_sparse"),
@@ -70,7 +71,9 @@ class Counter:
         ops.Graph._create_op_internal = counted
 
     def label(self, name: str, owner, method: str) -> None:
-        original = getattr(owner, method)
+        original = getattr(owner, method, None)
+        if original is None:  # a part another revision does not have
+            return
 
         @functools.wraps(original)
         def labelled(*args, **kwargs):

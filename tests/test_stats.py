@@ -60,18 +60,23 @@ def test_finite_stats_equal_full_stats_when_every_cheap_norm_is_exact(mode):
     grads = [tf.constant(x) for x in (a, b, c, d, e)]
     assert stats_lib.group_gradients(grads).inverse is not None
 
-    def both(grads):
+    def passes(grads):
         groups = stats_lib.group_gradients(grads)
-        return stats_lib.finite_stats(groups, stats_lib.sum_of_squares(groups)), stats_lib.full_stats(groups)
+        sums = stats_lib.sum_of_squares(groups)
+        # alone, and with the largest magnitudes the careful pass's zero check took
+        return (stats_lib.finite_stats(groups, sums), stats_lib.finite_stats(groups, sums,
+                                                                              stats_lib.group_max_abs(groups)),
+                stats_lib.full_stats(groups))
 
-    fn = tf.function(both, jit_compile=(mode == "xla"))
-    finite, full = fn(grads)
+    fn = tf.function(passes, jit_compile=(mode == "xla"))
+    finite, shared, full = fn(grads)
     sums = stats_lib.sum_of_squares(stats_lib.group_gradients(grads))
     assert not stats_lib.needs_full_stats(sums).numpy().any()
-    _check(grads, finite)
-    for field in FIELDS:
-        np.testing.assert_allclose(getattr(finite, field).numpy(), getattr(full, field).numpy(), rtol=2e-6,
-                                   err_msg=field)
+    for result in (finite, shared):
+        _check(grads, result)
+        for field in FIELDS:
+            np.testing.assert_allclose(getattr(result, field).numpy(), getattr(full, field).numpy(),
+                                       rtol=2e-6, err_msg=field)
 
 
 def test_nan_is_masked_under_xla_and_counted():
@@ -337,13 +342,22 @@ def test_scalar_and_equal_size_gradients_of_other_shapes_group_correctly():
     _check(grads, stats_lib.gradient_stats(grads))
 
 
-def test_zero_gradients_settle_their_sums_of_squares_and_underflows_do_not():
+@pytest.mark.parametrize("jit", [False, True])
+def test_zero_gradients_settle_their_sums_of_squares_and_underflows_do_not(jit):
     """``settled_by_zeros``: True when every sum of squares is exact once all-zero
-    gradients are told apart; False for an underflow (a lone tiny value of either
-    sign) or a non-finite entry, which need the full statistics."""
+    gradients are told apart (by their largest magnitude, ``group_max_abs``: a max and
+    a min, or under XLA one reduction of ``abs``); False for an underflow (a lone tiny
+    value of either sign) or a non-finite entry, which need the full statistics."""
     def settled(*grads):
-        groups = stats_lib.group_gradients([tf.constant(np.asarray(g, np.float32)) for g in grads])
-        return bool(stats_lib.settled_by_zeros(groups, stats_lib.sum_of_squares(groups)))
+        tensors = [tf.constant(np.asarray(g, np.float32)) for g in grads]
+
+        @tf.function(jit_compile=jit, autograph=False)
+        def check(*tensors):
+            groups = stats_lib.group_gradients(list(tensors))
+            sums = stats_lib.sum_of_squares(groups)
+            return stats_lib.settled_by_zeros(sums, stats_lib.group_max_abs(groups))
+
+        return bool(check(*tensors))
 
     normal, zero = [1.0, -2.0, 0.0], [0.0, 0.0, 0.0]
     assert settled(normal, normal)
@@ -411,7 +425,7 @@ def test_a_full_step_traces_each_pass_once(monkeypatch):
     # the careful pass is traced once too: a trace's length is part of a fit's start.
     from gradwatch._capture.measure import measure_gradients
 
-    traced = {"finite_stats": 0, "full_stats": 0, "settled_by_zeros": 0}
+    traced = {"finite_stats": 0, "full_stats": 0, "settled_by_zeros": 0, "group_max_abs": 0}
     for name in traced:
         original = getattr(stats_lib, name)
 
@@ -423,7 +437,7 @@ def test_a_full_step_traces_each_pass_once(monkeypatch):
     grads = [tf.zeros([3, 2]), tf.ones([5])]
     tf.function(lambda s: measure_gradients(grads, s)[0], autograph=False
                 ).get_concrete_function(tf.TensorSpec([], tf.bool))
-    assert traced == {"finite_stats": 1, "full_stats": 1, "settled_by_zeros": 1}
+    assert traced == {"finite_stats": 1, "full_stats": 1, "settled_by_zeros": 1, "group_max_abs": 1}
 
 
 @pytest.mark.parametrize(("rows", "known_slices"), [(6, True), (6, False), (350_000, True)])

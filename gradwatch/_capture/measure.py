@@ -14,10 +14,11 @@ from gradwatch._capture.layouts import RAW_STATS
 
 
 class _DensePasses:
-    """The passes over a step's dense gradients, each in a branch of the step that
-    costs nothing when not taken (``internals.cond``): the finite pass (the window's
-    sampled step), the full pass (an inexact sum of squares), and the zero check that
-    settles an all-zero gradient. Plain graph, not XLA calls (see ``rare``)."""
+    """The passes over a step's dense gradients, in a branch of the step that costs
+    nothing when not taken (``internals.cond``): each gradient's largest magnitude
+    (which settles an all-zero gradient), then the finite pass (the window's sampled
+    step) or the full pass (an inexact sum of squares). Plain graph, not XLA calls (see
+    ``rare``)."""
 
     def __init__(self, dense: list[stats_lib.Group]):
         self.groups = stats_lib.Groups(tuple(dense), None, sum(len(g.positions) for g in dense))
@@ -28,24 +29,22 @@ class _DensePasses:
         full = tf.stack(list(stats_lib.full_stats(self.groups)))
         return tf.reshape(full, const([-1], tf.int32)), tf.reduce_any(full[4] > const(0.0))
 
-    def finite(self, sums):
-        finite = tf.stack(list(stats_lib.finite_stats(self.groups, sums)))
+    def finite(self, sums, largest):
+        finite = tf.stack(list(stats_lib.finite_stats(self.groups, sums, largest)))
         return tf.reshape(finite, const([-1], tf.int32)), const(False, tf.bool)
-
-    def settled(self, sums):
-        return stats_lib.settled_by_zeros(self.groups, sums)
 
     def norms_only(self, sums):
         """A step not sampled keeps the l2 and the non-finite count only."""
         zeros = const(np.zeros(4 * self.count, np.float32))
         return tf.concat([tf.sqrt(sums), zeros], axis=const(0, tf.int32)), const(False, tf.bool)
 
-    def rare(self, squares, inexact: tf.Tensor, sampled: tf.Tensor | None):
+    def rare(self, squares, sampled: tf.Tensor | None):
         """A step that is sampled or has an inexact norm. An inexact norm is mostly a
-        zero one (a dead layer and every layer below it): two reductions tell it from
-        a non-finite entry or an underflow, which need the full pass (about fourteen
-        passes over every gradient). Each pass is traced once: the sampled step's
-        finite pass serves an exact step and a settled one alike.
+        zero one (a dead layer and every layer below it): each gradient's largest
+        magnitude tells it from a non-finite entry or an underflow, which need the full
+        pass (about fourteen passes over every gradient). The largest magnitudes serve
+        the sampled step's finite pass too, so each pass is traced once and the zero
+        check is no branch of its own (under XLA, one conditional and its kernels fewer).
 
         The passes were XLA calls on nets of 32 variables or more, when a branch not
         taken still cost a visit to each of its nodes. As plain graph in a functional
@@ -54,12 +53,14 @@ class _DensePasses:
         plain's, the 24-layer net's 1.192 against 1.213), and the first call no longer
         pays their XLA compiles (the 100-layer net 10.0 s against 14.4 s over plain's,
         the 24-layer net 3.3 s against 4.2 s; benchmarks/README.md, eighth session)."""
-        settled = internals.cond(inexact, lambda: self.settled(squares), lambda: const(True, tf.bool))
+        largest = stats_lib.group_max_abs(self.groups)
+        settled = stats_lib.settled_by_zeros(squares, largest)
 
         def exact():
             if sampled is None:  # the lean step
                 return self.norms_only(squares)
-            return internals.cond(sampled, lambda: self.finite(squares), lambda: self.norms_only(squares))
+            return internals.cond(sampled, lambda: self.finite(squares, largest),
+                                  lambda: self.norms_only(squares))
 
         return internals.cond(settled, exact, self.full)
 
@@ -81,7 +82,7 @@ def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, inde
     inexact = tf.reduce_any(stats_lib.needs_full_stats(squares))
     skipped = lambda: (const(np.zeros(5 * count, np.float32)), const(False, tf.bool))  # noqa: E731
     rare = inexact if sampled is None else sampled | inexact  # the lean step is never sampled
-    full, nonfinite = internals.cond(rare, lambda: passes.rare(squares, inexact, sampled), skipped)
+    full, nonfinite = internals.cond(rare, lambda: passes.rare(squares, sampled), skipped)
     columns = [p for _, pos in passes.info for p in pos]
     for j, position in enumerate(columns):
         index[0, position] = j

@@ -277,22 +277,41 @@ def full_stats(groups: Groups) -> GradStats:
     )
 
 
-def finite_stats(groups: Groups, sum_sq: tf.Tensor) -> GradStats:
+def group_max_abs(groups: Groups) -> tf.Tensor:
+    """Returns [n] in list order: each dense gradient's largest magnitude, what the
+    careful pass's zero check and the finite pass share. Under XLA one reduction of
+    ``abs`` per group (fused: one pass); else the larger of the row's max and minus its
+    min, two reductions with no temporary (``abs`` would write one). A NaN entry makes
+    it NaN or a number; either way its sum of squares is NaN, which settles nothing."""
+    if not groups.count:
+        return tf.zeros([0], tf.float32)
+    axis = graph_constant(1, tf.int32)
+    if in_xla_context():
+        largest = [tf.reduce_max(tf.abs(g.matrix), axis=axis) for g in groups.groups]
+    else:
+        largest = [tf.maximum(tf.reduce_max(g.matrix, axis=axis), -tf.reduce_min(g.matrix, axis=axis))
+                   for g in groups.groups]
+    return _in_list_order(groups, largest)
+
+
+def finite_stats(groups: Groups, sum_sq: tf.Tensor, max_abs: tf.Tensor | None = None) -> GradStats:
     """``full_stats`` of dense gradients whose every sum of squares (``sum_sq``, in
     list order) is exact, as ``needs_full_stats`` says: every entry is then finite
     (one NaN or Inf makes its sum non-finite) and no square underflowed, so there is
     nothing to mask or rescale. The l2 is ``sqrt(sum_sq)`` and the rest takes one
-    ``abs`` and three reductions per group, against about fourteen passes over the
-    entries in ``full_stats`` (the window's sampled step runs this one). The divisions
-    by each gradient's size are one, after the groups are joined."""
+    ``abs`` and three reductions per group (two with ``max_abs``, ``group_max_abs``
+    in list order, given), against about fourteen passes over the entries in
+    ``full_stats`` (the window's sampled step runs this one). The divisions by each
+    gradient's size are one, after the groups are joined."""
     if not groups.count:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
     axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
-    max_abs, sum_abs, zeros = [], [], []
+    largest, sum_abs, zeros = [], [], []
     for group in groups.groups:
         magnitudes = tf.abs(group.matrix)
-        max_abs.append(tf.reduce_max(magnitudes, axis=axis))
+        if max_abs is None:
+            largest.append(tf.reduce_max(magnitudes, axis=axis))
         sum_abs.append(tf.reduce_sum(magnitudes, axis=axis))
         counted = tf.reduce_sum(tf.cast(tf.equal(group.matrix, zero), tf.float32), axis=axis)
         width = group.matrix.shape[1]
@@ -304,26 +323,22 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor) -> GradStats:
     size = tf.constant(size if groups.inverse is None else size[list(groups.inverse)])
     return GradStats(
         l2=tf.sqrt(sum_sq),
-        max_abs=_in_list_order(groups, max_abs),
+        max_abs=_in_list_order(groups, largest) if max_abs is None else max_abs,
         mean_abs=_in_list_order(groups, sum_abs) / size,
         zero_frac=_in_list_order(groups, zeros) / size,
         nonfinite=tf.zeros_like(sum_sq),
     )
 
 
-def settled_by_zeros(groups: Groups, sum_sq: tf.Tensor) -> tf.Tensor:
-    """Whether ``sqrt(sum_sq)`` (in list order) is every gradient's exact norm once the
-    all-zero gradients are told apart: a sum of squares of 0 is exact when every entry
-    is 0 (a dead layer, and every layer below it), not when tiny entries underflowed.
-    Two reductions per group (max and min, no temporary); ``finite_stats`` is then
-    exact too. False: ``full_stats`` is needed (a non-finite entry, or an underflow)."""
-    if not groups.count:
-        return tf.constant(True)
-    axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
-    high = _in_list_order(groups, [tf.reduce_max(g.matrix, axis=axis) for g in groups.groups])
-    low = _in_list_order(groups, [tf.reduce_min(g.matrix, axis=axis) for g in groups.groups])
+def settled_by_zeros(sum_sq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
+    """Whether ``sqrt(sum_sq)`` is every gradient's exact norm once the all-zero
+    gradients are told apart (both in list order; ``max_abs`` from ``group_max_abs``):
+    a sum of squares of 0 is exact when the largest magnitude is 0 too (a dead layer,
+    and every layer below it), not when tiny entries underflowed. ``finite_stats`` is
+    then exact too. False: ``full_stats`` is needed (a non-finite entry, or an underflow)."""
+    zero = graph_constant(0.0)
     # a NaN has a NaN sum of squares, so an all-zero row here is one of zeros only
-    zeros = tf.equal(sum_sq, zero) & tf.equal(high, zero) & tf.equal(low, zero)
+    zeros = tf.equal(sum_sq, zero) & tf.equal(max_abs, zero)
     return tf.reduce_all(zeros | tf.logical_not(needs_full_stats(sum_sq)))
 
 
