@@ -17,6 +17,9 @@ import gradwatch as gw  # noqa: E402
 from gradwatch._capture import keras_internals as internals  # noqa: E402
 
 log_dir, mode = sys.argv[1], sys.argv[2]
+# Ctrl-C raises KeyboardInterrupt here even when the suite runs as a background job,
+# whose shell starts its children with SIGINT ignored (Python then installs no handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 AT = 7  # the batch (0-based) in which SIGINT arrives
 rng = np.random.default_rng(0)
 x = rng.normal(size=(64, 4)).astype("float32")
