@@ -196,9 +196,10 @@ def needs_full_stats(sum_sq: tf.Tensor, xp: ArrayOps = TF) -> tf.Tensor:
 
 
 def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], list[int] | None]:
-    """The groups' rows merged by width for the careful pass: the dense groups of one
-    width as one matrix (a deep net's equal kernels are one reduction each, not one per
-    kernel: the pass is traced, and under XLA compiled, with a few ops per width), a
+    """The groups' rows merged by width for the careful pass outside XLA: the dense
+    groups of one width as one matrix (a deep net's equal kernels are one reduction each,
+    not one per kernel: the pass is traced with a few ops per width; under XLA
+    ``row_layout`` takes every width at once), a
     sparse group (its width is data-dependent) alone. Returns the blocks and, per
     gradient in list order, its row among the blocks' rows (None: already in order)."""
     by_width: dict[object, list[int]] = {}
@@ -219,14 +220,106 @@ def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], 
     return blocks, None if list(row_of) == list(range(groups.count)) else [int(r) for r in row_of]
 
 
+#: Under XLA the rare passes lay every dense gradient out as rows of this many entries
+#: (``row_layout``).
+XLA_ROW_WIDTH = 256
+
+
+class RowLayout(NamedTuple):
+    """Dense gradients as rows of one matrix (``row_layout``)."""
+
+    rows: tf.Tensor  # [R, XLA_ROW_WIDTH] float32: each gradient's entries, then zeros to a whole row
+    segments: tf.Tensor  # [R] int32: the joined position (groups in order) of each row's gradient
+    padding: tf.Tensor  # [n] float32: the zeros each gradient's rows add
+    count: int
+
+
+def row_layout(groups: Groups) -> RowLayout | None:
+    """Under XLA, the dense groups' gradients as rows of one ``[R, XLA_ROW_WIDTH]`` matrix,
+    each gradient padded with zeros to whole rows; None elsewhere, or with a sparse group.
+
+    XLA generates machine code for each reduction it keeps (~20 ms a kernel at the first
+    call here, ``benchmarks/xla_compile.py``), and a pass over width blocks takes a few
+    reductions per distinct width: the transformer's careful pass was 68 kernels. Over
+    one matrix each statistic is one row reduction and one small segment reduction of the
+    rows, whatever the model's widths. The padding is below one row a gradient; it adds
+    zeros, which the counts take back."""
+    if not groups.count or not in_xla_context():
+        return None
+    width = XLA_ROW_WIDTH
+    pieces, segments, padding, joined = [], [], [], 0
+    for group in groups.groups:
+        size = group.matrix.shape[1]
+        if size is None or int(size) != group.dense_size or group.matrix.shape[0] is None:
+            return None  # a sparse gradient's row count is data-dependent
+        size = int(size)
+        padded = -(-size // width) * width
+        matrix = group.matrix
+        if padded != size:
+            matrix = tf.pad(matrix, graph_constant([[0, 0], [0, padded - size]], tf.int32))
+        pieces.append(tf.reshape(matrix, graph_constant([-1, width], tf.int32)))
+        for _ in group.positions:
+            segments += [joined] * (padded // width)
+            padding.append(float(padded - size))
+            joined += 1
+    rows = tf.concat(pieces, axis=graph_constant(0, tf.int32)) if len(pieces) > 1 else pieces[0]
+    return RowLayout(rows, graph_constant(np.asarray(segments, np.int32), tf.int32),
+                     graph_constant(np.asarray(padding, np.float32)), joined)
+
+
+def _segment_sums(layout: RowLayout, row_values: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Per gradient (joined order), the sums of each [R] vector of row values: in float64,
+    so that adding up a large gradient's rows loses nothing a single reduction would not."""
+    stacked = tf.cast(tf.stack(row_values, axis=1), tf.float64)
+    sums = tf.math.unsorted_segment_sum(stacked, layout.segments, layout.count)
+    return tf.unstack(tf.cast(sums, tf.float32), num=len(row_values), axis=1)
+
+
+def _segment_max(layout: RowLayout, row_values: tf.Tensor) -> tf.Tensor:
+    """Per gradient (joined order), the largest of its rows' values (0 for one of no entry)."""
+    largest = tf.math.unsorted_segment_max(row_values, layout.segments, layout.count)
+    return tf.maximum(largest, graph_constant(0.0))
+
+
+def _full_stats_by_rows(groups: Groups, layout: RowLayout) -> GradStats:
+    """``full_stats`` over the row layout: the same statistics and the same scaling by
+    each gradient's largest finite magnitude, in a fixed few reductions."""
+    axis, zero, one = graph_constant(1, tf.int32), graph_constant(0.0), graph_constant(1.0)
+    finite = tf.math.is_finite(layout.rows)
+    magnitudes = tf.where(finite, tf.abs(layout.rows), zero)
+    largest = _segment_max(layout, tf.reduce_max(magnitudes, axis=axis))
+    scale = tf.where(largest > zero, largest, one)
+    scaled = magnitudes / tf.expand_dims(tf.gather(scale, layout.segments), axis)
+    squares, sums, finite_count, nonzero = _segment_sums(layout, [
+        tf.reduce_sum(tf.square(scaled), axis=axis), tf.reduce_sum(scaled, axis=axis),
+        tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
+        tf.reduce_sum(tf.cast(tf.not_equal(layout.rows, zero), tf.float32), axis=axis)])
+    finite_count -= layout.padding  # the padding's zeros are finite entries
+    sizes = np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
+    size = tf.constant(sizes)
+    none_finite = tf.equal(finite_count, zero) & (size > zero)
+    nan = graph_constant(float("nan"))
+    return GradStats(*(_in_list_order(groups, [field]) for field in (
+        tf.where(none_finite, nan, scale * tf.sqrt(squares)),
+        tf.where(none_finite, nan, largest),
+        tf.where(none_finite, nan, scale * (sums / size)),
+        (size - nonzero) / size,
+        size - finite_count,
+    )))
+
+
 def full_stats(groups: Groups) -> GradStats:
     """Every statistic, exact for any input (NaN/Inf masked, no over/underflow).
 
     Sums of magnitudes scaled by their maximum neither overflow (a row of 1e37s) nor
-    underflow (squares of 1e-25s); this runs on steps whose cheap norm is inexact."""
+    underflow (squares of 1e-25s); this runs on steps whose cheap norm is inexact. Under
+    XLA over the padded rows of ``row_layout``, elsewhere over width blocks."""
     if not groups.count:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
+    layout = row_layout(groups)
+    if layout is not None:
+        return _full_stats_by_rows(groups, layout)
     blocks, row_of = _width_blocks(groups)
     axis, zero, one = graph_constant(1, tf.int32), graph_constant(0.0), graph_constant(1.0)
     reduced, sizes, stored = [], [], []
@@ -286,6 +379,9 @@ def group_max_abs(groups: Groups) -> tf.Tensor:
     if not groups.count:
         return tf.zeros([0], tf.float32)
     axis = graph_constant(1, tf.int32)
+    layout = row_layout(groups)
+    if layout is not None:
+        return _in_list_order(groups, [_segment_max(layout, tf.reduce_max(tf.abs(layout.rows), axis=axis))])
     if in_xla_context():
         largest = [tf.reduce_max(tf.abs(g.matrix), axis=axis) for g in groups.groups]
     else:
@@ -307,6 +403,21 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor, max_abs: tf.Tensor | None = 
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
     axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
+    size = np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
+    layout = row_layout(groups)
+    if layout is not None:
+        magnitudes = tf.abs(layout.rows)
+        sum_abs, zeros = _segment_sums(layout, [
+            tf.reduce_sum(magnitudes, axis=axis),
+            tf.reduce_sum(tf.cast(tf.equal(layout.rows, zero), tf.float32), axis=axis)])
+        if max_abs is None:
+            max_abs = _in_list_order(groups, [_segment_max(layout, tf.reduce_max(magnitudes, axis=axis))])
+        size = tf.constant(size)
+        return GradStats(
+            l2=tf.sqrt(sum_sq), max_abs=max_abs,
+            mean_abs=_in_list_order(groups, [sum_abs / size]),
+            zero_frac=_in_list_order(groups, [(zeros - layout.padding) / size]),  # not the padding's
+            nonfinite=tf.zeros_like(sum_sq))
     largest, sum_abs, zeros = [], [], []
     for group in groups.groups:
         magnitudes = tf.abs(group.matrix)
@@ -319,7 +430,6 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor, max_abs: tf.Tensor | None = 
             # a sparse gradient's untouched rows are zeros its matrix does not hold
             counted += float(group.dense_size) - tf.cast(tf.shape(group.matrix)[1], tf.float32)
         zeros.append(counted)
-    size = np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
     size = tf.constant(size if groups.inverse is None else size[list(groups.inverse)])
     return GradStats(
         l2=tf.sqrt(sum_sq),
