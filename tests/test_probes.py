@@ -208,6 +208,44 @@ def test_watch_sees_a_manual_assign_sub_update(tmp_path, features, width):
         assert row.update_cos == pytest.approx(1.0, abs=1e-5), name
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_watch_update_measure_in_a_compiled_step_matches_numpy(tmp_path, jit):
+    # Watch keeps the snapshot step's gradient as one flat vector, split again by the
+    # change sums: a small variable in a size block, two large ones (4,200 x 4 and
+    # 4 x 5,000) alone; compiled by XLA or not
+    rng = np.random.default_rng(2)
+    w = tf.Variable(rng.normal(size=(4200, 4)).astype("float32"), name="w")
+    v = tf.Variable((rng.normal(size=(4, 5000)) / 70.0).astype("float32"), name="v")
+    b = tf.Variable(rng.normal(size=(3,)).astype("float32"), name="b")
+    x, y = _data(features=4200)
+    lr = 0.05
+
+    @tf.function(jit_compile=jit)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            hidden = tf.nn.relu(xb @ w)
+            out = tf.sigmoid(tf.reduce_sum(hidden @ v, axis=1, keepdims=True) + tf.reduce_sum(b))
+            loss = tf.reduce_mean((out - yb) ** 2)
+        grads = watch.observe(tape.gradient(loss, [w, v, b]), [w, v, b])
+        for var, g in zip((w, v, b), grads):
+            var.assign_sub(lr * g)
+        return grads
+
+    before = [var.numpy().copy() for var in (w, v, b)]
+    with gw.Watch(str(tmp_path / "loop"), log_every=4, histogram_every=0) as watch:
+        for i in range(4):
+            grads = step(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32])
+            if i == 0:
+                first = [g.numpy() for g in grads]
+            watch.step_end()
+    stats = gw.read_stats(str(tmp_path / "loop"))
+    for name, g, w0 in zip(("w", "v", "b"), first, before):
+        row = stats[(stats.step == 4) & (stats.variable == name)].iloc[0]
+        # the step-1 snapshot's change, measured at step 2: lr times its gradient
+        assert row.update_ratio == pytest.approx(lr * np.linalg.norm(g) / np.linalg.norm(w0), rel=1e-4), name
+        assert row.update_cos == pytest.approx(1.0, abs=1e-5), name
+
+
 def _half_dead(*middle):
     """A ReLU layer whose units 0..3 start far below zero (dead for good) and 4..7 at zero (live)."""
     bias = np.array([-30.0] * 4 + [0.0] * 4, np.float32)

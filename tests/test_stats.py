@@ -79,25 +79,26 @@ def test_finite_stats_equal_full_stats_when_every_cheap_norm_is_exact(mode):
                                        rtol=2e-6, err_msg=field)
 
 
-def test_under_xla_the_rare_passes_read_every_gradient_as_padded_rows():
-    # Under XLA the careful pass, the finite pass and the largest magnitudes run over one
-    # [R, XLA_ROW_WIDTH] matrix of every dense gradient padded to whole rows (a fixed few
-    # reductions whatever the widths): the padding's zeros are no gradient's zeros or
-    # finite entries, a large gradient's many rows add up in float64 to numpy's figures,
-    # and each gradient keeps its place in the list.
+def test_under_xla_the_rare_passes_read_the_smaller_gradients_as_padded_rows():
+    # Under XLA the careful pass, the finite pass and the largest magnitudes read the
+    # gradients of up to XLA_ROW_MAX entries as one [R, XLA_ROW_WIDTH] matrix, each padded
+    # to whole rows (a fixed few reductions whatever the widths), and a larger one as a
+    # block: the padding's zeros are no gradient's zeros or finite entries, a gradient's
+    # many rows add up in float64 to numpy's figures, and each keeps its place in the list.
     rng = np.random.default_rng(11)
     large = (rng.normal(size=(784, 512)) * rng.uniform(0.1, 10.0, size=(784, 1))).astype("float32")
-    large[::7] = 0.0
+    large[::7] = 0.0  # over XLA_ROW_MAX: a block
     odd = rng.normal(size=(3, 37)).astype("float32")  # 111 entries: one row, 145 zeros of padding
     odd[0, :5] = 0.0
     broken = rng.normal(size=(300,)).astype("float32")  # two rows, one partly padding
     broken[[3, 299]] = [np.nan, np.inf]
     tiny = (rng.normal(size=(3, 37)) * 1e-30).astype("float32")  # stacked with odd: squares underflow
-    # one entry 1e5 times the rest: scaled by it, each later row's sum of squares is below
-    # half of float32's spacing at 1, so a float32 sum of the rows would drop them all
-    spike = np.full((300, 256), 0.1, "float32")
+    # 250 rows, one entry 1e5 times the rest: scaled by it, each later row's sum of squares
+    # is below half of float32's spacing at 1, so a float32 sum of the rows would drop them
+    spike = np.full((250, 256), 0.1, "float32")
     spike[0, 0] = 1e4
     spike[5, 5] = np.nan
+    assert spike.size <= stats_lib.XLA_ROW_MAX < large.size
     grads = [tf.constant(g) for g in (odd, large, broken, tiny, spike)]
     groups = stats_lib.group_gradients(grads)
     assert groups.inverse is not None  # odd and tiny are one group: not in list order
@@ -105,7 +106,8 @@ def test_under_xla_the_rare_passes_read_every_gradient_as_padded_rows():
     @tf.function(jit_compile=True, autograph=False)
     def passes(grads):
         groups = stats_lib.group_gradients(grads)
-        assert stats_lib.row_layout(groups) is not None
+        split = stats_lib.xla_split(groups)
+        assert split is not None and split.blocks is not None  # the large one is a block
         sums = stats_lib.sum_of_squares(groups)
         return (stats_lib.full_stats(groups), stats_lib.finite_stats(groups, sums),
                 stats_lib.group_max_abs(groups))
@@ -118,7 +120,7 @@ def test_under_xla_the_rare_passes_read_every_gradient_as_padded_rows():
             assert float(getattr(finite, field)[k]) == pytest.approx(expected[field], rel=1e-6), (k, field)
         assert float(largest[k]) == expected["max_abs"]
     assert float(largest[3]) == pytest.approx(np.abs(tiny).max(), rel=1e-6)
-    assert stats_lib.row_layout(groups) is None  # eagerly, outside XLA: the width blocks
+    assert stats_lib.xla_split(groups) is None  # eagerly, outside XLA: the width blocks
 
 
 def test_nan_is_masked_under_xla_and_counted():

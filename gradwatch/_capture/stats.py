@@ -220,13 +220,14 @@ def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], 
     return blocks, None if list(row_of) == list(range(groups.count)) else [int(r) for r in row_of]
 
 
-#: Under XLA the rare passes lay every dense gradient out as rows of this many entries
-#: (``row_layout``).
+#: Under XLA the rare passes read the gradients of up to XLA_ROW_MAX entries as rows of
+#: XLA_ROW_WIDTH entries of one matrix (``xla_split``); a larger one stays a block of its own.
 XLA_ROW_WIDTH = 256
+XLA_ROW_MAX = 65536
 
 
 class RowLayout(NamedTuple):
-    """Dense gradients as rows of one matrix (``row_layout``)."""
+    """Dense gradients as rows of one matrix (``xla_split``)."""
 
     rows: tf.Tensor  # [R, XLA_ROW_WIDTH] float32: each gradient's entries, then zeros to a whole row
     segments: tf.Tensor  # [R] int32: the joined position (groups in order) of each row's gradient
@@ -234,37 +235,78 @@ class RowLayout(NamedTuple):
     count: int
 
 
-def row_layout(groups: Groups) -> RowLayout | None:
-    """Under XLA, the dense groups' gradients as rows of one ``[R, XLA_ROW_WIDTH]`` matrix,
-    each gradient padded with zeros to whole rows; None elsewhere, or with a sparse group.
+class XlaSplit(NamedTuple):
+    """A step's dense groups under XLA: the smaller gradients as rows, the larger as blocks."""
 
-    XLA generates machine code for each reduction it keeps (~20 ms a kernel at the first
-    call here, ``benchmarks/xla_compile.py``), and a pass over width blocks takes a few
-    reductions per distinct width: the transformer's careful pass was 68 kernels. Over
-    one matrix each statistic is one row reduction and one small segment reduction of the
-    rows, whatever the model's widths. The padding is below one row a gradient; it adds
-    zeros, which the counts take back."""
-    if not groups.count or not in_xla_context():
-        return None
+    rows: Groups  # in joined order (no inverse)
+    layout: RowLayout
+    blocks: Groups | None  # in joined order (no inverse)
+    order: tf.Tensor | None  # gathers [rows' gradients, blocks' gradients] into the groups' joined order
+
+
+def _row_layout(groups: Groups) -> RowLayout:
     width = XLA_ROW_WIDTH
-    pieces, segments, padding, joined = [], [], [], 0
+    pieces, segments, padding = [], [], []
     for group in groups.groups:
-        size = group.matrix.shape[1]
-        if size is None or int(size) != group.dense_size or group.matrix.shape[0] is None:
-            return None  # a sparse gradient's row count is data-dependent
-        size = int(size)
+        size = group.dense_size
         padded = -(-size // width) * width
         matrix = group.matrix
         if padded != size:
             matrix = tf.pad(matrix, graph_constant([[0, 0], [0, padded - size]], tf.int32))
         pieces.append(tf.reshape(matrix, graph_constant([-1, width], tf.int32)))
         for _ in group.positions:
-            segments += [joined] * (padded // width)
+            segments += [len(padding)] * (padded // width)
             padding.append(float(padded - size))
-            joined += 1
     rows = tf.concat(pieces, axis=graph_constant(0, tf.int32)) if len(pieces) > 1 else pieces[0]
     return RowLayout(rows, graph_constant(np.asarray(segments, np.int32), tf.int32),
-                     graph_constant(np.asarray(padding, np.float32)), joined)
+                     graph_constant(np.asarray(padding, np.float32)), len(padding))
+
+
+def xla_split(groups: Groups) -> XlaSplit | None:
+    """Under XLA, the dense groups' gradients of up to ``XLA_ROW_MAX`` entries as rows of
+    one ``[R, XLA_ROW_WIDTH]`` matrix, each padded with zeros to whole rows, and the larger
+    ones as blocks of their own; None elsewhere, with a sparse group, or with no small one.
+
+    XLA generates machine code for each reduction it keeps (~20 ms a kernel at the first
+    call here, ``benchmarks/xla_compile.py``), and a pass over width blocks takes a few
+    reductions per distinct width: the transformer's careful pass was 68 kernels. Over
+    one matrix each statistic is one row reduction and one small segment reduction of the
+    rows, whatever the widths. The padding is below one row a gradient; it adds zeros,
+    which the counts take back. A large gradient stays a block: XLA reduces one long
+    array in parallel, and a reduction over joined, padded pieces does not (the MLP's
+    finite pass took 2.9 ms over rows against 1.6 ms over blocks; the transformer's,
+    whose gradients are small, 1.1 ms against 1.3 ms)."""
+    if not groups.count or not in_xla_context():
+        return None
+    small, large = [], []
+    for k, group in enumerate(groups.groups):
+        width = group.matrix.shape[1]
+        if width is None or int(width) != group.dense_size or group.matrix.shape[0] is None:
+            return None  # a sparse gradient's row count is data-dependent
+        (small if group.dense_size <= XLA_ROW_MAX else large).append(k)
+    if not small:
+        return None
+
+    def subset(members):
+        chosen = tuple(groups.groups[k] for k in members)
+        return Groups(chosen, None, sum(len(g.positions) for g in chosen))
+
+    starts = np.cumsum([0] + [len(g.positions) for g in groups.groups])
+    joined = [j for k in small + large for j in range(starts[k], starts[k + 1])]
+    order = (None if joined == list(range(groups.count))
+             else graph_constant(np.argsort(joined).astype(np.int32), tf.int32))
+    rows = subset(small)
+    return XlaSplit(rows, _row_layout(rows), subset(large) if large else None, order)
+
+
+def _joined(groups: Groups, split: XlaSplit, from_rows: tf.Tensor, from_blocks: tf.Tensor | None
+            ) -> tf.Tensor:
+    """One statistic of the split's two parts (each in its joined order), in the groups' list order."""
+    parts = [from_rows] if from_blocks is None else [from_rows, from_blocks]
+    joined = tf.concat(parts, axis=graph_constant(0, tf.int32)) if len(parts) > 1 else parts[0]
+    if split.order is not None:
+        joined = tf.gather(joined, split.order)
+    return _in_list_order(groups, [joined])
 
 
 def _segment_sums(layout: RowLayout, row_values: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -281,9 +323,13 @@ def _segment_max(layout: RowLayout, row_values: tf.Tensor) -> tf.Tensor:
     return tf.maximum(largest, graph_constant(0.0))
 
 
+def _joined_sizes(groups: Groups) -> np.ndarray:
+    return np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
+
+
 def _full_stats_by_rows(groups: Groups, layout: RowLayout) -> GradStats:
-    """``full_stats`` over the row layout: the same statistics and the same scaling by
-    each gradient's largest finite magnitude, in a fixed few reductions."""
+    """``full_stats`` over a row layout (joined order): the same statistics and the same
+    scaling by each gradient's largest finite magnitude, in a fixed few reductions."""
     axis, zero, one = graph_constant(1, tf.int32), graph_constant(0.0), graph_constant(1.0)
     finite = tf.math.is_finite(layout.rows)
     magnitudes = tf.where(finite, tf.abs(layout.rows), zero)
@@ -295,17 +341,16 @@ def _full_stats_by_rows(groups: Groups, layout: RowLayout) -> GradStats:
         tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
         tf.reduce_sum(tf.cast(tf.not_equal(layout.rows, zero), tf.float32), axis=axis)])
     finite_count -= layout.padding  # the padding's zeros are finite entries
-    sizes = np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
-    size = tf.constant(sizes)
+    size = tf.constant(_joined_sizes(groups))
     none_finite = tf.equal(finite_count, zero) & (size > zero)
     nan = graph_constant(float("nan"))
-    return GradStats(*(_in_list_order(groups, [field]) for field in (
-        tf.where(none_finite, nan, scale * tf.sqrt(squares)),
-        tf.where(none_finite, nan, largest),
-        tf.where(none_finite, nan, scale * (sums / size)),
-        (size - nonzero) / size,
-        size - finite_count,
-    )))
+    return GradStats(
+        l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
+        max_abs=tf.where(none_finite, nan, largest),
+        mean_abs=tf.where(none_finite, nan, scale * (sums / size)),
+        zero_frac=(size - nonzero) / size,
+        nonfinite=size - finite_count,
+    )
 
 
 def full_stats(groups: Groups) -> GradStats:
@@ -313,13 +358,20 @@ def full_stats(groups: Groups) -> GradStats:
 
     Sums of magnitudes scaled by their maximum neither overflow (a row of 1e37s) nor
     underflow (squares of 1e-25s); this runs on steps whose cheap norm is inexact. Under
-    XLA over the padded rows of ``row_layout``, elsewhere over width blocks."""
+    XLA the smaller gradients are read as rows (``xla_split``), the rest by width blocks."""
     if not groups.count:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
-    layout = row_layout(groups)
-    if layout is not None:
-        return _full_stats_by_rows(groups, layout)
+    split = xla_split(groups)
+    if split is None:
+        return _full_stats_by_blocks(groups)
+    from_rows = _full_stats_by_rows(split.rows, split.layout)
+    from_blocks = _full_stats_by_blocks(split.blocks) if split.blocks is not None else None
+    return GradStats(*(_joined(groups, split, part, None if from_blocks is None else from_blocks[i])
+                       for i, part in enumerate(from_rows)))
+
+
+def _full_stats_by_blocks(groups: Groups) -> GradStats:
     blocks, row_of = _width_blocks(groups)
     axis, zero, one = graph_constant(1, tf.int32), graph_constant(0.0), graph_constant(1.0)
     reduced, sizes, stored = [], [], []
@@ -373,15 +425,23 @@ def full_stats(groups: Groups) -> GradStats:
 def group_max_abs(groups: Groups) -> tf.Tensor:
     """Returns [n] in list order: each dense gradient's largest magnitude, what the
     careful pass's zero check and the finite pass share. Under XLA one reduction of
-    ``abs`` per group (fused: one pass); else the larger of the row's max and minus its
-    min, two reductions with no temporary (``abs`` would write one). A NaN entry makes
-    it NaN or a number; either way its sum of squares is NaN, which settles nothing."""
+    ``abs`` per group or over the rows of ``xla_split`` (fused: one pass); else the
+    larger of the row's max and minus its min, two reductions with no temporary (``abs``
+    would write one). A NaN entry makes it NaN or a number; either way its sum of
+    squares is NaN, which settles nothing."""
     if not groups.count:
         return tf.zeros([0], tf.float32)
+    split = xla_split(groups)
+    if split is None:
+        return _max_abs_by_blocks(groups)
     axis = graph_constant(1, tf.int32)
-    layout = row_layout(groups)
-    if layout is not None:
-        return _in_list_order(groups, [_segment_max(layout, tf.reduce_max(tf.abs(layout.rows), axis=axis))])
+    from_rows = _segment_max(split.layout, tf.reduce_max(tf.abs(split.layout.rows), axis=axis))
+    return _joined(groups, split, from_rows,
+                   _max_abs_by_blocks(split.blocks) if split.blocks is not None else None)
+
+
+def _max_abs_by_blocks(groups: Groups) -> tf.Tensor:
+    axis = graph_constant(1, tf.int32)
     if in_xla_context():
         largest = [tf.reduce_max(tf.abs(g.matrix), axis=axis) for g in groups.groups]
     else:
@@ -398,30 +458,46 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor, max_abs: tf.Tensor | None = 
     ``abs`` and three reductions per group (two with ``max_abs``, ``group_max_abs``
     in list order, given), against about fourteen passes over the entries in
     ``full_stats`` (the window's sampled step runs this one). The divisions by each
-    gradient's size are one, after the groups are joined."""
+    gradient's size are one, after the groups are joined. Under XLA the smaller
+    gradients are read as rows (``xla_split``)."""
     if not groups.count:
         empty = tf.zeros([0], tf.float32)
         return GradStats(empty, empty, empty, empty, empty)
+    split = xla_split(groups)
+    if split is None:
+        largest, mean_abs, zero_frac = _finite_by_blocks(groups, max_abs is None)
+    else:
+        from_rows = _finite_by_rows(split.layout, _joined_sizes(split.rows), max_abs is None)
+        from_blocks = (_finite_by_blocks(split.blocks, max_abs is None) if split.blocks is not None
+                       else (None, None, None))
+        largest, mean_abs, zero_frac = (
+            None if rows is None else _joined(groups, split, rows, blocks)
+            for rows, blocks in zip(from_rows, from_blocks))
+    return GradStats(l2=tf.sqrt(sum_sq), max_abs=largest if max_abs is None else max_abs,
+                     mean_abs=mean_abs, zero_frac=zero_frac, nonfinite=tf.zeros_like(sum_sq))
+
+
+def _finite_by_rows(layout: RowLayout, sizes: np.ndarray, want_max: bool
+                    ) -> tuple[tf.Tensor | None, tf.Tensor, tf.Tensor]:
+    """(max_abs if wanted, mean_abs, zero_frac) in joined order, over a row layout."""
     axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
-    size = np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
-    layout = row_layout(groups)
-    if layout is not None:
-        magnitudes = tf.abs(layout.rows)
-        sum_abs, zeros = _segment_sums(layout, [
-            tf.reduce_sum(magnitudes, axis=axis),
-            tf.reduce_sum(tf.cast(tf.equal(layout.rows, zero), tf.float32), axis=axis)])
-        if max_abs is None:
-            max_abs = _in_list_order(groups, [_segment_max(layout, tf.reduce_max(magnitudes, axis=axis))])
-        size = tf.constant(size)
-        return GradStats(
-            l2=tf.sqrt(sum_sq), max_abs=max_abs,
-            mean_abs=_in_list_order(groups, [sum_abs / size]),
-            zero_frac=_in_list_order(groups, [(zeros - layout.padding) / size]),  # not the padding's
-            nonfinite=tf.zeros_like(sum_sq))
+    magnitudes = tf.abs(layout.rows)
+    sum_abs, zeros = _segment_sums(layout, [
+        tf.reduce_sum(magnitudes, axis=axis),
+        tf.reduce_sum(tf.cast(tf.equal(layout.rows, zero), tf.float32), axis=axis)])
+    size = tf.constant(sizes)
+    largest = _segment_max(layout, tf.reduce_max(magnitudes, axis=axis)) if want_max else None
+    # the padding's zeros are not the gradient's
+    return largest, sum_abs / size, (zeros - layout.padding) / size
+
+
+def _finite_by_blocks(groups: Groups, want_max: bool) -> tuple[tf.Tensor | None, tf.Tensor, tf.Tensor]:
+    """(max_abs if wanted, mean_abs, zero_frac) in list order, one reduction of each per group."""
+    axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
     largest, sum_abs, zeros = [], [], []
     for group in groups.groups:
         magnitudes = tf.abs(group.matrix)
-        if max_abs is None:
+        if want_max:
             largest.append(tf.reduce_max(magnitudes, axis=axis))
         sum_abs.append(tf.reduce_sum(magnitudes, axis=axis))
         counted = tf.reduce_sum(tf.cast(tf.equal(group.matrix, zero), tf.float32), axis=axis)
@@ -430,14 +506,10 @@ def finite_stats(groups: Groups, sum_sq: tf.Tensor, max_abs: tf.Tensor | None = 
             # a sparse gradient's untouched rows are zeros its matrix does not hold
             counted += float(group.dense_size) - tf.cast(tf.shape(group.matrix)[1], tf.float32)
         zeros.append(counted)
+    size = _joined_sizes(groups)
     size = tf.constant(size if groups.inverse is None else size[list(groups.inverse)])
-    return GradStats(
-        l2=tf.sqrt(sum_sq),
-        max_abs=_in_list_order(groups, largest) if max_abs is None else max_abs,
-        mean_abs=_in_list_order(groups, sum_abs) / size,
-        zero_frac=_in_list_order(groups, zeros) / size,
-        nonfinite=tf.zeros_like(sum_sq),
-    )
+    return (_in_list_order(groups, largest) if want_max else None,
+            _in_list_order(groups, sum_abs) / size, _in_list_order(groups, zeros) / size)
 
 
 def settled_by_zeros(sum_sq: tf.Tensor, max_abs: tf.Tensor) -> tf.Tensor:
