@@ -6,7 +6,9 @@ compile is mostly the kernels' code generation, ~20 ms a kernel, so the kernel c
 the jit-on one-off's measure that does not depend on how busy the machine is.
 
 Each fit runs in a fresh process (the log level and the dump directory are read when
-TensorFlow starts): plain, then ``GradientMonitor()`` with some probes' in-step work
+TensorFlow starts), timed without a dump (writing one takes seconds of its own: the
+transformer's monitored compile at 00ddba7 read 14.3 s with it, 8.7 s without) and counted in one
+more fit with it: plain, then ``GradientMonitor()`` with some probes' in-step work
 left out (``first_call_parts.leave_out``), a fit of 1,050 planned steps stopped after 3
 (the gate's fits: Keras's own step, which traces no in-step fold). The kernels are
 also counted per conditional branch of the step, labelled by the TensorFlow op names
@@ -142,22 +144,34 @@ def branch_kernels(computations, kernels, entry) -> list[tuple[str, int]]:
     return rows
 
 
-def measure(model_name: str, variant: str) -> tuple[float, int, int, list[tuple[str, int]]]:
-    """Runs one fit in a fresh process; returns (compile seconds, HLO instructions, kernels, per branch)."""
+def run_child(model_name: str, variant: str, dump: str | None) -> str:
+    """One fit in a fresh process; returns its log (stderr)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="device_compiler=1")
+    if dump is not None:
+        env["XLA_FLAGS"] = f"--xla_dump_to={dump} --xla_dump_hlo_as_text"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), HERE) if p)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", model_name, variant],
+                          env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return done.stderr
+
+
+def compile_seconds(model_name: str, variant: str) -> float:
+    """The XLA compile's seconds of one fit, without a dump (writing one takes seconds of its own)."""
+    compiles = [int(m.group(1)) for m in COMPILE_LINE.finditer(run_child(model_name, variant, None))]
+    if not compiles:
+        raise RuntimeError("no XLA compile logged")
+    return sum(compiles) / 1e6
+
+
+def kernels(model_name: str, variant: str) -> tuple[int, int, list[tuple[str, int]]]:
+    """(HLO instructions, kernels, kernels per branch) of the compiled step, from a dump."""
     with tempfile.TemporaryDirectory() as dump:
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="device_compiler=1",
-                   XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), HERE) if p)
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", model_name, variant],
-                              env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise RuntimeError(done.stderr[-3000:])
-        compiles = [int(m.group(1)) for m in COMPILE_LINE.finditer(done.stderr)]
-        if not compiles:
-            raise RuntimeError("no XLA compile logged:\n" + done.stderr[-3000:])
-        computations, kernels, entry = parse_module(dump)
+        run_child(model_name, variant, dump)
+        computations, names, entry = parse_module(dump)
         instructions = sum(len(lines) for lines in computations.values())
-        return sum(compiles) / 1e6, instructions, len(kernels), branch_kernels(computations, kernels, entry)
+        return instructions, len(names), branch_kernels(computations, names, entry)
 
 
 def main() -> None:
@@ -173,19 +187,18 @@ def main() -> None:
     if args.child:
         child(args.model, args.variant)
         return
-    plain = [measure(args.model, "plain") for _ in range(args.reps)]
-    plain_s = statistics.median(p[0] for p in plain)
+    plain_s = statistics.median(compile_seconds(args.model, "plain") for _ in range(args.reps))
+    plain = kernels(args.model, "plain")
     print(f"{args.model} jit on, plain: XLA compile {plain_s:.2f} s (median of {args.reps}), "
-          f"{plain[0][1]} HLO instructions, {plain[0][2]} kernels")
+          f"{plain[0]} HLO instructions, {plain[1]} kernels")
     for variant in args.variants.split("+"):
-        runs = [measure(args.model, variant) for _ in range(args.reps)]
-        seconds = statistics.median(r[0] for r in runs)
-        _, instructions, kernels, branches = runs[0]
+        seconds = statistics.median(compile_seconds(args.model, variant) for _ in range(args.reps))
+        instructions, count, branches = kernels(args.model, variant)
         print(f"  {variant}: XLA compile {seconds:.2f} s, extra {seconds - plain_s:+.2f} s; "
-              f"{instructions} HLO instructions ({instructions - plain[0][1]:+d}), "
-              f"{kernels} kernels ({kernels - plain[0][2]:+d})")
-        for label, count in branches:
-            print(f"      {label:45s} {count:4d} kernels")
+              f"{instructions} HLO instructions ({instructions - plain[0]:+d}), "
+              f"{count} kernels ({count - plain[1]:+d})")
+        for label, found in branches:
+            print(f"      {label:45s} {found:4d} kernels")
 
 
 if __name__ == "__main__":
