@@ -99,7 +99,8 @@ def test_under_xla_the_rare_passes_read_the_smaller_gradients_as_padded_rows():
     spike[0, 0] = 1e4
     spike[5, 5] = np.nan
     assert spike.size <= stats_lib.XLA_ROW_MAX < large.size
-    grads = [tf.constant(g) for g in (odd, large, broken, tiny, spike)]
+    bias = rng.normal(size=(64,)).astype("float32")  # a fourth width of the smaller ones
+    grads = [tf.constant(g) for g in (odd, large, broken, tiny, spike, bias)]
     groups = stats_lib.group_gradients(grads)
     assert groups.inverse is not None  # odd and tiny are one group: not in list order
 
@@ -114,13 +115,19 @@ def test_under_xla_the_rare_passes_read_the_smaller_gradients_as_padded_rows():
 
     full, finite, largest = passes(grads)
     _check(grads, full, rel=1e-6)
-    for k in (0, 1):  # the gradients whose sums of squares are exact
+    for k in (0, 1, 5):  # the gradients whose sums of squares are exact
         expected = np_stats(np.asarray(grads[k], np.float64))
         for field in FIELDS:
             assert float(getattr(finite, field)[k]) == pytest.approx(expected[field], rel=1e-6), (k, field)
         assert float(largest[k]) == expected["max_abs"]
     assert float(largest[3]) == pytest.approx(np.abs(tiny).max(), rel=1e-6)
     assert stats_lib.xla_split(groups) is None  # eagerly, outside XLA: the width blocks
+
+    @tf.function(jit_compile=True, autograph=False)
+    def three_widths(grads):  # the MLP's case: fewer widths than rows pay for
+        return stats_lib.xla_split(stats_lib.group_gradients(grads)) is None
+
+    assert three_widths(grads[:5])
 
 
 def test_nan_is_masked_under_xla_and_counted():

@@ -224,6 +224,10 @@ def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], 
 #: XLA_ROW_WIDTH entries of one matrix (``xla_split``); a larger one stays a block of its own.
 XLA_ROW_WIDTH = 256
 XLA_ROW_MAX = 65536
+#: ... when those smaller gradients have at least this many distinct widths: the rows
+#: take a fixed ~10 kernels, a width block a few. The MLP's three small widths stay
+#: blocks (rows gave it 3 kernels more and a sampled step ~0.5 ms slower under XLA).
+XLA_ROWS_MIN_WIDTHS = 4
 
 
 class RowLayout(NamedTuple):
@@ -265,9 +269,10 @@ def _row_layout(groups: Groups) -> RowLayout:
 def xla_split(groups: Groups) -> XlaSplit | None:
     """Under XLA, the dense groups' gradients of up to ``XLA_ROW_MAX`` entries as rows of
     one ``[R, XLA_ROW_WIDTH]`` matrix, each padded with zeros to whole rows, and the larger
-    ones as blocks of their own; None elsewhere, with a sparse group, or with no small one.
+    ones as blocks of their own; None elsewhere, with a sparse group, or with fewer than
+    ``XLA_ROWS_MIN_WIDTHS`` distinct widths among the smaller ones.
 
-    XLA generates machine code for each reduction it keeps (~20 ms a kernel at the first
+    XLA generates machine code for each reduction it keeps (~22 ms a kernel at the first
     call here, ``benchmarks/xla_compile.py``), and a pass over width blocks takes a few
     reductions per distinct width: the transformer's careful pass was 68 kernels. Over
     one matrix each statistic is one row reduction and one small segment reduction of the
@@ -284,7 +289,7 @@ def xla_split(groups: Groups) -> XlaSplit | None:
         if width is None or int(width) != group.dense_size or group.matrix.shape[0] is None:
             return None  # a sparse gradient's row count is data-dependent
         (small if group.dense_size <= XLA_ROW_MAX else large).append(k)
-    if not small:
+    if len({groups.groups[k].dense_size for k in small}) < XLA_ROWS_MIN_WIDTHS:
         return None
 
     def subset(members):
