@@ -332,6 +332,35 @@ def _joined_sizes(groups: Groups) -> np.ndarray:
     return np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
 
 
+def _scaled_row_sums(matrix: tf.Tensor, finite: tf.Tensor, magnitudes: tf.Tensor, row_scale: tf.Tensor
+                     ) -> list[tf.Tensor]:
+    """The careful pass's four sums of each row of ``matrix``: squares and sum of its finite
+    magnitudes divided by the row's scale, its finite entries, its entries not zero."""
+    axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
+    scaled = magnitudes / tf.expand_dims(row_scale, axis)
+    return [tf.reduce_sum(tf.square(scaled), axis=axis), tf.reduce_sum(scaled, axis=axis),
+            tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
+            tf.reduce_sum(tf.cast(tf.not_equal(matrix, zero), tf.float32), axis=axis)]
+
+
+def _careful_stats(largest, scale, squares, sums, finite_count, nonzero, size, entries) -> GradStats:
+    """The careful pass's statistics from its per-gradient figures (``size``: dense entries,
+    ``entries``: the entries stored, fewer for a sparse gradient)."""
+    # a norm over no finite entry is NaN, never 0: an all-NaN gradient is not a tiny one
+    none_finite = tf.equal(finite_count, graph_constant(0.0)) & (entries > graph_constant(0.0))
+    nan = graph_constant(float("nan"))
+    return GradStats(
+        l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
+        max_abs=tf.where(none_finite, nan, largest),
+        # divided before scaled: 64 entries of 1e37 sum past float32's range
+        mean_abs=tf.where(none_finite, nan, scale * (sums / size)),
+        # the stored entries not zero are all that is not zero: a sparse gradient's
+        # untouched rows are zeros its matrix does not hold
+        zero_frac=(size - nonzero) / size,
+        nonfinite=entries - finite_count,
+    )
+
+
 def _full_stats_by_rows(groups: Groups, layout: RowLayout) -> GradStats:
     """``full_stats`` over a row layout (joined order): the same statistics and the same
     scaling by each gradient's largest finite magnitude, in a fixed few reductions."""
@@ -340,22 +369,11 @@ def _full_stats_by_rows(groups: Groups, layout: RowLayout) -> GradStats:
     magnitudes = tf.where(finite, tf.abs(layout.rows), zero)
     largest = _segment_max(layout, tf.reduce_max(magnitudes, axis=axis))
     scale = tf.where(largest > zero, largest, one)
-    scaled = magnitudes / tf.expand_dims(tf.gather(scale, layout.segments), axis)
-    squares, sums, finite_count, nonzero = _segment_sums(layout, [
-        tf.reduce_sum(tf.square(scaled), axis=axis), tf.reduce_sum(scaled, axis=axis),
-        tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
-        tf.reduce_sum(tf.cast(tf.not_equal(layout.rows, zero), tf.float32), axis=axis)])
+    squares, sums, finite_count, nonzero = _segment_sums(layout, _scaled_row_sums(
+        layout.rows, finite, magnitudes, tf.gather(scale, layout.segments)))
     finite_count -= layout.padding  # the padding's zeros are finite entries
     size = tf.constant(_joined_sizes(groups))
-    none_finite = tf.equal(finite_count, zero) & (size > zero)
-    nan = graph_constant(float("nan"))
-    return GradStats(
-        l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
-        max_abs=tf.where(none_finite, nan, largest),
-        mean_abs=tf.where(none_finite, nan, scale * (sums / size)),
-        zero_frac=(size - nonzero) / size,
-        nonfinite=size - finite_count,
-    )
+    return _careful_stats(largest, scale, squares, sums, finite_count, nonzero, size, size)
 
 
 def full_stats(groups: Groups) -> GradStats:
@@ -385,11 +403,7 @@ def _full_stats_by_blocks(groups: Groups) -> GradStats:
         magnitudes = tf.where(finite, tf.abs(matrix), zero)
         largest = tf.reduce_max(magnitudes, axis=axis)
         scale = tf.where(largest > zero, largest, one)
-        scaled = magnitudes / tf.expand_dims(scale, axis)
-        reduced.append(tf.stack([
-            largest, scale, tf.reduce_sum(tf.square(scaled), axis=axis), tf.reduce_sum(scaled, axis=axis),
-            tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
-            tf.reduce_sum(tf.cast(tf.not_equal(matrix, zero), tf.float32), axis=axis)]))
+        reduced.append(tf.stack([largest, scale] + _scaled_row_sums(matrix, finite, magnitudes, scale)))
         sizes += [float(g.dense_size) for g in members for _ in g.positions]
         rows = sum(len(g.positions) for g in members)
         width = matrix.shape[1]
@@ -410,21 +424,9 @@ def _full_stats_by_blocks(groups: Groups) -> GradStats:
     if row_of is not None:
         joined = tf.gather(joined, graph_constant(row_of, tf.int32), axis=axis)
         sizes = [sizes[r] for r in row_of]
-    largest, scale, squares, magnitudes, finite_count, nonzero = tf.unstack(joined, num=6)
+    largest, scale, squares, sums, finite_count, nonzero = tf.unstack(joined, num=6)
     size = tf.constant(sizes, tf.float32)
-    # a norm over no finite entry is NaN, never 0: an all-NaN gradient is not a tiny one
-    none_finite = tf.equal(finite_count, zero) & (entries > zero)
-    nan = graph_constant(float("nan"))
-    return GradStats(
-        l2=tf.where(none_finite, nan, scale * tf.sqrt(squares)),
-        max_abs=tf.where(none_finite, nan, largest),
-        # divided before scaled: 64 entries of 1e37 sum past float32's range
-        mean_abs=tf.where(none_finite, nan, scale * (magnitudes / size)),
-        # the stored entries not zero are all that is not zero: a sparse gradient's
-        # untouched rows are zeros its matrix does not hold
-        zero_frac=(size - nonzero) / size,
-        nonfinite=entries - finite_count,
-    )
+    return _careful_stats(largest, scale, squares, sums, finite_count, nonzero, size, entries)
 
 
 def group_max_abs(groups: Groups) -> tf.Tensor:
