@@ -54,7 +54,7 @@ import tensorflow as tf
 
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.array_ops import graph_constant
-from gradwatch._capture.keras_internals import cond, replica_variable, run_function
+from gradwatch._capture.keras_internals import cond, in_xla_context, replica_variable, run_function
 from gradwatch._interpret.probe_layout import (
     EARLY_SNAPSHOTS,
     LOG10_LOW,
@@ -359,15 +359,28 @@ class UpdateProbe:
 
             starts = split(snap[small_total:])
             flat_grads = split(grads[small_total:]) if flat else None
-            halves, dots = [], []
+            xla = in_xla_context()
+            halves, dots, stacked_sums = [], [], []
             for j, position in enumerate(large):
                 k = self._order[position]
                 grad = flat_grads[j] if flat else self._grad_vector(grads, k)
                 delta = self._weight_vector(k) - starts[j]
+                if xla:
+                    # XLA's CPU backend splits each long reduction into a chain of
+                    # reduce-windows, a generated kernel per link (~20 ms of compile
+                    # each): the four sums of a variable as one [4, size] reduction
+                    # share one chain (its squares were written out apart anyway)
+                    stacked_sums.append(tf.reduce_sum(
+                        tf.stack([tf.square(delta), delta * grad, tf.square(grad), tf.square(starts[j])]),
+                        axis=entry_axis))
+                    continue
                 halves.append(tf.stack([tf.nn.l2_loss(delta), tf.nn.l2_loss(grad), tf.nn.l2_loss(starts[j])]))
                 dots.append(tf.reduce_sum(delta * grad))
-            du, g2, w2 = tf.unstack(graph_constant(2.0) * tf.stack(halves, axis=1), num=3)
-            parts.append(tf.stack([du, tf.stack(dots), g2, w2]))
+            if xla:
+                parts.append(tf.stack(stacked_sums, axis=1))
+            else:
+                du, g2, w2 = tf.unstack(graph_constant(2.0) * tf.stack(halves, axis=1), num=3)
+                parts.append(tf.stack([du, tf.stack(dots), g2, w2]))
         joined = tf.concat(parts, axis=entry_axis) if len(parts) > 1 else parts[0]
         return tf.gather(joined, graph_constant(self._unorder, tf.int32), axis=entry_axis)
 
