@@ -18,14 +18,15 @@ from types import ModuleType
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(revision: str) -> ModuleType:
-    """Returns the package ``gradwatch`` of git ``revision``, imported as ``gradwatch_base``.
+def load(revision: str, name: str = "gradwatch_base") -> ModuleType:
+    """Returns the package ``gradwatch`` of git ``revision``, imported as ``name``.
 
     Args:
         revision: a git revision of this repository (a commit, ``HEAD~3``, a tag).
+        name: the package name of this copy (several copies may live in one process).
 
     Returns:
-        The imported ``gradwatch_base`` package (its own TensorFlow variables and files).
+        The imported package (its own TensorFlow variables and files).
     """
     target = tempfile.mkdtemp(prefix="gradwatch-baseline-")
     archive = subprocess.run(["git", "-C", _ROOT, "archive", "--format=tar", revision, "gradwatch"],
@@ -35,16 +36,16 @@ def load(revision: str) -> ModuleType:
         f.write(archive)
     with tarfile.open(archive_path) as tar:
         tar.extractall(target, filter="data")
-    package = os.path.join(target, "gradwatch_base")
+    package = os.path.join(target, name)
     os.rename(os.path.join(target, "gradwatch"), package)
     for folder, _, files in os.walk(package):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
+        for file_name in files:
+            if file_name.endswith(".py"):
+                path = os.path.join(folder, file_name)
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
-                text = re.sub(r"\bgradwatch(\.|\s+import\b)", r"gradwatch_base\1", text)
+                text = re.sub(r"\bgradwatch(\.|\s+import\b)", name + r"\1", text)
                 with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
     sys.path.insert(0, target)
-    return importlib.import_module("gradwatch_base")
+    return importlib.import_module(name)

@@ -67,7 +67,9 @@ class Run(NamedTuple):
     kinds: list
 
 
-def main():
+def main(argv=None, extra=None):
+    """``extra(log_root, internal)``: more configurations ({name: a function that makes
+    the fit's callbacks}), chosen like the others with ``--configs`` (step_parts.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--configs", default="gradwatch",
@@ -81,12 +83,14 @@ def main():
                         help="also run gradwatch's defaults as of git revision REV ('baseline')")
     parser.add_argument("--full", action="store_true",
                         help="no lean step in any configuration (as in overhead.py's 1,050-step fits)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     batch_size = 128
     x, y = make_data(args.model, 64 * batch_size)
     log_root = tempfile.mkdtemp(prefix="gradwatch-ab-")
     internal = dataclasses.replace(LONG_RUN, lean_steps=False) if args.full else LONG_RUN
     available = configurations(log_root, (x[:batch_size], y[:batch_size]), internal=internal)
+    if extra is not None:
+        available.update(extra(log_root, internal))
     if args.baseline:
         available["baseline"] = baseline_configuration(args.baseline, log_root, lean=not args.full)
     names = ["plain"] + ([CONTROL] if args.control else []) + (["baseline"] if args.baseline else []) + [
