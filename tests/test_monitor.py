@@ -599,6 +599,36 @@ def test_a_failing_write_is_raised_not_lost(log_dir, monkeypatch):
                   callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=2)])
 
 
+@pytest.mark.parametrize("log_every,steps_per_execution,folds", [
+    (4, 1, False),     # the host reads every 4 steps, the buffer holds 16: no fold traced
+    (300, 1, True),    # the buffer (at most 256 rows) could fill before a read
+    (4, 4, True),      # the host sees one step in 4: it cannot count them in time
+])
+def test_a_fit_whose_host_reads_in_time_traces_no_fold_of_a_full_buffer(log_dir, monkeypatch, log_every,
+                                                                        steps_per_execution, folds):
+    """A short fit (no lean step) whose host sees every step end reads before the step
+    buffer fills: its step traces no in-step fold (under jit_compile that branch was ~3 s of
+    a short fit's XLA compile), and every step is still written."""
+    from gradwatch._capture import accumulate
+
+    traced = []
+    original = accumulate.StepBuffer.fold_rows
+
+    def counted(self, count):
+        traced.append(count)
+        return original(self, count)
+
+    monkeypatch.setattr(accumulate.StepBuffer, "fold_rows", counted)
+    x, y = make_data(n=96)
+    model = make_mlp()
+    model.compile(keras.optimizers.SGD(LR), "mse", steps_per_execution=steps_per_execution)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[gw.GradientMonitor(log_dir=log_dir, log_every=log_every)])
+    assert bool(traced) == folds
+    ref_steps, ref_losses = reference_run(make_mlp, x, y, 8)
+    check_against_reference(log_dir, ref_steps, ref_losses)
+
+
 def test_many_runs_in_one_process_raise_no_retracing_warning(tmp_path):
     """Each run's functions are traced once; training several models in one process
     (the demo, a hyperparameter loop) is not "excessive retracing"."""

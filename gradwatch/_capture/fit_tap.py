@@ -148,20 +148,26 @@ def planned_steps(params: dict[str, Any]) -> int | None:
     return steps * (epochs - int(params.get("initial_epoch", 0) or 0)) if steps and epochs else None
 
 
-def lean_eligible(params: dict[str, Any], model: Any, buffered: bool, min_steps: int) -> bool:
-    """Returns whether a fit traces a lean step beside the full one: Keras's own
+def host_counts_steps(model: Any, buffered: bool) -> bool:
+    """Returns whether the host sees every step of a fit as it ends: Keras's own
     ``train_step`` (one observation per step: a custom one may apply several
     optimizers, or one several times, and fill the step buffer faster than the host
-    counts), one step per
-    train-function call (the host then knows every step's place in its window), one
-    replica (rows are buffered), and a fit not known to be shorter than ``min_steps``
-    (the lean trace is a second trace of the whole train step)."""
-    planned = planned_steps(params)
+    counts), one step per train-function call (the host then knows every step's place
+    in its window), one replica (rows are buffered), and compiled steps. Such a fit's
+    host reads before its step buffer fills, so its steps trace no fold of a full buffer
+    (``Recorder.observe(fold_when_full=False)``)."""
     return (buffered
             and not internals.has_custom_train_step(model)
             and int(getattr(model, "steps_per_execution", 1) or 1) == 1
-            and not getattr(model, "run_eagerly", False)
-            and (planned is None or planned >= min_steps))
+            and not getattr(model, "run_eagerly", False))
+
+
+def lean_eligible(params: dict[str, Any], model: Any, buffered: bool, min_steps: int) -> bool:
+    """Returns whether a fit traces a lean step beside the full one: the host counts
+    its steps (``host_counts_steps``), and the fit is not known to be shorter than
+    ``min_steps`` (the lean trace is a second trace of the whole train step)."""
+    planned = planned_steps(params)
+    return host_counts_steps(model, buffered) and (planned is None or planned >= min_steps)
 
 
 def fit_run_info(model: Any, optimizer: Any, strategy: Any,
