@@ -36,8 +36,8 @@ browser-deps:
 	fi
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures run once):
-# 753 tests in 9 min 13 s here (clean clone of 1c61b10, 2026-12-07, a slow day of a 2-core VM
-# slower than 2026-12-06's, where they took 6 min 0 s; 13 min in one process on 2026-12-03).
+# 756 tests in 8 min 7 s here (clean clone of 691e699, 2026-12-07, 2 cores of a slower VM than
+# 2026-12-06's 6 min 0 s; 13 min in one process on 2026-12-03).
 test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
