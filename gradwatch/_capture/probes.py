@@ -230,6 +230,21 @@ class UnitProbe:
         """In-graph, for the recorder's single read: the counters (nothing is reset)."""
         return self.zero_run.read_value(), self.silent.read_value()
 
+def _four_sums(delta: tf.Tensor, grad: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
+    """[4]: the sums of delta**2, delta * grad, grad**2 and start**2 of one variable.
+
+    Under XLA one reduction of the four terms stacked: XLA's CPU backend splits each long
+    reduction into a chain of reduce-windows, a generated kernel per link (~20 ms of
+    compile each), and the stacked terms share one chain (each square was written out
+    whole anyway). Elsewhere ``L2Loss`` (half a sum of squares, one pass, no squared
+    copy) and a dot product."""
+    if in_xla_context():
+        return tf.reduce_sum(tf.stack([tf.square(delta), delta * grad, tf.square(grad), tf.square(start)]),
+                             axis=graph_constant(1, tf.int32))
+    return graph_constant([2.0, 1.0, 2.0, 2.0]) * tf.stack(
+        [tf.nn.l2_loss(delta), tf.reduce_sum(delta * grad), tf.nn.l2_loss(grad), tf.nn.l2_loss(start)])
+
+
 class UpdateProbe:
     """Update/weight ratio and update direction, on sampled intervals (see the module docstring).
 
@@ -350,7 +365,7 @@ class UpdateProbe:
         large = list(range(self._small, len(self._order)))
         if large:
             # one split of the snapshot (and of a flat gradient), then per variable a few
-            # ops: L2Loss (half a sum of squares, one op) and a dot product. Its slices
+            # ops (``_four_sums``). Its slices
             # and four stacked sums were ~75 ops a variable, 1,842 of the 24-layer net's
             # trace (eighth session)
             sizes = graph_constant([int(self._offsets[p + 1] - self._offsets[p]) for p in large], tf.int32)
@@ -359,28 +374,12 @@ class UpdateProbe:
 
             starts = split(snap[small_total:])
             flat_grads = split(grads[small_total:]) if flat else None
-            xla = in_xla_context()
-            halves, dots, stacked_sums = [], [], []
+            sums = []
             for j, position in enumerate(large):
                 k = self._order[position]
                 grad = flat_grads[j] if flat else self._grad_vector(grads, k)
-                delta = self._weight_vector(k) - starts[j]
-                if xla:
-                    # XLA's CPU backend splits each long reduction into a chain of
-                    # reduce-windows, a generated kernel per link (~20 ms of compile
-                    # each): the four sums of a variable as one [4, size] reduction
-                    # share one chain (its squares were written out apart anyway)
-                    stacked_sums.append(tf.reduce_sum(
-                        tf.stack([tf.square(delta), delta * grad, tf.square(grad), tf.square(starts[j])]),
-                        axis=entry_axis))
-                    continue
-                halves.append(tf.stack([tf.nn.l2_loss(delta), tf.nn.l2_loss(grad), tf.nn.l2_loss(starts[j])]))
-                dots.append(tf.reduce_sum(delta * grad))
-            if xla:
-                parts.append(tf.stack(stacked_sums, axis=1))
-            else:
-                du, g2, w2 = tf.unstack(graph_constant(2.0) * tf.stack(halves, axis=1), num=3)
-                parts.append(tf.stack([du, tf.stack(dots), g2, w2]))
+                sums.append(_four_sums(self._weight_vector(k) - starts[j], grad, starts[j]))
+            parts.append(tf.stack(sums, axis=1))
         joined = tf.concat(parts, axis=entry_axis) if len(parts) > 1 else parts[0]
         return tf.gather(joined, graph_constant(self._unorder, tf.int32), axis=entry_axis)
 
