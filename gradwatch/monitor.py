@@ -126,7 +126,6 @@ class GradientMonitor(keras.callbacks.Callback):
         self._next_step: int | None = None  # the in-graph number of the next step
         self._update_pending = False
         self._tracing_lean = False  # read by the tap while a train function traces
-        self._host_counts_steps = False  # the host sees each step end (set at on_train_begin)
         self._in_batch = False  # on_train_batch_begin ran since the last train-function call
         self._stepped = False  # a train-function call ran since on_train_begin
         self._in_call = False  # the guard runs the monitor's train function now
@@ -176,7 +175,6 @@ class GradientMonitor(keras.callbacks.Callback):
         internals.retrace_train_function(model)
         full_function = model.train_function
         self._lean_function = None
-        self._host_counts_steps = fit_tap.host_counts_steps(model, self._single_replica)
         self._lean = fit_tap.LeanDecision(always=not self._internal.lean_break_even)
         if self._lean_eligible(model):
             # a second trace of the same step, traced with the lean flag set
@@ -337,7 +335,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # steps, before its buffer fills: no fold of a full buffer in its steps (that fold,
         # a few hundred ops in a branch never taken, cost a short fit's first call ~3 s of
         # XLA compile under jit_compile; benchmarks/README.md, twelfth session)
-        reads_in_time = (self._host_counts_steps
+        reads_in_time = (fit_tap.host_counts_steps(self.model, self._single_replica)
                          and self._parts.recorder.capacity > self.options.log_every)
         return fit_tap.observe_and_apply(self._parts.recorder, optimizer, self.model,
                                          self.options.on_nonfinite, self._tracing_lean, original_apply,
