@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import statistics
@@ -30,20 +31,31 @@ import tensorflow as tf  # noqa: E402
 from overhead import BATCH_SIZE, MODELS, dataset  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
-from gradwatch._capture import probes  # noqa: E402
 
 logging.getLogger("gradwatch").setLevel(logging.ERROR)
 STEPS = 60
 
 
-def leave_out(parts: set[str]) -> None:
-    """Replaces the in-step work of the named probes by nothing (this process only)."""
+#: the parts ``leave_out`` takes
+PARTS = ("no-update", "no-histogram", "no-unit", "no-rare")
+
+
+def leave_out(parts: set[str], package: str = "gradwatch") -> None:
+    """Replaces the in-step work of the named parts by nothing (this process only), in
+    ``package`` (gradwatch, or a copy of another revision: ``baseline.load``): the update
+    measure, the histograms, the unit probe, the rare passes (the conditional finite and
+    careful passes over the gradients)."""
+    probes = importlib.import_module(f"{package}._capture.probes")
     if "no-update" in parts:
         probes.UpdateProbe.measure_after_update = lambda self, grads: tf.constant(0)
     if "no-histogram" in parts:
         probes.HistogramProbe.record = lambda self, step: None
     if "no-unit" in parts:
         probes.UnitProbe.record = lambda self, step: None
+    if "no-rare" in parts:
+        measure = importlib.import_module(f"{package}._capture.measure")
+        measure._DensePasses.rare = lambda self, squares, sampled: (tf.zeros([5 * self.count]),
+                                                                    tf.constant(False))
 
 
 class FirstCall(keras.callbacks.Callback):
@@ -74,11 +86,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("jit", choices=["off", "on"])
-    parser.add_argument("variant", help="full, or a comma-separated set of no-update, no-histogram, no-unit")
+    parser.add_argument("variant", help="full, or a comma-separated set of " + ", ".join(PARTS))
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
     parts = set(args.variant.split(",")) - {"full"}
-    unknown = parts - {"no-update", "no-histogram", "no-unit"}
+    unknown = parts - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
     leave_out(parts)

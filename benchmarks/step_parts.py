@@ -38,20 +38,11 @@ import baseline  # noqa: E402
 import keras  # noqa: E402
 import step_ab  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from first_call_parts import leave_out  # noqa: E402
 
-#: part -> the patch that leaves its in-step work out of a package copy
-PARTS = {
-    "rare passes": lambda pkg: setattr(
-        importlib.import_module(f"{pkg}._capture.measure")._DensePasses, "rare",
-        lambda self, squares, sampled: (tf.zeros([5 * self.count]), tf.constant(False))),
-    "update measure": lambda pkg: setattr(
-        importlib.import_module(f"{pkg}._capture.probes").UpdateProbe, "measure_after_update",
-        lambda self, grads: tf.constant(0)),
-    "histograms": lambda pkg: setattr(
-        importlib.import_module(f"{pkg}._capture.probes").HistogramProbe, "record", lambda self, step: None),
-    "unit probe": lambda pkg: setattr(
-        importlib.import_module(f"{pkg}._capture.probes").UnitProbe, "record", lambda self, step: None),
-}
+#: part -> its name in ``first_call_parts.leave_out``
+PARTS = {"rare passes": "no-rare", "update measure": "no-update", "histograms": "no-histogram",
+         "unit probe": "no-unit"}
 ALL = "all four"
 
 
@@ -86,8 +77,7 @@ def extra_configurations(revision: str, parts: list[str]):
         for k, part in enumerate(parts):
             name = f"gradwatch_part{k}"
             package = baseline.load(revision, name)
-            for patched in (PARTS if part == ALL else [part]):
-                PARTS[patched](name)
+            leave_out(set(PARTS.values()) if part == ALL else {PARTS[part]}, name)
             options = importlib.import_module(f"{name}._internal_options")
             copied = options.InternalOptions(lean_steps=False, lean_min_steps=0, lean_break_even=False)
 
