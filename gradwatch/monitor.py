@@ -322,9 +322,10 @@ class GradientMonitor(keras.callbacks.Callback):
             return original_apply(grads, trainable_variables)
         if self._active and self._parts.waiting:
             self._parts.bind_in_trace()  # the first traced step: the variables exist now
-            with tf.init_scope():
-                self._after_bind()
-                self._snapshot_if_due()
+            if self._parts.bound:  # else nothing to watch: the monitor stays idle
+                with tf.init_scope():
+                    self._after_bind()
+                    self._snapshot_if_due()
         if not self._active or not self._parts.bound:
             # A tap left behind by an interrupted process is a pass-through.
             return original_apply(grads, trainable_variables)

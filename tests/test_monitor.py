@@ -910,3 +910,39 @@ def test_lean_pays_once_its_saving_reaches_its_trace():
     open_ended._times = [1.0] + [0.01] * fit_tap.LEAN_TIMED_STEPS
     assert not open_ended.decide(1480, {"steps": None, "epochs": 1})
     assert open_ended.decide(10, {"steps": None, "epochs": 1})
+
+
+def test_a_model_keras_sees_no_variables_of_trains_unwatched_as_without_the_monitor(tmp_path):
+    # raw tf.Variables a model holds in a list are not Keras's: the model has no trainable
+    # variables, so the monitor stays idle (and says so), while the model's own
+    # train_step still applies its optimizer, which the monitor has tapped. The fit runs
+    # as it would without the monitor (it raised at the first step before).
+    def run(callbacks):
+        w = tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
+
+        class Raw(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.raw = [w]
+
+            def call(self, x):
+                return x
+
+            def train_step(self, data):
+                x, y = data
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean((tf.matmul(x, w) - y) ** 2)
+                self.optimizer.apply_gradients([(tape.gradient(loss, w), w)])
+                return {"loss": loss}
+
+        model = Raw()
+        assert not model.trainable_variables
+        model.compile(keras.optimizers.SGD(0.1))
+        x = np.ones((8, 2), np.float32)
+        y = np.zeros((8, 3), np.float32)
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=callbacks)
+        return w.numpy()
+
+    with pytest.warns(UserWarning, match="no trainable variables"):
+        watched = run([gw.GradientMonitor(str(tmp_path / "run"))])
+    np.testing.assert_array_equal(watched, run([]))
