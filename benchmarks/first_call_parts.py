@@ -47,7 +47,7 @@ def leave_out(parts: set[str], package: str = "gradwatch") -> None:
     careful passes over the gradients)."""
     probes = importlib.import_module(f"{package}._capture.probes")
     if "no-update" in parts:
-        probes.UpdateProbe.measure_after_update = lambda self, grads: tf.constant(0)
+        probes.UpdateProbe.measure_after_update = lambda self, grads, pieces=(): tf.constant(0)
     if "no-histogram" in parts:
         probes.HistogramProbe.record = lambda self, step: None
     if "no-unit" in parts:

@@ -651,11 +651,121 @@ def test_histogram_rows_offset_alike_with_lengths_known_or_not():
     expected[slots] = _numpy_log_counts(vectors, weights, 0.5)
 
     def count(*flats):
-        return probes.HistogramProbe._log_counts(dict(zip(slots, flats)), dict(zip(slots, weights)), 8,
-                                                 tf.constant(0.5))
+        pieces = [probes.Piece(tf.reshape(flat, [1, -1]), (slot,), weight)
+                  for flat, slot, weight in zip(flats, slots, weights)]
+        return probes.HistogramProbe._log_counts(pieces, 8, tf.constant(0.5))
 
     known = tf.function(count)(*[tf.constant(v) for v in vectors])
     unknown = tf.function(count, input_signature=[tf.TensorSpec([None], tf.float32)] * len(vectors))(
         *[tf.constant(v) for v in vectors])
     np.testing.assert_array_equal(known.numpy(), expected)
     np.testing.assert_array_equal(unknown.numpy(), expected)
+
+
+@pytest.mark.fast
+def test_histogram_rows_of_stacked_pieces_count_as_their_variables():
+    # the step hands the histogram its stacked groups (pieces_of): each row is its slot's
+    # vector. Rows of 2- and 3-row pieces beside a one-row piece, in an order that is not
+    # the slots', with a sampled piece's weight; lengths known when traced or not
+    rng = np.random.default_rng(5)
+    stacked = rng.normal(0, 1e-2, (3, 40)).astype(np.float32)
+    stacked[1, :7] = 0.0
+    pair = np.stack([rng.normal(0, 1e3, 25),
+                     np.r_[rng.normal(0, 1e-6, 23), np.nan, -np.inf]]).astype(np.float32)
+    single = rng.normal(0, 1, 60).astype(np.float32)
+    pieces = [(stacked, (4, 0, 6), 1.0), (single, (2,), 3.0), (pair, (5, 1), 2.0)]
+    expected = np.zeros((7, probes.NUM_LOG_BUCKETS + 2))
+    for matrix, slots, weight in pieces:
+        rows = np.reshape(matrix, (len(slots), -1))
+        expected[list(slots)] = _numpy_log_counts(list(rows), [weight] * len(slots), 0.25)
+
+    def count(*matrices):
+        given = [probes.Piece(tf.reshape(m, [len(slots), -1]), slots, weight)
+                 for m, (_, slots, weight) in zip(matrices, pieces)]
+        return probes.HistogramProbe._log_counts(given, 7, tf.constant(0.25))
+
+    tensors = [tf.constant(matrix) for matrix, _, _ in pieces]
+    known = tf.function(count)(*tensors)
+    unknown = tf.function(count, input_signature=[tf.TensorSpec(None, tf.float32)] * len(pieces))(*tensors)
+    np.testing.assert_array_equal(known.numpy(), expected)
+    np.testing.assert_array_equal(unknown.numpy(), expected)
+
+
+@pytest.mark.parametrize("fit", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_update_measure_of_equal_sizes_in_other_shapes_matches_numpy(tmp_path, jit, fit):
+    # the step's stacked gradients (one group per shape) become the measure's size
+    # blocks: variables of one size in three shapes, interleaved in slot order, a repeated
+    # shape, a sparse gradient (its own row), a variable without a gradient and one over
+    # STACK_LIMIT. SGD moves each by lr x its gradient, so every ratio is lr |g| / |w0|
+    # with cosine 1 (snapshot at step 1: Watch measures at step 2 with step 1's gradient
+    # kept, fit right after step 1's update)
+    rng = np.random.default_rng(8)
+    shapes = {"a": (4, 4), "b": (16,), "table": (10, 4), "c": (4, 4), "unused": (16,), "d": (2, 8),
+              "e": (16,), "f": (3,), "big": (140, 130)}
+    values = {name: rng.normal(size=shape).astype("float32") for name, shape in shapes.items()}
+    order = list(shapes)
+    lr = 0.05
+    ids = tf.constant([1, 3, 3, 7])
+
+    def loss_of(held):
+        terms = [tf.reduce_sum(tf.sin(tf.convert_to_tensor(held[name]) * (k + 1.0)))
+                 for k, name in enumerate(order) if name not in ("table", "unused")]
+        return tf.add_n(terms) + tf.reduce_sum(tf.gather(held["table"], ids) ** 2)
+
+    start = {name: tf.Variable(value, name=name) for name, value in values.items()}
+    with tf.GradientTape() as tape:
+        loss = loss_of(start)
+    first = tape.gradient(loss, [start[name] for name in order])
+    assert isinstance(first[order.index("table")], tf.IndexedSlices) and first[order.index("unused")] is None
+    expected = {name: lr * np.linalg.norm(tf.convert_to_tensor(g).numpy()) / np.linalg.norm(values[name])
+                for name, g in zip(order, first) if g is not None}
+
+    if fit:
+        class Toy(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.held = {}
+                for name in order:
+                    self.held[name] = self.add_weight(shape=shapes[name], initializer="zeros", name=name)
+                    self.held[name].assign(values[name])
+
+            def call(self, x):
+                return x
+
+            def train_step(self, data):
+                variables = [self.held[name] for name in order]
+                with tf.GradientTape() as tape:
+                    loss = loss_of(self.held)
+                grads = tape.gradient(loss, variables)
+                self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+                return {"loss": loss}
+
+        model = Toy()
+        model.compile(keras.optimizers.SGD(lr), jit_compile=jit)
+        log_dir = str(tmp_path / "fit")
+        model.fit(np.zeros((4, 1), np.float32), epochs=1, batch_size=1, verbose=0,
+                  callbacks=[gw.GradientMonitor(log_dir, log_every=4, histogram_every=0)])
+    else:
+        watched = [start[name] for name in order]
+
+        @tf.function(jit_compile=jit)
+        def step():
+            with tf.GradientTape() as tape:
+                loss = loss_of(start)
+            grads = watch.observe(tape.gradient(loss, watched), watched)
+            for var, g in zip(watched, grads):
+                if g is not None:
+                    var.assign_sub(lr * tf.convert_to_tensor(g))
+
+        log_dir = str(tmp_path / "loop")
+        with gw.Watch(log_dir, log_every=4, histogram_every=0) as watch:
+            for _ in range(4):
+                step()
+                watch.step_end()
+    stats = gw.read_stats(log_dir)
+    for name, ratio in expected.items():
+        rows = stats[(stats.step == 4) & stats.variable.str.fullmatch(rf"(.*/)?{name}")]
+        assert len(rows) == 1, (name, sorted(stats.variable.unique()))
+        assert rows.iloc[0].update_ratio == pytest.approx(ratio, rel=1e-4), name
+        assert rows.iloc[0].update_cos == pytest.approx(1.0, abs=1e-5), name

@@ -145,12 +145,20 @@ def _dense_under_xla(grad):
     return tf.math.unsorted_segment_sum(grad.values, grad.indices, int(shape[0]))
 
 
-def measure_gradients(stat_grads, sampled: tf.Tensor | None) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
+def gradient_groups(stat_grads) -> stats_lib.Groups:
+    """The groups ``measure_gradients`` measures ``stat_grads`` by (equal shapes stacked;
+    under XLA a small sparse gradient as the dense one it stands for)."""
+    return stats_lib.group_gradients([_dense_under_xla(g) for g in stat_grads])
+
+
+def measure_gradients(stat_grads, sampled: tf.Tensor | None, groups: stats_lib.Groups | None = None
+                      ) -> tuple[tf.Tensor, np.ndarray, tf.Tensor]:
     """Measures a step's gradients: all a step does with their values.
 
     Args:
         stat_grads: the gradients (loss-scaled, global under several replicas).
         sampled: whether this is the window's sampled step; None on the lean step.
+        groups: ``gradient_groups(stat_grads)``, when the caller has them already.
 
     Returns:
         (flat, index, nonfinite): the raw statistics as one float32 vector, where
@@ -159,7 +167,7 @@ def measure_gradients(stat_grads, sampled: tf.Tensor | None) -> tuple[tf.Tensor,
         on steps that do not compute them); and whether a gradient had a non-finite
         entry. ``finish_stats`` turns the rows into statistics when the step is folded.
     """
-    groups = stats_lib.group_gradients([_dense_under_xla(g) for g in stat_grads])
+    groups = groups if groups is not None else gradient_groups(stat_grads)
     dense = [g for g in groups.groups if g.matrix.shape.is_fully_defined()]
     sparse = [g for g in groups.groups if not g.matrix.shape.is_fully_defined()]
     pieces, flags, offset = [], [], 0

@@ -77,6 +77,31 @@ MIN_SAMPLE_ENTRIES = 256
 FULL_HISTOGRAM_EVERY = 10
 
 
+class Piece(NamedTuple):
+    """Gradients of one length as the rows of a float32 matrix ``[rows, length]``, the
+    variable slot of each row, and how many entries each entry stands for (a sample's
+    stride; 1.0 when every entry is there)."""
+
+    matrix: tf.Tensor
+    slots: tuple[int, ...]
+    weight: Any = 1.0
+
+
+def pieces_of(groups: stats_lib.Groups, grads: Sequence[Any], slots: Sequence[int]) -> tuple[Piece, ...]:
+    """The step's stacked groups (``measure.gradient_groups(grads)``) of dense gradients as
+    pieces, by variable slot (``slots[k]``: the k-th gradient's). A probe handed these
+    takes a few stacked matrices into its conditional instead of every gradient: each
+    tensor a conditional takes is a node in each of its branches, and a 400-variable
+    net's histogram branch took 812 such nodes. A group holding a sparse gradient (under
+    XLA, the dense one it stands for) is left out: probes read those from the gradients."""
+    pieces = []
+    for group in groups.groups:
+        if (group.matrix.shape.is_fully_defined() and int(group.matrix.shape[1]) == group.dense_size
+                and not any(isinstance(grads[p], tf.IndexedSlices) for p in group.positions)):
+            pieces.append(Piece(group.matrix, tuple(int(slots[p]) for p in group.positions)))
+    return tuple(pieces)
+
+
 class ProbeStep(NamedTuple):
     """What every probe sees of a step, in-graph.
 
@@ -87,6 +112,8 @@ class ProbeStep(NamedTuple):
             which runs no probe work but the unit counters.
         inv_scale: 1 / the loss scale (1 without one).
         nonfinite: whether a gradient of the step had a NaN/Inf entry (None: not known).
+        pieces: the dense gradients of ``grads_by_slot`` stacked by length
+            (``pieces_of``); the others are read from ``grads_by_slot``.
     """
 
     grads_by_slot: dict[int, Any]
@@ -94,6 +121,7 @@ class ProbeStep(NamedTuple):
     sampled: tf.Tensor | None
     inv_scale: tf.Tensor
     nonfinite: tf.Tensor | None = None
+    pieces: tuple[Piece, ...] = ()
 
 
 class Probe(Protocol):
@@ -259,22 +287,23 @@ class UpdateProbe:
     def record(self, step: ProbeStep) -> None:
         """On sampled steps: the in-graph snapshot and measure, or (host snapshots) the
         gradient kept for ``after_update`` in this same trace."""
-        self._after_update_grads = {}
+        self._after_update_grads, self._after_update_pieces = {}, ()
         if step.sampled is None:
             return
         if self.host_snapshots:
-            self._after_update_grads = step.grads_by_slot
+            self._after_update_grads, self._after_update_pieces = step.grads_by_slot, step.pieces
         else:
             # a weight snapshot on the steps of probe_layout.snapshot_due (1, 3, 5, ..., 45, 51, 101, ...)
             number = tf.cast(step.step, tf.int64)
             early = tf.reduce_any(tf.equal(number, tf.constant(EARLY_SNAPSHOTS, tf.int64)))
-            self.observe(step.grads_by_slot, early | tf.equal(tf.math.floormod(number - 1, UPDATE_EVERY), 0))
+            self.observe(step.grads_by_slot, early | tf.equal(tf.math.floormod(number - 1, UPDATE_EVERY), 0),
+                         step.pieces)
 
     def after_update(self) -> None:
         """Host snapshots: measures the change the update just made."""
         if self.host_snapshots and self._after_update_grads:
-            self.measure_after_update(self._after_update_grads)
-        self._after_update_grads = {}
+            self.measure_after_update(self._after_update_grads, self._after_update_pieces)
+        self._after_update_grads, self._after_update_pieces = {}, ()
 
     def __init__(self, variables: Sequence[Any], topology: Topology, strategy: Any = None,
                  host_snapshots: bool = False):
@@ -283,6 +312,7 @@ class UpdateProbe:
         # update (measure_after_update); no gradient copy is kept. False: observe().
         self.host_snapshots = bool(host_snapshots)
         self._after_update_grads: dict[int, Any] = {}
+        self._after_update_pieces: tuple[Piece, ...] = ()
         self.slots = update_slots(topology)
         sizes = topology.variable_sizes()
         self.sizes = [sizes[i] for i in self.slots]
@@ -290,10 +320,22 @@ class UpdateProbe:
         # by size, so each size's block reshapes to [count, size] and a sum per
         # variable is one row reduction per size, not one per variable (whose count,
         # and XLA compile time, grows with a deep net's variables).
-        self._order = sorted(range(len(self.slots)), key=lambda k: self.sizes[k])
+        # (and within a size by shape, so a size's block stacks each shape's weights at once)
+        shapes = [tuple(topology.variables[i].shape) for i in self.slots]
+        self._order = sorted(range(len(self.slots)), key=lambda k: (self.sizes[k], shapes[k], k))
         # (size, count) in the flat layout
         self._blocks = [(size, len(list(run)))
                         for size, run in itertools.groupby(self.sizes[k] for k in self._order)]
+        # per block of small variables: its measured variables (flat layout order), in runs of one shape
+        self._small_blocks: list[list[list[int]]] = []
+        first = 0
+        for size, count in self._blocks:
+            if size > stats_lib.STACK_LIMIT:
+                break
+            members = self._order[first:first + count]
+            runs = itertools.groupby(members, key=lambda k: shapes[k])
+            self._small_blocks.append([list(run) for _, run in runs])
+            first += count
         # position of measured variable k (slot order) in the flat layout's order
         self._unorder = np.argsort(np.asarray(self._order, np.int64)).astype(np.int32)
         # the variables of up to STACK_LIMIT entries lead the layout (it is ordered by
@@ -311,15 +353,37 @@ class UpdateProbe:
         self._snapshot_fn = None
 
     def _flat_weights(self) -> tf.Tensor:
-        return tf.concat([self._weight_vector(k) for k in self._order], axis=graph_constant(0, tf.int32))
+        """The measured variables' weights as one vector in the flat layout."""
+        large = [self._weight_vector(k) for k in self._order[self._small:]]
+        return self._joined(self._weight_blocks() + large)
 
     def _weight_vector(self, k: int) -> tf.Tensor:
         """Measured variable k's weights as a float32 vector."""
         return tf.reshape(_weights(self.variables[self.slots[k]]), graph_constant([-1], tf.int32))
 
-    def _flat_grads(self, grads: Sequence[Any]) -> tf.Tensor:
+    @staticmethod
+    def _joined(blocks: list[tf.Tensor]) -> tf.Tensor:
+        """``[count, size]`` blocks as one vector, row after row, block after block."""
+        vectors = [tf.reshape(block, graph_constant([-1], tf.int32)) for block in blocks]
+        return tf.concat(vectors, axis=graph_constant(0, tf.int32)) if len(vectors) > 1 else vectors[0]
+
+    def _weight_blocks(self) -> list[tf.Tensor]:
+        """Per block of small variables, their weights as the rows of a ``[count, size]``
+        matrix: each shape's variables stacked at once (a reshape per variable was a node
+        each in every trace that reads them: ~400 of a 100-layer net's)."""
+        blocks = []
+        for (size, _), runs in zip(self._blocks, self._small_blocks):
+            shape = graph_constant([-1, size], tf.int32)
+            stacks = [tf.reshape(tf.stack([_weights(self.variables[self.slots[k]]) for k in run]), shape)
+                      for run in runs]
+            axis = graph_constant(0, tf.int32)
+            blocks.append(tf.concat(stacks, axis=axis) if len(stacks) > 1 else stacks[0])
+        return blocks
+
+    def _flat_grads(self, grads: Sequence[Any], pieces: Sequence[Piece]) -> tf.Tensor:
         """``grads`` (slot order) as one vector in the flat layout."""
-        return tf.concat([self._grad_vector(grads, k) for k in self._order], axis=graph_constant(0, tf.int32))
+        return self._joined(self._grad_blocks(grads, pieces) +
+                            [self._grad_vector(grads, k) for k in self._order[self._small:]])
 
     def _grad_vector(self, grads: Sequence[Any], k: int) -> tf.Tensor:
         """Measured variable k's gradient as a float32 vector (zeros for none)."""
@@ -330,36 +394,72 @@ class UpdateProbe:
             g = tf.convert_to_tensor(g)  # dense only on the few steps that use it
         return tf.reshape(tf.cast(g, tf.float32), graph_constant([-1], tf.int32))
 
+    def _grad_blocks(self, grads: Sequence[Any], pieces: Sequence[Piece]) -> list[tf.Tensor]:
+        """Per block of small variables, their gradients (``grads``, slot order) as the rows
+        of a ``[count, size]`` matrix: the rows of the step's ``pieces`` of that length
+        (``pieces_of``), gathered into the block's order; a variable in none (a sparse
+        gradient, or none: zeros) adds its own row."""
+        position = {slot: k for k, slot in enumerate(self.slots)}
+        blocks = []
+        for (size, _), runs in zip(self._blocks, self._small_blocks):
+            members = [k for run in runs for k in run]
+            wanted = set(members)
+            sources, row_of = [], {}
+            for piece in pieces:
+                if piece.matrix.shape[1] != size:
+                    continue
+                mine = [position.get(slot) for slot in piece.slots]
+                if not wanted.intersection(k for k in mine if k is not None):
+                    continue
+                for r, k in enumerate(mine):
+                    if k is not None and k not in row_of:
+                        row_of[k] = sum(len(p.slots) for p in sources) + r
+                sources.append(piece)
+            matrices = [piece.matrix for piece in sources]
+            for k in members:
+                if k not in row_of:
+                    row_of[k] = sum(int(m.shape[0]) for m in matrices)
+                    one_row = graph_constant([1, size], tf.int32)
+                    matrices.append(tf.reshape(self._grad_vector(grads, k), one_row))
+            rows = tf.concat(matrices, axis=graph_constant(0, tf.int32)) if len(matrices) > 1 else matrices[0]
+            order = [row_of[k] for k in members]
+            if order != list(range(int(rows.shape[0]))):
+                rows = tf.gather(rows, graph_constant(order, tf.int32), axis=graph_constant(0, tf.int32))
+            blocks.append(rows)
+        return blocks
+
     def _reset(self) -> np.ndarray:
         return np.full((len(UPDATE_ROWS), max(len(self.slots), 1)), np.nan, np.float32)
 
-    def _change_sums(self, snap: tf.Tensor, grads: tf.Tensor | Sequence[Any]) -> tf.Tensor:
+    def _change_sums(self, snap: tf.Tensor, grads: tf.Tensor | Sequence[Any], pieces: Sequence[Piece] = ()
+                     ) -> tf.Tensor:
         """[4, measured variables] (slot order): per variable the sums of d**2, d * g, g**2
         and w0**2, where w0 is its part of ``snap``, d its weights now less w0 and g its
-        part of ``grads`` (a vector in the flat layout, or gradients in slot order).
+        part of ``grads`` (a vector in the flat layout, or gradients in slot order with the
+        step's ``pieces``).
 
-        The small variables' vectors are joined (a small copy) and summed as block rows,
-        a few ops per size; each large one is summed on its own part of the snapshot. A
-        model-size vector of the weights and one of the gradients cost the MLP's measure
-        2.7 ms (3.2 ms under XLA) against 1.0 (1.3) without (benchmarks/README.md)."""
+        The small variables' vectors are joined (their weights stacked per shape, their
+        gradients the step's stacked pieces: no op per variable but its read) and summed as
+        block rows, a few ops per size; each large one is summed on its own part of the
+        snapshot. A model-size vector of the weights and one of the gradients cost the
+        MLP's measure 2.7 ms (3.2 ms under XLA) against 1.0 (1.3) without
+        (benchmarks/README.md)."""
         flat = isinstance(grads, tf.Tensor)
         parts = []
         small_total = int(self._offsets[self._small])
-        row_axis, entry_axis = graph_constant(0, tf.int32), graph_constant(1, tf.int32)
+        entry_axis = graph_constant(1, tf.int32)
         if self._small:
-            order = self._order[:self._small]
-            weights = tf.concat([self._weight_vector(k) for k in order], row_axis)
-            grad = grads[:small_total] if flat else tf.concat([self._grad_vector(grads, k) for k in order],
-                                                              row_axis)
+            weights = self._joined(self._weight_blocks())
+            grad = grads[:small_total] if flat else self._joined(self._grad_blocks(grads, pieces))
             start = snap[:small_total]
             delta = weights - start
             stacked = tf.stack([tf.square(delta), delta * grad, tf.square(grad), tf.square(start)])
             # one split into the sizes' blocks, each summed as [4, count, size] rows
-            blocks = [(size, count) for size, count in self._blocks if size <= stats_lib.STACK_LIMIT]
-            pieces = (tf.split(stacked, graph_constant([size * count for size, count in blocks], tf.int32),
-                               axis=entry_axis) if len(blocks) > 1 else [stacked])
+            blocks = self._blocks[:len(self._small_blocks)]
+            lengths = graph_constant([size * count for size, count in blocks], tf.int32)
+            pieces_of_blocks = tf.split(stacked, lengths, axis=entry_axis) if len(blocks) > 1 else [stacked]
             last = graph_constant(2, tf.int32)
-            for (size, count), piece in zip(blocks, pieces):
+            for (size, count), piece in zip(blocks, pieces_of_blocks):
                 parts.append(tf.reduce_sum(tf.reshape(piece, graph_constant([4, count, size], tf.int32)),
                                            axis=last))
         large = list(range(self._small, len(self._order)))
@@ -383,7 +483,11 @@ class UpdateProbe:
         joined = tf.concat(parts, axis=entry_axis) if len(parts) > 1 else parts[0]
         return tf.gather(joined, graph_constant(self._unorder, tf.int32), axis=entry_axis)
 
-    def observe(self, grads_by_slot: dict[int, Any], due: tf.Tensor) -> tf.Tensor:
+    def observe(self, grads_by_slot: dict[int, Any], due: tf.Tensor,
+                pieces: Sequence[Piece] = ()) -> tf.Tensor:
+        """In-graph snapshots (custom loops): on ``due`` steps copies the weights and the
+        step's gradient; on the first later step that moved a weight, measures the change.
+        ``pieces``: gradients of ``grads_by_slot`` already stacked (``pieces_of``)."""
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
@@ -405,7 +509,7 @@ class UpdateProbe:
                 return tf.constant(True)
 
         def snapshot_gradient():
-            with tf.control_dependencies([self.gsum.assign(self._flat_grads(grads))]):
+            with tf.control_dependencies([self.gsum.assign(self._flat_grads(grads, pieces))]):
                 return tf.constant(True)
 
         def measure():
@@ -420,14 +524,14 @@ class UpdateProbe:
             return self.state.assign(new_state)
 
     def _measure(self, snap: tf.Tensor, grads: tf.Tensor | Sequence[Any], state: tf.Tensor,
-                 applied: Sequence[bool] | None = None) -> tf.Tensor:
+                 applied: Sequence[bool] | None = None, pieces: Sequence[Piece] = ()) -> tf.Tensor:
         """A measuring step: writes the result rows of the change since ``snap`` with
         minus ``grads`` (see ``_change_sums``) if a weight moved; returns the probe's next state (idle once
         written, else one more step since the snapshot). ``applied`` (per measured
         variable): only these were updated (one optimizer of several); the others'
         rows stay unmeasured."""
         since, pending = tf.unstack(state, num=2)
-        du, dot, g2, w2 = tf.unstack(self._change_sums(snap, grads), num=4)
+        du, dot, g2, w2 = tf.unstack(self._change_sums(snap, grads, pieces), num=4)
         dot = -dot
         rows = self.result.read_value()
         # the window's direction measurements (count, sum of cosines, of squares) add up
@@ -475,16 +579,18 @@ class UpdateProbe:
         """Host side: whether a snapshot still waits for a step that moves the weights."""
         return bool(self.slots) and bool(self.state.numpy()[1] > 0)
 
-    def measure_after_update(self, grads_by_slot: dict[int, Any]) -> tf.Tensor:
+    def measure_after_update(self, grads_by_slot: dict[int, Any], pieces: Sequence[Piece] = ()) -> tf.Tensor:
         """In-graph, after the optimizer's update: while a host snapshot is pending,
-        the change since it and its cosine with minus this step's gradient."""
+        the change since it and its cosine with minus this step's gradient (``pieces``:
+        gradients of ``grads_by_slot`` already stacked, ``pieces_of``)."""
         if not self.slots:
             return tf.constant(0)
         state = self.state.read_value()
         grads = [grads_by_slot.get(i) for i in self.slots]
         applied = [g is not None for g in grads]
         return self.state.assign(cond(state[1] > 0,
-                                      lambda: self._measure(self.snap.read_value(), grads, state, applied),
+                                      lambda: self._measure(self.snap.read_value(), grads, state, applied,
+                                                            pieces),
                                       lambda: state))
 
     def fetch(self) -> tf.Tensor:
@@ -508,7 +614,7 @@ class HistogramProbe:
 
     def record(self, step: ProbeStep) -> None:
         """On histogram steps: the bucket counts."""
-        self.observe(step.grads_by_slot, step.step, step.inv_scale, step.sampled, step.nonfinite)
+        self.observe(step.grads_by_slot, step.step, step.inv_scale, step.sampled, step.nonfinite, step.pieces)
 
     def request(self) -> None:
         """Host side: a histogram on the next step (a new warning or error was raised)."""
@@ -541,8 +647,10 @@ class HistogramProbe:
         self.layer_ids = [positions[v.layer] for v in topology.variables]
 
     def observe(self, grads_by_slot: dict[int, Any], step: tf.Tensor, inv_scale: tf.Tensor,
-                sampled: tf.Tensor | None = None, nonfinite: tf.Tensor | None = None) -> tf.Tensor:
-        """Counts the buckets on a histogram step (class docstring); ``sampled`` None: the lean step."""
+                sampled: tf.Tensor | None = None, nonfinite: tf.Tensor | None = None,
+                pieces: Sequence[Piece] = ()) -> tf.Tensor:
+        """Counts the buckets on a histogram step (class docstring); ``sampled`` None: the
+        lean step. ``pieces``: gradients of ``grads_by_slot`` already stacked (``pieces_of``)."""
         if self.every <= 0:
             return tf.constant(0)
         due, taken = self._due(step, sampled, nonfinite)
@@ -551,33 +659,21 @@ class HistogramProbe:
 
         def measure():
             num = len(self.topology.variables)
-            flats, weights = {}, {}
+            measured_pieces = [self._sampled(piece) for piece in pieces]
+            stacked = {slot for piece in pieces for slot in piece.slots}
             for slot in range(num):
                 g = grads_by_slot.get(slot)
-                if g is None:
-                    continue
-                flat = tf.reshape(tf.cast(_dense(g), tf.float32), graph_constant([-1], tf.int32))
-                weight = 1.0
-                size = flat.shape[0]
-                if self.sample is not None and (size is None or size > self.sample):
-                    # a bounded strided sample; each sampled entry stands for `stride` entries
-                    if size is None:
-                        n = tf.shape(flat)[0]
-                        stride = tf.maximum(1, -(-n // self.sample))
-                        weight = tf.cast(stride, tf.float32)
-                    else:
-                        stride = -(-size // self.sample)
-                        weight = float(stride)
-                    flat = flat[::stride]
-                flats[slot], weights[slot] = flat, weight
-            keep = self._keep_other(step, flats)
-            measured = [[s in flats] for s in range(num)]
-            counts = keep(self._log_counts(flats, weights, num, inv_scale), self.counts, measured)
+                if g is not None and slot not in stacked:
+                    flat = tf.reshape(tf.cast(_dense(g), tf.float32), graph_constant([1, -1], tf.int32))
+                    measured_pieces.append(self._sampled(Piece(flat, (slot,))))
+            present = {slot for piece in measured_pieces for slot in piece.slots}
+            keep = self._keep_other(step, present)
+            measured = [[s in present] for s in range(num)]
+            counts = keep(self._log_counts(measured_pieces, num, inv_scale), self.counts, measured)
             ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64)),
                    self.taken.assign(taken), self.requested.assign(False)]
             if self.signed:
-                scaled = {slot: flat * inv_scale for slot, flat in flats.items()}
-                ops += self._signed_ops(scaled, weights, keep, measured)
+                ops += self._signed_ops(measured_pieces, inv_scale, keep, measured)
             with tf.control_dependencies(ops):
                 return tf.constant(0)
 
@@ -585,10 +681,32 @@ class HistogramProbe:
             return measure()
         return cond(due, measure, lambda: tf.constant(0))
 
-    def _signed_ops(self, flats: dict[int, tf.Tensor], weights: dict[int, Any],
+    def _sampled(self, piece: Piece) -> Piece:
+        """``piece``, or (histograms on nearly every step) a strided sample of its rows' entries
+        whose entries each stand for ``stride`` entries."""
+        size = piece.matrix.shape[1]
+        if self.sample is None or (size is not None and size <= self.sample):
+            return piece
+        if size is None:
+            n = tf.shape(piece.matrix)[1]
+            stride = tf.maximum(1, -(-n // self.sample))
+            weight = tf.cast(stride, tf.float32)
+        else:
+            stride = -(-size // self.sample)
+            weight = float(stride)
+        return Piece(piece.matrix[:, ::stride], piece.slots, weight)
+
+    def _signed_ops(self, pieces: list[Piece], inv_scale: tf.Tensor,
                     keep: Callable[..., tf.Tensor], measured: list) -> list[Any]:
-        """The signed-value histogram's assignments: per layer, buckets over [-peak, peak]."""
+        """The signed-value histogram's assignments: per layer, buckets over [-peak, peak]
+        (opt-in: each variable's row is taken out of its piece)."""
         num = len(self.topology.variables)
+        flats, weights = {}, {}
+        for piece in pieces:
+            for row, slot in enumerate(piece.slots):
+                flats[slot] = (piece.matrix[row] if len(piece.slots) > 1 else
+                               tf.reshape(piece.matrix, graph_constant([-1], tf.int32))) * inv_scale
+                weights[slot] = piece.weight
         signed_rows, bounds = [], []
         for layer in range(len(self.topology.layers)):
             members = [s for s in flats if self.layer_ids[s] == layer]
@@ -634,7 +752,7 @@ class HistogramProbe:
         wanted = tf.logical_or(wanted, again)
         return tf.logical_or(tf.logical_or(cadence, wanted), tf.logical_not(taken[0])), after
 
-    def _keep_other(self, step: tf.Tensor, flats: dict[int, Any]) -> Callable[..., tf.Tensor]:
+    def _keep_other(self, step: tf.Tensor, present: set[int]) -> Callable[..., tf.Tensor]:
         """Returns ``keep(new, variable, measured)``: ``new`` where ``measured``, else,
         when this step was already measured (a step observed several times: several
         optimizers), the variable's value for the entries another observation measured."""
@@ -646,42 +764,53 @@ class HistogramProbe:
         return keep
 
     @staticmethod
-    def _log_counts(flats: dict[int, tf.Tensor], weights: dict[int, Any], num: int,
-                    inv_scale: Any = 1.0) -> tf.Tensor:
+    def _log_counts(pieces: Sequence[Piece], num: int, inv_scale: Any = 1.0) -> tf.Tensor:
         """[num, NUM_LOG_BUCKETS + 2] log10|g| bucket counts (then zeros, non-finite) of
-        ``flats`` times ``inv_scale``.
+        the rows of ``pieces`` times ``inv_scale``, by slot (zeros for a slot in none).
 
-        Every measured vector is counted at once: their entries joined into one vector,
-        each entry's bucket offset by its vector's row, then one segment sum. A histogram
-        is ~30 ops and a few per vector, whatever the variables; counted per vector
-        length it was ~45 ops a length, ~0.8 ms of trace an op here (the MLP's histogram
-        368 ops, the transformer's 523). The rows' offsets are a running sum of each
-        vector's step over the one before, placed at its first entry, when every length
-        is known when traced (5 ops for any number of vectors), else filled per vector
-        (a search of the vectors' ends took ~1.5 ms more on the MLP's 670k entries).
+        Every row is counted at once: the pieces' entries joined into one vector, each
+        entry's bucket offset by its row, then one segment sum. A histogram is ~30 ops and
+        a few per piece, whatever the variables; counted per vector length it was ~45 ops
+        a length, ~0.8 ms of trace an op here (the MLP's histogram 368 ops, the
+        transformer's 523). The rows' offsets are a running sum of each row's step over
+        the one before, placed at its first entry, when every length is known when traced
+        (5 ops for any number of rows), else filled per piece (a search of the rows' ends
+        took ~1.5 ms more on the MLP's 670k entries).
         """
         width = NUM_LOG_BUCKETS + 2
-        order = list(flats)
+        pieces = list(pieces)
+        order = [slot for piece in pieces for slot in piece.slots]
         if not order:
             return tf.zeros([num, width])
-        lengths = [flats[s].shape[0] for s in order]
+        lengths = [piece.matrix.shape[1] for piece in pieces for _ in piece.slots]
         static = all(length is not None for length in lengths)
         axis = graph_constant(0, tf.int32)
+        flat_shape = graph_constant([-1], tf.int32)
 
         def per_entry(values: list[Any], dtype: tf.DType) -> tf.Tensor:
-            """Each vector's value repeated over its entries, joined."""
+            """Each row's value (``values`` in row order) repeated over its entries, joined."""
             if static and all(isinstance(v, (int, float)) for v in values):
-                # the value's change at each vector's first entry, summed along the entries
+                # the value's change at each row's first entry, summed along the entries
                 starts = np.cumsum([0] + [int(n) for n in lengths])
                 keep = [k for k in range(len(order)) if lengths[k] > 0]
                 steps = np.diff([0] + [values[k] for k in keep])
                 marks = tf.scatter_nd(graph_constant(starts[keep][:, None], tf.int32),
                                       graph_constant(steps, dtype), graph_constant([starts[-1]], tf.int32))
                 return tf.cumsum(marks, axis=axis)
-            filled = [tf.fill(tf.shape(flats[s]), tf.cast(v, dtype)) for s, v in zip(order, values)]
+            filled, first = [], 0
+            for piece in pieces:
+                rows = len(piece.slots)
+                mine = values[first:first + rows]
+                first += rows
+                if all(isinstance(v, (int, float)) for v in mine):
+                    column = graph_constant(np.asarray(mine, dtype.as_numpy_dtype)[:, None], dtype)
+                else:
+                    column = tf.reshape(tf.cast(tf.stack(mine), dtype), graph_constant([-1, 1], tf.int32))
+                filled.append(tf.reshape(column * tf.ones_like(piece.matrix, dtype), flat_shape))
             return tf.concat(filled, axis=axis) if len(filled) > 1 else filled[0]
 
-        joined = tf.concat([flats[s] for s in order], axis=axis) if len(order) > 1 else flats[order[0]]
+        vectors = [tf.reshape(piece.matrix, flat_shape) for piece in pieces]
+        joined = tf.concat(vectors, axis=axis) if len(vectors) > 1 else vectors[0]
         magnitude = tf.abs(joined) * inv_scale
         finite = tf.math.is_finite(magnitude)
         nonzero = finite & (magnitude > graph_constant(0.0))
@@ -689,13 +818,14 @@ class HistogramProbe:
         bucket = tf.clip_by_value(
             tf.cast(tf.floor((log - LOG10_LOW) * PER_DECADE), tf.int32), 0, NUM_LOG_BUCKETS - 1)
         ids = tf.where(nonzero, bucket, tf.where(finite, NUM_LOG_BUCKETS, NUM_LOG_BUCKETS + 1))
-        # the k-th vector's buckets are segments k * width ... k * width + width - 1
+        # the k-th row's buckets are segments k * width ... k * width + width - 1
         if len(order) > 1:
             ids += per_entry([k * width for k in range(len(order))], tf.int32)
-        if all(isinstance(weights[s], float) and weights[s] == 1.0 for s in order):
+        row_weights = [piece.weight for piece in pieces for _ in piece.slots]
+        if all(isinstance(w, float) and w == 1.0 for w in row_weights):
             weight = tf.ones_like(joined)
-        else:  # each sampled entry stands for its vector's stride
-            weight = per_entry([weights[s] for s in order], tf.float32)
+        else:  # each sampled entry stands for its row's stride
+            weight = per_entry(row_weights, tf.float32)
         counted = tf.math.unsorted_segment_sum(weight, ids, len(order) * width)
         row_of = {slot: k for k, slot in enumerate(order)}
         index = [row_of.get(slot, len(order)) for slot in range(num)]

@@ -15,7 +15,7 @@ from gradwatch._capture.accumulate import StepBuffer, StepFolder, buffer_capacit
 from gradwatch._capture.array_ops import graph_constant as const
 from gradwatch._capture.clipping import clip_measured
 from gradwatch._capture.layouts import RAW_STATS, STEP_STATE, StepRow
-from gradwatch._capture.measure import finish_stats, measure_gradients
+from gradwatch._capture.measure import finish_stats, gradient_groups, measure_gradients
 from gradwatch._capture.window import Window
 from gradwatch._interpret.results import FetchedWindow
 from gradwatch._options import Options
@@ -244,7 +244,8 @@ class Recorder:
         inv_scale = (1.0 / tf.cast(context.loss_scale, tf.float32) if context.loss_scale is not None
                      else const(1.0))
         with tf.name_scope("measure"):
-            flat, index, nonfinite_step = measure_gradients(stat_grads, sampled)
+            groups = gradient_groups(stat_grads)
+            flat, index, nonfinite_step = measure_gradients(stat_grads, sampled, groups)
         if self._clip is not None:
             raw = tf.reshape(tf.gather(flat, tf.constant(index.reshape(-1), tf.int32)),
                              [len(RAW_STATS), len(present)])
@@ -257,8 +258,9 @@ class Recorder:
             end = int(flat.shape[0])
             flat = tf.concat([flat, clip_scale, clip_fired], axis=0)
             index = np.concatenate([index, end + np.arange(2 * len(present)).reshape(2, len(present))])
+        pieces = probes_lib.pieces_of(groups, stat_grads, present_slots)
         probe_step = probes_lib.ProbeStep(dict(zip(present_slots, stat_grads)), step, sampled, inv_scale,
-                                          nonfinite_step)
+                                          nonfinite_step, pieces)
         for probe in self._probes:
             with tf.name_scope(probe.name):
                 probe.record(probe_step)
