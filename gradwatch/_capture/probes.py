@@ -319,29 +319,29 @@ class UpdateProbe:
         # The flat snapshot (and gradient copy) holds the measured variables ordered
         # by size, so each size's block reshapes to [count, size] and a sum per
         # variable is one row reduction per size, not one per variable (whose count,
-        # and XLA compile time, grows with a deep net's variables).
-        # (and within a size by shape, so a size's block stacks each shape's weights at once)
+        # and XLA compile time, grows with a deep net's variables); within a size by
+        # shape, so a size's block stacks each shape's weights at once.
         shapes = [tuple(topology.variables[i].shape) for i in self.slots]
         self._order = sorted(range(len(self.slots)), key=lambda k: (self.sizes[k], shapes[k], k))
         # (size, count) in the flat layout
         self._blocks = [(size, len(list(run)))
                         for size, run in itertools.groupby(self.sizes[k] for k in self._order)]
-        # per block of small variables: its measured variables (flat layout order), in runs of one shape
+        # The variables of up to STACK_LIMIT entries lead the layout (it is ordered by
+        # size): their sums are block rows; a larger one is measured on its own part of the
+        # snapshot, and no measure copies every weight and gradient into one vector.
+        # Per block of small variables: its measured variables (flat layout order), in
+        # runs of one shape; _small counts them.
         self._small_blocks: list[list[list[int]]] = []
-        first = 0
+        self._small = 0
         for size, count in self._blocks:
             if size > stats_lib.STACK_LIMIT:
                 break
-            members = self._order[first:first + count]
+            members = self._order[self._small:self._small + count]
             runs = itertools.groupby(members, key=lambda k: shapes[k])
             self._small_blocks.append([list(run) for _, run in runs])
-            first += count
+            self._small += count
         # position of measured variable k (slot order) in the flat layout's order
         self._unorder = np.argsort(np.asarray(self._order, np.int64)).astype(np.int32)
-        # the variables of up to STACK_LIMIT entries lead the layout (it is ordered by
-        # size): their sums are block rows; a larger one is measured on its own part of the
-        # snapshot, and no measure copies every weight and gradient into one vector
-        self._small = sum(1 for k in self._order if self.sizes[k] <= stats_lib.STACK_LIMIT)
         self._offsets = np.concatenate([[0], np.cumsum([self.sizes[k] for k in self._order])]).astype(int)
         total = max(sum(self.sizes), 1)
         self.snap = replica_variable(np.zeros(total, np.float32), "gradwatch_update_snapshot", strategy)
@@ -404,21 +404,18 @@ class UpdateProbe:
         for (size, _), runs in zip(self._blocks, self._small_blocks):
             members = [k for run in runs for k in run]
             wanted = set(members)
-            sources, row_of = [], {}
+            matrices, row_of, rows_taken = [], {}, 0
             for piece in pieces:
-                if piece.matrix.shape[1] != size:
-                    continue
                 mine = [position.get(slot) for slot in piece.slots]
-                if not wanted.intersection(k for k in mine if k is not None):
+                if piece.matrix.shape[1] != size or not wanted.intersection(mine):
                     continue
-                for r, k in enumerate(mine):
-                    if k is not None and k not in row_of:
-                        row_of[k] = sum(len(p.slots) for p in sources) + r
-                sources.append(piece)
-            matrices = [piece.matrix for piece in sources]
+                row_of.update({k: rows_taken + r for r, k in enumerate(mine) if k is not None})
+                matrices.append(piece.matrix)
+                rows_taken += len(mine)
             for k in members:
                 if k not in row_of:
-                    row_of[k] = sum(int(m.shape[0]) for m in matrices)
+                    row_of[k] = rows_taken
+                    rows_taken += 1
                     one_row = graph_constant([1, size], tf.int32)
                     matrices.append(tf.reshape(self._grad_vector(grads, k), one_row))
             rows = tf.concat(matrices, axis=graph_constant(0, tf.int32)) if len(matrices) > 1 else matrices[0]
@@ -704,8 +701,7 @@ class HistogramProbe:
         flats, weights = {}, {}
         for piece in pieces:
             for row, slot in enumerate(piece.slots):
-                flats[slot] = (piece.matrix[row] if len(piece.slots) > 1 else
-                               tf.reshape(piece.matrix, graph_constant([-1], tf.int32))) * inv_scale
+                flats[slot] = piece.matrix[row] * inv_scale
                 weights[slot] = piece.weight
         signed_rows, bounds = [], []
         for layer in range(len(self.topology.layers)):
