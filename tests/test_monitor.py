@@ -886,12 +886,22 @@ def test_the_lean_step_is_traced_once_it_pays_for_its_trace(log_dir, planned, le
 def test_lean_pays_once_its_saving_reaches_its_trace():
     from gradwatch._capture import fit_tap
 
-    # trace ~0.45 x (1.0 - 0.01) s = 0.4455 s; saving 0.03 x 0.01 s = 0.3 ms a step: 1,485 steps
-    assert fit_tap.lean_pays(1.0, 0.01, steps_done=10, steps_left=1500)
-    assert not fit_tap.lean_pays(1.0, 0.01, steps_done=10, steps_left=1480)
+    # trace 0.45 x (1.0 - 0.01) s = 0.4455 s; saving the lesser of 0.03 x 0.01 s = 0.3 ms
+    # and 8e-5 x 0.99 s = 79.2 us a step: 5,625 steps
+    assert fit_tap.lean_pays(1.0, 0.01, steps_done=10, steps_left=5630)
+    assert not fit_tap.lean_pays(1.0, 0.01, steps_done=10, steps_left=5620)
     # unknown length: once the full steps so far have cost as much as the trace
-    assert not fit_tap.lean_pays(1.0, 0.01, steps_done=1480, steps_left=None)
-    assert fit_tap.lean_pays(1.0, 0.01, steps_done=1490, steps_left=None)
+    assert not fit_tap.lean_pays(1.0, 0.01, steps_done=5620, steps_left=None)
+    assert fit_tap.lean_pays(1.0, 0.01, steps_done=5630, steps_left=None)
+    # a step that is mostly compute (the CNN benchmark: first call 1.77 s, 63.5 ms a step)
+    # saves little with the lean step: 1,041 steps left do not pay for its trace (with 3%
+    # of its step as the saving, they did), 5,700 do
+    assert not fit_tap.lean_pays(1.77, 0.0635, steps_done=9, steps_left=1041)
+    assert fit_tap.lean_pays(1.77, 0.0635, steps_done=9, steps_left=5700)
+    # a step that is quick against its trace saves at most 3% of itself: 100 s of first
+    # call, 10 ms a step, 0.3 ms a step saved: 45 s of trace pay after 150,000 steps
+    assert not fit_tap.lean_pays(100.0, 0.01, steps_done=9, steps_left=149_900)
+    assert fit_tap.lean_pays(100.0, 0.01, steps_done=9, steps_left=150_100)
     decision = fit_tap.LeanDecision()
     for _ in range(fit_tap.LEAN_TIMED_STEPS):  # not decided before the first call and the timed steps
         decision.time(lambda: None)
@@ -902,13 +912,13 @@ def test_lean_pays_once_its_saving_reaches_its_trace():
     # the fit's length known: decided once the steps are timed, and a no stays a no
     short = fit_tap.LeanDecision()
     short._times = [1.0] + [0.01] * fit_tap.LEAN_TIMED_STEPS
-    assert not short.decide(10, {"steps": 1480, "epochs": 1})
-    short._times[0] = 0.0  # a free trace would pay, were it asked again
-    assert not short.decide(1, {"steps": 1480, "epochs": 1})
+    assert not short.decide(10, {"steps": 5620, "epochs": 1})
+    # a longer fit would pay, were it asked again
+    assert not short.decide(1, {"steps": 10**9, "epochs": 1})
     # unknown length: asked again each batch until the steps so far pay for the trace
     open_ended = fit_tap.LeanDecision()
     open_ended._times = [1.0] + [0.01] * fit_tap.LEAN_TIMED_STEPS
-    assert not open_ended.decide(1480, {"steps": None, "epochs": 1})
+    assert not open_ended.decide(5620, {"steps": None, "epochs": 1})
     assert open_ended.decide(10, {"steps": None, "epochs": 1})
 
 

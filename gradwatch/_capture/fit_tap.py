@@ -72,9 +72,18 @@ def observe_and_apply(recorder: Recorder, optimizer: Any, model: Any, on_nonfini
 #: of 1.79 s, CNN 0.79 of 1.92 s, transformer 1.33 of 3.26 s, 24-layer MLP 1.94 of 6.59 s,
 #: 100-layer net 21.8 of 52.6 s (0.29-0.47).
 LEAN_TRACE_SHARE = 0.45
-#: ... and a lean step saves about this share of a full one: the MLP 2% (jit off) and 3.6%
-#: (jit on), the 24-layer net 3-5%, the 100-layer net 3.5% (benchmarks/results/step_ab-*).
+#: ... and a lean step saves at most this share of a full one: the MLP 2% (jit off) and
+#: 3.6% (jit on), the 24-layer net 3-5%, the 100-layer net 3.5% (benchmarks/results/step_ab-*).
 LEAN_SAVING = 0.03
+#: ... and at most this many seconds a step per second of the full step's first call.
+#: What the lean step leaves out is per-op work (conditionals not taken, their inputs),
+#: which grows with the graph the first call traces, not with the step's arithmetic: on
+#: a model whose step is mostly compute the lean step saves next to nothing (CNN and
+#: transformer: lean and full steps within 0.5% of each other; the LSTM's lean steps
+#: were 3% slower), while the MLP saves ~0.15 ms a step on a 1.4 s first call and the
+#: 24-layer net ~0.5 ms on 6.6 s (benchmarks/README.md, fourteenth session). A lean step
+#: then pays for its trace after ~5,600 steps at most, whatever the model.
+LEAN_SAVING_PER_TRACE_SECOND = 8e-5
 #: Full steps timed (after the first call) before the lean step is decided on.
 LEAN_TIMED_STEPS = 8
 
@@ -135,8 +144,9 @@ def lean_pays(first_call: float, step: float, steps_done: int, steps_left: int |
         steps_done: the fit's steps so far.
         steps_left: the fit's steps to come, None when unknown.
     """
-    cost = LEAN_TRACE_SHARE * max(first_call - step, 0.0)
-    saving = LEAN_SAVING * step
+    trace = max(first_call - step, 0.0)
+    cost = LEAN_TRACE_SHARE * trace
+    saving = min(LEAN_SAVING * step, LEAN_SAVING_PER_TRACE_SECOND * trace)
     if steps_left is None:
         return steps_done * saving >= cost
     return steps_left * saving > cost
