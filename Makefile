@@ -36,7 +36,7 @@ browser-deps:
 	fi
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures run once):
-# 762 tests in 8 min 30 s here (clean clone of 4a24f40, 2026-12-07, 2 cores of a slower VM than
+# 762 tests in 8 min 3 s here (clean clone of 2ecd93e, 2026-12-07, 2 cores of a slower VM than
 # 2026-12-06's 6 min 0 s; 13 min in one process on 2026-12-03).
 test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
