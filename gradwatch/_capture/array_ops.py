@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,12 @@ def graph_constant(value: Any, dtype: Any = tf.float32) -> tf.Tensor:
         found = tf.constant(array, dtype)
     cache[key] = found.name  # a name, not the tensor: the tensor would keep its graph alive
     return found
+
+
+def concat(values: Sequence[Any], axis: int = 0) -> tf.Tensor:
+    """``values`` joined along ``axis`` (a ``graph_constant``), or the only one as it is
+    (no node for a concatenation of one)."""
+    return tf.concat(list(values), axis=graph_constant(axis, tf.int32)) if len(values) > 1 else values[0]
 
 
 class TensorOps:

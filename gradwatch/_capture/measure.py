@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from gradwatch._capture import keras_internals as internals
 from gradwatch._capture import stats as stats_lib
-from gradwatch._capture.array_ops import TF, ArrayOps
+from gradwatch._capture.array_ops import TF, ArrayOps, concat
 from gradwatch._capture.array_ops import graph_constant as const
 from gradwatch._capture.layouts import RAW_STATS
 
@@ -72,7 +72,7 @@ def _measure_dense(dense: list[stats_lib.Group], sampled: tf.Tensor | None, inde
     # one pass per gradient: an L2Loss for a large one, a row reduction per group
     # of stacked small ones
     sum_sq = [stats_lib.group_sum_of_squares(g) for g in dense]
-    squares = tf.concat(sum_sq, axis=const(0, tf.int32)) if len(sum_sq) > 1 else sum_sq[0]
+    squares = concat(sum_sq)
     passes = _DensePasses(dense)
     count = passes.count
     # The full pass runs on a step whose cheap norm is not exact and not only zeros;
@@ -184,7 +184,7 @@ def measure_gradients(stat_grads, sampled: tf.Tensor | None, groups: stats_lib.G
         for t, position in enumerate(g.positions):
             index[:, position] = offset + np.arange(len(RAW_STATS)) * m + t
         offset += len(RAW_STATS) * m
-    flat = tf.concat(pieces, axis=const(0, tf.int32)) if len(pieces) > 1 else pieces[0]
+    flat = concat(pieces)
     nonfinite_step = flags[0] if len(flags) == 1 else tf.reduce_any(tf.stack(flags))
     return flat, index, nonfinite_step
 

@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch._capture import stats as stats_lib
-from gradwatch._capture.array_ops import graph_constant
+from gradwatch._capture.array_ops import concat, graph_constant
 from gradwatch._capture.keras_internals import cond, in_xla_context, replica_variable, run_function
 from gradwatch._interpret.probe_layout import (
     EARLY_SNAPSHOTS,
@@ -365,7 +365,7 @@ class UpdateProbe:
     def _joined(blocks: list[tf.Tensor]) -> tf.Tensor:
         """``[count, size]`` blocks as one vector, row after row, block after block."""
         vectors = [tf.reshape(block, graph_constant([-1], tf.int32)) for block in blocks]
-        return tf.concat(vectors, axis=graph_constant(0, tf.int32)) if len(vectors) > 1 else vectors[0]
+        return concat(vectors)
 
     def _weight_blocks(self) -> list[tf.Tensor]:
         """Per block of small variables, their weights as the rows of a ``[count, size]``
@@ -376,8 +376,7 @@ class UpdateProbe:
             shape = graph_constant([-1, size], tf.int32)
             stacks = [tf.reshape(tf.stack([_weights(self.variables[self.slots[k]]) for k in run]), shape)
                       for run in runs]
-            axis = graph_constant(0, tf.int32)
-            blocks.append(tf.concat(stacks, axis=axis) if len(stacks) > 1 else stacks[0])
+            blocks.append(concat(stacks))
         return blocks
 
     def _flat_grads(self, grads: Sequence[Any], pieces: Sequence[Piece]) -> tf.Tensor:
@@ -418,7 +417,7 @@ class UpdateProbe:
                     rows_taken += 1
                     one_row = graph_constant([1, size], tf.int32)
                     matrices.append(tf.reshape(self._grad_vector(grads, k), one_row))
-            rows = tf.concat(matrices, axis=graph_constant(0, tf.int32)) if len(matrices) > 1 else matrices[0]
+            rows = concat(matrices)
             order = [row_of[k] for k in members]
             if order != list(range(int(rows.shape[0]))):
                 rows = tf.gather(rows, graph_constant(order, tf.int32), axis=graph_constant(0, tf.int32))
@@ -477,7 +476,7 @@ class UpdateProbe:
                 grad = flat_grads[j] if flat else self._grad_vector(grads, k)
                 sums.append(_four_sums(self._weight_vector(k) - starts[j], grad, starts[j]))
             parts.append(tf.stack(sums, axis=1))
-        joined = tf.concat(parts, axis=entry_axis) if len(parts) > 1 else parts[0]
+        joined = concat(parts, axis=1)
         return tf.gather(joined, graph_constant(self._unorder, tf.int32), axis=entry_axis)
 
     def observe(self, grads_by_slot: dict[int, Any], due: tf.Tensor,
@@ -803,10 +802,10 @@ class HistogramProbe:
                 else:
                     column = tf.reshape(tf.cast(tf.stack(mine), dtype), graph_constant([-1, 1], tf.int32))
                 filled.append(tf.reshape(column * tf.ones_like(piece.matrix, dtype), flat_shape))
-            return tf.concat(filled, axis=axis) if len(filled) > 1 else filled[0]
+            return concat(filled)
 
         vectors = [tf.reshape(piece.matrix, flat_shape) for piece in pieces]
-        joined = tf.concat(vectors, axis=axis) if len(vectors) > 1 else vectors[0]
+        joined = concat(vectors)
         magnitude = tf.abs(joined) * inv_scale
         finite = tf.math.is_finite(magnitude)
         nonzero = finite & (magnitude > graph_constant(0.0))

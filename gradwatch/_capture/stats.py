@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from gradwatch._capture.array_ops import TF, ArrayOps, graph_constant
+from gradwatch._capture.array_ops import TF, ArrayOps, concat, graph_constant
 from gradwatch._capture.keras_internals import cond, in_xla_context
 
 # Above this sum of squares (max |g| > ~1e-12) no square that matters has
@@ -160,7 +160,7 @@ def group_gradients(grads: list[tf.Tensor | tf.IndexedSlices]) -> Groups:
 
 
 def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
-    joined = tf.concat(parts, axis=graph_constant(0, tf.int32)) if len(parts) > 1 else parts[0]
+    joined = concat(parts)
     if groups.inverse is None:
         return joined
     return tf.gather(joined, graph_constant(groups.inverse, tf.int32), axis=graph_constant(0, tf.int32))
@@ -211,7 +211,7 @@ def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], 
     blocks, merged = [], []  # merged: the joined row (groups in order) of each merged row
     for members in by_width.values():
         matrices = [groups.groups[k].matrix for k in members]
-        blocks.append((tf.concat(matrices, axis=0) if len(matrices) > 1 else matrices[0],
+        blocks.append((concat(matrices),
                        [groups.groups[k] for k in members]))
         merged += [j for k in members for j in range(starts[k], starts[k + 1])]
     row_of = np.argsort(merged)  # the merged row of each joined row
@@ -261,7 +261,7 @@ def _row_layout(groups: Groups) -> RowLayout:
         for _ in group.positions:
             segments += [len(padding)] * (padded // width)
             padding.append(float(padded - size))
-    rows = tf.concat(pieces, axis=graph_constant(0, tf.int32)) if len(pieces) > 1 else pieces[0]
+    rows = concat(pieces)
     return RowLayout(rows, graph_constant(np.asarray(segments, np.int32), tf.int32),
                      graph_constant(np.asarray(padding, np.float32)), len(padding))
 
@@ -308,7 +308,7 @@ def _joined(groups: Groups, split: XlaSplit, from_rows: tf.Tensor, from_blocks: 
             ) -> tf.Tensor:
     """One statistic of the split's two parts (each in its joined order), in the groups' list order."""
     parts = [from_rows] if from_blocks is None else [from_rows, from_blocks]
-    joined = tf.concat(parts, axis=graph_constant(0, tf.int32)) if len(parts) > 1 else parts[0]
+    joined = concat(parts)
     if split.order is not None:
         joined = tf.gather(joined, split.order)
     return _in_list_order(groups, [joined])
@@ -410,7 +410,7 @@ def _full_stats_by_blocks(groups: Groups) -> GradStats:
         # the entries each row stores: static but for a sparse gradient's
         stored.append([float(width)] * rows if width is not None
                       else tf.fill([rows], tf.cast(tf.shape(matrix)[1], tf.float32)))
-    joined = tf.concat(reduced, axis=axis) if len(reduced) > 1 else reduced[0]
+    joined = concat(reduced, axis=1)
     if all(isinstance(part, list) for part in stored):
         entries = np.concatenate(stored).astype(np.float32)
         if row_of is not None:
