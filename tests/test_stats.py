@@ -381,6 +381,32 @@ def test_many_equal_gradients_make_bounded_groups_with_exact_norms():
     _check(grads, stats_lib.gradient_stats(grads))
 
 
+def test_under_xla_sums_of_squares_are_taken_over_pieces_of_each_row():
+    # Under XLA a row's squares are summed in pieces of at most XLA_PIECE_MAX entries (a
+    # product with a vector of ones, which XLA's CPU backend fuses with the square); a
+    # size with no divisor from XLA_PIECE_MIN up keeps the plain reduction. Each norm is
+    # still its own gradient's: stacked rows cut into several pieces each, rows of one
+    # piece, a large gradient, a size with no such divisor.
+    assert stats_lib.xla_piece(10) == 10
+    assert stats_lib.xla_piece(784 * 512) == 1024
+    assert stats_lib.xla_piece(3 * 3 * 32 * 64) == 1024
+    assert stats_lib.xla_piece(1500) == 750
+    assert stats_lib.xla_piece(2 * 1031) is None
+    rng = np.random.default_rng(5)
+    shapes = [(32, 64)] * 3 + [(300,)] * 2 + [(784, 512), (2 * 1031,), (1500,), (10,)]
+    grads = [tf.constant(rng.normal(size=shape).astype("float32") * (i + 1))
+             for i, shape in enumerate(shapes)]
+    groups = stats_lib.group_gradients(grads)
+    assert sorted(len(g.positions) for g in groups.groups) == [1, 1, 1, 1, 2, 3]
+
+    @tf.function(jit_compile=True, autograph=False)
+    def sums():
+        return stats_lib.sum_of_squares(stats_lib.group_gradients(grads))
+
+    expected = [np.sum(np.square(np.asarray(g, np.float64))) for g in grads]
+    np.testing.assert_allclose(sums().numpy(), expected, rtol=1e-6)
+
+
 def test_scalar_and_equal_size_gradients_of_other_shapes_group_correctly():
     # A scalar gradient (a learned temperature, say) groups alone; gradients of equal
     # size but different shape are stacked only with their own shape.

@@ -166,16 +166,54 @@ def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
     return tf.gather(joined, graph_constant(groups.inverse, tf.int32), axis=graph_constant(0, tf.int32))
 
 
+#: Under XLA a row's sum of squares is taken over pieces of this many entries at most
+#: (see ``xla_piece``).
+XLA_PIECE_MAX = 1024
+XLA_PIECE_MIN = 128
+
+
+def xla_piece(size: int) -> int | None:
+    """The length of the pieces a row of ``size`` entries is cut into for its sum of
+    squares under XLA: ``size`` itself up to ``XLA_PIECE_MAX``, else its largest divisor
+    from ``XLA_PIECE_MIN`` to ``XLA_PIECE_MAX``; None when it has none."""
+    if size <= XLA_PIECE_MAX:
+        return size
+    for width in range(XLA_PIECE_MAX, XLA_PIECE_MIN - 1, -1):
+        if size % width == 0:
+            return width
+    return None
+
+
 def group_sum_of_squares(group: Group) -> tf.Tensor:
     """Returns [n]: the sum of g**2 of each row of a group, in one pass over the entries.
 
     A single row (every large gradient) is one ``L2Loss``: one threaded pass with no
     squared copy, the cheapest of the three ways measured (benchmarks/README.md).
-    Under XLA the square and the sum fuse into one loop instead.
+    Under XLA the rows are cut into pieces of at most 1,024 entries and each piece's
+    squares summed as a product with a vector of ones: XLA's CPU backend fuses the
+    square into that matrix-vector product, one loop over the entries, where a long
+    ``reduce_sum`` became a kernel that writes the squares out and a chain of
+    reduce-windows over them (the MLP's 784 x 512 and 512 x 512 gradients: ~0.02 ms
+    against ~0.25 ms a step, benchmarks/README.md, fifteenth session).
     """
-    if group.matrix.shape[0] == 1 and not in_xla_context():
-        return tf.reshape(graph_constant(2.0) * tf.nn.l2_loss(group.matrix), graph_constant([1], tf.int32))
-    return tf.reduce_sum(tf.square(group.matrix), axis=graph_constant(1, tf.int32))
+    matrix = group.matrix
+    if not in_xla_context():
+        if matrix.shape[0] == 1:
+            return tf.reshape(graph_constant(2.0) * tf.nn.l2_loss(matrix), graph_constant([1], tf.int32))
+        return tf.reduce_sum(tf.square(matrix), axis=graph_constant(1, tf.int32))
+    rows, size = matrix.shape
+    # a sparse gradient's rows are data-dependent (its static shape may be a constant
+    # folding's, not XLA's): only a dense group's shape is known for sure
+    dense = rows is not None and size == group.dense_size
+    width = xla_piece(size) if dense else None
+    if width is None:
+        return tf.reduce_sum(tf.square(matrix), axis=graph_constant(1, tf.int32))
+    pieces = tf.reshape(tf.square(matrix), graph_constant([rows * (size // width), width], tf.int32))
+    sums = tf.linalg.matvec(pieces, graph_constant(np.ones(width, np.float32)))
+    if width == size:
+        return sums
+    return tf.reduce_sum(tf.reshape(sums, graph_constant([rows, size // width], tf.int32)),
+                         axis=graph_constant(1, tf.int32))
 
 
 def sum_of_squares(groups: Groups) -> tf.Tensor:
