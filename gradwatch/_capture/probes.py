@@ -261,14 +261,14 @@ class UnitProbe:
 def _four_sums(delta: tf.Tensor, grad: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
     """[4]: the sums of delta**2, delta * grad, grad**2 and start**2 of one variable.
 
-    Under XLA one reduction of the four terms stacked: XLA's CPU backend splits each long
-    reduction into a chain of reduce-windows, a generated kernel per link (~20 ms of
-    compile each), and the stacked terms share one chain (each square was written out
-    whole anyway). Elsewhere ``L2Loss`` (half a sum of squares, one pass, no squared
+    Under XLA the four terms stacked, summed as ``stats.row_sums`` (a product with a
+    vector of ones over pieces of each row): XLA's CPU backend made each long reduction a
+    chain of reduce-windows, a generated kernel per link (~20 ms of compile each), and
+    four reductions four chains. Elsewhere ``L2Loss`` (half a sum of squares, one pass, no squared
     copy) and a dot product."""
     if in_xla_context():
-        return tf.reduce_sum(tf.stack([tf.square(delta), delta * grad, tf.square(grad), tf.square(start)]),
-                             axis=graph_constant(1, tf.int32))
+        terms = [tf.square(delta), delta * grad, tf.square(grad), tf.square(start)]
+        return stats_lib.row_sums(tf.stack(terms))
     return graph_constant([2.0, 1.0, 2.0, 2.0]) * tf.stack(
         [tf.nn.l2_loss(delta), tf.reduce_sum(delta * grad), tf.nn.l2_loss(grad), tf.nn.l2_loss(start)])
 
@@ -456,8 +456,12 @@ class UpdateProbe:
             pieces_of_blocks = tf.split(stacked, lengths, axis=entry_axis) if len(blocks) > 1 else [stacked]
             last = graph_constant(2, tf.int32)
             for (size, count), piece in zip(blocks, pieces_of_blocks):
-                parts.append(tf.reduce_sum(tf.reshape(piece, graph_constant([4, count, size], tf.int32)),
-                                           axis=last))
+                if in_xla_context():  # the pieces' product with ones (``stats.row_sums``)
+                    rows = stats_lib.row_sums(tf.reshape(piece, graph_constant([4 * count, size], tf.int32)))
+                    parts.append(tf.reshape(rows, graph_constant([4, count], tf.int32)))
+                else:
+                    parts.append(tf.reduce_sum(tf.reshape(piece, graph_constant([4, count, size], tf.int32)),
+                                               axis=last))
         large = list(range(self._small, len(self._order)))
         if large:
             # one split of the snapshot (and of a flat gradient), then per variable a few

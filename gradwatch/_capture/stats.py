@@ -173,8 +173,8 @@ XLA_PIECE_MIN = 128
 
 
 def xla_piece(size: int) -> int | None:
-    """The length of the pieces a row of ``size`` entries is cut into for its sum of
-    squares under XLA: ``size`` itself up to ``XLA_PIECE_MAX``, else its largest divisor
+    """The length of the pieces a row of ``size`` entries is cut into for its sums under
+    XLA (``row_sums``): ``size`` itself up to ``XLA_PIECE_MAX``, else its largest divisor
     from ``XLA_PIECE_MIN`` to ``XLA_PIECE_MAX``; None when it has none."""
     if size <= XLA_PIECE_MAX:
         return size
@@ -184,36 +184,48 @@ def xla_piece(size: int) -> int | None:
     return None
 
 
+def row_sums(values: tf.Tensor, dense: bool = True) -> tf.Tensor:
+    """Returns [rows]: the sums of each row of ``values`` ([rows, size]).
+
+    Under XLA, for a ``dense`` matrix (a sparse gradient's rows are data-dependent, and
+    its static shape may be a constant folding's, not XLA's), each row is cut into
+    pieces of at most ``XLA_PIECE_MAX`` entries summed as a product with a vector of
+    ones, then the pieces' sums alike: XLA's CPU backend fuses the elementwise work
+    that makes ``values`` (a square, an ``abs``) into that matrix-vector product, one
+    loop over the entries, where a long ``reduce_sum`` became a kernel that writes
+    ``values`` out and a chain of reduce-windows over it (the MLP's 784 x 512 and
+    512 x 512 sums of squares: ~0.02 ms against ~0.25 ms a step, benchmarks/README.md,
+    fifteenth session). Elsewhere one ``reduce_sum``."""
+    axis = graph_constant(1, tf.int32)
+    rows, size = values.shape
+    width = xla_piece(size) if dense and rows is not None and size is not None and in_xla_context() else None
+    if width is None:
+        return tf.reduce_sum(values, axis=axis)
+    sums = tf.linalg.matvec(tf.reshape(values, graph_constant([rows * (size // width), width], tf.int32)),
+                            graph_constant(np.ones(width, np.float32)))
+    if width == size:
+        return sums
+    per_row = tf.reshape(sums, graph_constant([rows, size // width], tf.int32))
+    if size // width > XLA_PIECE_MAX:
+        return tf.reduce_sum(per_row, axis=axis)
+    return tf.linalg.matvec(per_row, graph_constant(np.ones(size // width, np.float32)))
+
+
+def _is_dense(group: Group) -> bool:
+    return group.matrix.shape[1] is not None and int(group.matrix.shape[1]) == group.dense_size
+
+
 def group_sum_of_squares(group: Group) -> tf.Tensor:
     """Returns [n]: the sum of g**2 of each row of a group, in one pass over the entries.
 
     A single row (every large gradient) is one ``L2Loss``: one threaded pass with no
     squared copy, the cheapest of the three ways measured (benchmarks/README.md).
-    Under XLA the rows are cut into pieces of at most 1,024 entries and each piece's
-    squares summed as a product with a vector of ones: XLA's CPU backend fuses the
-    square into that matrix-vector product, one loop over the entries, where a long
-    ``reduce_sum`` became a kernel that writes the squares out and a chain of
-    reduce-windows over them (the MLP's 784 x 512 and 512 x 512 gradients: ~0.02 ms
-    against ~0.25 ms a step, benchmarks/README.md, fifteenth session).
+    Under XLA a product with a vector of ones over pieces of the rows (``row_sums``).
     """
     matrix = group.matrix
-    if not in_xla_context():
-        if matrix.shape[0] == 1:
-            return tf.reshape(graph_constant(2.0) * tf.nn.l2_loss(matrix), graph_constant([1], tf.int32))
-        return tf.reduce_sum(tf.square(matrix), axis=graph_constant(1, tf.int32))
-    rows, size = matrix.shape
-    # a sparse gradient's rows are data-dependent (its static shape may be a constant
-    # folding's, not XLA's): only a dense group's shape is known for sure
-    dense = rows is not None and size == group.dense_size
-    width = xla_piece(size) if dense else None
-    if width is None:
-        return tf.reduce_sum(tf.square(matrix), axis=graph_constant(1, tf.int32))
-    pieces = tf.reshape(tf.square(matrix), graph_constant([rows * (size // width), width], tf.int32))
-    sums = tf.linalg.matvec(pieces, graph_constant(np.ones(width, np.float32)))
-    if width == size:
-        return sums
-    return tf.reduce_sum(tf.reshape(sums, graph_constant([rows, size // width], tf.int32)),
-                         axis=graph_constant(1, tf.int32))
+    if matrix.shape[0] == 1 and not in_xla_context():
+        return tf.reshape(graph_constant(2.0) * tf.nn.l2_loss(matrix), graph_constant([1], tf.int32))
+    return row_sums(tf.square(matrix), _is_dense(group))
 
 
 def sum_of_squares(groups: Groups) -> tf.Tensor:
@@ -370,15 +382,15 @@ def _joined_sizes(groups: Groups) -> np.ndarray:
     return np.array([float(g.dense_size) for g in groups.groups for _ in g.positions], np.float32)
 
 
-def _scaled_row_sums(matrix: tf.Tensor, finite: tf.Tensor, magnitudes: tf.Tensor, row_scale: tf.Tensor
-                     ) -> list[tf.Tensor]:
+def _scaled_row_sums(matrix: tf.Tensor, finite: tf.Tensor, magnitudes: tf.Tensor, row_scale: tf.Tensor,
+                     dense: bool = True) -> list[tf.Tensor]:
     """The careful pass's four sums of each row of ``matrix``: squares and sum of its finite
     magnitudes divided by the row's scale, its finite entries, its entries not zero."""
     axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
     scaled = magnitudes / tf.expand_dims(row_scale, axis)
-    return [tf.reduce_sum(tf.square(scaled), axis=axis), tf.reduce_sum(scaled, axis=axis),
-            tf.reduce_sum(tf.cast(finite, tf.float32), axis=axis),
-            tf.reduce_sum(tf.cast(tf.not_equal(matrix, zero), tf.float32), axis=axis)]
+    return [row_sums(tf.square(scaled), dense), row_sums(scaled, dense),
+            row_sums(tf.cast(finite, tf.float32), dense),
+            row_sums(tf.cast(tf.not_equal(matrix, zero), tf.float32), dense)]
 
 
 def _careful_stats(largest, scale, squares, sums, finite_count, nonzero, size, entries) -> GradStats:
@@ -441,7 +453,9 @@ def _full_stats_by_blocks(groups: Groups) -> GradStats:
         magnitudes = tf.where(finite, tf.abs(matrix), zero)
         largest = tf.reduce_max(magnitudes, axis=axis)
         scale = tf.where(largest > zero, largest, one)
-        reduced.append(tf.stack([largest, scale] + _scaled_row_sums(matrix, finite, magnitudes, scale)))
+        dense = all(_is_dense(g) for g in members)
+        sums = _scaled_row_sums(matrix, finite, magnitudes, scale, dense)
+        reduced.append(tf.stack([largest, scale] + sums))
         sizes += [float(g.dense_size) for g in members for _ in g.positions]
         rows = sum(len(g.positions) for g in members)
         width = matrix.shape[1]
@@ -528,8 +542,7 @@ def _finite_by_rows(layout: RowLayout, sizes: np.ndarray, want_max: bool
     axis, zero = graph_constant(1, tf.int32), graph_constant(0.0)
     magnitudes = tf.abs(layout.rows)
     sum_abs, zeros = _segment_sums(layout, [
-        tf.reduce_sum(magnitudes, axis=axis),
-        tf.reduce_sum(tf.cast(tf.equal(layout.rows, zero), tf.float32), axis=axis)])
+        row_sums(magnitudes), row_sums(tf.cast(tf.equal(layout.rows, zero), tf.float32))])
     size = tf.constant(sizes)
     largest = _segment_max(layout, tf.reduce_max(magnitudes, axis=axis)) if want_max else None
     # the padding's zeros are not the gradient's
@@ -544,8 +557,9 @@ def _finite_by_blocks(groups: Groups, want_max: bool) -> tuple[tf.Tensor | None,
         magnitudes = tf.abs(group.matrix)
         if want_max:
             largest.append(tf.reduce_max(magnitudes, axis=axis))
-        sum_abs.append(tf.reduce_sum(magnitudes, axis=axis))
-        counted = tf.reduce_sum(tf.cast(tf.equal(group.matrix, zero), tf.float32), axis=axis)
+        dense = _is_dense(group)
+        sum_abs.append(row_sums(magnitudes, dense))
+        counted = row_sums(tf.cast(tf.equal(group.matrix, zero), tf.float32), dense)
         width = group.matrix.shape[1]
         if width is None or int(width) != group.dense_size:
             # a sparse gradient's untouched rows are zeros its matrix does not hold
