@@ -35,6 +35,7 @@ Usage:
     python benchmarks/overhead.py --models mlp,transformer --jit on --reps 4
     python benchmarks/overhead.py --cells mlp:off,mlp:on,lstm:off   # these cells, in this order
     python benchmarks/overhead.py --print FILE    # the table of an earlier results file
+    python benchmarks/overhead.py --cells mlp:on --configs gradwatch,norms_floor   # beside exact norms alone
     python benchmarks/overhead.py --models lstm --jit off --baseline 21a37f1   # before against after
 """
 
@@ -63,6 +64,8 @@ import tensorflow as tf  # noqa: E402
 from long_run import rss_mib  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
+from gradwatch._capture import stats  # noqa: E402
+from gradwatch._capture.keras_internals import in_xla_context  # noqa: E402
 from gradwatch._internal_options import InternalOptions  # noqa: E402
 
 # step_ab.py's short runs stand in for a long training run: a fit of fewer than
@@ -187,6 +190,36 @@ class StepTimer(keras.callbacks.Callback):
         self._last = now
 
 
+class NormsFloor(keras.callbacks.Callback):
+    """Exact per-step norms and nothing else: each gradient's sum of squares (``L2Loss``;
+    under XLA gradwatch's ``stats.row_sums``, the cheapest way there), written as one row
+    of a 64-row buffer variable every step (the rows are never read). The floor of what
+    any exact per-step capture costs (configuration ``norms_floor``)."""
+
+    ROWS = 64
+
+    def set_model(self, model):
+        super().set_model(model)
+        optimizer = model.optimizer
+        buffer = tf.Variable(tf.zeros([self.ROWS, len(model.trainable_variables)]), trainable=False)
+        count = tf.Variable(0, dtype=tf.int32, trainable=False)
+        original = optimizer.apply
+
+        def squares_of(g):
+            if in_xla_context():
+                return stats.row_sums(tf.square(tf.reshape(tf.cast(g, tf.float32), [1, -1])))[0]
+            return 2.0 * tf.nn.l2_loss(g)
+
+        def apply(grads, trainable_variables=None):
+            grads = list(grads)
+            squares = tf.stack([squares_of(g) for g in grads])
+            row = count.assign_add(1) % self.ROWS
+            buffer.scatter_nd_update(tf.reshape(row, [1, 1]), tf.expand_dims(squares, 0))
+            return original(grads, trainable_variables)
+
+        optimizer.apply = apply
+
+
 class NaiveRecompute(keras.callbacks.Callback):
     """What gradient tools without in-graph capture do: after every step, recompute the
     gradients on a sample batch with a tf.function GradientTape and fetch per-variable norms."""
@@ -255,6 +288,7 @@ def configurations(log_root, sample, internal=None):
         "gradwatch+activation_probe": gradwatch_activations,
         "gradwatch+no_lean": gradwatch_no_lean,
         "naive_recompute": naive_recompute,
+        "norms_floor": lambda: [NormsFloor()],
         "keras_tensorboard_hist": keras_tensorboard,
     }
 

@@ -6,7 +6,8 @@ Configurations (each its own model and monitor, steps called in turn, ``step_ab.
 
 - ``plain`` and ``plain:control``: no monitor, twice (the instrument's floor);
 - ``norms floor``: the least an exact per-step capture can do: a callback whose tap of
-  ``optimizer.apply`` takes each gradient's sum of squares (``L2Loss``) and writes them as
+  ``optimizer.apply`` takes each gradient's sum of squares (``L2Loss``; under XLA ``stats.row_sums``;
+  ``overhead.NormsFloor``) and writes them as
   one row of a buffer variable, nothing else. What gradwatch's step costs above it is
   what the rest of its work (statistics, probes, bookkeeping) costs;
 - ``gradwatch``: ``GradientMonitor()`` of the working tree;
@@ -35,38 +36,14 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import baseline  # noqa: E402
-import keras  # noqa: E402
 import step_ab  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from first_call_parts import leave_out  # noqa: E402
+from overhead import NormsFloor  # noqa: E402
 
 #: part -> its name in ``first_call_parts.leave_out``
 PARTS = {"rare passes": "no-rare", "update measure": "no-update", "histograms": "no-histogram",
          "unit probe": "no-unit"}
 ALL = "all four"
-
-
-class NormsFloor(keras.callbacks.Callback):
-    """Exact per-step norms and nothing else: each gradient's sum of squares, written as
-    one row of a 64-row buffer variable every step (the rows are never read)."""
-
-    ROWS = 64
-
-    def set_model(self, model):
-        super().set_model(model)
-        optimizer = model.optimizer
-        buffer = tf.Variable(tf.zeros([self.ROWS, len(model.trainable_variables)]), trainable=False)
-        count = tf.Variable(0, dtype=tf.int32, trainable=False)
-        original = optimizer.apply
-
-        def apply(grads, trainable_variables=None):
-            grads = list(grads)
-            squares = tf.stack([2.0 * tf.nn.l2_loss(g) for g in grads])
-            row = count.assign_add(1) % self.ROWS
-            buffer.scatter_nd_update(tf.reshape(row, [1, 1]), tf.expand_dims(squares, 0))
-            return original(grads, trainable_variables)
-
-        optimizer.apply = apply
 
 
 def extra_configurations(revision: str, parts: list[str]):
