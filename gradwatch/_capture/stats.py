@@ -184,6 +184,15 @@ def xla_piece(size: int) -> int | None:
     return None
 
 
+def _pieces_apply() -> bool:
+    """Whether ``row_sums`` takes pieces under XLA: only when no GPU is visible (the
+    step then runs on the CPU, where it was measured). A GPU may run a matrix product in
+    TensorFloat-32 (Ampere and later, TensorFlow's default), whose inputs keep 10 bits
+    of mantissa: a sum of squares there would be off by up to ~5e-4, and the norms are
+    promised exact."""
+    return not tf.config.list_logical_devices("GPU")
+
+
 def row_sums(values: tf.Tensor, dense: bool = True) -> tf.Tensor:
     """Returns [rows]: the sums of each row of ``values`` ([rows, size]).
 
@@ -195,10 +204,12 @@ def row_sums(values: tf.Tensor, dense: bool = True) -> tf.Tensor:
     loop over the entries, where a long ``reduce_sum`` became a kernel that writes
     ``values`` out and a chain of reduce-windows over it (the MLP's 784 x 512 and
     512 x 512 sums of squares: ~0.02 ms against ~0.25 ms a step, benchmarks/README.md,
-    fifteenth session). Elsewhere one ``reduce_sum``."""
+    fifteenth session). Only where no GPU is visible (``_pieces_apply``). Elsewhere one
+    ``reduce_sum``."""
     axis = graph_constant(1, tf.int32)
     rows, size = values.shape
-    width = xla_piece(size) if dense and rows is not None and size is not None and in_xla_context() else None
+    known = dense and rows is not None and size is not None
+    width = xla_piece(size) if known and in_xla_context() and _pieces_apply() else None
     if width is None:
         return tf.reduce_sum(values, axis=axis)
     sums = tf.linalg.matvec(tf.reshape(values, graph_constant([rows * (size // width), width], tf.int32)),
