@@ -166,8 +166,8 @@ def _in_list_order(groups: Groups, parts: list[tf.Tensor]) -> tf.Tensor:
     return tf.gather(joined, graph_constant(groups.inverse, tf.int32), axis=graph_constant(0, tf.int32))
 
 
-#: Under XLA a row's sum of squares is taken over pieces of this many entries at most
-#: (see ``xla_piece``).
+#: Under XLA a row's sums are taken over pieces of this many entries at most, and of
+#: at least XLA_PIECE_MIN where the row is longer (``xla_piece``, ``row_sums``).
 XLA_PIECE_MAX = 1024
 XLA_PIECE_MIN = 128
 
@@ -223,6 +223,8 @@ def row_sums(values: tf.Tensor, dense: bool = True) -> tf.Tensor:
 
 
 def _is_dense(group: Group) -> bool:
+    """Whether the group's matrix holds its gradients' every entry (a static width equal to
+    the dense size): not a sparse gradient's touched rows, whose width is data-dependent."""
     return group.matrix.shape[1] is not None and int(group.matrix.shape[1]) == group.dense_size
 
 
@@ -265,9 +267,7 @@ def _width_blocks(groups: Groups) -> tuple[list[tuple[tf.Tensor, list[Group]]], 
     gradient in list order, its row among the blocks' rows (None: already in order)."""
     by_width: dict[object, list[int]] = {}
     for k, group in enumerate(groups.groups):
-        width = group.matrix.shape[1]
-        dense = width is not None and int(width) == group.dense_size
-        by_width.setdefault(int(width) if dense else ("alone", k), []).append(k)
+        by_width.setdefault(int(group.matrix.shape[1]) if _is_dense(group) else ("alone", k), []).append(k)
     starts = np.cumsum([0] + [len(g.positions) for g in groups.groups])
     blocks, merged = [], []  # merged: the joined row (groups in order) of each merged row
     for members in by_width.values():
@@ -346,8 +346,7 @@ def xla_split(groups: Groups) -> XlaSplit | None:
         return None
     small, large = [], []
     for k, group in enumerate(groups.groups):
-        width = group.matrix.shape[1]
-        if width is None or int(width) != group.dense_size or group.matrix.shape[0] is None:
+        if not _is_dense(group) or group.matrix.shape[0] is None:
             return None  # a sparse gradient's row count is data-dependent
         (small if group.dense_size <= XLA_ROW_MAX else large).append(k)
     if len({groups.groups[k].dense_size for k in small}) < XLA_ROWS_MIN_WIDTHS:
@@ -571,8 +570,7 @@ def _finite_by_blocks(groups: Groups, want_max: bool) -> tuple[tf.Tensor | None,
         dense = _is_dense(group)
         sum_abs.append(row_sums(magnitudes, dense))
         counted = row_sums(tf.cast(tf.equal(group.matrix, zero), tf.float32), dense)
-        width = group.matrix.shape[1]
-        if width is None or int(width) != group.dense_size:
+        if not dense:
             # a sparse gradient's untouched rows are zeros its matrix does not hold
             counted += float(group.dense_size) - tf.cast(tf.shape(group.matrix)[1], tf.float32)
         zeros.append(counted)
