@@ -1,0 +1,137 @@
+"""Where a whole ``fit``'s overhead sits in gradwatch's 10-step window: each step's time
+by its place in the window, plain against ``GradientMonitor()`` defaults, in fits
+interleaved in one process (``overhead.py``'s fits: 1,050 steps, the first 50 untimed).
+
+A fit's batches are numbered from 0 and the monitor reads after every 10th step, so
+place 9 is the step whose end holds the host read (``read``), place 0 the window's
+first step, which takes the sampled full pass while the writer thread folds,
+interprets and writes the window just read (``window start``), and places 1-8 the
+other steps (``others``: the every-step work). Each figure is a step's median at that
+place, over fits; "excess" is the configuration's step less plain's at that place,
+per window the sum over the places.
+
+Why its own instrument: ``overhead.py`` gives one ratio per fit, inside this VM's
+fit-to-fit spread (~8%), and ``step_ab.py`` interleaves configurations step by step,
+which spreads each monitor's writer thread over every configuration's steps. Here
+the writer's share is the window start's excess with the writer's work against
+without it (``no_writer``: the read is kept, its fold, interpretation and writes
+are dropped; a benchmark's seam for this process only, nothing is written), both
+read against the same fit's other places, so the fits' drift cancels.
+
+Usage:
+    python benchmarks/fit_positions.py mlp
+    python benchmarks/fit_positions.py deep24 --jit on --reps 4
+    python benchmarks/fit_positions.py mlp --baseline HEAD~3     # an earlier revision beside
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from overhead import BATCH_SIZE, MODELS, WARMUP, StepTimer, balanced_orders, dataset  # noqa: E402
+
+import gradwatch as gw  # noqa: E402
+from gradwatch import _pipeline  # noqa: E402
+
+logging.getLogger("gradwatch").setLevel(logging.ERROR)
+LOG_EVERY = 10  # the default: the window's places
+STEPS = 1000
+_READ = _pipeline.Pipeline.read
+
+
+def _read_without_writer(self, fallback_loss=None, defer=False):
+    """``Pipeline.read`` with the read kept and its fold, interpretation and writes dropped."""
+    pending = self._recorder.read_pending()
+    if pending is None:
+        return _pipeline.Read(0, None, None)
+    self.steps_seen += pending.steps
+    return _pipeline.Read(pending.steps, pending.last_step, None)
+
+
+def run_fit(model_name, callbacks, data, jit_compile):
+    """One fit of ``WARMUP + STEPS`` steps; returns its timed steps (seconds) and process CPU seconds."""
+    keras.utils.set_random_seed(0)
+    model, _, _ = MODELS[model_name]()
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    timer = StepTimer()
+    cpu = time.process_time()
+    model.fit(data, steps_per_epoch=WARMUP + STEPS, epochs=1, shuffle=False, verbose=0,
+              callbacks=callbacks + [timer])
+    cpu = time.process_time() - cpu
+    del model
+    keras.backend.clear_session()
+    gc.collect()
+    return np.array(timer.times[WARMUP:]), cpu
+
+
+def places(times):
+    """Each place's median step (seconds), places 0..9 of the window."""
+    place = (np.arange(len(times)) + WARMUP) % LOG_EVERY
+    return np.array([np.median(times[place == p]) for p in range(LOG_EVERY)])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--jit", choices=["off", "on"], default="off")
+    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--baseline", metavar="REV", help="an earlier revision's GradientMonitor beside")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="gradwatch-positions-")
+
+    def monitor(package=gw):
+        return [package.GradientMonitor(log_dir=tempfile.mkdtemp(dir=root))]
+
+    configs = {"plain": lambda: [], "gradwatch": monitor, "no_writer": monitor}
+    if args.baseline:
+        import baseline
+
+        base = baseline.load(args.baseline)
+        configs["baseline"] = lambda: monitor(base)
+    names = list(configs)
+    data = dataset(args.model, BATCH_SIZE)
+    runs = {name: [] for name in names}
+    orders = balanced_orders(len(names))
+    for rep in range(args.reps):
+        for k in orders[rep % len(orders)]:
+            name = names[k]
+            _pipeline.Pipeline.read = _read_without_writer if name == "no_writer" else _READ
+            try:
+                runs[name].append(run_fit(args.model, configs[name](), data, args.jit == "on"))
+            finally:
+                _pipeline.Pipeline.read = _READ
+    print(f"{args.model}, jit_compile={args.jit == 'on'}, {args.reps} interleaved fits of {STEPS} timed "
+          f"steps per configuration; medians over fits, ms")
+    plain = np.median([places(t) for t, _ in runs["plain"]], axis=0)
+    print(f"  {'configuration':11s} {'mean':>7s} {'ratio':>6s} {'cpu s':>6s} | {'start':>6s} {'others':>6s} "
+          f"{'read':>6s} | excess per window: {'start':>6s} {'others':>6s} {'read':>6s} {'all':>6s}")
+    for name in names:
+        by_place = np.median([places(t) for t, _ in runs[name]], axis=0)
+        mean = statistics.median(float(np.mean(t[t <= 20 * np.median(t)])) for t, _ in runs[name])
+        plain_mean = statistics.median(float(np.mean(t[t <= 20 * np.median(t)])) for t, _ in runs["plain"])
+        cpu = statistics.median(c for _, c in runs[name])
+        excess = (by_place - plain) * 1e3
+        print(f"  {name:11s} {mean * 1e3:7.2f} {mean / plain_mean:6.3f} {cpu:6.1f} | "
+              f"{by_place[0] * 1e3:6.2f} {np.mean(by_place[1:9]) * 1e3:6.2f} {by_place[9] * 1e3:6.2f} | "
+              f"{'':19s}{excess[0]:6.2f} "
+              f"{np.sum(excess[1:9]):6.2f} {excess[9]:6.2f} {np.sum(excess):6.2f}")
+    print("  each fit's mean step in run order (ms): " + "; ".join(
+        f"{name} " + " ".join(f"{np.mean(t) * 1e3:.2f}" for t, _ in runs[name]) for name in names))
+    print("  by place (ms): " + "; ".join(
+        f"{name} " + " ".join(f"{x * 1e3:.2f}" for x in np.median([places(t) for t, _ in runs[name]], axis=0))
+        for name in names))
+
+
+if __name__ == "__main__":
+    main()
