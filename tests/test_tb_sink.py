@@ -428,3 +428,18 @@ def test_a_dead_layer_histogram_is_its_zeros_at_zero(tmp_path):
                                   [[0.0, 0.0, 12.0]])
     live = values["gradwatch/grad_log10_abs/00_live"].tensor
     np.testing.assert_array_equal(np.frombuffer(live.tensor_content, "<f8").reshape(-1, 3)[:, 2], [3.0, 4.0])
+
+
+@pytest.mark.fast
+def test_a_layer_seen_later_widens_every_layers_tag_index(tmp_path):
+    # the plan keeps each tag once made; indices are two digits wide
+    # (padded to at least two) up to the hundredth, the hundred-and-first three: the kept tags follow
+    from gradwatch._sinks.tb_tags import ScalarPlan
+
+    plan = ScalarPlan([f"d{i}" for i in range(100)], window_cards=0, max_cards=1000)
+    assert plan.tag("l2", "d0") == "gradwatch/grad_norm/00_d0"
+    assert plan.tag("l2", "d99") == "gradwatch/grad_norm/99_d99"
+    assert plan.tag("l2", "d100") is None  # not in the plan's layers when it was made: not kept
+    assert plan.layers[-1] == "d100"  # ... but added at the end
+    assert plan.tag("l2", "d0") == "gradwatch/grad_norm/000_d0"
+    assert plan.tag("l2", "d99") == "gradwatch/grad_norm/099_d99"

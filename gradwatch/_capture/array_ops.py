@@ -321,6 +321,7 @@ def _least_value(dtype: np.dtype) -> Any:
     return np.finfo(dtype).min if dtype.kind == "f" else np.iinfo(dtype).min
 
 
+@functools.cache
 def _lowest(dtype: np.dtype) -> Any:
     """A reduction's start: -inf for floats (TensorFlow's max of nothing), else the least value."""
     if dtype.kind == "f":
@@ -330,6 +331,7 @@ def _lowest(dtype: np.dtype) -> Any:
     return np.iinfo(dtype).min
 
 
+@functools.cache
 def _highest(dtype: np.dtype) -> Any:
     """A min reduction's start: inf for floats (TensorFlow's min of nothing), else the largest value."""
     if dtype.kind == "f":

@@ -47,6 +47,9 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 def _plain(value: Any) -> Any:
+    kind = type(value)
+    if (kind is float and math.isfinite(value)) or kind is int or kind is str or value is None:
+        return value  # most cells, with no further check
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars

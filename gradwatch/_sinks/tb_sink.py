@@ -142,6 +142,8 @@ def _string_tensor(data: bytes) -> tensor_pb2.TensorProto:
 
 def _finite32(value: Any) -> float | None:
     """The value as a float when it is finite in float32, else None (not written)."""
+    if type(value) is float:  # most values: a row's floats
+        return value if math.isfinite(value) and abs(value) <= _FLOAT32_MAX else None
     if value is None or isinstance(value, (str, bytes)):
         return None
     try:

@@ -35,6 +35,7 @@ LAYER_FAMILIES: tuple[tuple[str, str], ...] = (
     ("zeros", "gradwatch/zero_count/"),
     ("hist_nonfinite", "gradwatch/hist_nonfinite/"),
 )
+_PREFIXES = dict(LAYER_FAMILIES)
 _TAGGED = re.compile(r"^(\d+)_(.*)$", re.S)
 
 
@@ -87,6 +88,7 @@ class ScalarPlan:
             else:
                 break
         self._kept = {column: set(indices) for column, indices in self.families.items()}
+        self._tags: dict[tuple[str, str, int], str | None] = {}
 
     def index(self, layer: str) -> int:
         """The layer's model index (a layer not in the run's list is added at the end)."""
@@ -98,15 +100,17 @@ class ScalarPlan:
 
     def tag(self, column: str, layer: str) -> str | None:
         """The tag of ``column`` for ``layer``, or None when the plan leaves it out."""
-        prefix = dict(LAYER_FAMILIES)[column]
-        position = self.index(layer)
-        if position not in self._kept.get(column, ()):
-            return None
-        return layer_tag(prefix, position, len(self.layers), layer)
+        key = (column, layer, len(self.layers))  # a layer added later widens every tag's index
+        if key not in self._tags:
+            position = self.index(layer)
+            kept = position in self._kept.get(column, ())
+            count = len(self.layers)
+            self._tags[key] = layer_tag(_PREFIXES[column], position, count, layer) if kept else None
+        return self._tags[key]
 
     def layer_tags(self, column: str) -> list[tuple[str, str]]:
         """(layer, tag) of ``column`` in model order, for the layers the plan keeps."""
-        prefix = dict(LAYER_FAMILIES)[column]
+        prefix = _PREFIXES[column]
         return [(self.layers[i], layer_tag(prefix, i, len(self.layers), self.layers[i]))
                 for i in self.families.get(column, [])]
 
