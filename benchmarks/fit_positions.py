@@ -22,6 +22,8 @@ Usage:
     python benchmarks/fit_positions.py mlp
     python benchmarks/fit_positions.py deep24 --jit on --reps 4
     python benchmarks/fit_positions.py mlp --baseline HEAD~3     # an earlier revision beside
+    python benchmarks/fit_positions.py mlp --sync-reads          # the window's fold at its read, beside
+    python benchmarks/fit_positions.py mlp --norms-floor         # exact per-step norms alone, beside
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from overhead import BATCH_SIZE, MODELS, WARMUP, StepTimer, balanced_orders, dataset  # noqa: E402
+from overhead import BATCH_SIZE, MODELS, WARMUP, NormsFloor, StepTimer, balanced_orders, dataset  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
 from gradwatch import _pipeline  # noqa: E402
+from gradwatch._internal_options import InternalOptions  # noqa: E402
 
 logging.getLogger("gradwatch").setLevel(logging.ERROR)
 LOG_EVERY = 10  # the default: the window's places
@@ -87,13 +90,24 @@ def main():
     parser.add_argument("--jit", choices=["off", "on"], default="off")
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--baseline", metavar="REV", help="an earlier revision's GradientMonitor beside")
+    parser.add_argument("--sync-reads", action="store_true",
+                        help="also gradwatch with each window folded and interpreted at its read "
+                             "(defer_reads=False)")
+    parser.add_argument("--norms-floor", action="store_true",
+                        help="also exact per-step norms alone (overhead.py's norms_floor)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="gradwatch-positions-")
 
-    def monitor(package=gw):
-        return [package.GradientMonitor(log_dir=tempfile.mkdtemp(dir=root))]
+    def monitor(package=gw, internal=None):
+        return [package.GradientMonitor(log_dir=tempfile.mkdtemp(dir=root), internal=internal)]
 
     configs = {"plain": lambda: [], "gradwatch": monitor, "no_writer": monitor}
+    if args.sync_reads:
+        # every window folded and interpreted at its read, on the training thread (writes stay on the writer)
+        sync = InternalOptions(defer_reads=False)
+        configs["sync_reads"] = lambda: monitor(internal=sync)
+    if args.norms_floor:
+        configs["norms_floor"] = lambda: [NormsFloor()]
     if args.baseline:
         import baseline
 
