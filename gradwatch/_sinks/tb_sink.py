@@ -142,14 +142,14 @@ def _string_tensor(data: bytes) -> tensor_pb2.TensorProto:
 
 def _finite32(value: Any) -> float | None:
     """The value as a float when it is finite in float32, else None (not written)."""
-    if type(value) is float:  # most values: a row's floats
-        return value if math.isfinite(value) and abs(value) <= _FLOAT32_MAX else None
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
+    number = value
+    if type(value) is not float:  # most values are a row's floats: no conversion
+        if value is None or isinstance(value, (str, bytes)):
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
     if not math.isfinite(number) or abs(number) > _FLOAT32_MAX:
         return None
     return number
