@@ -29,18 +29,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from overhead import BATCH_SIZE, MODELS, WARMUP, NormsFloor, StepTimer, balanced_orders, dataset  # noqa: E402
+from overhead import BATCH_SIZE, MODELS, WARMUP, NormsFloor, balanced_orders, dataset, summarise, timed_fit  # noqa: E402
 
 import gradwatch as gw  # noqa: E402
 from gradwatch import _pipeline  # noqa: E402
@@ -59,23 +56,6 @@ def _read_without_writer(self, fallback_loss=None, defer=False):
         return _pipeline.Read(0, None, None)
     self.steps_seen += pending.steps
     return _pipeline.Read(pending.steps, pending.last_step, None)
-
-
-def run_fit(model_name, callbacks, data, jit_compile):
-    """One fit of ``WARMUP + STEPS`` steps; returns its timed steps (seconds) and process CPU seconds."""
-    keras.utils.set_random_seed(0)
-    model, _, _ = MODELS[model_name]()
-    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=jit_compile)
-    timer = StepTimer()
-    cpu = time.process_time()
-    model.fit(data, steps_per_epoch=WARMUP + STEPS, epochs=1, shuffle=False, verbose=0,
-              callbacks=callbacks + [timer])
-    cpu = time.process_time() - cpu
-    del model
-    keras.backend.clear_session()
-    gc.collect()
-    return np.array(timer.times[WARMUP:]), cpu
 
 
 def places(times):
@@ -122,29 +102,32 @@ def main():
             name = names[k]
             _pipeline.Pipeline.read = _read_without_writer if name == "no_writer" else _READ
             try:
-                runs[name].append(run_fit(args.model, configs[name](), data, args.jit == "on"))
+                times, wall, cpu = timed_fit(args.model, configs[name](), data, STEPS, args.jit == "on")
+                # the gate's mean step (one-off steps left out), beside the timed steps
+                mean = summarise(times, wall)["mean_ms"] / 1e3
+                runs[name].append((np.array(times[WARMUP:]), cpu, mean))
             finally:
                 _pipeline.Pipeline.read = _READ
     print(f"{args.model}, jit_compile={args.jit == 'on'}, {args.reps} interleaved fits of {STEPS} timed "
           f"steps per configuration; medians over fits, ms")
-    plain = np.median([places(t) for t, _ in runs["plain"]], axis=0)
+    by_place_of = {name: np.median([places(t) for t, _, _ in runs[name]], axis=0) for name in names}
+    plain = by_place_of["plain"]
+    plain_mean = statistics.median(m for _, _, m in runs["plain"])
     print(f"  {'configuration':11s} {'mean':>7s} {'ratio':>6s} {'cpu s':>6s} | {'start':>6s} {'others':>6s} "
           f"{'read':>6s} | excess per window: {'start':>6s} {'others':>6s} {'read':>6s} {'all':>6s}")
     for name in names:
-        by_place = np.median([places(t) for t, _ in runs[name]], axis=0)
-        mean = statistics.median(float(np.mean(t[t <= 20 * np.median(t)])) for t, _ in runs[name])
-        plain_mean = statistics.median(float(np.mean(t[t <= 20 * np.median(t)])) for t, _ in runs["plain"])
-        cpu = statistics.median(c for _, c in runs[name])
+        by_place = by_place_of[name]
+        mean = statistics.median(m for _, _, m in runs[name])
+        cpu = statistics.median(c for _, c, _ in runs[name])
         excess = (by_place - plain) * 1e3
         print(f"  {name:11s} {mean * 1e3:7.2f} {mean / plain_mean:6.3f} {cpu:6.1f} | "
               f"{by_place[0] * 1e3:6.2f} {np.mean(by_place[1:9]) * 1e3:6.2f} {by_place[9] * 1e3:6.2f} | "
               f"{'':19s}{excess[0]:6.2f} "
               f"{np.sum(excess[1:9]):6.2f} {excess[9]:6.2f} {np.sum(excess):6.2f}")
     print("  each fit's mean step in run order (ms): " + "; ".join(
-        f"{name} " + " ".join(f"{np.mean(t) * 1e3:.2f}" for t, _ in runs[name]) for name in names))
+        f"{name} " + " ".join(f"{np.mean(t) * 1e3:.2f}" for t, _, _ in runs[name]) for name in names))
     print("  by place (ms): " + "; ".join(
-        f"{name} " + " ".join(f"{x * 1e3:.2f}" for x in np.median([places(t) for t, _ in runs[name]], axis=0))
-        for name in names))
+        f"{name} " + " ".join(f"{x * 1e3:.2f}" for x in by_place_of[name]) for name in names))
 
 
 if __name__ == "__main__":

@@ -301,8 +301,9 @@ def baseline_configuration(revision, log_root):
     return lambda: [base.GradientMonitor(log_dir=tempfile.mkdtemp(dir=log_root))]
 
 
-def run_once(model_name, make_callbacks, data, steps, batch_size, jit_compile):
-    """One fit of ``WARMUP + steps`` steps. Returns its summary (see ``summarise``)."""
+def timed_fit(model_name, callbacks, data, steps, jit_compile):
+    """One fit of ``WARMUP + steps`` steps, the model dropped after it. Returns each
+    step's seconds (``StepTimer``), the fit's wall seconds and its process CPU seconds."""
     keras.utils.set_random_seed(0)
     model, _, _ = MODELS[model_name]()
     model.compile(
@@ -311,14 +312,20 @@ def run_once(model_name, make_callbacks, data, steps, batch_size, jit_compile):
         jit_compile=jit_compile,
     )
     timer = StepTimer()
-    callbacks = make_callbacks() + [timer]
-    start = time.perf_counter()
+    callbacks = callbacks + [timer]
+    start, cpu = time.perf_counter(), time.process_time()
     model.fit(data, steps_per_epoch=WARMUP + steps, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     del model, callbacks
     keras.backend.clear_session()
     gc.collect()
-    return summarise(timer.times, wall)
+    return timer.times, wall, cpu
+
+
+def run_once(model_name, make_callbacks, data, steps, batch_size, jit_compile):
+    """One fit of ``WARMUP + steps`` steps. Returns its summary (see ``summarise``)."""
+    times, wall, _ = timed_fit(model_name, make_callbacks(), data, steps, jit_compile)
+    return summarise(times, wall)
 
 
 def summarise(times, wall):
