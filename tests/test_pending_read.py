@@ -79,3 +79,28 @@ def test_windows_folded_after_later_steps_and_out_of_order_equal_a_tape():
     assert third.last_step == 9
     assert third.globals["loss_sum"] / 3 == pytest.approx(np.mean([s[1] for s in reference[6:]]), rel=1e-4)
     assert recorder.read_pending() is None  # nothing observed since
+
+
+def test_host_function_reads_variables_as_they_are_now_and_traces_once():
+    from gradwatch._capture.keras_internals import HostFunction
+
+    v = tf.Variable([1.0, 2.0])
+    traces = []
+
+    def read_and_reset():
+        traces.append(1)
+        value = v.read_value()
+        with tf.control_dependencies([value]):
+            v.assign(tf.zeros([2]))
+        return {"value": value}
+
+    read = HostFunction(read_and_reset)
+    np.testing.assert_array_equal(read()["value"].numpy(), [1.0, 2.0])
+    v.assign([3.0, 4.0])
+    np.testing.assert_array_equal(read()["value"].numpy(), [3.0, 4.0])
+    np.testing.assert_array_equal(v.numpy(), [0.0, 0.0])
+    assert len(traces) == 1
+    # under a strategy the tf.function is called, whose trace follows the call's context
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        v.assign([5.0, 6.0])
+        np.testing.assert_array_equal(read()["value"].numpy(), [5.0, 6.0])

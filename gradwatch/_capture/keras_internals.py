@@ -145,6 +145,27 @@ def run_function(fn: Any, **kwargs: Any) -> Any:
     return function
 
 
+class HostFunction:
+    """A ``run_function`` of no arguments that the host calls (the recorder's read, the
+    update probe's snapshot): after its first call, outside any ``tf.distribute``
+    strategy, it calls its traced graph directly. ``tf.function``'s dispatch (binding
+    the arguments, hashing the call's context to find the trace) was ~200 of the
+    MLP's ~580 us read here (benchmarks/README.md); under a strategy the call's context
+    may change the trace, so the ``tf.function`` is called as it is."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.function = run_function(fn, autograph=False)
+        self._concrete = None
+
+    def __call__(self) -> Any:
+        if self._concrete is not None and not tf.distribute.has_strategy():
+            return self._concrete()
+        if tf.executing_eagerly() and not tf.distribute.has_strategy():
+            self._concrete = self.function.get_concrete_function()
+            return self._concrete()
+        return self.function()
+
+
 def cond(pred: tf.Tensor, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
     """``tf.cond`` whose branch not taken costs nothing on a step.
 

@@ -54,7 +54,7 @@ import tensorflow as tf
 
 from gradwatch._capture import stats as stats_lib
 from gradwatch._capture.array_ops import concat, graph_constant
-from gradwatch._capture.keras_internals import cond, in_xla_context, replica_variable, run_function
+from gradwatch._capture.keras_internals import HostFunction, cond, in_xla_context, replica_variable
 from gradwatch._interpret.probe_layout import (
     EARLY_SNAPSHOTS,
     LOG10_LOW,
@@ -572,7 +572,7 @@ class UpdateProbe:
                 self.snap.assign(self._flat_weights())
                 self.state.assign(tf.constant([0, 1], tf.int64))
 
-            self._snapshot_fn = run_function(snapshot, autograph=False)
+            self._snapshot_fn = HostFunction(snapshot)
         self._snapshot_fn()
 
     def pending(self) -> bool:

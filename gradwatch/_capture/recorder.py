@@ -107,7 +107,7 @@ class Recorder:
         folder = StepFolder(topology, self.window, clipping=self._clip is not None)
         self.buffer = StepBuffer(folder, self.window, num_vars, buffer_capacity(self._options.log_every),
                                  strategy)
-        self._read_fn = internals.run_function(self._read_all, autograph=False)
+        self._read_fn = internals.HostFunction(self._read_all)
         self._probes: list[probes_lib.Probe] = [probes_lib.UnitProbe(topology, strategy)]
         self._updates = None
         # probes that write under a tf.cond cannot run under several replicas
