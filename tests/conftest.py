@@ -11,6 +11,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+class ResultsSink:
+    """A sink that keeps every window result (``InternalOptions.extra_sinks``)."""
+
+    def __init__(self):
+        self.results = []
+
+    def open(self, run_info):
+        pass
+
+    def write(self, result):
+        self.results.append(result)
+
+    def close(self):
+        pass
+
+
 def np_stats(grad: np.ndarray) -> dict[str, float]:
     """Reference statistics of one gradient, in float64 numpy."""
     g = np.asarray(grad, dtype=np.float64).ravel()

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import np_stats
+from conftest import ResultsSink, np_stats
 
 import gradwatch as gw
 
@@ -417,3 +417,37 @@ def test_a_healthy_gan_raises_nothing_over_a_few_epochs(cls, tmp_path):
         bias = stats[stats.variable.str.endswith("d_out/bias")]
         kernel = stats[stats.variable.str.endswith("d_out/kernel")]
         assert (bias.l2_max == 0.0).all() and (kernel.l2_min > 0.0).all()  # the case above, as built
+
+
+def test_a_histogram_step_counts_both_networks_observed_in_it(tmp_path):
+    # The critic's optimizer applies first in each batch, then the generator's: on a
+    # histogram step the second observation of the step takes its histogram too.
+    from gradwatch._internal_options import InternalOptions
+
+    real, noise = _data(n=B * 6)
+    model = _gan(DCGAN, keras.optimizers.SGD(0.0), keras.optimizers.SGD(0.0))  # weights kept: replayable
+    results = ResultsSink()
+    _fit(model, tmp_path, real, noise, log_every=1, histogram_every=2,
+         internal=InternalOptions(defer_reads=False, extra_sinks=[results]))
+    by_step = {}
+    for result in results.results:
+        for h in result.histograms or []:
+            if h["kind"] == "log10_abs":
+                by_step.setdefault(h["step"], {})[h["layer"]] = h
+    assert sorted(by_step) == [1, 2, 4, 6]  # the first step, then every second
+    networks = {"discriminator": model.discriminator, "generator": model.generator}
+    sizes = {layer.name: sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+             for network in networks.values() for layer in network.layers if layer.trainable_variables}
+    for step, layers in by_step.items():
+        assert set(layers) == set(sizes), step
+        for name, h in layers.items():
+            assert h["counts"].sum() + h["zeros"] + h["nonfinite"] == sizes[name], (step, name)
+    nb = noise[3 * B: 4 * B]  # step 4's batch
+    with tf.GradientTape() as tape:
+        g_loss = model.g_loss(nb)
+    hidden = model.generator.get_layer("g_hidden").trainable_variables
+    grads = np.concatenate([g.numpy().ravel() for g in tape.gradient(g_loss, hidden)])
+    h = by_step[4]["g_hidden"]
+    expected = np.histogram(np.log10(np.abs(grads[grads != 0])), bins=h["edges"])[0]
+    np.testing.assert_array_equal(h["counts"], expected)
+    assert h["zeros"] == np.count_nonzero(grads == 0)

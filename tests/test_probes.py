@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ResultsSink
 
 import gradwatch as gw
 from gradwatch._capture import probes
@@ -521,22 +522,6 @@ def test_activation_probe_counts_units_zero_on_every_sample(tmp_path):
     assert all("call" not in layer.__dict__ for layer in model.layers)
 
 
-class _Results:
-    """A sink that keeps every window result (InternalOptions.extra_sinks)."""
-
-    def __init__(self):
-        self.results = []
-
-    def open(self, run_info):
-        pass
-
-    def write(self, result):
-        self.results.append(result)
-
-    def close(self):
-        pass
-
-
 def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an_alert(tmp_path):
     from gradwatch._internal_options import InternalOptions
 
@@ -545,7 +530,7 @@ def test_short_runs_get_histograms_on_the_first_the_first_nonfinite_and_after_an
     reference = _model()
     _, grads = _replay(reference, x, y, 32, 0.1, 1)
     kinds = []
-    results = _Results()
+    results = ResultsSink()
     internal = InternalOptions(defer_reads=False, lean_min_steps=0, lean_break_even=False,
                                extra_sinks=[results], on_step_kind=kinds.append)
     model = _model()
