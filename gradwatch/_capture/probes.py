@@ -159,6 +159,7 @@ class UnitProbe:
 
     def __init__(self, topology: Topology, strategy: Any = None):
         self.topology = topology
+        self._replicas = strategy is not None and strategy.num_replicas_in_sync > 1
         self.tracks = unit_tracks(topology)
         total = sum(t.units for t in self.tracks)
         self.total = total
@@ -207,14 +208,26 @@ class UnitProbe:
         present_parts = [nxt for nxt in silent_parts if nxt is not None]
         measure_silent = self._silent_measure(silent_parts)
         if sampled is not None and any(part is not None for part in silent_parts):
-            # the write stays outside the cond: under several replicas a mirrored
-            # write is a merge_call, which a cond branch cannot hold
-            silent = cond(sampled, lambda: measure_silent(*present_parts), lambda: self.silent.read_value())
-            if not all(present_mask):
-                # units this observation has no gradient for (another optimizer's, applied in
-                # the same step) keep what their own observation measured
-                silent = tf.where(tf.constant(present_mask), silent, self.silent.read_value())
-            ops.append(self.silent.assign(silent))
+            def measured():
+                silent = measure_silent(*present_parts)
+                if not all(present_mask):
+                    # units this observation has no gradient for (another optimizer's, applied in
+                    # the same step) keep what their own observation measured
+                    silent = tf.where(tf.constant(present_mask), silent, self.silent.read_value())
+                return silent
+
+            if self._replicas:
+                # the write stays outside the cond: under several replicas a mirrored
+                # write is a merge_call, which a cond branch cannot hold
+                ops.append(self.silent.assign(cond(sampled, measured, lambda: self.silent.read_value())))
+            else:
+                # one replica writes in the sampled branch: a step not sampled reads and
+                # writes nothing back (two ops fewer on every step)
+                def write():
+                    with tf.control_dependencies([self.silent.assign(measured())]):
+                        return tf.constant(True)
+
+                ops.append(cond(sampled, write, lambda: tf.constant(False)))
         return ops
 
     def _silent_measure(self, silent_parts: list[Any]) -> Any:
@@ -590,10 +603,13 @@ class UpdateProbe:
         state = self.state.read_value()
         grads = [grads_by_slot.get(i) for i in self.slots]
         applied = [g is not None for g in grads]
-        return self.state.assign(cond(state[1] > 0,
-                                      lambda: self._measure(self.snap.read_value(), grads, state, applied,
-                                                            pieces),
-                                      lambda: state))
+
+        def measure():  # the state is written in the branch: a step with nothing pending writes nothing
+            next_state = self._measure(self.snap.read_value(), grads, state, applied, pieces)
+            with tf.control_dependencies([self.state.assign(next_state)]):
+                return tf.constant(True)
+
+        return cond(state[1] > 0, measure, lambda: tf.constant(False))
 
     def fetch(self) -> tf.Tensor:
         """In-graph, for the recorder's single read: the measurements, then reset."""
