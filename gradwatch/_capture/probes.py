@@ -657,9 +657,10 @@ class HistogramProbe:
                                               "gradwatch_hist_signed", strategy)
         self.bounds = replica_variable(np.zeros(len(topology.layers), np.float32),
                                        "gradwatch_hist_bounds", strategy)
-        self.step = replica_variable(np.array(-1, np.int64), "gradwatch_hist_step", strategy)
-        # [any histogram taken, the first non-finite step's taken]; the host's request
-        self.taken = replica_variable(np.array([False, False]), "gradwatch_hist_taken", strategy)
+        # [the last histogram's step (-1: none since the read), the step from which the
+        # next one is due (0: the run's first step), 1 once the first non-finite step's
+        # is taken]: one read a step decides (``_due``); the host's request apart
+        self.state = replica_variable(np.array([-1, 0, 0], np.int64), "gradwatch_hist_state", strategy)
         self.requested = replica_variable(np.array(False), "gradwatch_hist_requested", strategy)
         positions = topology.layer_positions()
         self.layer_ids = [positions[v.layer] for v in topology.variables]
@@ -671,7 +672,7 @@ class HistogramProbe:
         lean step. ``pieces``: gradients of ``grads_by_slot`` already stacked (``pieces_of``)."""
         if self.every <= 0:
             return tf.constant(0)
-        due, taken = self._due(step, sampled, nonfinite)
+        due, after = self._due(step, sampled, nonfinite)
         if due is None:
             return tf.constant(0)
 
@@ -688,8 +689,7 @@ class HistogramProbe:
             keep = self._keep_other(step, present)
             measured = [[s in present] for s in range(num)]
             counts = keep(self._log_counts(measured_pieces, num, inv_scale), self.counts, measured)
-            ops = [self.counts.assign(counts), self.step.assign(tf.cast(step, tf.int64)),
-                   self.taken.assign(taken), self.requested.assign(False)]
+            ops = [self.counts.assign(counts), self.state.assign(after()), self.requested.assign(False)]
             if self.signed:
                 ops += self._signed_ops(measured_pieces, inv_scale, keep, measured)
             with tf.control_dependencies(ops):
@@ -750,30 +750,37 @@ class HistogramProbe:
                 self.bounds.assign(keep(bounds, self.bounds, layers))]
 
     def _due(self, step: tf.Tensor, sampled: tf.Tensor | None, nonfinite: tf.Tensor | None
-             ) -> tuple[tf.Tensor | bool | None, tf.Tensor]:
-        """(whether this step is a histogram step, the ``taken`` flags after it); None: never
-        (a lean step of a run that cannot tell a non-finite one); True: always (every step
-        a histogram step, known at trace time)."""
-        taken = self.taken.read_value()
-        first_nonfinite = (tf.logical_and(tf.convert_to_tensor(nonfinite), tf.logical_not(taken[1]))
+             ) -> tuple[tf.Tensor | bool | None, Callable[[], tf.Tensor]]:
+        """(whether this step is a histogram step, the function of the state after it, for the
+        histogram's branch); None: never (a lean step of a run that cannot tell a non-finite
+        one); True: always (every step a histogram step, known at trace time).
+
+        Due: from the step the last one set (a multiple of ``every``; the run's first step),
+        on the host's request, on a further observation of a step whose histogram was taken
+        (another optimizer's variables), and on the first non-finite step."""
+        last, next_due, nonfinite_taken = tf.unstack(self.state.read_value(), num=3)
+        number = tf.cast(step, tf.int64)
+        first_nonfinite = (tf.logical_and(tf.convert_to_tensor(nonfinite), tf.equal(nonfinite_taken, 0))
                            if nonfinite is not None else tf.constant(False))
-        after = tf.stack([tf.constant(True), tf.logical_or(taken[1], first_nonfinite)])
+
+        def after() -> tf.Tensor:
+            following = (number // self.every + 1) * self.every
+            taken = tf.maximum(nonfinite_taken, tf.cast(first_nonfinite, tf.int64))
+            return tf.stack([number, following, taken])
+
         if sampled is None and self.every == 1:
             return True, after  # histograms on every step: the lean step takes them too
         if sampled is None:  # the lean step: the first non-finite step only (a request waits for a full one)
             return (first_nonfinite if nonfinite is not None else None), after
-        wanted = tf.logical_or(first_nonfinite, self.requested.read_value())
-        cadence = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.every), 0)
-        # a step observed again (another optimizer's variables) whose histogram was taken
-        again = tf.logical_and(taken[0], tf.equal(self.step.read_value(), tf.cast(step, tf.int64)))
-        wanted = tf.logical_or(wanted, again)
-        return tf.logical_or(tf.logical_or(cadence, wanted), tf.logical_not(taken[0])), after
+        due = (tf.greater_equal(number, next_due) | self.requested.read_value() | tf.equal(last, number)
+               | first_nonfinite)
+        return due, after
 
     def _keep_other(self, step: tf.Tensor, present: set[int]) -> Callable[..., tf.Tensor]:
         """Returns ``keep(new, variable, measured)``: ``new`` where ``measured``, else,
         when this step was already measured (a step observed several times: several
         optimizers), the variable's value for the entries another observation measured."""
-        same_step = tf.equal(self.step.read_value(), tf.cast(step, tf.int64))
+        same_step = tf.equal(self.state.read_value()[0], tf.cast(step, tf.int64))
 
         def keep(new: tf.Tensor, variable: Any, measured: list) -> tf.Tensor:
             return tf.where(tf.constant(measured) | tf.logical_not(same_step), new, variable.read_value())
@@ -853,10 +860,11 @@ class HistogramProbe:
     def fetch(self) -> tuple[tf.Tensor, ...]:
         """In-graph, for the recorder's single read: (step, counts, signed counts,
         bounds) of the last histogram step; the step is reset to -1 (none)."""
-        fetched = (self.step.read_value(), self.counts.read_value(),
-                   self.signed_counts.read_value(), self.bounds.read_value())
+        state = self.state.read_value()
+        fetched = (state[0], self.counts.read_value(), self.signed_counts.read_value(),
+                   self.bounds.read_value())
         with tf.control_dependencies(list(fetched)):
-            self.step.assign(tf.constant(-1, tf.int64))
+            self.state.assign(tf.concat([tf.constant([-1], tf.int64), state[1:]], axis=0))
         return fetched
 
 class ActivationProbe:
