@@ -36,13 +36,13 @@ browser-deps:
 	fi
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures run once):
-# 764 tests in 8 min 52 s here (clean clone of d114220, 2026-12-07, 2 cores of a slower VM than
+# 766 tests in 9 min 9 s here (clean clone of bfd5160, 2026-12-07, 2 cores of a slower VM than
 # 2026-12-06's 6 min 0 s, in a noisy hour: 8 min 3 s on 2ecd93e; 13 min in one process on 2026-12-03).
 test: $(STAMP_DEV) browser-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The fast tier: tests marked `fast` (unit tests and synthetic-row detector tests; no
-# subprocess, no browser, no fit beyond a trivial one): 526 tests, 62 s wall on 2026-12-07
+# subprocess, no browser, no fit beyond a trivial one): 527 tests, 64 s wall on 2026-12-07
 # (a slower VM, a noisy hour); on 2026-12-06: 489 tests, 36-40 s wall
 # with two workers (136 of them: 24-28 s, against 33-39 s in one process; 2026-12-06, 2 cores, TensorFlow
 # import and collection included; each worker pays them, which -n 2 still wins back).
