@@ -435,9 +435,9 @@ def test_a_histogram_step_counts_both_networks_observed_in_it(tmp_path):
             if h["kind"] == "log10_abs":
                 by_step.setdefault(h["step"], {})[h["layer"]] = h
     assert sorted(by_step) == [1, 2, 4, 6]  # the first step, then every second
-    networks = {"discriminator": model.discriminator, "generator": model.generator}
     sizes = {layer.name: sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
-             for network in networks.values() for layer in network.layers if layer.trainable_variables}
+             for network in (model.discriminator, model.generator) for layer in network.layers
+             if layer.trainable_variables}
     for step, layers in by_step.items():
         assert set(layers) == set(sizes), step
         for name, h in layers.items():

@@ -158,12 +158,11 @@ class HostFunction:
         self._concrete = None
 
     def __call__(self) -> Any:
-        if self._concrete is not None and not tf.distribute.has_strategy():
-            return self._concrete()
-        if tf.executing_eagerly() and not tf.distribute.has_strategy():
+        if tf.distribute.has_strategy() or not tf.executing_eagerly():
+            return self.function()
+        if self._concrete is None:
             self._concrete = self.function.get_concrete_function()
-            return self._concrete()
-        return self.function()
+        return self._concrete()
 
 
 def cond(pred: tf.Tensor, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
